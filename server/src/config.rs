@@ -1,0 +1,200 @@
+//! `lipstream serve` settings: flags, then `LIPSTREAM_*` environment variables, then an optional
+//! TOML file, then defaults — in that order of precedence.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+use serde::Deserialize;
+
+/// Flags of `lipstream serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "LIPSTREAM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// HTTP listen address (page, WHIP, WHEP, metrics).
+    #[arg(long, env = "LIPSTREAM_HTTP", default_value = "0.0.0.0:8080")]
+    pub http: SocketAddr,
+    /// UDP port for all WebRTC media (one socket per host address, all on this port; 0 = any).
+    #[arg(long, env = "LIPSTREAM_UDP_PORT", default_value_t = 50_000)]
+    pub udp_port: u16,
+    /// Host addresses offered as ICE candidates (comma-separated). Default: loopback plus every
+    /// non-link-local address of this machine's interfaces.
+    #[arg(long, env = "LIPSTREAM_ICE_ADDRS", value_delimiter = ',')]
+    pub ice_addrs: Vec<IpAddr>,
+    /// Most published sessions at once; more get 503 with Retry-After.
+    #[arg(long, env = "LIPSTREAM_MAX_SESSIONS", default_value_t = 32)]
+    pub max_sessions: usize,
+    /// Most WHEP viewers per session.
+    #[arg(long, env = "LIPSTREAM_MAX_VIEWERS", default_value_t = 16)]
+    pub max_viewers: usize,
+    /// Seconds without any packet from a peer before its session is torn down.
+    #[arg(long, env = "LIPSTREAM_ICE_TIMEOUT_S", default_value_t = 15)]
+    pub ice_timeout_s: u64,
+    /// Per-frame budget of the pipeline stage in ms; later frames go out unprocessed.
+    #[arg(long, env = "LIPSTREAM_FRAME_BUDGET_MS", default_value_t = 40)]
+    pub frame_budget_ms: u64,
+    /// Starting bitrate of the returned video, kbit/s (then it follows the bandwidth estimate).
+    #[arg(long, env = "LIPSTREAM_VIDEO_KBPS", default_value_t = 1_200)]
+    pub video_kbps: u32,
+    /// Ceiling for the returned video's bitrate, kbit/s.
+    #[arg(long, env = "LIPSTREAM_VIDEO_MAX_KBPS", default_value_t = 4_000)]
+    pub video_max_kbps: u32,
+    /// Bearer token required on WHIP/WHEP requests (OBS sends it as "Bearer Token").
+    #[arg(long, env = "LIPSTREAM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// The TOML file: every key optional.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    http: Option<SocketAddr>,
+    udp_port: Option<u16>,
+    ice_addrs: Option<Vec<IpAddr>>,
+    max_sessions: Option<usize>,
+    max_viewers: Option<usize>,
+    ice_timeout_s: Option<u64>,
+    frame_budget_ms: Option<u64>,
+    video_kbps: Option<u32>,
+    video_max_kbps: Option<u32>,
+    token: Option<String>,
+}
+
+/// Settings after merging flags, environment, file and defaults.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub http: SocketAddr,
+    pub udp_port: u16,
+    pub ice_addrs: Vec<IpAddr>,
+    pub max_sessions: usize,
+    pub max_viewers: usize,
+    pub ice_timeout: Duration,
+    pub frame_budget: Duration,
+    pub video_bps: u32,
+    pub video_max_bps: u32,
+    pub token: Option<String>,
+}
+
+impl ServeArgs {
+    /// Merges in the TOML file; `matches` tells which flags the user set (those win over it).
+    pub fn resolve(mut self, matches: &ArgMatches) -> anyhow::Result<ServeConfig> {
+        if let Some(path) = &self.config {
+            let file = read_file(path)?;
+            let unset = |id: &str| {
+                matches!(matches.value_source(id), None | Some(ValueSource::DefaultValue))
+            };
+            macro_rules! merge {
+                ($($field:ident),*) => {$(
+                    if let Some(v) = file.$field {
+                        if unset(stringify!($field)) {
+                            self.$field = v.into();
+                        }
+                    }
+                )*};
+            }
+            merge!(http, udp_port, ice_addrs, max_sessions, max_viewers, ice_timeout_s);
+            merge!(frame_budget_ms, video_kbps, video_max_kbps, token);
+        }
+        if self.video_kbps == 0 || self.video_max_kbps < self.video_kbps {
+            anyhow::bail!(
+                "video_kbps ({}) must be > 0 and at most video_max_kbps ({})",
+                self.video_kbps,
+                self.video_max_kbps
+            );
+        }
+        if self.max_sessions == 0 {
+            anyhow::bail!("max_sessions must be at least 1");
+        }
+        let ice_addrs = if self.ice_addrs.is_empty() {
+            host_addresses()
+        } else {
+            self.ice_addrs
+        };
+        Ok(ServeConfig {
+            http: self.http,
+            udp_port: self.udp_port,
+            ice_addrs,
+            max_sessions: self.max_sessions,
+            max_viewers: self.max_viewers,
+            ice_timeout: Duration::from_secs(self.ice_timeout_s.max(1)),
+            frame_budget: Duration::from_millis(self.frame_budget_ms),
+            video_bps: self.video_kbps * 1000,
+            video_max_bps: self.video_max_kbps * 1000,
+            token: self.token.filter(|t| !t.is_empty()),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+}
+
+/// Loopback plus every interface address a peer could reach (IPv4 and global IPv6).
+fn host_addresses() -> Vec<IpAddr> {
+    let mut addrs = vec![IpAddr::from([127, 0, 0, 1])];
+    if let Ok(ifaces) = if_addrs::get_if_addrs() {
+        for iface in ifaces {
+            let ip = iface.ip();
+            let usable = match ip {
+                IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+                IpAddr::V6(v6) => {
+                    !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80 && !v6.is_unspecified()
+                }
+            };
+            if usable && !addrs.contains(&ip) {
+                addrs.push(ip);
+            }
+        }
+    }
+    addrs
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn resolve(args: &[&str]) -> anyhow::Result<ServeConfig> {
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        cli.serve.resolve(&matches)
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("lipstream-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serve.toml");
+        std::fs::write(&path, "max_sessions = 5\nudp_port = 40000\nice_addrs = [\"127.0.0.1\"]\n").unwrap();
+        let p = path.to_str().unwrap();
+        let c = resolve(&["x", "--config", p, "--udp-port", "41000"]).unwrap();
+        assert_eq!((c.max_sessions, c.udp_port), (5, 41000));
+        assert_eq!(c.ice_addrs, vec![IpAddr::from([127, 0, 0, 1])]);
+
+        std::fs::write(&path, "max_sesions = 5\n").unwrap();
+        let err = resolve(&["x", "--config", p]).unwrap_err().to_string();
+        assert!(err.contains("max_sesions"), "{err}");
+        let err = resolve(&["x", "--config", "/nonexistent.toml"]).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent.toml"), "{err}");
+    }
+
+    #[test]
+    fn defaults_include_loopback() {
+        let c = resolve(&["x"]).unwrap();
+        assert!(c.ice_addrs.contains(&IpAddr::from([127, 0, 0, 1])));
+        assert_eq!(c.max_sessions, 32);
+    }
+}

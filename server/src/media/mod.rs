@@ -1,0 +1,7 @@
+//! The media path: codecs, decoded frames and audio, the pipeline stage, the per-session worker.
+
+pub mod audio;
+pub mod codec;
+pub mod frame;
+pub mod stage;
+pub mod worker;

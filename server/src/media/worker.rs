@@ -1,0 +1,302 @@
+//! One media worker thread per published session: decode, stage, re-encode.
+//!
+//! The driver hands it depacketized media through a bounded queue and never waits on it: when the
+//! queue is full the media is dropped and counted. The worker never touches the network; what it
+//! produces goes back to the driver as `WorkerOutput` messages.
+
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use str0m::media::MediaTime;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::media::audio::AudioRing;
+use crate::media::codec::{
+    H264Decoder, H264Encoder, OpusDecoder, OpusEncoder, OPUS_RTP_RATE, SAMPLE_RATE_16K,
+};
+use crate::media::stage::{Stage, StageInput, StageOutput};
+use crate::metrics::{KindLabel, Metrics};
+use crate::registry::SessionId;
+
+/// Depth of the worker's queue: about one second of audio and video together.
+const QUEUE_DEPTH: usize = 100;
+/// Audio kept for the stage to read around frames.
+const AUDIO_RING_MS: u32 = 10_000;
+/// Bitrate bounds for the returned video.
+const BITRATE_MIN_BPS: u32 = 150_000;
+/// Re-creating the encoder costs a keyframe, so only follow the estimate when it moved this much
+/// and not more often than `BITRATE_HOLD`.
+const BITRATE_STEP: f64 = 0.25;
+const BITRATE_HOLD: Duration = Duration::from_secs(2);
+
+/// What the driver sends a worker.
+pub enum WorkerInput {
+    Audio {
+        rtp_time: MediaTime,
+        arrival: Instant,
+        data: Arc<[u8]>,
+    },
+    Video {
+        rtp_time: MediaTime,
+        arrival: Instant,
+        data: Arc<[u8]>,
+    },
+    /// A receiver asked for a keyframe (PLI/FIR, or a new viewer).
+    Keyframe,
+    /// The bandwidth estimate of the session's receivers, bits per second.
+    Bitrate(u64),
+}
+
+/// What a worker sends back to the driver.
+pub enum WorkerOutput {
+    Audio {
+        session: SessionId,
+        rtp_time: MediaTime,
+        wallclock: Instant,
+        data: Arc<[u8]>,
+    },
+    Video {
+        session: SessionId,
+        rtp_time: MediaTime,
+        wallclock: Instant,
+        data: Arc<[u8]>,
+    },
+    /// The decoder cannot go on without a keyframe from the publisher.
+    NeedKeyframe { session: SessionId },
+}
+
+/// Settings for one worker.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub frame_budget: Duration,
+    pub bitrate_start_bps: u32,
+    pub bitrate_max_bps: u32,
+}
+
+/// The driver's end of a worker: dropping it stops the thread.
+pub struct WorkerHandle {
+    tx: SyncSender<WorkerInput>,
+    metrics: Arc<Metrics>,
+}
+
+impl WorkerHandle {
+    /// Queues media without waiting; full queue = dropped and counted.
+    pub fn send(&self, input: WorkerInput) {
+        let kind = match &input {
+            WorkerInput::Audio { .. } => "audio",
+            WorkerInput::Video { .. } => "video",
+            _ => "control",
+        };
+        match self.tx.try_send(input) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.metrics.media_dropped.get_or_create(&KindLabel { kind }).inc();
+            }
+            // The worker died (it logged why); the driver tears the session down on its own.
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+/// Starts a worker thread for `session`.
+pub fn spawn(
+    session: SessionId,
+    config: WorkerConfig,
+    stage: Box<dyn Stage>,
+    metrics: Arc<Metrics>,
+    out: UnboundedSender<WorkerOutput>,
+) -> std::io::Result<WorkerHandle> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_DEPTH);
+    let worker_metrics = metrics.clone();
+    std::thread::Builder::new()
+        .name(format!("media-{session}"))
+        .spawn(move || {
+            worker_metrics.media_workers.inc();
+            if let Err(e) = Worker::new(session.clone(), config, stage, worker_metrics.clone(), out)
+                .and_then(|mut w| w.run(rx))
+            {
+                tracing::error!(%session, "media worker stopped: {e}");
+            }
+            worker_metrics.media_workers.dec();
+        })?;
+    Ok(WorkerHandle { tx, metrics })
+}
+
+/// Maps one stream's RTP time onto the session's millisecond clock.
+///
+/// Each stream is anchored at the arrival of its first packet, so audio and video line up to
+/// within their first packets' network jitter.
+#[derive(Default)]
+struct StreamClock {
+    anchor: Option<(u64, f64)>,
+}
+
+impl StreamClock {
+    fn ms(&mut self, epoch: Instant, rtp_time: MediaTime, arrival: Instant) -> f64 {
+        let (rtp0, ms0) = *self.anchor.get_or_insert_with(|| {
+            let ms = arrival.saturating_duration_since(epoch).as_secs_f64() * 1000.0;
+            (rtp_time.numer(), ms)
+        });
+        let ticks = rtp_time.numer() as i64 - rtp0 as i64;
+        ms0 + ticks as f64 * 1000.0 / rtp_time.denom() as f64
+    }
+}
+
+struct Worker {
+    session: SessionId,
+    config: WorkerConfig,
+    stage: Box<dyn Stage>,
+    metrics: Arc<Metrics>,
+    out: UnboundedSender<WorkerOutput>,
+    epoch: Instant,
+    audio_clock: StreamClock,
+    video_clock: StreamClock,
+    audio: AudioRing,
+    audio_window: Vec<i16>,
+    opus_in: OpusDecoder,
+    opus_out: OpusEncoder,
+    h264_in: H264Decoder,
+    h264_out: H264Encoder,
+    bitrate_changed: Option<Instant>,
+}
+
+impl Worker {
+    fn new(
+        session: SessionId,
+        config: WorkerConfig,
+        stage: Box<dyn Stage>,
+        metrics: Arc<Metrics>,
+        out: UnboundedSender<WorkerOutput>,
+    ) -> Result<Self, crate::media::codec::CodecError> {
+        Ok(Worker {
+            h264_out: H264Encoder::new(config.bitrate_start_bps)?,
+            h264_in: H264Decoder::new()?,
+            opus_in: OpusDecoder::new()?,
+            opus_out: OpusEncoder::new()?,
+            session,
+            config,
+            stage,
+            metrics,
+            out,
+            epoch: Instant::now(),
+            audio_clock: StreamClock::default(),
+            video_clock: StreamClock::default(),
+            audio: AudioRing::new(AUDIO_RING_MS),
+            audio_window: Vec::new(),
+            bitrate_changed: None,
+        })
+    }
+
+    fn run(&mut self, rx: Receiver<WorkerInput>) -> Result<(), crate::media::codec::CodecError> {
+        // Ends when the driver drops the handle.
+        while let Ok(input) = rx.recv() {
+            match input {
+                WorkerInput::Audio { rtp_time, arrival, data } => self.audio(rtp_time, arrival, &data),
+                WorkerInput::Video { rtp_time, arrival, data } => self.video(rtp_time, arrival, &data)?,
+                WorkerInput::Keyframe => self.h264_out.request_keyframe(),
+                WorkerInput::Bitrate(bps) => self.bitrate(bps)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn audio(&mut self, rtp_time: MediaTime, arrival: Instant, packet: &[u8]) {
+        let at_ms = self.audio_clock.ms(self.epoch, rtp_time, arrival);
+        let pcm = match self.opus_in.decode(packet) {
+            Ok(pcm) => pcm,
+            Err(e) => {
+                tracing::debug!(session = %self.session, "dropping an Opus packet: {e}");
+                return;
+            }
+        };
+        self.audio.push(at_ms, pcm);
+        // Re-encode packet for packet so every output packet keeps its input's RTP time.
+        let (session, out) = (&self.session, &self.out);
+        let result = self.opus_out.encode(pcm, |offset_16k, packet| {
+            let ticks = offset_16k as u64 * u64::from(OPUS_RTP_RATE / SAMPLE_RATE_16K);
+            let _ = out.send(WorkerOutput::Audio {
+                session: session.clone(),
+                rtp_time: MediaTime::new(rtp_time.numer() + ticks, rtp_time.frequency()),
+                wallclock: arrival,
+                data: packet.into(),
+            });
+        });
+        if let Err(e) = result {
+            tracing::debug!(session = %self.session, "dropping audio: {e}");
+        }
+    }
+
+    fn video(
+        &mut self,
+        rtp_time: MediaTime,
+        arrival: Instant,
+        access_unit: &[u8],
+    ) -> Result<(), crate::media::codec::CodecError> {
+        let t0 = Instant::now();
+        let frame = match self.h264_in.decode(access_unit) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(session = %self.session, "undecodable video, asking for a keyframe: {e}");
+                self.metrics.frames_undecodable.inc();
+                let _ = self.out.send(WorkerOutput::NeedKeyframe { session: self.session.clone() });
+                return Ok(());
+            }
+        };
+        let t1 = Instant::now();
+        self.metrics.observe_stage("decode", t1 - t0);
+        self.metrics.frames_in.inc();
+
+        let frame_ms = self.video_clock.ms(self.epoch, rtp_time, arrival);
+        let audio_start_ms = frame_ms - self.stage.audio_before_ms();
+        self.audio.read(
+            audio_start_ms,
+            self.stage.audio_before_ms() + self.stage.audio_after_ms(),
+            &mut self.audio_window,
+        );
+        let processed = self.stage.process(StageInput {
+            frame: &frame,
+            frame_ms,
+            audio_16k: &self.audio_window,
+            audio_start_ms,
+        });
+        let t2 = Instant::now();
+        self.metrics.observe_stage("process", t2 - t1);
+        let picture = match processed {
+            StageOutput::Frame(out) if t2 - t1 <= self.config.frame_budget => out,
+            StageOutput::Frame(_) => {
+                self.metrics.frames_late.inc();
+                frame
+            }
+            StageOutput::Unchanged => frame,
+        };
+
+        let encoded = self.h264_out.encode(&picture)?;
+        self.metrics.observe_stage("encode", t2.elapsed());
+        self.metrics.frames_out.inc();
+        let _ = self.out.send(WorkerOutput::Video {
+            session: self.session.clone(),
+            rtp_time,
+            wallclock: arrival,
+            data: encoded.data.into(),
+        });
+        Ok(())
+    }
+
+    fn bitrate(&mut self, estimate_bps: u64) -> Result<(), crate::media::codec::CodecError> {
+        // Leave headroom for audio, RTP overhead and the estimate's own error.
+        let target = ((estimate_bps as f64 * 0.85) as u64)
+            .clamp(u64::from(BITRATE_MIN_BPS), u64::from(self.config.bitrate_max_bps))
+            as u32;
+        let current = self.h264_out.bitrate_bps() as f64;
+        let moved = (target as f64 - current).abs() / current;
+        let held = self.bitrate_changed.is_none_or(|t| t.elapsed() >= BITRATE_HOLD);
+        if moved >= BITRATE_STEP && held {
+            tracing::debug!(session = %self.session, target, "video bitrate follows the estimate");
+            self.h264_out.set_bitrate(target)?;
+            self.bitrate_changed = Some(Instant::now());
+        }
+        Ok(())
+    }
+}

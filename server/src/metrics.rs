@@ -1,0 +1,129 @@
+//! Prometheus metrics for the whole server, registered once and shared by every task.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label naming a media-path stage.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: &'static str,
+}
+
+/// Label naming a media kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    pub sessions: Gauge,
+    pub viewers: Gauge,
+    pub media_workers: Gauge,
+    pub sessions_started: Counter,
+    pub sessions_rejected: Counter,
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    /// Frames whose stage missed the frame budget and went out unprocessed.
+    pub frames_late: Counter,
+    pub frames_undecodable: Counter,
+    /// Media the worker could not take because it was behind (bounded queue full).
+    pub media_dropped: Family<KindLabel, Counter>,
+    pub keyframes_requested: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub stage_seconds: Family<StageLabel, Histogram>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lipstream");
+        let m = Metrics {
+            sessions: Gauge::default(),
+            viewers: Gauge::default(),
+            media_workers: Gauge::default(),
+            sessions_started: Counter::default(),
+            sessions_rejected: Counter::default(),
+            frames_in: Counter::default(),
+            frames_out: Counter::default(),
+            frames_late: Counter::default(),
+            frames_undecodable: Counter::default(),
+            media_dropped: Family::default(),
+            keyframes_requested: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            // 50 us .. ~1.6 s: codec steps at the low end, a stalled model at the top.
+            stage_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(50e-6, 2.0, 16))
+            }),
+            registry: Registry::default(),
+        };
+        registry.register("sessions", "Published sessions now open", m.sessions.clone());
+        registry.register("viewers", "WHEP viewers now open", m.viewers.clone());
+        registry.register("media_workers", "Media worker threads alive", m.media_workers.clone());
+        registry.register("sessions_started", "Sessions accepted", m.sessions_started.clone());
+        registry.register(
+            "sessions_rejected",
+            "Offers refused (bad SDP, no codec, limit)",
+            m.sessions_rejected.clone(),
+        );
+        registry.register("frames_in", "Video frames decoded from publishers", m.frames_in.clone());
+        registry.register("frames_out", "Video frames encoded for receivers", m.frames_out.clone());
+        registry.register(
+            "frames_late",
+            "Frames passed through unprocessed because the stage missed its budget",
+            m.frames_late.clone(),
+        );
+        registry.register(
+            "frames_undecodable",
+            "Video access units the decoder rejected (a keyframe was requested)",
+            m.frames_undecodable.clone(),
+        );
+        registry.register(
+            "media_dropped",
+            "Media dropped because a session's worker was behind",
+            m.media_dropped.clone(),
+        );
+        registry.register(
+            "keyframes_requested",
+            "Keyframe requests sent to publishers",
+            m.keyframes_requested.clone(),
+        );
+        registry.register("udp_bytes_in", "UDP payload bytes received", m.bytes_in.clone());
+        registry.register("udp_bytes_out", "UDP payload bytes sent", m.bytes_out.clone());
+        registry.register(
+            "stage_seconds",
+            "Time per frame in each media stage (decode, process, encode)",
+            m.stage_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Records one stage's time for one frame.
+    pub fn observe_stage(&self, stage: &'static str, took: Duration) {
+        self.stage_seconds
+            .get_or_create(&StageLabel { stage })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
