@@ -13,8 +13,6 @@ use crate::media::frame::VideoFrame;
 pub const SAMPLE_RATE_16K: u32 = 16_000;
 /// Opus RTP timestamps always tick at 48 kHz, whatever rate the codec runs at.
 pub const OPUS_RTP_RATE: u32 = 48_000;
-/// Opus frames at 16 kHz that libopus can encode: 2.5, 5, 10, 20, 40 and 60 ms.
-const OPUS_FRAME_SIZES_16K: [usize; 6] = [40, 80, 160, 320, 640, 960];
 /// Longest Opus packet: 120 ms.
 const OPUS_MAX_SAMPLES_16K: usize = 1920;
 
@@ -29,7 +27,7 @@ pub enum CodecError {
     OpusDecode(opus::Error),
     #[error("Opus encoder: {0}")]
     OpusEncode(opus::Error),
-    #[error("cannot encode {samples} samples as Opus at 16 kHz: not a multiple of 2.5 ms")]
+    #[error("cannot encode {samples} samples as Opus: not a multiple of 2.5 ms")]
     OpusFrameSize { samples: usize },
 }
 
@@ -151,47 +149,41 @@ impl OpusDecoder {
     }
 }
 
-/// 16 kHz mono PCM in, Opus packets out.
+/// Mono PCM in, Opus packets out.
 pub struct OpusEncoder {
     inner: opus::Encoder,
+    sample_rate: u32,
     packet: Vec<u8>,
 }
 
 impl OpusEncoder {
-    pub fn new() -> Result<Self, CodecError> {
-        let mut inner =
-            opus::Encoder::new(SAMPLE_RATE_16K, opus::Channels::Mono, opus::Application::Voip)
-                .map_err(CodecError::OpusEncode)?;
+    /// `sample_rate` is one libopus takes: 8, 12, 16, 24 or 48 kHz.
+    pub fn new(sample_rate: u32) -> Result<Self, CodecError> {
+        let mut inner = opus::Encoder::new(sample_rate, opus::Channels::Mono, opus::Application::Voip)
+            .map_err(CodecError::OpusEncode)?;
         inner
             .set_bitrate(opus::Bitrate::Bits(32_000))
             .map_err(CodecError::OpusEncode)?;
-        Ok(OpusEncoder {
-            inner,
-            packet: vec![0; 1500],
-        })
+        Ok(OpusEncoder { inner, sample_rate, packet: vec![0; 1500] })
     }
 
     /// Encodes `pcm` as one or more packets, calling `out(offset_samples, packet)` for each, so
     /// the caller can stamp each with its own RTP time.
-    pub fn encode(
-        &mut self,
-        pcm: &[i16],
-        mut out: impl FnMut(usize, &[u8]),
-    ) -> Result<(), CodecError> {
-        let chunk = if OPUS_FRAME_SIZES_16K.contains(&pcm.len()) {
+    pub fn encode(&mut self, pcm: &[i16], mut out: impl FnMut(usize, &[u8])) -> Result<(), CodecError> {
+        // libopus frames: 2.5, 5, 10, 20, 40 or 60 ms.
+        let unit = self.sample_rate as usize / 400;
+        let ms20 = unit * 8;
+        let chunk = if [1, 2, 4, 8, 16, 24].iter().any(|k| k * unit == pcm.len()) {
             pcm.len()
-        } else if pcm.len() % 320 == 0 {
-            320
-        } else if pcm.len() % 40 == 0 {
-            40
+        } else if pcm.len() % ms20 == 0 {
+            ms20
+        } else if pcm.len() % unit == 0 {
+            unit
         } else {
             return Err(CodecError::OpusFrameSize { samples: pcm.len() });
         };
         for (i, part) in pcm.chunks(chunk).enumerate() {
-            let n = self
-                .inner
-                .encode(part, &mut self.packet)
-                .map_err(CodecError::OpusEncode)?;
+            let n = self.inner.encode(part, &mut self.packet).map_err(CodecError::OpusEncode)?;
             out(i * chunk, &self.packet[..n]);
         }
         Ok(())
@@ -238,7 +230,7 @@ mod tests {
 
     #[test]
     fn opus_round_trip_20ms() {
-        let mut enc = OpusEncoder::new().unwrap();
+        let mut enc = OpusEncoder::new(SAMPLE_RATE_16K).unwrap();
         let mut dec = OpusDecoder::new().unwrap();
         let tone: Vec<i16> = (0..320)
             .map(|i| ((i as f32 * 440.0 * std::f32::consts::TAU / 16_000.0).sin() * 8000.0) as i16)

@@ -173,7 +173,7 @@ impl Worker {
             h264_out: H264Encoder::new(config.bitrate_start_bps)?,
             h264_in: H264Decoder::new()?,
             opus_in: OpusDecoder::new()?,
-            opus_out: OpusEncoder::new()?,
+            opus_out: OpusEncoder::new(SAMPLE_RATE_16K)?,
             session,
             config,
             stage,
