@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/web/{file}", get(|Path(file): Path<String>| page_owned(file)))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/sessions", get(sessions))
         .route("/whip", post(whip_post))
         .route("/whip/{id}", delete(whip_delete))
         .route("/whep", post(whep_post))
@@ -89,6 +90,15 @@ async fn healthz(State(st): State<AppState>) -> Response {
     };
     let body = serde_json::json!({ "status": "ok", "sessions": sessions, "viewers": viewers });
     axum::Json(body).into_response()
+}
+
+/// The open sessions, for viewers to pick one (ids allow DELETE: behind the token when one is set).
+async fn sessions(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = st.authorize(&headers) {
+        return r;
+    }
+    let listing = st.registry().listing();
+    axum::Json(serde_json::json!({ "sessions": listing })).into_response()
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::time::Instant;
 
 /// A published session's id (the `{id}` of `/whip/{id}`, the `session=` of `/whep`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
@@ -38,9 +39,17 @@ pub enum Refusal {
     NoSuchSession,
 }
 
-#[derive(Default)]
 struct SessionEntry {
     viewers: HashSet<ViewerId>,
+    opened: Instant,
+}
+
+/// One line of the session listing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionListing {
+    pub id: String,
+    pub viewers: usize,
+    pub age_s: f64,
 }
 
 /// The set of live sessions and viewers, with the limits.
@@ -69,8 +78,17 @@ impl Registry {
         self.viewers.len()
     }
 
-    pub fn contains_session(&self, id: &SessionId) -> bool {
-        self.sessions.contains_key(id)
+    /// Open sessions, oldest first.
+    pub fn listing(&self) -> Vec<SessionListing> {
+        let mut v: Vec<(&SessionId, &SessionEntry)> = self.sessions.iter().collect();
+        v.sort_by_key(|(_, e)| e.opened);
+        v.into_iter()
+            .map(|(id, e)| SessionListing {
+                id: id.0.clone(),
+                viewers: e.viewers.len(),
+                age_s: e.opened.elapsed().as_secs_f64(),
+            })
+            .collect()
     }
 
     /// Reserves a new session id, or refuses at the limit.
@@ -79,7 +97,7 @@ impl Registry {
             return Err(Refusal::SessionLimit { max: self.max_sessions });
         }
         let id = SessionId(random_id());
-        self.sessions.insert(id.clone(), SessionEntry::default());
+        self.sessions.insert(id.clone(), SessionEntry { viewers: HashSet::new(), opened: Instant::now() });
         Ok(id)
     }
 

@@ -5,11 +5,15 @@
 //! session: the caller runs one thread per simulated publisher.
 
 pub mod marker;
+pub mod peer;
 pub mod publisher;
 pub mod signal;
 pub mod synth;
+pub mod viewer;
 
-pub use publisher::{publish, PublishOptions, PublishReport, ReceivedFrame};
+pub use peer::{Received, ReceivedFrame};
+pub use publisher::{publish, PublishOptions, PublishReport};
+pub use viewer::view;
 
 /// Why a test-client session failed.
 #[derive(Debug, thiserror::Error)]
