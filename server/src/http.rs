@@ -145,7 +145,10 @@ impl AppState {
         };
         match SdpOffer::from_sdp_string(sdp) {
             Ok(offer) => Ok((sdp.to_string(), offer)),
-            Err(e) => Err(self.refuse(StatusCode::BAD_REQUEST, format!("malformed SDP offer: {e}"))),
+            Err(e) => Err(self.refuse(
+                StatusCode::BAD_REQUEST,
+                format!("malformed SDP offer: {}", tidy_parse_error(&e.to_string())),
+            )),
         }
     }
 
@@ -177,6 +180,15 @@ impl AppState {
         // maps are still consistent, so keep serving.
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The SDP parser's message spans lines and carries a pointer value; keep one readable line.
+fn tidy_parse_error(message: &str) -> String {
+    let without_pointer = match (message.find(" at PointerOffset("), message.find(')')) {
+        (Some(start), Some(end)) if end > start => format!("{}{}", &message[..start], &message[end + 1..]),
+        _ => message.to_string(),
+    };
+    without_pointer.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -293,4 +305,13 @@ async fn whep_delete(State(st): State<AppState>, headers: HeaderMap, Path(id): P
     }
     let _ = st.commands.send(Command::CloseViewer(viewer));
     StatusCode::OK.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parse_errors_read_as_one_line() {
+        let raw = "SDP parse: Parse error at PointerOffset(0x7f583c003706)\nUnexpected `t`\nExpected `v`\n";
+        assert_eq!(super::tidy_parse_error(raw), "SDP parse: Parse error; Unexpected `t`; Expected `v`");
+    }
 }
