@@ -31,15 +31,25 @@ fn chromium_publishes_from_the_page_and_decodes_the_returned_video() {
         .expect("run node (install nodejs)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "browser run failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "browser run failed:\n{stdout}\n{stderr}"
+    );
     let result: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
     println!("browser: {result}");
     let decoded = result["publisher"]["framesDecoded"].as_u64().unwrap_or(0);
     assert!(decoded > 100, "the page decoded {decoded} returned frames");
     assert!(result["viewer"]["framesDecoded"].as_u64().unwrap_or(0) > 25);
-    assert!(result["publisher"]["codec"].as_str().unwrap_or("").contains("H264"), "{result}");
     assert!(
-        server.wait_until(Duration::from_secs(5), |s| s.metric("lipstream_sessions") == 0.0),
+        result["publisher"]["codec"]
+            .as_str()
+            .unwrap_or("")
+            .contains("H264"),
+        "{result}"
+    );
+    assert!(
+        server.wait_until(Duration::from_secs(5), |s| s.metric("lipstream_sessions")
+            == 0.0),
         "the page's Stop must DELETE the session"
     );
 }

@@ -27,7 +27,10 @@ struct Reply {
 }
 
 fn request(method: &str, url: &str, ctype: Option<&str>, body: &str, token: Option<&str>) -> Reply {
-    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
     let mut req = ureq::http::Request::builder().method(method).uri(url);
     if let Some(c) = ctype {
         req = req.header("Content-Type", c);
@@ -35,8 +38,15 @@ fn request(method: &str, url: &str, ctype: Option<&str>, body: &str, token: Opti
     if let Some(t) = token {
         req = req.header("Authorization", format!("Bearer {t}"));
     }
-    let mut resp = agent.run(req.body(body.to_string()).expect("request")).expect("HTTP");
-    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let mut resp = agent
+        .run(req.body(body.to_string()).expect("request"))
+        .expect("HTTP");
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let (location, retry_after) = (header("location"), header("retry-after"));
     Reply {
         status: resp.status().as_u16(),
@@ -47,7 +57,13 @@ fn request(method: &str, url: &str, ctype: Option<&str>, body: &str, token: Opti
 }
 
 fn post(server: &common::Server, path: &str, body: &str) -> Reply {
-    request("POST", &format!("{}{path}", server.base_url), Some("application/sdp"), body, None)
+    request(
+        "POST",
+        &format!("{}{path}", server.base_url),
+        Some("application/sdp"),
+        body,
+        None,
+    )
 }
 
 #[test]
@@ -64,17 +80,39 @@ fn signalling_errors_are_precise() {
     assert!(r.body.contains("no audio"), "{}", r.body);
 
     // Rewrite the codecs to ones we do not speak.
-    let vp9_pcmu = av.replace("opus/48000/2", "PCMU/8000").replace("H264/90000", "VP9/90000");
+    let vp9_pcmu = av
+        .replace("opus/48000/2", "PCMU/8000")
+        .replace("H264/90000", "VP9/90000");
     let r = post(&server, "/whip", &vp9_pcmu);
     assert_eq!(r.status, 406, "{}", r.body);
-    assert!(r.body.contains("PCMU") && r.body.contains("VP9"), "lists what was offered: {}", r.body);
-    assert!(r.body.contains("opus/48000/2") && r.body.contains("H264"), "lists what we accept: {}", r.body);
+    assert!(
+        r.body.contains("PCMU") && r.body.contains("VP9"),
+        "lists what was offered: {}",
+        r.body
+    );
+    assert!(
+        r.body.contains("opus/48000/2") && r.body.contains("H264"),
+        "lists what we accept: {}",
+        r.body
+    );
 
-    let r = request("POST", &format!("{}/whip", server.base_url), Some("text/plain"), &av, None);
+    let r = request(
+        "POST",
+        &format!("{}/whip", server.base_url),
+        Some("text/plain"),
+        &av,
+        None,
+    );
     assert_eq!(r.status, 415, "{}", r.body);
 
     for path in ["/whip/0123", "/whep/0123"] {
-        let r = request("DELETE", &format!("{}{path}", server.base_url), None, "", None);
+        let r = request(
+            "DELETE",
+            &format!("{}{path}", server.base_url),
+            None,
+            "",
+            None,
+        );
         assert_eq!(r.status, 404, "DELETE {path}: {}", r.body);
     }
     let r = post(&server, "/whep?session=nope", &av);
@@ -87,7 +125,11 @@ fn signalling_errors_are_precise() {
     // The limit: one session is open, the next is refused with Retry-After.
     let first = post(&server, "/whip", &av);
     assert_eq!(first.status, 201, "{}", first.body);
-    assert!(first.body.starts_with("v=0"), "an SDP answer: {}", first.body);
+    assert!(
+        first.body.starts_with("v=0"),
+        "an SDP answer: {}",
+        first.body
+    );
     let location = first.location.expect("Location");
     assert!(location.starts_with("/whip/"), "{location}");
     let r = post(&server, "/whip", &av);
@@ -96,11 +138,27 @@ fn signalling_errors_are_precise() {
 
     // A WHEP viewer of the open session is accepted, and DELETE frees the slot.
     let id = location.trim_start_matches("/whip/");
-    let viewer = post(&server, &format!("/whep?session={id}"), &offer(&[MediaKind::Audio, MediaKind::Video]));
+    let viewer = post(
+        &server,
+        &format!("/whep?session={id}"),
+        &offer(&[MediaKind::Audio, MediaKind::Video]),
+    );
     assert_eq!(viewer.status, 201, "{}", viewer.body);
-    let r = request("DELETE", &format!("{}{location}", server.base_url), None, "", None);
+    let r = request(
+        "DELETE",
+        &format!("{}{location}", server.base_url),
+        None,
+        "",
+        None,
+    );
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = request("DELETE", &format!("{}{location}", server.base_url), None, "", None);
+    let r = request(
+        "DELETE",
+        &format!("{}{location}", server.base_url),
+        None,
+        "",
+        None,
+    );
     assert_eq!(r.status, 404, "a second DELETE finds nothing");
     let again = post(&server, "/whip", &av);
     assert_eq!(again.status, 201, "the slot is free again: {}", again.body);
@@ -129,7 +187,13 @@ fn the_page_and_its_files_are_served() {
     let (status, body) = server.get("/");
     assert_eq!(status, 200);
     assert!(body.contains("<script type=\"module\""), "{body}");
-    for path in ["/viewer", "/web/app.js", "/web/viewer.js", "/web/webrtc.js", "/web/style.css"] {
+    for path in [
+        "/viewer",
+        "/web/app.js",
+        "/web/viewer.js",
+        "/web/webrtc.js",
+        "/web/style.css",
+    ] {
         let (status, body) = server.get(path);
         assert_eq!(status, 200, "{path}");
         assert!(!body.is_empty(), "{path} is empty");

@@ -22,15 +22,27 @@ fn ten_seconds_of_video_come_back_in_order_to_the_publisher_and_a_viewer() {
     let publisher = std::thread::spawn(move || publish(&opts));
 
     // A WHEP viewer joins the session a second in, once it exists.
-    assert!(server.wait_until(Duration::from_secs(5), |s| s.metric("lipstream_sessions") == 1.0));
+    assert!(
+        server.wait_until(Duration::from_secs(5), |s| s.metric("lipstream_sessions")
+            == 1.0)
+    );
     let (_, health) = server.get("/healthz");
     assert!(health.contains("\"sessions\":1"), "{health}");
     let session = only_session_id(&server);
     std::thread::sleep(Duration::from_secs(1));
-    let watched = view(&server.base_url, &session, None, [127, 0, 0, 1].into(), Duration::from_secs(5))
-        .expect("view");
+    let watched = view(
+        &server.base_url,
+        &session,
+        None,
+        [127, 0, 0, 1].into(),
+        Duration::from_secs(5),
+    )
+    .expect("view");
 
-    let report = publisher.join().expect("publisher thread").expect("publish");
+    let report = publisher
+        .join()
+        .expect("publisher thread")
+        .expect("publish");
     let rx = &report.received;
     let p50 = rx.latency_percentile(50.0).expect("frames came back");
     let p95 = rx.latency_percentile(95.0).expect("frames came back");
@@ -46,14 +58,26 @@ fn ten_seconds_of_video_come_back_in_order_to_the_publisher_and_a_viewer() {
         report.audio_packets_sent,
         rx.audio_packets,
     );
-    assert!(report.frames_sent >= 245, "sent only {} frames in 10 s at 25 fps", report.frames_sent);
+    assert!(
+        report.frames_sent >= 245,
+        "sent only {} frames in 10 s at 25 fps",
+        report.frames_sent
+    );
     // Loopback loses nothing; allow 1 % for a scheduler hiccup on a loaded CI machine.
-    assert!(report.lost() <= report.frames_sent / 100, "lost {} frames", report.lost());
+    assert!(
+        report.lost() <= report.frames_sent / 100,
+        "lost {} frames",
+        report.lost()
+    );
     assert_eq!(rx.out_of_order(), 0, "frames came back out of order");
     assert_eq!(rx.frames_unstamped, 0, "returned frames lost their stamp");
     assert!(p95 < 250.0, "p95 latency {p95:.1} ms");
-    assert!(rx.audio_packets + 10 >= report.audio_packets_sent, "audio: sent {} received {}",
-        report.audio_packets_sent, rx.audio_packets);
+    assert!(
+        rx.audio_packets + 10 >= report.audio_packets_sent,
+        "audio: sent {} received {}",
+        report.audio_packets_sent,
+        rx.audio_packets
+    );
     // 20 ms of 16 kHz audio per packet came back decodable.
     assert!(rx.audio_samples_16k >= u64::from(rx.audio_packets) * 300);
 
@@ -65,12 +89,22 @@ fn ten_seconds_of_video_come_back_in_order_to_the_publisher_and_a_viewer() {
         watched.latency_percentile(50.0),
         watched.audio_packets
     );
-    assert!(watched.frames.len() >= 100, "viewer got {} frames in 5 s", watched.frames.len());
+    assert!(
+        watched.frames.len() >= 100,
+        "viewer got {} frames in 5 s",
+        watched.frames.len()
+    );
     assert_eq!(watched.out_of_order(), 0);
-    assert!(watched.frames[0].frame_id > 0, "the viewer joined late, so it cannot start at frame 0");
+    assert!(
+        watched.frames[0].frame_id > 0,
+        "the viewer joined late, so it cannot start at frame 0"
+    );
     assert!(watched.audio_packets >= 200);
 
-    assert!(server.wait_until(Duration::from_secs(5), |s| s.metric("lipstream_sessions") == 0.0));
+    assert!(
+        server.wait_until(Duration::from_secs(5), |s| s.metric("lipstream_sessions")
+            == 0.0)
+    );
     assert!(server.metric("lipstream_frames_out_total") >= rx.frames.len() as f64);
     assert_eq!(server.metric("lipstream_viewers"), 0.0);
 }
@@ -80,13 +114,19 @@ fn only_session_id(server: &common::Server) -> String {
     let (status, body) = server.get("/sessions");
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-    v["sessions"][0]["id"].as_str().expect("a session id").to_string()
+    v["sessions"][0]["id"]
+        .as_str()
+        .expect("a session id")
+        .to_string()
 }
 
 #[test]
 fn a_corrupt_frame_gets_a_keyframe_request_and_the_session_goes_on() {
     let server = common::Server::start(&[]);
-    let opts = PublishOptions { corrupt_frames: vec![30, 31], ..options(&server, 4) };
+    let opts = PublishOptions {
+        corrupt_frames: vec![30, 31],
+        ..options(&server, 4)
+    };
     let report = publish(&opts).expect("publish");
     let rx = &report.received;
     println!(
@@ -97,22 +137,42 @@ fn a_corrupt_frame_gets_a_keyframe_request_and_the_session_goes_on() {
     );
     assert!(server.metric("lipstream_frames_undecodable_total") >= 1.0);
     assert!(server.metric("lipstream_keyframes_requested_total") >= 1.0);
-    assert!(rx.keyframe_requests >= 1, "the server never asked the publisher for a keyframe");
+    assert!(
+        rx.keyframe_requests >= 1,
+        "the server never asked the publisher for a keyframe"
+    );
     // Frames after the damage come back once the keyframe arrives.
     let last = rx.frames.last().expect("frames").frame_id;
-    assert!(last + 5 >= report.frames_sent, "stream stopped at frame {last} of {}", report.frames_sent);
+    assert!(
+        last + 5 >= report.frames_sent,
+        "stream stopped at frame {last} of {}",
+        report.frames_sent
+    );
     assert!(rx.frames.iter().any(|f| f.frame_id > 40));
-    assert!(report.lost() < 20, "lost {} frames around 2 damaged ones", report.lost());
+    assert!(
+        report.lost() < 20,
+        "lost {} frames around 2 damaged ones",
+        report.lost()
+    );
 }
 
 #[test]
 fn a_vanished_peer_is_torn_down_after_the_ice_timeout() {
     let server = common::Server::start(&["--ice-timeout-s", "2"]);
-    let opts = PublishOptions { vanish: true, linger: Duration::ZERO, ..options(&server, 1) };
+    let opts = PublishOptions {
+        vanish: true,
+        linger: Duration::ZERO,
+        ..options(&server, 1)
+    };
     publish(&opts).expect("publish");
-    assert_eq!(server.metric("lipstream_sessions"), 1.0, "no DELETE was sent: the session is still there");
+    assert_eq!(
+        server.metric("lipstream_sessions"),
+        1.0,
+        "no DELETE was sent: the session is still there"
+    );
     assert!(
-        server.wait_until(Duration::from_secs(8), |s| s.metric("lipstream_sessions") == 0.0
+        server.wait_until(Duration::from_secs(8), |s| s.metric("lipstream_sessions")
+            == 0.0
             && s.metric("lipstream_media_workers") == 0.0),
         "the silent session was not reaped"
     );

@@ -85,7 +85,10 @@ impl ServeArgs {
         if let Some(path) = &self.config {
             let file = read_file(path)?;
             let unset = |id: &str| {
-                matches!(matches.value_source(id), None | Some(ValueSource::DefaultValue))
+                matches!(
+                    matches.value_source(id),
+                    None | Some(ValueSource::DefaultValue)
+                )
             };
             macro_rules! merge {
                 ($($field:ident),*) => {$(
@@ -96,7 +99,14 @@ impl ServeArgs {
                     }
                 )*};
             }
-            merge!(http, udp_port, ice_addrs, max_sessions, max_viewers, ice_timeout_s);
+            merge!(
+                http,
+                udp_port,
+                ice_addrs,
+                max_sessions,
+                max_viewers,
+                ice_timeout_s
+            );
             merge!(frame_budget_ms, video_kbps, video_max_kbps, token);
         }
         if self.video_kbps == 0 || self.video_max_kbps < self.video_kbps {
@@ -144,7 +154,9 @@ fn host_addresses() -> Vec<IpAddr> {
             let usable = match ip {
                 IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
                 IpAddr::V6(v6) => {
-                    !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80 && !v6.is_unspecified()
+                    !v6.is_loopback()
+                        && (v6.segments()[0] & 0xffc0) != 0xfe80
+                        && !v6.is_unspecified()
                 }
             };
             if usable && !addrs.contains(&ip) {
@@ -178,7 +190,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lipstream-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("serve.toml");
-        std::fs::write(&path, "max_sessions = 5\nudp_port = 40000\nice_addrs = [\"127.0.0.1\"]\n").unwrap();
+        std::fs::write(
+            &path,
+            "max_sessions = 5\nudp_port = 40000\nice_addrs = [\"127.0.0.1\"]\n",
+        )
+        .unwrap();
         let p = path.to_str().unwrap();
         let c = resolve(&["x", "--config", p, "--udp-port", "41000"]).unwrap();
         assert_eq!((c.max_sessions, c.udp_port), (5, 41000));
@@ -187,7 +203,9 @@ mod tests {
         std::fs::write(&path, "max_sesions = 5\n").unwrap();
         let err = resolve(&["x", "--config", p]).unwrap_err().to_string();
         assert!(err.contains("max_sesions"), "{err}");
-        let err = resolve(&["x", "--config", "/nonexistent.toml"]).unwrap_err().to_string();
+        let err = resolve(&["x", "--config", "/nonexistent.toml"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent.toml"), "{err}");
     }
 

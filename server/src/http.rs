@@ -3,6 +3,9 @@
 //! Handlers validate everything that came over the network, answer with a precise status and
 //! reason, and hand accepted peers to the driver; they never touch media.
 
+// Helpers return the refusal itself as the error: it is the cold path, built once per request.
+#![allow(clippy::result_large_err)]
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -44,7 +47,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(|| page("index.html")))
         .route("/viewer", get(|| page("viewer.html")))
-        .route("/web/{file}", get(|Path(file): Path<String>| page_owned(file)))
+        .route(
+            "/web/{file}",
+            get(|Path(file): Path<String>| page_owned(file)),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/sessions", get(sessions))
@@ -58,11 +64,31 @@ pub fn router(state: AppState) -> Router {
 
 /// The page's files, built into the binary so it runs from anywhere.
 const WEB_FILES: &[(&str, &str, &str)] = &[
-    ("index.html", "text/html; charset=utf-8", include_str!("../../web/index.html")),
-    ("viewer.html", "text/html; charset=utf-8", include_str!("../../web/viewer.html")),
-    ("app.js", "text/javascript", include_str!("../../web/app.js")),
-    ("viewer.js", "text/javascript", include_str!("../../web/viewer.js")),
-    ("webrtc.js", "text/javascript", include_str!("../../web/webrtc.js")),
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_str!("../../web/index.html"),
+    ),
+    (
+        "viewer.html",
+        "text/html; charset=utf-8",
+        include_str!("../../web/viewer.html"),
+    ),
+    (
+        "app.js",
+        "text/javascript",
+        include_str!("../../web/app.js"),
+    ),
+    (
+        "viewer.js",
+        "text/javascript",
+        include_str!("../../web/viewer.js"),
+    ),
+    (
+        "webrtc.js",
+        "text/javascript",
+        include_str!("../../web/webrtc.js"),
+    ),
     ("style.css", "text/css", include_str!("../../web/style.css")),
 ];
 
@@ -80,7 +106,12 @@ async fn page_owned(name: String) -> Response {
 fn text(status: StatusCode, reason: impl Into<String>) -> Response {
     let mut reason = reason.into();
     reason.push('\n');
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], reason).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        reason,
+    )
+        .into_response()
 }
 
 async fn healthz(State(st): State<AppState>) -> Response {
@@ -103,7 +134,10 @@ async fn sessions(State(st): State<AppState>, headers: HeaderMap) -> Response {
 
 async fn metrics(State(st): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         st.metrics.render(),
     )
         .into_response()
@@ -111,7 +145,9 @@ async fn metrics(State(st): State<AppState>) -> Response {
 
 impl AppState {
     fn authorize(&self, headers: &HeaderMap) -> Result<(), Response> {
-        let Some(token) = &self.config.token else { return Ok(()) };
+        let Some(token) = &self.config.token else {
+            return Ok(());
+        };
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -119,8 +155,12 @@ impl AppState {
         if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
             return Ok(());
         }
-        let mut r = text(StatusCode::UNAUTHORIZED, "a valid \"Authorization: Bearer <token>\" header is required");
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "a valid \"Authorization: Bearer <token>\" header is required",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         Err(r)
     }
 
@@ -132,16 +172,30 @@ impl AppState {
     }
 
     /// Checks the media type and parses the body as an SDP offer.
-    fn read_offer(&self, headers: &HeaderMap, body: &Bytes) -> Result<(String, SdpOffer), Response> {
-        let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !ctype.trim().to_ascii_lowercase().starts_with("application/sdp") {
+    fn read_offer(
+        &self,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<(String, SdpOffer), Response> {
+        let ctype = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !ctype
+            .trim()
+            .to_ascii_lowercase()
+            .starts_with("application/sdp")
+        {
             return Err(self.refuse(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!("the offer must be sent as Content-Type: application/sdp (got {ctype:?})"),
             ));
         }
         let Ok(sdp) = std::str::from_utf8(body) else {
-            return Err(self.refuse(StatusCode::BAD_REQUEST, "malformed SDP offer: the body is not UTF-8"));
+            return Err(self.refuse(
+                StatusCode::BAD_REQUEST,
+                "malformed SDP offer: the body is not UTF-8",
+            ));
         };
         match SdpOffer::from_sdp_string(sdp) {
             Ok(offer) => Ok((sdp.to_string(), offer)),
@@ -163,12 +217,17 @@ impl AppState {
     fn refusal(&self, refusal: Refusal) -> Response {
         match refusal {
             Refusal::SessionLimit { max } | Refusal::ViewerLimit { max } => {
-                let what = if matches!(refusal, Refusal::SessionLimit { .. }) { "sessions" } else { "viewers of this session" };
+                let what = if matches!(refusal, Refusal::SessionLimit { .. }) {
+                    "sessions"
+                } else {
+                    "viewers of this session"
+                };
                 let mut r = self.refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("the server is at its limit of {max} {what}; retry later"),
                 );
-                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
                 r
             }
             Refusal::NoSuchSession => self.refuse(StatusCode::NOT_FOUND, "no such session"),
@@ -185,10 +244,17 @@ impl AppState {
 /// The SDP parser's message spans lines and carries a pointer value; keep one readable line.
 fn tidy_parse_error(message: &str) -> String {
     let without_pointer = match (message.find(" at PointerOffset("), message.find(')')) {
-        (Some(start), Some(end)) if end > start => format!("{}{}", &message[..start], &message[end + 1..]),
+        (Some(start), Some(end)) if end > start => {
+            format!("{}{}", &message[..start], &message[end + 1..])
+        }
         _ => message.to_string(),
     };
-    without_pointer.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    without_pointer
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -196,7 +262,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn created(location: String, answer: String) -> Response {
-    let mut r = (StatusCode::CREATED, [(header::CONTENT_TYPE, "application/sdp")], answer).into_response();
+    let mut r = (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/sdp")],
+        answer,
+    )
+        .into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         r.headers_mut().insert(header::LOCATION, v);
     }
@@ -223,20 +294,35 @@ async fn whip_post(State(st): State<AppState>, headers: HeaderMap, body: Bytes) 
         Ok(a) => a,
         Err(e) => {
             st.registry().close_session(&session);
-            return st.refuse(StatusCode::BAD_REQUEST, format!("the offer cannot be negotiated: {e}"));
+            return st.refuse(
+                StatusCode::BAD_REQUEST,
+                format!("the offer cannot be negotiated: {e}"),
+            );
         }
     };
-    let command = Command::AddPublisher { session: session.clone(), rtc: Box::new(rtc) };
+    let command = Command::AddPublisher {
+        session: session.clone(),
+        rtc: Box::new(rtc),
+    };
     if st.commands.send(command).is_err() {
         st.registry().close_session(&session);
-        return text(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        );
     }
     st.metrics.sessions_started.inc();
-    st.metrics.sessions.set(st.registry().session_count() as i64);
+    st.metrics
+        .sessions
+        .set(st.registry().session_count() as i64);
     created(format!("/whip/{session}"), answer.to_sdp_string())
 }
 
-async fn whip_delete(State(st): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn whip_delete(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Err(r) = st.authorize(&headers) {
         return r;
     }
@@ -263,7 +349,10 @@ async fn whep_post(
         return r;
     }
     let Some(session) = q.session.map(SessionId) else {
-        return st.refuse(StatusCode::BAD_REQUEST, "which session? POST /whep?session=ID (ID from the publisher's Location)");
+        return st.refuse(
+            StatusCode::BAD_REQUEST,
+            "which session? POST /whep?session=ID (ID from the publisher's Location)",
+        );
     };
     let (sdp, offer) = match st.read_offer(&headers, &body) {
         Ok(o) => o,
@@ -275,7 +364,10 @@ async fn whep_post(
     let viewer = match st.registry().open_viewer(&session) {
         Ok(id) => id,
         Err(Refusal::NoSuchSession) => {
-            return st.refuse(StatusCode::NOT_FOUND, format!("no published session {session}"));
+            return st.refuse(
+                StatusCode::NOT_FOUND,
+                format!("no published session {session}"),
+            );
         }
         Err(refusal) => return st.refusal(refusal),
     };
@@ -284,18 +376,32 @@ async fn whep_post(
         Ok(a) => a,
         Err(e) => {
             st.registry().close_viewer(&viewer);
-            return st.refuse(StatusCode::BAD_REQUEST, format!("the offer cannot be negotiated: {e}"));
+            return st.refuse(
+                StatusCode::BAD_REQUEST,
+                format!("the offer cannot be negotiated: {e}"),
+            );
         }
     };
-    let command = Command::AddViewer { viewer: viewer.clone(), session, rtc: Box::new(rtc) };
+    let command = Command::AddViewer {
+        viewer: viewer.clone(),
+        session,
+        rtc: Box::new(rtc),
+    };
     if st.commands.send(command).is_err() {
         st.registry().close_viewer(&viewer);
-        return text(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        );
     }
     created(format!("/whep/{viewer}"), answer.to_sdp_string())
 }
 
-async fn whep_delete(State(st): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn whep_delete(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Err(r) = st.authorize(&headers) {
         return r;
     }
@@ -312,6 +418,9 @@ mod tests {
     #[test]
     fn parse_errors_read_as_one_line() {
         let raw = "SDP parse: Parse error at PointerOffset(0x7f583c003706)\nUnexpected `t`\nExpected `v`\n";
-        assert_eq!(super::tidy_parse_error(raw), "SDP parse: Parse error; Unexpected `t`; Expected `v`");
+        assert_eq!(
+            super::tidy_parse_error(raw),
+            "SDP parse: Parse error; Unexpected `t`; Expected `v`"
+        );
     }
 }

@@ -65,17 +65,37 @@ impl Metrics {
             }),
             registry: Registry::default(),
         };
-        registry.register("sessions", "Published sessions now open", m.sessions.clone());
+        registry.register(
+            "sessions",
+            "Published sessions now open",
+            m.sessions.clone(),
+        );
         registry.register("viewers", "WHEP viewers now open", m.viewers.clone());
-        registry.register("media_workers", "Media worker threads alive", m.media_workers.clone());
-        registry.register("sessions_started", "Sessions accepted", m.sessions_started.clone());
+        registry.register(
+            "media_workers",
+            "Media worker threads alive",
+            m.media_workers.clone(),
+        );
+        registry.register(
+            "sessions_started",
+            "Sessions accepted",
+            m.sessions_started.clone(),
+        );
         registry.register(
             "sessions_rejected",
             "Offers refused (bad SDP, no codec, limit)",
             m.sessions_rejected.clone(),
         );
-        registry.register("frames_in", "Video frames decoded from publishers", m.frames_in.clone());
-        registry.register("frames_out", "Video frames encoded for receivers", m.frames_out.clone());
+        registry.register(
+            "frames_in",
+            "Video frames decoded from publishers",
+            m.frames_in.clone(),
+        );
+        registry.register(
+            "frames_out",
+            "Video frames encoded for receivers",
+            m.frames_out.clone(),
+        );
         registry.register(
             "frames_late",
             "Frames passed through unprocessed because the stage missed its budget",
@@ -96,8 +116,16 @@ impl Metrics {
             "Keyframe requests sent to publishers",
             m.keyframes_requested.clone(),
         );
-        registry.register("udp_bytes_in", "UDP payload bytes received", m.bytes_in.clone());
-        registry.register("udp_bytes_out", "UDP payload bytes sent", m.bytes_out.clone());
+        registry.register(
+            "udp_bytes_in",
+            "UDP payload bytes received",
+            m.bytes_in.clone(),
+        );
+        registry.register(
+            "udp_bytes_out",
+            "UDP payload bytes sent",
+            m.bytes_out.clone(),
+        );
         registry.register(
             "stage_seconds",
             "Time per frame in each media stage (decode, process, encode)",

@@ -94,18 +94,31 @@ impl Registry {
     /// Reserves a new session id, or refuses at the limit.
     pub fn open_session(&mut self) -> Result<SessionId, Refusal> {
         if self.sessions.len() >= self.max_sessions {
-            return Err(Refusal::SessionLimit { max: self.max_sessions });
+            return Err(Refusal::SessionLimit {
+                max: self.max_sessions,
+            });
         }
         let id = SessionId(random_id());
-        self.sessions.insert(id.clone(), SessionEntry { viewers: HashSet::new(), opened: Instant::now() });
+        self.sessions.insert(
+            id.clone(),
+            SessionEntry {
+                viewers: HashSet::new(),
+                opened: Instant::now(),
+            },
+        );
         Ok(id)
     }
 
     /// Reserves a viewer of `session`.
     pub fn open_viewer(&mut self, session: &SessionId) -> Result<ViewerId, Refusal> {
-        let entry = self.sessions.get_mut(session).ok_or(Refusal::NoSuchSession)?;
+        let entry = self
+            .sessions
+            .get_mut(session)
+            .ok_or(Refusal::NoSuchSession)?;
         if entry.viewers.len() >= self.max_viewers_per_session {
-            return Err(Refusal::ViewerLimit { max: self.max_viewers_per_session });
+            return Err(Refusal::ViewerLimit {
+                max: self.max_viewers_per_session,
+            });
         }
         let id = ViewerId(random_id());
         entry.viewers.insert(id.clone());
@@ -145,9 +158,16 @@ mod tests {
         assert_eq!(r.open_session(), Err(Refusal::SessionLimit { max: 2 }));
         let v = r.open_viewer(&a).unwrap();
         assert_eq!(r.open_viewer(&a), Err(Refusal::ViewerLimit { max: 1 }));
-        assert_eq!(r.open_viewer(&SessionId("nope".into())), Err(Refusal::NoSuchSession));
+        assert_eq!(
+            r.open_viewer(&SessionId("nope".into())),
+            Err(Refusal::NoSuchSession)
+        );
         assert_eq!(r.close_session(&a), Some(vec![v.clone()]));
-        assert_eq!(r.close_viewer(&v), None, "closing a session closes its viewers");
+        assert_eq!(
+            r.close_viewer(&v),
+            None,
+            "closing a session closes its viewers"
+        );
         assert_eq!(r.close_session(&a), None);
         assert_eq!((r.session_count(), r.viewer_count()), (1, 0));
         r.open_session().unwrap();

@@ -55,7 +55,11 @@ impl OfferSummary {
                 let mut fields = m.split_whitespace();
                 let kind = fields.next().unwrap_or_default().to_string();
                 let disabled = fields.next() == Some("0");
-                sections.push(Section { kind, codecs: Vec::new(), disabled });
+                sections.push(Section {
+                    kind,
+                    codecs: Vec::new(),
+                    disabled,
+                });
             } else if let Some(rtpmap) = line.strip_prefix("a=rtpmap:") {
                 let codec = rtpmap
                     .split_whitespace()
@@ -71,7 +75,9 @@ impl OfferSummary {
     }
 
     fn live<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Section> + 'a {
-        self.sections.iter().filter(move |s| s.kind == kind && !s.disabled)
+        self.sections
+            .iter()
+            .filter(move |s| s.kind == kind && !s.disabled)
     }
 
     fn offers(&self, kind: &str, codec: &str) -> bool {
@@ -84,7 +90,12 @@ impl OfferSummary {
             let mut codecs: Vec<&str> = self
                 .live(kind)
                 .flat_map(|s| s.codecs.iter().map(String::as_str))
-                .filter(|c| !matches!(*c, "RTX" | "RED" | "ULPFEC" | "FLEXFEC-03" | "CN" | "TELEPHONE-EVENT"))
+                .filter(|c| {
+                    !matches!(
+                        *c,
+                        "RTX" | "RED" | "ULPFEC" | "FLEXFEC-03" | "CN" | "TELEPHONE-EVENT"
+                    )
+                })
                 .collect();
             codecs.dedup();
             if !codecs.is_empty() {
@@ -108,7 +119,9 @@ impl OfferSummary {
         if audio_ok && video_ok {
             Ok(())
         } else {
-            Err(OfferProblem::NoSupportedCodec { offered: self.offered() })
+            Err(OfferProblem::NoSupportedCodec {
+                offered: self.offered(),
+            })
         }
     }
 
@@ -117,7 +130,9 @@ impl OfferSummary {
         if self.offers("audio", "OPUS") || self.offers("video", "H264") {
             Ok(())
         } else {
-            Err(OfferProblem::NoSupportedCodec { offered: self.offered() })
+            Err(OfferProblem::NoSupportedCodec {
+                offered: self.offered(),
+            })
         }
     }
 }
@@ -142,13 +157,24 @@ mod tests {
     #[test]
     fn refusals_name_the_cause() {
         let video_only = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 102\r\na=rtpmap:102 H264/90000\r\n";
-        assert_eq!(OfferSummary::parse(video_only).check_publish(), Err(OfferProblem::NoAudio));
+        assert_eq!(
+            OfferSummary::parse(video_only).check_publish(),
+            Err(OfferProblem::NoAudio)
+        );
         let disabled_audio = BROWSER.replace("m=audio 9", "m=audio 0");
-        assert_eq!(OfferSummary::parse(&disabled_audio).check_publish(), Err(OfferProblem::NoAudio));
+        assert_eq!(
+            OfferSummary::parse(&disabled_audio).check_publish(),
+            Err(OfferProblem::NoAudio)
+        );
 
         let vp9 = "v=0\r\nm=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\nm=video 9 RTP/AVP 98 99\r\na=rtpmap:98 VP9/90000\r\na=rtpmap:99 rtx/90000\r\n";
         let err = OfferSummary::parse(vp9).check_publish().unwrap_err();
-        assert_eq!(err, OfferProblem::NoSupportedCodec { offered: "audio: PCMU; video: VP9".into() });
+        assert_eq!(
+            err,
+            OfferProblem::NoSupportedCodec {
+                offered: "audio: PCMU; video: VP9".into()
+            }
+        );
         assert!(err.to_string().contains("opus/48000/2"));
         assert!(OfferSummary::parse(vp9).check_view().is_err());
     }

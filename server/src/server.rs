@@ -25,7 +25,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let http_addr = listener.local_addr()?;
 
     let metrics = Arc::new(Metrics::new());
-    let registry = Arc::new(Mutex::new(Registry::new(config.max_sessions, config.max_viewers)));
+    let registry = Arc::new(Mutex::new(Registry::new(
+        config.max_sessions,
+        config.max_viewers,
+    )));
     let stage: StageFactory = Arc::new(|| Box::new(Identity));
     let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = Driver::new(

@@ -15,23 +15,40 @@ impl Server {
     /// Starts the server with extra flags; waits until it prints its addresses.
     pub fn start(extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lipstream"))
-            .args(["serve", "--http", "127.0.0.1:0", "--udp-port", "0", "--ice-addrs", "127.0.0.1"])
+            .args([
+                "serve",
+                "--http",
+                "127.0.0.1:0",
+                "--udp-port",
+                "0",
+                "--ice-addrs",
+                "127.0.0.1",
+            ])
             .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start lipstream serve");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
         let http = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("http="))
             .unwrap_or_else(|| panic!("no http= in {line:?}"))
             .to_string();
         let pid = child.id();
-        Server { child, base_url: format!("http://{http}"), pid }
+        Server {
+            child,
+            base_url: format!("http://{http}"),
+            pid,
+        }
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
@@ -71,9 +88,14 @@ impl Server {
 
     /// Threads, open file descriptors and resident memory (KiB) of the server process.
     pub fn resources(&self) -> (usize, usize, u64) {
-        let threads = std::fs::read_dir(format!("/proc/{}/task", self.pid)).map(|d| d.count()).unwrap_or(0);
-        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map(|d| d.count()).unwrap_or(0);
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let threads = std::fs::read_dir(format!("/proc/{}/task", self.pid))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
         let rss = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))

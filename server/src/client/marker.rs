@@ -78,7 +78,10 @@ impl Stamp {
             let mut sum = 0u32;
             for row in by + 4..by + 12 {
                 let start = row * frame.width + bx + 4;
-                sum += frame.y[start..start + 8].iter().map(|&p| p as u32).sum::<u32>();
+                sum += frame.y[start..start + 8]
+                    .iter()
+                    .map(|&p| p as u32)
+                    .sum::<u32>();
             }
             if sum / 64 > u32::from(DARK / 2 + LIGHT / 2) {
                 bytes[i / 8] |= 0x80 >> (i % 8);
@@ -114,7 +117,10 @@ mod tests {
     #[test]
     fn round_trips_through_a_frame() {
         let mut frame = VideoFrame::filled(320, 240, 90, 100, 140);
-        let stamp = Stamp { frame_id: 0xdead_beef, capture_ms: 123_456 };
+        let stamp = Stamp {
+            frame_id: 0xdead_beef,
+            capture_ms: 123_456,
+        };
         stamp.draw(&mut frame);
         assert_eq!(Stamp::read(&frame), Some(stamp));
     }
@@ -122,9 +128,17 @@ mod tests {
     #[test]
     fn rejects_a_damaged_stamp() {
         let mut frame = VideoFrame::filled(320, 240, 90, 100, 140);
-        Stamp { frame_id: 7, capture_ms: 9 }.draw(&mut frame);
+        Stamp {
+            frame_id: 7,
+            capture_ms: 9,
+        }
+        .draw(&mut frame);
         // Flip block 3 (a bit of the frame id) by painting it the other colour.
-        let flip = if frame.y[3 * BLOCK + 8 * 320 + 8] > 128 { DARK } else { LIGHT };
+        let flip = if frame.y[3 * BLOCK + 8 * 320 + 8] > 128 {
+            DARK
+        } else {
+            LIGHT
+        };
         for row in 0..BLOCK {
             frame.y[row * 320 + 3 * BLOCK..row * 320 + 4 * BLOCK].fill(flip);
         }
@@ -133,7 +147,10 @@ mod tests {
 
     #[test]
     fn unstamped_frames_read_as_none() {
-        assert_eq!(Stamp::read(&VideoFrame::filled(320, 240, 16, 128, 128)), None);
+        assert_eq!(
+            Stamp::read(&VideoFrame::filled(320, 240, 16, 128, 128)),
+            None
+        );
         assert_eq!(Stamp::read(&VideoFrame::filled(8, 8, 16, 128, 128)), None);
     }
 }

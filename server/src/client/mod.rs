@@ -20,9 +20,18 @@ pub use viewer::view;
 #[non_exhaustive]
 pub enum ClientError {
     #[error("{method} {url}: HTTP {status}: {body}")]
-    Http { method: &'static str, url: String, status: u16, body: String },
+    Http {
+        method: &'static str,
+        url: String,
+        status: u16,
+        body: String,
+    },
     #[error("{method} {url}: {reason}")]
-    Request { method: &'static str, url: String, reason: String },
+    Request {
+        method: &'static str,
+        url: String,
+        reason: String,
+    },
     #[error("SDP: {0}")]
     Sdp(String),
     #[error("WebRTC: {0}")]

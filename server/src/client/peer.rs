@@ -56,7 +56,10 @@ pub struct Received {
 impl Received {
     /// Frame ids that came back out of order (each counted once).
     pub fn out_of_order(&self) -> usize {
-        self.frames.windows(2).filter(|w| w[1].frame_id <= w[0].frame_id).count()
+        self.frames
+            .windows(2)
+            .filter(|w| w[1].frame_id <= w[0].frame_id)
+            .count()
     }
 
     /// Latency percentile `p` in 0..=100 (nearest rank), ms.
@@ -98,16 +101,24 @@ impl Peer {
         let started = Instant::now();
         let socket = UdpSocket::bind((bind_ip, 0))?;
         let local = socket.local_addr()?;
-        let mut rtc = RtcConfig::new().clear_codecs().enable_opus(true, false).enable_h264(true).build(started);
-        let candidate = Candidate::host(local, "udp").map_err(|e| ClientError::Sdp(e.to_string()))?;
+        let mut rtc = RtcConfig::new()
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_h264(true)
+            .build(started);
+        let candidate =
+            Candidate::host(local, "udp").map_err(|e| ClientError::Sdp(e.to_string()))?;
         rtc.add_local_candidate(candidate);
 
         let mut change = rtc.sdp_api();
         let audio_mid = change.add_media(MediaKind::Audio, direction, None, None, None);
         let video_mid = change.add_media(MediaKind::Video, direction, None, None, None);
-        let (offer, pending) = change.apply().ok_or_else(|| ClientError::Sdp("no offer to make".into()))?;
+        let (offer, pending) = change
+            .apply()
+            .ok_or_else(|| ClientError::Sdp("no offer to make".into()))?;
         let answer = signal::post_offer(endpoint, &offer.to_sdp_string(), token)?;
-        let sdp = SdpAnswer::from_sdp_string(&answer.sdp).map_err(|e| ClientError::Sdp(e.to_string()))?;
+        let sdp =
+            SdpAnswer::from_sdp_string(&answer.sdp).map_err(|e| ClientError::Sdp(e.to_string()))?;
         rtc.sdp_api().accept_answer(pending, sdp)?;
         Ok(Peer {
             rtc,
@@ -154,14 +165,19 @@ impl Peer {
             }
             Event::KeyframeRequest(_) => self.received.keyframe_requests += 1,
             Event::MediaData(d) if d.mid == self.video_mid => {
-                let Some(frame) = self.h264_in.decode(&d.data)? else { return Ok(()) };
+                let Some(frame) = self.h264_in.decode(&d.data)? else {
+                    return Ok(());
+                };
                 let now = Instant::now();
                 match Stamp::read(&frame) {
                     Some(stamp) => {
                         if self.received.setup_ms.is_none() {
-                            self.received.setup_ms = Some((now - self.started).as_secs_f64() * 1000.0);
+                            self.received.setup_ms =
+                                Some((now - self.started).as_secs_f64() * 1000.0);
                         }
-                        let at_ms = self.connected_at.map_or(0.0, |c| (now - c).as_secs_f64() * 1000.0);
+                        let at_ms = self
+                            .connected_at
+                            .map_or(0.0, |c| (now - c).as_secs_f64() * 1000.0);
                         self.received.frames.push(ReceivedFrame {
                             frame_id: stamp.frame_id,
                             latency_ms: stamp_clock_ms(now) - f64::from(stamp.capture_ms),
@@ -184,7 +200,9 @@ impl Peer {
 
     /// Waits for a datagram until `until`, feeding str0m whatever happens.
     pub fn wait(&mut self, until: Instant) -> Result<(), ClientError> {
-        let wait = until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let wait = until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         self.socket.set_read_timeout(Some(wait))?;
         self.buf.resize(2048, 0);
         match self.socket.recv_from(&mut self.buf) {
@@ -192,7 +210,12 @@ impl Peer {
                 if let Ok(contents) = self.buf[..n].try_into() {
                     let input = Input::Receive(
                         Instant::now(),
-                        Receive { proto: Protocol::Udp, source, destination: self.local, contents },
+                        Receive {
+                            proto: Protocol::Udp,
+                            source,
+                            destination: self.local,
+                            contents,
+                        },
                     );
                     self.rtc.handle_input(input)?;
                 }

@@ -70,15 +70,24 @@ pub struct PublishReport {
 impl PublishReport {
     /// Sent frames that never came back.
     pub fn lost(&self) -> u32 {
-        self.frames_sent.saturating_sub(self.received.frames.len() as u32)
+        self.frames_sent
+            .saturating_sub(self.received.frames.len() as u32)
     }
 }
 
 /// Publishes for `options.duration` and reports what came back.
 pub fn publish(options: &PublishOptions) -> Result<PublishReport, ClientError> {
     let url = format!("{}/whip", options.base_url.trim_end_matches('/'));
-    let mut peer = Peer::open(&url, Direction::SendRecv, options.token.as_deref(), options.bind_ip)?;
-    let mut report = PublishReport { resource_url: peer.resource_url.clone(), ..Default::default() };
+    let mut peer = Peer::open(
+        &url,
+        Direction::SendRecv,
+        options.token.as_deref(),
+        options.bind_ip,
+    )?;
+    let mut report = PublishReport {
+        resource_url: peer.resource_url.clone(),
+        ..Default::default()
+    };
     let result = run(&mut peer, options, &mut report);
     if !options.vanish {
         // Best effort: the server also reaps silent peers.
@@ -88,7 +97,11 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport, ClientError> {
     result.map(|()| report)
 }
 
-fn run(peer: &mut Peer, options: &PublishOptions, report: &mut PublishReport) -> Result<(), ClientError> {
+fn run(
+    peer: &mut Peer,
+    options: &PublishOptions,
+    report: &mut PublishReport,
+) -> Result<(), ClientError> {
     let mut h264_out = H264Encoder::new(options.video_bps)?;
     let mut opus_out = OpusEncoder::new(AUDIO_RATE)?;
     let mut tone = synth::Tone::new(options.tone_hz, AUDIO_RATE);
@@ -122,7 +135,10 @@ fn run(peer: &mut Peer, options: &PublishOptions, report: &mut PublishReport) ->
         let na = *next_audio.get_or_insert(connected);
         if sending && now >= nv {
             let id = report.frames_sent;
-            let stamp = Stamp { frame_id: id, capture_ms: stamp_clock_ms(now) as u32 };
+            let stamp = Stamp {
+                frame_id: id,
+                capture_ms: stamp_clock_ms(now) as u32,
+            };
             let au = h264_out.encode(&synth::picture(options.width, options.height, stamp))?;
             let mut data = au.data;
             if options.corrupt_frames.contains(&id) {
@@ -153,7 +169,11 @@ fn run(peer: &mut Peer, options: &PublishOptions, report: &mut PublishReport) ->
             next_audio = Some(na + AUDIO_FRAME);
             continue;
         }
-        let until = if sending { timeout.min(nv).min(na) } else { timeout.min(end) };
+        let until = if sending {
+            timeout.min(nv).min(na)
+        } else {
+            timeout.min(end)
+        };
         peer.wait(until)?;
     }
 }

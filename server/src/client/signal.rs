@@ -25,7 +25,11 @@ pub fn post_offer(url: &str, offer_sdp: &str, token: Option<&str>) -> Result<Ans
     if let Some(t) = token {
         req = req.header("Authorization", format!("Bearer {t}"));
     }
-    let fail = |reason: String| ClientError::Request { method: "POST", url: url.to_string(), reason };
+    let fail = |reason: String| ClientError::Request {
+        method: "POST",
+        url: url.to_string(),
+        reason,
+    };
     let mut resp = req.send(offer_sdp).map_err(|e| fail(e.to_string()))?;
     let status = resp.status().as_u16();
     let location = resp
@@ -33,12 +37,23 @@ pub fn post_offer(url: &str, offer_sdp: &str, token: Option<&str>) -> Result<Ans
         .get("location")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = resp.body_mut().read_to_string().map_err(|e| fail(e.to_string()))?;
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| fail(e.to_string()))?;
     if status != 201 {
-        return Err(ClientError::Http { method: "POST", url: url.to_string(), status, body });
+        return Err(ClientError::Http {
+            method: "POST",
+            url: url.to_string(),
+            status,
+            body,
+        });
     }
     let location = location.ok_or_else(|| fail("201 without a Location header".into()))?;
-    Ok(Answer { sdp: body, resource_url: absolute(url, &location) })
+    Ok(Answer {
+        sdp: body,
+        resource_url: absolute(url, &location),
+    })
 }
 
 /// DELETEs a WHIP/WHEP resource.
@@ -79,8 +94,17 @@ fn absolute(endpoint: &str, location: &str) -> String {
 mod tests {
     #[test]
     fn resolves_locations() {
-        assert_eq!(super::absolute("http://h:1/whip", "/whip/ab"), "http://h:1/whip/ab");
-        assert_eq!(super::absolute("http://h:1", "/whip/ab"), "http://h:1/whip/ab");
-        assert_eq!(super::absolute("http://h:1/whip", "http://o/x"), "http://o/x");
+        assert_eq!(
+            super::absolute("http://h:1/whip", "/whip/ab"),
+            "http://h:1/whip/ab"
+        );
+        assert_eq!(
+            super::absolute("http://h:1", "/whip/ab"),
+            "http://h:1/whip/ab"
+        );
+        assert_eq!(
+            super::absolute("http://h:1/whip", "http://o/x"),
+            "http://o/x"
+        );
     }
 }

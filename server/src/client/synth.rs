@@ -14,7 +14,11 @@ pub fn picture(width: usize, height: usize, stamp: Stamp) -> VideoFrame {
         for col in 0..width {
             let band = ((row + col + shift) / 16) % 8;
             let (dx, dy) = ((col as f64 - cx) / rx, (row as f64 - cy) / ry);
-            f.y[row * width + col] = if dx * dx + dy * dy <= 1.0 { 150 } else { 60 + band as u8 * 16 };
+            f.y[row * width + col] = if dx * dx + dy * dy <= 1.0 {
+                150
+            } else {
+                60 + band as u8 * 16
+            };
         }
     }
     for row in 0..height / 2 {
@@ -35,7 +39,11 @@ pub struct Tone {
 
 impl Tone {
     pub fn new(hz: f64, sample_rate: u32) -> Self {
-        Tone { phase: 0.0, step: hz * std::f64::consts::TAU / sample_rate as f64, amplitude: 8000.0 }
+        Tone {
+            phase: 0.0,
+            step: hz * std::f64::consts::TAU / sample_rate as f64,
+            amplitude: 8000.0,
+        }
     }
 
     pub fn fill(&mut self, out: &mut [i16]) {

@@ -16,7 +16,10 @@ pub fn view(
     bind_ip: IpAddr,
     duration: Duration,
 ) -> Result<Received, ClientError> {
-    let url = format!("{}/whep?session={session_id}", base_url.trim_end_matches('/'));
+    let url = format!(
+        "{}/whep?session={session_id}",
+        base_url.trim_end_matches('/')
+    );
     let mut peer = Peer::open(&url, Direction::RecvOnly, token, bind_ip)?;
     let result = peer.receive_until(Instant::now() + duration);
     let _ = signal::delete(&peer.resource_url, token);

@@ -38,7 +38,7 @@ impl AudioRing {
     pub fn push(&mut self, at_ms: f64, pcm: &[i16]) {
         let end = self.end_ms();
         let gap_ms = at_ms - end;
-        if self.samples.is_empty() || gap_ms < -CONTINUITY_TOLERANCE_MS || gap_ms > MAX_GAP_MS {
+        if self.samples.is_empty() || !(-CONTINUITY_TOLERANCE_MS..=MAX_GAP_MS).contains(&gap_ms) {
             self.samples.clear();
             self.start_ms = at_ms;
         } else if gap_ms > CONTINUITY_TOLERANCE_MS {
@@ -110,7 +110,10 @@ mod tests {
         assert!((ring.end_ms() - 400.0).abs() < 0.1);
         let mut out = Vec::new();
         ring.read(250.0, 20.0, &mut out);
-        assert!(out.iter().all(|&s| s == 0), "evicted audio must read as silence");
+        assert!(
+            out.iter().all(|&s| s == 0),
+            "evicted audio must read as silence"
+        );
         ring.read(380.0, 20.0, &mut out);
         assert!(out.iter().all(|&s| s == 19));
     }

@@ -2,8 +2,8 @@
 
 use openh264::decoder::Decoder;
 use openh264::encoder::{
-    BitRate, Encoder, EncoderConfig, FrameRate, FrameType, IntraFramePeriod, Profile, RateControlMode,
-    UsageType,
+    BitRate, Encoder, EncoderConfig, FrameRate, FrameType, IntraFramePeriod, Profile,
+    RateControlMode, UsageType,
 };
 use openh264::OpenH264API;
 
@@ -159,31 +159,43 @@ pub struct OpusEncoder {
 impl OpusEncoder {
     /// `sample_rate` is one libopus takes: 8, 12, 16, 24 or 48 kHz.
     pub fn new(sample_rate: u32) -> Result<Self, CodecError> {
-        let mut inner = opus::Encoder::new(sample_rate, opus::Channels::Mono, opus::Application::Voip)
-            .map_err(CodecError::OpusEncode)?;
+        let mut inner =
+            opus::Encoder::new(sample_rate, opus::Channels::Mono, opus::Application::Voip)
+                .map_err(CodecError::OpusEncode)?;
         inner
             .set_bitrate(opus::Bitrate::Bits(32_000))
             .map_err(CodecError::OpusEncode)?;
-        Ok(OpusEncoder { inner, sample_rate, packet: vec![0; 1500] })
+        Ok(OpusEncoder {
+            inner,
+            sample_rate,
+            packet: vec![0; 1500],
+        })
     }
 
     /// Encodes `pcm` as one or more packets, calling `out(offset_samples, packet)` for each, so
     /// the caller can stamp each with its own RTP time.
-    pub fn encode(&mut self, pcm: &[i16], mut out: impl FnMut(usize, &[u8])) -> Result<(), CodecError> {
+    pub fn encode(
+        &mut self,
+        pcm: &[i16],
+        mut out: impl FnMut(usize, &[u8]),
+    ) -> Result<(), CodecError> {
         // libopus frames: 2.5, 5, 10, 20, 40 or 60 ms.
         let unit = self.sample_rate as usize / 400;
         let ms20 = unit * 8;
         let chunk = if [1, 2, 4, 8, 16, 24].iter().any(|k| k * unit == pcm.len()) {
             pcm.len()
-        } else if pcm.len() % ms20 == 0 {
+        } else if pcm.len().is_multiple_of(ms20) {
             ms20
-        } else if pcm.len() % unit == 0 {
+        } else if pcm.len().is_multiple_of(unit) {
             unit
         } else {
             return Err(CodecError::OpusFrameSize { samples: pcm.len() });
         };
         for (i, part) in pcm.chunks(chunk).enumerate() {
-            let n = self.inner.encode(part, &mut self.packet).map_err(CodecError::OpusEncode)?;
+            let n = self
+                .inner
+                .encode(part, &mut self.packet)
+                .map_err(CodecError::OpusEncode)?;
             out(i * chunk, &self.packet[..n]);
         }
         Ok(())
@@ -234,13 +246,22 @@ mod tests {
             assert!(dec.decode(&au.data).unwrap().is_some());
         }
         let au = enc.encode(&picture(3)).unwrap();
-        assert!(dec.decode(&au.data[..au.data.len() / 2]).is_err(), "a truncated frame must not decode");
+        assert!(
+            dec.decode(&au.data[..au.data.len() / 2]).is_err(),
+            "a truncated frame must not decode"
+        );
         let au = enc.encode(&picture(4)).unwrap();
-        assert!(dec.decode(&au.data).is_err(), "a frame referencing a lost one must not decode");
+        assert!(
+            dec.decode(&au.data).is_err(),
+            "a frame referencing a lost one must not decode"
+        );
         enc.request_keyframe();
         let au = enc.encode(&picture(5)).unwrap();
         assert!(au.keyframe);
-        assert!(dec.decode(&au.data).unwrap().is_some(), "a keyframe restarts decoding");
+        assert!(
+            dec.decode(&au.data).unwrap().is_some(),
+            "a keyframe restarts decoding"
+        );
     }
 
     #[test]
@@ -251,9 +272,13 @@ mod tests {
             .map(|i| ((i as f32 * 440.0 * std::f32::consts::TAU / 16_000.0).sin() * 8000.0) as i16)
             .collect();
         let mut packets = Vec::new();
-        enc.encode(&tone, |off, p| packets.push((off, p.to_vec()))).unwrap();
+        enc.encode(&tone, |off, p| packets.push((off, p.to_vec())))
+            .unwrap();
         assert_eq!(packets.len(), 1);
         assert_eq!(dec.decode(&packets[0].1).unwrap().len(), 320);
-        assert!(matches!(enc.encode(&tone[..100], |_, _| {}), Err(CodecError::OpusFrameSize { samples: 100 })));
+        assert!(matches!(
+            enc.encode(&tone[..100], |_, _| {}),
+            Err(CodecError::OpusFrameSize { samples: 100 })
+        ));
     }
 }

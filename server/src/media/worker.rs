@@ -91,7 +91,10 @@ impl WorkerHandle {
         match self.tx.try_send(input) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                self.metrics.media_dropped.get_or_create(&KindLabel { kind }).inc();
+                self.metrics
+                    .media_dropped
+                    .get_or_create(&KindLabel { kind })
+                    .inc();
             }
             // The worker died (it logged why); the driver tears the session down on its own.
             Err(TrySendError::Disconnected(_)) => {}
@@ -192,8 +195,16 @@ impl Worker {
         // Ends when the driver drops the handle.
         while let Ok(input) = rx.recv() {
             match input {
-                WorkerInput::Audio { rtp_time, arrival, data } => self.audio(rtp_time, arrival, &data),
-                WorkerInput::Video { rtp_time, arrival, data } => self.video(rtp_time, arrival, &data)?,
+                WorkerInput::Audio {
+                    rtp_time,
+                    arrival,
+                    data,
+                } => self.audio(rtp_time, arrival, &data),
+                WorkerInput::Video {
+                    rtp_time,
+                    arrival,
+                    data,
+                } => self.video(rtp_time, arrival, &data)?,
                 WorkerInput::Keyframe => self.h264_out.request_keyframe(),
                 WorkerInput::Bitrate(bps) => self.bitrate(bps)?,
             }
@@ -240,7 +251,9 @@ impl Worker {
             Err(e) => {
                 tracing::debug!(session = %self.session, "undecodable video, asking for a keyframe: {e}");
                 self.metrics.frames_undecodable.inc();
-                let _ = self.out.send(WorkerOutput::NeedKeyframe { session: self.session.clone() });
+                let _ = self.out.send(WorkerOutput::NeedKeyframe {
+                    session: self.session.clone(),
+                });
                 return Ok(());
             }
         };
@@ -286,12 +299,15 @@ impl Worker {
 
     fn bitrate(&mut self, estimate_bps: u64) -> Result<(), crate::media::codec::CodecError> {
         // Leave headroom for audio, RTP overhead and the estimate's own error.
-        let target = ((estimate_bps as f64 * 0.85) as u64)
-            .clamp(u64::from(BITRATE_MIN_BPS), u64::from(self.config.bitrate_max_bps))
-            as u32;
+        let target = ((estimate_bps as f64 * 0.85) as u64).clamp(
+            u64::from(BITRATE_MIN_BPS),
+            u64::from(self.config.bitrate_max_bps),
+        ) as u32;
         let current = self.h264_out.bitrate_bps() as f64;
         let moved = (target as f64 - current).abs() / current;
-        let held = self.bitrate_changed.is_none_or(|t| t.elapsed() >= BITRATE_HOLD);
+        let held = self
+            .bitrate_changed
+            .is_none_or(|t| t.elapsed() >= BITRATE_HOLD);
         if moved >= BITRATE_STEP && held {
             tracing::debug!(session = %self.session, target, "video bitrate follows the estimate");
             self.h264_out.set_bitrate(target)?;

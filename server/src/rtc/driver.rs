@@ -33,8 +33,15 @@ const IDLE_TICK: Duration = Duration::from_millis(500);
 
 /// What the HTTP handlers ask of the driver.
 pub enum Command {
-    AddPublisher { session: SessionId, rtc: Box<Rtc> },
-    AddViewer { viewer: ViewerId, session: SessionId, rtc: Box<Rtc> },
+    AddPublisher {
+        session: SessionId,
+        rtc: Box<Rtc>,
+    },
+    AddViewer {
+        viewer: ViewerId,
+        session: SessionId,
+        rtc: Box<Rtc>,
+    },
     CloseSession(SessionId),
     CloseViewer(ViewerId),
 }
@@ -104,7 +111,11 @@ impl Driver {
     pub fn new(parts: DriverParts, commands: UnboundedReceiver<Command>) -> Self {
         let (datagram_tx, datagrams) = tokio::sync::mpsc::unbounded_channel();
         for socket in &parts.sockets {
-            tokio::spawn(read_socket(socket.clone(), datagram_tx.clone(), parts.metrics.clone()));
+            tokio::spawn(read_socket(
+                socket.clone(),
+                datagram_tx.clone(),
+                parts.metrics.clone(),
+            ));
         }
         let (worker_tx, worker_rx) = tokio::sync::mpsc::unbounded_channel();
         let sockets = parts
@@ -175,13 +186,27 @@ impl Driver {
                     }
                 };
                 tracing::info!(%session, "publisher added");
-                self.sessions.insert(session.clone(), Session { worker: handle, viewers: Vec::new() });
+                self.sessions.insert(
+                    session.clone(),
+                    Session {
+                        worker: handle,
+                        viewers: Vec::new(),
+                    },
+                );
                 self.add_peer(PeerKey::Publisher(session.clone()), session, *rtc);
             }
-            Command::AddViewer { viewer, session, rtc } => {
+            Command::AddViewer {
+                viewer,
+                session,
+                rtc,
+            } => {
                 let Some(s) = self.sessions.get_mut(&session) else {
                     // The session ended between the HTTP answer and now.
-                    self.parts.registry.lock().map(|mut r| r.close_viewer(&viewer)).ok();
+                    self.parts
+                        .registry
+                        .lock()
+                        .map(|mut r| r.close_viewer(&viewer))
+                        .ok();
                     return;
                 };
                 tracing::info!(%session, %viewer, "viewer added");
@@ -272,7 +297,9 @@ impl Driver {
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
-            let Some(peer) = self.peers.get_mut(&key) else { continue };
+            let Some(peer) = self.peers.get_mut(&key) else {
+                continue;
+            };
             if now.duration_since(peer.last_rx) >= ice_timeout {
                 tracing::info!(session = %peer.session, ?key, "peer silent for {ice_timeout:?}, closing it");
                 peer.rtc.disconnect();
@@ -290,7 +317,9 @@ impl Driver {
     fn poll(&mut self, key: &PeerKey) {
         let mut events = Vec::new();
         {
-            let Some(peer) = self.peers.get_mut(key) else { return };
+            let Some(peer) = self.peers.get_mut(key) else {
+                return;
+            };
             while peer.rtc.is_alive() {
                 match peer.rtc.poll_output() {
                     Ok(Output::Timeout(t)) => {
@@ -312,7 +341,9 @@ impl Driver {
     }
 
     fn event(&mut self, key: &PeerKey, event: Event) {
-        let Some(peer) = self.peers.get_mut(key) else { return };
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
         let session = peer.session.clone();
         match event {
             Event::Connected => {
@@ -331,18 +362,28 @@ impl Driver {
             },
             Event::MediaData(data) if matches!(key, PeerKey::Publisher(_)) => {
                 let input = if data.params.spec().codec.is_audio() {
-                    WorkerInput::Audio { rtp_time: data.time, arrival: data.network_time, data: data.data }
+                    WorkerInput::Audio {
+                        rtp_time: data.time,
+                        arrival: data.network_time,
+                        data: data.data,
+                    }
                 } else {
                     peer.video_rx = Some(data.mid);
                     if !data.contiguous {
                         self.request_keyframe(&session);
                     }
-                    WorkerInput::Video { rtp_time: data.time, arrival: data.network_time, data: data.data }
+                    WorkerInput::Video {
+                        rtp_time: data.time,
+                        arrival: data.network_time,
+                        data: data.data,
+                    }
                 };
                 self.to_worker(&session, input);
             }
             Event::KeyframeRequest(_) => self.to_worker(&session, WorkerInput::Keyframe),
-            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. } | BweKind::Remb { estimate, .. }) => {
+            Event::EgressBitrateEstimate(
+                BweKind::Twcc { estimate, .. } | BweKind::Remb { estimate, .. },
+            ) => {
                 peer.bitrate_bps = Some(estimate.as_u64());
                 let lowest = self
                     .peers
@@ -366,14 +407,22 @@ impl Driver {
 
     fn request_keyframe(&mut self, session: &SessionId) {
         let key = PeerKey::Publisher(session.clone());
-        let Some(peer) = self.peers.get_mut(&key) else { return };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
         let now = Instant::now();
-        if peer.keyframe_requested.is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_GAP) {
+        if peer
+            .keyframe_requested
+            .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_GAP)
+        {
             return;
         }
         let Some(mid) = peer.video_rx else { return };
         if let Some(mut writer) = peer.rtc.writer(mid) {
-            if writer.request_keyframe(None, KeyframeRequestKind::Pli).is_ok() {
+            if writer
+                .request_keyframe(None, KeyframeRequestKind::Pli)
+                .is_ok()
+            {
                 peer.keyframe_requested = Some(now);
                 self.parts.metrics.keyframes_requested.inc();
             }
@@ -384,14 +433,22 @@ impl Driver {
     fn worker_output(&mut self, out: WorkerOutput) {
         let (session, kind, rtp_time, wallclock, data) = match out {
             WorkerOutput::NeedKeyframe { session } => return self.request_keyframe(&session),
-            WorkerOutput::Audio { session, rtp_time, wallclock, data } => {
-                (session, MediaKind::Audio, rtp_time, wallclock, data)
-            }
-            WorkerOutput::Video { session, rtp_time, wallclock, data } => {
-                (session, MediaKind::Video, rtp_time, wallclock, data)
-            }
+            WorkerOutput::Audio {
+                session,
+                rtp_time,
+                wallclock,
+                data,
+            } => (session, MediaKind::Audio, rtp_time, wallclock, data),
+            WorkerOutput::Video {
+                session,
+                rtp_time,
+                wallclock,
+                data,
+            } => (session, MediaKind::Video, rtp_time, wallclock, data),
         };
-        let Some(s) = self.sessions.get(&session) else { return };
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
         let mut keys = vec![PeerKey::Publisher(session.clone())];
         keys.extend(s.viewers.iter().cloned().map(PeerKey::Viewer));
         for key in keys {
@@ -432,7 +489,11 @@ impl Driver {
                     for s in self.sessions.values_mut() {
                         s.viewers.retain(|v| *v != viewer);
                     }
-                    self.parts.registry.lock().map(|mut r| r.close_viewer(&viewer)).ok();
+                    self.parts
+                        .registry
+                        .lock()
+                        .map(|mut r| r.close_viewer(&viewer))
+                        .ok();
                 }
             }
         }
@@ -443,7 +504,11 @@ impl Driver {
     }
 
     fn forget_session(&self, session: &SessionId) {
-        self.parts.registry.lock().map(|mut r| r.close_session(session)).ok();
+        self.parts
+            .registry
+            .lock()
+            .map(|mut r| r.close_session(session))
+            .ok();
     }
 
     fn update_gauges(&self) {
@@ -454,7 +519,13 @@ impl Driver {
     }
 }
 
-fn write_media(peer: &mut Peer, kind: MediaKind, rtp_time: MediaTime, wallclock: Instant, data: &Arc<[u8]>) {
+fn write_media(
+    peer: &mut Peer,
+    kind: MediaKind,
+    rtp_time: MediaTime,
+    wallclock: Instant,
+    data: &Arc<[u8]>,
+) {
     if !peer.connected {
         return;
     }
@@ -462,7 +533,9 @@ fn write_media(peer: &mut Peer, kind: MediaKind, rtp_time: MediaTime, wallclock:
         MediaKind::Audio => peer.audio_tx,
         MediaKind::Video => peer.video_tx,
     };
-    let Some(writer) = mid.and_then(|m| peer.rtc.writer(m)) else { return };
+    let Some(writer) = mid.and_then(|m| peer.rtc.writer(m)) else {
+        return;
+    };
     let pt = match kind {
         MediaKind::Audio => pick_audio_pt(writer.payload_params()),
         MediaKind::Video => pick_video_pt(writer.payload_params()),
@@ -487,13 +560,19 @@ fn send(sockets: &[(SocketAddr, Arc<UdpSocket>)], metrics: &Metrics, t: str0m::n
 }
 
 async fn read_socket(socket: Arc<UdpSocket>, tx: UnboundedSender<Datagram>, metrics: Arc<Metrics>) {
-    let Ok(destination) = socket.local_addr() else { return };
+    let Ok(destination) = socket.local_addr() else {
+        return;
+    };
     let mut buf = vec![0u8; DATAGRAM_MAX];
     loop {
         match socket.recv_from(&mut buf).await {
             Ok((n, source)) => {
                 metrics.bytes_in.inc_by(n as u64);
-                let d = Datagram { data: buf[..n].to_vec(), source, destination };
+                let d = Datagram {
+                    data: buf[..n].to_vec(),
+                    source,
+                    destination,
+                };
                 if tx.send(d).is_err() {
                     return; // The driver stopped.
                 }

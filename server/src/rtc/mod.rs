@@ -36,7 +36,9 @@ pub fn new_rtc(local_addrs: &[SocketAddr], start_bitrate_bps: u32) -> Rtc {
 
 /// The payload type to send our Constrained Baseline H.264 on: prefer an exact profile match,
 /// then any packetization-mode=1 H.264 (every H.264 decoder handles the baseline subset).
-pub fn pick_video_pt<'a>(params: impl Iterator<Item = &'a PayloadParams>) -> Option<str0m::media::Pt> {
+pub fn pick_video_pt<'a>(
+    params: impl Iterator<Item = &'a PayloadParams>,
+) -> Option<str0m::media::Pt> {
     let params: Vec<&PayloadParams> = params.collect();
     let params = params.iter().copied();
     let h264_mode1 = |p: &&PayloadParams| {
@@ -48,13 +50,22 @@ pub fn pick_video_pt<'a>(params: impl Iterator<Item = &'a PayloadParams>) -> Opt
         .clone()
         .filter(h264_mode1)
         .find(|p| profile(p) == Some(0x42e0))
-        .or_else(|| params.clone().filter(h264_mode1).find(|p| profile(p) == Some(0x4200)))
+        .or_else(|| {
+            params
+                .clone()
+                .filter(h264_mode1)
+                .find(|p| profile(p) == Some(0x4200))
+        })
         .or_else(|| params.clone().find(h264_mode1))
         .or_else(|| params.clone().find(|p| p.spec().codec == Codec::H264))
         .map(|p| p.pt())
 }
 
 /// The payload type for Opus.
-pub fn pick_audio_pt<'a>(mut params: impl Iterator<Item = &'a PayloadParams>) -> Option<str0m::media::Pt> {
-    params.find(|p| p.spec().codec == Codec::Opus).map(|p| p.pt())
+pub fn pick_audio_pt<'a>(
+    mut params: impl Iterator<Item = &'a PayloadParams>,
+) -> Option<str0m::media::Pt> {
+    params
+        .find(|p| p.spec().codec == Codec::Opus)
+        .map(|p| p.pt())
 }
