@@ -107,6 +107,8 @@ fn ten_seconds_of_video_come_back_in_order_to_the_publisher_and_a_viewer() {
     );
     assert!(server.metric("lipstream_frames_out_total") >= rx.frames.len() as f64);
     assert_eq!(server.metric("lipstream_viewers"), 0.0);
+    // Loopback has room: the estimator probes up and the encoder follows it.
+    assert!(server.metric("lipstream_video_bitrate_changes_total") >= 1.0);
 }
 
 /// The only open session's id, from `GET /sessions` (the publisher thread owns its Location).

@@ -37,6 +37,8 @@ pub struct Metrics {
     /// Media the worker could not take because it was behind (bounded queue full).
     pub media_dropped: Family<KindLabel, Counter>,
     pub keyframes_requested: Counter,
+    /// Times a session's video encoder moved to follow the bandwidth estimate.
+    pub bitrate_changes: Counter,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub stage_seconds: Family<StageLabel, Histogram>,
@@ -57,6 +59,7 @@ impl Metrics {
             frames_undecodable: Counter::default(),
             media_dropped: Family::default(),
             keyframes_requested: Counter::default(),
+            bitrate_changes: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             // 50 us .. ~1.6 s: codec steps at the low end, a stalled model at the top.
@@ -115,6 +118,11 @@ impl Metrics {
             "keyframes_requested",
             "Keyframe requests sent to publishers",
             m.keyframes_requested.clone(),
+        );
+        registry.register(
+            "video_bitrate_changes",
+            "Encoder bitrate changes following the bandwidth estimate",
+            m.bitrate_changes.clone(),
         );
         registry.register(
             "udp_bytes_in",

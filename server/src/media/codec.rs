@@ -265,6 +265,25 @@ mod tests {
     }
 
     #[test]
+    fn a_high_profile_stream_decodes() {
+        // OBS sends High profile; openh264's encoder can label its stream so (SPS profile_idc 100).
+        let config = EncoderConfig::new()
+            .bitrate(BitRate::from_bps(800_000))
+            .profile(Profile::High);
+        let mut enc = Encoder::with_api_config(OpenH264API::from_source(), config).unwrap();
+        let mut dec = H264Decoder::new().unwrap();
+        let frame = VideoFrame::filled(320, 240, 80, 120, 140);
+        let au = enc.encode(&frame).unwrap().to_vec();
+        let sps_at = au
+            .windows(5)
+            .position(|w| w[..4] == [0, 0, 0, 1] && w[4] & 0x1f == 7)
+            .expect("an SPS");
+        assert_eq!(au[sps_at + 5], 100, "profile_idc");
+        let out = dec.decode(&au).unwrap().expect("a picture");
+        assert_eq!((out.width, out.height), (320, 240));
+    }
+
+    #[test]
     fn opus_round_trip_20ms() {
         let mut enc = OpusEncoder::new(SAMPLE_RATE_16K).unwrap();
         let mut dec = OpusDecoder::new().unwrap();

@@ -312,6 +312,7 @@ impl Worker {
             tracing::debug!(session = %self.session, target, "video bitrate follows the estimate");
             self.h264_out.set_bitrate(target)?;
             self.bitrate_changed = Some(Instant::now());
+            self.metrics.bitrate_changes.inc();
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use str0m::bwe::BweKind;
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::media::{KeyframeRequestKind, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
@@ -348,6 +348,9 @@ impl Driver {
         match event {
             Event::Connected => {
                 peer.connected = true;
+                // Let the estimator probe up to what the encoder may use; no padding floor.
+                let desired = Bitrate::bps(u64::from(self.parts.worker.bitrate_max_bps));
+                peer.rtc.bwe().set_bitrate(Bitrate::bps(0), desired);
                 tracing::info!(%session, ?key, "connected");
                 // A new receiver needs a keyframe to start decoding.
                 self.to_worker(&session, WorkerInput::Keyframe);
@@ -384,6 +387,7 @@ impl Driver {
             Event::EgressBitrateEstimate(
                 BweKind::Twcc { estimate, .. } | BweKind::Remb { estimate, .. },
             ) => {
+                tracing::debug!(%session, ?key, bps = estimate.as_u64(), "bandwidth estimate");
                 peer.bitrate_bps = Some(estimate.as_u64());
                 let lowest = self
                     .peers
