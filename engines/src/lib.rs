@@ -1,6 +1,19 @@
-//! lipstream-engines: the model side of lipstream — op set and static graph IR, the MuseTalk /
-//! SD-VAE / whisper-tiny / MTCNN graphs, weight loaders and the CPU reference executor.
+//! lipstream-engines: the model side of lipstream — the op set and static graph IR, the MuseTalk
+//! UNet / SD-VAE / whisper-tiny graphs, weight loaders for `.safetensors` and PyTorch `.pth`, and
+//! the CPU reference executor.
 //!
-//! Not built yet: the transport path runs with the identity stage until this crate lands. It never
-//! depends on `lipstream-gpu` (the GPU crate executes this crate's IR, not the other way round).
+//! It never depends on `lipstream-gpu`: the GPU crate executes this crate's IR.
 #![forbid(unsafe_code)]
+// Graph builders mirror PyTorch module constructors (channels, kernel, stride, padding...).
+#![allow(clippy::too_many_arguments)]
+
+pub mod cpu;
+pub mod error;
+pub mod graph;
+pub mod models;
+pub mod tensor;
+pub mod weights;
+
+pub use error::{EngineError, Result};
+pub use graph::{Graph, Op, ValueId};
+pub use tensor::Tensor;

@@ -1,0 +1,462 @@
+//! The CPU reference kernels: one function per op, f32, clear before fast.
+//!
+//! Convolutions and matmuls go through a real GEMM (ndarray's matrixmultiply) with rayon across
+//! output rows / tiles; everything else is straightforward loops, parallel where it is free.
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2};
+use rayon::prelude::*;
+
+use crate::graph::Op;
+use crate::tensor::{numel, strides, Tensor};
+
+/// Output columns per im2col tile: bounds the scratch buffer and gives rayon work units.
+const CONV_TILE: usize = 1024;
+
+/// Evaluates one op on concrete inputs. Shapes were checked at build (`graph::infer`).
+pub fn eval(op: &Op, x: &[&Tensor], out_shape: &[usize]) -> Tensor {
+    let data = match op {
+        Op::Input | Op::Const(_) => unreachable!("inputs and constants are not evaluated"),
+        Op::Conv2d {
+            stride,
+            padding,
+            groups,
+        } => conv2d(
+            x[0],
+            x[1],
+            x.get(2).copied(),
+            *stride,
+            *padding,
+            *groups,
+            out_shape,
+        ),
+        Op::Conv1d { stride, padding } => {
+            // A 1-d convolution is a 2-d one over a height of 1.
+            let (xs, ws) = (&x[0].shape, &x[1].shape);
+            let x4 = Tensor::new(vec![xs[0], xs[1], 1, xs[2]], x[0].data.clone());
+            let w4 = Tensor::new(vec![ws[0], ws[1], 1, ws[2]], x[1].data.clone());
+            let o4 = [out_shape[0], out_shape[1], 1, out_shape[2]];
+            conv2d(
+                &x4,
+                &w4,
+                x.get(2).copied(),
+                [1, *stride],
+                [0, *padding, 0, *padding],
+                1,
+                &o4,
+            )
+        }
+        Op::Linear => linear(x[0], x[1], x.get(2).copied()),
+        Op::GroupNorm { groups, eps, silu } => group_norm(x[0], x[1], x[2], *groups, *eps, *silu),
+        Op::LayerNorm { eps } => layer_norm(x[0], x[1], x[2], *eps),
+        Op::Attention { heads } => attention(x[0], x[1], x[2], *heads),
+        Op::Gelu => x[0].data.iter().map(|&v| gelu(v)).collect(),
+        Op::Silu => x[0].data.iter().map(|&v| silu(v)).collect(),
+        Op::Geglu => {
+            let d = *out_shape.last().unwrap_or(&1);
+            x[0].data
+                .chunks(2 * d)
+                .flat_map(|row| (0..d).map(move |i| row[i] * gelu(row[d + i])))
+                .collect()
+        }
+        Op::PRelu => {
+            let (c, inner) = (x[0].shape[1], numel(&x[0].shape[2..]));
+            let alpha = &x[1].data;
+            x[0].data
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    if v >= 0.0 {
+                        v
+                    } else {
+                        v * alpha[(i / inner) % c]
+                    }
+                })
+                .collect()
+        }
+        Op::Softmax { axis } => softmax(x[0], *axis),
+        Op::Add => broadcast_binary(x[0], x[1], out_shape, |a, b| a + b),
+        Op::Mul => broadcast_binary(x[0], x[1], out_shape, |a, b| a * b),
+        Op::Affine { scale, shift } => x[0].data.iter().map(|&v| v * scale + shift).collect(),
+        Op::Clamp { min, max } => x[0].data.iter().map(|&v| v.clamp(*min, *max)).collect(),
+        Op::Concat { axis } => concat(x, *axis, out_shape),
+        Op::UpsampleNearest2x => upsample2x(x[0]),
+        Op::MaxPool2d { kernel, stride, .. } => max_pool(x[0], *kernel, *stride, out_shape),
+        Op::Reshape { .. } => x[0].data.clone(),
+        Op::Permute { perm } => permute(x[0], perm, out_shape),
+        Op::Slice { axis, start, end } => {
+            let outer = numel(&x[0].shape[..*axis]);
+            let inner = numel(&x[0].shape[axis + 1..]);
+            let len = x[0].shape[*axis];
+            let mut out = Vec::with_capacity(numel(out_shape));
+            for o in 0..outer {
+                let base = o * len * inner;
+                out.extend_from_slice(&x[0].data[base + start * inner..base + end * inner]);
+            }
+            out
+        }
+    };
+    Tensor::new(out_shape.to_vec(), data)
+}
+
+pub fn gelu(v: f32) -> f32 {
+    (0.5 * f64::from(v) * (1.0 + libm::erf(f64::from(v) / std::f64::consts::SQRT_2))) as f32
+}
+
+pub fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// c[m,n] (+)= a[m,k] · b, with b either [k,n] or, if `b_t`, [n,k] read transposed.
+fn gemm(
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    b_t: bool,
+    accumulate: bool,
+) {
+    let av = ArrayView2::from_shape((m, k), a).expect("gemm: a has m*k elements");
+    let mut cv = ArrayViewMut2::from_shape((m, n), c).expect("gemm: c has m*n elements");
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    if b_t {
+        let bv = ArrayView2::from_shape((n, k), b).expect("gemm: b has n*k elements");
+        general_mat_mul(1.0, &av, &bv.t(), beta, &mut cv);
+    } else {
+        let bv = ArrayView2::from_shape((k, n), b).expect("gemm: b has k*n elements");
+        general_mat_mul(1.0, &av, &bv, beta, &mut cv);
+    }
+}
+
+/// Rows of `a` (and `c`) handed to each rayon task.
+fn row_chunk(m: usize) -> usize {
+    m.div_ceil(rayon::current_num_threads() * 4).max(1)
+}
+
+/// c[m,n] = a[m,k] · b (parallel over rows of a).
+fn par_gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, b_t: bool) {
+    let rows = row_chunk(m);
+    c.par_chunks_mut(rows * n)
+        .zip(a.par_chunks(rows * k))
+        .for_each(|(c, a)| {
+            let mm = c.len() / n;
+            gemm(a, b, c, mm, k, n, b_t, false);
+        });
+}
+
+fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Vec<f32> {
+    let (n, k) = (w.shape[0], w.shape[1]);
+    let m = x.numel() / k;
+    let mut out = vec![0.0; m * n];
+    par_gemm(&x.data, &w.data, &mut out, m, k, n, true);
+    if let Some(b) = bias {
+        out.par_chunks_mut(n)
+            .for_each(|row| row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b));
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: [usize; 2],
+    pad: [usize; 4],
+    groups: usize,
+    out_shape: &[usize],
+) -> Vec<f32> {
+    let [n, c, h, wd] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let [o, cg, kh, kw] = [w.shape[0], w.shape[1], w.shape[2], w.shape[3]];
+    let (ho, wo) = (out_shape[2], out_shape[3]);
+    let og = o / groups;
+    let kk = cg * kh * kw;
+    let pixels = ho * wo;
+    let mut out = vec![0.0f32; n * o * pixels];
+    let tiles = pixels.div_ceil(CONV_TILE);
+    // One task per (image, group, tile of output pixels): im2col the tile, one GEMM, scatter.
+    let tasks: Vec<(usize, usize, usize)> = (0..n)
+        .flat_map(|b| (0..groups).flat_map(move |g| (0..tiles).map(move |t| (b, g, t))))
+        .collect();
+    let results: Vec<(usize, usize, usize, Vec<f32>)> = tasks
+        .into_par_iter()
+        .map(|(b, g, t)| {
+            let p0 = t * CONV_TILE;
+            let np = CONV_TILE.min(pixels - p0);
+            let mut col = vec![0.0f32; kk * np];
+            for ci in 0..cg {
+                let plane = &x.data[(b * c + g * cg + ci) * h * wd..][..h * wd];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let row = &mut col[((ci * kh + ky) * kw + kx) * np..][..np];
+                        for (j, slot) in row.iter_mut().enumerate() {
+                            let p = p0 + j;
+                            let (oy, ox) = (p / wo, p % wo);
+                            let iy = (oy * stride[0] + ky) as isize - pad[0] as isize;
+                            let ix = (ox * stride[1] + kx) as isize - pad[1] as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
+                                *slot = plane[iy as usize * wd + ix as usize];
+                            }
+                        }
+                    }
+                }
+            }
+            let wg = &w.data[g * og * kk..][..og * kk];
+            let mut tile = vec![0.0f32; og * np];
+            gemm(wg, &col, &mut tile, og, kk, np, false, false);
+            (b, g, p0, tile)
+        })
+        .collect();
+    for (b, g, p0, tile) in results {
+        let np = tile.len() / og;
+        for oc in 0..og {
+            let ch = g * og + oc;
+            let dst = &mut out[(b * o + ch) * pixels + p0..][..np];
+            let bv = bias.map_or(0.0, |bb| bb.data[ch]);
+            for (d, s) in dst.iter_mut().zip(&tile[oc * np..][..np]) {
+                *d = s + bv;
+            }
+        }
+    }
+    out
+}
+
+fn group_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f32,
+    silu_after: bool,
+) -> Vec<f32> {
+    let (n, c) = (x.shape[0], x.shape[1]);
+    let inner = numel(&x.shape[2..]);
+    let cg = c / groups;
+    let mut out = vec![0.0f32; x.numel()];
+    out.par_chunks_mut(cg * inner)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let (b, g) = (i / groups, i % groups);
+            let src = &x.data[(b * c + g * cg) * inner..][..cg * inner];
+            let mean = src.iter().map(|&v| f64::from(v)).sum::<f64>() / src.len() as f64;
+            let var = src
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / src.len() as f64;
+            let inv = 1.0 / (var + f64::from(eps)).sqrt();
+            for ci in 0..cg {
+                let ch = g * cg + ci;
+                let (ga, be) = (f64::from(gamma.data[ch]), f64::from(beta.data[ch]));
+                for j in 0..inner {
+                    let v = ((f64::from(src[ci * inner + j]) - mean) * inv * ga + be) as f32;
+                    dst[ci * inner + j] = if silu_after { silu(v) } else { v };
+                }
+            }
+        });
+    let _ = n;
+    out
+}
+
+fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Vec<f32> {
+    let c = gamma.numel();
+    let mut out = vec![0.0f32; x.numel()];
+    out.par_chunks_mut(c)
+        .zip(x.data.par_chunks(c))
+        .for_each(|(dst, src)| {
+            let mean = src.iter().map(|&v| f64::from(v)).sum::<f64>() / c as f64;
+            let var = src
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / c as f64;
+            let inv = 1.0 / (var + f64::from(eps)).sqrt();
+            for i in 0..c {
+                dst[i] = ((f64::from(src[i]) - mean) * inv * f64::from(gamma.data[i])
+                    + f64::from(beta.data[i])) as f32;
+            }
+        });
+    out
+}
+
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Vec<f32> {
+    let (b, lq, c) = (q.shape[0], q.shape[1], q.shape[2]);
+    let (lk, cv) = (k.shape[1], v.shape[2]);
+    let (d, dv) = (c / heads, cv / heads);
+    let scale = 1.0 / (d as f32).sqrt();
+    let gather =
+        |t: &Tensor, bi: usize, h: usize, len: usize, width: usize, dh: usize| -> Vec<f32> {
+            let mut out = Vec::with_capacity(len * dh);
+            for i in 0..len {
+                out.extend_from_slice(&t.data[(bi * len + i) * width + h * dh..][..dh]);
+            }
+            out
+        };
+    let per_head: Vec<Vec<f32>> = (0..b * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, h) = (bh / heads, bh % heads);
+            let (qh, kh, vh) = (
+                gather(q, bi, h, lq, c, d),
+                gather(k, bi, h, lk, c, d),
+                gather(v, bi, h, lk, cv, dv),
+            );
+            let mut s = vec![0.0f32; lq * lk];
+            gemm(&qh, &kh, &mut s, lq, d, lk, true, false);
+            for row in s.chunks_mut(lk) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+                let mut sum = 0.0f64;
+                for x in row.iter_mut() {
+                    *x = (*x * scale - max).exp();
+                    sum += f64::from(*x);
+                }
+                let inv = (1.0 / sum) as f32;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+            let mut o = vec![0.0f32; lq * dv];
+            gemm(&s, &vh, &mut o, lq, lk, dv, false, false);
+            o
+        })
+        .collect();
+    let mut out = vec![0.0f32; b * lq * cv];
+    for (bh, o) in per_head.iter().enumerate() {
+        let (bi, h) = (bh / heads, bh % heads);
+        for i in 0..lq {
+            out[(bi * lq + i) * cv + h * dv..][..dv].copy_from_slice(&o[i * dv..][..dv]);
+        }
+    }
+    out
+}
+
+fn softmax(x: &Tensor, axis: usize) -> Vec<f32> {
+    let len = x.shape[axis];
+    let inner = numel(&x.shape[axis + 1..]);
+    let outer = numel(&x.shape[..axis]);
+    let mut out = x.data.clone();
+    for o in 0..outer {
+        for i in 0..inner {
+            let idx = |j: usize| (o * len + j) * inner + i;
+            let max = (0..len)
+                .map(|j| out[idx(j)])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f64;
+            for j in 0..len {
+                let e = (out[idx(j)] - max).exp();
+                out[idx(j)] = e;
+                sum += f64::from(e);
+            }
+            for j in 0..len {
+                out[idx(j)] = (f64::from(out[idx(j)]) / sum) as f32;
+            }
+        }
+    }
+    out
+}
+
+fn broadcast_binary(
+    a: &Tensor,
+    b: &Tensor,
+    out_shape: &[usize],
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Vec<f32> {
+    if a.shape == b.shape {
+        return a.data.iter().zip(&b.data).map(|(x, y)| f(*x, *y)).collect();
+    }
+    let rank = out_shape.len();
+    let bstrides = |t: &Tensor| -> Vec<usize> {
+        let s = strides(&t.shape);
+        let off = rank - t.shape.len();
+        (0..rank)
+            .map(|i| {
+                if i < off || t.shape[i - off] == 1 {
+                    0
+                } else {
+                    s[i - off]
+                }
+            })
+            .collect()
+    };
+    let (sa, sb) = (bstrides(a), bstrides(b));
+    let so = strides(out_shape);
+    let mut out = vec![0.0f32; numel(out_shape)];
+    out.par_iter_mut().enumerate().for_each(|(i, o)| {
+        let (mut ia, mut ib, mut rem) = (0, 0, i);
+        for d in 0..rank {
+            let q = rem / so[d];
+            rem %= so[d];
+            ia += q * sa[d];
+            ib += q * sb[d];
+        }
+        *o = f(a.data[ia], b.data[ib]);
+    });
+    out
+}
+
+fn concat(x: &[&Tensor], axis: usize, out_shape: &[usize]) -> Vec<f32> {
+    let outer = numel(&out_shape[..axis]);
+    let inner = numel(&out_shape[axis + 1..]);
+    let mut out = Vec::with_capacity(numel(out_shape));
+    for o in 0..outer {
+        for t in x {
+            let len = t.shape[axis] * inner;
+            out.extend_from_slice(&t.data[o * len..][..len]);
+        }
+    }
+    out
+}
+
+fn upsample2x(x: &Tensor) -> Vec<f32> {
+    let (h, w) = (x.shape[2], x.shape[3]);
+    let mut out = vec![0.0f32; x.numel() * 4];
+    out.par_chunks_mut(4 * h * w)
+        .zip(x.data.par_chunks(h * w))
+        .for_each(|(dst, src)| {
+            for y in 0..2 * h {
+                for xx in 0..2 * w {
+                    dst[y * 2 * w + xx] = src[(y / 2) * w + xx / 2];
+                }
+            }
+        });
+    out
+}
+
+fn max_pool(x: &Tensor, kernel: usize, stride: usize, out_shape: &[usize]) -> Vec<f32> {
+    let (h, w) = (x.shape[2], x.shape[3]);
+    let (ho, wo) = (out_shape[2], out_shape[3]);
+    let mut out = vec![0.0f32; numel(out_shape)];
+    out.par_chunks_mut(ho * wo)
+        .zip(x.data.par_chunks(h * w))
+        .for_each(|(dst, src)| {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut m = f32::NEG_INFINITY;
+                    // ceil_mode windows may hang over the edge: clip them.
+                    for y in oy * stride..(oy * stride + kernel).min(h) {
+                        for xx in ox * stride..(ox * stride + kernel).min(w) {
+                            m = m.max(src[y * w + xx]);
+                        }
+                    }
+                    dst[oy * wo + ox] = m;
+                }
+            }
+        });
+    out
+}
+
+fn permute(x: &Tensor, perm: &[usize], out_shape: &[usize]) -> Vec<f32> {
+    let sx = strides(&x.shape);
+    let src_strides: Vec<usize> = perm.iter().map(|&p| sx[p]).collect();
+    let so = strides(out_shape);
+    let mut out = vec![0.0f32; x.numel()];
+    out.par_iter_mut().enumerate().for_each(|(i, o)| {
+        let (mut src, mut rem) = (0, i);
+        for d in 0..out_shape.len() {
+            src += (rem / so[d]) * src_strides[d];
+            rem %= so[d];
+        }
+        *o = x.data[src];
+    });
+    out
+}

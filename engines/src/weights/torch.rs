@@ -1,0 +1,285 @@
+//! PyTorch checkpoints (`torch.save` since 1.6): a zip with `<name>/data.pkl` (the pickled
+//! state_dict, tensors as persistent storage references) and one `<name>/data/<key>` record per
+//! storage. MuseTalk's `unet.pth` and MTCNN's `pnet.pt` are this format.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use zip::ZipArchive;
+
+use crate::error::{EngineError, Result};
+use crate::tensor::{numel, strides, Tensor};
+use crate::weights::pickle::{self, Val};
+use crate::weights::{DType, Entry};
+
+/// Which storage record a tensor views, and how.
+#[derive(Clone, Debug)]
+pub struct StorageView {
+    pub record: String,
+    pub offset: usize,
+    pub stride: Vec<usize>,
+}
+
+/// An opened torch zip checkpoint.
+pub struct Archive {
+    path: PathBuf,
+    zip: ZipArchive<File>,
+    /// The archive's top folder, e.g. `unet/` or `archive/`.
+    prefix: String,
+}
+
+fn dtype_of_storage(kind: &str) -> DType {
+    match kind {
+        "FloatStorage" => DType::F32,
+        "HalfStorage" => DType::F16,
+        "BFloat16Storage" => DType::BF16,
+        "DoubleStorage" => DType::F64,
+        other => DType::Other(other.trim_end_matches("Storage").to_string()),
+    }
+}
+
+impl Archive {
+    pub fn open(path: &Path, file: File) -> Result<Self> {
+        let zip = ZipArchive::new(file)
+            .map_err(|e| EngineError::format(path, format!("not a readable zip: {e}")))?;
+        let pkl = zip
+            .file_names()
+            .filter_map(|n| n.ok())
+            .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
+            .map(|n| n.into_owned())
+            .ok_or_else(|| {
+                EngineError::format(
+                    path,
+                    "a zip without <name>/data.pkl: not a torch.save checkpoint",
+                )
+            })?;
+        let prefix = pkl.trim_end_matches("data.pkl").to_string();
+        Ok(Archive {
+            path: path.to_path_buf(),
+            zip,
+            prefix,
+        })
+    }
+
+    fn read_record(&mut self, name: &str) -> Result<Vec<u8>> {
+        let full = format!("{}{name}", self.prefix);
+        let mut f = self
+            .zip
+            .by_name(&full)
+            .map_err(|e| EngineError::format(&self.path, format!("record {full}: {e}")))?;
+        let mut out = Vec::with_capacity(f.size() as usize);
+        f.read_to_end(&mut out).map_err(|e| {
+            EngineError::format(&self.path, format!("record {full}: {e} (truncated?)"))
+        })?;
+        Ok(out)
+    }
+
+    /// Every tensor of the pickled state_dict (nested dicts are flattened with dots).
+    pub fn index(&mut self) -> Result<BTreeMap<String, Entry>> {
+        let pkl = self.read_record("data.pkl")?;
+        let root = pickle::parse(&pkl)
+            .map_err(|e| EngineError::format(&self.path, format!("data.pkl: {e}")))?;
+        let mut entries = BTreeMap::new();
+        self.flatten("", &root, &mut entries)?;
+        if entries.is_empty() {
+            return Err(EngineError::format(
+                &self.path,
+                "the checkpoint holds no tensors",
+            ));
+        }
+        Ok(entries)
+    }
+
+    fn flatten(&self, prefix: &str, v: &Val, out: &mut BTreeMap<String, Entry>) -> Result<()> {
+        match v {
+            Val::Dict(items) => {
+                for (k, v) in items {
+                    let Val::Str(k) = k else { continue };
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    self.flatten(&key, v, out)?;
+                }
+            }
+            Val::Tensor {
+                storage,
+                offset,
+                shape,
+                stride,
+            } => {
+                let Val::Storage {
+                    kind,
+                    key,
+                    numel: storage_numel,
+                } = storage.as_ref()
+                else {
+                    return Err(EngineError::format(
+                        &self.path,
+                        format!("tensor {prefix} has no storage"),
+                    ));
+                };
+                let dtype = dtype_of_storage(kind);
+                let span = shape
+                    .iter()
+                    .zip(stride)
+                    .map(|(d, s)| d.saturating_sub(1) * s)
+                    .sum::<usize>()
+                    + 1;
+                if numel(shape) > 0 && offset + span > *storage_numel {
+                    return Err(EngineError::format(
+                        &self.path,
+                        format!("tensor {prefix} reaches past its storage"),
+                    ));
+                }
+                let size = dtype.size().unwrap_or(1) as u64;
+                out.insert(
+                    prefix.to_string(),
+                    Entry {
+                        dtype,
+                        shape: shape.clone(),
+                        offset: *offset as u64 * size,
+                        bytes: numel(shape) as u64 * size,
+                        storage: Some(StorageView {
+                            record: format!("data/{key}"),
+                            offset: *offset,
+                            stride: stride.clone(),
+                        }),
+                    },
+                );
+            }
+            // Non-tensor entries (metadata, step counters) are not weights.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Reads one tensor's elements (in logical order) as f32.
+    pub fn load(&mut self, key: &str, entry: &Entry) -> Result<Vec<f32>> {
+        let view = entry
+            .storage
+            .as_ref()
+            .ok_or_else(|| EngineError::MissingWeight { key: key.into() })?;
+        let size = entry
+            .dtype
+            .size()
+            .ok_or_else(|| EngineError::UnsupportedDType {
+                key: key.into(),
+                dtype: entry.dtype.to_string(),
+            })?;
+        let bytes = self.read_record(&view.record)?;
+        let all = entry
+            .dtype
+            .decode(&bytes)
+            .ok_or_else(|| EngineError::UnsupportedDType {
+                key: key.into(),
+                dtype: entry.dtype.to_string(),
+            })?;
+        let n = numel(&entry.shape);
+        let contiguous = strides(&entry.shape);
+        let truncated = || {
+            EngineError::format(
+                &self.path,
+                format!("{key}: storage record is {} bytes, truncated", bytes.len()),
+            )
+        };
+        if view.stride == contiguous || n <= 1 {
+            return all
+                .get(view.offset..view.offset + n)
+                .map(<[f32]>::to_vec)
+                .ok_or_else(truncated);
+        }
+        let _ = size;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let (mut src, mut rem) = (view.offset, i);
+            for (d, cs) in contiguous.iter().enumerate() {
+                src += (rem / cs) * view.stride[d];
+                rem %= cs;
+            }
+            out.push(*all.get(src).ok_or_else(truncated)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Writes f32 tensors the way `torch.save(state_dict)` does (an OrderedDict of contiguous
+/// tensors, one storage each), so `torch.load` and our reader both take it.
+pub fn write(path: &Path, name: &str, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let io = |e: std::io::Error| EngineError::io(path, e);
+    let zerr = |e: zip::result::ZipError| EngineError::format(path, e.to_string());
+    let file = File::create(path).map_err(io)?;
+    let mut zip = zip::ZipWriter::new(file);
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(true);
+    zip.start_file(format!("{name}/data.pkl"), opts)
+        .map_err(zerr)?;
+    zip.write_all(&state_dict_pickle(tensors)).map_err(io)?;
+    zip.start_file(format!("{name}/byteorder"), opts)
+        .map_err(zerr)?;
+    zip.write_all(b"little").map_err(io)?;
+    for (i, t) in tensors.values().enumerate() {
+        zip.start_file(format!("{name}/data/{i}"), opts)
+            .map_err(zerr)?;
+        zip.write_all(&DType::F32.encode(&t.data)).map_err(io)?;
+    }
+    zip.start_file(format!("{name}/version"), opts)
+        .map_err(zerr)?;
+    zip.write_all(b"3\n").map_err(io)?;
+    zip.finish().map_err(zerr)?;
+    Ok(())
+}
+
+/// Protocol-2 pickle of `OrderedDict(key -> _rebuild_tensor_v2(storage, 0, shape, stride, False, OrderedDict()))`.
+fn state_dict_pickle(tensors: &BTreeMap<String, Tensor>) -> Vec<u8> {
+    let mut p = vec![0x80, 2];
+    let global = |p: &mut Vec<u8>, module: &str, name: &str| {
+        p.push(b'c');
+        p.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+    };
+    let string = |p: &mut Vec<u8>, s: &str| {
+        p.push(b'X');
+        p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        p.extend_from_slice(s.as_bytes());
+    };
+    let int = |p: &mut Vec<u8>, v: usize| {
+        p.push(b'J');
+        p.extend_from_slice(&(v as i32).to_le_bytes());
+    };
+    let tuple = |p: &mut Vec<u8>, vals: &[usize]| {
+        p.push(b'(');
+        for v in vals {
+            p.push(b'J');
+            p.extend_from_slice(&(*v as i32).to_le_bytes());
+        }
+        p.push(b't');
+    };
+    global(&mut p, "collections", "OrderedDict");
+    p.extend_from_slice(b")R(");
+    for (i, (key, t)) in tensors.iter().enumerate() {
+        string(&mut p, key);
+        global(&mut p, "torch._utils", "_rebuild_tensor_v2");
+        p.push(b'(');
+        // Persistent id: ('storage', torch.FloatStorage, key, 'cpu', numel).
+        p.push(b'(');
+        string(&mut p, "storage");
+        global(&mut p, "torch", "FloatStorage");
+        string(&mut p, &i.to_string());
+        string(&mut p, "cpu");
+        int(&mut p, t.numel());
+        p.extend_from_slice(b"tQ");
+        int(&mut p, 0);
+        tuple(&mut p, &t.shape);
+        tuple(&mut p, &strides(&t.shape));
+        p.push(0x89); // requires_grad = False
+        global(&mut p, "collections", "OrderedDict");
+        p.extend_from_slice(b")R");
+        p.extend_from_slice(b"tR");
+    }
+    p.extend_from_slice(b"u.");
+    p
+}
