@@ -144,8 +144,7 @@ fn bad_checkpoints_are_errors_that_name_the_cause() {
     vae::build_decoder(&w.root(""), &cfg.vae, 1, 4).unwrap();
     let err = w
         .finish("")
-        .err()
-        .expect("the encoder's weights were not taken")
+        .expect_err("the encoder's weights were not taken")
         .to_string();
     assert!(err.contains("encoder."), "{err}");
 }
