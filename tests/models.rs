@@ -116,6 +116,21 @@ fn bad_checkpoints_are_errors_that_name_the_cause() {
         .to_string();
     assert!(err.contains("not a zip"), "{err}");
 
+    // A truncated legacy (pre-1.6) torch file, like facenet-pytorch's pnet.pt.
+    let pnet = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mtcnn/pnet.pt"),
+    )
+    .unwrap();
+    let cut_pt = dir.join("pnet.pt");
+    std::fs::write(&cut_pt, &pnet[..pnet.len() - 500]).unwrap();
+    let err = Checkpoint::open(&cut_pt)
+        .err()
+        .expect("a truncated legacy file must fail")
+        .to_string();
+    assert!(err.contains("truncated"), "{err}");
+    std::fs::write(&cut_pt, &pnet[..200]).unwrap();
+    assert!(Checkpoint::open(&cut_pt).is_err());
+
     // The right file for the wrong model: missing keys are named.
     let cfg = Preset::Tiny.configs();
     let w = Weights::open(&vae_file).unwrap();

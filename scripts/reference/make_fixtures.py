@@ -5,7 +5,11 @@ Writes tests/fixtures/tiny/: tiny-config random weights in the upstream layouts 
 as diffusers/transformers save them), plus golden.safetensors with inputs and outputs of the
 UNet, VAE encode (latent mean), VAE decode and the whisper encoder's hidden states.
 
-Needs torch (CPU is enough), diffusers, transformers, safetensors (PyPI). CI does not run this;
+Also writes tests/fixtures/mtcnn/: the real MTCNN weights from the facenet-pytorch wheel,
+scikit-image's astronaut.png, the faces facenet-pytorch finds on it, and each net's outputs.
+
+Needs torch (CPU is enough), torchvision, diffusers, transformers, safetensors, facenet-pytorch
+(installed with --no-deps: it pins an old torch), scikit-image (PyPI). CI does not run this;
 it only reads what it wrote.
 
     python3 scripts/reference/make_fixtures.py [--out tests/fixtures/tiny]
@@ -125,5 +129,45 @@ def main():
         print(f"  {k}: {list(v.shape)}")
 
 
+
+def mtcnn_fixtures(out):
+    """The real MTCNN weights (from the facenet-pytorch wheel) and what facenet-pytorch finds on
+    scikit-image's astronaut.png, plus each net's raw outputs on fixed inputs."""
+    import shutil
+    import facenet_pytorch
+    import skimage
+    from PIL import Image
+    from facenet_pytorch import MTCNN
+
+    os.makedirs(out, exist_ok=True)
+    data = os.path.join(os.path.dirname(facenet_pytorch.__file__), "data")
+    for n in ["pnet.pt", "rnet.pt", "onet.pt"]:
+        shutil.copy(os.path.join(data, n), os.path.join(out, n))
+    astronaut = os.path.join(os.path.dirname(skimage.__file__), "data", "astronaut.png")
+    shutil.copy(astronaut, os.path.join(out, "astronaut.png"))
+
+    mtcnn = MTCNN(keep_all=True, device="cpu")
+    img = Image.open(astronaut).convert("RGB")
+    boxes, probs, points = mtcnn.detect(img, landmarks=True)
+    result = {"image": "astronaut.png", "faces": [
+        {"box": [float(v) for v in b], "prob": float(p), "landmarks": [[float(x), float(y)] for x, y in pts]}
+        for b, p, pts in zip(boxes, probs, points)]}
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+    g = torch.Generator().manual_seed(4)
+    nets = {}
+    with torch.no_grad():
+        for name, net, size in [("pnet", mtcnn.pnet, (1, 3, 31, 45)), ("rnet", mtcnn.rnet, (3, 3, 24, 24)),
+                                ("onet", mtcnn.onet, (2, 3, 48, 48))]:
+            x = half_exact(torch.rand(size, generator=g) * 2 - 1)
+            nets[f"{name}.input"] = x
+            for i, o in enumerate(net(x)):
+                nets[f"{name}.output_{i}"] = o
+    save_file({k: v.contiguous().float() for k, v in nets.items()}, os.path.join(out, "nets.safetensors"))
+    print(f"wrote {out}: {len(result['faces'])} face(s) on astronaut.png: {result['faces']}")
+
+
 if __name__ == "__main__":
     main()
+    mtcnn_fixtures(os.path.join(os.path.dirname(__file__), "../../tests/fixtures/mtcnn"))

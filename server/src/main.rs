@@ -24,6 +24,24 @@ enum Cmd {
     /// Model checkpoints: make random-weight ones for tests and benchmarks.
     #[command(subcommand)]
     Models(ModelsCmd),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time the CPU reference executor on one UNet step and one VAE decode (MuseTalk shapes).
+    Cpu {
+        /// A models folder as `models synth` or `models pull` writes it.
+        #[arg(long)]
+        models: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed runs per stage (after one warm-up run).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -57,6 +75,11 @@ fn main() -> anyhow::Result<()> {
             let config = args.resolve(sub)?;
             tokio::runtime::Runtime::new()?.block_on(lipstream::server::serve(config))
         }
+        Cmd::Bench(BenchCmd::Cpu {
+            models,
+            batch,
+            runs,
+        }) => bench_cpu(&models, batch, runs),
         Cmd::Models(ModelsCmd::Synth { preset, out, seed }) => {
             let started = std::time::Instant::now();
             presets::synth(preset, seed, &out, |path| {
@@ -72,4 +95,64 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Median wall time of `runs` runs of each stage, after a warm-up run; prints a JSON line.
+fn bench_cpu(models: &std::path::Path, batch: usize, runs: usize) -> anyhow::Result<()> {
+    use lipstream_engines::models::config::{self, UNetConfig, VaeConfig};
+    use lipstream_engines::models::{unet, vae};
+    use lipstream_engines::weights::Weights;
+    use lipstream_engines::{cpu, Graph, Tensor};
+
+    let time = |name: &str, g: &Graph, inputs: &[(&str, &Tensor)]| -> anyhow::Result<f64> {
+        cpu::run(g, inputs)?;
+        let mut ms: Vec<f64> = (0..runs.max(1))
+            .map(|_| {
+                let t = std::time::Instant::now();
+                cpu::run(g, inputs).map(|_| t.elapsed().as_secs_f64() * 1000.0)
+            })
+            .collect::<Result<_, _>>()?;
+        ms.sort_by(f64::total_cmp);
+        let median = ms[ms.len() / 2];
+        eprintln!(
+            "{name}: {median:.0} ms (median of {}), {:.1} GMAC",
+            ms.len(),
+            g.macs() as f64 / 1e9
+        );
+        Ok(median)
+    };
+    let ucfg: UNetConfig = config::read(&models.join("musetalkV15/musetalk.json"))?;
+    let w = Weights::open(&models.join("musetalkV15/unet.pth"))?;
+    let ug = unet::build(&w.root(""), &ucfg, batch, 32)?;
+    w.finish("")?;
+    drop(w);
+    let sample = Tensor::zeros(&[batch, ucfg.in_channels, 32, 32]);
+    let ctx = Tensor::zeros(&[batch, unet::AUDIO_TOKENS, ucfg.cross_attention_dim]);
+    let unet_ms = time(
+        "unet",
+        &ug,
+        &[("sample", &sample), ("encoder_hidden_states", &ctx)],
+    )?;
+    drop(ug);
+    let vcfg: VaeConfig = config::read(&models.join("sd-vae/config.json"))?;
+    let w = Weights::open(&models.join("sd-vae/diffusion_pytorch_model.safetensors"))?;
+    let dg = vae::build_decoder(&w.root(""), &vcfg, batch, 32)?;
+    let latent = Tensor::zeros(&[batch, vcfg.latent_channels, 32, 32]);
+    let vae_ms = time("vae_decode", &dg, &[("latent", &latent)])?;
+    let report = serde_json::json!({
+        "executor": "cpu",
+        "threads": rayon_threads(),
+        "batch": batch,
+        "unet_ms": unet_ms,
+        "vae_decode_ms": vae_ms,
+        "models": models.display().to_string(),
+    });
+    println!("{report}");
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

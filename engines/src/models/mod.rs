@@ -2,6 +2,7 @@
 
 pub mod blocks;
 pub mod config;
+pub mod mtcnn;
 pub mod unet;
 pub mod vae;
 pub mod whisper;

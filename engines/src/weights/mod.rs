@@ -114,7 +114,15 @@ pub struct Entry {
 enum Source {
     Safetensors(File),
     Torch(torch::Archive),
+    /// Pre-1.6 torch files are small in practice (MTCNN): held whole.
+    TorchLegacy {
+        bytes: Vec<u8>,
+        storages: BTreeMap<String, torch::LegacyStorage>,
+    },
 }
+
+/// Legacy torch files larger than this are refused rather than read into memory.
+const LEGACY_MAX_BYTES: u64 = 1 << 30;
 
 /// An opened checkpoint: the index of its tensors, loaded on demand.
 pub struct Checkpoint {
@@ -136,10 +144,22 @@ impl Checkpoint {
             .extension()
             .is_some_and(|e| e == "pth" || e == "pt" || e == "bin")
         {
-            return Err(EngineError::format(
-                path,
-                "not a zip archive: PyTorch checkpoints before torch 1.6 (legacy tar/pickle) are not supported; re-save with torch.save",
-            ));
+            let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+            if len > LEGACY_MAX_BYTES {
+                return Err(EngineError::format(
+                    path,
+                    "a legacy (pre-1.6) torch file over 1 GiB; re-save it with a current torch.save",
+                ));
+            }
+            let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
+            if bytes.first() != Some(&0x80) {
+                return Err(EngineError::format(
+                    path,
+                    "not a zip archive (torch >= 1.6) nor a pickle (older torch.save): not a PyTorch checkpoint",
+                ));
+            }
+            let (entries, storages) = torch::legacy_index(path, &bytes)?;
+            (entries, Source::TorchLegacy { bytes, storages })
         } else {
             (
                 safetensors::read_index(path, &file)?,
@@ -184,6 +204,18 @@ impl Checkpoint {
                 entry.dtype.decode(&bytes).ok_or_else(unsupported)?
             }
             Source::Torch(archive) => archive.load(key, entry)?,
+            Source::TorchLegacy { bytes, storages } => {
+                let record = entry
+                    .storage
+                    .as_ref()
+                    .map(|s| s.record.as_str())
+                    .unwrap_or_default();
+                let storage = storages
+                    .get(record)
+                    .copied()
+                    .ok_or_else(|| EngineError::MissingWeight { key: key.into() })?;
+                torch::legacy_load(&self.path, bytes, storage, key, entry)?
+            }
         };
         Ok(Tensor::new(entry.shape.clone(), data))
     }
@@ -191,6 +223,8 @@ impl Checkpoint {
 
 enum Store {
     File(Checkpoint),
+    /// Every tensor read up front: for small models built many times (MTCNN at each size).
+    Memory(BTreeMap<String, Tensor>),
     /// Random weights made on request, recorded so they can be written out as a checkpoint.
     Synth(Box<SynthStore>),
 }
@@ -232,14 +266,35 @@ impl Weights {
     pub fn into_made(self) -> BTreeMap<String, Tensor> {
         match self.store {
             Store::Synth(synth) => synth.made.into_inner(),
-            Store::File(_) => BTreeMap::new(),
+            Store::File(_) | Store::Memory(_) => BTreeMap::new(),
         }
+    }
+
+    /// Reads every tensor of a checkpoint into memory now.
+    pub fn load_all(path: &Path) -> Result<Self> {
+        let checkpoint = Checkpoint::open(path)?;
+        let tensors = checkpoint
+            .keys()
+            .map(|k| Ok((k.clone(), checkpoint.load(k)?)))
+            .collect::<Result<_>>()?;
+        Ok(Weights {
+            store: Store::Memory(tensors),
+            used: RefCell::new(BTreeSet::new()),
+        })
     }
 
     fn checkpoint(&self) -> Option<&Checkpoint> {
         match &self.store {
             Store::File(c) => Some(c),
-            Store::Synth(_) => None,
+            Store::Memory(_) | Store::Synth(_) => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<String> {
+        match &self.store {
+            Store::File(c) => c.keys().cloned().collect(),
+            Store::Memory(m) => m.keys().cloned().collect(),
+            Store::Synth(_) => Vec::new(),
         }
     }
 
@@ -257,12 +312,10 @@ impl Weights {
 
     /// Errors if the checkpoint holds keys no model part took (under `prefix`).
     pub fn finish(&self, prefix: &str) -> Result<()> {
-        let Some(checkpoint) = self.checkpoint() else {
-            return Ok(());
-        };
         let used = self.used.borrow();
-        let unused: Vec<&String> = checkpoint
-            .keys()
+        let keys = self.keys();
+        let unused: Vec<&String> = keys
+            .iter()
             .filter(|k| k.starts_with(prefix) && !used.contains(*k))
             .collect();
         match unused.first() {
@@ -353,6 +406,19 @@ impl<'a> Vb<'a> {
                     });
                 }
                 checkpoint.load(&key)?
+            }
+            Store::Memory(m) => {
+                let t = m
+                    .get(&key)
+                    .ok_or_else(|| EngineError::MissingWeight { key: key.clone() })?;
+                if t.shape != expected {
+                    return Err(EngineError::WeightShape {
+                        key,
+                        expected: expected.to_vec(),
+                        got: t.shape.clone(),
+                    });
+                }
+                t.clone()
             }
             Store::Synth(synth) => {
                 let t = random_weight(&key, expected, &mut synth.rng.borrow_mut());

@@ -12,6 +12,8 @@ pub enum Val {
     None,
     Bool(bool),
     Int(i64),
+    /// An integer wider than 64 bits, as its little-endian two's-complement bytes.
+    Long(Vec<u8>),
     Float(f64),
     Str(String),
     Bytes(Vec<u8>),
@@ -40,13 +42,20 @@ pub enum Val {
 
 /// Parses a pickle stream.
 pub fn parse(data: &[u8]) -> Result<Val, String> {
-    Machine {
+    parse_prefix(data).map(|(v, _)| v)
+}
+
+/// Parses one pickle at the start of `data`; returns it and the bytes it took (legacy torch
+/// files are several pickles back to back, then raw storage data).
+pub fn parse_prefix(data: &[u8]) -> Result<(Val, usize), String> {
+    let mut m = Machine {
         data,
         pos: 0,
         stack: Vec::new(),
         memo: HashMap::new(),
-    }
-    .run()
+    };
+    let v = m.run()?;
+    Ok((v, m.pos))
 }
 
 struct Machine<'a> {
@@ -118,7 +127,7 @@ impl Machine<'_> {
         ))
     }
 
-    fn run(mut self) -> Result<Val, String> {
+    fn run(&mut self) -> Result<Val, String> {
         loop {
             let op = self.u8()?;
             match op {
@@ -153,7 +162,9 @@ impl Machine<'_> {
                     let n = self.u8()? as usize;
                     let b = self.take(n)?;
                     if n > 8 {
-                        return Err("LONG1 wider than 64 bits".into());
+                        let wide = b.to_vec();
+                        self.stack.push(Val::Long(wide));
+                        continue;
                     }
                     let mut v: i64 = 0;
                     for (i, byte) in b.iter().enumerate() {
@@ -329,13 +340,14 @@ fn ints(v: &Val) -> Result<Vec<usize>, String> {
     }
 }
 
-/// torch's persistent id: ('storage', <storage type>, key, location, numel).
+/// torch's persistent id: ('storage', <storage type>, key, location, numel[, view]).
 fn persistent(pid: Val) -> Result<Val, String> {
     let Val::Tuple(items) = pid else {
         return Err("persistent id is not a tuple".into());
     };
     match items.as_slice() {
-        [Val::Str(tag), kind, Val::Str(key), _location, numel] if tag == "storage" => {
+        // Legacy files add a sixth item, the view metadata (None for whole storages).
+        [Val::Str(tag), kind, Val::Str(key), _location, numel, ..] if tag == "storage" => {
             let kind = match kind {
                 Val::Global(_, name) => name.clone(),
                 other => format!("{other:?}"),

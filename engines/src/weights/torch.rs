@@ -14,6 +14,147 @@ use crate::tensor::{numel, strides, Tensor};
 use crate::weights::pickle::{self, Val};
 use crate::weights::{DType, Entry};
 
+/// Where a legacy file keeps one storage's elements.
+#[derive(Clone, Copy, Debug)]
+pub struct LegacyStorage {
+    pub data_start: u64,
+    pub numel: usize,
+}
+
+/// Magic number at the start of pre-1.6 `torch.save` files (0x1950a86a20f9469cfc6c, little-endian).
+const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+
+/// Indexes a legacy (pre-1.6, non-zip) torch file: five pickles — magic number, protocol
+/// version, system info, the object, the storage keys — then each storage as an 8-byte element
+/// count and its raw little-endian elements. facenet-pytorch's MTCNN weights are this format.
+pub fn legacy_index(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(BTreeMap<String, Entry>, BTreeMap<String, LegacyStorage>)> {
+    let bad = |what: String| EngineError::format(path, what);
+    let mut pos = 0;
+    let mut next = |what: &str| -> Result<Val> {
+        let (v, n) =
+            pickle::parse_prefix(&bytes[pos..]).map_err(|e| bad(format!("{what}: {e}")))?;
+        pos += n;
+        Ok(v)
+    };
+    match next("magic number")? {
+        Val::Long(m) if m == LEGACY_MAGIC => {}
+        _ => return Err(bad("not a torch.save file (no magic number)".into())),
+    }
+    next("protocol version")?;
+    next("system info")?;
+    let root = next("state dict")?;
+    let keys = match next("storage keys")? {
+        Val::List(keys) => keys,
+        other => return Err(bad(format!("storage key list is {other:?}"))),
+    };
+    let mut entries = BTreeMap::new();
+    flatten(path, "", &root, &mut entries)?;
+    let mut storages = BTreeMap::new();
+    for key in keys {
+        let Val::Str(key) = key else {
+            return Err(bad("a storage key is not a string".into()));
+        };
+        let size = entries
+            .values()
+            .find(|e| e.storage.as_ref().is_some_and(|s| s.record == key))
+            .and_then(|e| e.dtype.size())
+            .unwrap_or(4);
+        let header = bytes
+            .get(pos..pos + 8)
+            .ok_or_else(|| bad(format!("storage {key}: truncated")))?;
+        let numel = u64::from_le_bytes(header.try_into().unwrap_or([0; 8])) as usize;
+        let data_start = pos + 8;
+        pos = data_start
+            .checked_add(numel.saturating_mul(size))
+            .filter(|&end| end <= bytes.len())
+            .ok_or_else(|| {
+                bad(format!(
+                    "storage {key}: {numel} elements run past the end (truncated?)"
+                ))
+            })?;
+        storages.insert(
+            key,
+            LegacyStorage {
+                data_start: data_start as u64,
+                numel,
+            },
+        );
+    }
+    for (name, e) in &entries {
+        let record = e
+            .storage
+            .as_ref()
+            .map(|s| s.record.as_str())
+            .unwrap_or_default();
+        if !storages.contains_key(record) {
+            return Err(bad(format!(
+                "tensor {name} refers to storage {record}, which the file lacks"
+            )));
+        }
+    }
+    Ok((entries, storages))
+}
+
+/// Gathers a (possibly strided) view out of a whole storage's elements.
+fn gather(
+    path: &Path,
+    key: &str,
+    all: &[f32],
+    shape: &[usize],
+    view: &StorageView,
+) -> Result<Vec<f32>> {
+    let n = numel(shape);
+    let contiguous = strides(shape);
+    let truncated = || {
+        EngineError::format(
+            path,
+            format!("{key}: storage holds {} elements, too few", all.len()),
+        )
+    };
+    if view.stride == contiguous || n <= 1 {
+        return all
+            .get(view.offset..view.offset + n)
+            .map(<[f32]>::to_vec)
+            .ok_or_else(truncated);
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let (mut src, mut rem) = (view.offset, i);
+        for (d, cs) in contiguous.iter().enumerate() {
+            src += (rem / cs) * view.stride[d];
+            rem %= cs;
+        }
+        out.push(*all.get(src).ok_or_else(truncated)?);
+    }
+    Ok(out)
+}
+
+/// Reads one tensor of a legacy file.
+pub fn legacy_load(
+    path: &Path,
+    bytes: &[u8],
+    storage: LegacyStorage,
+    key: &str,
+    entry: &Entry,
+) -> Result<Vec<f32>> {
+    let unsupported = || EngineError::UnsupportedDType {
+        key: key.into(),
+        dtype: entry.dtype.to_string(),
+    };
+    let size = entry.dtype.size().ok_or_else(unsupported)?;
+    let start = storage.data_start as usize;
+    let raw = &bytes[start..start + storage.numel * size];
+    let all = entry.dtype.decode(raw).ok_or_else(unsupported)?;
+    let view = entry
+        .storage
+        .as_ref()
+        .ok_or_else(|| EngineError::MissingWeight { key: key.into() })?;
+    gather(path, key, &all, &entry.shape, view)
+}
+
 /// Which storage record a tensor views, and how.
 #[derive(Clone, Debug)]
 pub struct StorageView {
@@ -82,79 +223,19 @@ impl Archive {
         let root = pickle::parse(&pkl)
             .map_err(|e| EngineError::format(&self.path, format!("data.pkl: {e}")))?;
         let mut entries = BTreeMap::new();
-        self.flatten("", &root, &mut entries)?;
+        flatten(&self.path, "", &root, &mut entries)?;
         if entries.is_empty() {
             return Err(EngineError::format(
                 &self.path,
                 "the checkpoint holds no tensors",
             ));
         }
-        Ok(entries)
-    }
-
-    fn flatten(&self, prefix: &str, v: &Val, out: &mut BTreeMap<String, Entry>) -> Result<()> {
-        match v {
-            Val::Dict(items) => {
-                for (k, v) in items {
-                    let Val::Str(k) = k else { continue };
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    self.flatten(&key, v, out)?;
-                }
+        for e in entries.values_mut() {
+            if let Some(s) = &mut e.storage {
+                s.record = format!("data/{}", s.record);
             }
-            Val::Tensor {
-                storage,
-                offset,
-                shape,
-                stride,
-            } => {
-                let Val::Storage {
-                    kind,
-                    key,
-                    numel: storage_numel,
-                } = storage.as_ref()
-                else {
-                    return Err(EngineError::format(
-                        &self.path,
-                        format!("tensor {prefix} has no storage"),
-                    ));
-                };
-                let dtype = dtype_of_storage(kind);
-                let span = shape
-                    .iter()
-                    .zip(stride)
-                    .map(|(d, s)| d.saturating_sub(1) * s)
-                    .sum::<usize>()
-                    + 1;
-                if numel(shape) > 0 && offset + span > *storage_numel {
-                    return Err(EngineError::format(
-                        &self.path,
-                        format!("tensor {prefix} reaches past its storage"),
-                    ));
-                }
-                let size = dtype.size().unwrap_or(1) as u64;
-                out.insert(
-                    prefix.to_string(),
-                    Entry {
-                        dtype,
-                        shape: shape.clone(),
-                        offset: *offset as u64 * size,
-                        bytes: numel(shape) as u64 * size,
-                        storage: Some(StorageView {
-                            record: format!("data/{key}"),
-                            offset: *offset,
-                            stride: stride.clone(),
-                        }),
-                    },
-                );
-            }
-            // Non-tensor entries (metadata, step counters) are not weights.
-            _ => {}
         }
-        Ok(())
+        Ok(entries)
     }
 
     /// Reads one tensor's elements (in logical order) as f32.
@@ -163,47 +244,80 @@ impl Archive {
             .storage
             .as_ref()
             .ok_or_else(|| EngineError::MissingWeight { key: key.into() })?;
-        let size = entry
-            .dtype
-            .size()
-            .ok_or_else(|| EngineError::UnsupportedDType {
-                key: key.into(),
-                dtype: entry.dtype.to_string(),
-            })?;
-        let bytes = self.read_record(&view.record)?;
-        let all = entry
-            .dtype
-            .decode(&bytes)
-            .ok_or_else(|| EngineError::UnsupportedDType {
-                key: key.into(),
-                dtype: entry.dtype.to_string(),
-            })?;
-        let n = numel(&entry.shape);
-        let contiguous = strides(&entry.shape);
-        let truncated = || {
-            EngineError::format(
-                &self.path,
-                format!("{key}: storage record is {} bytes, truncated", bytes.len()),
-            )
+        let unsupported = || EngineError::UnsupportedDType {
+            key: key.into(),
+            dtype: entry.dtype.to_string(),
         };
-        if view.stride == contiguous || n <= 1 {
-            return all
-                .get(view.offset..view.offset + n)
-                .map(<[f32]>::to_vec)
-                .ok_or_else(truncated);
-        }
-        let _ = size;
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let (mut src, mut rem) = (view.offset, i);
-            for (d, cs) in contiguous.iter().enumerate() {
-                src += (rem / cs) * view.stride[d];
-                rem %= cs;
-            }
-            out.push(*all.get(src).ok_or_else(truncated)?);
-        }
-        Ok(out)
+        let bytes = self.read_record(&view.record)?;
+        let all = entry.dtype.decode(&bytes).ok_or_else(unsupported)?;
+        gather(&self.path, key, &all, &entry.shape, view)
     }
+}
+
+/// Collects every tensor of a pickled state_dict (nested dicts are flattened with dots).
+fn flatten(path: &Path, prefix: &str, v: &Val, out: &mut BTreeMap<String, Entry>) -> Result<()> {
+    match v {
+        Val::Dict(items) => {
+            for (k, v) in items {
+                let Val::Str(k) = k else { continue };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(path, &key, v, out)?;
+            }
+        }
+        Val::Tensor {
+            storage,
+            offset,
+            shape,
+            stride,
+        } => {
+            let Val::Storage {
+                kind,
+                key,
+                numel: storage_numel,
+            } = storage.as_ref()
+            else {
+                return Err(EngineError::format(
+                    path,
+                    format!("tensor {prefix} has no storage"),
+                ));
+            };
+            let dtype = dtype_of_storage(kind);
+            let span = shape
+                .iter()
+                .zip(stride)
+                .map(|(d, s)| d.saturating_sub(1) * s)
+                .sum::<usize>()
+                + 1;
+            if numel(shape) > 0 && offset + span > *storage_numel {
+                return Err(EngineError::format(
+                    path,
+                    format!("tensor {prefix} reaches past its storage"),
+                ));
+            }
+            let size = dtype.size().unwrap_or(1) as u64;
+            out.insert(
+                prefix.to_string(),
+                Entry {
+                    dtype,
+                    shape: shape.clone(),
+                    offset: *offset as u64 * size,
+                    bytes: numel(shape) as u64 * size,
+                    storage: Some(StorageView {
+                        record: key.clone(),
+                        offset: *offset,
+                        stride: stride.clone(),
+                    }),
+                },
+            );
+        }
+        // Non-tensor entries (metadata, step counters) are not weights.
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Writes f32 tensors the way `torch.save(state_dict)` does (an OrderedDict of contiguous
