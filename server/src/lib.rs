@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod media;
 pub mod metrics;
+pub mod pull;
 pub mod registry;
 pub mod rtc;
 pub mod sdp;

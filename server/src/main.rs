@@ -58,6 +58,15 @@ enum ModelsCmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Download the upstream checkpoints into the Hugging Face cache and link them into a
+    /// models folder (honours HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_TOKEN; resumable).
+    Pull {
+        /// Only musetalk-1.5 exists upstream.
+        model: String,
+        /// Models folder to link the files into.
+        #[arg(long, default_value = "models")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,6 +89,22 @@ fn main() -> anyhow::Result<()> {
             batch,
             runs,
         }) => bench_cpu(&models, batch, runs),
+        Cmd::Models(ModelsCmd::Pull { model, out }) => {
+            if model != "musetalk-1.5" {
+                anyhow::bail!("unknown model {model:?}; lipstream pulls musetalk-1.5");
+            }
+            let opts = lipstream::pull::PullOptions::from_env(
+                out,
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            );
+            lipstream::pull::pull_musetalk_15(&opts)?;
+            eprintln!(
+                "models ready in {} (cache {})",
+                opts.out.display(),
+                opts.cache.display()
+            );
+            Ok(())
+        }
         Cmd::Models(ModelsCmd::Synth { preset, out, seed }) => {
             let started = std::time::Instant::now();
             presets::synth(preset, seed, &out, |path| {
