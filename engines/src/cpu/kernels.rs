@@ -460,3 +460,231 @@ fn permute(x: &Tensor, perm: &[usize], out_shape: &[usize]) -> Vec<f32> {
     });
     out
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each kernel against a direct, loop-by-definition version of the op.
+    use super::*;
+
+    fn ramp(shape: &[usize], k: f32) -> Tensor {
+        let n = numel(shape);
+        Tensor::new(
+            shape.to_vec(),
+            (0..n).map(|i| (i as f32 * k).sin() * 2.0).collect(),
+        )
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "element {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn grouped_strided_padded_conv_matches_the_definition() {
+        let (n, c, h, w, o, groups, k) = (2, 6, 9, 7, 4, 2, 3);
+        let (stride, pad) = ([2, 1], [1, 2, 0, 1]);
+        let x = ramp(&[n, c, h, w], 0.37);
+        let wt = ramp(&[o, c / groups, k, k], 0.91);
+        let b = ramp(&[o], 1.3);
+        let op = Op::Conv2d {
+            stride,
+            padding: pad,
+            groups,
+        };
+        let shape = crate::graph::infer(&op, &[&x.shape, &wt.shape, &b.shape]).unwrap();
+        let got = eval(&op, &[&x, &wt, &b], &shape);
+        let (ho, wo) = (shape[2], shape[3]);
+        let mut want = vec![0f32; numel(&shape)];
+        for bi in 0..n {
+            for oc in 0..o {
+                let g = oc / (o / groups);
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut s = b.data[oc];
+                        for ci in 0..c / groups {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy * stride[0] + ky) as isize - pad[0] as isize;
+                                    let ix = (ox * stride[1] + kx) as isize - pad[1] as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let xi = ((bi * c + g * (c / groups) + ci) * h + iy as usize)
+                                        * w
+                                        + ix as usize;
+                                    s += x.data[xi]
+                                        * wt.data[((oc * (c / groups) + ci) * k + ky) * k + kx];
+                                }
+                            }
+                        }
+                        want[((bi * o + oc) * ho + oy) * wo + ox] = s;
+                    }
+                }
+            }
+        }
+        close(&got.data, &want);
+    }
+
+    #[test]
+    fn attention_matches_the_definition() {
+        let (b, lq, lk, c, heads) = (2, 5, 7, 6, 3);
+        let (q, k, v) = (
+            ramp(&[b, lq, c], 0.3),
+            ramp(&[b, lk, c], 0.7),
+            ramp(&[b, lk, c], 1.1),
+        );
+        let got = eval(&Op::Attention { heads }, &[&q, &k, &v], &[b, lq, c]);
+        let d = c / heads;
+        let mut want = vec![0f32; b * lq * c];
+        for bi in 0..b {
+            for h in 0..heads {
+                for i in 0..lq {
+                    let scores: Vec<f32> = (0..lk)
+                        .map(|j| {
+                            (0..d)
+                                .map(|t| {
+                                    q.data[(bi * lq + i) * c + h * d + t]
+                                        * k.data[(bi * lk + j) * c + h * d + t]
+                                })
+                                .sum::<f32>()
+                                / (d as f32).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let z: f32 = e.iter().sum();
+                    for t in 0..d {
+                        want[(bi * lq + i) * c + h * d + t] = (0..lk)
+                            .map(|j| e[j] / z * v.data[(bi * lk + j) * c + h * d + t])
+                            .sum();
+                    }
+                }
+            }
+        }
+        close(&got.data, &want);
+    }
+
+    #[test]
+    fn norms_match_the_definition() {
+        let x = ramp(&[2, 6, 3, 2], 0.53);
+        let (gamma, beta) = (ramp(&[6], 0.2), ramp(&[6], 0.9));
+        let got = eval(
+            &Op::GroupNorm {
+                groups: 3,
+                eps: 1e-5,
+                silu: true,
+            },
+            &[&x, &gamma, &beta],
+            &x.shape,
+        );
+        let mut want = vec![0f32; x.numel()];
+        for b in 0..2 {
+            for g in 0..3 {
+                let idx: Vec<usize> = (0..2)
+                    .flat_map(|ci| (0..6).map(move |j| ((b * 6 + g * 2 + ci) * 6) + j))
+                    .collect();
+                let mean = idx.iter().map(|&i| x.data[i]).sum::<f32>() / 12.0;
+                let var = idx.iter().map(|&i| (x.data[i] - mean).powi(2)).sum::<f32>() / 12.0;
+                for &i in &idx {
+                    let ch = (i / 6) % 6;
+                    want[i] = silu(
+                        (x.data[i] - mean) / (var + 1e-5).sqrt() * gamma.data[ch] + beta.data[ch],
+                    );
+                }
+            }
+        }
+        close(&got.data, &want);
+
+        let t = ramp(&[3, 4], 0.77);
+        let (g4, b4) = (ramp(&[4], 0.1), ramp(&[4], 0.4));
+        let got = eval(&Op::LayerNorm { eps: 1e-5 }, &[&t, &g4, &b4], &t.shape);
+        for r in 0..3 {
+            let row = &t.data[r * 4..r * 4 + 4];
+            let mean = row.iter().sum::<f32>() / 4.0;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 4.0;
+            for (i, v) in row.iter().enumerate() {
+                let want = (v - mean) / (var + 1e-5).sqrt() * g4.data[i] + b4.data[i];
+                assert!((got.data[r * 4 + i] - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn layout_ops_move_elements_where_they_belong() {
+        let x = ramp(&[2, 3, 4], 0.1);
+        let p = eval(
+            &Op::Permute {
+                perm: vec![2, 0, 1],
+            },
+            &[&x],
+            &[4, 2, 3],
+        );
+        for a in 0..2 {
+            for b in 0..3 {
+                for c in 0..4 {
+                    assert_eq!(p.data[(c * 2 + a) * 3 + b], x.data[(a * 3 + b) * 4 + c]);
+                }
+            }
+        }
+        let s = eval(
+            &Op::Slice {
+                axis: 1,
+                start: 1,
+                end: 3,
+            },
+            &[&x],
+            &[2, 2, 4],
+        );
+        assert_eq!(&s.data[..4], &x.data[4..8]);
+        assert_eq!(&s.data[8..12], &x.data[16..20]);
+        let y = ramp(&[2, 1, 4], 0.2);
+        let cat = eval(&Op::Concat { axis: 1 }, &[&x, &y], &[2, 4, 4]);
+        assert_eq!(&cat.data[12..16], &y.data[..4]);
+        let bias = ramp(&[3, 1], 0.5);
+        let sum = eval(&Op::Add, &[&x, &bias], &x.shape);
+        assert!(
+            (sum.data[(3 + 2) * 4 + 1] - (x.data[(3 + 2) * 4 + 1] + bias.data[2])).abs() < 1e-6
+        );
+        let img = ramp(&[1, 1, 2, 3], 0.3);
+        let up = eval(&Op::UpsampleNearest2x, &[&img], &[1, 1, 4, 6]);
+        assert_eq!(up.data[6 * 3 + 5], img.data[3 + 2]);
+        let pool_in = ramp(&[1, 1, 5, 5], 0.9);
+        let pooled = eval(
+            &Op::MaxPool2d {
+                kernel: 2,
+                stride: 2,
+                ceil_mode: true,
+            },
+            &[&pool_in],
+            &[1, 1, 3, 3],
+        );
+        assert_eq!(
+            pooled.data[8], pool_in.data[24],
+            "the ceil-mode edge window holds one element"
+        );
+        let sm = eval(&Op::Softmax { axis: 1 }, &[&x], &x.shape);
+        let col: f32 = (0..3).map(|b| sm.data[(3 + b) * 4 + 2]).sum();
+        assert!((col - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn activations_match_their_formulas() {
+        assert!((gelu(1.0) - 0.841_344_7).abs() < 1e-6);
+        assert!((gelu(-2.0) + 0.045_500_26).abs() < 1e-6);
+        let x = Tensor::new(vec![1, 4], vec![1.0, -1.0, 2.0, -3.0]);
+        let g = eval(&Op::Geglu, &[&x], &[1, 2]);
+        close(&g.data, &[gelu(2.0), -gelu(-3.0)]);
+        let a = Tensor::new(vec![2], vec![0.5, 0.1]);
+        let pr = eval(
+            &Op::PRelu,
+            &[&Tensor::new(vec![1, 2, 1], vec![-2.0, -2.0]), &a],
+            &[1, 2, 1],
+        );
+        close(&pr.data, &[-1.0, -0.2]);
+    }
+}

@@ -3,6 +3,7 @@
 pub mod blocks;
 pub mod config;
 pub mod mtcnn;
+pub mod musetalk;
 pub mod unet;
 pub mod vae;
 pub mod whisper;

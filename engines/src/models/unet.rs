@@ -78,7 +78,8 @@ struct Ctx {
     linear_proj: bool,
 }
 
-fn forward(
+/// The UNet on graph values (for composing it into a whole frame step).
+pub fn forward(
     g: &mut Graph,
     vb: &Vb,
     cfg: &UNetConfig,

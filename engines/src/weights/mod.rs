@@ -421,6 +421,17 @@ impl<'a> Vb<'a> {
                 t.clone()
             }
             Store::Synth(synth) => {
+                // A key asked for again (a second graph of the same model) gets the same values.
+                if let Some(t) = synth.made.borrow().get(&key) {
+                    if t.shape != expected {
+                        return Err(EngineError::WeightShape {
+                            key,
+                            expected: expected.to_vec(),
+                            got: t.shape.clone(),
+                        });
+                    }
+                    return Ok(t.clone());
+                }
                 let t = random_weight(&key, expected, &mut synth.rng.borrow_mut());
                 synth.made.borrow_mut().insert(key.clone(), t.clone());
                 t
