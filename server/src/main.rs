@@ -164,12 +164,20 @@ fn bench_cpu(models: &std::path::Path, batch: usize, runs: usize) -> anyhow::Res
     let dg = vae::build_decoder(&w.root(""), &vcfg, batch, 32)?;
     let latent = Tensor::zeros(&[batch, vcfg.latent_channels, 32, 32]);
     let vae_ms = time("vae_decode", &dg, &[("latent", &latent)])?;
+    drop(dg);
+    let wcfg: config::WhisperConfig = config::read(&models.join("whisper/config.json"))?;
+    let w = Weights::open(&models.join("whisper/model.safetensors"))?;
+    let wg = lipstream_engines::models::whisper::build(&w.root("model.encoder"), &wcfg, 1)?;
+    w.finish("model.encoder.")?;
+    let mel = Tensor::zeros(&[1, wcfg.num_mel_bins, lipstream_engines::models::whisper::MEL_FRAMES]);
+    let whisper_ms = time("whisper_encoder_30s", &wg, &[("input_features", &mel)])?;
     let report = serde_json::json!({
         "executor": "cpu",
         "threads": rayon_threads(),
         "batch": batch,
         "unet_ms": unet_ms,
         "vae_decode_ms": vae_ms,
+        "whisper_encoder_30s_ms": whisper_ms,
         "models": models.display().to_string(),
     });
     println!("{report}");
