@@ -46,6 +46,9 @@ pub struct ServeArgs {
     /// Bearer token required on WHIP/WHEP requests (OBS sends it as "Bearer Token").
     #[arg(long, env = "LIPSTREAM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Testing only: a stage that holds every frame this long instead of the identity stage.
+    #[arg(long, hide = true)]
+    pub debug_stage_delay_ms: Option<u64>,
 }
 
 /// The TOML file: every key optional.
@@ -77,6 +80,7 @@ pub struct ServeConfig {
     pub video_bps: u32,
     pub video_max_bps: u32,
     pub token: Option<String>,
+    pub debug_stage_delay_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -135,6 +139,7 @@ impl ServeArgs {
             video_bps: self.video_kbps * 1000,
             video_max_bps: self.video_max_kbps * 1000,
             token: self.token.filter(|t| !t.is_empty()),
+            debug_stage_delay_ms: self.debug_stage_delay_ms,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! driver, the media path) plus the WebRTC test client the tests and `lipstream bench` use.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod http;

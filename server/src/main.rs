@@ -31,6 +31,42 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Open N synthetic WebRTC sessions against a running server and measure glass-to-glass
+    /// latency, fps, late frames, jitter and A/V offset; JSON + HTML report.
+    Sessions {
+        /// Server base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Sessions at once (with --ramp: the first load).
+        #[arg(long, default_value_t = 1)]
+        sessions: usize,
+        /// Seconds each load runs.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        #[arg(long, value_enum, default_value_t = lipstream::bench::Mode::Camera)]
+        mode: lipstream::bench::Mode,
+        /// synthetic (stamped test video + click train); media files are not supported yet.
+        #[arg(long, default_value = "synthetic")]
+        media: String,
+        /// Double the sessions until p95 exceeds the budget or late frames exceed 1 %.
+        #[arg(long)]
+        ramp: bool,
+        /// p95 latency budget for --ramp, ms.
+        #[arg(long, default_value_t = 200.0)]
+        budget_ms: f64,
+        /// Folder for sessions.json and sessions.html.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// An earlier sessions.json to compare with, figure by figure.
+        #[arg(long)]
+        compare: Option<PathBuf>,
+        #[arg(long, env = "LIPSTREAM_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[arg(long, default_value_t = 640)]
+        width: usize,
+        #[arg(long, default_value_t = 480)]
+        height: usize,
+    },
     /// Time the CPU reference executor on one UNet step and one VAE decode (MuseTalk shapes).
     Cpu {
         /// A models folder as `models synth` or `models pull` writes it.
@@ -89,6 +125,23 @@ fn main() -> anyhow::Result<()> {
             batch,
             runs,
         }) => bench_cpu(&models, batch, runs),
+        Cmd::Bench(BenchCmd::Sessions {
+            url,
+            sessions,
+            duration,
+            mode,
+            media,
+            ramp,
+            budget_ms,
+            out,
+            compare,
+            token,
+            width,
+            height,
+        }) => bench_sessions(
+            url, sessions, duration, mode, media, ramp, budget_ms, out, compare, token, width,
+            height,
+        ),
         Cmd::Models(ModelsCmd::Pull { model, out }) => {
             if model != "musetalk-1.5" {
                 anyhow::bail!("unknown model {model:?}; lipstream pulls musetalk-1.5");
@@ -169,7 +222,11 @@ fn bench_cpu(models: &std::path::Path, batch: usize, runs: usize) -> anyhow::Res
     let w = Weights::open(&models.join("whisper/model.safetensors"))?;
     let wg = lipstream_engines::models::whisper::build(&w.root("model.encoder"), &wcfg, 1)?;
     w.finish("model.encoder.")?;
-    let mel = Tensor::zeros(&[1, wcfg.num_mel_bins, lipstream_engines::models::whisper::MEL_FRAMES]);
+    let mel = Tensor::zeros(&[
+        1,
+        wcfg.num_mel_bins,
+        lipstream_engines::models::whisper::MEL_FRAMES,
+    ]);
     let whisper_ms = time("whisper_encoder_30s", &wg, &[("input_features", &mel)])?;
     let report = serde_json::json!({
         "executor": "cpu",
@@ -188,4 +245,64 @@ fn rayon_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_sessions(
+    url: String,
+    sessions: usize,
+    duration: u64,
+    mode: lipstream::bench::Mode,
+    media: String,
+    ramp: bool,
+    budget_ms: f64,
+    out: Option<PathBuf>,
+    compare: Option<PathBuf>,
+    token: Option<String>,
+    width: usize,
+    height: usize,
+) -> anyhow::Result<()> {
+    if media != "synthetic" {
+        anyhow::bail!(
+            "--media {media:?}: only synthetic media is supported (stamped video and a click train are what make frame-by-frame matching possible)"
+        );
+    }
+    let old = match &compare {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+            let report = serde_json::from_str::<lipstream::bench::BenchReport>(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not a sessions report: {e}", p.display()))?;
+            Some(report)
+        }
+        None => None,
+    };
+    let opts = lipstream::bench::SessionsOptions {
+        url,
+        token,
+        sessions,
+        duration: std::time::Duration::from_secs(duration.max(1)),
+        mode,
+        ramp,
+        budget_ms,
+        width,
+        height,
+        fps: 25,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let report = lipstream::bench::run(&opts)?;
+    println!("{}", lipstream::bench::summary(&report));
+    if let Some(dir) = out {
+        std::fs::create_dir_all(&dir)?;
+        let (json, html) = lipstream::bench::output_paths(&dir);
+        std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
+        let page = lipstream::bench::report::html(&report)
+            .map_err(|e| anyhow::anyhow!("plotting: {e}"))?;
+        std::fs::write(&html, page)?;
+        eprintln!("wrote {} and {}", json.display(), html.display());
+    }
+    if let Some(old) = old {
+        print!("{}", lipstream::bench::compare(&old, &report));
+    }
+    Ok(())
 }

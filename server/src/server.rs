@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::ServeConfig;
 use crate::http::{router, AppState};
-use crate::media::stage::Identity;
+use crate::media::stage::{Delay, Identity};
 use crate::media::worker::WorkerConfig;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -29,7 +29,13 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         config.max_sessions,
         config.max_viewers,
     )));
-    let stage: StageFactory = Arc::new(|| Box::new(Identity));
+    let stage: StageFactory = match config.debug_stage_delay_ms {
+        Some(ms) => {
+            tracing::warn!(ms, "testing: every frame is held by a delay stage");
+            Arc::new(move || Box::new(Delay { ms }))
+        }
+        None => Arc::new(|| Box::new(Identity)),
+    };
     let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = Driver::new(
         DriverParts {

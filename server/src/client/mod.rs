@@ -12,7 +12,7 @@ pub mod synth;
 pub mod viewer;
 
 pub use peer::{Received, ReceivedFrame};
-pub use publisher::{publish, PublishOptions, PublishReport};
+pub use publisher::{publish, AudioSignal, PublishOptions, PublishReport};
 pub use viewer::view;
 
 /// Why a test-client session failed.

@@ -37,6 +37,8 @@ pub struct ReceivedFrame {
     pub latency_ms: f64,
     /// When it was decoded, ms after the connection came up.
     pub at_ms: f64,
+    /// When it was made, on the stamp clock (ms).
+    pub capture_ms: f64,
 }
 
 /// What came back on one PeerConnection.
@@ -51,6 +53,10 @@ pub struct Received {
     pub audio_samples_16k: u64,
     /// Keyframe requests (PLI/FIR) the server sent us.
     pub keyframe_requests: u32,
+    /// Stamp-clock times (ms) at which click onsets arrived in the returned audio.
+    pub audio_onsets_ms: Vec<f64>,
+    /// When the connection came up, on the stamp clock (ms).
+    pub connected_ms: Option<f64>,
 }
 
 impl Received {
@@ -85,6 +91,7 @@ pub(crate) struct Peer {
     started: Instant,
     h264_in: H264Decoder,
     opus_in: OpusDecoder,
+    onsets: crate::client::synth::OnsetDetector,
     pub resource_url: String,
     pub received: Received,
 }
@@ -131,6 +138,7 @@ impl Peer {
             started,
             h264_in: H264Decoder::new()?,
             opus_in: OpusDecoder::new()?,
+            onsets: crate::client::synth::OnsetDetector::new(16_000, 100),
             resource_url: answer.resource_url,
             received: Received::default(),
         })
@@ -159,7 +167,11 @@ impl Peer {
 
     fn event(&mut self, event: Event) -> Result<(), ClientError> {
         match event {
-            Event::Connected => self.connected_at = Some(Instant::now()),
+            Event::Connected => {
+                let now = Instant::now();
+                self.connected_at = Some(now);
+                self.received.connected_ms = Some(stamp_clock_ms(now));
+            }
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                 return Err(ClientError::Sdp("ICE disconnected".into()));
             }
@@ -182,6 +194,7 @@ impl Peer {
                             frame_id: stamp.frame_id,
                             latency_ms: stamp_clock_ms(now) - f64::from(stamp.capture_ms),
                             at_ms,
+                            capture_ms: f64::from(stamp.capture_ms),
                         });
                     }
                     None => self.received.frames_unstamped += 1,
@@ -191,6 +204,12 @@ impl Peer {
                 self.received.audio_packets += 1;
                 if let Ok(pcm) = self.opus_in.decode(&d.data) {
                     self.received.audio_samples_16k += pcm.len() as u64;
+                    // The packet's first sample plays at its arrival; later ones follow it.
+                    let at = stamp_clock_ms(d.network_time);
+                    let onsets = self.onsets.feed(pcm);
+                    self.received
+                        .audio_onsets_ms
+                        .extend(onsets.into_iter().map(|ms| at + ms));
                 }
             }
             _ => {}

@@ -15,6 +15,15 @@ use crate::rtc::{pick_audio_pt, pick_video_pt};
 const AUDIO_RATE: u32 = 48_000;
 const AUDIO_FRAME: Duration = Duration::from_millis(20);
 
+/// What the published audio carries.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AudioSignal {
+    /// A continuous sine.
+    Tone { hz: f64 },
+    /// A click every `period_ms`, on the stamp clock: returned clicks give the audio latency.
+    Clicks { period_ms: u32 },
+}
+
 /// What to publish and how.
 #[derive(Clone, Debug)]
 pub struct PublishOptions {
@@ -28,7 +37,7 @@ pub struct PublishOptions {
     pub duration: Duration,
     /// How long to keep receiving after the last frame was sent.
     pub linger: Duration,
-    pub tone_hz: f64,
+    pub audio: AudioSignal,
     pub video_bps: u32,
     /// Local address for the client's UDP socket.
     pub bind_ip: IpAddr,
@@ -48,7 +57,7 @@ impl Default for PublishOptions {
             fps: 25,
             duration: Duration::from_secs(5),
             linger: Duration::from_millis(1500),
-            tone_hz: 440.0,
+            audio: AudioSignal::Tone { hz: 440.0 },
             video_bps: 600_000,
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             vanish: false,
@@ -62,6 +71,8 @@ impl Default for PublishOptions {
 pub struct PublishReport {
     pub resource_url: String,
     pub frames_sent: u32,
+    /// Stamp-clock times (ms) at which clicks were sent, for `AudioSignal::Clicks`.
+    pub clicks_sent_ms: Vec<f64>,
     pub audio_packets_sent: u32,
     /// The stream that came back on the publisher's own PeerConnection.
     pub received: Received,
@@ -97,6 +108,12 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport, ClientError> {
     result.map(|()| report)
 }
 
+/// The audio generator behind an `AudioSignal`.
+enum Source {
+    Tone(synth::Tone),
+    Clicks(synth::Clicks, u32),
+}
+
 fn run(
     peer: &mut Peer,
     options: &PublishOptions,
@@ -104,7 +121,12 @@ fn run(
 ) -> Result<(), ClientError> {
     let mut h264_out = H264Encoder::new(options.video_bps)?;
     let mut opus_out = OpusEncoder::new(AUDIO_RATE)?;
-    let mut tone = synth::Tone::new(options.tone_hz, AUDIO_RATE);
+    let mut tone = match options.audio {
+        AudioSignal::Tone { hz } => Source::Tone(synth::Tone::new(hz, AUDIO_RATE)),
+        AudioSignal::Clicks { period_ms } => {
+            Source::Clicks(synth::Clicks::new(period_ms, AUDIO_RATE), period_ms)
+        }
+    };
     let mut pcm = vec![0i16; (AUDIO_RATE / 50) as usize];
     let fps = options.fps.max(1);
     let frame_interval = Duration::from_secs_f64(1.0 / f64::from(fps));
@@ -155,7 +177,18 @@ fn run(
             continue;
         }
         if sending && now >= na {
-            tone.fill(&mut pcm);
+            match &mut tone {
+                Source::Tone(t) => t.fill(&mut pcm),
+                Source::Clicks(c, period_ms) => {
+                    // A click starts in this packet when its first sample is on a period boundary.
+                    if audio_rtp % (u64::from(*period_ms) * u64::from(AUDIO_RATE) / 1000)
+                        < pcm.len() as u64
+                    {
+                        report.clicks_sent_ms.push(stamp_clock_ms(now));
+                    }
+                    c.fill(&mut pcm);
+                }
+            }
             let mut packet = Vec::new();
             opus_out.encode(&pcm, |_, p| packet = p.to_vec())?;
             let rtp = MediaTime::new(audio_rtp, Frequency::FORTY_EIGHT_KHZ);

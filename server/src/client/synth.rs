@@ -53,3 +53,95 @@ impl Tone {
         }
     }
 }
+
+/// A click every `period_ms`: 10 ms of a 2 kHz burst on silence, easy to find again after Opus.
+pub struct Clicks {
+    sample_rate: u32,
+    period: usize,
+    burst: usize,
+    pos: usize,
+}
+
+impl Clicks {
+    pub fn new(period_ms: u32, sample_rate: u32) -> Self {
+        Clicks {
+            sample_rate,
+            period: (period_ms as usize * sample_rate as usize) / 1000,
+            burst: sample_rate as usize / 100,
+            pos: 0,
+        }
+    }
+
+    pub fn fill(&mut self, out: &mut [i16]) {
+        for s in out {
+            let phase = self.pos % self.period.max(1);
+            *s = if phase < self.burst {
+                let t = phase as f64 / f64::from(self.sample_rate);
+                ((t * 2000.0 * std::f64::consts::TAU).sin() * 20_000.0) as i16
+            } else {
+                0
+            };
+            self.pos += 1;
+        }
+    }
+}
+
+/// Finds click onsets in a stream of PCM: the first loud sample after at least `quiet_ms` of
+/// near-silence.
+pub struct OnsetDetector {
+    sample_rate: u32,
+    quiet_needed: usize,
+    quiet_run: usize,
+}
+
+impl OnsetDetector {
+    pub fn new(sample_rate: u32, quiet_ms: u32) -> Self {
+        let quiet_needed = (quiet_ms as usize * sample_rate as usize) / 1000;
+        OnsetDetector {
+            sample_rate,
+            quiet_needed,
+            quiet_run: quiet_needed,
+        }
+    }
+
+    /// Offsets (ms from the chunk's start) of onsets in this chunk.
+    pub fn feed(&mut self, pcm: &[i16]) -> Vec<f64> {
+        let mut onsets = Vec::new();
+        for (i, &s) in pcm.iter().enumerate() {
+            if s.unsigned_abs() > 6000 {
+                if self.quiet_run >= self.quiet_needed {
+                    onsets.push(i as f64 * 1000.0 / f64::from(self.sample_rate));
+                }
+                self.quiet_run = 0;
+            } else {
+                self.quiet_run += 1;
+            }
+        }
+        onsets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clicks_are_found_where_they_were_made() {
+        let mut clicks = Clicks::new(500, 16_000);
+        let mut det = OnsetDetector::new(16_000, 100);
+        let mut found = Vec::new();
+        let mut pcm = vec![0i16; 320];
+        for chunk in 0..100 {
+            clicks.fill(&mut pcm);
+            found.extend(
+                det.feed(&pcm)
+                    .into_iter()
+                    .map(|ms| chunk as f64 * 20.0 + ms),
+            );
+        }
+        assert_eq!(found.len(), 4, "{found:?}");
+        for (k, t) in found.iter().enumerate() {
+            assert!((t - k as f64 * 500.0).abs() < 1.0, "{found:?}");
+        }
+    }
+}

@@ -53,3 +53,28 @@ impl Stage for Identity {
         StageOutput::Unchanged
     }
 }
+
+/// A test stage: holds each frame for a fixed time and returns a copy, like a model that takes
+/// that long. Lets tests see an injected delay in measured latency and in late-frame counts.
+pub struct Delay {
+    pub ms: u64,
+}
+
+impl Stage for Delay {
+    fn name(&self) -> &'static str {
+        "delay"
+    }
+
+    fn audio_before_ms(&self) -> f64 {
+        0.0
+    }
+
+    fn audio_after_ms(&self) -> f64 {
+        0.0
+    }
+
+    fn process(&mut self, input: StageInput<'_>) -> StageOutput {
+        std::thread::sleep(std::time::Duration::from_millis(self.ms));
+        StageOutput::Frame(input.frame.clone())
+    }
+}

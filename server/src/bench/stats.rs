@@ -1,0 +1,125 @@
+//! Figures from what the test clients saw: latency percentiles, fps, jitter, A/V offset.
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::PublishReport;
+
+/// Nearest-rank percentile of unsorted values; `None` when empty.
+pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+/// Latency distribution in ms.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Latency {
+    pub fn of(values: &[f64]) -> Option<Self> {
+        Some(Latency {
+            p50: percentile(values, 50.0)?,
+            p95: percentile(values, 95.0)?,
+            p99: percentile(values, 99.0)?,
+            max: values.iter().copied().fold(f64::MIN, f64::max),
+            mean: values.iter().sum::<f64>() / values.len() as f64,
+        })
+    }
+}
+
+/// One session's figures.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SessionFigures {
+    pub frames_sent: u32,
+    pub frames_received: usize,
+    pub frames_lost: u32,
+    pub latency_ms: Option<Latency>,
+    pub fps_delivered: f64,
+    /// RFC 3550-style interarrival jitter of the returned frames, ms.
+    pub jitter_ms: f64,
+    pub setup_ms: Option<f64>,
+    /// (ms since connected, returned-audio latency minus returned-video latency) per click.
+    pub av_offset_ms: Vec<(f64, f64)>,
+    /// Per-frame (ms since connected, latency) for plots.
+    pub frames: Vec<(f64, f64)>,
+}
+
+impl SessionFigures {
+    pub fn of(r: &PublishReport, duration_s: f64) -> Self {
+        let rx = &r.received;
+        let lat: Vec<f64> = rx.frames.iter().map(|f| f.latency_ms).collect();
+        let mut jitter = 0.0;
+        for w in rx.frames.windows(2) {
+            // Transit-time difference of consecutive frames: (arrival2 - arrival1) - (sent2 - sent1).
+            let d = (w[1].latency_ms - w[0].latency_ms).abs();
+            jitter += (d - jitter) / 16.0;
+        }
+        SessionFigures {
+            frames_sent: r.frames_sent,
+            frames_received: rx.frames.len(),
+            frames_lost: r.lost(),
+            latency_ms: Latency::of(&lat),
+            fps_delivered: rx.frames.len() as f64 / duration_s.max(1e-9),
+            jitter_ms: jitter,
+            setup_ms: rx.setup_ms,
+            av_offset_ms: av_offsets(r),
+            frames: rx.frames.iter().map(|f| (f.at_ms, f.latency_ms)).collect(),
+        }
+    }
+}
+
+/// For each click that came back: its audio latency minus the video latency of the frames
+/// captured within ±100 ms of it. Positive: the audio trails the video.
+fn av_offsets(r: &PublishReport) -> Vec<(f64, f64)> {
+    let rx = &r.received;
+    let mut out = Vec::new();
+    for &sent in &r.clicks_sent_ms {
+        // The first onset after the click was sent and within a second belongs to it.
+        let Some(&arrived) = rx
+            .audio_onsets_ms
+            .iter()
+            .find(|&&a| a >= sent && a - sent < 1000.0)
+        else {
+            continue;
+        };
+        let near: Vec<f64> = rx
+            .frames
+            .iter()
+            .filter(|f| (f.capture_ms - sent).abs() <= 100.0)
+            .map(|f| f.latency_ms)
+            .collect();
+        if near.is_empty() {
+            continue;
+        }
+        let video = near.iter().sum::<f64>() / near.len() as f64;
+        let since_connected = sent - rx.connected_ms.unwrap_or(sent);
+        out.push((since_connected, (arrived - sent) - video));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 95.0), Some(95.0));
+        assert_eq!(percentile(&v, 100.0), Some(100.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        let l = Latency::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((l.p50, l.max, l.mean), (2.0, 3.0, 2.0));
+    }
+}

@@ -1,0 +1,128 @@
+//! `lipstream bench sessions` against a real server on loopback: sane figures, an injected
+//! server delay visible in them, and an HTML report that opens in headless Chromium.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use lipstream::bench::{self, Mode, SessionsOptions};
+
+fn options(url: &str, sessions: usize, seconds: u64) -> SessionsOptions {
+    SessionsOptions {
+        url: url.to_string(),
+        token: None,
+        sessions,
+        duration: Duration::from_secs(seconds),
+        mode: Mode::Camera,
+        ramp: false,
+        budget_ms: 200.0,
+        width: 320,
+        height: 240,
+        fps: 25,
+        progress: false,
+    }
+}
+
+#[test]
+fn figures_are_sane_and_the_report_opens_in_chromium() {
+    let server = common::Server::start(&[]);
+    let report = bench::run(&options(&server.base_url, 2, 5)).expect("bench");
+    println!("{}", bench::summary(&report));
+    let o = &report.overall;
+    assert_eq!((o.sessions, o.failed_sessions), (2, 0), "{:?}", o.failures);
+    let lat = o.latency_ms.clone().expect("latency");
+    assert!(lat.p50 > 0.0 && lat.p95 < 250.0, "{lat:?}");
+    assert!(
+        (22.0..=26.0).contains(&o.fps_per_session_mean),
+        "fps {}",
+        o.fps_per_session_mean
+    );
+    assert!(o.loss_pct <= 1.0, "lost {} %", o.loss_pct);
+    assert!(
+        o.av_offset_samples >= 6,
+        "only {} clicks matched",
+        o.av_offset_samples
+    );
+    let offset = o.av_offset_ms_mean.expect("offset");
+    assert!(offset.abs() < 40.0, "pass-through A/V offset {offset} ms");
+    assert!(
+        report.server.stage_ms.contains_key("encode"),
+        "{:?}",
+        report.server.stage_ms
+    );
+    assert!(!report.server.timeline.is_empty());
+
+    let dir = std::env::temp_dir().join(format!("lipstream-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, html) = bench::output_paths(&dir);
+    std::fs::write(&json, serde_json::to_string(&report).unwrap()).unwrap();
+    std::fs::write(&html, bench::report::html(&report).unwrap()).unwrap();
+    let back: bench::BenchReport =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let table = bench::compare(&back, &report);
+    assert!(
+        table.contains("latency p95") && table.contains("+0.0 %"),
+        "{table}"
+    );
+
+    if std::env::var_os("LIPSTREAM_SKIP_BROWSER").is_some() {
+        eprintln!("SKIPPED the Chromium check: LIPSTREAM_SKIP_BROWSER is set");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/browser/open_report.mjs");
+    let out = Command::new("node")
+        .arg(script)
+        .arg(&html)
+        .output()
+        .expect("node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    assert_eq!(page["svgs"].as_u64(), Some(3), "{page}");
+    assert_eq!(
+        page["requests"].as_array().map(Vec::len),
+        Some(0),
+        "the page fetched: {page}"
+    );
+    assert!(
+        page["summary"]
+            .as_str()
+            .unwrap_or("")
+            .contains("latency p50"),
+        "{page}"
+    );
+}
+
+#[test]
+fn an_injected_server_delay_shows_in_latency_and_late_frames() {
+    let fast = common::Server::start(&[]);
+    let base = bench::run(&options(&fast.base_url, 1, 4)).expect("bench");
+    drop(fast);
+    // 30 ms per frame keeps up with 25 fps; a 20 ms budget makes every frame late.
+    let slow = common::Server::start(&["--debug-stage-delay-ms", "30", "--frame-budget-ms", "20"]);
+    let delayed = bench::run(&options(&slow.base_url, 1, 4)).expect("bench");
+    let (b, d) = (
+        base.overall.latency_ms.unwrap(),
+        delayed.overall.latency_ms.unwrap(),
+    );
+    println!("p50 {:.1} ms -> {:.1} ms with a 30 ms stage", b.p50, d.p50);
+    assert!(d.p50 >= b.p50 + 25.0, "p50 {} -> {}", b.p50, d.p50);
+    assert!(
+        delayed.overall.loss_pct <= 1.0,
+        "lost {} %",
+        delayed.overall.loss_pct
+    );
+    // Every frame took longer than the budget: each went out unprocessed and was counted.
+    assert!(
+        delayed.overall.late_pct > 90.0,
+        "late {} %",
+        delayed.overall.late_pct
+    );
+    assert_eq!(base.overall.late_pct, 0.0);
+}
