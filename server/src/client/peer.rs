@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use str0m::change::SdpAnswer;
-use str0m::media::{Direction, MediaKind, Mid};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
@@ -57,6 +57,8 @@ pub struct Received {
     pub audio_onsets_ms: Vec<f64>,
     /// When the connection came up, on the stamp clock (ms).
     pub connected_ms: Option<f64>,
+    /// Returned access units our decoder rejected (each asks the server for a keyframe).
+    pub frames_undecodable: u32,
 }
 
 impl Received {
@@ -92,6 +94,7 @@ pub(crate) struct Peer {
     h264_in: H264Decoder,
     opus_in: OpusDecoder,
     onsets: crate::client::synth::OnsetDetector,
+    keyframe_requested: Option<Instant>,
     pub resource_url: String,
     pub received: Received,
 }
@@ -139,6 +142,7 @@ impl Peer {
             h264_in: H264Decoder::new()?,
             opus_in: OpusDecoder::new()?,
             onsets: crate::client::synth::OnsetDetector::new(16_000, 100),
+            keyframe_requested: None,
             resource_url: answer.resource_url,
             received: Received::default(),
         })
@@ -177,8 +181,22 @@ impl Peer {
             }
             Event::KeyframeRequest(_) => self.received.keyframe_requests += 1,
             Event::MediaData(d) if d.mid == self.video_mid => {
-                let Some(frame) = self.h264_in.decode(&d.data)? else {
-                    return Ok(());
+                let frame = match self.h264_in.decode(&d.data) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return Ok(()),
+                    Err(_) => {
+                        // Loss under load: carry on and ask for a keyframe, as a browser would.
+                        self.received.frames_undecodable += 1;
+                        let now = Instant::now();
+                        let due = self
+                            .keyframe_requested
+                            .is_none_or(|t| now - t > Duration::from_millis(300));
+                        if let (true, Some(mut w)) = (due, self.rtc.writer(self.video_mid)) {
+                            let _ = w.request_keyframe(None, KeyframeRequestKind::Pli);
+                            self.keyframe_requested = Some(now);
+                        }
+                        return Ok(());
+                    }
                 };
                 let now = Instant::now();
                 match Stamp::read(&frame) {
