@@ -133,3 +133,30 @@ pub fn write(path: &Path, tensors: &BTreeMap<String, crate::Tensor>, dtype: DTyp
     }
     f.flush().map_err(io)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::Checkpoint;
+    use crate::Tensor;
+
+    #[test]
+    fn every_float_type_round_trips() {
+        let dir = std::env::temp_dir().join(format!("lipstream-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Values every type holds exactly.
+        let t = Tensor::new(vec![2, 3], vec![1.0, -2.5, 0.375, 1024.0, -0.0078125, 3.0]);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let path = dir.join(format!("{dtype}.safetensors"));
+            write(
+                &path,
+                &BTreeMap::from([("w".to_string(), t.clone())]),
+                dtype.clone(),
+            )
+            .unwrap();
+            let c = Checkpoint::open(&path).unwrap();
+            assert_eq!(c.entry("w").unwrap().dtype, dtype);
+            assert_eq!(c.load("w").unwrap(), t, "{dtype}");
+        }
+    }
+}
