@@ -7,6 +7,7 @@
 // Graph builders mirror PyTorch module constructors (channels, kernel, stride, padding...).
 #![allow(clippy::too_many_arguments)]
 
+pub mod audio;
 pub mod cpu;
 pub mod error;
 pub mod graph;

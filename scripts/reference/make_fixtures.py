@@ -5,7 +5,9 @@ Writes tests/fixtures/tiny/: tiny-config random weights in the upstream layouts 
 as diffusers/transformers save them), plus golden.safetensors with inputs and outputs of the
 UNet, VAE encode (latent mean), VAE decode and the whisper encoder's hidden states.
 
-Also writes tests/fixtures/mtcnn/: the real MTCNN weights from the facenet-pytorch wheel,
+Also writes tests/fixtures/audio/: a sentence spoken by espeak-ng (Debian package), its Whisper
+log-mel and MuseTalk 1.5's per-frame audio prompts through the tiny whisper encoder. And
+tests/fixtures/mtcnn/: the real MTCNN weights from the facenet-pytorch wheel,
 scikit-image's astronaut.png, the faces facenet-pytorch finds on it, and each net's outputs.
 
 Needs torch (CPU is enough), torchvision, diffusers, transformers, safetensors, facenet-pytorch
@@ -168,6 +170,69 @@ def mtcnn_fixtures(out):
     print(f"wrote {out}: {len(result['faces'])} face(s) on astronaut.png: {result['faces']}")
 
 
+
+
+def audio_fixtures(out, tiny):
+    """A sentence spoken by espeak-ng, its Whisper log-mel (transformers' WhisperFeatureExtractor)
+    and MuseTalk 1.5's per-frame audio prompts from the tiny whisper encoder, sliced the way
+    MuseTalk's AudioProcessor.get_whisper_chunk does."""
+    import subprocess
+    import tempfile
+    import wave
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers import WhisperFeatureExtractor
+
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        wav = os.path.join(d, "s.wav")
+        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", wav,
+                        "The quick brown fox jumps over the lazy dog."], check=True)
+        with wave.open(wav) as w:
+            rate, raw = w.getframerate(), w.readframes(w.getnframes())
+    pcm = np.frombuffer(raw, dtype=np.int16).astype(np.float32) / 32768.0
+    # espeak-ng speaks at 22.05 kHz: resample to 16 kHz by linear interpolation (the fixture is the
+    # 16 kHz signal itself; how it was made does not matter to the comparison).
+    n16 = int(len(pcm) * 16000 / rate)
+    audio = np.interp(np.arange(n16) * rate / 16000, np.arange(len(pcm)), pcm).astype(np.float32)
+
+    fe = WhisperFeatureExtractor()
+    mel = fe(audio, sampling_rate=16000, return_tensors="pt").input_features  # [1, 80, 3000]
+
+    cfg = WhisperConfig(**WHISPER)
+    enc = WhisperEncoder(cfg).eval()
+    weights = load_file(os.path.join(tiny, "whisper/model.safetensors"))
+    enc.load_state_dict({k[len("model.encoder."):]: v for k, v in weights.items()})
+    with torch.no_grad():
+        feats = torch.stack(enc(mel, output_hidden_states=True).hidden_states, dim=2)  # [1, 1500, 5, d]
+
+    # MuseTalk 1.5, AudioProcessor.get_whisper_chunk (fps 25, padding left 2, right 2).
+    sr, fps, audio_fps, left, right = 16000, 25, 50, 2, 2
+    per_frame = 2 * (left + right + 1)
+    num_frames = math.floor(len(audio) / sr * fps)
+    actual = math.floor(len(audio) / sr * audio_fps)
+    f = feats[:, :actual]
+    mult = audio_fps / fps
+    pad = math.ceil(mult)
+    f = torch.cat([torch.zeros_like(f[:, :pad * left]), f, torch.zeros_like(f[:, :pad * 3 * right])], 1)
+    prompts = []
+    for i in range(num_frames):
+        idx = math.floor(i * mult)
+        prompts.append(f[:, idx:idx + per_frame])
+    prompts = torch.cat(prompts, dim=0)  # [frames, 10, 5, d]
+    prompts = prompts.reshape(prompts.shape[0], -1, prompts.shape[-1])  # b (c h) w
+
+    save_file({
+        "audio_16k": torch.from_numpy(audio),
+        "mel_first_400": mel[0, :, :400].contiguous(),
+        "mel_last": mel[0, :, -1].contiguous(),
+        "prompts": prompts.contiguous().float(),
+    }, os.path.join(out, "audio.safetensors"))
+    print(f"wrote {out}: {len(audio) / 16000:.2f} s of speech, mel {list(mel.shape)}, prompts {list(prompts.shape)}")
+
+
 if __name__ == "__main__":
+    here = os.path.dirname(os.path.abspath(__file__))
     main()
-    mtcnn_fixtures(os.path.join(os.path.dirname(__file__), "../../tests/fixtures/mtcnn"))
+    mtcnn_fixtures(os.path.join(here, "../../tests/fixtures/mtcnn"))
+    audio_fixtures(os.path.join(here, "../../tests/fixtures/audio"), os.path.join(here, "../../tests/fixtures/tiny"))
