@@ -1,4 +1,13 @@
-//! lipstream-gpu: everything CUDA (device, arena, pinned ring buffers, NVRTC kernels, cuDNN /
-//! cuBLASLt, graph capture) — the CUDA executor of the `lipstream-engines` IR.
+//! lipstream-gpu: everything CUDA — device discovery, NVRTC kernels (sources in `gpu/kernels/`),
+//! and (to come) cuDNN / cuBLASLt calls, the arena, graph capture and the CUDA executor of the
+//! `lipstream-engines` IR.
 //!
-//! Not built yet; the only crate where `unsafe` will be allowed, each use with a `// SAFETY:` line.
+//! The only crate with `unsafe`; each use carries a `// SAFETY:` line. It must never panic on a
+//! machine without CUDA: libraries are probed before cudarc touches them.
+
+pub mod device;
+pub mod error;
+pub mod kernels;
+
+pub use device::Device;
+pub use error::GpuError;

@@ -27,6 +27,8 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Say which GPU, driver and CUDA libraries this machine has, and which executor would run.
+    Doctor,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +121,10 @@ fn main() -> anyhow::Result<()> {
             let sub = matches.subcommand_matches("serve").unwrap_or(&matches);
             let config = args.resolve(sub)?;
             tokio::runtime::Runtime::new()?.block_on(lipstream::server::serve(config))
+        }
+        Cmd::Doctor => {
+            doctor();
+            Ok(())
         }
         Cmd::Bench(BenchCmd::Cpu {
             models,
@@ -305,4 +311,32 @@ fn bench_sessions(
         print!("{}", lipstream::bench::compare(&old, &report));
     }
     Ok(())
+}
+
+fn doctor() {
+    let r = lipstream_gpu::device::report();
+    let yes = |b: bool| if b { "found" } else { "missing" };
+    let l = &r.libraries;
+    println!("NVIDIA driver (libcuda): {}", yes(l.driver));
+    if let Some((major, minor)) = r.driver_version {
+        println!("  CUDA driver API {major}.{minor}");
+    }
+    println!("NVRTC: {}", yes(l.nvrtc));
+    println!(
+        "cuBLAS: {}  cuBLASLt: {}  cuDNN: {}",
+        yes(l.cublas),
+        yes(l.cublaslt),
+        yes(l.cudnn)
+    );
+    for g in &r.gpus {
+        println!("{g}");
+    }
+    if let Some(e) = &r.error {
+        println!("problem: {e}");
+    }
+    if r.gpus.is_empty() || !l.nvrtc {
+        println!("executor: CPU reference (no usable GPU); the CUDA executor is not built yet either way");
+    } else {
+        println!("executor: CPU reference for now; GPU kernels compile here (the CUDA executor is in progress)");
+    }
 }

@@ -1,0 +1,130 @@
+//! Finding the GPU and its libraries without ever letting cudarc panic on a missing one.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream};
+
+use crate::error::GpuError;
+
+/// Which CUDA libraries the loader can find.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Libraries {
+    pub driver: bool,
+    pub nvrtc: bool,
+    pub cublas: bool,
+    pub cublaslt: bool,
+    pub cudnn: bool,
+}
+
+/// Looks for the libraries cudarc would load.
+pub fn libraries() -> Libraries {
+    // SAFETY: each call only tries to dlopen the library (and keeps it loaded); no symbol of it
+    // is called. cudarc's own loader would panic where we return `false`.
+    unsafe {
+        Libraries {
+            driver: cudarc::driver::sys::is_culib_present(),
+            nvrtc: cudarc::nvrtc::sys::is_culib_present(),
+            cublas: cudarc::cublas::sys::is_culib_present(),
+            cublaslt: cudarc::cublaslt::sys::is_culib_present(),
+            cudnn: cudarc::cudnn::sys::is_culib_present(),
+        }
+    }
+}
+
+/// One GPU, ready for kernels: its context, a stream and what it is.
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    /// Compute capability, e.g. (9, 0) for an H100.
+    pub sm: (i32, i32),
+    pub memory_bytes: usize,
+}
+
+/// A short description of what is there, for `lipstream doctor` and the server's start log.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub libraries: Libraries,
+    pub driver_version: Option<(i32, i32)>,
+    pub gpus: Vec<String>,
+    pub error: Option<String>,
+}
+
+impl Device {
+    /// Opens GPU `ordinal`; a missing driver or NVRTC is an error, never a panic.
+    pub fn open(ordinal: usize) -> Result<Self, GpuError> {
+        let libs = libraries();
+        if !libs.driver {
+            return Err(GpuError::LibraryMissing {
+                name: "libcuda.so.1 (the NVIDIA driver)",
+            });
+        }
+        if !libs.nvrtc {
+            return Err(GpuError::LibraryMissing {
+                name: "libnvrtc.so (CUDA toolkit)",
+            });
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.default_stream();
+        Ok(Device {
+            name: ctx.name()?,
+            sm: ctx.compute_capability()?,
+            memory_bytes: ctx.total_mem()?,
+            ctx,
+            stream,
+        })
+    }
+
+    /// NVRTC's architecture name for this GPU, e.g. `sm_90`.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.sm.0, self.sm.1)
+    }
+}
+
+/// What this machine has, without failing.
+pub fn report() -> Report {
+    let libraries = libraries();
+    if !libraries.driver {
+        return Report {
+            libraries,
+            driver_version: None,
+            gpus: vec![],
+            error: Some("no NVIDIA driver".into()),
+        };
+    }
+    let mut gpus = Vec::new();
+    let mut error = None;
+    let count = match CudaContext::device_count() {
+        Ok(n) => n.max(0) as usize,
+        Err(e) => {
+            error = Some(e.to_string());
+            0
+        }
+    };
+    for i in 0..count {
+        match CudaContext::new(i) {
+            Ok(ctx) => {
+                let name = ctx.name().unwrap_or_else(|_| "?".into());
+                let (ma, mi) = ctx.compute_capability().unwrap_or((0, 0));
+                let gib = ctx
+                    .total_mem()
+                    .map(|b| b as f64 / (1u64 << 30) as f64)
+                    .unwrap_or(0.0);
+                gpus.push(format!("GPU {i}: {name}, sm_{ma}{mi}, {gib:.1} GiB"));
+            }
+            Err(e) => error = Some(format!("GPU {i}: {e}")),
+        }
+    }
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: the driver library is present (checked above); cuDriverGetVersion only writes the
+    // int we pass, and needs no context.
+    let ok = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+        == cudarc::driver::sys::CUresult::CUDA_SUCCESS;
+    let driver_version = ok.then_some((v / 1000, (v % 1000) / 10));
+    Report {
+        libraries,
+        driver_version,
+        gpus,
+        error,
+    }
+}

@@ -1,0 +1,25 @@
+//! The GPU crate's one error type.
+
+/// What can go wrong on the GPU side.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GpuError {
+    /// A CUDA library is not installed or not on the loader path.
+    #[error("CUDA library {name} not found (looked in the loader path; set LD_LIBRARY_PATH, e.g. /usr/local/cuda/lib64)")]
+    LibraryMissing { name: &'static str },
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    /// NVRTC rejected a kernel source: a bug in our .cu files or an unsupported GPU.
+    #[error("NVRTC compiling {kernel} for {arch}: {log}")]
+    Compile {
+        kernel: &'static str,
+        arch: String,
+        log: String,
+    },
+    /// A launch was asked for shapes the kernel does not take.
+    #[error("{kernel}: {reason}")]
+    Shape {
+        kernel: &'static str,
+        reason: String,
+    },
+}
