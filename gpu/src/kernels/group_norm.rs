@@ -42,7 +42,7 @@ impl GroupNorm {
             kernel: "group_norm",
             reason,
         };
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(bad(format!("{channels} channels in {groups} groups")));
         }
         if x.len() != n * channels * inner
