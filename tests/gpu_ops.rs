@@ -103,3 +103,113 @@ fn group_norm_matches_the_cpu_executor() {
         .launch(&dev, &bad, &bad, &bad, &mut out, 1, 10, 3, 1, 1e-5, false)
         .is_err());
 }
+
+/// Compares a device result with the CPU executor's.
+fn check(name: &str, got: Vec<f16>, want: &Tensor, tol: f64) {
+    let got = Tensor::new(want.shape.clone(), got.iter().map(|v| v.to_f32()).collect());
+    let err = got.rel_l2(want);
+    println!("{name}: relative L2 error {err:.2e}");
+    assert!(err < tol, "{name}: {err:e}");
+}
+
+#[test]
+fn layer_norm_matches_the_cpu_executor() {
+    let Some(dev) = device() else { return };
+    let kernel =
+        lipstream_gpu::kernels::layer_norm::LayerNorm::load(&dev).expect("compile layer_norm");
+    // Transformer tokens at the UNet's widths and whisper's 1500 x 384.
+    for (i, &(rows, cols)) in [
+        (1024usize, 320usize),
+        (256, 640),
+        (16, 1280),
+        (1500, 384),
+        (50, 16),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = random(&[rows, cols], 300 + i as u32);
+        let (gamma, beta) = (
+            random(&[cols], 400 + i as u32),
+            random(&[cols], 500 + i as u32),
+        );
+        let want = eval(&Op::LayerNorm { eps: 1e-5 }, &[&x, &gamma, &beta], &x.shape);
+        let s = &dev.stream;
+        let (xd, gd, bd) = (
+            s.clone_htod(&to_f16(&x)).unwrap(),
+            s.clone_htod(&to_f16(&gamma)).unwrap(),
+            s.clone_htod(&to_f16(&beta)).unwrap(),
+        );
+        let mut yd = s.alloc_zeros::<f16>(x.numel()).unwrap();
+        kernel
+            .launch(&dev, &xd, &gd, &bd, &mut yd, cols, 1e-5)
+            .unwrap();
+        check(
+            &format!("layer_norm [{rows},{cols}]"),
+            s.clone_dtoh(&yd).unwrap(),
+            &want,
+            2e-3,
+        );
+    }
+}
+
+#[test]
+fn elementwise_kernels_match_the_cpu_executor() {
+    let Some(dev) = device() else { return };
+    let k =
+        lipstream_gpu::kernels::elementwise::Elementwise::load(&dev).expect("compile elementwise");
+    let s = &dev.stream;
+
+    // GEGLU at the UNet's feed-forward widths (inner = 4 x channels).
+    for &(rows, d) in &[(1024usize, 1280usize), (16, 5120), (50, 64)] {
+        let x = random(&[rows, 2 * d], d as u32);
+        let want = eval(&Op::Geglu, &[&x], &[rows, d]);
+        let xd = s.clone_htod(&to_f16(&x)).unwrap();
+        let mut yd = s.alloc_zeros::<f16>(rows * d).unwrap();
+        k.geglu(&dev, &xd, &mut yd, d).unwrap();
+        check(
+            &format!("geglu [{rows},{}]", 2 * d),
+            s.clone_dtoh(&yd).unwrap(),
+            &want,
+            2e-3,
+        );
+    }
+
+    // A residual add (same shape) and a per-channel bias over NCHW.
+    let a = random(&[2, 320, 32, 32], 7);
+    for (name, b, inner) in [
+        ("add residual", random(&[2, 320, 32, 32], 8), 1usize),
+        ("add channel bias", random(&[320], 9), 32 * 32),
+    ] {
+        let b4 = if b.shape.len() == 1 {
+            Tensor::new(vec![1, 320, 1, 1], b.data.clone())
+        } else {
+            b.clone()
+        };
+        let want = eval(&Op::Add, &[&a, &b4], &a.shape);
+        let (ad, bd) = (
+            s.clone_htod(&to_f16(&a)).unwrap(),
+            s.clone_htod(&to_f16(&b)).unwrap(),
+        );
+        let mut yd = s.alloc_zeros::<f16>(a.numel()).unwrap();
+        k.add(&dev, &ad, &bd, &mut yd, inner).unwrap();
+        check(name, s.clone_dtoh(&yd).unwrap(), &want, 2e-3);
+    }
+
+    // Nearest 2x upsample (UNet up blocks, VAE decoder).
+    let x = random(&[1, 512, 64, 64], 11);
+    let want = eval(&Op::UpsampleNearest2x, &[&x], &[1, 512, 128, 128]);
+    let xd = s.clone_htod(&to_f16(&x)).unwrap();
+    let mut yd = s.alloc_zeros::<f16>(x.numel() * 4).unwrap();
+    k.upsample2x(&dev, &xd, &mut yd, 64, 64).unwrap();
+    check(
+        "upsample2x [1,512,64,64]",
+        s.clone_dtoh(&yd).unwrap(),
+        &want,
+        1e-6,
+    );
+
+    // Wrong shapes are errors.
+    assert!(k.geglu(&dev, &xd, &mut yd, 3).is_err());
+    assert!(k.upsample2x(&dev, &xd, &mut yd, 7, 64).is_err());
+}

@@ -23,7 +23,6 @@ impl GroupNorm {
     }
 
     /// y = groupnorm(x) * gamma + beta (then SiLU), x and y [n, channels, inner].
-    #[allow(clippy::too_many_arguments)]
     pub fn launch(
         &self,
         device: &Device,
