@@ -8,6 +8,7 @@
 // Launchers mirror the kernels' parameter lists (buffers, shape, epsilon, flags).
 #![allow(clippy::too_many_arguments)]
 
+pub mod blas;
 pub mod device;
 pub mod error;
 pub mod kernels;

@@ -1,6 +1,7 @@
 //! Our NVRTC kernels: each family's CUDA source lives in `gpu/kernels/<op>.cu`, beside the Rust
 //! launcher here that owns it. Sources are compiled for the device's exact SM when loaded.
 
+pub mod attention;
 pub mod elementwise;
 pub mod group_norm;
 pub mod layer_norm;
