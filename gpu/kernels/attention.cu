@@ -26,7 +26,7 @@ extern "C" __global__ void attention_rowwise_f16(
     qr[j] = i < d ? __half2float(qp[i]) * scale : 0.f;
     acc[j] = 0.f;
   }
-  float m = -INFINITY, l = 0.f;
+  float m = -3.402823466e+38f, l = 0.f;  // -FLT_MAX: NVRTC has no math.h INFINITY
   for (int t = 0; t < lk; ++t) {
     const __half* kp = k + ((long)b * lk + t) * c + h * d;
     float s = 0.f;
