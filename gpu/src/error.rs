@@ -16,6 +16,8 @@ pub enum GpuError {
         arch: String,
         log: String,
     },
+    #[error("cuDNN: {0}")]
+    Cudnn(String),
     #[error("cuBLASLt: {0}")]
     Blas(String),
     /// A launch was asked for shapes the kernel does not take.

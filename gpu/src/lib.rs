@@ -9,6 +9,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod blas;
+pub mod conv;
 pub mod device;
 pub mod error;
 pub mod kernels;
