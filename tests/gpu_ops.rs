@@ -311,7 +311,7 @@ fn convolution_through_cudnn_matches_the_cpu_executor() {
     let Some(dev) = device() else { return };
     let conv = Conv::new(dev.stream.clone()).expect("cuDNN");
     let s = &dev.stream;
-    // UNet conv_in, a 3x3 at 320, the stride-2 downsampler, a 1x1 shortcut; the VAE's 128-channel
+    // conv_in-sized with unequal h/w padding, a 3x3 at 320, the stride-2 downsampler, a 1x1 shortcut; the VAE's 128-channel
     // 3x3 at 256x256; whisper's conv1 as a 1x3 over 3000 frames; a grouped conv.
     let cases = [
         (
