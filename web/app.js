@@ -1,5 +1,5 @@
 // The publisher page: capture, publish over WHIP (sendrecv), show what comes back.
-import { negotiate, hangup, StatsOverlay } from '/web/webrtc.js';
+import { negotiate, hangup, StatsOverlay, setStatus as status } from '/web/webrtc.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(window.location.search);
@@ -10,11 +10,6 @@ let stream = null;
 
 // Read by the browser test: the returned stream's live figures.
 window.lipstream = { get stats() { return overlay?.latest ?? { framesDecoded: 0 }; }, stop, resource: () => resource };
-
-function status(text, error = false) {
-  $('status').textContent = text;
-  $('status').classList.toggle('error', error);
-}
 
 async function listDevices() {
   try {

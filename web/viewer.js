@@ -1,5 +1,5 @@
 // The viewer page: pick a session, receive it over WHEP.
-import { negotiate, hangup, StatsOverlay } from '/web/webrtc.js';
+import { negotiate, hangup, StatsOverlay, setStatus as status } from '/web/webrtc.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(window.location.search);
@@ -8,11 +8,6 @@ let resource = null;
 let overlay = null;
 
 window.lipstream = { get stats() { return overlay?.latest ?? { framesDecoded: 0 }; }, stop };
-
-function status(text, error = false) {
-  $('status').textContent = text;
-  $('status').classList.toggle('error', error);
-}
 
 async function refresh() {
   const headers = $('token').value ? { Authorization: `Bearer ${$('token').value}` } : {};

@@ -1,5 +1,12 @@
 // WHIP/WHEP signalling and live stats, shared by the publisher and viewer pages.
 
+/** Shows `text` in the page's status line, in red when it is an error. */
+export function setStatus(text, error = false) {
+  const el = document.getElementById('status');
+  el.textContent = text;
+  el.classList.toggle('error', error);
+}
+
 /** Waits until ICE gathering completes (host candidates: milliseconds), or gives up after `ms`. */
 function gathered(pc, ms) {
   if (pc.iceGatheringState === 'complete') return Promise.resolve();
