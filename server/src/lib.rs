@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod pull;
 pub mod registry;
 pub mod rtc;
+pub mod scheduler;
 pub mod sdp;
 pub mod server;
