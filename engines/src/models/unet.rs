@@ -133,16 +133,7 @@ pub fn forward(
         let vbb = vb.pp(format!("down_blocks.{i}"));
         let cout = ch[i];
         for j in 0..cfg.layers_per_block {
-            x = resnet(
-                g,
-                &vbb.pp(format!("resnets.{j}")),
-                x,
-                cin,
-                cout,
-                Some((c.temb, c.temb_dim)),
-                c.groups,
-                c.eps,
-            )?;
+            x = c.resnet(g, &vbb.pp(format!("resnets.{j}")), x, cin, cout)?;
             cin = cout;
             if kind == "CrossAttnDownBlock2D" {
                 x = transformer(g, &vbb.pp(format!("attentions.{j}")), x, cout, &c)?;
@@ -158,27 +149,9 @@ pub fn forward(
 
     let mid = *ch.last().unwrap_or(&0);
     let vbm = vb.pp("mid_block");
-    x = resnet(
-        g,
-        &vbm.pp("resnets.0"),
-        x,
-        mid,
-        mid,
-        Some((c.temb, c.temb_dim)),
-        c.groups,
-        c.eps,
-    )?;
+    x = c.resnet(g, &vbm.pp("resnets.0"), x, mid, mid)?;
     x = transformer(g, &vbm.pp("attentions.0"), x, mid, &c)?;
-    x = resnet(
-        g,
-        &vbm.pp("resnets.1"),
-        x,
-        mid,
-        mid,
-        Some((c.temb, c.temb_dim)),
-        c.groups,
-        c.eps,
-    )?;
+    x = c.resnet(g, &vbm.pp("resnets.1"), x, mid, mid)?;
 
     let rev: Vec<usize> = ch.iter().rev().copied().collect();
     let mut prev = rev[0];
@@ -197,16 +170,7 @@ pub fn forward(
                 Op::Concat { axis: 1 },
                 &[x, skip],
             )?;
-            x = resnet(
-                g,
-                &vbb.pp(format!("resnets.{j}")),
-                x,
-                in_c + skip_c,
-                cout,
-                Some((c.temb, c.temb_dim)),
-                c.groups,
-                c.eps,
-            )?;
+            x = c.resnet(g, &vbb.pp(format!("resnets.{j}")), x, in_c + skip_c, cout)?;
             if kind == "CrossAttnUpBlock2D" {
                 x = transformer(g, &vbb.pp(format!("attentions.{j}")), x, cout, &c)?;
             }
@@ -219,6 +183,29 @@ pub fn forward(
     }
     let x = group_norm(g, &vb.pp("conv_norm_out"), x, ch[0], c.groups, c.eps, true)?;
     conv2d(g, &vb.pp("conv_out"), x, ch[0], cfg.out_channels, 3, 1, 1)
+}
+
+impl Ctx {
+    /// A `ResnetBlock2D` with the (folded) time embedding and the UNet's norm settings.
+    fn resnet(
+        &self,
+        g: &mut Graph,
+        vb: &Vb,
+        x: ValueId,
+        cin: usize,
+        cout: usize,
+    ) -> Result<ValueId> {
+        resnet(
+            g,
+            vb,
+            x,
+            cin,
+            cout,
+            Some((self.temb, self.temb_dim)),
+            self.groups,
+            self.eps,
+        )
+    }
 }
 
 /// diffusers `Transformer2DModel` with one `BasicTransformerBlock` (self-attn, cross-attn, GEGLU).
