@@ -1,49 +1,72 @@
-// GroupNorm (+ optional SiLU) over NCHW fp16 activations, fp32 statistics.
-// One block per (image, group): pass 1 accumulates sum and sum of squares, pass 2 normalises.
+// GroupNorm (+ optional SiLU) over NHWC fp16 activations, fp32 statistics, in three kernels so
+// that a 256x256 image spreads over the whole GPU instead of one block per group:
+// per-chunk partial sums, per-(image, group) mean and 1/std, then the elementwise apply.
 #include <cuda_fp16.h>
 
-extern "C" __global__ void group_norm_f16(
-    const __half* __restrict__ x, const __half* __restrict__ gamma, const __half* __restrict__ beta,
-    __half* __restrict__ y, int channels, int groups, int inner, float eps, int silu) {
-  const int n = blockIdx.x / groups;
-  const int g = blockIdx.x % groups;
-  const int cg = channels / groups;
-  const long base = ((long)n * channels + (long)g * cg) * inner;
-  const int count = cg * inner;
-
+// Grid (chunks, n). Block b sums pixels [b*chunk, (b+1)*chunk) of image n. Work unit u covers
+// group u % groups of pixel u / groups; blockDim is a multiple of groups, so each thread keeps one
+// group for the whole loop and a warp reads whole pixel rows.
+extern "C" __global__ void group_norm_nhwc_stats_f16(const __half* __restrict__ x, float2* __restrict__ partial,
+                                                     int hw, int c, int groups, int chunk) {
+  __shared__ float s_sum[1024], s_sq[1024];
+  const int n = blockIdx.y, s = blockIdx.x;
+  const int p0 = s * chunk, p1 = min(hw, p0 + chunk);
+  const int cg = c / groups;
+  const __half* base = x + (long)n * hw * c;
   float sum = 0.f, sq = 0.f;
-  for (int i = threadIdx.x; i < count; i += blockDim.x) {
-    float v = __half2float(x[base + i]);
-    sum += v;
-    sq += v * v;
-  }
-  __shared__ float s_sum[32], s_sq[32];
-  for (int off = 16; off > 0; off >>= 1) {
-    sum += __shfl_down_sync(0xffffffff, sum, off);
-    sq += __shfl_down_sync(0xffffffff, sq, off);
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) { s_sum[warp] = sum; s_sq[warp] = sq; }
-  __syncthreads();
-  if (warp == 0) {
-    const int warps = (blockDim.x + 31) >> 5;
-    sum = lane < warps ? s_sum[lane] : 0.f;
-    sq = lane < warps ? s_sq[lane] : 0.f;
-    for (int off = 16; off > 0; off >>= 1) {
-      sum += __shfl_down_sync(0xffffffff, sum, off);
-      sq += __shfl_down_sync(0xffffffff, sq, off);
+  const int g = threadIdx.x % groups;
+  const long units = (long)max(p1 - p0, 0) * groups;
+  for (long u = threadIdx.x; u < units; u += blockDim.x) {
+    const __half* e = base + (p0 + u / groups) * (long)c + g * cg;
+    for (int i = 0; i < cg; ++i) {
+      const float v = __half2float(e[i]);
+      sum += v;
+      sq += v * v;
     }
-    if (lane == 0) { s_sum[0] = sum; s_sq[0] = sq; }
   }
+  s_sum[threadIdx.x] = sum;
+  s_sq[threadIdx.x] = sq;
   __syncthreads();
-  const float mean = s_sum[0] / count;
-  const float var = fmaxf(s_sq[0] / count - mean * mean, 0.f);
-  const float inv = rsqrtf(var + eps);
-
-  for (int i = threadIdx.x; i < count; i += blockDim.x) {
-    const int c = g * cg + i / inner;
-    float v = (__half2float(x[base + i]) - mean) * inv * __half2float(gamma[c]) + __half2float(beta[c]);
-    if (silu) v = v / (1.f + __expf(-v));
-    y[base + i] = __float2half(v);
+  if (threadIdx.x < groups) {
+    for (int j = threadIdx.x + groups; j < blockDim.x; j += groups) {
+      sum += s_sum[j];
+      sq += s_sq[j];
+    }
+    partial[((long)n * gridDim.x + s) * groups + threadIdx.x] = make_float2(sum, sq);
   }
+}
+
+// One thread per (image, group): stats = (mean, 1/sqrt(var + eps)).
+extern "C" __global__ void group_norm_nhwc_finalize(const float2* __restrict__ partial, float2* __restrict__ stats,
+                                                    int n, int groups, int chunks, float count, float eps) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= n * groups) return;
+  const int img = t / groups, g = t % groups;
+  float sum = 0.f, sq = 0.f;
+  for (int s = 0; s < chunks; ++s) {
+    const float2 p = partial[((long)img * chunks + s) * groups + g];
+    sum += p.x;
+    sq += p.y;
+  }
+  const float mean = sum / count;
+  stats[t] = make_float2(mean, rsqrtf(fmaxf(sq / count - mean * mean, 0.f) + eps));
+}
+
+// y = (x - mean) / std * gamma + beta (then SiLU), two channels per thread (c even).
+extern "C" __global__ void group_norm_nhwc_apply_f16(const __half2* __restrict__ x, const float2* __restrict__ stats,
+                                                     const __half* __restrict__ gamma, const __half* __restrict__ beta,
+                                                     __half2* __restrict__ y, long n2, long hw, int c, int groups, int silu) {
+  long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n2) return;
+  const int ch = (int)((idx * 2) % c);
+  const long img = (idx * 2) / (hw * c);
+  const float2 st = stats[img * groups + ch / (c / groups)];
+  float2 v = __half22float2(x[idx]);
+  v.x = (v.x - st.x) * st.y * __half2float(gamma[ch]) + __half2float(beta[ch]);
+  v.y = (v.y - st.x) * st.y * __half2float(gamma[ch + 1]) + __half2float(beta[ch + 1]);
+  if (silu) {
+    v.x = v.x / (1.f + __expf(-v.x));
+    v.y = v.y / (1.f + __expf(-v.y));
+  }
+  y[idx] = __floats2half2_rn(v.x, v.y);
 }

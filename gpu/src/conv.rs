@@ -1,16 +1,19 @@
-//! Convolutions through cuDNN: NCHW fp16 tensors, fp32 accumulation, tensor-core math, the
-//! algorithm from cuDNN's heuristics (engine builds will time candidates instead).
+//! Convolutions through cuDNN: fp16 tensors (NHWC for images, NCHW for whisper's 1-d convs seen
+//! as 1-row images), fp32 accumulation, tensor-core math. A `ConvPlan` holds the descriptors and
+//! the algorithm, chosen by timing every candidate on the real buffers at engine build
+//! (`tune`) or by cuDNN's heuristics when not tuned.
 
+use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
-use cudarc::cudnn::{sys, ConvForward, Cudnn};
-use cudarc::driver::{CudaSlice, CudaStream};
-use half::f16;
+use cudarc::cudnn::{result, sys};
+use cudarc::driver::CudaStream;
 
 use crate::error::GpuError;
+use crate::kernels::Ptr;
 
 /// One convolution's shape.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvShape {
     pub n: usize,
     pub c: usize,
@@ -23,6 +26,8 @@ pub struct ConvShape {
     /// Symmetric padding (height, width); asymmetric padding is a separate pad step.
     pub pad: [usize; 2],
     pub groups: usize,
+    /// Channels-last activations and a [o, kh, kw, c] filter; otherwise NCHW and [o, c, kh, kw].
+    pub nhwc: bool,
 }
 
 impl ConvShape {
@@ -35,15 +40,32 @@ impl ConvShape {
     }
 }
 
-/// A cuDNN handle bound to one stream.
-pub struct Conv {
-    cudnn: Arc<Cudnn>,
-    stream: Arc<CudaStream>,
-}
-
-fn cudnn_err(e: cudarc::cudnn::result::CudnnError) -> GpuError {
+fn cudnn_err(e: result::CudnnError) -> GpuError {
     GpuError::Cudnn(format!("{e:?}"))
 }
+
+/// A cuDNN handle bound to one stream.
+pub struct Conv {
+    handle: sys::cudnnHandle_t,
+    _stream: Arc<CudaStream>,
+}
+
+/// One convolution's descriptors and algorithm.
+pub struct ConvPlan {
+    x: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+    pub algo: sys::cudnnConvolutionFwdAlgo_t,
+    /// Workspace the algorithm needs.
+    pub workspace_bytes: usize,
+    pub shape: ConvShape,
+}
+
+// SAFETY: cuDNN handles and descriptors are used from the executor's one thread at a time.
+unsafe impl Send for Conv {}
+// SAFETY: as above.
+unsafe impl Send for ConvPlan {}
 
 impl Conv {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self, GpuError> {
@@ -52,19 +74,17 @@ impl Conv {
                 name: "libcudnn.so.9 (cuDNN 9)",
             });
         }
-        let cudnn = Cudnn::new(stream.clone()).map_err(cudnn_err)?;
-        Ok(Conv { cudnn, stream })
+        let handle = result::create_handle().map_err(cudnn_err)?;
+        // SAFETY: the handle was just created; the stream outlives it (held in `_stream`).
+        unsafe { result::set_stream(handle, stream.cu_stream() as *mut _) }.map_err(cudnn_err)?;
+        Ok(Conv {
+            handle,
+            _stream: stream,
+        })
     }
 
-    /// y = conv(x, w) (bias is added by the caller's fused elementwise step).
-    pub fn forward(
-        &self,
-        x: &CudaSlice<f16>,
-        w: &CudaSlice<f16>,
-        y: &mut CudaSlice<f16>,
-        s: ConvShape,
-    ) -> Result<(), GpuError> {
-        let (ho, wo) = s.out_hw();
+    /// Descriptors for `s`, with cuDNN's heuristic algorithm.
+    pub fn plan(&self, s: ConvShape) -> Result<ConvPlan, GpuError> {
         let bad = |reason: String| GpuError::Shape {
             kernel: "conv2d",
             reason,
@@ -75,51 +95,182 @@ impl Conv {
                 s.c, s.o, s.groups
             )));
         }
-        if x.len() != s.n * s.c * s.h * s.w
-            || w.len() != s.o * (s.c / s.groups) * s.kh * s.kw
-            || y.len() != s.n * s.o * ho * wo
-        {
-            return Err(bad(format!("buffers do not match {s:?}")));
-        }
-        let i = |v: usize| v as std::ffi::c_int;
-        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-        let xd = self
-            .cudnn
-            .create_4d_tensor::<f16>(nchw, [i(s.n), i(s.c), i(s.h), i(s.w)])
-            .map_err(cudnn_err)?;
-        let wd = self
-            .cudnn
-            .create_4d_filter::<f16>(nchw, [i(s.o), i(s.c / s.groups), i(s.kh), i(s.kw)])
-            .map_err(cudnn_err)?;
-        let yd = self
-            .cudnn
-            .create_4d_tensor::<f16>(nchw, [i(s.n), i(s.o), i(ho), i(wo)])
-            .map_err(cudnn_err)?;
-        // fp32 compute over fp16 data (cuDNN's pseudo-half configuration).
-        let mut cd = self
-            .cudnn
-            .create_conv2d::<f32>(
-                [i(s.pad[0]), i(s.pad[1])],
-                [i(s.stride[0]), i(s.stride[1])],
-                [1, 1],
-                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+        let (ho, wo) = s.out_hw();
+        let i = |v: usize| v as c_int;
+        let format = if s.nhwc {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        };
+        let half = sys::cudnnDataType_t::CUDNN_DATA_HALF;
+        let mut plan = ConvPlan {
+            x: result::create_tensor_descriptor().map_err(cudnn_err)?,
+            w: result::create_filter_descriptor().map_err(cudnn_err)?,
+            y: result::create_tensor_descriptor().map_err(cudnn_err)?,
+            conv: result::create_convolution_descriptor().map_err(cudnn_err)?,
+            algo: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            workspace_bytes: 0,
+            shape: s,
+        };
+        // SAFETY: every descriptor was created above and is owned by `plan` (destroyed on drop).
+        unsafe {
+            result::set_tensor4d_descriptor(plan.x, format, half, [i(s.n), i(s.c), i(s.h), i(s.w)])
+                .map_err(cudnn_err)?;
+            result::set_filter4d_descriptor(
+                plan.w,
+                half,
+                format,
+                [i(s.o), i(s.c / s.groups), i(s.kh), i(s.kw)],
             )
             .map_err(cudnn_err)?;
-        cd.set_math_type(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
+            result::set_tensor4d_descriptor(plan.y, format, half, [i(s.n), i(s.o), i(ho), i(wo)])
+                .map_err(cudnn_err)?;
+            // fp32 compute over fp16 data (cuDNN's pseudo-half configuration).
+            result::set_convolution2d_descriptor(
+                plan.conv,
+                i(s.pad[0]),
+                i(s.pad[1]),
+                i(s.stride[0]),
+                i(s.stride[1]),
+                1,
+                1,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )
             .map_err(cudnn_err)?;
-        cd.set_group_count(i(s.groups)).map_err(cudnn_err)?;
-        let op = ConvForward {
-            conv: &cd,
-            x: &xd,
-            w: &wd,
-            y: &yd,
-        };
-        let algo = op.pick_algorithm().map_err(cudnn_err)?;
-        let bytes = op.get_workspace_size(algo).map_err(cudnn_err)?;
-        let mut workspace = self.stream.alloc_zeros::<u8>(bytes.max(1))?;
-        // SAFETY: the descriptors describe exactly the buffers checked above (NCHW fp16 x, y and
-        // filter), and the workspace holds the bytes cuDNN asked for this algorithm.
-        unsafe { op.launch(algo, Some(&mut workspace), (f16::ONE, f16::ZERO), x, w, y) }
-            .map_err(cudnn_err)
+            result::set_convolution_math_type(
+                plan.conv,
+                sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+            )
+            .map_err(cudnn_err)?;
+            result::set_convolution_group_count(plan.conv, i(s.groups)).map_err(cudnn_err)?;
+            let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
+            let mut count: c_int = 0;
+            result::get_convolution_forward_algorithm(
+                self.handle,
+                plan.x,
+                plan.w,
+                plan.conv,
+                plan.y,
+                perf.len() as c_int,
+                &mut count,
+                perf.as_mut_ptr(),
+            )
+            .map_err(cudnn_err)?;
+            let best = perf[..count.max(0) as usize]
+                .iter()
+                .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+                .ok_or_else(|| bad(format!("cuDNN offers no algorithm for {s:?}")))?;
+            plan.algo = best.algo;
+            plan.workspace_bytes = result::get_convolution_forward_workspace_size(
+                self.handle,
+                plan.x,
+                plan.w,
+                plan.conv,
+                plan.y,
+                plan.algo,
+            )
+            .map_err(cudnn_err)?;
+        }
+        Ok(plan)
+    }
+
+    /// Times every algorithm on the real buffers and keeps the fastest that fits in
+    /// `workspace_bytes`; returns its time in ms.
+    ///
+    /// # Safety
+    /// x, w and y must hold the plan's shapes (y is overwritten), workspace `workspace_bytes`.
+    pub unsafe fn tune(
+        &self,
+        plan: &mut ConvPlan,
+        x: Ptr,
+        w: Ptr,
+        y: Ptr,
+        workspace: Ptr,
+        workspace_bytes: usize,
+    ) -> Result<f32, GpuError> {
+        // SAFETY: descriptors are live; addresses per the caller's contract.
+        unsafe {
+            let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 10];
+            let mut count: c_int = 0;
+            sys::cudnnFindConvolutionForwardAlgorithmEx(
+                self.handle,
+                plan.x,
+                x as *const c_void,
+                plan.w,
+                w as *const c_void,
+                plan.conv,
+                plan.y,
+                y as *mut c_void,
+                perf.len() as c_int,
+                &mut count,
+                perf.as_mut_ptr(),
+                workspace as *mut c_void,
+                workspace_bytes,
+            )
+            .result()
+            .map_err(cudnn_err)?;
+            if let Some(best) = perf[..count.max(0) as usize].iter().find(|p| {
+                p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= workspace_bytes
+            }) {
+                plan.algo = best.algo;
+                plan.workspace_bytes = best.memory;
+                return Ok(best.time);
+            }
+        }
+        Ok(f32::NAN)
+    }
+
+    /// y = conv(x, w).
+    ///
+    /// # Safety
+    /// x, w, y must hold the plan's shapes, the workspace `plan.workspace_bytes`.
+    pub unsafe fn forward(
+        &self,
+        plan: &ConvPlan,
+        x: Ptr,
+        w: Ptr,
+        y: Ptr,
+        workspace: Ptr,
+    ) -> Result<(), GpuError> {
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: per the caller's contract; alpha/beta are f32 as cuDNN wants for fp32 compute.
+        unsafe {
+            result::convolution_forward(
+                self.handle,
+                &alpha as *const f32 as *const c_void,
+                plan.x,
+                x as *const c_void,
+                plan.w,
+                w as *const c_void,
+                plan.conv,
+                plan.algo,
+                workspace as *mut c_void,
+                plan.workspace_bytes,
+                &beta as *const f32 as *const c_void,
+                plan.y,
+                y as *mut c_void,
+            )
+        }
+        .map_err(cudnn_err)
+    }
+}
+
+impl Drop for ConvPlan {
+    fn drop(&mut self) {
+        // SAFETY: created in `plan`, destroyed once here; teardown errors are ignored.
+        unsafe {
+            let _ = result::destroy_tensor_descriptor(self.x);
+            let _ = result::destroy_filter_descriptor(self.w);
+            let _ = result::destroy_tensor_descriptor(self.y);
+            let _ = result::destroy_convolution_descriptor(self.conv);
+        }
+    }
+}
+
+impl Drop for Conv {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { result::destroy_handle(self.handle) };
     }
 }

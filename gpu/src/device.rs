@@ -32,6 +32,7 @@ pub fn libraries() -> Libraries {
 }
 
 /// One GPU, ready for kernels: its context, a stream and what it is.
+#[derive(Clone)]
 pub struct Device {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -65,7 +66,12 @@ impl Device {
             });
         }
         let ctx = CudaContext::new(ordinal)?;
-        let stream = ctx.default_stream();
+        // SAFETY: everything lipstream does on a device runs on this one stream, so cudarc's
+        // per-buffer events (which would also break CUDA graph capture with
+        // STREAM_CAPTURE_ISOLATION) guard nothing; turned off before any allocation.
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of our own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream()?;
         Ok(Device {
             name: ctx.name()?,
             sm: ctx.compute_capability()?,

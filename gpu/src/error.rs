@@ -26,4 +26,17 @@ pub enum GpuError {
         kernel: &'static str,
         reason: String,
     },
+    /// The graph has a node the CUDA executor does not run.
+    #[error("node {node} ({op}): {reason}")]
+    Unsupported {
+        node: String,
+        op: &'static str,
+        reason: String,
+    },
+    /// An input or output name or size that the executor does not have.
+    #[error("binding {name}: {reason}")]
+    Binding { name: String, reason: String },
+    /// CUDA graph capture or replay failed.
+    #[error("CUDA graph: {0}")]
+    Capture(String),
 }

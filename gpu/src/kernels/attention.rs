@@ -1,8 +1,8 @@
-//! Multi-head attention (self and cross) on fp16 token rows: the row-wise baseline kernel.
+//! Multi-head attention (self and cross) on fp16 token rows: the row-wise kernel.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
-use half::f16;
+use cudarc::driver::{CudaFunction, CudaStream};
 
+use super::{grid, launch, shape_err, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
@@ -10,11 +10,6 @@ const SRC: &str = include_str!("../../kernels/attention.cu");
 /// Largest head dimension the kernel keeps in registers.
 pub const MAX_HEAD_DIM: usize = 512;
 const WARPS_PER_BLOCK: u32 = 4;
-
-/// The compiled kernel.
-pub struct Attention {
-    func: CudaFunction,
-}
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -29,6 +24,33 @@ pub struct AttentionShape {
     pub cv: usize,
 }
 
+impl AttentionShape {
+    /// Whether the kernel takes this shape.
+    pub fn check(&self) -> Result<(), GpuError> {
+        if self.heads == 0
+            || !self.c.is_multiple_of(self.heads)
+            || !self.cv.is_multiple_of(self.heads)
+        {
+            return Err(shape_err(
+                "attention",
+                format!("{} / {} channels in {} heads", self.c, self.cv, self.heads),
+            ));
+        }
+        if self.c / self.heads > MAX_HEAD_DIM || self.cv / self.heads > MAX_HEAD_DIM {
+            return Err(shape_err(
+                "attention",
+                format!("head dimension over {MAX_HEAD_DIM}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The compiled kernel.
+pub struct Attention {
+    func: CudaFunction,
+}
+
 impl Attention {
     pub fn load(device: &Device) -> Result<Self, GpuError> {
         let module = super::compile(device, "attention", SRC)?;
@@ -38,53 +60,37 @@ impl Attention {
     }
 
     /// o = softmax(q k^T / sqrt(c / heads)) v, per head.
-    pub fn launch(
+    ///
+    /// # Safety
+    /// q [batch, lq, c], k [batch, lk, c], v [batch, lk, cv], o [batch, lq, cv] must be there.
+    pub unsafe fn launch(
         &self,
-        device: &Device,
-        q: &CudaSlice<f16>,
-        k: &CudaSlice<f16>,
-        v: &CudaSlice<f16>,
-        o: &mut CudaSlice<f16>,
-        s: AttentionShape,
+        stream: &CudaStream,
+        q: Ptr,
+        k: Ptr,
+        v: Ptr,
+        o: Ptr,
+        s: &AttentionShape,
     ) -> Result<(), GpuError> {
-        let bad = |reason: String| GpuError::Shape {
-            kernel: "attention",
-            reason,
-        };
-        if s.heads == 0 || !s.c.is_multiple_of(s.heads) || !s.cv.is_multiple_of(s.heads) {
-            return Err(bad(format!(
-                "{} / {} channels in {} heads",
-                s.c, s.cv, s.heads
-            )));
-        }
-        if s.c / s.heads > MAX_HEAD_DIM || s.cv / s.heads > MAX_HEAD_DIM {
-            return Err(bad(format!("head dimension over {MAX_HEAD_DIM}")));
-        }
-        if q.len() != s.batch * s.lq * s.c
-            || k.len() != s.batch * s.lk * s.c
-            || v.len() != s.batch * s.lk * s.cv
-            || o.len() != s.batch * s.lq * s.cv
-        {
-            return Err(bad(format!("buffers do not match {s:?}")));
-        }
-        let warps = (s.batch * s.heads * s.lq) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (warps.div_ceil(WARPS_PER_BLOCK), 1, 1),
-            block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        s.check()?;
+        let warps = s.batch * s.heads * s.lq;
         let scale = 1.0 / ((s.c / s.heads) as f32).sqrt();
-        let dims = [s.batch, s.lq, s.lk, s.heads, s.c, s.cv].map(|v| v as i32);
-        let mut l = device.stream.launch_builder(&self.func);
-        l.arg(q).arg(k).arg(v).arg(o);
-        for d in &dims {
-            l.arg(d);
+        let mut args = vec![Arg::P(q), Arg::P(k), Arg::P(v), Arg::P(o)];
+        args.extend(
+            [s.batch, s.lq, s.lk, s.heads, s.c, s.cv]
+                .iter()
+                .map(|&d| Arg::I(d as i32)),
+        );
+        args.push(Arg::F(scale));
+        // SAFETY: matches attention_rowwise_f16 (3 const half*, half*, 6 int, float); head dims
+        // fit the kernel's registers (checked) and surplus warps return before touching memory.
+        unsafe {
+            launch(
+                stream,
+                &self.func,
+                grid(warps * 32, 32 * WARPS_PER_BLOCK),
+                &args,
+            )
         }
-        l.arg(&scale);
-        // SAFETY: arguments match attention_rowwise_f16 (3 const half*, half*, 6 int, float); the
-        // buffer lengths were checked against the shape, head dims fit the kernel's registers, and
-        // surplus warps of the last block return before touching memory.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
     }
 }

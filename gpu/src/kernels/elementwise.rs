@@ -1,22 +1,38 @@
-//! Elementwise fp16 kernels: GEGLU, broadcast add (residuals and biases), nearest 2x upsample.
+//! Elementwise fp16 kernels: GEGLU, unary ops, adds (same-shape and broadcasting), the
+//! convolution bias/residual epilogue, nearest 2x upsampling of NHWC images.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
-use half::f16;
+use cudarc::driver::{CudaFunction, CudaStream};
 
+use super::{elems, launch, rank5, shape_err, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
 const SRC: &str = include_str!("../../kernels/elementwise.cu");
 
+/// The unary ops of `unary_f16`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    Gelu,
+    Silu,
+    Affine { scale: f32, shift: f32 },
+    Clamp { min: f32, max: f32 },
+}
+
+/// The binary ops of `binary_f16`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Binary {
+    Add,
+    Mul,
+}
+
 /// The compiled kernels.
 pub struct Elementwise {
     geglu: CudaFunction,
-    add: CudaFunction,
-    upsample: CudaFunction,
-}
-
-fn shape(kernel: &'static str, reason: String) -> GpuError {
-    GpuError::Shape { kernel, reason }
+    unary: CudaFunction,
+    add2: CudaFunction,
+    binary: CudaFunction,
+    bias_residual: CudaFunction,
+    upsample_nhwc: CudaFunction,
 }
 
 impl Elementwise {
@@ -24,87 +40,164 @@ impl Elementwise {
         let m = super::compile(device, "elementwise", SRC)?;
         Ok(Elementwise {
             geglu: m.load_function("geglu_f16")?,
-            add: m.load_function("add_broadcast_f16")?,
-            upsample: m.load_function("upsample2x_f16")?,
+            unary: m.load_function("unary_f16")?,
+            add2: m.load_function("add_f16x2")?,
+            binary: m.load_function("binary_f16")?,
+            bias_residual: m.load_function("bias_residual_f16")?,
+            upsample_nhwc: m.load_function("upsample2x_nhwc_f16")?,
         })
     }
 
     /// x [rows, 2d] -> y [rows, d] = x[:, :d] * gelu(x[:, d:]).
-    pub fn geglu(
+    ///
+    /// # Safety
+    /// x and y must hold those shapes.
+    pub unsafe fn geglu(
         &self,
-        device: &Device,
-        x: &CudaSlice<f16>,
-        y: &mut CudaSlice<f16>,
+        stream: &CudaStream,
+        x: Ptr,
+        y: Ptr,
+        rows: usize,
         d: usize,
     ) -> Result<(), GpuError> {
-        if d == 0 || !x.len().is_multiple_of(2 * d) || y.len() * 2 != x.len() {
-            return Err(shape(
-                "geglu",
-                format!("{} -> {} elements with d={d}", x.len(), y.len()),
-            ));
-        }
-        let rows = (x.len() / (2 * d)) as i64;
-        let di = d as i32;
-        let cfg = LaunchConfig::for_num_elems(y.len() as u32);
-        let mut l = device.stream.launch_builder(&self.geglu);
-        l.arg(x).arg(y).arg(&rows).arg(&di);
-        // SAFETY: matches geglu_f16 (const half*, half*, long, int); y holds rows*d elements and the
-        // kernel bounds-checks its index.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        let args = [Arg::P(x), Arg::P(y), Arg::L(rows as i64), Arg::I(d as i32)];
+        // SAFETY: matches geglu_f16 (const half*, half*, long, int).
+        unsafe { launch(stream, &self.geglu, elems(rows * d), &args) }
     }
 
-    /// y = a + b, with b repeating: b's element for a[i] is b[(i / inner) % b.len()].
-    pub fn add(
+    /// y = op(x) over n elements.
+    ///
+    /// # Safety
+    /// x and y must hold n elements.
+    pub unsafe fn unary(
         &self,
-        device: &Device,
-        a: &CudaSlice<f16>,
-        b: &CudaSlice<f16>,
-        y: &mut CudaSlice<f16>,
+        stream: &CudaStream,
+        op: Unary,
+        x: Ptr,
+        y: Ptr,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        let (mode, a, b) = match op {
+            Unary::Gelu => (0, 0.0, 0.0),
+            Unary::Silu => (1, 0.0, 0.0),
+            Unary::Affine { scale, shift } => (2, scale, shift),
+            Unary::Clamp { min, max } => (3, min, max),
+        };
+        let args = [
+            Arg::P(x),
+            Arg::P(y),
+            Arg::L(n as i64),
+            Arg::I(mode),
+            Arg::F(a),
+            Arg::F(b),
+        ];
+        // SAFETY: matches unary_f16 (const half*, half*, long, int, float, float).
+        unsafe { launch(stream, &self.unary, elems(n), &args) }
+    }
+
+    /// y = a + b over n elements (n even, addresses 4-byte aligned).
+    ///
+    /// # Safety
+    /// a, b and y must hold n elements.
+    pub unsafe fn add(
+        &self,
+        stream: &CudaStream,
+        a: Ptr,
+        b: Ptr,
+        y: Ptr,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        if !n.is_multiple_of(2) || (a | b | y) % 4 != 0 {
+            return Err(shape_err("add", format!("{n} elements, unaligned or odd")));
+        }
+        let args = [Arg::P(a), Arg::P(b), Arg::P(y), Arg::L((n / 2) as i64)];
+        // SAFETY: matches add_f16x2 (2 const half2*, half2*, long); n/2 pairs, aligned (checked).
+        unsafe { launch(stream, &self.add2, elems(n / 2), &args) }
+    }
+
+    /// y (contiguous, `dims`) = a op b, each read through its own strides (0 = broadcast).
+    ///
+    /// # Safety
+    /// a and b must hold every element their strides reach; y the product of `dims`.
+    pub unsafe fn binary(
+        &self,
+        stream: &CudaStream,
+        op: Binary,
+        a: (Ptr, &[usize]),
+        b: (Ptr, &[usize]),
+        y: Ptr,
+        dims: &[usize],
+    ) -> Result<(), GpuError> {
+        let (d, sa) = rank5(dims, a.1)?;
+        let (_, sb) = rank5(dims, b.1)?;
+        let n: usize = dims.iter().product();
+        let mut args = vec![
+            Arg::P(a.0),
+            Arg::P(b.0),
+            Arg::P(y),
+            Arg::L(n as i64),
+            Arg::I(match op {
+                Binary::Add => 0,
+                Binary::Mul => 1,
+            }),
+        ];
+        args.extend(d[1..].iter().map(|&v| Arg::I(v as i32)));
+        args.extend(sa.iter().chain(&sb).map(|&v| Arg::L(v)));
+        // SAFETY: matches binary_f16 (2 const half*, half*, long, int, 4 int, 10 long).
+        unsafe { launch(stream, &self.binary, elems(n), &args) }
+    }
+
+    /// The convolution epilogue: y[i] += bias[(i / image) * bias_stride + (i / inner) % period]
+    /// (+ res[i]); `bias` or `res` may be 0.
+    ///
+    /// # Safety
+    /// y and res must hold n elements, bias every index the formula reaches.
+    pub unsafe fn bias_residual(
+        &self,
+        stream: &CudaStream,
+        y: Ptr,
+        bias: Ptr,
+        res: Ptr,
+        n: usize,
+        image: usize,
+        bias_stride: usize,
         inner: usize,
+        period: usize,
     ) -> Result<(), GpuError> {
-        if inner == 0
-            || b.is_empty()
-            || y.len() != a.len()
-            || !a.len().is_multiple_of(inner * b.len())
-        {
-            return Err(shape(
-                "add_broadcast",
-                format!("{} + {} (inner {inner})", a.len(), b.len()),
-            ));
+        if image == 0 || inner == 0 || period == 0 {
+            return Err(shape_err("bias_residual", "zero extent".into()));
         }
-        let (n, inner, period) = (a.len() as i64, inner as i64, b.len() as i64);
-        let mut l = device.stream.launch_builder(&self.add);
-        l.arg(a).arg(b).arg(y).arg(&n).arg(&inner).arg(&period);
-        // SAFETY: matches add_broadcast_f16 (2 const half*, half*, 3 long); indices into b stay
-        // below period = b.len(), into a and y below n.
-        unsafe { l.launch(LaunchConfig::for_num_elems(a.len() as u32)) }?;
-        Ok(())
+        let mut args = vec![Arg::P(y), Arg::P(bias), Arg::P(res)];
+        args.extend(
+            [n, image, bias_stride, inner, period]
+                .iter()
+                .map(|&v| Arg::L(v as i64)),
+        );
+        // SAFETY: matches bias_residual_f16 (half*, 2 const half*, 5 long).
+        unsafe { launch(stream, &self.bias_residual, elems(n), &args) }
     }
 
-    /// x [planes, h, w] -> y [planes, 2h, 2w].
-    pub fn upsample2x(
+    /// x [n, h, w, c] -> y [n, 2h, 2w, c], nearest.
+    ///
+    /// # Safety
+    /// x and y must hold those shapes.
+    pub unsafe fn upsample2x_nhwc(
         &self,
-        device: &Device,
-        x: &CudaSlice<f16>,
-        y: &mut CudaSlice<f16>,
-        h: usize,
-        w: usize,
+        stream: &CudaStream,
+        x: Ptr,
+        y: Ptr,
+        nhwc: [usize; 4],
     ) -> Result<(), GpuError> {
-        if h == 0 || w == 0 || !x.len().is_multiple_of(h * w) || y.len() != 4 * x.len() {
-            return Err(shape(
-                "upsample2x",
-                format!("{} -> {} at {h}x{w}", x.len(), y.len()),
-            ));
-        }
-        let planes = (x.len() / (h * w)) as i64;
-        let (hi, wi) = (h as i32, w as i32);
-        let cfg = LaunchConfig::for_num_elems(y.len() as u32);
-        let mut l = device.stream.launch_builder(&self.upsample);
-        l.arg(x).arg(y).arg(&planes).arg(&hi).arg(&wi);
-        // SAFETY: matches upsample2x_f16 (const half*, half*, long, int, int); y holds 4x the
-        // elements of x and the kernel bounds-checks.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        let [n, h, w, c] = nhwc;
+        let args = [
+            Arg::P(x),
+            Arg::P(y),
+            Arg::L(n as i64),
+            Arg::I(h as i32),
+            Arg::I(w as i32),
+            Arg::I(c as i32),
+        ];
+        // SAFETY: matches upsample2x_nhwc_f16 (const half*, half*, long, 3 int).
+        unsafe { launch(stream, &self.upsample_nhwc, elems(4 * n * h * w * c), &args) }
     }
 }

@@ -1,84 +1,162 @@
-//! GroupNorm (+ fused SiLU) on fp16 NCHW activations.
+//! GroupNorm (+ fused SiLU) on fp16 NHWC activations: partial sums over pixel chunks, per-group
+//! statistics, then the elementwise apply.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
-use half::f16;
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
+use super::{elems, grid, launch, shape_err, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
 const SRC: &str = include_str!("../../kernels/group_norm.cu");
-const THREADS: u32 = 256;
+const STATS_THREADS: usize = 256;
+/// Aim for a few blocks per SM across the images of a batch.
+const TARGET_BLOCKS: usize = 264;
 
-/// The compiled kernel.
+/// One GroupNorm's shape and the scratch it needs.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupNormShape {
+    pub n: usize,
+    pub hw: usize,
+    pub c: usize,
+    pub groups: usize,
+    pub eps: f32,
+    pub silu: bool,
+}
+
+impl GroupNormShape {
+    /// Pixel chunks per image for the statistics pass.
+    pub fn chunks(&self) -> usize {
+        TARGET_BLOCKS.div_ceil(self.n).clamp(1, self.hw.max(1))
+    }
+
+    /// Bytes of scratch: partial (sum, sum of squares) per chunk and group, then (mean, 1/std).
+    pub fn scratch_bytes(&self) -> usize {
+        8 * self.n * self.groups * (self.chunks() + 1)
+    }
+
+    fn check(&self) -> Result<(), GpuError> {
+        let ok = self.groups > 0
+            && self.c.is_multiple_of(self.groups)
+            && (self.c / self.groups).is_multiple_of(2)
+            && STATS_THREADS.is_multiple_of(self.groups);
+        if ok {
+            Ok(())
+        } else {
+            Err(shape_err(
+                "group_norm",
+                format!(
+                    "{} channels in {} groups (needs an even group width and groups dividing {STATS_THREADS})",
+                    self.c, self.groups
+                ),
+            ))
+        }
+    }
+}
+
+/// The compiled kernels.
 pub struct GroupNorm {
-    func: CudaFunction,
+    stats: CudaFunction,
+    finalize: CudaFunction,
+    apply: CudaFunction,
 }
 
 impl GroupNorm {
     pub fn load(device: &Device) -> Result<Self, GpuError> {
-        let module = super::compile(device, "group_norm", SRC)?;
+        let m = super::compile(device, "group_norm", SRC)?;
         Ok(GroupNorm {
-            func: module.load_function("group_norm_f16")?,
+            stats: m.load_function("group_norm_nhwc_stats_f16")?,
+            finalize: m.load_function("group_norm_nhwc_finalize")?,
+            apply: m.load_function("group_norm_nhwc_apply_f16")?,
         })
     }
 
-    /// y = groupnorm(x) * gamma + beta (then SiLU), x and y [n, channels, inner].
-    pub fn launch(
+    /// Checks a shape before an executor commits to it.
+    pub fn supports(s: &GroupNormShape) -> Result<(), GpuError> {
+        s.check()
+    }
+
+    /// y = groupnorm(x) * gamma + beta (then SiLU); x, y [n, hw, c].
+    ///
+    /// # Safety
+    /// x and y must hold n*hw*c elements, gamma and beta c, scratch `s.scratch_bytes()` bytes
+    /// (8-byte aligned).
+    pub unsafe fn launch(
         &self,
-        device: &Device,
-        x: &CudaSlice<f16>,
-        gamma: &CudaSlice<f16>,
-        beta: &CudaSlice<f16>,
-        y: &mut CudaSlice<f16>,
-        n: usize,
-        channels: usize,
-        groups: usize,
-        inner: usize,
-        eps: f32,
-        silu: bool,
+        stream: &CudaStream,
+        x: Ptr,
+        gamma: Ptr,
+        beta: Ptr,
+        y: Ptr,
+        scratch: Ptr,
+        s: &GroupNormShape,
     ) -> Result<(), GpuError> {
-        let bad = |reason: String| GpuError::Shape {
-            kernel: "group_norm",
-            reason,
-        };
-        if groups == 0 || !channels.is_multiple_of(groups) {
-            return Err(bad(format!("{channels} channels in {groups} groups")));
-        }
-        if x.len() != n * channels * inner
-            || y.len() != x.len()
-            || gamma.len() != channels
-            || beta.len() != channels
-        {
-            return Err(bad(format!(
-                "buffers do not match [{n}, {channels}, {inner}]"
-            )));
-        }
+        s.check()?;
+        let chunks = s.chunks();
+        let chunk = s.hw.div_ceil(chunks);
+        let partial = scratch;
+        let stats = scratch + (8 * s.n * s.groups * chunks) as u64;
         let cfg = LaunchConfig {
-            grid_dim: ((n * groups) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
+            grid_dim: (chunks as u32, s.n as u32, 1),
+            block_dim: (STATS_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (c, g, i, s) = (
-            channels as i32,
-            groups as i32,
-            inner as i32,
-            i32::from(silu),
-        );
-        let mut launch = device.stream.launch_builder(&self.func);
-        launch
-            .arg(x)
-            .arg(gamma)
-            .arg(beta)
-            .arg(y)
-            .arg(&c)
-            .arg(&g)
-            .arg(&i)
-            .arg(&eps)
-            .arg(&s);
-        // SAFETY: the argument list matches group_norm_f16's signature (3 const half*, half*,
-        // int, int, int, float, int), every buffer holds the element counts checked above, and
-        // the grid has one block per (image, group) as the kernel indexes.
-        unsafe { launch.launch(cfg) }?;
-        Ok(())
+        let i = |v: usize| Arg::I(v as i32);
+        // SAFETY: matches group_norm_nhwc_stats_f16 (const half*, float2*, 4 int); partial holds
+        // n*chunks*groups float2s; blockDim is a multiple of groups (checked).
+        unsafe {
+            launch(
+                stream,
+                &self.stats,
+                cfg,
+                &[
+                    Arg::P(x),
+                    Arg::P(partial),
+                    i(s.hw),
+                    i(s.c),
+                    i(s.groups),
+                    i(chunk),
+                ],
+            )
+        }?;
+        let count = (s.hw * (s.c / s.groups)) as f32;
+        // SAFETY: matches group_norm_nhwc_finalize (const float2*, float2*, 3 int, 2 float).
+        unsafe {
+            launch(
+                stream,
+                &self.finalize,
+                grid(s.n * s.groups, 128),
+                &[
+                    Arg::P(partial),
+                    Arg::P(stats),
+                    i(s.n),
+                    i(s.groups),
+                    i(chunks),
+                    Arg::F(count),
+                    Arg::F(s.eps),
+                ],
+            )
+        }?;
+        let n2 = s.n * s.hw * s.c / 2;
+        // SAFETY: matches group_norm_nhwc_apply_f16 (const half2*, const float2*, 2 const half*,
+        // half2*, 2 long, 3 int); c is even and each channel pair shares a group (checked).
+        unsafe {
+            launch(
+                stream,
+                &self.apply,
+                elems(n2),
+                &[
+                    Arg::P(x),
+                    Arg::P(stats),
+                    Arg::P(gamma),
+                    Arg::P(beta),
+                    Arg::P(y),
+                    Arg::L(n2 as i64),
+                    Arg::L(s.hw as i64),
+                    i(s.c),
+                    i(s.groups),
+                    i(usize::from(s.silu)),
+                ],
+            )
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! LayerNorm over the last axis (transformer blocks, whisper) on fp16 rows.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
-use half::f16;
+use cudarc::driver::{CudaFunction, CudaStream};
 
+use super::{grid, launch, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
@@ -23,46 +23,38 @@ impl LayerNorm {
     }
 
     /// y = layernorm(x) * gamma + beta over rows of `cols`.
-    pub fn launch(
+    ///
+    /// # Safety
+    /// x and y must hold rows*cols elements, gamma and beta cols.
+    pub unsafe fn launch(
         &self,
-        device: &Device,
-        x: &CudaSlice<f16>,
-        gamma: &CudaSlice<f16>,
-        beta: &CudaSlice<f16>,
-        y: &mut CudaSlice<f16>,
+        stream: &CudaStream,
+        x: Ptr,
+        gamma: Ptr,
+        beta: Ptr,
+        y: Ptr,
+        rows: usize,
         cols: usize,
         eps: f32,
     ) -> Result<(), GpuError> {
-        if cols == 0
-            || !x.len().is_multiple_of(cols)
-            || y.len() != x.len()
-            || gamma.len() != cols
-            || beta.len() != cols
-        {
-            return Err(GpuError::Shape {
-                kernel: "layer_norm",
-                reason: format!("{} elements in rows of {cols}", x.len()),
-            });
+        let args = [
+            Arg::P(x),
+            Arg::P(gamma),
+            Arg::P(beta),
+            Arg::P(y),
+            Arg::I(rows as i32),
+            Arg::I(cols as i32),
+            Arg::F(eps),
+        ];
+        // SAFETY: matches layer_norm_f16 (3 const half*, half*, int, int, float); one warp per
+        // row, surplus warps return.
+        unsafe {
+            launch(
+                stream,
+                &self.func,
+                grid(rows * 32, 32 * ROWS_PER_BLOCK),
+                &args,
+            )
         }
-        let rows = x.len() / cols;
-        let cfg = LaunchConfig {
-            grid_dim: ((rows as u32).div_ceil(ROWS_PER_BLOCK), 1, 1),
-            block_dim: (32 * ROWS_PER_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (r, c) = (rows as i32, cols as i32);
-        let mut launch = device.stream.launch_builder(&self.func);
-        launch
-            .arg(x)
-            .arg(gamma)
-            .arg(beta)
-            .arg(y)
-            .arg(&r)
-            .arg(&c)
-            .arg(&eps);
-        // SAFETY: arguments match layer_norm_f16 (3 const half*, half*, int, int, float); buffers
-        // hold rows*cols / cols elements as checked; rows past the end return early in the kernel.
-        unsafe { launch.launch(cfg) }?;
-        Ok(())
     }
 }

@@ -1,21 +1,52 @@
 //! Our NVRTC kernels: each family's CUDA source lives in `gpu/kernels/<op>.cu`, beside the Rust
 //! launcher here that owns it. Sources are compiled for the device's exact SM when loaded.
+//!
+//! Launchers take raw device addresses (`Ptr`): the executor places every activation inside one
+//! arena allocation, so an operand is an address, not a buffer of its own. Each launcher checks
+//! the shape arguments it can; the executor guarantees that the addresses hold those shapes.
 
 pub mod attention;
 pub mod elementwise;
 pub mod group_norm;
 pub mod layer_norm;
+pub mod layout;
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaModule;
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::CompileOptions;
 
 use crate::device::Device;
 use crate::error::GpuError;
 
+/// A device address (`CUdeviceptr`); 0 stands for "none" where a kernel takes an optional operand.
+pub type Ptr = u64;
+
 /// Where cuda_fp16.h lives on the machines we run on.
 const CUDA_INCLUDE: &str = "/usr/local/cuda/include";
+/// Threads per block of the one-thread-per-element kernels.
+const THREADS: u32 = 256;
+
+/// Every kernel the executor launches.
+pub struct Kernels {
+    pub attention: attention::Attention,
+    pub elementwise: elementwise::Elementwise,
+    pub group_norm: group_norm::GroupNorm,
+    pub layer_norm: layer_norm::LayerNorm,
+    pub layout: layout::Layout,
+}
+
+impl Kernels {
+    pub fn load(device: &Device) -> Result<Self, GpuError> {
+        Ok(Kernels {
+            attention: attention::Attention::load(device)?,
+            elementwise: elementwise::Elementwise::load(device)?,
+            group_norm: group_norm::GroupNorm::load(device)?,
+            layer_norm: layer_norm::LayerNorm::load(device)?,
+            layout: layout::Layout::load(device)?,
+        })
+    }
+}
 
 /// Compiles one kernel source for `device` and loads it.
 pub fn compile(
@@ -36,4 +67,75 @@ pub fn compile(
         log: e.to_string(),
     })?;
     Ok(device.ctx.load_module(ptx)?)
+}
+
+/// One kernel argument, by value.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    /// A device address.
+    P(Ptr),
+    L(i64),
+    I(i32),
+    F(f32),
+}
+
+/// A 1-d launch of `threads` threads in blocks of `block`.
+pub(crate) fn grid(threads: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((threads as u64).div_ceil(block as u64).max(1) as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A one-thread-per-element launch.
+pub(crate) fn elems(n: usize) -> LaunchConfig {
+    grid(n, THREADS)
+}
+
+/// Launches `func` with `args`.
+///
+/// # Safety
+/// `args` must match the kernel's parameter list in order and type, and every address must hold
+/// what the kernel reads or writes for the given sizes.
+pub(crate) unsafe fn launch(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &[Arg],
+) -> Result<(), GpuError> {
+    let mut l = stream.launch_builder(func);
+    for a in args {
+        match a {
+            Arg::P(p) => l.arg(p),
+            Arg::L(v) => l.arg(v),
+            Arg::I(v) => l.arg(v),
+            Arg::F(v) => l.arg(v),
+        };
+    }
+    // SAFETY: forwarded to the caller (see above).
+    unsafe { l.launch(cfg) }?;
+    Ok(())
+}
+
+fn shape_err(kernel: &'static str, reason: String) -> GpuError {
+    GpuError::Shape { kernel, reason }
+}
+
+/// Pads a shape to rank 5 with leading 1s (and strides with leading 0s).
+pub(crate) fn rank5(dims: &[usize], strides: &[usize]) -> Result<([i64; 5], [i64; 5]), GpuError> {
+    if dims.len() > 5 || dims.len() != strides.len() {
+        return Err(shape_err(
+            "permute",
+            format!("rank {} (at most 5)", dims.len()),
+        ));
+    }
+    let mut d = [1i64; 5];
+    let mut s = [0i64; 5];
+    let off = 5 - dims.len();
+    for i in 0..dims.len() {
+        d[off + i] = dims[i] as i64;
+        s[off + i] = strides[i] as i64;
+    }
+    Ok((d, s))
 }

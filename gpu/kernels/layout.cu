@@ -1,0 +1,41 @@
+// Data movement for the executor: generic permutes (layout changes and graph permutes), strided
+// row copies (concat and slice on any axis), and asymmetric zero padding of NHWC images.
+#include <cuda_fp16.h>
+
+// y is contiguous with dims (d0, d1, d2, d3, d4) (rank padded to 5 with leading 1s); element
+// (i0..i4) comes from x at i0*s0 + i1*s1 + i2*s2 + i3*s3 + i4*s4.
+extern "C" __global__ void permute_f16(const __half* __restrict__ x, __half* __restrict__ y, long n,
+                                       int d1, int d2, int d3, int d4,
+                                       long s0, long s1, long s2, long s3, long s4) {
+  long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n) return;
+  long r = idx;
+  const long i4 = r % d4; r /= d4;
+  const long i3 = r % d3; r /= d3;
+  const long i2 = r % d2; r /= d2;
+  const long i1 = r % d1; r /= d1;
+  y[idx] = x[r * s0 + i1 * s1 + i2 * s2 + i3 * s3 + i4 * s4];
+}
+
+// y[r * ys + c] = x[r * xs + c] for r < rows, c < cols (pointers already at their offsets).
+extern "C" __global__ void copy_rows_f16(const __half* __restrict__ x, __half* __restrict__ y,
+                                         long rows, long cols, long xs, long ys) {
+  long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= rows * cols) return;
+  const long r = idx / cols, c = idx % cols;
+  y[r * ys + c] = x[r * xs + c];
+}
+
+// Zero padding of NHWC images: x [n, h, w, c] -> y [n, ho, wo, c] with x placed at (top, left).
+extern "C" __global__ void pad_nhwc_f16(const __half* __restrict__ x, __half* __restrict__ y,
+                                        int n, int h, int w, int c, int ho, int wo, int top, int left) {
+  long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (long)n * ho * wo * c) return;
+  long r = idx;
+  const int ch = r % c; r /= c;
+  const int ox = r % wo; r /= wo;
+  const int oy = r % ho; r /= ho;
+  const int ix = ox - left, iy = oy - top;
+  y[idx] = (ix >= 0 && ix < w && iy >= 0 && iy < h) ? x[(((long)r * h + iy) * w + ix) * c + ch]
+                                                    : __float2half(0.f);
+}

@@ -1,0 +1,531 @@
+//! The CUDA executor of the engines IR: fp16 activations and weights, fp32 accumulation.
+//!
+//! A `Runtime` owns what the graphs of one engine share on one GPU: kernels, the cuDNN and
+//! cuBLASLt handles, uploaded weights (keyed, so batch profiles share them), tuned convolution
+//! algorithms and the convolution workspace. An `Executor` is one lowered graph at one batch
+//! size: its arena (one allocation, activations placed by the liveness planner), its prepared
+//! library calls, and — once captured — one CUDA graph replayed per run. It never allocates
+//! after it is built.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t;
+use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, DevicePtr};
+use half::f16;
+use lipstream_engines::graph::Graph;
+use lipstream_engines::tensor::Tensor;
+
+use crate::arena;
+use crate::blas::{Blas, LinearPlan};
+use crate::conv::{Conv, ConvPlan, ConvShape};
+use crate::device::Device;
+use crate::error::GpuError;
+use crate::kernels::{Kernels, Ptr};
+use crate::plan::{self, Binding, Loc, Plan, Step, WeightForm, WeightUse};
+
+/// Arena offsets are multiples of this (cuDNN and vector loads like aligned operands).
+const ALIGN: usize = 256;
+/// The most workspace a convolution algorithm may ask for while tuning.
+const TUNE_WORKSPACE_BYTES: usize = 256 << 20;
+
+/// How executors are built.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Time every cuDNN algorithm per convolution shape (engine build); else use heuristics.
+    pub tune: bool,
+}
+
+/// What one GPU's graphs share.
+pub struct Runtime {
+    pub device: Device,
+    pub kernels: Kernels,
+    pub conv: Conv,
+    pub blas: Blas,
+    weights: HashMap<String, CudaSlice<f16>>,
+    /// Bytes of uploaded weights.
+    pub weight_bytes: usize,
+    /// Convolution algorithm per shape: (algorithm, workspace bytes, measured ms).
+    pub tuned: HashMap<ConvShape, (cudnnConvolutionFwdAlgo_t, usize, f32)>,
+    workspace: Option<CudaSlice<u8>>,
+    workspace_bytes: usize,
+}
+
+impl Runtime {
+    /// Loads the kernels and library handles for `device`.
+    pub fn new(device: Device) -> Result<Self, GpuError> {
+        let kernels = Kernels::load(&device)?;
+        let conv = Conv::new(device.stream.clone())?;
+        let blas = Blas::new(device.stream.clone())?;
+        Ok(Runtime {
+            device,
+            kernels,
+            conv,
+            blas,
+            weights: HashMap::new(),
+            weight_bytes: 0,
+            tuned: HashMap::new(),
+            workspace: None,
+            workspace_bytes: 0,
+        })
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.device.stream
+    }
+
+    /// Uploads a weight once (fp16, in its device form); returns its address.
+    fn upload(&mut self, w: &WeightUse) -> Result<Ptr, GpuError> {
+        if !self.weights.contains_key(&w.key) {
+            let t = &w.tensor;
+            let data: Vec<f16> = match w.form {
+                WeightForm::Plain => t.data.iter().map(|&v| f16::from_f32(v)).collect(),
+                WeightForm::ChannelsLast => {
+                    let (o, c, h, wd) = (t.shape[0], t.shape[1], t.shape[2], t.shape[3]);
+                    let mut out = vec![f16::ZERO; t.data.len()];
+                    for oi in 0..o {
+                        for ci in 0..c {
+                            for y in 0..h {
+                                for x in 0..wd {
+                                    out[((oi * h + y) * wd + x) * c + ci] =
+                                        f16::from_f32(t.data[((oi * c + ci) * h + y) * wd + x]);
+                                }
+                            }
+                        }
+                    }
+                    out
+                }
+            };
+            let slice = self.stream().clone_htod(&data)?;
+            self.weight_bytes += 2 * data.len();
+            self.weights.insert(w.key.clone(), slice);
+        }
+        let slice = &self.weights[&w.key];
+        let (ptr, _sync) = slice.device_ptr(self.stream());
+        Ok(ptr)
+    }
+
+    /// Makes the shared convolution workspace at least `bytes` large. Graphs captured before a
+    /// growth would point at the old allocation, so engines size it before capturing.
+    fn reserve_workspace(&mut self, bytes: usize) -> Result<(), GpuError> {
+        if self.workspace.is_none() || bytes > self.workspace_bytes {
+            self.workspace = None;
+            self.workspace = Some(self.stream().alloc_zeros::<u8>(bytes.max(1))?);
+            self.workspace_bytes = bytes.max(1);
+        }
+        Ok(())
+    }
+
+    fn workspace_ptr(&self) -> Ptr {
+        match &self.workspace {
+            Some(w) => w.device_ptr(self.stream()).0,
+            None => 0,
+        }
+    }
+}
+
+/// A prepared library call for a step.
+enum Prepared {
+    None,
+    Conv(ConvPlan),
+    Linear(LinearPlan),
+}
+
+/// One graph at fixed shapes, ready to run.
+pub struct Executor {
+    plan: Plan,
+    prepared: Vec<Prepared>,
+    weight_ptrs: Vec<Ptr>,
+    arena: CudaSlice<f16>,
+    arena_ptr: Ptr,
+    offsets: Vec<usize>,
+    graph: Option<CudaGraph>,
+    /// Bytes of the arena, and the least any placement could use.
+    pub arena_bytes: usize,
+    pub peak_bytes: usize,
+}
+
+impl Executor {
+    /// Lowers `graph`, uploads its weights (shared through `rt` under `prefix`), places its
+    /// activations and prepares every library call.
+    pub fn new(
+        rt: &mut Runtime,
+        graph: &Graph,
+        prefix: &str,
+        opts: Options,
+    ) -> Result<Self, GpuError> {
+        let plan = plan::lower(graph, prefix)?;
+        let weight_ptrs = plan
+            .weights
+            .iter()
+            .map(|w| rt.upload(w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (offsets, arena_bytes) = arena::place(&plan.lifetimes, ALIGN);
+        let peak_bytes = arena::peak(&plan.lifetimes, ALIGN);
+        let arena = rt
+            .stream()
+            .alloc_zeros::<f16>(arena_bytes.div_ceil(2).max(1))?;
+        let arena_ptr = arena.device_ptr(rt.stream()).0;
+        let mut ex = Executor {
+            plan,
+            prepared: Vec::new(),
+            weight_ptrs,
+            arena,
+            arena_ptr,
+            offsets,
+            graph: None,
+            arena_bytes,
+            peak_bytes,
+        };
+        let mut prepared = Vec::with_capacity(ex.plan.steps.len());
+        let mut need_ws = 0;
+        for step in &ex.plan.steps {
+            prepared.push(match step {
+                Step::Conv { shape, x, w, y, .. } => {
+                    let mut p = rt.conv.plan(*shape)?;
+                    if let Some(&(algo, bytes, _)) = rt.tuned.get(shape) {
+                        p.algo = algo;
+                        p.workspace_bytes = bytes;
+                    } else if opts.tune {
+                        rt.reserve_workspace(TUNE_WORKSPACE_BYTES)?;
+                        let ws = rt.workspace_ptr();
+                        // SAFETY: x, w and y are this step's operands (placed above, sized by
+                        // the plan for `shape`); y is scratch until the step runs; the workspace
+                        // holds TUNE_WORKSPACE_BYTES.
+                        let ms = unsafe {
+                            rt.conv.tune(
+                                &mut p,
+                                ex.ptr(*x),
+                                ex.ptr(*w),
+                                ex.ptr(*y),
+                                ws,
+                                TUNE_WORKSPACE_BYTES,
+                            )
+                        }?;
+                        rt.tuned.insert(*shape, (p.algo, p.workspace_bytes, ms));
+                    }
+                    need_ws = need_ws.max(p.workspace_bytes);
+                    Prepared::Conv(p)
+                }
+                Step::Linear {
+                    rows,
+                    k,
+                    n,
+                    bias,
+                    residual,
+                    ..
+                } => {
+                    let bias = bias.map(|b| ex.ptr(b));
+                    Prepared::Linear(rt.blas.plan(*rows, *k, *n, bias, residual.is_some())?)
+                }
+                _ => Prepared::None,
+            });
+        }
+        rt.reserve_workspace(need_ws)?;
+        ex.prepared = prepared;
+        Ok(ex)
+    }
+
+    /// The device address of an operand.
+    fn ptr(&self, loc: Loc) -> Ptr {
+        match loc {
+            Loc::None => 0,
+            Loc::Arena(b, o) => self.arena_ptr + (self.offsets[b] + 2 * o) as u64,
+            Loc::Weight(w, o) => self.weight_ptrs[w] + (2 * o) as u64,
+        }
+    }
+
+    /// The graph's inputs and outputs.
+    pub fn inputs(&self) -> &[Binding] {
+        &self.plan.inputs
+    }
+
+    pub fn outputs(&self) -> &[Binding] {
+        &self.plan.outputs
+    }
+
+    /// Steps, for reports.
+    pub fn steps(&self) -> &[Step] {
+        &self.plan.steps
+    }
+
+    fn binding<'a>(list: &'a [Binding], name: &str) -> Result<&'a Binding, GpuError> {
+        list.iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| GpuError::Binding {
+                name: name.to_string(),
+                reason: format!(
+                    "no such input or output (have {})",
+                    list.iter()
+                        .map(|b| b.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+    }
+
+    fn range(&self, b: &Binding) -> std::ops::Range<usize> {
+        let Loc::Arena(buf, o) = b.loc else {
+            return 0..0;
+        };
+        let start = self.offsets[buf] / 2 + o;
+        start..start + b.shape.iter().product::<usize>()
+    }
+
+    /// Copies an input's fp16 data in (asynchronously, on the engine's stream).
+    pub fn write_input(&mut self, rt: &Runtime, name: &str, data: &[f16]) -> Result<(), GpuError> {
+        let b = Self::binding(&self.plan.inputs, name)?.clone();
+        let range = self.range(&b);
+        if data.len() != range.len() {
+            return Err(GpuError::Binding {
+                name: name.to_string(),
+                reason: format!("{} values for shape {:?}", data.len(), b.shape),
+            });
+        }
+        let mut view = self.arena.slice_mut(range);
+        rt.stream().memcpy_htod(data, &mut view)?;
+        Ok(())
+    }
+
+    /// Copies an output's fp16 data out (waits for the stream).
+    pub fn read_output(&self, rt: &Runtime, name: &str) -> Result<Vec<f16>, GpuError> {
+        let b = Self::binding(&self.plan.outputs, name)?;
+        let range = self.range(b);
+        let mut out = vec![f16::ZERO; range.len()];
+        rt.stream()
+            .memcpy_dtoh(&self.arena.slice(range), &mut out)?;
+        rt.stream().synchronize()?;
+        Ok(out)
+    }
+
+    /// Runs once: the captured graph if there is one, else every step eagerly.
+    pub fn launch(&self, rt: &Runtime) -> Result<(), GpuError> {
+        match &self.graph {
+            Some(g) => Ok(g.launch()?),
+            None => self.run_steps(rt, None),
+        }
+    }
+
+    /// Whether a CUDA graph replays this executor.
+    pub fn captured(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Warms up, then captures every step into one CUDA graph.
+    pub fn capture(&mut self, rt: &Runtime) -> Result<(), GpuError> {
+        self.graph = None;
+        self.run_steps(rt, None)?;
+        rt.stream().synchronize()?;
+        let stream = rt.stream();
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+        let ran = self.run_steps(rt, None);
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        ran?;
+        let graph =
+            graph?.ok_or_else(|| GpuError::Capture("the capture recorded nothing".into()))?;
+        graph.upload()?;
+        self.graph = Some(graph);
+        Ok(())
+    }
+
+    /// Runs every step eagerly; with `times`, records each step's milliseconds (synchronising
+    /// per step, so only for profiling).
+    pub fn run_steps(
+        &self,
+        rt: &Runtime,
+        mut times: Option<&mut Vec<f32>>,
+    ) -> Result<(), GpuError> {
+        let s = rt.stream();
+        let k = &rt.kernels;
+        let ws = rt.workspace_ptr();
+        let ev = if times.is_some() {
+            let f = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+            Some((s.context().new_event(f)?, s.context().new_event(f)?))
+        } else {
+            None
+        };
+        for (i, step) in self.plan.steps.iter().enumerate() {
+            if let Some((a, _)) = &ev {
+                a.record(s)?;
+            }
+            let p = |l: Loc| self.ptr(l);
+            // SAFETY (every launch below): the plan sized each operand for exactly the shapes
+            // passed with it, the arena holds every buffer at its placed offset for the step's
+            // lifetime, and weights stay uploaded for the runtime's life.
+            match (step, &self.prepared[i]) {
+                (
+                    Step::Conv {
+                        shape,
+                        x,
+                        w,
+                        y,
+                        bias,
+                        residual,
+                    },
+                    Prepared::Conv(plan),
+                ) => {
+                    unsafe { rt.conv.forward(plan, p(*x), p(*w), p(*y), ws) }?;
+                    if bias.is_some() || residual.is_some() {
+                        let (ho, wo) = shape.out_hw();
+                        let n = shape.n * shape.o * ho * wo;
+                        let (b, stride) = bias.map_or((0, 0), |(l, st)| (p(l), st));
+                        let inner = if shape.nhwc { 1 } else { ho * wo };
+                        unsafe {
+                            k.elementwise.bias_residual(
+                                s,
+                                p(*y),
+                                b,
+                                residual.map_or(0, p),
+                                n,
+                                shape.o * ho * wo,
+                                stride,
+                                inner,
+                                shape.o,
+                            )
+                        }?;
+                    }
+                }
+                (
+                    Step::Linear {
+                        x, w, residual, y, ..
+                    },
+                    Prepared::Linear(plan),
+                ) => unsafe {
+                    rt.blas
+                        .linear(plan, p(*x), p(*w), residual.map_or(0, p), p(*y))
+                }?,
+                (Step::Pad { x, y, nhwc, pad }, _) => {
+                    unsafe { k.layout.pad_nhwc(s, p(*x), p(*y), *nhwc, *pad) }?
+                }
+                (
+                    Step::GroupNorm {
+                        shape,
+                        x,
+                        gamma,
+                        beta,
+                        y,
+                        scratch,
+                    },
+                    _,
+                ) => unsafe {
+                    k.group_norm
+                        .launch(s, p(*x), p(*gamma), p(*beta), p(*y), p(*scratch), shape)
+                }?,
+                (
+                    Step::LayerNorm {
+                        x,
+                        gamma,
+                        beta,
+                        y,
+                        rows,
+                        cols,
+                        eps,
+                    },
+                    _,
+                ) => unsafe {
+                    k.layer_norm
+                        .launch(s, p(*x), p(*gamma), p(*beta), p(*y), *rows, *cols, *eps)
+                }?,
+                (
+                    Step::Attention {
+                        q,
+                        k: kk,
+                        v,
+                        o,
+                        shape,
+                    },
+                    _,
+                ) => unsafe { k.attention.launch(s, p(*q), p(*kk), p(*v), p(*o), shape) }?,
+                (Step::Unary { op, x, y, n }, _) => {
+                    unsafe { k.elementwise.unary(s, *op, p(*x), p(*y), *n) }?
+                }
+                (Step::Add { a, b, y, n }, _) => {
+                    unsafe { k.elementwise.add(s, p(*a), p(*b), p(*y), *n) }?
+                }
+                (
+                    Step::Binary {
+                        op,
+                        a,
+                        a_strides,
+                        b,
+                        b_strides,
+                        y,
+                        dims,
+                    },
+                    _,
+                ) => unsafe {
+                    k.elementwise.binary(
+                        s,
+                        *op,
+                        (p(*a), a_strides),
+                        (p(*b), b_strides),
+                        p(*y),
+                        dims,
+                    )
+                }?,
+                (Step::Geglu { x, y, rows, d }, _) => {
+                    unsafe { k.elementwise.geglu(s, p(*x), p(*y), *rows, *d) }?
+                }
+                (Step::Upsample { x, y, nhwc }, _) => {
+                    unsafe { k.elementwise.upsample2x_nhwc(s, p(*x), p(*y), *nhwc) }?
+                }
+                (
+                    Step::Permute {
+                        x,
+                        y,
+                        dims,
+                        strides,
+                    },
+                    _,
+                ) => unsafe { k.layout.permute(s, p(*x), p(*y), dims, strides) }?,
+                (
+                    Step::CopyRows {
+                        x,
+                        y,
+                        rows,
+                        cols,
+                        xs,
+                        ys,
+                    },
+                    _,
+                ) => unsafe { k.layout.copy_rows(s, p(*x), p(*y), *rows, *cols, *xs, *ys) }?,
+                (step, _) => {
+                    return Err(GpuError::Capture(format!(
+                        "step {i} ({}) has no prepared call",
+                        step.name()
+                    )))
+                }
+            }
+            if let (Some((a, b)), Some(t)) = (&ev, times.as_deref_mut()) {
+                b.record(s)?;
+                b.synchronize()?;
+                t.push(a.elapsed_ms(b)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs on f32 tensors (tests and checks): converts, uploads, runs, reads back.
+    pub fn run_f32(
+        &mut self,
+        rt: &Runtime,
+        inputs: &[(&str, &Tensor)],
+    ) -> Result<Vec<(String, Tensor)>, GpuError> {
+        for (name, t) in inputs {
+            let data: Vec<f16> = t.data.iter().map(|&v| f16::from_f32(v)).collect();
+            self.write_input(rt, name, &data)?;
+        }
+        self.launch(rt)?;
+        self.plan
+            .outputs
+            .iter()
+            .map(|b| {
+                let data = self.read_output(rt, &b.name)?;
+                Ok((
+                    b.name.clone(),
+                    Tensor::new(b.shape.clone(), data.iter().map(|v| v.to_f32()).collect()),
+                ))
+            })
+            .collect()
+    }
+}

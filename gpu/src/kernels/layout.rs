@@ -1,0 +1,99 @@
+//! Data movement: permutes (layout changes), strided row copies (concat, slice), NHWC padding.
+
+use cudarc::driver::{CudaFunction, CudaStream};
+
+use super::{elems, launch, rank5, Arg, Ptr};
+use crate::device::Device;
+use crate::error::GpuError;
+
+const SRC: &str = include_str!("../../kernels/layout.cu");
+
+/// The compiled kernels.
+pub struct Layout {
+    permute: CudaFunction,
+    copy_rows: CudaFunction,
+    pad_nhwc: CudaFunction,
+}
+
+impl Layout {
+    pub fn load(device: &Device) -> Result<Self, GpuError> {
+        let m = super::compile(device, "layout", SRC)?;
+        Ok(Layout {
+            permute: m.load_function("permute_f16")?,
+            copy_rows: m.load_function("copy_rows_f16")?,
+            pad_nhwc: m.load_function("pad_nhwc_f16")?,
+        })
+    }
+
+    /// y (contiguous, `dims`) gathers x through `strides` (elements, one per output axis).
+    ///
+    /// # Safety
+    /// x must hold every element the strides reach; y must hold `dims`' product.
+    pub unsafe fn permute(
+        &self,
+        stream: &CudaStream,
+        x: Ptr,
+        y: Ptr,
+        dims: &[usize],
+        strides: &[usize],
+    ) -> Result<(), GpuError> {
+        let (d, s) = rank5(dims, strides)?;
+        let n: usize = dims.iter().product();
+        let mut args = vec![Arg::P(x), Arg::P(y), Arg::L(n as i64)];
+        args.extend(d[1..].iter().map(|&v| Arg::I(v as i32)));
+        args.extend(s.iter().map(|&v| Arg::L(v)));
+        // SAFETY: matches permute_f16 (const half*, half*, long, 4 int, 5 long); sizes per the
+        // caller's contract.
+        unsafe { launch(stream, &self.permute, elems(n), &args) }
+    }
+
+    /// y[r * ys + c] = x[r * xs + c] for r < rows, c < cols.
+    ///
+    /// # Safety
+    /// x and y must hold the rows at their strides.
+    pub unsafe fn copy_rows(
+        &self,
+        stream: &CudaStream,
+        x: Ptr,
+        y: Ptr,
+        rows: usize,
+        cols: usize,
+        xs: usize,
+        ys: usize,
+    ) -> Result<(), GpuError> {
+        let args = [
+            Arg::P(x),
+            Arg::P(y),
+            Arg::L(rows as i64),
+            Arg::L(cols as i64),
+            Arg::L(xs as i64),
+            Arg::L(ys as i64),
+        ];
+        // SAFETY: matches copy_rows_f16 (const half*, half*, 4 long).
+        unsafe { launch(stream, &self.copy_rows, elems(rows * cols), &args) }
+    }
+
+    /// x [n, h, w, c] -> y [n, h + top + bottom, w + left + right, c], zeros around.
+    ///
+    /// # Safety
+    /// x and y must hold those shapes.
+    pub unsafe fn pad_nhwc(
+        &self,
+        stream: &CudaStream,
+        x: Ptr,
+        y: Ptr,
+        nhwc: [usize; 4],
+        pad: [usize; 4],
+    ) -> Result<(), GpuError> {
+        let [n, h, w, c] = nhwc;
+        let (ho, wo) = (h + pad[0] + pad[2], w + pad[1] + pad[3]);
+        let mut args = vec![Arg::P(x), Arg::P(y)];
+        args.extend(
+            [n, h, w, c, ho, wo, pad[0], pad[1]]
+                .iter()
+                .map(|&v| Arg::I(v as i32)),
+        );
+        // SAFETY: matches pad_nhwc_f16 (const half*, half*, 8 int).
+        unsafe { launch(stream, &self.pad_nhwc, elems(n * ho * wo * c), &args) }
+    }
+}

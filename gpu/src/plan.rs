@@ -1,0 +1,1019 @@
+//! Lowering an engines `Graph` to the CUDA executor's steps — pure data, no GPU needed, so CI
+//! checks it.
+//!
+//! Layouts: 4-d activations live channels-last (NHWC) between convolutions, group norms and
+//! upsamples, which is what cuDNN's tensor-core convolutions want; the graph's
+//! NCHW->tokens permute and its inverse then cost nothing (the NHWC buffer already is the token
+//! matrix). Graph inputs and outputs stay in the graph's own (row-major) layout.
+//!
+//! Fusions: a convolution's bias, and a residual add whose other operand is ready before the
+//! convolution, run in its epilogue; the UNet's constant time-embedding add folds into the
+//! convolution's bias (one per image); a linear layer's bias and residual run inside cuBLASLt.
+//!
+//! Memory: every activation is a buffer whose lifetime is the span of steps that touch it;
+//! `arena::place` packs them into one allocation.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use lipstream_engines::graph::{Graph, Op, ValueId};
+use lipstream_engines::tensor::{numel, Tensor};
+
+use crate::arena::Lifetime;
+use crate::conv::ConvShape;
+use crate::error::GpuError;
+use crate::kernels::attention::AttentionShape;
+use crate::kernels::elementwise::{Binary, Unary};
+use crate::kernels::group_norm::{GroupNorm, GroupNormShape};
+
+/// How a value's elements are ordered in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// Row-major in the graph's shape.
+    Plain,
+    /// A 4-d [N,C,H,W] value stored as [N,H,W,C].
+    Nhwc,
+}
+
+/// Where an operand lives: an arena buffer or an uploaded weight, plus an element offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loc {
+    None,
+    Arena(usize, usize),
+    Weight(usize, usize),
+}
+
+impl Loc {
+    /// The same base, `elems` further.
+    pub fn at(self, elems: usize) -> Loc {
+        match self {
+            Loc::None => Loc::None,
+            Loc::Arena(b, o) => Loc::Arena(b, o + elems),
+            Loc::Weight(w, o) => Loc::Weight(w, o + elems),
+        }
+    }
+}
+
+/// How a weight is laid out on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightForm {
+    Plain,
+    /// [O,C,kh,kw] filters (or [N,C,H,W] constants) stored channels-last.
+    ChannelsLast,
+}
+
+/// One weight to upload: the graph's constant (or one derived from constants) and its form.
+#[derive(Clone, Debug)]
+pub struct WeightUse {
+    /// Unique across the graphs of one engine, so profiles share uploads.
+    pub key: String,
+    pub tensor: Arc<Tensor>,
+    pub form: WeightForm,
+}
+
+/// One executor step.
+#[derive(Clone, Debug)]
+pub enum Step {
+    Conv {
+        shape: ConvShape,
+        x: Loc,
+        w: Loc,
+        y: Loc,
+        /// Bias and its per-image stride (0: one bias for all images).
+        bias: Option<(Loc, usize)>,
+        residual: Option<Loc>,
+    },
+    Pad {
+        x: Loc,
+        y: Loc,
+        nhwc: [usize; 4],
+        pad: [usize; 4],
+    },
+    Linear {
+        rows: usize,
+        k: usize,
+        n: usize,
+        x: Loc,
+        w: Loc,
+        bias: Option<Loc>,
+        residual: Option<Loc>,
+        y: Loc,
+    },
+    GroupNorm {
+        shape: GroupNormShape,
+        x: Loc,
+        gamma: Loc,
+        beta: Loc,
+        y: Loc,
+        scratch: Loc,
+    },
+    LayerNorm {
+        x: Loc,
+        gamma: Loc,
+        beta: Loc,
+        y: Loc,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    },
+    Attention {
+        q: Loc,
+        k: Loc,
+        v: Loc,
+        o: Loc,
+        shape: AttentionShape,
+    },
+    Unary {
+        op: Unary,
+        x: Loc,
+        y: Loc,
+        n: usize,
+    },
+    Add {
+        a: Loc,
+        b: Loc,
+        y: Loc,
+        n: usize,
+    },
+    Binary {
+        op: Binary,
+        a: Loc,
+        a_strides: Vec<usize>,
+        b: Loc,
+        b_strides: Vec<usize>,
+        y: Loc,
+        dims: Vec<usize>,
+    },
+    Geglu {
+        x: Loc,
+        y: Loc,
+        rows: usize,
+        d: usize,
+    },
+    Upsample {
+        x: Loc,
+        y: Loc,
+        nhwc: [usize; 4],
+    },
+    Permute {
+        x: Loc,
+        y: Loc,
+        dims: Vec<usize>,
+        strides: Vec<usize>,
+    },
+    CopyRows {
+        x: Loc,
+        y: Loc,
+        rows: usize,
+        cols: usize,
+        xs: usize,
+        ys: usize,
+    },
+}
+
+impl Step {
+    /// Every operand the step reads or writes.
+    pub fn locs(&self) -> Vec<Loc> {
+        let mut v = match self {
+            Step::Conv {
+                x,
+                w,
+                y,
+                bias,
+                residual,
+                ..
+            } => vec![
+                *x,
+                *w,
+                *y,
+                bias.map_or(Loc::None, |b| b.0),
+                residual.unwrap_or(Loc::None),
+            ],
+            Step::Pad { x, y, .. }
+            | Step::Unary { x, y, .. }
+            | Step::Geglu { x, y, .. }
+            | Step::Upsample { x, y, .. }
+            | Step::Permute { x, y, .. }
+            | Step::CopyRows { x, y, .. } => vec![*x, *y],
+            Step::Linear {
+                x,
+                w,
+                bias,
+                residual,
+                y,
+                ..
+            } => vec![
+                *x,
+                *w,
+                *y,
+                bias.unwrap_or(Loc::None),
+                residual.unwrap_or(Loc::None),
+            ],
+            Step::GroupNorm {
+                x,
+                gamma,
+                beta,
+                y,
+                scratch,
+                ..
+            } => vec![*x, *gamma, *beta, *y, *scratch],
+            Step::LayerNorm {
+                x, gamma, beta, y, ..
+            } => vec![*x, *gamma, *beta, *y],
+            Step::Attention { q, k, v, o, .. } => vec![*q, *k, *v, *o],
+            Step::Add { a, b, y, .. } | Step::Binary { a, b, y, .. } => vec![*a, *b, *y],
+        };
+        v.retain(|l| *l != Loc::None);
+        v
+    }
+
+    /// Short name for timing tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Conv { .. } => "conv",
+            Step::Pad { .. } => "pad",
+            Step::Linear { .. } => "linear",
+            Step::GroupNorm { .. } => "group_norm",
+            Step::LayerNorm { .. } => "layer_norm",
+            Step::Attention { .. } => "attention",
+            Step::Unary { .. } => "unary",
+            Step::Add { .. } => "add",
+            Step::Binary { .. } => "binary",
+            Step::Geglu { .. } => "geglu",
+            Step::Upsample { .. } => "upsample",
+            Step::Permute { .. } => "permute",
+            Step::CopyRows { .. } => "copy",
+        }
+    }
+}
+
+/// A graph input or output: where it lives and its (row-major) shape.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    pub name: String,
+    pub loc: Loc,
+    pub shape: Vec<usize>,
+}
+
+/// A lowered graph.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// Bytes of each arena buffer.
+    pub buffers: Vec<usize>,
+    pub lifetimes: Vec<Lifetime>,
+    pub weights: Vec<WeightUse>,
+    pub inputs: Vec<Binding>,
+    pub outputs: Vec<Binding>,
+}
+
+#[derive(Clone, Debug)]
+struct Val {
+    loc: Loc,
+    layout: Layout,
+    shape: Vec<usize>,
+    /// Number of steps emitted when the value became available.
+    ready: usize,
+}
+
+struct Lower<'g> {
+    g: &'g Graph,
+    vals: Vec<Option<Val>>,
+    steps: Vec<Step>,
+    buffers: Vec<usize>,
+    weights: Vec<WeightUse>,
+    weight_index: HashMap<(usize, WeightForm), usize>,
+    converted: HashMap<(usize, Layout), Loc>,
+    uses: Vec<usize>,
+    /// The conv / linear step that produced a value, for epilogue fusions.
+    producer: HashMap<usize, usize>,
+    prefix: String,
+}
+
+fn unsupported(node: &str, op: &'static str, reason: impl Into<String>) -> GpuError {
+    GpuError::Unsupported {
+        node: node.to_string(),
+        op,
+        reason: reason.into(),
+    }
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Semantic axis -> storage axis of an NHWC value.
+const NHWC_AXIS: [usize; 4] = [0, 3, 1, 2];
+
+/// Storage dims of a value in `layout`.
+fn storage_dims(shape: &[usize], layout: Layout) -> Vec<usize> {
+    match layout {
+        Layout::Plain => shape.to_vec(),
+        Layout::Nhwc => vec![shape[0], shape[2], shape[3], shape[1]],
+    }
+}
+
+/// Element strides of each semantic axis of a value stored in `layout`.
+fn semantic_strides(shape: &[usize], layout: Layout) -> Vec<usize> {
+    match layout {
+        Layout::Plain => strides(shape),
+        Layout::Nhwc => {
+            let (c, h, w) = (shape[1], shape[2], shape[3]);
+            vec![h * w * c, 1, w * c, c]
+        }
+    }
+}
+
+impl<'g> Lower<'g> {
+    fn node_name(&self, v: usize) -> &str {
+        &self.g.nodes[v].name
+    }
+
+    fn buffer(&mut self, bytes: usize) -> Loc {
+        self.buffers.push(bytes.max(2));
+        Loc::Arena(self.buffers.len() - 1, 0)
+    }
+
+    fn act(&mut self, shape: &[usize]) -> Loc {
+        self.buffer(2 * numel(shape))
+    }
+
+    fn push(&mut self, step: Step) -> usize {
+        self.steps.push(step);
+        self.steps.len() - 1
+    }
+
+    fn set(&mut self, v: usize, loc: Loc, layout: Layout) {
+        let shape = self.g.nodes[v].shape.clone();
+        self.vals[v] = Some(Val {
+            loc,
+            layout,
+            shape,
+            ready: self.steps.len(),
+        });
+    }
+
+    fn weight(&mut self, v: ValueId, form: WeightForm) -> Result<Loc, GpuError> {
+        let i = v.0 as usize;
+        let node = &self.g.nodes[i];
+        let Op::Const(t) = &node.op else {
+            return Err(unsupported(
+                &node.name,
+                node.op.name(),
+                "weights must be constants",
+            ));
+        };
+        if form == WeightForm::ChannelsLast && t.shape.len() != 4 {
+            return Err(unsupported(&node.name, "const", "channels-last needs 4-d"));
+        }
+        let key = (i, form);
+        if let Some(&w) = self.weight_index.get(&key) {
+            return Ok(Loc::Weight(w, 0));
+        }
+        self.weights.push(WeightUse {
+            key: format!("{}{}:{:?}:{:?}", self.prefix, node.name, t.shape, form),
+            tensor: t.clone(),
+            form,
+        });
+        self.weight_index.insert(key, self.weights.len() - 1);
+        Ok(Loc::Weight(self.weights.len() - 1, 0))
+    }
+
+    fn val(&mut self, v: ValueId) -> Result<Val, GpuError> {
+        let i = v.0 as usize;
+        if let Some(val) = &self.vals[i] {
+            return Ok(val.clone());
+        }
+        if matches!(self.g.nodes[i].op, Op::Const(_)) {
+            let loc = self.weight(v, WeightForm::Plain)?;
+            return Ok(Val {
+                loc,
+                layout: Layout::Plain,
+                shape: self.g.nodes[i].shape.clone(),
+                ready: 0,
+            });
+        }
+        Err(unsupported(
+            self.node_name(i),
+            "value",
+            "used before it is computed",
+        ))
+    }
+
+    /// The value in `want` layout, converting (once) when needed.
+    fn operand(&mut self, v: ValueId, want: Layout) -> Result<Loc, GpuError> {
+        let val = self.val(v)?;
+        if val.layout == want {
+            return Ok(val.loc);
+        }
+        let i = v.0 as usize;
+        if matches!(self.g.nodes[i].op, Op::Const(_)) {
+            return self.weight(v, WeightForm::ChannelsLast);
+        }
+        if let Some(&loc) = self.converted.get(&(i, want)) {
+            return Ok(loc);
+        }
+        let s = &val.shape;
+        let (dims, st) = match want {
+            Layout::Nhwc => (
+                vec![s[0], s[2], s[3], s[1]],
+                vec![s[1] * s[2] * s[3], s[3], 1, s[2] * s[3]],
+            ),
+            Layout::Plain => (s.clone(), semantic_strides(s, Layout::Nhwc)),
+        };
+        let y = self.act(s);
+        self.push(Step::Permute {
+            x: val.loc,
+            y,
+            dims,
+            strides: st,
+        });
+        self.converted.insert((i, want), y);
+        Ok(y)
+    }
+
+    fn const_tensor(&self, v: ValueId) -> Option<&Arc<Tensor>> {
+        self.g.const_value(v)
+    }
+
+    /// Tries to run `Add(p, other)` inside p's producing conv/linear step.
+    fn fuse_add(&mut self, node: usize, p: ValueId, other: ValueId) -> Result<bool, GpuError> {
+        let pi = p.0 as usize;
+        let Some(&s) = self.producer.get(&pi) else {
+            return Ok(false);
+        };
+        if self.uses[pi] != 1 {
+            return Ok(false);
+        }
+        let out_shape = self.g.nodes[node].shape.clone();
+        let pv = self.val(p)?;
+        if pv.shape != out_shape {
+            return Ok(false);
+        }
+        // The UNet's time embedding: a constant [N|1, O, 1, 1] folded into a conv's bias.
+        if let (Some(t), Step::Conv { bias, shape, .. }) =
+            (self.const_tensor(other).cloned(), self.steps[s].clone())
+        {
+            let o = shape.o;
+            let n = shape.n;
+            if shape.nhwc
+                && t.shape.len() == 4
+                && t.shape[1] == o
+                && t.shape[2] == 1
+                && t.shape[3] == 1
+                && (t.shape[0] == n || t.shape[0] == 1)
+            {
+                let base: Vec<f32> = match bias {
+                    Some((Loc::Weight(w, 0), 0)) => self.weights[w].tensor.data.clone(),
+                    None => vec![0.0; o],
+                    _ => return Ok(false),
+                };
+                let mut data = Vec::with_capacity(n * o);
+                for img in 0..n {
+                    let row = if t.shape[0] == 1 { 0 } else { img };
+                    data.extend((0..o).map(|c| base[c] + t.data[row * o + c]));
+                }
+                self.weights.push(WeightUse {
+                    key: format!("{}{}:folded-bias", self.prefix, self.g.nodes[node].name),
+                    tensor: Arc::new(Tensor::new(vec![n * o], data)),
+                    form: WeightForm::Plain,
+                });
+                let w = Loc::Weight(self.weights.len() - 1, 0);
+                if let Step::Conv { bias, .. } = &mut self.steps[s] {
+                    *bias = Some((w, o));
+                }
+                self.vals[node] = Some(Val {
+                    ready: self.steps.len(),
+                    ..pv
+                });
+                self.producer.insert(node, s);
+                return Ok(true);
+            }
+        }
+        let ov = self.val(other)?;
+        if ov.shape != out_shape || ov.layout != pv.layout || ov.ready > s {
+            return Ok(false);
+        }
+        let fused = match &mut self.steps[s] {
+            Step::Conv { residual, .. } | Step::Linear { residual, .. } if residual.is_none() => {
+                *residual = Some(ov.loc);
+                true
+            }
+            _ => false,
+        };
+        if fused {
+            self.vals[node] = Some(Val {
+                ready: self.steps.len(),
+                ..pv
+            });
+        }
+        Ok(fused)
+    }
+
+    fn lower(&mut self, i: usize) -> Result<(), GpuError> {
+        let g = self.g;
+        let node = &g.nodes[i];
+        let name = node.name.as_str();
+        let ins = &node.inputs;
+        let out = node.shape.clone();
+        match &node.op {
+            Op::Const(_) => {}
+            Op::Input => {
+                let loc = self.act(&out);
+                self.set(i, loc, Layout::Plain);
+            }
+            Op::Conv2d {
+                stride,
+                padding,
+                groups,
+            } => {
+                let xs = g.shape(ins[0]).to_vec();
+                let ws = g.shape(ins[1]).to_vec();
+                let mut x = self.operand(ins[0], Layout::Nhwc)?;
+                let (mut h, mut wd) = (xs[2], xs[3]);
+                let symmetric = padding[0] == padding[2] && padding[1] == padding[3];
+                let pad = if symmetric {
+                    [padding[0], padding[1]]
+                } else {
+                    let y = self.buffer(
+                        2 * xs[0]
+                            * xs[1]
+                            * (h + padding[0] + padding[2])
+                            * (wd + padding[1] + padding[3]),
+                    );
+                    self.push(Step::Pad {
+                        x,
+                        y,
+                        nhwc: [xs[0], h, wd, xs[1]],
+                        pad: *padding,
+                    });
+                    h += padding[0] + padding[2];
+                    wd += padding[1] + padding[3];
+                    x = y;
+                    [0, 0]
+                };
+                let w = self.weight(ins[1], WeightForm::ChannelsLast)?;
+                let bias = match ins.get(2) {
+                    Some(b) => Some((self.weight(*b, WeightForm::Plain)?, 0)),
+                    None => None,
+                };
+                let shape = ConvShape {
+                    n: xs[0],
+                    c: xs[1],
+                    h,
+                    w: wd,
+                    o: ws[0],
+                    kh: ws[2],
+                    kw: ws[3],
+                    stride: *stride,
+                    pad,
+                    groups: *groups,
+                    nhwc: true,
+                };
+                let y = self.act(&out);
+                let s = self.push(Step::Conv {
+                    shape,
+                    x,
+                    w,
+                    y,
+                    bias,
+                    residual: None,
+                });
+                self.producer.insert(i, s);
+                self.set(i, y, Layout::Nhwc);
+            }
+            Op::Conv1d { stride, padding } => {
+                let xs = g.shape(ins[0]).to_vec();
+                let ws = g.shape(ins[1]).to_vec();
+                let x = self.operand(ins[0], Layout::Plain)?;
+                let w = self.weight(ins[1], WeightForm::Plain)?;
+                let bias = match ins.get(2) {
+                    Some(b) => Some((self.weight(*b, WeightForm::Plain)?, 0)),
+                    None => None,
+                };
+                let shape = ConvShape {
+                    n: xs[0],
+                    c: xs[1],
+                    h: 1,
+                    w: xs[2],
+                    o: ws[0],
+                    kh: 1,
+                    kw: ws[2],
+                    stride: [1, *stride],
+                    pad: [0, *padding],
+                    groups: 1,
+                    nhwc: false,
+                };
+                let y = self.act(&out);
+                self.push(Step::Conv {
+                    shape,
+                    x,
+                    w,
+                    y,
+                    bias,
+                    residual: None,
+                });
+                self.set(i, y, Layout::Plain);
+            }
+            Op::Linear => {
+                let ws = g.shape(ins[1]).to_vec();
+                let x = self.operand(ins[0], Layout::Plain)?;
+                let w = self.weight(ins[1], WeightForm::Plain)?;
+                let bias = match ins.get(2) {
+                    Some(b) => Some(self.weight(*b, WeightForm::Plain)?),
+                    None => None,
+                };
+                let (n, k) = (ws[0], ws[1]);
+                let y = self.act(&out);
+                let s = self.push(Step::Linear {
+                    rows: numel(&out) / n,
+                    k,
+                    n,
+                    x,
+                    w,
+                    bias,
+                    residual: None,
+                    y,
+                });
+                self.producer.insert(i, s);
+                self.set(i, y, Layout::Plain);
+            }
+            Op::GroupNorm { groups, eps, silu } => {
+                if out.len() != 4 {
+                    return Err(unsupported(name, "group_norm", "only 4-d inputs"));
+                }
+                let shape = GroupNormShape {
+                    n: out[0],
+                    hw: out[2] * out[3],
+                    c: out[1],
+                    groups: *groups,
+                    eps: *eps,
+                    silu: *silu,
+                };
+                GroupNorm::supports(&shape)
+                    .map_err(|e| unsupported(name, "group_norm", e.to_string()))?;
+                let x = self.operand(ins[0], Layout::Nhwc)?;
+                let gamma = self.weight(ins[1], WeightForm::Plain)?;
+                let beta = self.weight(ins[2], WeightForm::Plain)?;
+                let scratch = self.buffer(shape.scratch_bytes());
+                let y = self.act(&out);
+                self.push(Step::GroupNorm {
+                    shape,
+                    x,
+                    gamma,
+                    beta,
+                    y,
+                    scratch,
+                });
+                self.set(i, y, Layout::Nhwc);
+            }
+            Op::LayerNorm { eps } => {
+                let cols = *out.last().unwrap_or(&1);
+                let x = self.operand(ins[0], Layout::Plain)?;
+                let gamma = self.weight(ins[1], WeightForm::Plain)?;
+                let beta = self.weight(ins[2], WeightForm::Plain)?;
+                let y = self.act(&out);
+                self.push(Step::LayerNorm {
+                    x,
+                    gamma,
+                    beta,
+                    y,
+                    rows: numel(&out) / cols.max(1),
+                    cols,
+                    eps: *eps,
+                });
+                self.set(i, y, Layout::Plain);
+            }
+            Op::Attention { heads } => {
+                let (qs, ks) = (g.shape(ins[0]).to_vec(), g.shape(ins[1]).to_vec());
+                let shape = AttentionShape {
+                    batch: qs[0],
+                    lq: qs[1],
+                    lk: ks[1],
+                    heads: *heads,
+                    c: qs[2],
+                    cv: out[2],
+                };
+                shape
+                    .check()
+                    .map_err(|e| unsupported(name, "attention", e.to_string()))?;
+                let q = self.operand(ins[0], Layout::Plain)?;
+                let k = self.operand(ins[1], Layout::Plain)?;
+                let v = self.operand(ins[2], Layout::Plain)?;
+                let o = self.act(&out);
+                self.push(Step::Attention { q, k, v, o, shape });
+                self.set(i, o, Layout::Plain);
+            }
+            Op::Gelu | Op::Silu | Op::Affine { .. } | Op::Clamp { .. } => {
+                let op = match &node.op {
+                    Op::Gelu => Unary::Gelu,
+                    Op::Silu => Unary::Silu,
+                    Op::Affine { scale, shift } => Unary::Affine {
+                        scale: *scale,
+                        shift: *shift,
+                    },
+                    Op::Clamp { min, max } => Unary::Clamp {
+                        min: *min,
+                        max: *max,
+                    },
+                    _ => unreachable!("matched above"),
+                };
+                let xv = self.val(ins[0])?;
+                let y = self.act(&out);
+                self.push(Step::Unary {
+                    op,
+                    x: xv.loc,
+                    y,
+                    n: numel(&out),
+                });
+                self.set(i, y, xv.layout);
+            }
+            Op::Geglu => {
+                let x = self.operand(ins[0], Layout::Plain)?;
+                let d = *out.last().unwrap_or(&1);
+                let y = self.act(&out);
+                self.push(Step::Geglu {
+                    x,
+                    y,
+                    rows: numel(&out) / d.max(1),
+                    d,
+                });
+                self.set(i, y, Layout::Plain);
+            }
+            Op::Add | Op::Mul => {
+                let (a, b) = (ins[0], ins[1]);
+                if matches!(node.op, Op::Add)
+                    && (self.fuse_add(i, a, b)? || self.fuse_add(i, b, a)?)
+                {
+                    return Ok(());
+                }
+                let op = if matches!(node.op, Op::Add) {
+                    Binary::Add
+                } else {
+                    Binary::Mul
+                };
+                let (av, bv) = (self.val(a)?, self.val(b)?);
+                if av.shape == bv.shape {
+                    let layout = av.layout;
+                    let bl = self.operand(b, layout)?;
+                    let y = self.act(&out);
+                    let n = numel(&out);
+                    if op == Binary::Add && n % 2 == 0 {
+                        self.push(Step::Add {
+                            a: av.loc,
+                            b: bl,
+                            y,
+                            n,
+                        });
+                    } else {
+                        let st = strides(&storage_dims(&out, layout));
+                        self.push(Step::Binary {
+                            op,
+                            a: av.loc,
+                            a_strides: st.clone(),
+                            b: bl,
+                            b_strides: st,
+                            y,
+                            dims: storage_dims(&out, layout),
+                        });
+                    }
+                    self.set(i, y, layout);
+                    return Ok(());
+                }
+                let layout = [&av, &bv]
+                    .iter()
+                    .find(|v| v.shape == out)
+                    .map_or(Layout::Plain, |v| v.layout);
+                let order: Vec<usize> = match layout {
+                    Layout::Plain => (0..out.len()).collect(),
+                    Layout::Nhwc => vec![0, 2, 3, 1],
+                };
+                let broadcast = |v: &Val| -> Vec<usize> {
+                    let st = semantic_strides(&v.shape, v.layout);
+                    let pad = out.len() - v.shape.len();
+                    let sem: Vec<usize> = (0..out.len())
+                        .map(|ax| {
+                            if ax < pad || v.shape[ax - pad] == 1 {
+                                0
+                            } else {
+                                st[ax - pad]
+                            }
+                        })
+                        .collect();
+                    order.iter().map(|&ax| sem[ax]).collect()
+                };
+                let (sa, sb) = (broadcast(&av), broadcast(&bv));
+                let y = self.act(&out);
+                self.push(Step::Binary {
+                    op,
+                    a: av.loc,
+                    a_strides: sa,
+                    b: bv.loc,
+                    b_strides: sb,
+                    y,
+                    dims: storage_dims(&out, layout),
+                });
+                self.set(i, y, layout);
+            }
+            Op::Concat { axis } => {
+                let vals: Vec<Val> = ins.iter().map(|v| self.val(*v)).collect::<Result<_, _>>()?;
+                let layout = if out.len() == 4 && vals.iter().all(|v| v.layout == Layout::Nhwc) {
+                    Layout::Nhwc
+                } else {
+                    Layout::Plain
+                };
+                let sa = if layout == Layout::Nhwc {
+                    NHWC_AXIS[*axis]
+                } else {
+                    *axis
+                };
+                let od = storage_dims(&out, layout);
+                let inner: usize = od[sa + 1..].iter().product();
+                let rows: usize = od[..sa].iter().product();
+                let y = self.act(&out);
+                let mut at = 0;
+                for (v, val) in ins.iter().zip(&vals) {
+                    let x = self.operand(*v, layout)?;
+                    let len = storage_dims(&val.shape, layout)[sa];
+                    self.push(Step::CopyRows {
+                        x,
+                        y: y.at(at * inner),
+                        rows,
+                        cols: len * inner,
+                        xs: len * inner,
+                        ys: od[sa] * inner,
+                    });
+                    at += len;
+                }
+                self.set(i, y, layout);
+            }
+            Op::Slice { axis, start, end } => {
+                let xv = self.val(ins[0])?;
+                let sa = if xv.layout == Layout::Nhwc {
+                    NHWC_AXIS[*axis]
+                } else {
+                    *axis
+                };
+                let xd = storage_dims(&xv.shape, xv.layout);
+                let inner: usize = xd[sa + 1..].iter().product();
+                let rows: usize = xd[..sa].iter().product();
+                let len = end - start;
+                let y = self.act(&out);
+                self.push(Step::CopyRows {
+                    x: xv.loc.at(start * inner),
+                    y,
+                    rows,
+                    cols: len * inner,
+                    xs: xd[sa] * inner,
+                    ys: len * inner,
+                });
+                self.set(i, y, xv.layout);
+            }
+            Op::UpsampleNearest2x => {
+                let xs = g.shape(ins[0]).to_vec();
+                let x = self.operand(ins[0], Layout::Nhwc)?;
+                let y = self.act(&out);
+                self.push(Step::Upsample {
+                    x,
+                    y,
+                    nhwc: [xs[0], xs[2], xs[3], xs[1]],
+                });
+                self.set(i, y, Layout::Nhwc);
+            }
+            Op::Reshape { .. } => {
+                let x = self.operand(ins[0], Layout::Plain)?;
+                self.set(i, x, Layout::Plain);
+            }
+            Op::Permute { perm } => {
+                let xv = self.val(ins[0])?;
+                if xv.layout == Layout::Nhwc && perm == &[0, 2, 3, 1] {
+                    self.set(i, xv.loc, Layout::Plain);
+                } else if xv.layout == Layout::Plain && xv.shape.len() == 4 && perm == &[0, 3, 1, 2]
+                {
+                    self.set(i, xv.loc, Layout::Nhwc);
+                } else {
+                    let x = self.operand(ins[0], Layout::Plain)?;
+                    let xst = strides(&xv.shape);
+                    let y = self.act(&out);
+                    self.push(Step::Permute {
+                        x,
+                        y,
+                        dims: out.clone(),
+                        strides: perm.iter().map(|&p| xst[p]).collect(),
+                    });
+                    self.set(i, y, Layout::Plain);
+                }
+            }
+            op @ (Op::PRelu | Op::Softmax { .. } | Op::MaxPool2d { .. }) => {
+                return Err(unsupported(
+                    name,
+                    op.name(),
+                    "not in the CUDA executor (MTCNN runs on the CPU executor)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lowers `graph`; `prefix` namespaces weight keys of graphs that share an upload.
+pub fn lower(graph: &Graph, prefix: &str) -> Result<Plan, GpuError> {
+    let mut uses = vec![0usize; graph.nodes.len()];
+    for n in &graph.nodes {
+        for v in &n.inputs {
+            uses[v.0 as usize] += 1;
+        }
+    }
+    for (_, v) in &graph.outputs {
+        uses[v.0 as usize] += 1;
+    }
+    let mut l = Lower {
+        g: graph,
+        vals: vec![None; graph.nodes.len()],
+        steps: Vec::new(),
+        buffers: Vec::new(),
+        weights: Vec::new(),
+        weight_index: HashMap::new(),
+        converted: HashMap::new(),
+        uses,
+        producer: HashMap::new(),
+        prefix: prefix.to_string(),
+    };
+    for i in 0..graph.nodes.len() {
+        l.lower(i)?;
+    }
+    let inputs = graph
+        .inputs
+        .iter()
+        .map(|(name, v)| {
+            let val = l.val(*v)?;
+            Ok(Binding {
+                name: name.clone(),
+                loc: val.loc,
+                shape: val.shape,
+            })
+        })
+        .collect::<Result<Vec<_>, GpuError>>()?;
+    let mut outputs = Vec::new();
+    for (name, v) in &graph.outputs {
+        let loc = l.operand(*v, Layout::Plain)?;
+        if !matches!(loc, Loc::Arena(..)) {
+            return Err(unsupported(
+                name,
+                "output",
+                "an output must be computed, not a constant",
+            ));
+        }
+        outputs.push(Binding {
+            name: name.clone(),
+            loc,
+            shape: graph.shape(*v).to_vec(),
+        });
+    }
+    let end = l.steps.len();
+    let mut lifetimes: Vec<Lifetime> = l
+        .buffers
+        .iter()
+        .map(|&bytes| Lifetime {
+            bytes,
+            first: usize::MAX,
+            last: 0,
+        })
+        .collect();
+    for (s, step) in l.steps.iter().enumerate() {
+        for loc in step.locs() {
+            if let Loc::Arena(b, _) = loc {
+                lifetimes[b].first = lifetimes[b].first.min(s);
+                lifetimes[b].last = lifetimes[b].last.max(s);
+            }
+        }
+    }
+    for b in &inputs {
+        if let Loc::Arena(i, _) = b.loc {
+            lifetimes[i].first = 0;
+        }
+    }
+    for b in &outputs {
+        if let Loc::Arena(i, _) = b.loc {
+            lifetimes[i].last = end;
+        }
+    }
+    for lt in &mut lifetimes {
+        if lt.first == usize::MAX {
+            lt.first = 0;
+        }
+        lt.last = lt.last.max(lt.first);
+    }
+    Ok(Plan {
+        steps: l.steps,
+        buffers: l.buffers,
+        lifetimes,
+        weights: l.weights,
+        inputs,
+        outputs,
+    })
+}
