@@ -416,8 +416,12 @@ fn norms_attention_and_linears_match() {
     }
 }
 
+/// The tiny fixtures; LIPSTREAM_FIXTURES points there when the test binary runs on another
+/// machine than the one that built it (scripts/device/test.sh).
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny")
+    std::env::var_os("LIPSTREAM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny"))
 }
 
 fn golden(key: &str) -> Tensor {

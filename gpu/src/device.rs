@@ -134,3 +134,40 @@ pub fn report() -> Report {
         error,
     }
 }
+
+/// Library versions an engine depends on (all present: checked by the caller).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versions {
+    /// CUDA driver API version, e.g. (13, 0).
+    pub driver: (i32, i32),
+    pub cudnn: usize,
+    pub cublaslt: usize,
+}
+
+impl Device {
+    /// The driver's and libraries' versions (needs cuDNN and cuBLASLt present).
+    pub fn versions(&self) -> Result<Versions, GpuError> {
+        let libs = libraries();
+        if !libs.cudnn || !libs.cublaslt {
+            return Err(GpuError::LibraryMissing {
+                name: "libcudnn.so.9 / libcublasLt.so",
+            });
+        }
+        let mut v: std::ffi::c_int = 0;
+        // SAFETY: the driver is loaded (a context exists); the call only writes `v`.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }.result()?;
+        Ok(Versions {
+            driver: (v / 1000, (v % 1000) / 10),
+            cudnn: cudarc::cudnn::result::get_version(),
+            // SAFETY: cuBLASLt is present (checked); the call takes no arguments.
+            cublaslt: unsafe { cudarc::cublaslt::sys::cublasLtGetVersion() },
+        })
+    }
+
+    /// Bytes of device memory in use on this GPU (by every process).
+    pub fn memory_used(&self) -> Result<usize, GpuError> {
+        self.ctx.bind_to_thread()?;
+        let (free, total) = cudarc::driver::result::mem_get_info()?;
+        Ok(total - free)
+    }
+}

@@ -505,6 +505,26 @@ impl Executor {
         Ok(())
     }
 
+    /// Median milliseconds of `runs` launches after 5 warm-ups, each timed with CUDA events.
+    pub fn time_ms(&self, rt: &Runtime, runs: usize) -> Result<f64, GpuError> {
+        let s = rt.stream();
+        let f = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (a, b) = (s.context().new_event(f)?, s.context().new_event(f)?);
+        for _ in 0..5 {
+            self.launch(rt)?;
+        }
+        let mut ms = Vec::with_capacity(runs.max(1));
+        for _ in 0..runs.max(1) {
+            a.record(s)?;
+            self.launch(rt)?;
+            b.record(s)?;
+            b.synchronize()?;
+            ms.push(a.elapsed_ms(&b)? as f64);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[ms.len() / 2])
+    }
+
     /// Runs on f32 tensors (tests and checks): converts, uploads, runs, reads back.
     pub fn run_f32(
         &mut self,

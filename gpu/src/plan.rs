@@ -478,7 +478,12 @@ impl<'g> Lower<'g> {
                     data.extend((0..o).map(|c| base[c] + t.data[row * o + c]));
                 }
                 self.weights.push(WeightUse {
-                    key: format!("{}{}:folded-bias", self.prefix, self.g.nodes[node].name),
+                    key: format!(
+                        "{}{}:folded-bias:{}",
+                        self.prefix,
+                        self.g.nodes[node].name,
+                        n * o
+                    ),
                     tensor: Arc::new(Tensor::new(vec![n * o], data)),
                     form: WeightForm::Plain,
                 });

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool, carry [".device"]): doctor, then every GPU-vs-CPU op test.
+# Runs on the GPU machine (device tool, carry [".device"]): doctor, every CUDA-vs-CPU op and
+# tiny-model test, then the full-size check of the CUDA executor against the CPU executor.
 # Writes the full logs under $OUT and ends with a short table.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+export LIPSTREAM_FIXTURES=$PWD/tests/fixtures/tiny
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 ./.device/bin/lipstream doctor 2>&1 | tee "$out/doctor.txt"
 ./.device/bin/gpu_ops --nocapture --test-threads=1 2>&1 | tee "$out/gpu_ops.txt"
 status=${PIPESTATUS[0]}
+if [ "${FULL_CHECK:-1}" = 1 ]; then
+  ./.device/bin/lipstream engine check > "$out/engine_check.json" 2> "$out/engine_check.log"
+  [ $? -eq 0 ] || status=1
+fi
 echo "---"
-grep -E "relative L2|test result" "$out/gpu_ops.txt"
+grep -E "rel L2|test result|panicked" "$out/gpu_ops.txt" | tail -60
+cat "$out/engine_check.log" 2>/dev/null | grep "rel L2"
 exit "$status"

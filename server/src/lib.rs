@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod engine;
 pub mod http;
 pub mod media;
 pub mod metrics;

@@ -29,6 +29,25 @@ enum Cmd {
     Bench(BenchCmd),
     /// Say which GPU, driver and CUDA libraries this machine has, and which executor would run.
     Doctor,
+    /// GPU engines: check the CUDA executor against the CPU reference at full size.
+    #[command(subcommand)]
+    Engine(EngineCmd),
+}
+
+#[derive(Subcommand)]
+enum EngineCmd {
+    /// Run UNet, VAE encode/decode and whisper on both executors with the same random inputs and
+    /// print the relative L2 error of every output (JSON on stdout).
+    Check {
+        /// A models folder (`models synth|pull`); default: MuseTalk-size random weights in memory.
+        #[arg(long)]
+        models: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Also write inputs and both executors' outputs to DIR/check.safetensors.
+        #[arg(long)]
+        dump: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -68,6 +87,35 @@ enum BenchCmd {
         width: usize,
         #[arg(long, default_value_t = 480)]
         height: usize,
+    },
+    /// Time the CUDA engine per stage and batch profile (CUDA graphs, tuned cuDNN algorithms).
+    Engine {
+        /// A models folder (`models synth|pull`); default: MuseTalk-size random weights in memory.
+        #[arg(long)]
+        models: Option<PathBuf>,
+        /// Batch profiles, comma separated.
+        #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Stages to time, comma separated.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "avatar,camera,unet,vae-decode,vae-encode,whisper"
+        )]
+        stages: Vec<lipstream::engine::Stage>,
+        /// Timed replays per figure (the median is reported).
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Launch every step eagerly instead of replaying CUDA graphs (debugging).
+        #[arg(long)]
+        no_graphs: bool,
+        /// Also print a per-op-kind time breakdown of the largest avatar profile.
+        #[arg(long)]
+        profile: bool,
+        /// Write the JSON report here too.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Time the CPU reference executor on one UNet step and one VAE decode (MuseTalk shapes).
     Cpu {
@@ -126,6 +174,42 @@ fn main() -> anyhow::Result<()> {
             doctor();
             Ok(())
         }
+        Cmd::Engine(EngineCmd::Check {
+            models,
+            batch,
+            dump,
+        }) => {
+            let src = sources(models.as_deref())?;
+            let report = lipstream::engine::check(&src, batch, dump.as_deref())?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Engine {
+            models,
+            batches,
+            stages,
+            runs,
+            no_graphs,
+            profile,
+            out,
+        }) => {
+            let src = sources(models.as_deref())?;
+            let opts = lipstream::engine::BenchOptions {
+                batches,
+                stages,
+                runs,
+                graphs: !no_graphs,
+                profile,
+            };
+            let report = lipstream::engine::bench(&src, &opts)?;
+            let text = serde_json::to_string_pretty(&report)?;
+            if let Some(path) = out {
+                std::fs::write(&path, &text)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            }
+            println!("{text}");
+            Ok(())
+        }
         Cmd::Bench(BenchCmd::Cpu {
             models,
             batch,
@@ -182,6 +266,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Median wall time of `runs` runs of each stage, after a warm-up run; prints a JSON line.
+fn sources(models: Option<&std::path::Path>) -> anyhow::Result<lipstream::engine::Sources> {
+    Ok(match models {
+        Some(dir) => lipstream::engine::Sources::open(dir)?,
+        None => lipstream::engine::Sources::synth(Preset::MuseTalk15, 0),
+    })
+}
+
 fn bench_cpu(models: &std::path::Path, batch: usize, runs: usize) -> anyhow::Result<()> {
     use lipstream_engines::models::config::{self, UNetConfig, VaeConfig};
     use lipstream_engines::models::{unet, vae};

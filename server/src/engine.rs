@@ -1,0 +1,339 @@
+//! MuseTalk on the GPU: which graphs each pipeline stage needs, built per batch profile on one
+//! GPU's runtime and replayed as CUDA graphs; the engine benchmark (`lipstream bench engine`) and
+//! the full-size numerical check against the CPU reference executor (`lipstream engine check`).
+//!
+//! Never on the network path: building takes seconds and runs on the caller's thread.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use half::f16;
+use lipstream_engines::models::config::{self, UNetConfig, VaeConfig, WhisperConfig};
+use lipstream_engines::models::musetalk::{self, Models, CROP, LATENT};
+use lipstream_engines::models::{unet, vae, whisper};
+use lipstream_engines::presets::{ModelSet, Preset};
+use lipstream_engines::weights::Weights;
+use lipstream_engines::{cpu, Graph, Tensor};
+use lipstream_gpu::device::Device;
+use lipstream_gpu::{Executor, Options, Runtime};
+use serde_json::{json, Value};
+
+/// One unit of GPU work, per batch of frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// Avatar frame: UNet -> VAE decode.
+    Avatar,
+    /// Camera frame: 2 VAE encodes -> UNet -> VAE decode.
+    Camera,
+    Unet,
+    VaeDecode,
+    /// Both crops of each frame: 2x the batch.
+    VaeEncode,
+    /// whisper-tiny over one 30 s window (batch = windows).
+    Whisper,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Avatar => "avatar_frame",
+            Stage::Camera => "camera_frame",
+            Stage::Unet => "unet",
+            Stage::VaeDecode => "vae_dec",
+            Stage::VaeEncode => "vae_enc_2x",
+            Stage::Whisper => "whisper_30s",
+        }
+    }
+}
+
+/// The three models' configs and weights, from a models folder or made up in memory.
+pub struct Sources {
+    pub set: ModelSet,
+    unet: Weights,
+    vae: Weights,
+    whisper: Weights,
+    /// Where the weights came from, for reports.
+    pub origin: String,
+}
+
+impl Sources {
+    /// A models folder as `lipstream models synth|pull` writes it.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let read = |p: &str| dir.join(p);
+        let unet: UNetConfig = config::read(&read("musetalkV15/musetalk.json"))?;
+        let vae_cfg: VaeConfig = config::read(&read("sd-vae/config.json"))?;
+        let whisper_cfg: WhisperConfig = config::read(&read("whisper/config.json"))?;
+        Ok(Sources {
+            set: ModelSet {
+                unet,
+                vae: vae_cfg,
+                whisper: whisper_cfg,
+            },
+            unet: Weights::open(&read("musetalkV15/unet.pth"))?,
+            vae: Weights::open(&read("sd-vae/diffusion_pytorch_model.safetensors"))?,
+            whisper: Weights::open(&read("whisper/model.safetensors"))?,
+            origin: dir.display().to_string(),
+        })
+    }
+
+    /// Random weights for `preset`, made in memory (timing does not depend on values).
+    pub fn synth(preset: Preset, seed: u64) -> Self {
+        Sources {
+            set: preset.configs(),
+            unet: Weights::synth(seed),
+            vae: Weights::synth(seed + 1),
+            whisper: Weights::synth(seed + 2),
+            origin: format!("random weights in memory (seed {seed})"),
+        }
+    }
+
+    fn models(&self) -> Models<'_> {
+        Models {
+            unet: self.unet.root(""),
+            unet_cfg: &self.set.unet,
+            vae: self.vae.root(""),
+            vae_cfg: &self.set.vae,
+        }
+    }
+
+    /// The graph of `stage` for `batch` frames.
+    pub fn graph(&self, stage: Stage, batch: usize) -> anyhow::Result<Graph> {
+        let g = match stage {
+            Stage::Avatar => musetalk::avatar_step(&self.models(), batch)?,
+            Stage::Camera => musetalk::camera_step(&self.models(), batch)?,
+            Stage::Unet => unet::build(&self.unet.root(""), &self.set.unet, batch, LATENT)?,
+            Stage::VaeDecode => {
+                vae::build_decoder(&self.vae.root(""), &self.set.vae, batch, LATENT)?
+            }
+            Stage::VaeEncode => {
+                vae::build_encoder(&self.vae.root(""), &self.set.vae, 2 * batch, CROP)?
+            }
+            Stage::Whisper => whisper::build(
+                &self.whisper.root("model.encoder"),
+                &self.set.whisper,
+                batch,
+            )?,
+        };
+        Ok(g)
+    }
+}
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let data = (0..shape.iter().product::<usize>())
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::new(shape.to_vec(), data)
+}
+
+/// Random inputs in range for every input of `g`.
+fn inputs_for(g: &Graph, seed: u64) -> Vec<(String, Tensor)> {
+    g.inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, v))| (name.clone(), random(g.shape(*v), seed + i as u64)))
+        .collect()
+}
+
+/// What `bench engine` measures.
+pub struct BenchOptions {
+    pub batches: Vec<usize>,
+    pub stages: Vec<Stage>,
+    /// Timed replays per figure (median reported).
+    pub runs: usize,
+    /// Replay CUDA graphs (else launch every step eagerly).
+    pub graphs: bool,
+    /// Per-op-kind time breakdown of the largest avatar profile.
+    pub profile: bool,
+}
+
+/// Builds every (stage, batch) executor, captures them, and times each; returns the report.
+pub fn bench(src: &Sources, opts: &BenchOptions) -> anyhow::Result<Value> {
+    let device = Device::open(0).context("opening GPU 0")?;
+    let versions = device.versions()?;
+    let (name, sm) = (device.name.clone(), device.sm);
+    let mem0 = device.memory_used()?;
+    let mut rt = Runtime::new(device)?;
+    let started = Instant::now();
+    let mut built: Vec<(Stage, usize, Executor, f64)> = Vec::new();
+    let mut avatar_mem = None;
+    let mut order: Vec<(Stage, usize)> = Vec::new();
+    for &stage in &opts.stages {
+        if stage == Stage::Whisper {
+            order.push((stage, 1));
+        } else {
+            order.extend(opts.batches.iter().map(|&b| (stage, b)));
+        }
+    }
+    for (i, &(stage, batch)) in order.iter().enumerate() {
+        let t = Instant::now();
+        let g = src.graph(stage, batch)?;
+        let mut ex = Executor::new(&mut rt, &g, "", Options { tune: true })
+            .with_context(|| format!("building {} B={batch}", stage.name()))?;
+        for (name, t) in inputs_for(&g, 7) {
+            let data: Vec<f16> = t.data.iter().map(|&v| f16::from_f32(v)).collect();
+            ex.write_input(&rt, &name, &data)?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "built {} B={batch}: {} steps, arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
+            stage.name(),
+            ex.steps().len(),
+            ex.arena_bytes as f64 / (1 << 20) as f64,
+            ex.peak_bytes as f64 / (1 << 20) as f64
+        );
+        built.push((stage, batch, ex, secs));
+        let last_avatar = order[i + 1..].iter().all(|(s, _)| *s != Stage::Avatar);
+        if stage == Stage::Avatar && last_avatar {
+            avatar_mem = Some(rt.device.memory_used()? - mem0);
+        }
+    }
+    // The workspace is final now: capture.
+    if opts.graphs {
+        for (stage, batch, ex, secs) in &mut built {
+            let t = Instant::now();
+            ex.capture(&rt)
+                .with_context(|| format!("capturing {} B={batch}", stage.name()))?;
+            *secs += t.elapsed().as_secs_f64();
+        }
+    }
+    let build_s = started.elapsed().as_secs_f64();
+    let mut results = serde_json::Map::new();
+    for (stage, batch, ex, secs) in &built {
+        let ms = ex.time_ms(&rt, opts.runs)?;
+        let key = if *stage == Stage::Whisper {
+            "whisper_30s".to_string()
+        } else {
+            format!("B{batch}")
+        };
+        let entry = results
+            .entry(key)
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .context("report entry")?;
+        entry.insert(format!("{}_ms", stage.name()), json!(ms));
+        if matches!(stage, Stage::Avatar | Stage::Camera) {
+            entry.insert(
+                format!("{}_per_frame_ms", stage.name()),
+                json!(ms / *batch as f64),
+            );
+        }
+        entry.insert(
+            format!("{}_arena_mib", stage.name()),
+            json!(ex.arena_bytes as f64 / (1 << 20) as f64),
+        );
+        entry.insert(format!("{}_build_s", stage.name()), json!(secs));
+        eprintln!(
+            "{:<14} B={batch:<3} {ms:8.3} ms  ({:.3} ms/frame)",
+            stage.name(),
+            ms / *batch as f64
+        );
+    }
+    let mut profile = Value::Null;
+    if opts.profile {
+        if let Some((_, batch, ex, _)) = built
+            .iter()
+            .filter(|(s, ..)| *s == Stage::Avatar)
+            .max_by_key(|(_, b, ..)| *b)
+        {
+            let mut times = Vec::new();
+            ex.run_steps(&rt, Some(&mut times))?;
+            let mut by_kind: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
+            for (step, ms) in ex.steps().iter().zip(&times) {
+                let e = by_kind.entry(step.name()).or_default();
+                e.0 += *ms as f64;
+                e.1 += 1;
+            }
+            eprintln!("avatar B={batch} eager step profile (synchronised per step):");
+            for (k, (ms, n)) in &by_kind {
+                eprintln!("  {k:<12} {n:4} steps {ms:8.3} ms");
+            }
+            profile = json!({
+                "batch": batch,
+                "eager_ms_by_kind": by_kind.iter().map(|(k, (ms, n))| (k.to_string(), json!({"ms": ms, "steps": n}))).collect::<serde_json::Map<_, _>>(),
+            });
+        }
+    }
+    Ok(json!({
+        "gpu": name,
+        "sm": format!("sm_{}{}", sm.0, sm.1),
+        "driver": format!("{}.{}", versions.driver.0, versions.driver.1),
+        "cudnn": versions.cudnn,
+        "cublaslt": versions.cublaslt,
+        "weights": src.origin,
+        "graphs": opts.graphs,
+        "runs": opts.runs,
+        "weight_mib": rt.weight_bytes as f64 / (1 << 20) as f64,
+        "avatar_engine_device_mib": avatar_mem.map(|b| b as f64 / (1 << 20) as f64),
+        "device_mib_total": (rt.device.memory_used()? - mem0) as f64 / (1 << 20) as f64,
+        "conv_shapes_tuned": rt.tuned.len(),
+        "build_s": build_s,
+        "results": results,
+        "profile": profile,
+    }))
+}
+
+/// Runs each model at full size on both executors with the same random inputs and reports the
+/// relative L2 error of every output; with `dump`, also writes inputs and both executors'
+/// outputs for `scripts/device/torch_check.py`.
+pub fn check(src: &Sources, batch: usize, dump: Option<&Path>) -> anyhow::Result<Value> {
+    let device = Device::open(0).context("opening GPU 0")?;
+    let mut rt = Runtime::new(device)?;
+    let mut report = serde_json::Map::new();
+    let mut tensors = std::collections::BTreeMap::new();
+    for stage in [
+        Stage::Unet,
+        Stage::VaeEncode,
+        Stage::VaeDecode,
+        Stage::Whisper,
+    ] {
+        let g = src.graph(stage, batch)?;
+        let inputs = inputs_for(&g, 11);
+        let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let t = Instant::now();
+        let want = cpu::run(&g, &refs)?;
+        let cpu_s = t.elapsed().as_secs_f64();
+        let mut ex = Executor::new(&mut rt, &g, "", Options { tune: true })?;
+        ex.capture(&rt)?;
+        let got = ex.run_f32(&rt, &refs)?;
+        let mut worst = 0f64;
+        for ((name, a), (_, b)) in got.iter().zip(&want) {
+            let err = a.rel_l2(b);
+            worst = worst.max(err);
+            eprintln!(
+                "{:<12} {name:<16} CUDA vs CPU rel L2 {err:.2e}",
+                stage.name()
+            );
+            if dump.is_some() {
+                tensors.insert(format!("{}.cuda.{name}", stage.name()), a.clone());
+                tensors.insert(format!("{}.cpu.{name}", stage.name()), b.clone());
+            }
+        }
+        if dump.is_some() {
+            for (name, t) in &inputs {
+                tensors.insert(format!("{}.input.{name}", stage.name()), t.clone());
+            }
+        }
+        report.insert(
+            stage.name().to_string(),
+            json!({"rel_l2_cuda_vs_cpu": worst, "outputs": got.len(), "cpu_s": cpu_s}),
+        );
+    }
+    if let Some(dir) = dump {
+        std::fs::create_dir_all(dir)?;
+        lipstream_engines::weights::safetensors::write(
+            &dir.join("check.safetensors"),
+            &tensors,
+            lipstream_engines::weights::DType::F32,
+        )?;
+    }
+    Ok(json!({"batch": batch, "weights": src.origin, "stages": report}))
+}
