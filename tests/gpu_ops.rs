@@ -280,6 +280,8 @@ fn norms_attention_and_linears_match() {
         (vec![1, 128, 256, 256], 32, false),
         (vec![2, 2560, 8, 8], 32, true),
         (vec![1, 512, 32, 32], 32, false),
+        // Fewer than 8 channels per vector: the two-channel apply kernel.
+        (vec![2, 12, 16, 16], 2, true),
     ]
     .into_iter()
     .enumerate()
@@ -533,7 +535,7 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
         .filter(|s| {
             matches!(
                 s,
-                Step::Linear {
+                Step::Gemm {
                     residual: Some(_),
                     ..
                 }
@@ -574,8 +576,9 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
     assert_eq!(residual_convs, resnets + transformers);
     assert_eq!(residual_linears, 3 * transformers);
     assert_eq!(adds, 0, "no standalone adds remain");
-    // Only the input and output change layout; the token permutes are free.
-    assert_eq!(permutes, 2);
+    // Only the input and output change layout (the token permutes are free); each multi-head
+    // attention (two per transformer) makes q, k, v head-major and its output token-major.
+    assert_eq!(permutes, 2 + 2 * 4 * transformers);
     let (_, arena) = lipstream_gpu::arena::place(&p.lifetimes, 256);
     let total: usize = p.buffers.iter().sum();
     println!("arena {arena} bytes for {total} bytes of buffers");

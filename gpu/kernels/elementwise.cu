@@ -71,6 +71,57 @@ extern "C" __global__ void bias_residual_f16(__half* __restrict__ y, const __hal
   y[idx] = __float2half(v);
 }
 
+// The NHWC epilogue, eight channels per thread (C % 8 == 0, 16-byte aligned operands):
+// y[i] += bias[img * bias_stride + c] (+ res[i]). Grid y indexes the image, so no division finds it.
+extern "C" __global__ void bias_residual_nhwc_f16x8(uint4* __restrict__ y, const __half* __restrict__ bias,
+                                                    const uint4* __restrict__ res, int image8, int c,
+                                                    int bias_stride) {
+  const int v = blockIdx.x * blockDim.x + threadIdx.x;
+  if (v >= image8) return;
+  const long at = (long)blockIdx.y * image8 + v;
+  const int c0 = (v * 8) % c;
+  uint4 yv = y[at];
+  __half2* yh = reinterpret_cast<__half2*>(&yv);
+  float2 acc[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) acc[j] = __half22float2(yh[j]);
+  if (bias) {
+    const uint4 bv = *reinterpret_cast<const uint4*>(bias + (long)blockIdx.y * bias_stride + c0);
+    const __half2* bh = reinterpret_cast<const __half2*>(&bv);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 b = __half22float2(bh[j]);
+      acc[j].x += b.x;
+      acc[j].y += b.y;
+    }
+  }
+  if (res) {
+    const uint4 rv = res[at];
+    const __half2* rh = reinterpret_cast<const __half2*>(&rv);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 r = __half22float2(rh[j]);
+      acc[j].x += r.x;
+      acc[j].y += r.y;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) yh[j] = __floats2half2_rn(acc[j].x, acc[j].y);
+  y[at] = yv;
+}
+
+// Nearest 2x upsampling of NHWC images, eight channels per thread (c8 = C / 8).
+extern "C" __global__ void upsample2x_nhwc_f16x8(const uint4* __restrict__ x, uint4* __restrict__ y,
+                                                 int h, int w, int c8) {
+  const int v = blockIdx.x * blockDim.x + threadIdx.x;
+  const int per_image = 4 * h * w * c8;
+  if (v >= per_image) return;
+  const int ch = v % c8;
+  const int p = v / c8;
+  const int ox = p % (2 * w), oy = p / (2 * w);
+  y[(long)blockIdx.y * per_image + v] = x[((long)blockIdx.y * h * w + (oy / 2) * w + ox / 2) * c8 + ch];
+}
+
 // Nearest 2x upsampling of NHWC images: x [n, h, w, c] -> y [n, 2h, 2w, c].
 extern "C" __global__ void upsample2x_nhwc_f16(const __half* __restrict__ x, __half* __restrict__ y,
                                                long n, int h, int w, int c) {

@@ -1,7 +1,8 @@
-//! Matmuls through cuBLASLt: `nn.Linear` on fp16 rows with fp32 accumulation, the bias fused in
-//! the epilogue and an optional residual fused as the C operand (D = x·wᵀ + bias + residual).
+//! Matmuls through cuBLASLt on fp16 with fp32 accumulation: `nn.Linear` (the bias fused in the
+//! epilogue, an optional residual fused as the C operand: D = x·wᵀ + bias + residual) and the
+//! batched per-head products of attention.
 //!
-//! A `LinearPlan` is made once per graph node (descriptors, bias address, algorithm), so a run
+//! A `GemmPlan` is made once per graph node (descriptors, bias address, algorithm), so a run
 //! only calls `cublasLtMatmul`.
 
 use std::ffi::c_void;
@@ -27,21 +28,54 @@ pub struct Blas {
     workspace: CudaSlice<u8>,
 }
 
-/// One linear layer's prepared call.
-pub struct LinearPlan {
+/// A row-major (batched) GEMM: c[i] (m x n) = alpha * a[i] (m x k) · op(b[i]) (+ bias [n])
+/// (+ residual[i]), where op(b) is bᵀ for a [n, k] b (`b_trans`, like `nn.Linear` weights) and b
+/// for a [k, n] b; matrix i of each operand starts `stride_*` elements after matrix i-1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub b_trans: bool,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+    pub alpha: f32,
+}
+
+impl Gemm {
+    /// `nn.Linear` on `rows` rows.
+    pub fn linear(rows: usize, k: usize, n: usize) -> Self {
+        Gemm {
+            m: rows,
+            n,
+            k,
+            b_trans: true,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+            alpha: 1.0,
+        }
+    }
+}
+
+/// One GEMM's prepared call.
+pub struct GemmPlan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3],
     algo: sys::cublasLtMatmulAlgo_t,
     residual: bool,
-    /// Rows, input features, output features.
-    pub shape: [usize; 3],
+    alpha: f32,
+    pub gemm: Gemm,
 }
 
 // SAFETY: the handle and descriptors are plain cuBLASLt objects used from the executor's one
 // thread at a time; nothing in them is tied to the creating thread.
 unsafe impl Send for Blas {}
 // SAFETY: as above.
-unsafe impl Send for LinearPlan {}
+unsafe impl Send for GemmPlan {}
 
 impl Blas {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self, GpuError> {
@@ -59,42 +93,64 @@ impl Blas {
         })
     }
 
-    /// Plans y [rows, n] = x [rows, k] · w [n, k]ᵀ (+ bias [n]) (+ residual [rows, n]).
-    pub fn plan(
-        &self,
-        rows: usize,
-        k: usize,
-        n: usize,
-        bias: Option<Ptr>,
-        residual: bool,
-    ) -> Result<LinearPlan, GpuError> {
+    /// Plans `g` (+ bias [n], fixed now) (+ a residual given at run time).
+    pub fn plan(&self, g: Gemm, bias: Option<Ptr>, residual: bool) -> Result<GemmPlan, GpuError> {
         let f16 = sys::cudaDataType_t::CUDA_R_16F;
-        // cuBLASLt is column-major: the row-major y [rows, n] is a column-major [n, rows] = w · xᵀ
-        // with w read transposed from its column-major [k, n] view.
-        let a =
-            result::create_matrix_layout(f16, k as u64, n as u64, k as i64).map_err(blas_err)?;
-        let b =
-            result::create_matrix_layout(f16, k as u64, rows as u64, k as i64).map_err(blas_err)?;
-        let c =
-            result::create_matrix_layout(f16, n as u64, rows as u64, n as i64).map_err(blas_err)?;
+        let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
+        // cuBLASLt is column-major: the row-major c [m, n] is a column-major [n, m] = op(b)ᵀ · aᵀ.
+        // A row-major [r, c] matrix reads as a column-major [c, r] one, so: b [n, k] (b_trans)
+        // is a column-major [k, n] taken transposed; b [k, n] a column-major [n, k] taken as is;
+        // a [m, k] is a column-major [k, m].
+        let (first, trans) = if g.b_trans {
+            (result::create_matrix_layout(f16, k, n, k as i64), 1i32)
+        } else {
+            (result::create_matrix_layout(f16, n, k, n as i64), 0i32)
+        };
+        let first = first.map_err(blas_err)?;
+        let second = result::create_matrix_layout(f16, k, m, k as i64).map_err(blas_err)?;
+        let out = result::create_matrix_layout(f16, n, m, n as i64).map_err(blas_err)?;
         let desc = result::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType_t::CUDA_R_32F,
         )
         .map_err(blas_err)?;
-        let mut plan = LinearPlan {
+        let mut plan = GemmPlan {
             desc,
-            layouts: [a, b, c],
+            layouts: [first, second, out],
             algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
             residual,
-            shape: [rows, k, n],
+            alpha: g.alpha,
+            gemm: g,
         };
+        if g.batch > 1 {
+            let count = g.batch as i32;
+            for (layout, stride) in [(first, g.stride_b), (second, g.stride_a), (out, g.stride_c)] {
+                let stride = stride as i64;
+                // SAFETY: the layout is live; the attributes are an i32 count and an i64 stride.
+                unsafe {
+                    result::set_matrix_layout_attribute(
+                        layout,
+                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        &count as *const _ as *const c_void,
+                        std::mem::size_of_val(&count),
+                    )
+                    .and_then(|_| {
+                        result::set_matrix_layout_attribute(
+                            layout,
+                            sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                            &stride as *const _ as *const c_void,
+                            std::mem::size_of_val(&stride),
+                        )
+                    })
+                }
+                .map_err(blas_err)?;
+            }
+        }
         let set = |attr, value: *const c_void, size| {
             // SAFETY: `desc` is live; `value` points at `size` bytes of the attribute's type.
             unsafe { result::set_matmul_desc_attribute(desc, attr, value, size) }.map_err(blas_err)
         };
-        // cublasOperation_t: 1 is CUBLAS_OP_T.
-        let trans: i32 = 1;
+        // cublasOperation_t: 1 is CUBLAS_OP_T, 0 CUBLAS_OP_N.
         set(
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
             &trans as *const _ as *const c_void,
@@ -123,7 +179,9 @@ impl Blas {
                 &ws as *const _ as *const c_void,
                 std::mem::size_of_val(&ws),
             )
-            .and_then(|_| result::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref))
+            .and_then(|_| {
+                result::get_matmul_algo_heuristic(self.handle, desc, first, second, out, out, pref)
+            })
         };
         // SAFETY: pref was created above and is not used again.
         unsafe { result::destroy_matmul_pref(pref) }.map_err(blas_err)?;
@@ -131,21 +189,21 @@ impl Blas {
         Ok(plan)
     }
 
-    /// Runs a planned linear layer; `residual` is 0 unless the plan has one.
+    /// Runs a planned GEMM; `residual` is 0 unless the plan has one.
     ///
     /// # Safety
-    /// x [rows, k], w [n, k], y [rows, n] and residual [rows, n] must be there (the bias was
-    /// fixed at planning and must still be there).
-    pub unsafe fn linear(
+    /// a, b, c and residual must hold the plan's (batched) shapes; the bias fixed at planning
+    /// must still be there.
+    pub unsafe fn gemm(
         &self,
-        p: &LinearPlan,
-        x: Ptr,
-        w: Ptr,
+        p: &GemmPlan,
+        a: Ptr,
+        b: Ptr,
         residual: Ptr,
-        y: Ptr,
+        c: Ptr,
     ) -> Result<(), GpuError> {
-        let (alpha, beta) = (1f32, if p.residual { 1f32 } else { 0f32 });
-        let c = if p.residual { residual } else { y };
+        let beta = if p.residual { 1f32 } else { 0f32 };
+        let src = if p.residual { residual } else { c };
         let (ws, _sync) = self.workspace.device_ptr(&self.stream);
         // SAFETY: descriptors and algorithm come from `plan` for exactly these shapes; addresses
         // per the caller's contract; the workspace holds WORKSPACE_BYTES, the plan's limit.
@@ -153,15 +211,15 @@ impl Blas {
             result::matmul(
                 self.handle,
                 p.desc,
-                &alpha as *const f32 as *const c_void,
+                &p.alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
-                w as *const c_void,
+                b as *const c_void,
                 p.layouts[0],
-                x as *const c_void,
+                a as *const c_void,
                 p.layouts[1],
-                c as *const c_void,
+                src as *const c_void,
                 p.layouts[2],
-                y as *mut c_void,
+                c as *mut c_void,
                 p.layouts[2],
                 &p.algo,
                 ws as *mut c_void,
@@ -173,7 +231,7 @@ impl Blas {
     }
 }
 
-impl Drop for LinearPlan {
+impl Drop for GemmPlan {
     fn drop(&mut self) {
         // SAFETY: created in `plan`, destroyed once here; errors on teardown are ignored.
         unsafe {

@@ -17,7 +17,7 @@ use lipstream_engines::graph::Graph;
 use lipstream_engines::tensor::Tensor;
 
 use crate::arena;
-use crate::blas::{Blas, LinearPlan};
+use crate::blas::{Blas, GemmPlan};
 use crate::conv::{Conv, ConvPlan, ConvShape};
 use crate::device::Device;
 use crate::error::GpuError;
@@ -128,7 +128,7 @@ impl Runtime {
 enum Prepared {
     None,
     Conv(ConvPlan),
-    Linear(LinearPlan),
+    Gemm(GemmPlan),
 }
 
 /// One graph at fixed shapes, ready to run.
@@ -207,16 +207,14 @@ impl Executor {
                     need_ws = need_ws.max(p.workspace_bytes);
                     Prepared::Conv(p)
                 }
-                Step::Linear {
-                    rows,
-                    k,
-                    n,
+                Step::Gemm {
+                    gemm,
                     bias,
                     residual,
                     ..
                 } => {
                     let bias = bias.map(|b| ex.ptr(b));
-                    Prepared::Linear(rt.blas.plan(*rows, *k, *n, bias, residual.is_some())?)
+                    Prepared::Gemm(rt.blas.plan(*gemm, bias, residual.is_some())?)
                 }
                 _ => Prepared::None,
             });
@@ -328,12 +326,12 @@ impl Executor {
         Ok(())
     }
 
-    /// Runs every step eagerly; with `times`, records each step's milliseconds (synchronising
-    /// per step, so only for profiling).
+    /// Runs every step eagerly; with `times`, records (kind, milliseconds) per step — a
+    /// convolution's epilogue separately — synchronising after each (profiling only).
     pub fn run_steps(
         &self,
         rt: &Runtime,
-        mut times: Option<&mut Vec<f32>>,
+        mut times: Option<&mut Vec<(&'static str, f32)>>,
     ) -> Result<(), GpuError> {
         let s = rt.stream();
         let k = &rt.kernels;
@@ -344,10 +342,19 @@ impl Executor {
         } else {
             None
         };
-        for (i, step) in self.plan.steps.iter().enumerate() {
-            if let Some((a, _)) = &ev {
+        let mut lap = |label: &'static str| -> Result<(), GpuError> {
+            if let (Some((a, b)), Some(t)) = (&ev, times.as_deref_mut()) {
+                b.record(s)?;
+                b.synchronize()?;
+                t.push((label, a.elapsed_ms(b)?));
                 a.record(s)?;
             }
+            Ok(())
+        };
+        if let Some((a, _)) = &ev {
+            a.record(s)?;
+        }
+        for (i, step) in self.plan.steps.iter().enumerate() {
             let p = |l: Loc| self.ptr(l);
             // SAFETY (every launch below): the plan sized each operand for exactly the shapes
             // passed with it, the arena holds every buffer at its placed offset for the step's
@@ -365,6 +372,7 @@ impl Executor {
                     Prepared::Conv(plan),
                 ) => {
                     unsafe { rt.conv.forward(plan, p(*x), p(*w), p(*y), ws) }?;
+                    lap("conv")?;
                     if bias.is_some() || residual.is_some() {
                         let (ho, wo) = shape.out_hw();
                         let n = shape.n * shape.o * ho * wo;
@@ -386,14 +394,17 @@ impl Executor {
                     }
                 }
                 (
-                    Step::Linear {
-                        x, w, residual, y, ..
+                    Step::Gemm {
+                        a, b, residual, c, ..
                     },
-                    Prepared::Linear(plan),
+                    Prepared::Gemm(plan),
                 ) => unsafe {
                     rt.blas
-                        .linear(plan, p(*x), p(*w), residual.map_or(0, p), p(*y))
+                        .gemm(plan, p(*a), p(*b), residual.map_or(0, p), p(*c))
                 }?,
+                (Step::Softmax { x, rows, cols }, _) => {
+                    unsafe { k.softmax.launch(s, p(*x), *rows, *cols) }?
+                }
                 (Step::Pad { x, y, nhwc, pad }, _) => {
                     unsafe { k.layout.pad_nhwc(s, p(*x), p(*y), *nhwc, *pad) }?
                 }
@@ -426,16 +437,6 @@ impl Executor {
                     k.layer_norm
                         .launch(s, p(*x), p(*gamma), p(*beta), p(*y), *rows, *cols, *eps)
                 }?,
-                (
-                    Step::Attention {
-                        q,
-                        k: kk,
-                        v,
-                        o,
-                        shape,
-                    },
-                    _,
-                ) => unsafe { k.attention.launch(s, p(*q), p(*kk), p(*v), p(*o), shape) }?,
                 (Step::Unary { op, x, y, n }, _) => {
                     unsafe { k.elementwise.unary(s, *op, p(*x), p(*y), *n) }?
                 }
@@ -496,11 +497,10 @@ impl Executor {
                     )))
                 }
             }
-            if let (Some((a, b)), Some(t)) = (&ev, times.as_deref_mut()) {
-                b.record(s)?;
-                b.synchronize()?;
-                t.push(a.elapsed_ms(b)?);
-            }
+            lap(match step {
+                Step::Conv { .. } => "conv_epilogue",
+                _ => step.name(),
+            })?;
         }
         Ok(())
     }

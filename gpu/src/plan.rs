@@ -20,9 +20,9 @@ use lipstream_engines::graph::{Graph, Op, ValueId};
 use lipstream_engines::tensor::{numel, Tensor};
 
 use crate::arena::Lifetime;
+use crate::blas::Gemm;
 use crate::conv::ConvShape;
 use crate::error::GpuError;
-use crate::kernels::attention::AttentionShape;
 use crate::kernels::elementwise::{Binary, Unary};
 use crate::kernels::group_norm::{GroupNorm, GroupNormShape};
 
@@ -89,15 +89,14 @@ pub enum Step {
         nhwc: [usize; 4],
         pad: [usize; 4],
     },
-    Linear {
-        rows: usize,
-        k: usize,
-        n: usize,
-        x: Loc,
-        w: Loc,
+    /// c = alpha * a · op(b) (+ bias) (+ residual): linear layers and attention's products.
+    Gemm {
+        gemm: Gemm,
+        a: Loc,
+        b: Loc,
         bias: Option<Loc>,
         residual: Option<Loc>,
-        y: Loc,
+        c: Loc,
     },
     GroupNorm {
         shape: GroupNormShape,
@@ -116,12 +115,11 @@ pub enum Step {
         cols: usize,
         eps: f32,
     },
-    Attention {
-        q: Loc,
-        k: Loc,
-        v: Loc,
-        o: Loc,
-        shape: AttentionShape,
+    /// Row softmax in place.
+    Softmax {
+        x: Loc,
+        rows: usize,
+        cols: usize,
     },
     Unary {
         op: Unary,
@@ -195,20 +193,21 @@ impl Step {
             | Step::Upsample { x, y, .. }
             | Step::Permute { x, y, .. }
             | Step::CopyRows { x, y, .. } => vec![*x, *y],
-            Step::Linear {
-                x,
-                w,
+            Step::Gemm {
+                a,
+                b,
                 bias,
                 residual,
-                y,
+                c,
                 ..
             } => vec![
-                *x,
-                *w,
-                *y,
+                *a,
+                *b,
+                *c,
                 bias.unwrap_or(Loc::None),
                 residual.unwrap_or(Loc::None),
             ],
+            Step::Softmax { x, .. } => vec![*x],
             Step::GroupNorm {
                 x,
                 gamma,
@@ -220,11 +219,36 @@ impl Step {
             Step::LayerNorm {
                 x, gamma, beta, y, ..
             } => vec![*x, *gamma, *beta, *y],
-            Step::Attention { q, k, v, o, .. } => vec![*q, *k, *v, *o],
             Step::Add { a, b, y, .. } | Step::Binary { a, b, y, .. } => vec![*a, *b, *y],
         };
         v.retain(|l| *l != Loc::None);
         v
+    }
+
+    /// The step with its shape, for profiles.
+    pub fn describe(&self) -> String {
+        match self {
+            Step::Conv { shape: s, .. } => format!(
+                "conv {}x{}x{}x{} -> {} k{}x{} s{} g{}",
+                s.n, s.c, s.h, s.w, s.o, s.kh, s.kw, s.stride[1], s.groups
+            ),
+            Step::Gemm { gemm: g, .. } => format!(
+                "gemm {}x[{}x{}]·[{}x{}]{}",
+                g.batch,
+                g.m,
+                g.k,
+                g.k,
+                g.n,
+                if g.b_trans { "ᵀ" } else { "" }
+            ),
+            Step::GroupNorm { shape: s, .. } => {
+                format!("group_norm {}x{}x{} g{}", s.n, s.hw, s.c, s.groups)
+            }
+            Step::Softmax { rows, cols, .. } => format!("softmax {rows}x{cols}"),
+            Step::Permute { dims, .. } => format!("permute {dims:?}"),
+            Step::Upsample { nhwc, .. } => format!("upsample {nhwc:?}"),
+            other => other.name().to_string(),
+        }
     }
 
     /// Short name for timing tables.
@@ -232,10 +256,11 @@ impl Step {
         match self {
             Step::Conv { .. } => "conv",
             Step::Pad { .. } => "pad",
-            Step::Linear { .. } => "linear",
+            Step::Gemm { gemm, .. } if gemm.batch > 1 => "attention_gemm",
+            Step::Gemm { .. } => "linear",
+            Step::Softmax { .. } => "softmax",
             Step::GroupNorm { .. } => "group_norm",
             Step::LayerNorm { .. } => "layer_norm",
-            Step::Attention { .. } => "attention",
             Step::Unary { .. } => "unary",
             Step::Add { .. } => "add",
             Step::Binary { .. } => "binary",
@@ -504,7 +529,7 @@ impl<'g> Lower<'g> {
             return Ok(false);
         }
         let fused = match &mut self.steps[s] {
-            Step::Conv { residual, .. } | Step::Linear { residual, .. } if residual.is_none() => {
+            Step::Conv { residual, .. } | Step::Gemm { residual, .. } if residual.is_none() => {
                 *residual = Some(ov.loc);
                 true
             }
@@ -634,15 +659,13 @@ impl<'g> Lower<'g> {
                 };
                 let (n, k) = (ws[0], ws[1]);
                 let y = self.act(&out);
-                let s = self.push(Step::Linear {
-                    rows: numel(&out) / n,
-                    k,
-                    n,
-                    x,
-                    w,
+                let s = self.push(Step::Gemm {
+                    gemm: Gemm::linear(numel(&out) / n, k, n),
+                    a: x,
+                    b: w,
                     bias,
                     residual: None,
-                    y,
+                    c: y,
                 });
                 self.producer.insert(i, s);
                 self.set(i, y, Layout::Plain);
@@ -695,22 +718,87 @@ impl<'g> Lower<'g> {
             }
             Op::Attention { heads } => {
                 let (qs, ks) = (g.shape(ins[0]).to_vec(), g.shape(ins[1]).to_vec());
-                let shape = AttentionShape {
-                    batch: qs[0],
-                    lq: qs[1],
-                    lk: ks[1],
-                    heads: *heads,
-                    c: qs[2],
-                    cv: out[2],
-                };
-                shape
-                    .check()
-                    .map_err(|e| unsupported(name, "attention", e.to_string()))?;
+                let (batch, lq, lk, h) = (qs[0], qs[1], ks[1], *heads);
+                let (d, dv) = (qs[2] / h, out[2] / h);
                 let q = self.operand(ins[0], Layout::Plain)?;
                 let k = self.operand(ins[1], Layout::Plain)?;
                 let v = self.operand(ins[2], Layout::Plain)?;
+                // Head-major copies [B, H, L, d] make every (image, head) one matrix at a fixed
+                // stride, so each product is one strided-batched GEMM.
+                let mut head_major = |x: Loc, l: usize, d: usize| -> Loc {
+                    if h == 1 {
+                        return x;
+                    }
+                    let y = self.buffer(2 * batch * l * h * d);
+                    self.push(Step::Permute {
+                        x,
+                        y,
+                        dims: vec![batch, h, l, d],
+                        strides: vec![l * h * d, d, h * d, 1],
+                    });
+                    y
+                };
+                let (qh, kh, vh) = (
+                    head_major(q, lq, d),
+                    head_major(k, lk, d),
+                    head_major(v, lk, dv),
+                );
+                let scores = self.buffer(2 * batch * h * lq * lk);
+                self.push(Step::Gemm {
+                    gemm: Gemm {
+                        m: lq,
+                        n: lk,
+                        k: d,
+                        b_trans: true,
+                        batch: batch * h,
+                        stride_a: lq * d,
+                        stride_b: lk * d,
+                        stride_c: lq * lk,
+                        alpha: 1.0 / (d as f32).sqrt(),
+                    },
+                    a: qh,
+                    b: kh,
+                    bias: None,
+                    residual: None,
+                    c: scores,
+                });
+                self.push(Step::Softmax {
+                    x: scores,
+                    rows: batch * h * lq,
+                    cols: lk,
+                });
                 let o = self.act(&out);
-                self.push(Step::Attention { q, k, v, o, shape });
+                let oh = if h == 1 {
+                    o
+                } else {
+                    self.buffer(2 * batch * h * lq * dv)
+                };
+                self.push(Step::Gemm {
+                    gemm: Gemm {
+                        m: lq,
+                        n: dv,
+                        k: lk,
+                        b_trans: false,
+                        batch: batch * h,
+                        stride_a: lq * lk,
+                        stride_b: lk * dv,
+                        stride_c: lq * dv,
+                        alpha: 1.0,
+                    },
+                    a: scores,
+                    b: vh,
+                    bias: None,
+                    residual: None,
+                    c: oh,
+                });
+                if h > 1 {
+                    self.push(Step::Permute {
+                        x: oh,
+                        y: o,
+                        dims: vec![batch, lq, h, dv],
+                        strides: vec![h * lq * dv, dv, lq * dv, 1],
+                    });
+                }
                 self.set(i, o, Layout::Plain);
             }
             Op::Gelu | Op::Silu | Op::Affine { .. } | Op::Clamp { .. } => {

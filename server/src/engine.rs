@@ -237,29 +237,13 @@ pub fn bench(src: &Sources, opts: &BenchOptions) -> anyhow::Result<Value> {
             ms / *batch as f64
         );
     }
-    let mut profile = Value::Null;
+    let mut profile = Vec::new();
     if opts.profile {
-        if let Some((_, batch, ex, _)) = built
-            .iter()
-            .filter(|(s, ..)| *s == Stage::Avatar)
-            .max_by_key(|(_, b, ..)| *b)
-        {
-            let mut times = Vec::new();
-            ex.run_steps(&rt, Some(&mut times))?;
-            let mut by_kind: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
-            for (step, ms) in ex.steps().iter().zip(&times) {
-                let e = by_kind.entry(step.name()).or_default();
-                e.0 += *ms as f64;
-                e.1 += 1;
-            }
-            eprintln!("avatar B={batch} eager step profile (synchronised per step):");
-            for (k, (ms, n)) in &by_kind {
-                eprintln!("  {k:<12} {n:4} steps {ms:8.3} ms");
-            }
-            profile = json!({
-                "batch": batch,
-                "eager_ms_by_kind": by_kind.iter().map(|(k, (ms, n))| (k.to_string(), json!({"ms": ms, "steps": n}))).collect::<serde_json::Map<_, _>>(),
-            });
+        let avatars: Vec<&(Stage, usize, Executor, f64)> =
+            built.iter().filter(|(s, ..)| *s == Stage::Avatar).collect();
+        let ends = [avatars.first(), avatars.last()];
+        for (_, batch, ex, _) in ends.into_iter().flatten() {
+            profile.push(step_profile(&rt, ex, *batch)?);
         }
     }
     Ok(json!({
@@ -278,6 +262,46 @@ pub fn bench(src: &Sources, opts: &BenchOptions) -> anyhow::Result<Value> {
         "build_s": build_s,
         "results": results,
         "profile": profile,
+    }))
+}
+
+/// Per-kind and slowest-step times of one eager run (synchronised per step, so slower than a
+/// replay; it says where the time goes, not how long a frame takes).
+fn step_profile(rt: &Runtime, ex: &Executor, batch: usize) -> anyhow::Result<Value> {
+    let mut times = Vec::new();
+    ex.run_steps(rt, Some(&mut times))?;
+    let mut by_kind: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
+    for (kind, ms) in &times {
+        let e = by_kind.entry(kind).or_default();
+        e.0 += *ms as f64;
+        e.1 += 1;
+    }
+    // Steps with their total (a convolution with its epilogue).
+    let mut steps: Vec<(f64, String)> = Vec::new();
+    let mut t = times.iter();
+    for step in ex.steps() {
+        let mut ms = t.next().map_or(0.0, |x| x.1 as f64);
+        if matches!(step, lipstream_gpu::plan::Step::Conv { .. }) {
+            ms += t.next().map_or(0.0, |x| x.1 as f64);
+        }
+        steps.push((ms, step.describe()));
+    }
+    steps.sort_by(|a, b| b.0.total_cmp(&a.0));
+    eprintln!("avatar B={batch} eager profile (synchronised per step):");
+    for (k, (ms, n)) in &by_kind {
+        eprintln!("  {k:<16} {n:4} steps {ms:8.3} ms");
+    }
+    eprintln!("  slowest steps:");
+    for (ms, d) in steps.iter().take(12) {
+        eprintln!("    {ms:7.3} ms  {d}");
+    }
+    Ok(json!({
+        "batch": batch,
+        "eager_ms_by_kind": by_kind
+            .iter()
+            .map(|(k, (ms, n))| (k.to_string(), json!({"ms": ms, "steps": n})))
+            .collect::<serde_json::Map<_, _>>(),
+        "slowest_steps": steps.iter().take(20).map(|(ms, d)| json!({"ms": ms, "step": d})).collect::<Vec<_>>(),
     }))
 }
 

@@ -1,7 +1,7 @@
 //! Elementwise fp16 kernels: GEGLU, unary ops, adds (same-shape and broadcasting), the
 //! convolution bias/residual epilogue, nearest 2x upsampling of NHWC images.
 
-use cudarc::driver::{CudaFunction, CudaStream};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
 use super::{elems, launch, rank5, shape_err, Arg, Ptr};
 use crate::device::Device;
@@ -32,7 +32,21 @@ pub struct Elementwise {
     add2: CudaFunction,
     binary: CudaFunction,
     bias_residual: CudaFunction,
+    bias_residual_nhwc8: CudaFunction,
     upsample_nhwc: CudaFunction,
+    upsample_nhwc8: CudaFunction,
+}
+
+/// Whether every address is 16-byte aligned (0, "none", counts as aligned).
+pub(crate) fn aligned16(ptrs: &[Ptr]) -> bool {
+    ptrs.iter().all(|p| p % 16 == 0)
+}
+
+/// A launch of `per_image` threads per image, images on grid y.
+pub(crate) fn per_image(per_image: usize, images: usize) -> LaunchConfig {
+    let mut cfg = elems(per_image);
+    cfg.grid_dim.1 = images as u32;
+    cfg
 }
 
 impl Elementwise {
@@ -44,7 +58,9 @@ impl Elementwise {
             add2: m.load_function("add_f16x2")?,
             binary: m.load_function("binary_f16")?,
             bias_residual: m.load_function("bias_residual_f16")?,
+            bias_residual_nhwc8: m.load_function("bias_residual_nhwc_f16x8")?,
             upsample_nhwc: m.load_function("upsample2x_nhwc_f16")?,
+            upsample_nhwc8: m.load_function("upsample2x_nhwc_f16x8")?,
         })
     }
 
@@ -167,6 +183,34 @@ impl Elementwise {
         if image == 0 || inner == 0 || period == 0 {
             return Err(shape_err("bias_residual", "zero extent".into()));
         }
+        if inner == 1
+            && period.is_multiple_of(8)
+            && image.is_multiple_of(period)
+            && bias_stride.is_multiple_of(8)
+            && n.is_multiple_of(image)
+            && image / 8 <= i32::MAX as usize
+            && aligned16(&[y, bias, res])
+        {
+            let args = [
+                Arg::P(y),
+                Arg::P(bias),
+                Arg::P(res),
+                Arg::I((image / 8) as i32),
+                Arg::I(period as i32),
+                Arg::I(bias_stride as i32),
+            ];
+            // SAFETY: matches bias_residual_nhwc_f16x8 (uint4*, const half*, const uint4*, 3
+            // int); channels are whole 8-wide vectors, every operand 16-byte aligned (checked),
+            // grid y covers the n / image images.
+            return unsafe {
+                launch(
+                    stream,
+                    &self.bias_residual_nhwc8,
+                    per_image(image / 8, n / image),
+                    &args,
+                )
+            };
+        }
         let mut args = vec![Arg::P(y), Arg::P(bias), Arg::P(res)];
         args.extend(
             [n, image, bias_stride, inner, period]
@@ -189,6 +233,25 @@ impl Elementwise {
         nhwc: [usize; 4],
     ) -> Result<(), GpuError> {
         let [n, h, w, c] = nhwc;
+        if c.is_multiple_of(8) && aligned16(&[x, y]) {
+            let args = [
+                Arg::P(x),
+                Arg::P(y),
+                Arg::I(h as i32),
+                Arg::I(w as i32),
+                Arg::I((c / 8) as i32),
+            ];
+            // SAFETY: matches upsample2x_nhwc_f16x8 (const uint4*, uint4*, 3 int); whole 8-wide
+            // channel vectors, aligned (checked); grid y covers the n images.
+            return unsafe {
+                launch(
+                    stream,
+                    &self.upsample_nhwc8,
+                    per_image(4 * h * w * c / 8, n),
+                    &args,
+                )
+            };
+        }
         let args = [
             Arg::P(x),
             Arg::P(y),

@@ -58,6 +58,7 @@ pub struct GroupNorm {
     stats: CudaFunction,
     finalize: CudaFunction,
     apply: CudaFunction,
+    apply8: CudaFunction,
 }
 
 impl GroupNorm {
@@ -67,6 +68,7 @@ impl GroupNorm {
             stats: m.load_function("group_norm_nhwc_stats_f16")?,
             finalize: m.load_function("group_norm_nhwc_finalize")?,
             apply: m.load_function("group_norm_nhwc_apply_f16")?,
+            apply8: m.load_function("group_norm_nhwc_apply_f16x8")?,
         })
     }
 
@@ -136,6 +138,30 @@ impl GroupNorm {
                 ],
             )
         }?;
+        if s.c.is_multiple_of(8) && super::elementwise::aligned16(&[x, gamma, beta, y]) {
+            let image8 = s.hw * s.c / 8;
+            // SAFETY: matches group_norm_nhwc_apply_f16x8 (const uint4*, const float2*, 2 const
+            // half*, uint4*, 4 int); whole 8-wide channel vectors, aligned (checked); grid y
+            // covers the n images, stats hold n*groups entries.
+            return unsafe {
+                launch(
+                    stream,
+                    &self.apply8,
+                    super::elementwise::per_image(image8, s.n),
+                    &[
+                        Arg::P(x),
+                        Arg::P(stats),
+                        Arg::P(gamma),
+                        Arg::P(beta),
+                        Arg::P(y),
+                        i(image8),
+                        i(s.c),
+                        i(s.groups),
+                        i(usize::from(s.silu)),
+                    ],
+                )
+            };
+        }
         let n2 = s.n * s.hw * s.c / 2;
         // SAFETY: matches group_norm_nhwc_apply_f16 (const half2*, const float2*, 2 const half*,
         // half2*, 2 long, 3 int); c is even and each channel pair shares a group (checked).

@@ -29,7 +29,7 @@ const THREADS: u32 = 256;
 
 /// Every kernel the executor launches.
 pub struct Kernels {
-    pub attention: attention::Attention,
+    pub softmax: attention::Softmax,
     pub elementwise: elementwise::Elementwise,
     pub group_norm: group_norm::GroupNorm,
     pub layer_norm: layer_norm::LayerNorm,
@@ -39,7 +39,7 @@ pub struct Kernels {
 impl Kernels {
     pub fn load(device: &Device) -> Result<Self, GpuError> {
         Ok(Kernels {
-            attention: attention::Attention::load(device)?,
+            softmax: attention::Softmax::load(device)?,
             elementwise: elementwise::Elementwise::load(device)?,
             group_norm: group_norm::GroupNorm::load(device)?,
             layer_norm: layer_norm::LayerNorm::load(device)?,
