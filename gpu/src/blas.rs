@@ -16,6 +16,8 @@ use crate::kernels::Ptr;
 
 /// cuBLASLt's workspace: 32 MiB covers every algorithm it proposes for our shapes on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
+/// Algorithms asked of the heuristic and timed at engine build.
+const CANDIDATES: usize = 8;
 
 fn blas_err(e: cudarc::cublaslt::result::CublasError) -> GpuError {
     GpuError::Blas(format!("{e:?}"))
@@ -30,7 +32,8 @@ pub struct Blas {
 
 /// A row-major (batched) GEMM: c[i] (m x n) = alpha * a[i] (m x k) · op(b[i]) (+ bias [n])
 /// (+ residual[i]), where op(b) is bᵀ for a [n, k] b (`b_trans`, like `nn.Linear` weights) and b
-/// for a [k, n] b; matrix i of each operand starts `stride_*` elements after matrix i-1.
+/// for a [k, n] b; matrix i of each operand starts `stride_*` elements after matrix i-1, and
+/// rows of a matrix are `ld*` elements apart (0: packed).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gemm {
     pub m: usize,
@@ -41,6 +44,9 @@ pub struct Gemm {
     pub stride_a: usize,
     pub stride_b: usize,
     pub stride_c: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
     pub alpha: f32,
 }
 
@@ -56,8 +62,21 @@ impl Gemm {
             stride_a: 0,
             stride_b: 0,
             stride_c: 0,
+            lda: 0,
+            ldb: 0,
+            ldc: 0,
             alpha: 1.0,
         }
+    }
+
+    /// Row strides with 0 replaced by the packed ones.
+    fn leading(&self) -> (i64, i64, i64) {
+        let or = |ld: usize, packed: usize| if ld == 0 { packed } else { ld } as i64;
+        (
+            or(self.lda, self.k),
+            or(self.ldb, if self.b_trans { self.k } else { self.n }),
+            or(self.ldc, self.n),
+        )
     }
 }
 
@@ -66,6 +85,8 @@ pub struct GemmPlan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3],
     algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's proposals, best first, for `tune`.
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
     residual: bool,
     alpha: f32,
     pub gemm: Gemm,
@@ -101,14 +122,15 @@ impl Blas {
         // A row-major [r, c] matrix reads as a column-major [c, r] one, so: b [n, k] (b_trans)
         // is a column-major [k, n] taken transposed; b [k, n] a column-major [n, k] taken as is;
         // a [m, k] is a column-major [k, m].
+        let (lda, ldb, ldc) = g.leading();
         let (first, trans) = if g.b_trans {
-            (result::create_matrix_layout(f16, k, n, k as i64), 1i32)
+            (result::create_matrix_layout(f16, k, n, ldb), 1i32)
         } else {
-            (result::create_matrix_layout(f16, n, k, n as i64), 0i32)
+            (result::create_matrix_layout(f16, n, k, ldb), 0i32)
         };
         let first = first.map_err(blas_err)?;
-        let second = result::create_matrix_layout(f16, k, m, k as i64).map_err(blas_err)?;
-        let out = result::create_matrix_layout(f16, n, m, n as i64).map_err(blas_err)?;
+        let second = result::create_matrix_layout(f16, k, m, lda).map_err(blas_err)?;
+        let out = result::create_matrix_layout(f16, n, m, ldc).map_err(blas_err)?;
         let desc = result::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType_t::CUDA_R_32F,
@@ -118,6 +140,7 @@ impl Blas {
             desc,
             layouts: [first, second, out],
             algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+            candidates: Vec::new(),
             residual,
             alpha: g.alpha,
             gemm: g,
@@ -172,7 +195,11 @@ impl Blas {
         let pref = result::create_matmul_pref().map_err(blas_err)?;
         let ws = WORKSPACE_BYTES as u64;
         // SAFETY: pref is live; the attribute is a u64 byte count.
-        let found = unsafe {
+        let mut found =
+            [const { std::mem::MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::uninit() };
+                CANDIDATES];
+        let mut count: i32 = 0;
+        let asked = unsafe {
             result::set_matmul_pref_attribute(
                 pref,
                 sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -180,13 +207,79 @@ impl Blas {
                 std::mem::size_of_val(&ws),
             )
             .and_then(|_| {
-                result::get_matmul_algo_heuristic(self.handle, desc, first, second, out, out, pref)
+                // SAFETY: every handle is live; `found` has room for CANDIDATES results and
+                // `count` says how many were written.
+                sys::cublasLtMatmulAlgoGetHeuristic(
+                    self.handle,
+                    desc,
+                    first,
+                    second,
+                    out,
+                    out,
+                    pref,
+                    CANDIDATES as i32,
+                    found.as_mut_ptr() as *mut sys::cublasLtMatmulHeuristicResult_t,
+                    &mut count,
+                )
+                .result()
             })
         };
         // SAFETY: pref was created above and is not used again.
         unsafe { result::destroy_matmul_pref(pref) }.map_err(blas_err)?;
-        plan.algo = found.map_err(blas_err)?.algo;
+        asked.map_err(blas_err)?;
+        plan.candidates = found[..count.clamp(0, CANDIDATES as i32) as usize]
+            .iter()
+            // SAFETY: cuBLASLt wrote the first `count` results.
+            .map(|r| unsafe { r.assume_init() })
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        plan.algo = *plan
+            .candidates
+            .first()
+            .ok_or_else(|| GpuError::Blas(format!("cuBLASLt offers no algorithm for {g:?}")))?;
         Ok(plan)
+    }
+
+    /// Times each candidate algorithm on the real operands (3 runs each) and keeps the fastest.
+    ///
+    /// # Safety
+    /// As for `gemm`; c is overwritten.
+    pub unsafe fn tune(
+        &self,
+        p: &mut GemmPlan,
+        a: Ptr,
+        b: Ptr,
+        residual: Ptr,
+        c: Ptr,
+    ) -> Result<f32, GpuError> {
+        if p.candidates.len() < 2 {
+            return Ok(f32::NAN);
+        }
+        let ctx = self.stream.context();
+        let f = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (ctx.new_event(f)?, ctx.new_event(f)?);
+        let mut best = (f32::INFINITY, p.algo);
+        for algo in p.candidates.clone() {
+            p.algo = algo;
+            // SAFETY: forwarded from the caller; every candidate fits the plan's workspace.
+            if unsafe { self.gemm(p, a, b, residual, c) }.is_err() {
+                continue;
+            }
+            start.record(&self.stream)?;
+            for _ in 0..3 {
+                // SAFETY: as above.
+                unsafe { self.gemm(p, a, b, residual, c) }?;
+            }
+            end.record(&self.stream)?;
+            end.synchronize()?;
+            let ms = start.elapsed_ms(&end)? / 3.0;
+            if ms < best.0 {
+                best = (ms, algo);
+            }
+        }
+        p.algo = best.1;
+        Ok(best.0)
     }
 
     /// Runs a planned GEMM; `residual` is 0 unless the plan has one.

@@ -57,6 +57,8 @@ pub struct ConvPlan {
     y: sys::cudnnTensorDescriptor_t,
     conv: sys::cudnnConvolutionDescriptor_t,
     pub algo: sys::cudnnConvolutionFwdAlgo_t,
+    /// The math type the algorithm was chosen with.
+    pub math: sys::cudnnMathType_t,
     /// Workspace the algorithm needs.
     pub workspace_bytes: usize,
     pub shape: ConvShape,
@@ -109,6 +111,7 @@ impl Conv {
             y: result::create_tensor_descriptor().map_err(cudnn_err)?,
             conv: result::create_convolution_descriptor().map_err(cudnn_err)?,
             algo: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            math: sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
             workspace_bytes: 0,
             shape: s,
         };
@@ -162,6 +165,9 @@ impl Conv {
                 .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
                 .ok_or_else(|| bad(format!("cuDNN offers no algorithm for {s:?}")))?;
             plan.algo = best.algo;
+            // The algorithm's numbers hold for the math type cuDNN found it with.
+            result::set_convolution_math_type(plan.conv, best.mathType).map_err(cudnn_err)?;
+            plan.math = best.mathType;
             plan.workspace_bytes = result::get_convolution_forward_workspace_size(
                 self.handle,
                 plan.x,
@@ -215,10 +221,29 @@ impl Conv {
             }) {
                 plan.algo = best.algo;
                 plan.workspace_bytes = best.memory;
+                // The time holds for the math type cuDNN measured it with.
+                result::set_convolution_math_type(plan.conv, best.mathType).map_err(cudnn_err)?;
+                plan.math = best.mathType;
                 return Ok(best.time);
             }
         }
         Ok(f32::NAN)
+    }
+
+    /// Uses a known algorithm (from an earlier tuning of the same shape).
+    pub fn set_algo(
+        &self,
+        plan: &mut ConvPlan,
+        algo: sys::cudnnConvolutionFwdAlgo_t,
+        math: sys::cudnnMathType_t,
+        workspace_bytes: usize,
+    ) -> Result<(), GpuError> {
+        // SAFETY: the descriptor is live (owned by `plan`).
+        unsafe { result::set_convolution_math_type(plan.conv, math) }.map_err(cudnn_err)?;
+        plan.algo = algo;
+        plan.math = math;
+        plan.workspace_bytes = workspace_bytes;
+        Ok(())
     }
 
     /// y = conv(x, w).

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t;
+use cudarc::cudnn::sys::{cudnnConvolutionFwdAlgo_t, cudnnMathType_t};
 use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use half::f16;
 use lipstream_engines::graph::Graph;
@@ -36,6 +36,15 @@ pub struct Options {
     pub tune: bool,
 }
 
+/// A convolution algorithm chosen by timing.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuned {
+    pub algo: cudnnConvolutionFwdAlgo_t,
+    pub math: cudnnMathType_t,
+    pub workspace_bytes: usize,
+    pub ms: f32,
+}
+
 /// What one GPU's graphs share.
 pub struct Runtime {
     pub device: Device,
@@ -46,7 +55,7 @@ pub struct Runtime {
     /// Bytes of uploaded weights.
     pub weight_bytes: usize,
     /// Convolution algorithm per shape: (algorithm, workspace bytes, measured ms).
-    pub tuned: HashMap<ConvShape, (cudnnConvolutionFwdAlgo_t, usize, f32)>,
+    pub tuned: HashMap<ConvShape, Tuned>,
     workspace: Option<CudaSlice<u8>>,
     workspace_bytes: usize,
 }
@@ -183,9 +192,9 @@ impl Executor {
             prepared.push(match step {
                 Step::Conv { shape, x, w, y, .. } => {
                     let mut p = rt.conv.plan(*shape)?;
-                    if let Some(&(algo, bytes, _)) = rt.tuned.get(shape) {
-                        p.algo = algo;
-                        p.workspace_bytes = bytes;
+                    if let Some(t) = rt.tuned.get(shape) {
+                        rt.conv
+                            .set_algo(&mut p, t.algo, t.math, t.workspace_bytes)?;
                     } else if opts.tune {
                         rt.reserve_workspace(TUNE_WORKSPACE_BYTES)?;
                         let ws = rt.workspace_ptr();
@@ -202,19 +211,44 @@ impl Executor {
                                 TUNE_WORKSPACE_BYTES,
                             )
                         }?;
-                        rt.tuned.insert(*shape, (p.algo, p.workspace_bytes, ms));
+                        rt.tuned.insert(
+                            *shape,
+                            Tuned {
+                                algo: p.algo,
+                                math: p.math,
+                                workspace_bytes: p.workspace_bytes,
+                                ms,
+                            },
+                        );
                     }
                     need_ws = need_ws.max(p.workspace_bytes);
                     Prepared::Conv(p)
                 }
                 Step::Gemm {
                     gemm,
+                    a,
+                    b,
                     bias,
                     residual,
-                    ..
+                    c,
                 } => {
-                    let bias = bias.map(|b| ex.ptr(b));
-                    Prepared::Gemm(rt.blas.plan(*gemm, bias, residual.is_some())?)
+                    let mut plan =
+                        rt.blas
+                            .plan(*gemm, bias.map(|b| ex.ptr(b)), residual.is_some())?;
+                    if opts.tune {
+                        // SAFETY: a, b, residual and c are this step's operands, placed and
+                        // sized by the plan; c is scratch until the step runs.
+                        unsafe {
+                            rt.blas.tune(
+                                &mut plan,
+                                ex.ptr(*a),
+                                ex.ptr(*b),
+                                residual.map_or(0, |r| ex.ptr(r)),
+                                ex.ptr(*c),
+                            )
+                        }?;
+                    }
+                    Prepared::Gemm(plan)
                 }
                 _ => Prepared::None,
             });

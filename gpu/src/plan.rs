@@ -723,10 +723,12 @@ impl<'g> Lower<'g> {
                 let q = self.operand(ins[0], Layout::Plain)?;
                 let k = self.operand(ins[1], Layout::Plain)?;
                 let v = self.operand(ins[2], Layout::Plain)?;
-                // Head-major copies [B, H, L, d] make every (image, head) one matrix at a fixed
-                // stride, so each product is one strided-batched GEMM.
+                // Each (image, head) is one matrix of a strided-batched GEMM. With one image the
+                // heads sit at a fixed stride inside the token rows (row stride C); with more,
+                // head-major copies [B, H, L, d] give every (image, head) a fixed stride.
+                let strided = batch == 1 || h == 1;
                 let mut head_major = |x: Loc, l: usize, d: usize| -> Loc {
-                    if h == 1 {
+                    if strided {
                         return x;
                     }
                     let y = self.buffer(2 * batch * l * h * d);
@@ -743,6 +745,12 @@ impl<'g> Lower<'g> {
                     head_major(k, lk, d),
                     head_major(v, lk, dv),
                 );
+                // Matrix strides and row strides of q/k, v/o in the layout chosen above.
+                let (sq, sk, sv, ld_qk, ld_vo) = if strided && h > 1 {
+                    (d, d, dv, h * d, h * dv)
+                } else {
+                    (lq * d, lk * d, lk * dv, 0, 0)
+                };
                 let scores = self.buffer(2 * batch * h * lq * lk);
                 self.push(Step::Gemm {
                     gemm: Gemm {
@@ -751,9 +759,12 @@ impl<'g> Lower<'g> {
                         k: d,
                         b_trans: true,
                         batch: batch * h,
-                        stride_a: lq * d,
-                        stride_b: lk * d,
+                        stride_a: sq,
+                        stride_b: sk,
                         stride_c: lq * lk,
+                        lda: ld_qk,
+                        ldb: ld_qk,
+                        ldc: 0,
                         alpha: 1.0 / (d as f32).sqrt(),
                     },
                     a: qh,
@@ -768,7 +779,7 @@ impl<'g> Lower<'g> {
                     cols: lk,
                 });
                 let o = self.act(&out);
-                let oh = if h == 1 {
+                let oh = if strided {
                     o
                 } else {
                     self.buffer(2 * batch * h * lq * dv)
@@ -781,8 +792,11 @@ impl<'g> Lower<'g> {
                         b_trans: false,
                         batch: batch * h,
                         stride_a: lq * lk,
-                        stride_b: lk * dv,
-                        stride_c: lq * dv,
+                        stride_b: sv,
+                        stride_c: if strided && h > 1 { dv } else { lq * dv },
+                        lda: 0,
+                        ldb: ld_vo,
+                        ldc: ld_vo,
                         alpha: 1.0,
                     },
                     a: scores,
@@ -791,7 +805,7 @@ impl<'g> Lower<'g> {
                     residual: None,
                     c: oh,
                 });
-                if h > 1 {
+                if !strided {
                     self.push(Step::Permute {
                         x: oh,
                         y: o,
