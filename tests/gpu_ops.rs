@@ -571,10 +571,16 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
         per_image_bias, resnets,
         "every time-embedding add folds into conv1's bias"
     );
-    // Each resnet's residual and each transformer's outer residual ride on a convolution; the
-    // attention and feed-forward residuals on cuBLASLt.
-    assert_eq!(residual_convs, resnets + transformers);
-    assert_eq!(residual_linears, 3 * transformers);
+    // Each resnet's residual rides on a convolution's epilogue (or on cuBLASLt when its
+    // shortcut is a 1x1 convolution, run as a GEMM), each transformer's four residuals (attn1,
+    // attn2, feed-forward, proj_out) on cuBLASLt.
+    let shortcuts = g
+        .nodes
+        .iter()
+        .filter(|n| n.name.contains("conv_shortcut") && matches!(n.op, Op::Conv2d { .. }))
+        .count();
+    assert_eq!(residual_convs, resnets - shortcuts);
+    assert_eq!(residual_linears, shortcuts + 4 * transformers);
     assert_eq!(adds, 0, "no standalone adds remain");
     // Only the input and output change layout (the token permutes are free); each multi-head
     // attention (two per transformer) makes q, k, v head-major and its output token-major.

@@ -7,7 +7,7 @@
 // group u % groups of pixel u / groups; blockDim is a multiple of groups, so each thread keeps one
 // group for the whole loop and a warp reads whole pixel rows.
 extern "C" __global__ void group_norm_nhwc_stats_f16(const __half* __restrict__ x, float2* __restrict__ partial,
-                                                     int hw, int c, int groups, int chunk) {
+                                                     int hw, int c, int groups, int chunk, int vec8) {
   __shared__ float s_sum[1024], s_sq[1024];
   const int n = blockIdx.y, s = blockIdx.x;
   const int p0 = s * chunk, p1 = min(hw, p0 + chunk);
@@ -18,10 +18,23 @@ extern "C" __global__ void group_norm_nhwc_stats_f16(const __half* __restrict__ 
   const int units = max(p1 - p0, 0) * groups;
   for (int u = threadIdx.x; u < units; u += blockDim.x) {
     const __half* e = base + (long)(p0 + u / groups) * c + g * cg;
-    for (int i = 0; i < cg; ++i) {
-      const float v = __half2float(e[i]);
-      sum += v;
-      sq += v * v;
+    if (vec8) {  // cg % 8 == 0 and 16-byte aligned rows: whole uint4 loads
+      for (int i = 0; i < cg; i += 8) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(e + i);
+        const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = __half22float2(h[j]);
+          sum += f.x + f.y;
+          sq += f.x * f.x + f.y * f.y;
+        }
+      }
+    } else {
+      for (int i = 0; i < cg; ++i) {
+        const float v = __half2float(e[i]);
+        sum += v;
+        sq += v * v;
+      }
     }
   }
   s_sum[threadIdx.x] = sum;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cudnn::sys::{cudnnConvolutionFwdAlgo_t, cudnnMathType_t};
-use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use half::f16;
 use lipstream_engines::graph::Graph;
 use lipstream_engines::tensor::Tensor;
@@ -360,34 +360,58 @@ impl Executor {
         Ok(())
     }
 
-    /// Runs every step eagerly; with `times`, records (kind, milliseconds) per step — a
-    /// convolution's epilogue separately — synchronising after each (profiling only).
+    /// Times every step as the GPU runs it inside a CUDA graph (timing events captured between
+    /// the steps, so no launch gaps count): (kind, milliseconds) per step, a convolution's
+    /// epilogue as its own entry.
+    pub fn profile(&self, rt: &Runtime) -> Result<Vec<(&'static str, f32)>, GpuError> {
+        let stream = rt.stream();
+        let f = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = stream.context().new_event(f)?;
+        let mut marks = Vec::new();
+        self.run_steps(rt, None)?;
+        stream.synchronize()?;
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+        let ran = start
+            .record(stream)
+            .map_err(GpuError::from)
+            .and_then(|_| self.run_steps(rt, Some(&mut marks)));
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        ran?;
+        let graph =
+            graph?.ok_or_else(|| GpuError::Capture("the capture recorded nothing".into()))?;
+        for _ in 0..2 {
+            graph.launch()?;
+        }
+        stream.synchronize()?;
+        let mut out = Vec::with_capacity(marks.len());
+        let mut prev = &start;
+        for (label, ev) in &marks {
+            out.push((*label, prev.elapsed_ms(ev)?));
+            prev = ev;
+        }
+        Ok(out)
+    }
+
+    /// Runs every step eagerly (or into a capture); with `marks`, records a timing event after
+    /// each step — and between a convolution and its epilogue — labelled with its kind.
     pub fn run_steps(
         &self,
         rt: &Runtime,
-        mut times: Option<&mut Vec<(&'static str, f32)>>,
+        mut marks: Option<&mut Vec<(&'static str, CudaEvent)>>,
     ) -> Result<(), GpuError> {
         let s = rt.stream();
         let k = &rt.kernels;
         let ws = rt.workspace_ptr();
-        let ev = if times.is_some() {
-            let f = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-            Some((s.context().new_event(f)?, s.context().new_event(f)?))
-        } else {
-            None
-        };
         let mut lap = |label: &'static str| -> Result<(), GpuError> {
-            if let (Some((a, b)), Some(t)) = (&ev, times.as_deref_mut()) {
-                b.record(s)?;
-                b.synchronize()?;
-                t.push((label, a.elapsed_ms(b)?));
-                a.record(s)?;
+            if let Some(m) = marks.as_deref_mut() {
+                let ev = s
+                    .context()
+                    .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+                ev.record(s)?;
+                m.push((label, ev));
             }
             Ok(())
         };
-        if let Some((a, _)) = &ev {
-            a.record(s)?;
-        }
         for (i, step) in self.plan.steps.iter().enumerate() {
             let p = |l: Loc| self.ptr(l);
             // SAFETY (every launch below): the plan sized each operand for exactly the shapes

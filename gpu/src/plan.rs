@@ -586,11 +586,28 @@ impl<'g> Lower<'g> {
                     x = y;
                     [0, 0]
                 };
-                let w = self.weight(ins[1], WeightForm::ChannelsLast)?;
                 let bias = match ins.get(2) {
                     Some(b) => Some((self.weight(*b, WeightForm::Plain)?, 0)),
                     None => None,
                 };
+                if ws[2] == 1 && ws[3] == 1 && *stride == [1, 1] && pad == [0, 0] && *groups == 1 {
+                    // A 1x1 convolution over NHWC pixels is a linear layer on [pixels, C]:
+                    // cuBLASLt then carries the bias and any residual in its epilogue.
+                    let w = self.weight(ins[1], WeightForm::Plain)?;
+                    let y = self.act(&out);
+                    let s = self.push(Step::Gemm {
+                        gemm: Gemm::linear(xs[0] * h * wd, xs[1], ws[0]),
+                        a: x,
+                        b: w,
+                        bias: bias.map(|b| b.0),
+                        residual: None,
+                        c: y,
+                    });
+                    self.producer.insert(i, s);
+                    self.set(i, y, Layout::Nhwc);
+                    return Ok(());
+                }
+                let w = self.weight(ins[1], WeightForm::ChannelsLast)?;
                 let shape = ConvShape {
                     n: xs[0],
                     c: xs[1],

@@ -11,6 +11,8 @@ const SRC: &str = include_str!("../../kernels/group_norm.cu");
 const STATS_THREADS: usize = 256;
 /// Aim for a few blocks per SM across the images of a batch.
 const TARGET_BLOCKS: usize = 264;
+/// Fewer pixels than this per block leaves most of its threads idle.
+const MIN_CHUNK_PIXELS: usize = 64;
 
 /// One GroupNorm's shape and the scratch it needs.
 #[derive(Clone, Copy, Debug)]
@@ -26,7 +28,10 @@ pub struct GroupNormShape {
 impl GroupNormShape {
     /// Pixel chunks per image for the statistics pass.
     pub fn chunks(&self) -> usize {
-        TARGET_BLOCKS.div_ceil(self.n).clamp(1, self.hw.max(1))
+        TARGET_BLOCKS
+            .div_ceil(self.n)
+            .min(self.hw.div_ceil(MIN_CHUNK_PIXELS))
+            .max(1)
     }
 
     /// Bytes of scratch: partial (sum, sum of squares) per chunk and group, then (mean, 1/std).
@@ -96,6 +101,7 @@ impl GroupNorm {
         let chunks = s.chunks();
         let chunk = s.hw.div_ceil(chunks);
         let partial = scratch;
+        let vec8 = (s.c / s.groups).is_multiple_of(8) && super::elementwise::aligned16(&[x]);
         let stats = scratch + (8 * s.n * s.groups * chunks) as u64;
         let cfg = LaunchConfig {
             grid_dim: (chunks as u32, s.n as u32, 1),
@@ -103,7 +109,7 @@ impl GroupNorm {
             shared_mem_bytes: 0,
         };
         let i = |v: usize| Arg::I(v as i32);
-        // SAFETY: matches group_norm_nhwc_stats_f16 (const half*, float2*, 4 int); partial holds
+        // SAFETY: matches group_norm_nhwc_stats_f16 (const half*, float2*, 5 int); partial holds
         // n*chunks*groups float2s; blockDim is a multiple of groups (checked).
         unsafe {
             launch(
@@ -117,6 +123,7 @@ impl GroupNorm {
                     i(s.c),
                     i(s.groups),
                     i(chunk),
+                    i(usize::from(vec8)),
                 ],
             )
         }?;
