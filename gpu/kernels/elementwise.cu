@@ -14,6 +14,25 @@ extern "C" __global__ void geglu_f16(const __half* __restrict__ x, __half* __res
   y[idx] = __float2half(a * gelu_erf(g));
 }
 
+// GEGLU eight outputs per thread (d % 8 == 0, 16-byte aligned): grid y indexes the row.
+extern "C" __global__ void geglu_f16x8(const __half* __restrict__ x, __half* __restrict__ y, int d) {
+  const int v = blockIdx.x * blockDim.x + threadIdx.x;
+  if (v * 8 >= d) return;
+  const long row = blockIdx.y;
+  const uint4 av = *reinterpret_cast<const uint4*>(x + row * 2 * d + v * 8);
+  const uint4 gv = *reinterpret_cast<const uint4*>(x + row * 2 * d + d + v * 8);
+  const __half2* a = reinterpret_cast<const __half2*>(&av);
+  const __half2* g = reinterpret_cast<const __half2*>(&gv);
+  uint4 out;
+  __half2* o = reinterpret_cast<__half2*>(&out);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 fa = __half22float2(a[j]), fg = __half22float2(g[j]);
+    o[j] = __floats2half2_rn(fa.x * gelu_erf(fg.x), fa.y * gelu_erf(fg.y));
+  }
+  *reinterpret_cast<uint4*>(y + row * d + v * 8) = out;
+}
+
 // Unary ops: 0 exact GELU, 1 SiLU, 2 x * a + b, 3 clamp(x, a, b).
 extern "C" __global__ void unary_f16(const __half* __restrict__ x, __half* __restrict__ y, long n,
                                      int mode, float a, float b) {

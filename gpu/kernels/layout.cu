@@ -17,6 +17,23 @@ extern "C" __global__ void permute_f16(const __half* __restrict__ x, __half* __r
   y[idx] = x[r * s0 + i1 * s1 + i2 * s2 + i3 * s3 + i4 * s4];
 }
 
+// The same gather eight elements at a time, when the innermost output axis is contiguous in x
+// (s4 == 1) and every extent and stride keeps 16-byte alignment. Dims and strides count vectors
+// on the innermost axis (d4 / 8) and elements elsewhere.
+extern "C" __global__ void permute_f16x8(const __half* __restrict__ x, __half* __restrict__ y, long n8,
+                                         int d1, int d2, int d3, int d4v,
+                                         long s0, long s1, long s2, long s3) {
+  long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n8) return;
+  long r = idx;
+  const long i4 = r % d4v; r /= d4v;
+  const long i3 = r % d3; r /= d3;
+  const long i2 = r % d2; r /= d2;
+  const long i1 = r % d1; r /= d1;
+  reinterpret_cast<uint4*>(y)[idx] =
+      *reinterpret_cast<const uint4*>(x + r * s0 + i1 * s1 + i2 * s2 + i3 * s3 + i4 * 8);
+}
+
 // y[r * ys + c] = x[r * xs + c] for r < rows, c < cols (pointers already at their offsets).
 extern "C" __global__ void copy_rows_f16(const __half* __restrict__ x, __half* __restrict__ y,
                                          long rows, long cols, long xs, long ys) {

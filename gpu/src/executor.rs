@@ -89,9 +89,19 @@ impl Runtime {
             let t = &w.tensor;
             let data: Vec<f16> = match w.form {
                 WeightForm::Plain => t.data.iter().map(|&v| f16::from_f32(v)).collect(),
-                WeightForm::ChannelsLast => {
+                WeightForm::PaddedOut(o8) if t.shape.len() == 1 => {
+                    let mut out: Vec<f16> = t.data.iter().map(|&v| f16::from_f32(v)).collect();
+                    out.resize(o8, f16::ZERO);
+                    out
+                }
+                WeightForm::ChannelsLast | WeightForm::PaddedOut(_) => {
                     let (o, c, h, wd) = (t.shape[0], t.shape[1], t.shape[2], t.shape[3]);
-                    let mut out = vec![f16::ZERO; t.data.len()];
+                    let rows = match w.form {
+                        WeightForm::PaddedOut(o8) => o8,
+                        _ => o,
+                    };
+                    // Padded rows (outputs beyond o) stay zero.
+                    let mut out = vec![f16::ZERO; rows * c * h * wd];
                     for oi in 0..o {
                         for ci in 0..c {
                             for y in 0..h {
@@ -131,6 +141,21 @@ impl Runtime {
             None => 0,
         }
     }
+}
+
+/// Records `ev` on `stream` so that, inside a capture, it becomes a real event-record node of
+/// the graph (a plain record would only order the capture).
+fn record_external(ev: &CudaEvent, stream: &CudaStream) -> Result<(), GpuError> {
+    // SAFETY: the event and the stream are live for the call; the flag asks for a record node.
+    unsafe {
+        sys::cuEventRecordWithFlags(
+            ev.cu_event(),
+            stream.cu_stream(),
+            sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32,
+        )
+    }
+    .result()?;
+    Ok(())
 }
 
 /// A prepared library call for a step.
@@ -371,10 +396,8 @@ impl Executor {
         self.run_steps(rt, None)?;
         stream.synchronize()?;
         stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-        let ran = start
-            .record(stream)
-            .map_err(GpuError::from)
-            .and_then(|_| self.run_steps(rt, Some(&mut marks)));
+        let ran =
+            record_external(&start, stream).and_then(|_| self.run_steps(rt, Some(&mut marks)));
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         ran?;
         let graph =
@@ -407,7 +430,7 @@ impl Executor {
                 let ev = s
                     .context()
                     .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-                ev.record(s)?;
+                record_external(&ev, s)?;
                 m.push((label, ev));
             }
             Ok(())

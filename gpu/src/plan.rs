@@ -60,6 +60,8 @@ pub enum WeightForm {
     Plain,
     /// [O,C,kh,kw] filters (or [N,C,H,W] constants) stored channels-last.
     ChannelsLast,
+    /// A channels-last filter, or a bias, with O zero-padded to this many outputs.
+    PaddedOut(usize),
 }
 
 /// One weight to upload: the graph's constant (or one derived from constants) and its form.
@@ -392,8 +394,19 @@ impl<'g> Lower<'g> {
                 "weights must be constants",
             ));
         };
-        if form == WeightForm::ChannelsLast && t.shape.len() != 4 {
-            return Err(unsupported(&node.name, "const", "channels-last needs 4-d"));
+        let ok = match form {
+            WeightForm::Plain => true,
+            WeightForm::ChannelsLast => t.shape.len() == 4,
+            WeightForm::PaddedOut(o) => {
+                (t.shape.len() == 4 || t.shape.len() == 1) && o >= t.shape[0]
+            }
+        };
+        if !ok {
+            return Err(unsupported(
+                &node.name,
+                "const",
+                format!("{form:?} does not fit {:?}", t.shape),
+            ));
         }
         let key = (i, form);
         if let Some(&w) = self.weight_index.get(&key) {
@@ -607,6 +620,50 @@ impl<'g> Lower<'g> {
                     self.set(i, y, Layout::Nhwc);
                     return Ok(());
                 }
+                // Tensor-core convolutions want whole 8-channel vectors out: a 3- or 4-channel
+                // output (conv_out of the UNet and of the VAE) runs padded, then sliced.
+                let o8 = ws[0].div_ceil(8) * 8;
+                if o8 != ws[0] {
+                    let w = self.weight(ins[1], WeightForm::PaddedOut(o8))?;
+                    let bias = match ins.get(2) {
+                        Some(b) => Some((self.weight(*b, WeightForm::PaddedOut(o8))?, 0)),
+                        None => None,
+                    };
+                    let shape = ConvShape {
+                        n: xs[0],
+                        c: xs[1],
+                        h,
+                        w: wd,
+                        o: o8,
+                        kh: ws[2],
+                        kw: ws[3],
+                        stride: *stride,
+                        pad,
+                        groups: *groups,
+                        nhwc: true,
+                    };
+                    let (ho, wo) = shape.out_hw();
+                    let wide = self.buffer(2 * xs[0] * ho * wo * o8);
+                    self.push(Step::Conv {
+                        shape,
+                        x,
+                        w,
+                        y: wide,
+                        bias,
+                        residual: None,
+                    });
+                    let y = self.act(&out);
+                    self.push(Step::CopyRows {
+                        x: wide,
+                        y,
+                        rows: xs[0] * ho * wo,
+                        cols: ws[0],
+                        xs: o8,
+                        ys: ws[0],
+                    });
+                    self.set(i, y, Layout::Nhwc);
+                    return Ok(());
+                }
                 let w = self.weight(ins[1], WeightForm::ChannelsLast)?;
                 let shape = ConvShape {
                     n: xs[0],
@@ -737,6 +794,16 @@ impl<'g> Lower<'g> {
                 let (qs, ks) = (g.shape(ins[0]).to_vec(), g.shape(ins[1]).to_vec());
                 let (batch, lq, lk, h) = (qs[0], qs[1], ks[1], *heads);
                 let (d, dv) = (qs[2] / h, out[2] / h);
+                if lk > crate::kernels::attention::MAX_COLS {
+                    return Err(unsupported(
+                        name,
+                        "attention",
+                        format!(
+                            "{lk} keys (the softmax holds at most {})",
+                            crate::kernels::attention::MAX_COLS
+                        ),
+                    ));
+                }
                 let q = self.operand(ins[0], Layout::Plain)?;
                 let k = self.operand(ins[1], Layout::Plain)?;
                 let v = self.operand(ins[2], Layout::Plain)?;

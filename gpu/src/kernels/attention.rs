@@ -9,6 +9,8 @@ use crate::error::GpuError;
 
 const SRC: &str = include_str!("../../kernels/attention.cu");
 const WARPS_PER_BLOCK: u32 = 8;
+/// The kernel keeps a row in registers: 48 values per lane.
+pub const MAX_COLS: usize = 48 * 32;
 
 /// The compiled kernel.
 pub struct Softmax {
@@ -34,6 +36,12 @@ impl Softmax {
         rows: usize,
         cols: usize,
     ) -> Result<(), GpuError> {
+        if cols == 0 || cols > MAX_COLS {
+            return Err(super::shape_err(
+                "softmax",
+                format!("{cols} columns (1..={MAX_COLS})"),
+            ));
+        }
         let args = [Arg::P(x), Arg::L(rows as i64), Arg::I(cols as i32)];
         // SAFETY: matches softmax_rows_f16 (half*, long, int); one warp per row, surplus warps
         // return before touching memory.

@@ -28,6 +28,7 @@ pub enum Binary {
 /// The compiled kernels.
 pub struct Elementwise {
     geglu: CudaFunction,
+    geglu8: CudaFunction,
     unary: CudaFunction,
     add2: CudaFunction,
     binary: CudaFunction,
@@ -54,6 +55,7 @@ impl Elementwise {
         let m = super::compile(device, "elementwise", SRC)?;
         Ok(Elementwise {
             geglu: m.load_function("geglu_f16")?,
+            geglu8: m.load_function("geglu_f16x8")?,
             unary: m.load_function("unary_f16")?,
             add2: m.load_function("add_f16x2")?,
             binary: m.load_function("binary_f16")?,
@@ -76,6 +78,18 @@ impl Elementwise {
         rows: usize,
         d: usize,
     ) -> Result<(), GpuError> {
+        if d.is_multiple_of(8) && rows <= 65535 && aligned16(&[x, y]) {
+            // SAFETY: matches geglu_f16x8 (const half*, half*, int); whole aligned 8-wide vectors
+            // (checked), grid y covers the rows.
+            return unsafe {
+                launch(
+                    stream,
+                    &self.geglu8,
+                    per_image(d / 8, rows),
+                    &[Arg::P(x), Arg::P(y), Arg::I(d as i32)],
+                )
+            };
+        }
         let args = [Arg::P(x), Arg::P(y), Arg::L(rows as i64), Arg::I(d as i32)];
         // SAFETY: matches geglu_f16 (const half*, half*, long, int).
         unsafe { launch(stream, &self.geglu, elems(rows * d), &args) }
