@@ -49,20 +49,28 @@ extern "C" __global__ void group_norm_nhwc_stats_f16(const __half* __restrict__ 
   }
 }
 
-// One thread per (image, group): stats = (mean, 1/sqrt(var + eps)).
+// One warp per (image, group): stats = (mean, 1/sqrt(var + eps)). The lanes split the chunks,
+// so the partial sums load in parallel instead of one dependent load after another.
 extern "C" __global__ void group_norm_nhwc_finalize(const float2* __restrict__ partial, float2* __restrict__ stats,
                                                     int n, int groups, int chunks, float count, float eps) {
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  const int t = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
   if (t >= n * groups) return;
   const int img = t / groups, g = t % groups;
   float sum = 0.f, sq = 0.f;
-  for (int s = 0; s < chunks; ++s) {
+  for (int s = lane; s < chunks; s += 32) {
     const float2 p = partial[((long)img * chunks + s) * groups + g];
     sum += p.x;
     sq += p.y;
   }
-  const float mean = sum / count;
-  stats[t] = make_float2(mean, rsqrtf(fmaxf(sq / count - mean * mean, 0.f) + eps));
+  for (int off = 16; off > 0; off >>= 1) {
+    sum += __shfl_xor_sync(0xffffffff, sum, off);
+    sq += __shfl_xor_sync(0xffffffff, sq, off);
+  }
+  if (lane == 0) {
+    const float mean = sum / count;
+    stats[t] = make_float2(mean, rsqrtf(fmaxf(sq / count - mean * mean, 0.f) + eps));
+  }
 }
 
 // y = (x - mean) / std * gamma + beta (then SiLU), eight channels per thread (c % 8 == 0,

@@ -9,19 +9,23 @@ use crate::error::GpuError;
 
 const SRC: &str = include_str!("../../kernels/attention.cu");
 const WARPS_PER_BLOCK: u32 = 8;
-/// The kernel keeps a row in registers: 48 values per lane.
-pub const MAX_COLS: usize = 48 * 32;
+/// The widest row the attention lowering sends here (whisper's 1500 keys fit).
+pub const MAX_COLS: usize = 1536;
 
 /// The compiled kernel.
 pub struct Softmax {
-    func: CudaFunction,
+    any: CudaFunction,
+    upto1024: CudaFunction,
+    upto1536: CudaFunction,
 }
 
 impl Softmax {
     pub fn load(device: &Device) -> Result<Self, GpuError> {
         let module = super::compile(device, "attention", SRC)?;
         Ok(Softmax {
-            func: module.load_function("softmax_rows_f16")?,
+            any: module.load_function("softmax_rows_f16")?,
+            upto1024: module.load_function("softmax_rows_f16x2_1024")?,
+            upto1536: module.load_function("softmax_rows_f16x2_1536")?,
         })
     }
 
@@ -43,12 +47,19 @@ impl Softmax {
             ));
         }
         let args = [Arg::P(x), Arg::L(rows as i64), Arg::I(cols as i32)];
-        // SAFETY: matches softmax_rows_f16 (half*, long, int); one warp per row, surplus warps
-        // return before touching memory.
+        // SAFETY: each kernel takes (half or half2*, long, int); one warp per row, surplus warps
+        // return before touching memory; the register kernels get even widths within their
+        // capacity and 4-byte aligned rows (checked above).
         unsafe {
             launch(
                 stream,
-                &self.func,
+                if cols % 2 != 0 || x % 4 != 0 {
+                    &self.any
+                } else if cols <= 1024 {
+                    &self.upto1024
+                } else {
+                    &self.upto1536
+                },
                 grid(rows * 32, 32 * WARPS_PER_BLOCK),
                 &args,
             )

@@ -129,12 +129,13 @@ impl GroupNorm {
             )
         }?;
         let count = (s.hw * (s.c / s.groups)) as f32;
-        // SAFETY: matches group_norm_nhwc_finalize (const float2*, float2*, 3 int, 2 float).
+        // SAFETY: matches group_norm_nhwc_finalize (const float2*, float2*, 3 int, 2 float); one
+        // warp per (image, group), surplus warps return.
         unsafe {
             launch(
                 stream,
                 &self.finalize,
-                grid(s.n * s.groups, 128),
+                grid(s.n * s.groups * 32, 256),
                 &[
                     Arg::P(partial),
                     Arg::P(stats),
