@@ -13,7 +13,7 @@ use crate::error::GpuError;
 use crate::kernels::Ptr;
 
 /// One convolution's shape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ConvShape {
     pub n: usize,
     pub c: usize,

@@ -171,3 +171,28 @@ impl Device {
         Ok(total - free)
     }
 }
+
+/// Which executor a model stage would run on here: `Ok("<GPU 0 description>")` for the CUDA
+/// executor, or `Err(reason)` for the CPU reference executor. Never panics without CUDA.
+pub fn executor_choice() -> Result<String, String> {
+    let r = report();
+    let l = &r.libraries;
+    let missing: Vec<&str> = [
+        (l.driver, "the NVIDIA driver (libcuda.so.1)"),
+        (l.nvrtc, "NVRTC"),
+        (l.cudnn, "cuDNN 9"),
+        (l.cublaslt, "cuBLASLt"),
+    ]
+    .into_iter()
+    .filter(|(found, _)| !found)
+    .map(|(_, name)| name)
+    .collect();
+    if !missing.is_empty() {
+        return Err(format!("not found: {}", missing.join(", ")));
+    }
+    r.gpus.first().cloned().ok_or_else(|| {
+        r.error
+            .clone()
+            .unwrap_or_else(|| "the driver reports no GPU".into())
+    })
+}

@@ -2,10 +2,12 @@
 //!
 //! A `Runtime` owns what the graphs of one engine share on one GPU: kernels, the cuDNN and
 //! cuBLASLt handles, uploaded weights (keyed, so batch profiles share them), tuned convolution
-//! algorithms and the convolution workspace. An `Executor` is one lowered graph at one batch
-//! size: its arena (one allocation, activations placed by the liveness planner), its prepared
-//! library calls, and — once captured — one CUDA graph replayed per run. It never allocates
-//! after it is built.
+//! algorithms, the convolution workspace and one activation arena (profiles replay one at a time
+//! on the one stream, so they share it). An `Executor` is one lowered graph at one batch size:
+//! its activations' offsets in that arena (placed by the liveness planner), its prepared library
+//! calls, and — once captured — one CUDA graph replayed per run. It never allocates after it is
+//! built. Build every executor, call `Runtime::finish_building`, then capture: a later build may
+//! grow the arena or the workspace and leave earlier captures pointing at freed memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,6 +47,43 @@ pub struct Tuned {
     pub ms: f32,
 }
 
+impl Tuned {
+    /// cuDNN's numeric codes of the algorithm and math type, for engine files.
+    pub fn codes(&self) -> (u32, u32) {
+        (self.algo as u32, self.math as u32)
+    }
+
+    /// Back from `codes`; `None` for codes this cuDNN does not define.
+    pub fn from_codes(algo: u32, math: u32, workspace_bytes: usize, ms: f32) -> Option<Self> {
+        use cudnnConvolutionFwdAlgo_t as A;
+        use cudnnMathType_t as M;
+        let algo = match algo {
+            0 => A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            1 => A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            2 => A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+            3 => A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+            4 => A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+            5 => A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+            6 => A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+            7 => A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+            _ => return None,
+        };
+        let math = match math {
+            0 => M::CUDNN_DEFAULT_MATH,
+            1 => M::CUDNN_TENSOR_OP_MATH,
+            2 => M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+            3 => M::CUDNN_FMA_MATH,
+            _ => return None,
+        };
+        Some(Tuned {
+            algo,
+            math,
+            workspace_bytes,
+            ms,
+        })
+    }
+}
+
 /// What one GPU's graphs share.
 pub struct Runtime {
     pub device: Device,
@@ -58,6 +97,12 @@ pub struct Runtime {
     pub tuned: HashMap<ConvShape, Tuned>,
     workspace: Option<CudaSlice<u8>>,
     workspace_bytes: usize,
+    /// The most workspace any prepared convolution needs.
+    workspace_need: usize,
+    /// One arena for every executor: batch profiles replay one at a time on the one stream, so
+    /// they share activation memory (the largest profile's size).
+    arena: Option<CudaSlice<f16>>,
+    arena_bytes: usize,
 }
 
 impl Runtime {
@@ -76,6 +121,9 @@ impl Runtime {
             tuned: HashMap::new(),
             workspace: None,
             workspace_bytes: 0,
+            workspace_need: 0,
+            arena: None,
+            arena_bytes: 0,
         })
     }
 
@@ -135,6 +183,39 @@ impl Runtime {
         Ok(())
     }
 
+    /// Makes the shared arena at least `bytes` large (same caveat as the workspace).
+    fn reserve_arena(&mut self, bytes: usize) -> Result<(), GpuError> {
+        if self.arena.is_none() || bytes > self.arena_bytes {
+            self.arena = None;
+            self.arena = Some(self.stream().alloc_zeros::<f16>(bytes.div_ceil(2).max(1))?);
+            self.arena_bytes = bytes.max(2);
+        }
+        Ok(())
+    }
+
+    fn arena_ptr(&self) -> Ptr {
+        match &self.arena {
+            Some(a) => a.device_ptr(self.stream()).0,
+            None => 0,
+        }
+    }
+
+    /// Bytes of the shared arena and workspace.
+    pub fn scratch_bytes(&self) -> usize {
+        self.arena_bytes + self.workspace_bytes
+    }
+
+    /// Shrinks the convolution workspace from the tuning size to what the chosen algorithms
+    /// need. Call after building every executor and before capturing any.
+    pub fn finish_building(&mut self) -> Result<(), GpuError> {
+        if self.workspace_bytes != self.workspace_need.max(1) {
+            self.workspace = None;
+            self.workspace_bytes = 0;
+            self.reserve_workspace(self.workspace_need)?;
+        }
+        Ok(())
+    }
+
     fn workspace_ptr(&self) -> Ptr {
         match &self.workspace {
             Some(w) => w.device_ptr(self.stream()).0,
@@ -170,11 +251,9 @@ pub struct Executor {
     plan: Plan,
     prepared: Vec<Prepared>,
     weight_ptrs: Vec<Ptr>,
-    arena: CudaSlice<f16>,
-    arena_ptr: Ptr,
     offsets: Vec<usize>,
     graph: Option<CudaGraph>,
-    /// Bytes of the arena, and the least any placement could use.
+    /// Bytes of arena this graph needs, and the least any placement could use.
     pub arena_bytes: usize,
     pub peak_bytes: usize,
 }
@@ -196,16 +275,11 @@ impl Executor {
             .collect::<Result<Vec<_>, _>>()?;
         let (offsets, arena_bytes) = arena::place(&plan.lifetimes, ALIGN);
         let peak_bytes = arena::peak(&plan.lifetimes, ALIGN);
-        let arena = rt
-            .stream()
-            .alloc_zeros::<f16>(arena_bytes.div_ceil(2).max(1))?;
-        let arena_ptr = arena.device_ptr(rt.stream()).0;
+        rt.reserve_arena(arena_bytes)?;
         let mut ex = Executor {
             plan,
             prepared: Vec::new(),
             weight_ptrs,
-            arena,
-            arena_ptr,
             offsets,
             graph: None,
             arena_bytes,
@@ -229,9 +303,9 @@ impl Executor {
                         let ms = unsafe {
                             rt.conv.tune(
                                 &mut p,
-                                ex.ptr(*x),
-                                ex.ptr(*w),
-                                ex.ptr(*y),
+                                ex.ptr(rt, *x),
+                                ex.ptr(rt, *w),
+                                ex.ptr(rt, *y),
                                 ws,
                                 TUNE_WORKSPACE_BYTES,
                             )
@@ -259,17 +333,17 @@ impl Executor {
                 } => {
                     let mut plan =
                         rt.blas
-                            .plan(*gemm, bias.map(|b| ex.ptr(b)), residual.is_some())?;
+                            .plan(*gemm, bias.map(|b| ex.ptr(rt, b)), residual.is_some())?;
                     if opts.tune {
                         // SAFETY: a, b, residual and c are this step's operands, placed and
                         // sized by the plan; c is scratch until the step runs.
                         unsafe {
                             rt.blas.tune(
                                 &mut plan,
-                                ex.ptr(*a),
-                                ex.ptr(*b),
-                                residual.map_or(0, |r| ex.ptr(r)),
-                                ex.ptr(*c),
+                                ex.ptr(rt, *a),
+                                ex.ptr(rt, *b),
+                                residual.map_or(0, |r| ex.ptr(rt, r)),
+                                ex.ptr(rt, *c),
                             )
                         }?;
                     }
@@ -279,15 +353,16 @@ impl Executor {
             });
         }
         rt.reserve_workspace(need_ws)?;
+        rt.workspace_need = rt.workspace_need.max(need_ws);
         ex.prepared = prepared;
         Ok(ex)
     }
 
     /// The device address of an operand.
-    fn ptr(&self, loc: Loc) -> Ptr {
+    fn ptr(&self, rt: &Runtime, loc: Loc) -> Ptr {
         match loc {
             Loc::None => 0,
-            Loc::Arena(b, o) => self.arena_ptr + (self.offsets[b] + 2 * o) as u64,
+            Loc::Arena(b, o) => rt.arena_ptr() + (self.offsets[b] + 2 * o) as u64,
             Loc::Weight(w, o) => self.weight_ptrs[w] + (2 * o) as u64,
         }
     }
@@ -330,7 +405,7 @@ impl Executor {
     }
 
     /// Copies an input's fp16 data in (asynchronously, on the engine's stream).
-    pub fn write_input(&mut self, rt: &Runtime, name: &str, data: &[f16]) -> Result<(), GpuError> {
+    pub fn write_input(&self, rt: &mut Runtime, name: &str, data: &[f16]) -> Result<(), GpuError> {
         let b = Self::binding(&self.plan.inputs, name)?.clone();
         let range = self.range(&b);
         if data.len() != range.len() {
@@ -339,8 +414,12 @@ impl Executor {
                 reason: format!("{} values for shape {:?}", data.len(), b.shape),
             });
         }
-        let mut view = self.arena.slice_mut(range);
-        rt.stream().memcpy_htod(data, &mut view)?;
+        let stream = rt.device.stream.clone();
+        let arena = rt
+            .arena
+            .as_mut()
+            .ok_or_else(|| GpuError::Capture("no arena".into()))?;
+        stream.memcpy_htod(data, &mut arena.slice_mut(range))?;
         Ok(())
     }
 
@@ -349,8 +428,11 @@ impl Executor {
         let b = Self::binding(&self.plan.outputs, name)?;
         let range = self.range(b);
         let mut out = vec![f16::ZERO; range.len()];
-        rt.stream()
-            .memcpy_dtoh(&self.arena.slice(range), &mut out)?;
+        let arena = rt
+            .arena
+            .as_ref()
+            .ok_or_else(|| GpuError::Capture("no arena".into()))?;
+        rt.stream().memcpy_dtoh(&arena.slice(range), &mut out)?;
         rt.stream().synchronize()?;
         Ok(out)
     }
@@ -436,7 +518,7 @@ impl Executor {
             Ok(())
         };
         for (i, step) in self.plan.steps.iter().enumerate() {
-            let p = |l: Loc| self.ptr(l);
+            let p = |l: Loc| self.ptr(rt, l);
             // SAFETY (every launch below): the plan sized each operand for exactly the shapes
             // passed with it, the arena holds every buffer at its placed offset for the step's
             // lifetime, and weights stay uploaded for the runtime's life.
@@ -608,8 +690,8 @@ impl Executor {
 
     /// Runs on f32 tensors (tests and checks): converts, uploads, runs, reads back.
     pub fn run_f32(
-        &mut self,
-        rt: &Runtime,
+        &self,
+        rt: &mut Runtime,
         inputs: &[(&str, &Tensor)],
     ) -> Result<Vec<(String, Tensor)>, GpuError> {
         for (name, t) in inputs {

@@ -953,7 +953,7 @@ impl<'g> Lower<'g> {
                     let bl = self.operand(b, layout)?;
                     let y = self.act(&out);
                     let n = numel(&out);
-                    if op == Binary::Add && n % 2 == 0 {
+                    if op == Binary::Add && n.is_multiple_of(2) {
                         self.push(Step::Add {
                             a: av.loc,
                             b: bl,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool, carry [".device", ".whl"]): our engine benchmark and the
 # PyTorch anchor (shared/anchors/torch_musetalk_bench.py, channels-last) in the same call, then a
-# side-by-side table. BATCHES / ANCHOR_MODES / RUNS override the defaults.
+# side-by-side table. BATCHES / RUNS / ANCHOR_BATCHES / ANCHOR_MODES (empty: no anchor) / MEMORY override the
+# defaults.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
@@ -12,12 +13,19 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
   --out "$out/lipstream_engine.json" > /dev/null 2> "$out/lipstream_engine.log"
 status=$?
 tail -40 "$out/lipstream_engine.log"
-anchor=${ANCHOR:-../shared/anchors/torch_musetalk_bench.py}
-if [ -n "${ANCHOR_MODES:-graph,compile}" ] && [ -f "$anchor" ] && ls .whl/*.whl > /dev/null 2>&1; then
+# MEMORY=1: the avatar engine alone, for its device memory (every profile, graphs captured).
+if [ "${MEMORY:-0}" = 1 ]; then
+  ./.device/bin/lipstream bench engine --stages avatar --batches "$batches" --runs 5 \
+    --out "$out/lipstream_avatar_memory.json" > /dev/null 2> "$out/lipstream_avatar_memory.log" || status=1
+fi
+# scripts/device/build.sh copies the shared anchor here (the device sees only this checkout).
+anchor=${ANCHOR:-.device/anchors/torch_musetalk_bench.py}
+if [ -n "${ANCHOR_MODES-graph,compile}" ] && [ -f "$anchor" ] && ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-  python3 "$anchor" --channels-last --batches "${ANCHOR_BATCHES:-1,16}" --modes "${ANCHOR_MODES:-graph,compile}" \
+  python3 "$anchor" --channels-last --batches "${ANCHOR_BATCHES:-1,16}" --modes "${ANCHOR_MODES-graph,compile}" \
     --out "$out/torch_musetalk.json" > "$out/torch.log" 2>&1 || status=1
   tail -5 "$out/torch.log"
 fi
-python3 scripts/device/compare.py "$out/lipstream_engine.json" "$out/torch_musetalk.json" | tee "$out/summary.txt"
+python3 scripts/device/compare.py "$out/lipstream_engine.json" "$out/torch_musetalk.json" \
+  "$out/lipstream_avatar_memory.json" | tee "$out/summary.txt"
 exit "$status"

@@ -13,6 +13,10 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "gpu_ops" and m.get("executable"):
         print(m["executable"])')
 cp "$bin" .device/bin/gpu_ops
+# The PyTorch anchor lives outside this checkout; the device sees only what is carried.
+if [ -d ../shared/anchors ]; then
+  mkdir -p .device/anchors && cp ../shared/anchors/*.py .device/anchors/
+fi
 # The device tool carries at most 64 MiB: debug info stays here.
 strip .device/bin/lipstream .device/bin/gpu_ops
 ls -la .device/bin

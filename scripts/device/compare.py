@@ -7,8 +7,12 @@ import json, os, sys
 ours = json.load(open(sys.argv[1]))
 torch = json.load(open(sys.argv[2])) if len(sys.argv) > 2 and os.path.exists(sys.argv[2]) else None
 print(f"GPU {ours['gpu']} ({ours['sm']}), driver {ours['driver']}, cuDNN {ours['cudnn']}, cuBLASLt {ours['cublaslt']}")
-print(f"weights {ours['weight_mib']:.0f} MiB, avatar engine (all profiles) {ours.get('avatar_engine_device_mib') or 0:.0f} MiB, "
+print(f"weights {ours['weight_mib']:.0f} MiB, device memory {ours['device_mib']:.0f} MiB "
+      f"(arena + workspace {ours['arena_mib']:.0f} MiB) for stages {','.join(ours['stages'])} at batches {ours['batches']}, "
       f"build {ours['build_s']:.1f} s, {ours['conv_shapes_tuned']} conv shapes tuned")
+if len(sys.argv) > 3 and os.path.exists(sys.argv[3]):
+    m = json.load(open(sys.argv[3]))
+    print(f"avatar engine alone (batches {m['batches']}): {m['device_mib']:.0f} MiB on the device, build {m['build_s']:.1f} s")
 rows = [("avatar_frame", "avatar frame"), ("camera_frame", "camera frame"), ("unet", "UNet"),
         ("vae_dec", "VAE decode"), ("vae_enc_2x", "VAE encode x2")]
 print(f"{'step':<16}{'B':>4}{'lipstream ms':>14}{'per frame':>11}{'torch best ms':>15}{'torch mode':>12}{'ratio':>8}")

@@ -36,6 +36,22 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum EngineCmd {
+    /// Build an engine for this GPU: time every convolution and GEMM algorithm for each batch
+    /// profile, and write the configs, the choices and the fp16 weights to one file.
+    Build {
+        /// A models folder (`models synth|pull`); default: MuseTalk-size random weights in memory.
+        #[arg(long)]
+        models: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = EngineMode::Avatar)]
+        mode: EngineMode,
+        /// Batch profiles, comma separated.
+        #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
+        batches: Vec<usize>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Describe an engine file (and say whether it runs on this machine).
+    Info { file: PathBuf },
     /// Run UNet, VAE encode/decode and whisper on both executors with the same random inputs and
     /// print the relative L2 error of every output (JSON on stdout).
     Check {
@@ -48,6 +64,15 @@ enum EngineCmd {
         #[arg(long)]
         dump: Option<PathBuf>,
     },
+}
+
+/// What an engine serves.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum EngineMode {
+    /// UNet + VAE decode per frame (latents cached in the avatar bundle).
+    Avatar,
+    /// 2 VAE encodes + UNet + VAE decode per frame.
+    Camera,
 }
 
 #[derive(Subcommand)]
@@ -91,8 +116,11 @@ enum BenchCmd {
     /// Time the CUDA engine per stage and batch profile (CUDA graphs, tuned cuDNN algorithms).
     Engine {
         /// A models folder (`models synth|pull`); default: MuseTalk-size random weights in memory.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "engine")]
         models: Option<PathBuf>,
+        /// An engine file (`engine build`): its weights and algorithm choices, its profiles.
+        #[arg(long)]
+        engine: Option<PathBuf>,
         /// Batch profiles, comma separated.
         #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
         batches: Vec<usize>,
@@ -174,6 +202,33 @@ fn main() -> anyhow::Result<()> {
             doctor();
             Ok(())
         }
+        Cmd::Engine(EngineCmd::Build {
+            models,
+            mode,
+            batches,
+            out,
+        }) => {
+            let src = sources(models.as_deref())?;
+            let stage = match mode {
+                EngineMode::Avatar => lipstream::engine::Stage::Avatar,
+                EngineMode::Camera => lipstream::engine::Stage::Camera,
+            };
+            lipstream::engine::file::build(&src, stage, &batches, &out)?;
+            print!("{}", lipstream::engine::file::describe(&out)?);
+            Ok(())
+        }
+        Cmd::Engine(EngineCmd::Info { file }) => {
+            print!("{}", lipstream::engine::file::describe(&file)?);
+            let header = lipstream::engine::file::read_header(&file)?;
+            match lipstream_gpu::Device::open(0) {
+                Ok(device) => match lipstream::engine::file::incompatibility(&header, &device)? {
+                    None => println!("  runs on this machine's GPU 0 ({})", device.name),
+                    Some(why) => println!("  does not run here: {why}"),
+                },
+                Err(e) => println!("  no GPU here to run it on ({e})"),
+            }
+            Ok(())
+        }
         Cmd::Engine(EngineCmd::Check {
             models,
             batch,
@@ -186,6 +241,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench(BenchCmd::Engine {
             models,
+            engine,
             batches,
             stages,
             runs,
@@ -193,7 +249,20 @@ fn main() -> anyhow::Result<()> {
             profile,
             out,
         }) => {
-            let src = sources(models.as_deref())?;
+            let (src, preload, batches) = match &engine {
+                Some(path) => {
+                    use lipstream::engine::file;
+                    let header = file::read_header(path)?;
+                    let device = lipstream_gpu::Device::open(0)?;
+                    if let Some(why) = file::incompatibility(&header, &device)? {
+                        anyhow::bail!("{}: {why}", path.display());
+                    }
+                    drop(device);
+                    let src = lipstream::engine::Sources::from_engine(path, &header)?;
+                    (src, file::tuned(&header)?, header.batches.clone())
+                }
+                None => (sources(models.as_deref())?, Vec::new(), batches),
+            };
             let opts = lipstream::engine::BenchOptions {
                 batches,
                 stages,
@@ -201,7 +270,7 @@ fn main() -> anyhow::Result<()> {
                 graphs: !no_graphs,
                 profile,
             };
-            let report = lipstream::engine::bench(&src, &opts)?;
+            let report = lipstream::engine::bench(&src, &opts, &preload)?;
             let text = serde_json::to_string_pretty(&report)?;
             if let Some(path) = out {
                 std::fs::write(&path, &text)
@@ -425,9 +494,8 @@ fn doctor() {
     if let Some(e) = &r.error {
         println!("problem: {e}");
     }
-    if r.gpus.is_empty() || !l.nvrtc {
-        println!("executor: CPU reference (no usable GPU); the CUDA executor is not built yet either way");
-    } else {
-        println!("executor: CPU reference for now; GPU kernels compile here (the CUDA executor is in progress)");
+    match lipstream_gpu::device::executor_choice() {
+        Ok(gpu) => println!("executor: CUDA ({gpu})"),
+        Err(why) => println!("executor: CPU reference executor ({why})"),
     }
 }

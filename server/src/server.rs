@@ -17,6 +17,10 @@ use crate::rtc::driver::{Driver, DriverParts, StageFactory};
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     crate::rtc::init_crypto();
+    match lipstream_gpu::device::executor_choice() {
+        Ok(gpu) => tracing::info!("model executor: CUDA ({gpu})"),
+        Err(why) => tracing::info!("model executor: CPU reference executor, no CUDA here ({why})"),
+    }
     let sockets = bind_udp(&config.ice_addrs, config.udp_port).await?;
     let local_addrs: Vec<SocketAddr> = sockets.iter().filter_map(|s| s.local_addr().ok()).collect();
     let listener = TcpListener::bind(config.http)

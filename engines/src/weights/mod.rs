@@ -310,6 +310,37 @@ impl Weights {
         }
     }
 
+    /// Tensors already in memory (e.g. read from an engine file).
+    pub fn from_tensors(tensors: BTreeMap<String, Tensor>) -> Self {
+        Weights {
+            store: Store::Memory(tensors),
+            used: RefCell::new(BTreeSet::new()),
+        }
+    }
+
+    /// Every tensor a model has taken so far, loaded again: what an engine file must carry.
+    pub fn used_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let used = self.used.borrow();
+        used.iter()
+            .map(|key| {
+                let t = match &self.store {
+                    Store::File(c) => c.load(key)?,
+                    Store::Memory(m) => m
+                        .get(key)
+                        .cloned()
+                        .ok_or_else(|| EngineError::MissingWeight { key: key.clone() })?,
+                    Store::Synth(s) => s
+                        .made
+                        .borrow()
+                        .get(key)
+                        .cloned()
+                        .ok_or_else(|| EngineError::MissingWeight { key: key.clone() })?,
+                };
+                Ok((key.clone(), t))
+            })
+            .collect()
+    }
+
     /// Errors if the checkpoint holds keys no model part took (under `prefix`).
     pub fn finish(&self, prefix: &str) -> Result<()> {
         let used = self.used.borrow();

@@ -101,6 +101,42 @@ pub fn read_index(path: &Path, file: &File) -> Result<BTreeMap<String, Entry>> {
 
 /// Writes f32 tensors as a `.safetensors` file (keys sorted, as the reference writer does).
 pub fn write(path: &Path, tensors: &BTreeMap<String, crate::Tensor>, dtype: DType) -> Result<()> {
+    write_with_metadata(path, tensors, dtype, &BTreeMap::new())
+}
+
+/// The header's `__metadata__` (string to string), empty when there is none.
+pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    file.read_exact_at(&mut n, 0)
+        .map_err(|_| EngineError::format(path, "shorter than a safetensors header"))?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > HEADER_MAX_BYTES || 8 + header_len > len {
+        return Err(EngineError::format(
+            path,
+            format!("header length {header_len} does not fit the {len}-byte file"),
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8)
+        .map_err(|e| EngineError::io(path, e))?;
+    let json: Value = serde_json::from_slice(&header)
+        .map_err(|e| EngineError::format(path, format!("header is not JSON: {e}")))?;
+    let Some(meta) = json.get("__metadata__") else {
+        return Ok(BTreeMap::new());
+    };
+    serde_json::from_value(meta.clone())
+        .map_err(|e| EngineError::format(path, format!("__metadata__ is not a string map: {e}")))
+}
+
+/// Like `write`, with a `__metadata__` map in the header.
+pub fn write_with_metadata(
+    path: &Path,
+    tensors: &BTreeMap<String, crate::Tensor>,
+    dtype: DType,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let size = dtype
         .size()
         .filter(|_| matches!(dtype, DType::F32 | DType::F16 | DType::BF16))
@@ -108,6 +144,9 @@ pub fn write(path: &Path, tensors: &BTreeMap<String, crate::Tensor>, dtype: DTyp
             EngineError::format(path, "safetensors files are written as F32, F16 or BF16")
         })?;
     let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
     let mut offset = 0usize;
     for (key, t) in tensors {
         let end = offset + t.numel() * size;
@@ -158,5 +197,19 @@ mod tests {
             assert_eq!(c.entry("w").unwrap().dtype, dtype);
             assert_eq!(c.load("w").unwrap(), t, "{dtype}");
         }
+        let path = dir.join("meta.safetensors");
+        let meta = BTreeMap::from([("engine".to_string(), "{\"a\": 1}".to_string())]);
+        write_with_metadata(
+            &path,
+            &BTreeMap::from([("w".to_string(), t.clone())]),
+            DType::F16,
+            &meta,
+        )
+        .unwrap();
+        assert_eq!(read_metadata(&path).unwrap(), meta);
+        assert_eq!(Checkpoint::open(&path).unwrap().load("w").unwrap(), t);
+        assert!(read_metadata(&dir.join("F32.safetensors"))
+            .unwrap()
+            .is_empty());
     }
 }

@@ -53,7 +53,7 @@ impl Softmax {
         unsafe {
             launch(
                 stream,
-                if cols % 2 != 0 || x % 4 != 0 {
+                if !cols.is_multiple_of(2) || !x.is_multiple_of(4) {
                     &self.any
                 } else if cols <= 1024 {
                     &self.upto1024

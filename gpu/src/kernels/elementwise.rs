@@ -137,7 +137,7 @@ impl Elementwise {
         y: Ptr,
         n: usize,
     ) -> Result<(), GpuError> {
-        if !n.is_multiple_of(2) || (a | b | y) % 4 != 0 {
+        if !n.is_multiple_of(2) || !(a | b | y).is_multiple_of(4) {
             return Err(shape_err("add", format!("{n} elements, unaligned or odd")));
         }
         let args = [Arg::P(a), Arg::P(b), Arg::P(y), Arg::L((n / 2) as i64)];

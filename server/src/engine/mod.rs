@@ -1,6 +1,7 @@
 //! MuseTalk on the GPU: which graphs each pipeline stage needs, built per batch profile on one
-//! GPU's runtime and replayed as CUDA graphs; the engine benchmark (`lipstream bench engine`) and
-//! the full-size numerical check against the CPU reference executor (`lipstream engine check`).
+//! GPU's runtime and replayed as CUDA graphs; engine files (`file`); the engine benchmark
+//! (`lipstream bench engine`) and the full-size numerical check against the CPU reference
+//! executor (`lipstream engine check`).
 //!
 //! Never on the network path: building takes seconds and runs on the caller's thread.
 
@@ -18,6 +19,8 @@ use lipstream_engines::{cpu, Graph, Tensor};
 use lipstream_gpu::device::Device;
 use lipstream_gpu::{Executor, Options, Runtime};
 use serde_json::{json, Value};
+
+pub mod file;
 
 /// One unit of GPU work, per batch of frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -56,6 +59,9 @@ pub struct Sources {
     /// Where the weights came from, for reports.
     pub origin: String,
 }
+
+/// Where each model's keys start in its weights (whisper's checkpoint holds the decoder too).
+const WHISPER_ROOT: &str = "model.encoder";
 
 impl Sources {
     /// A models folder as `lipstream models synth|pull` writes it.
@@ -109,11 +115,9 @@ impl Sources {
             Stage::VaeEncode => {
                 vae::build_encoder(&self.vae.root(""), &self.set.vae, 2 * batch, CROP)?
             }
-            Stage::Whisper => whisper::build(
-                &self.whisper.root("model.encoder"),
-                &self.set.whisper,
-                batch,
-            )?,
+            Stage::Whisper => {
+                whisper::build(&self.whisper.root(WHISPER_ROOT), &self.set.whisper, batch)?
+            }
         };
         Ok(g)
     }
@@ -156,15 +160,24 @@ pub struct BenchOptions {
 }
 
 /// Builds every (stage, batch) executor, captures them, and times each; returns the report.
-pub fn bench(src: &Sources, opts: &BenchOptions) -> anyhow::Result<Value> {
+/// `preload`: algorithms from an engine file (then nothing is timed at build).
+pub fn bench(
+    src: &Sources,
+    opts: &BenchOptions,
+    preload: &[(
+        lipstream_gpu::conv::ConvShape,
+        lipstream_gpu::executor::Tuned,
+    )],
+) -> anyhow::Result<Value> {
     let device = Device::open(0).context("opening GPU 0")?;
     let versions = device.versions()?;
     let (name, sm) = (device.name.clone(), device.sm);
     let mem0 = device.memory_used()?;
     let mut rt = Runtime::new(device)?;
+    rt.tuned.extend(preload.iter().copied());
+    let tune = preload.is_empty();
     let started = Instant::now();
     let mut built: Vec<(Stage, usize, Executor, f64)> = Vec::new();
-    let mut avatar_mem = None;
     let mut order: Vec<(Stage, usize)> = Vec::new();
     for &stage in &opts.stages {
         if stage == Stage::Whisper {
@@ -173,14 +186,14 @@ pub fn bench(src: &Sources, opts: &BenchOptions) -> anyhow::Result<Value> {
             order.extend(opts.batches.iter().map(|&b| (stage, b)));
         }
     }
-    for (i, &(stage, batch)) in order.iter().enumerate() {
+    for &(stage, batch) in &order {
         let t = Instant::now();
         let g = src.graph(stage, batch)?;
-        let mut ex = Executor::new(&mut rt, &g, "", Options { tune: true })
+        let ex = Executor::new(&mut rt, &g, "", Options { tune })
             .with_context(|| format!("building {} B={batch}", stage.name()))?;
         for (name, t) in inputs_for(&g, 7) {
             let data: Vec<f16> = t.data.iter().map(|&v| f16::from_f32(v)).collect();
-            ex.write_input(&rt, &name, &data)?;
+            ex.write_input(&mut rt, &name, &data)?;
         }
         let secs = t.elapsed().as_secs_f64();
         eprintln!(
@@ -191,12 +204,9 @@ pub fn bench(src: &Sources, opts: &BenchOptions) -> anyhow::Result<Value> {
             ex.peak_bytes as f64 / (1 << 20) as f64
         );
         built.push((stage, batch, ex, secs));
-        let last_avatar = order[i + 1..].iter().all(|(s, _)| *s != Stage::Avatar);
-        if stage == Stage::Avatar && last_avatar {
-            avatar_mem = Some(rt.device.memory_used()? - mem0);
-        }
     }
-    // The workspace is final now: capture.
+    // The arena and workspace are final now: capture.
+    rt.finish_building()?;
     if opts.graphs {
         for (stage, batch, ex, secs) in &mut built {
             let t = Instant::now();
@@ -256,8 +266,12 @@ pub fn bench(src: &Sources, opts: &BenchOptions) -> anyhow::Result<Value> {
         "graphs": opts.graphs,
         "runs": opts.runs,
         "weight_mib": rt.weight_bytes as f64 / (1 << 20) as f64,
-        "avatar_engine_device_mib": avatar_mem.map(|b| b as f64 / (1 << 20) as f64),
-        "device_mib_total": (rt.device.memory_used()? - mem0) as f64 / (1 << 20) as f64,
+        // Everything this engine holds on the device after capture: weights, the shared arena,
+        // workspaces, library handles and the CUDA graphs.
+        "device_mib": (rt.device.memory_used()? - mem0) as f64 / (1 << 20) as f64,
+        "arena_mib": rt.scratch_bytes() as f64 / (1 << 20) as f64,
+        "stages": opts.stages.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        "batches": opts.batches,
         "conv_shapes_tuned": rt.tuned.len(),
         "build_s": build_s,
         "results": results,
@@ -325,7 +339,7 @@ pub fn check(src: &Sources, batch: usize, dump: Option<&Path>) -> anyhow::Result
         let cpu_s = t.elapsed().as_secs_f64();
         let mut ex = Executor::new(&mut rt, &g, "", Options { tune: true })?;
         ex.capture(&rt)?;
-        let got = ex.run_f32(&rt, &refs)?;
+        let got = ex.run_f32(&mut rt, &refs)?;
         let mut worst = 0f64;
         for ((name, a), (_, b)) in got.iter().zip(&want) {
             let err = a.rel_l2(b);

@@ -1,0 +1,455 @@
+//! Engine files: what one GPU needs to start serving without tuning again — a header (model
+//! configs and their hash, the GPU, its SM, driver, cuDNN and cuBLASLt versions, the batch
+//! profiles, every convolution's timed algorithm, per-profile step counts and arena sizes) and the
+//! fp16 weights, in one `.safetensors` file whose `__metadata__` carries the header.
+//!
+//! Loading on another GPU or library version is refused with a message that says to rebuild; a
+//! corrupt or truncated file is an error (the safetensors reader checks every tensor's extent).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use lipstream_engines::models::config::{UNetConfig, VaeConfig, WhisperConfig};
+use lipstream_engines::presets::ModelSet;
+use lipstream_engines::weights::{safetensors, Checkpoint, DType, Weights};
+use lipstream_gpu::conv::ConvShape;
+use lipstream_gpu::device::Device;
+use lipstream_gpu::executor::Tuned;
+use lipstream_gpu::{Executor, Options, Runtime};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use super::{Sources, Stage};
+
+/// The format this build reads and writes.
+pub const FORMAT: &str = "lipstream-engine/1";
+const META_KEY: &str = "lipstream.engine";
+/// Key prefixes of the three models' weights inside the file.
+const PREFIXES: [&str; 3] = ["unet.", "vae.", "whisper."];
+
+/// One convolution's timed algorithm.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TunedConv {
+    pub shape: ConvShape,
+    pub algo: u32,
+    pub math: u32,
+    pub workspace_bytes: usize,
+    pub ms: f32,
+}
+
+/// One batch profile.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Profile {
+    pub batch: usize,
+    pub steps: usize,
+    pub arena_bytes: usize,
+}
+
+/// Everything but the weights.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Header {
+    pub format: String,
+    /// `avatar_frame` or `camera_frame`.
+    pub stage: String,
+    pub batches: Vec<usize>,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub whisper: WhisperConfig,
+    /// sha256 of the three configs' JSON.
+    pub config_hash: String,
+    pub weights_from: String,
+    pub gpu: String,
+    pub sm: String,
+    pub driver: String,
+    pub cudnn: usize,
+    pub cublaslt: usize,
+    pub convs: Vec<TunedConv>,
+    pub profiles: Vec<Profile>,
+    pub build_s: f64,
+    pub built_unix_s: u64,
+}
+
+fn config_hash(set: &ModelSet) -> anyhow::Result<String> {
+    let json = serde_json::to_vec(&(&set.unet, &set.vae, &set.whisper))?;
+    Ok(hex::encode(sha2::Sha256::digest(&json)))
+}
+
+fn stage_of(name: &str) -> anyhow::Result<Stage> {
+    match name {
+        "avatar_frame" => Ok(Stage::Avatar),
+        "camera_frame" => Ok(Stage::Camera),
+        other => bail!("engine stage {other:?}: expected avatar_frame or camera_frame"),
+    }
+}
+
+/// Builds an engine for GPU 0: tunes every profile of `stage` and whisper, writes `out`.
+pub fn build(src: &Sources, stage: Stage, batches: &[usize], out: &Path) -> anyhow::Result<Header> {
+    if !matches!(stage, Stage::Avatar | Stage::Camera) {
+        bail!("an engine serves a frame step: --mode avatar or camera");
+    }
+    if batches.is_empty() || batches.contains(&0) {
+        bail!("--batches needs sizes of 1 or more");
+    }
+    let started = Instant::now();
+    let device = Device::open(0).context("opening GPU 0")?;
+    let versions = device.versions()?;
+    let (gpu, sm) = (device.name.clone(), device.sm);
+    let mut rt = Runtime::new(device)?;
+    let bar = indicatif::ProgressBar::new(batches.len() as u64 + 2);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:<28} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut profiles = Vec::new();
+    for &b in batches {
+        bar.set_message(format!("{} B={b}", stage.name()));
+        let g = src.graph(stage, b)?;
+        let ex = Executor::new(&mut rt, &g, "", Options { tune: true })
+            .with_context(|| format!("building {} B={b}", stage.name()))?;
+        profiles.push(Profile {
+            batch: b,
+            steps: ex.steps().len(),
+            arena_bytes: ex.arena_bytes,
+        });
+        bar.inc(1);
+    }
+    bar.set_message("whisper 30 s window");
+    let g = src.graph(Stage::Whisper, 1)?;
+    Executor::new(&mut rt, &g, "", Options { tune: true })?;
+    bar.inc(1);
+    bar.set_message("writing weights");
+    let mut tensors = BTreeMap::new();
+    for (prefix, w) in PREFIXES.iter().zip(src.weights()) {
+        for (k, t) in w.used_tensors()? {
+            tensors.insert(format!("{prefix}{k}"), t);
+        }
+    }
+    let mut convs: Vec<TunedConv> = rt
+        .tuned
+        .iter()
+        .map(|(shape, t)| {
+            let (algo, math) = t.codes();
+            TunedConv {
+                shape: *shape,
+                algo,
+                math,
+                workspace_bytes: t.workspace_bytes,
+                ms: t.ms,
+            }
+        })
+        .collect();
+    convs.sort_by_key(|c| (c.shape.n, c.shape.c, c.shape.h, c.shape.o, c.shape.kh));
+    let header = Header {
+        format: FORMAT.into(),
+        stage: stage.name().into(),
+        batches: batches.to_vec(),
+        unet: src.set.unet.clone(),
+        vae: src.set.vae.clone(),
+        whisper: src.set.whisper.clone(),
+        config_hash: config_hash(&src.set)?,
+        weights_from: src.origin.clone(),
+        gpu,
+        sm: format!("sm_{}{}", sm.0, sm.1),
+        driver: format!("{}.{}", versions.driver.0, versions.driver.1),
+        cudnn: versions.cudnn,
+        cublaslt: versions.cublaslt,
+        convs,
+        profiles,
+        build_s: started.elapsed().as_secs_f64(),
+        built_unix_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let meta = BTreeMap::from([(META_KEY.to_string(), serde_json::to_string(&header)?)]);
+    safetensors::write_with_metadata(out, &tensors, DType::F16, &meta)
+        .with_context(|| format!("writing {}", out.display()))?;
+    bar.finish_with_message(format!("wrote {}", out.display()));
+    Ok(header)
+}
+
+/// Reads and checks an engine file's header.
+pub fn read_header(path: &Path) -> anyhow::Result<Header> {
+    let meta = safetensors::read_metadata(path)?;
+    let text = meta.get(META_KEY).with_context(|| {
+        format!(
+            "{} is a safetensors file but not a lipstream engine (no {META_KEY} header)",
+            path.display()
+        )
+    })?;
+    let format: serde_json::Value = serde_json::from_str(text)
+        .with_context(|| format!("{}: engine header is not JSON", path.display()))?;
+    if format["format"] != FORMAT {
+        bail!(
+            "{}: engine format {} (this lipstream reads {FORMAT}): rebuild it with `lipstream engine build`",
+            path.display(),
+            format["format"]
+        );
+    }
+    let header: Header = serde_json::from_value(format)
+        .with_context(|| format!("{}: engine header is malformed", path.display()))?;
+    if config_hash(&ModelSet {
+        unet: header.unet.clone(),
+        vae: header.vae.clone(),
+        whisper: header.whisper.clone(),
+    })? != header.config_hash
+    {
+        bail!(
+            "{}: the model configs do not match their hash: the file is corrupt",
+            path.display()
+        );
+    }
+    Ok(header)
+}
+
+/// Why `header` cannot run on this GPU with these libraries, if it cannot.
+pub fn incompatibility(header: &Header, device: &Device) -> anyhow::Result<Option<String>> {
+    let v = device.versions()?;
+    let here = (
+        device.name.clone(),
+        format!("sm_{}{}", device.sm.0, device.sm.1),
+        v.cudnn,
+        v.cublaslt,
+    );
+    let built = (
+        header.gpu.clone(),
+        header.sm.clone(),
+        header.cudnn,
+        header.cublaslt,
+    );
+    Ok((here != built).then(|| {
+        format!(
+            "the engine was built for {} ({}) with cuDNN {} and cuBLASLt {}; this machine has {} ({}) with cuDNN {} and cuBLASLt {}: rebuild it here with `lipstream engine build`",
+            built.0, built.1, built.2, built.3, here.0, here.1, here.2, here.3
+        )
+    }))
+}
+
+/// An engine loaded on GPU 0: its runtime, one executor per batch profile and whisper's.
+pub struct Loaded {
+    pub header: Header,
+    pub rt: Runtime,
+    pub stage: Stage,
+    pub profiles: Vec<(usize, Executor)>,
+    pub whisper: Executor,
+    pub sources: Sources,
+}
+
+impl Sources {
+    /// The weights and configs inside an engine file.
+    pub fn from_engine(path: &Path, header: &Header) -> anyhow::Result<Self> {
+        let c = Checkpoint::open(path)?;
+        let mut maps: [BTreeMap<String, lipstream_engines::Tensor>; 3] = Default::default();
+        for key in c.keys() {
+            let Some(i) = PREFIXES.iter().position(|p| key.starts_with(p)) else {
+                bail!("{}: unexpected tensor {key}", path.display());
+            };
+            maps[i].insert(key[PREFIXES[i].len()..].to_string(), c.load(key)?);
+        }
+        let [u, v, w] = maps;
+        Ok(Sources {
+            set: ModelSet {
+                unet: header.unet.clone(),
+                vae: header.vae.clone(),
+                whisper: header.whisper.clone(),
+            },
+            unet: Weights::from_tensors(u),
+            vae: Weights::from_tensors(v),
+            whisper: Weights::from_tensors(w),
+            origin: format!("{} (from {})", path.display(), header.weights_from),
+        })
+    }
+
+    fn weights(&self) -> [&Weights; 3] {
+        [&self.unet, &self.vae, &self.whisper]
+    }
+}
+
+/// The timed algorithms of a header, as the runtime keeps them.
+pub fn tuned(header: &Header) -> anyhow::Result<Vec<(ConvShape, Tuned)>> {
+    header
+        .convs
+        .iter()
+        .map(|c| {
+            Tuned::from_codes(c.algo, c.math, c.workspace_bytes, c.ms)
+                .map(|t| (c.shape, t))
+                .with_context(|| format!("unknown cuDNN algorithm {} / math {}", c.algo, c.math))
+        })
+        .collect()
+}
+
+/// Loads `path` on GPU 0 (refusing another GPU or library version), builds every profile with
+/// the stored algorithms and, with `graphs`, captures them.
+pub fn load(path: &Path, graphs: bool) -> anyhow::Result<Loaded> {
+    let header = read_header(path)?;
+    let stage = stage_of(&header.stage)?;
+    let device = Device::open(0).context("opening GPU 0")?;
+    if let Some(why) = incompatibility(&header, &device)? {
+        bail!("{}: {why}", path.display());
+    }
+    let sources = Sources::from_engine(path, &header)?;
+    let mut rt = Runtime::new(device)?;
+    rt.tuned.extend(tuned(&header)?);
+    let opts = Options { tune: false };
+    let mut profiles = Vec::new();
+    for &b in &header.batches {
+        let g = sources.graph(stage, b)?;
+        profiles.push((b, Executor::new(&mut rt, &g, "", opts)?));
+    }
+    let g = sources.graph(Stage::Whisper, 1)?;
+    let mut whisper = Executor::new(&mut rt, &g, "", opts)?;
+    rt.finish_building()?;
+    if graphs {
+        for (_, ex) in &mut profiles {
+            ex.capture(&rt)?;
+        }
+        whisper.capture(&rt)?;
+    }
+    Ok(Loaded {
+        header,
+        rt,
+        stage,
+        profiles,
+        whisper,
+        sources,
+    })
+}
+
+/// A one-screen description of an engine file.
+pub fn describe(path: &Path) -> anyhow::Result<String> {
+    let h = read_header(path)?;
+    let c = Checkpoint::open(path)?;
+    let bytes = std::fs::metadata(path)?.len();
+    let mut s = format!(
+        "{}: {} engine, {FORMAT}\n  built for {} ({}), driver {}, cuDNN {}, cuBLASLt {} in {:.1} s\n  batch profiles {:?}\n",
+        path.display(),
+        h.stage,
+        h.gpu,
+        h.sm,
+        h.driver,
+        h.cudnn,
+        h.cublaslt,
+        h.build_s,
+        h.batches
+    );
+    for p in &h.profiles {
+        s += &format!(
+            "    B={:<3} {} steps, arena {:.1} MiB\n",
+            p.batch,
+            p.steps,
+            p.arena_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    s += &format!(
+        "  {} tuned convolutions; {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
+        h.convs.len(),
+        c.keys().count(),
+        c.keys().filter_map(|k| c.entry(k)).map(|e| e.bytes).sum::<u64>() as f64 / (1 << 20) as f64,
+        bytes as f64 / (1 << 20) as f64,
+        h.unet.block_out_channels,
+        h.vae.block_out_channels,
+        h.whisper.d_model,
+        h.whisper.encoder_layers,
+        &h.config_hash[..12.min(h.config_hash.len())],
+        h.weights_from
+    );
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lipstream_engines::presets::Preset;
+
+    fn header(set: &ModelSet) -> Header {
+        Header {
+            format: FORMAT.into(),
+            stage: "avatar_frame".into(),
+            batches: vec![1],
+            unet: set.unet.clone(),
+            vae: set.vae.clone(),
+            whisper: set.whisper.clone(),
+            config_hash: config_hash(set).unwrap(),
+            weights_from: "test".into(),
+            gpu: "NVIDIA H100 80GB HBM3".into(),
+            sm: "sm_90".into(),
+            driver: "13.0".into(),
+            cudnn: 91400,
+            cublaslt: 130100,
+            convs: vec![],
+            profiles: vec![],
+            build_s: 0.0,
+            built_unix_s: 0,
+        }
+    }
+
+    /// Writes what `build` writes, for a tiny model, without a GPU.
+    fn write_engine(path: &Path, src: &Sources, h: &Header) {
+        src.graph(Stage::Avatar, 1).unwrap();
+        src.graph(Stage::Whisper, 1).unwrap();
+        let mut tensors = BTreeMap::new();
+        for (prefix, w) in PREFIXES.iter().zip(src.weights()) {
+            for (k, t) in w.used_tensors().unwrap() {
+                tensors.insert(format!("{prefix}{k}"), t);
+            }
+        }
+        let meta = BTreeMap::from([(META_KEY.to_string(), serde_json::to_string(h).unwrap())]);
+        safetensors::write_with_metadata(path, &tensors, DType::F16, &meta).unwrap();
+    }
+
+    #[test]
+    fn engine_files_round_trip_and_refuse_damage() {
+        let dir = std::env::temp_dir().join(format!("lipstream-engine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = Sources::synth(Preset::Tiny, 3);
+        let h = header(&src.set);
+        let path = dir.join("tiny.engine");
+        write_engine(&path, &src, &h);
+
+        // The header and the weights come back; the graphs built from them compute what the
+        // original weights do (up to the fp16 storage).
+        let back = read_header(&path).unwrap();
+        assert_eq!(back.config_hash, h.config_hash);
+        let loaded = Sources::from_engine(&path, &back).unwrap();
+        let (a, b) = (
+            src.graph(Stage::Avatar, 1).unwrap(),
+            loaded.graph(Stage::Avatar, 1).unwrap(),
+        );
+        let inputs = super::super::inputs_for(&a, 5);
+        let refs: Vec<(&str, &lipstream_engines::Tensor)> =
+            inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let want = lipstream_engines::cpu::run(&a, &refs).unwrap();
+        let got = lipstream_engines::cpu::run(&b, &refs).unwrap();
+        let err = got[0].1.rel_l2(&want[0].1);
+        assert!(
+            err > 0.0 && err < 1e-2,
+            "fp16 weights change the output a little: {err}"
+        );
+        assert!(describe(&path).unwrap().contains("avatar_frame engine"));
+
+        // A truncated file, an edited header and a plain checkpoint are all refused by name.
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = dir.join("cut.engine");
+        std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+        let err = Sources::from_engine(&cut, &back).err().unwrap().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        let mut edited = h.clone();
+        edited.unet.block_out_channels[0] += 8;
+        let bad = dir.join("edited.engine");
+        write_engine(&bad, &src, &edited);
+        let err = read_header(&bad).unwrap_err().to_string();
+        assert!(err.contains("corrupt"), "{err}");
+        let mut old = h.clone();
+        old.format = "lipstream-engine/0".into();
+        write_engine(&bad, &src, &old);
+        let err = read_header(&bad).unwrap_err().to_string();
+        assert!(err.contains("rebuild"), "{err}");
+        let plain = dir.join("plain.safetensors");
+        safetensors::write(&plain, &BTreeMap::new(), DType::F16).unwrap();
+        let err = read_header(&plain).unwrap_err().to_string();
+        assert!(err.contains("not a lipstream engine"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
