@@ -2,3 +2,4 @@
 
 pub mod mel;
 pub mod prompt;
+pub mod stream;
