@@ -184,6 +184,59 @@ fn fused_epilogues_and_layouts_match() {
     g.output("residual", r);
     compare(&mut rt, "resnet-like block", &g, &[("x", &xt)], 5e-3);
 
+    // Group norms that take their sums from the producing convolution's epilogue: 4 and 8
+    // channels per group, after a bias, after a bias + residual, and one whose input is also
+    // read elsewhere.
+    let xt2 = random(&[2, 64, 32, 32], 2, 1.0);
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 64, 32, 32]);
+    let a = conv(&mut g, x, 64, 128, 3, 1, [1; 4], 30);
+    let gm = konst(&mut g, "g1", &[128], 31, 1.0);
+    let bt = konst(&mut g, "b1", &[128], 32, 0.5);
+    let n1 = g
+        .push(
+            "gn1",
+            Op::GroupNorm {
+                groups: 32,
+                eps: 1e-6,
+                silu: true,
+            },
+            &[a, gm, bt],
+        )
+        .unwrap();
+    let b = conv(&mut g, n1, 128, 128, 3, 1, [1; 4], 33);
+    let r = g.push("res", Op::Add, &[a, b]).unwrap();
+    let c = conv(&mut g, r, 128, 256, 3, 1, [1; 4], 35);
+    let gm2 = konst(&mut g, "g2", &[256], 36, 1.0);
+    let bt2 = konst(&mut g, "b2", &[256], 37, 0.5);
+    let n2 = g
+        .push(
+            "gn2",
+            Op::GroupNorm {
+                groups: 32,
+                eps: 1e-6,
+                silu: false,
+            },
+            &[c, gm2, bt2],
+        )
+        .unwrap();
+    g.output("y", n2);
+    g.output("c", c);
+    let p = plan::lower(&g, "").unwrap();
+    let fused = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::GroupNorm { shape, .. } if shape.fused_chunks > 0))
+        .count();
+    assert_eq!(fused, 2, "both norms take the epilogue's sums");
+    compare(
+        &mut rt,
+        "group norms on epilogue sums",
+        &g,
+        &[("x", &xt2)],
+        5e-3,
+    );
+
     // transformer plumbing: NCHW -> tokens (free in NHWC), layer norm, linear + residual,
     // GEGLU, gelu, tokens -> NCHW, and a 5-d permute like the camera step's latent stacking.
     let mut g = Graph::new();
@@ -592,6 +645,13 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
     // Only the input and output change layout (the token permutes are free); each multi-head
     // attention (two per transformer) makes q, k, v head-major and its output token-major.
     assert_eq!(permutes, 2 + 2 * 4 * transformers);
+    let fused_norms = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::GroupNorm { shape, .. } if shape.fused_chunks > 0))
+        .count();
+    println!("{fused_norms} group norms take their sums from a convolution epilogue");
+    assert!(fused_norms > 0);
     let (_, arena) = lipstream_gpu::arena::place(&p.lifetimes, 256);
     let total: usize = p.buffers.iter().sum();
     println!("arena {arena} bytes for {total} bytes of buffers");

@@ -129,6 +129,68 @@ extern "C" __global__ void bias_residual_nhwc_f16x8(uint4* __restrict__ y, const
   y[at] = yv;
 }
 
+// The same epilogue, also summing the result per group for the GroupNorm that reads it next:
+// block b of image n writes partial[(n * gridDim.x + b) * groups + g] = (sum, sum of squares)
+// of what it wrote (of the fp16 values the norm will read). groups <= 64, group width >= 4.
+extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y, const __half* __restrict__ bias,
+                                                          const uint4* __restrict__ res, int image8, int c,
+                                                          int bias_stride, float2* __restrict__ partial, int groups) {
+  __shared__ float s_sum[64], s_sq[64];
+  for (int g = threadIdx.x; g < groups; g += blockDim.x) { s_sum[g] = 0.f; s_sq[g] = 0.f; }
+  __syncthreads();
+  const int v = blockIdx.x * blockDim.x + threadIdx.x;
+  if (v < image8) {
+    const long at = (long)blockIdx.y * image8 + v;
+    const int c0 = (v * 8) % c;
+    const int cg = c / groups;
+    uint4 yv = y[at];
+    __half2* yh = reinterpret_cast<__half2*>(&yv);
+    float2 acc[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] = __half22float2(yh[j]);
+    if (bias) {
+      const uint4 bv = *reinterpret_cast<const uint4*>(bias + (long)blockIdx.y * bias_stride + c0);
+      const __half2* bh = reinterpret_cast<const __half2*>(&bv);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 b = __half22float2(bh[j]);
+        acc[j].x += b.x;
+        acc[j].y += b.y;
+      }
+    }
+    if (res) {
+      const uint4 rv = res[at];
+      const __half2* rh = reinterpret_cast<const __half2*>(&rv);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 r = __half22float2(rh[j]);
+        acc[j].x += r.x;
+        acc[j].y += r.y;
+      }
+    }
+    float sum0 = 0.f, sq0 = 0.f, sum1 = 0.f, sq1 = 0.f;
+    const int g0 = c0 / cg;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      yh[j] = __floats2half2_rn(acc[j].x, acc[j].y);
+      const float2 r = __half22float2(yh[j]);
+      // The 8 channels span at most two groups (group width >= 4).
+      if ((c0 + 2 * j) / cg == g0) { sum0 += r.x + r.y; sq0 += r.x * r.x + r.y * r.y; }
+      else { sum1 += r.x + r.y; sq1 += r.x * r.x + r.y * r.y; }
+    }
+    y[at] = yv;
+    atomicAdd(&s_sum[g0], sum0);
+    atomicAdd(&s_sq[g0], sq0);
+    if (sum1 != 0.f || sq1 != 0.f) {
+      atomicAdd(&s_sum[g0 + 1], sum1);
+      atomicAdd(&s_sq[g0 + 1], sq1);
+    }
+  }
+  __syncthreads();
+  for (int g = threadIdx.x; g < groups; g += blockDim.x)
+    partial[((long)blockIdx.y * gridDim.x + blockIdx.x) * groups + g] = make_float2(s_sum[g], s_sq[g]);
+}
+
 // Nearest 2x upsampling of NHWC images, eight channels per thread (c8 = C / 8).
 extern "C" __global__ void upsample2x_nhwc_f16x8(const uint4* __restrict__ x, uint4* __restrict__ y,
                                                  int h, int w, int c8) {

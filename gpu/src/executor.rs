@@ -531,12 +531,13 @@ impl Executor {
                         y,
                         bias,
                         residual,
+                        stats,
                     },
                     Prepared::Conv(plan),
                 ) => {
                     unsafe { rt.conv.forward(plan, p(*x), p(*w), p(*y), ws) }?;
                     lap("conv")?;
-                    if bias.is_some() || residual.is_some() {
+                    if bias.is_some() || residual.is_some() || stats.is_some() {
                         let (ho, wo) = shape.out_hw();
                         let n = shape.n * shape.o * ho * wo;
                         let (b, stride) = bias.map_or((0, 0), |(l, st)| (p(l), st));
@@ -552,6 +553,7 @@ impl Executor {
                                 stride,
                                 inner,
                                 shape.o,
+                                stats.map(|(l, g)| (p(l), g)),
                             )
                         }?;
                     }

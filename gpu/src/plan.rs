@@ -23,7 +23,7 @@ use crate::arena::Lifetime;
 use crate::blas::Gemm;
 use crate::conv::ConvShape;
 use crate::error::GpuError;
-use crate::kernels::elementwise::{Binary, Unary};
+use crate::kernels::elementwise::{Binary, Elementwise, Unary};
 use crate::kernels::group_norm::{GroupNorm, GroupNormShape};
 
 /// How a value's elements are ordered in memory.
@@ -84,6 +84,8 @@ pub enum Step {
         /// Bias and its per-image stride (0: one bias for all images).
         bias: Option<(Loc, usize)>,
         residual: Option<Loc>,
+        /// Where the epilogue writes group sums for the group norm reading y, and its groups.
+        stats: Option<(Loc, usize)>,
     },
     Pad {
         x: Loc,
@@ -181,6 +183,7 @@ impl Step {
                 y,
                 bias,
                 residual,
+                stats,
                 ..
             } => vec![
                 *x,
@@ -188,6 +191,7 @@ impl Step {
                 *y,
                 bias.map_or(Loc::None, |b| b.0),
                 residual.unwrap_or(Loc::None),
+                stats.map_or(Loc::None, |s| s.0),
             ],
             Step::Pad { x, y, .. }
             | Step::Unary { x, y, .. }
@@ -553,6 +557,8 @@ impl<'g> Lower<'g> {
                 ready: self.steps.len(),
                 ..pv
             });
+            // The sum is the step's output now: a group norm reading it may take its sums.
+            self.producer.insert(node, s);
         }
         Ok(fused)
     }
@@ -651,6 +657,7 @@ impl<'g> Lower<'g> {
                         y: wide,
                         bias,
                         residual: None,
+                        stats: None,
                     });
                     let y = self.act(&out);
                     self.push(Step::CopyRows {
@@ -686,6 +693,7 @@ impl<'g> Lower<'g> {
                     y,
                     bias,
                     residual: None,
+                    stats: None,
                 });
                 self.producer.insert(i, s);
                 self.set(i, y, Layout::Nhwc);
@@ -720,6 +728,7 @@ impl<'g> Lower<'g> {
                     y,
                     bias,
                     residual: None,
+                    stats: None,
                 });
                 self.set(i, y, Layout::Plain);
             }
@@ -748,20 +757,44 @@ impl<'g> Lower<'g> {
                 if out.len() != 4 {
                     return Err(unsupported(name, "group_norm", "only 4-d inputs"));
                 }
-                let shape = GroupNormShape {
+                let mut shape = GroupNormShape {
                     n: out[0],
                     hw: out[2] * out[3],
                     c: out[1],
                     groups: *groups,
                     eps: *eps,
                     silu: *silu,
+                    fused_chunks: 0,
                 };
                 GroupNorm::supports(&shape)
                     .map_err(|e| unsupported(name, "group_norm", e.to_string()))?;
                 let x = self.operand(ins[0], Layout::Nhwc)?;
                 let gamma = self.weight(ins[1], WeightForm::Plain)?;
                 let beta = self.weight(ins[2], WeightForm::Plain)?;
+                // When a convolution's epilogue wrote x, it sums x's groups on the way.
+                let producer = self.producer.get(&(ins[0].0 as usize)).copied();
+                let fusable = match producer.map(|s| &self.steps[s]) {
+                    Some(Step::Conv {
+                        shape: cs,
+                        bias: Some(_),
+                        stats: None,
+                        ..
+                    }) => {
+                        cs.nhwc
+                            && Elementwise::epilogue_stats_fit(shape.c, shape.groups)
+                            && cs.o == shape.c
+                    }
+                    _ => false,
+                };
+                if fusable {
+                    shape.fused_chunks = Elementwise::epilogue_blocks(shape.hw * shape.c);
+                }
                 let scratch = self.buffer(shape.scratch_bytes());
+                if let (true, Some(s)) = (fusable, producer) {
+                    if let Step::Conv { stats, .. } = &mut self.steps[s] {
+                        *stats = Some((scratch, shape.groups));
+                    }
+                }
                 let y = self.act(&out);
                 self.push(Step::GroupNorm {
                     shape,

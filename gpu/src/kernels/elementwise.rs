@@ -34,6 +34,7 @@ pub struct Elementwise {
     binary: CudaFunction,
     bias_residual: CudaFunction,
     bias_residual_nhwc8: CudaFunction,
+    bias_residual_stats8: CudaFunction,
     upsample_nhwc: CudaFunction,
     upsample_nhwc8: CudaFunction,
 }
@@ -61,6 +62,7 @@ impl Elementwise {
             binary: m.load_function("binary_f16")?,
             bias_residual: m.load_function("bias_residual_f16")?,
             bias_residual_nhwc8: m.load_function("bias_residual_nhwc_f16x8")?,
+            bias_residual_stats8: m.load_function("bias_residual_stats_nhwc_f16x8")?,
             upsample_nhwc: m.load_function("upsample2x_nhwc_f16")?,
             upsample_nhwc8: m.load_function("upsample2x_nhwc_f16x8")?,
         })
@@ -177,11 +179,29 @@ impl Elementwise {
         unsafe { launch(stream, &self.binary, elems(n), &args) }
     }
 
+    /// Blocks per image of the NHWC epilogue: the chunks of its group-norm partial sums.
+    pub fn epilogue_blocks(image: usize) -> usize {
+        (image / 8).div_ceil(256).max(1)
+    }
+
+    /// Whether the NHWC epilogue can sum `groups` groups of `c` channels for a group norm.
+    pub fn epilogue_stats_fit(c: usize, groups: usize) -> bool {
+        let cg = c / groups.max(1);
+        groups > 0
+            && groups <= 64
+            && c.is_multiple_of(8)
+            && c.is_multiple_of(groups)
+            && cg.is_multiple_of(2)
+            && (cg == 4 || cg >= 8)
+    }
+
     /// The convolution epilogue: y[i] += bias[(i / image) * bias_stride + (i / inner) % period]
-    /// (+ res[i]); `bias` or `res` may be 0.
+    /// (+ res[i]); `bias` or `res` may be 0. With `stats` = (partial, groups) (NHWC only), it
+    /// also writes per-block sums for the group norm that reads y next: `epilogue_blocks(image)`
+    /// (sum, sum of squares) float pairs per image and group.
     ///
     /// # Safety
-    /// y and res must hold n elements, bias every index the formula reaches.
+    /// y and res must hold n elements, bias every index the formula reaches, partial its sums.
     pub unsafe fn bias_residual(
         &self,
         stream: &CudaStream,
@@ -193,19 +213,26 @@ impl Elementwise {
         bias_stride: usize,
         inner: usize,
         period: usize,
+        stats: Option<(Ptr, usize)>,
     ) -> Result<(), GpuError> {
         if image == 0 || inner == 0 || period == 0 {
             return Err(shape_err("bias_residual", "zero extent".into()));
         }
-        if inner == 1
+        let vector = inner == 1
             && period.is_multiple_of(8)
             && image.is_multiple_of(period)
             && bias_stride.is_multiple_of(8)
             && n.is_multiple_of(image)
             && image / 8 <= i32::MAX as usize
-            && aligned16(&[y, bias, res])
-        {
-            let args = [
+            && aligned16(&[y, bias, res]);
+        if stats.is_some() && !vector {
+            return Err(shape_err(
+                "bias_residual_stats",
+                "group-norm sums need the 8-wide NHWC epilogue".into(),
+            ));
+        }
+        if vector {
+            let mut args = vec![
                 Arg::P(y),
                 Arg::P(bias),
                 Arg::P(res),
@@ -213,6 +240,28 @@ impl Elementwise {
                 Arg::I(period as i32),
                 Arg::I(bias_stride as i32),
             ];
+            if let Some((partial, groups)) = stats {
+                if !Self::epilogue_stats_fit(period, groups) || partial % 8 != 0 {
+                    return Err(shape_err(
+                        "bias_residual_stats",
+                        format!("{period} channels in {groups} groups"),
+                    ));
+                }
+                args.push(Arg::P(partial));
+                args.push(Arg::I(groups as i32));
+                // SAFETY: matches bias_residual_stats_nhwc_f16x8 (uint4*, const half*, const
+                // uint4*, 3 int, float2*, int); as below, plus partial holding
+                // epilogue_blocks(image) * groups float2s per image (the caller's contract) and
+                // groups within the kernel's shared arrays (checked).
+                return unsafe {
+                    launch(
+                        stream,
+                        &self.bias_residual_stats8,
+                        per_image(image / 8, n / image),
+                        &args,
+                    )
+                };
+            }
             // SAFETY: matches bias_residual_nhwc_f16x8 (uint4*, const half*, const uint4*, 3
             // int); channels are whole 8-wide vectors, every operand 16-byte aligned (checked),
             // grid y covers the n / image images.

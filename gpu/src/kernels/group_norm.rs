@@ -24,11 +24,17 @@ pub struct GroupNormShape {
     pub groups: usize,
     pub eps: f32,
     pub silu: bool,
+    /// Partial sums per image already written by the producing convolution's epilogue (0: the
+    /// norm sums its input itself).
+    pub fused_chunks: usize,
 }
 
 impl GroupNormShape {
     /// Pixel chunks per image for the statistics pass.
     pub fn chunks(&self) -> usize {
+        if self.fused_chunks > 0 {
+            return self.fused_chunks;
+        }
         TARGET_BLOCKS
             .div_ceil(self.n)
             .min(self.hw.div_ceil(MIN_CHUNK_PIXELS))
@@ -110,24 +116,26 @@ impl GroupNorm {
             shared_mem_bytes: 0,
         };
         let i = |v: usize| Arg::I(v as i32);
-        // SAFETY: matches group_norm_nhwc_stats_f16 (const half*, float2*, 5 int); partial holds
-        // n*chunks*groups float2s; blockDim is a multiple of groups (checked).
-        unsafe {
-            launch(
-                stream,
-                &self.stats,
-                cfg,
-                &[
-                    Arg::P(x),
-                    Arg::P(partial),
-                    i(s.hw),
-                    i(s.c),
-                    i(s.groups),
-                    i(chunk),
-                    i(usize::from(vec8)),
-                ],
-            )
-        }?;
+        if s.fused_chunks == 0 {
+            // SAFETY: matches group_norm_nhwc_stats_f16 (const half*, float2*, 5 int); partial holds
+            // n*chunks*groups float2s; blockDim is a multiple of groups (checked).
+            unsafe {
+                launch(
+                    stream,
+                    &self.stats,
+                    cfg,
+                    &[
+                        Arg::P(x),
+                        Arg::P(partial),
+                        i(s.hw),
+                        i(s.c),
+                        i(s.groups),
+                        i(chunk),
+                        i(usize::from(vec8)),
+                    ],
+                )
+            }?;
+        }
         let count = (s.hw * (s.c / s.groups)) as f32;
         // SAFETY: matches group_norm_nhwc_finalize (const float2*, float2*, 3 int, 2 float); one
         // warp per (image, group), surplus warps return.
