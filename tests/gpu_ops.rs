@@ -657,3 +657,120 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
     println!("arena {arena} bytes for {total} bytes of buffers");
     assert!(arena * 3 < total);
 }
+
+#[test]
+fn face_crop_and_blend_match_the_cpu_reference() {
+    use lipstream_engines::image::{blend, crop, FaceBox, Planes, PlanesMut};
+    use lipstream_gpu::kernels::image::DeviceFrame;
+    let Some(rt) = runtime() else { return };
+    let s = rt.device.stream.clone();
+    // A 320x240 frame with gradients in every plane, a box that runs past the right edge.
+    let (w, h) = (320usize, 240usize);
+    let (cw, ch) = (w / 2, h / 2);
+    let y: Vec<u8> = (0..w * h).map(|i| ((i % w) * 255 / w) as u8).collect();
+    let u: Vec<u8> = (0..cw * ch)
+        .map(|i| (64 + (i / cw) * 128 / ch) as u8)
+        .collect();
+    let v: Vec<u8> = (0..cw * ch).map(|i| (200 - (i % cw) / 2) as u8).collect();
+    let b = FaceBox {
+        x0: 180.5,
+        y0: 40.25,
+        x1: 340.0,
+        y1: 210.0,
+    };
+    let size = 256;
+    let want = crop(
+        &Planes {
+            width: w,
+            height: h,
+            y: &y,
+            u: &u,
+            v: &v,
+        },
+        &b,
+        size,
+    );
+    let (dy, du, dv) = (
+        s.clone_htod(&y).unwrap(),
+        s.clone_htod(&u).unwrap(),
+        s.clone_htod(&v).unwrap(),
+    );
+    let ptr = |d: &cudarc::driver::CudaSlice<u8>| {
+        use cudarc::driver::DevicePtr;
+        d.device_ptr(&s).0
+    };
+    let frame = DeviceFrame {
+        y: ptr(&dy),
+        u: ptr(&du),
+        v: ptr(&dv),
+        width: w,
+        height: h,
+    };
+    let out = s.alloc_zeros::<f16>(3 * size * size).unwrap();
+    let out_ptr = {
+        use cudarc::driver::DevicePtr;
+        out.device_ptr(&s).0
+    };
+    // SAFETY (test): the planes and the output were allocated above at the sizes passed.
+    unsafe { rt.kernels.image.crop(&s, &frame, &b, size, out_ptr) }.unwrap();
+    let got: Vec<f32> = s
+        .clone_dtoh(&out)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let worst = got
+        .iter()
+        .zip(&want.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!("face crop 320x240 -> 256x256: max abs difference {worst:.2e}");
+    assert!(worst < 4e-3, "{worst}");
+
+    // Blend a colourful face back; every byte within 1 of the CPU reference.
+    let face: Vec<f32> = (0..3 * size * size)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+        .collect();
+    let face_t = Tensor::new(
+        vec![3, size, size],
+        face.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+    );
+    let (mut cy, mut cu, mut cv) = (y.clone(), u.clone(), v.clone());
+    blend(
+        &mut PlanesMut {
+            width: w,
+            height: h,
+            y: &mut cy,
+            u: &mut cu,
+            v: &mut cv,
+        },
+        &face_t,
+        &b,
+    );
+    let df = s
+        .clone_htod(&face.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>())
+        .unwrap();
+    let df_ptr = {
+        use cudarc::driver::DevicePtr;
+        df.device_ptr(&s).0
+    };
+    // SAFETY (test): as above; the face holds 3*size*size values.
+    unsafe { rt.kernels.image.blend(&s, &frame, &b, df_ptr, size) }.unwrap();
+    for (name, dev, cpu, orig) in [
+        ("y", &dy, &cy, &y),
+        ("u", &du, &cu, &u),
+        ("v", &dv, &cv, &v),
+    ] {
+        let got = s.clone_dtoh(dev).unwrap();
+        let off = got
+            .iter()
+            .zip(cpu.iter())
+            .filter(|(a, b)| a.abs_diff(**b) > 1)
+            .count();
+        let changed = cpu.iter().zip(orig.iter()).filter(|(a, b)| a != b).count();
+        println!(
+            "blend plane {name}: {changed} bytes changed, {off} differ from the CPU by more than 1"
+        );
+        assert!(changed > 100 && off == 0, "{name}");
+    }
+}

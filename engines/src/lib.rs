@@ -11,6 +11,7 @@ pub mod audio;
 pub mod cpu;
 pub mod error;
 pub mod graph;
+pub mod image;
 pub mod models;
 pub mod presets;
 pub mod tensor;

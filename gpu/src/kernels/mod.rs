@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod group_norm;
+pub mod image;
 pub mod layer_norm;
 pub mod layout;
 
@@ -32,6 +33,7 @@ pub struct Kernels {
     pub softmax: attention::Softmax,
     pub elementwise: elementwise::Elementwise,
     pub group_norm: group_norm::GroupNorm,
+    pub image: image::Image,
     pub layer_norm: layer_norm::LayerNorm,
     pub layout: layout::Layout,
 }
@@ -42,6 +44,7 @@ impl Kernels {
             softmax: attention::Softmax::load(device)?,
             elementwise: elementwise::Elementwise::load(device)?,
             group_norm: group_norm::GroupNorm::load(device)?,
+            image: image::Image::load(device)?,
             layer_norm: layer_norm::LayerNorm::load(device)?,
             layout: layout::Layout::load(device)?,
         })

@@ -1,0 +1,233 @@
+//! The face path's pixel operations, as the CPU reference the CUDA kernels are checked against:
+//! an I420 frame's face box resampled (bilinear) to the model's 256x256 RGB input in [-1, 1], and
+//! the model's face blended back into the I420 frame under a feathered lower-face mask.
+//!
+//! Colour: BT.601 limited range, what openh264 and browsers use for these streams. Coordinates:
+//! pixel i covers [i, i+1), its centre is i + 0.5; a box is [x0, x1) x [y0, y1) in luma pixels.
+
+use crate::tensor::Tensor;
+
+/// A face box in luma pixels (MuseTalk 1.5's crop: the detector's box with y1 pushed 10 px down).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FaceBox {
+    pub x0: f32,
+    pub y0: f32,
+    pub x1: f32,
+    pub y1: f32,
+}
+
+/// An I420 picture with packed planes (luma stride = width, chroma stride = ceil(width / 2)).
+pub struct Planes<'a> {
+    pub width: usize,
+    pub height: usize,
+    pub y: &'a [u8],
+    pub u: &'a [u8],
+    pub v: &'a [u8],
+}
+
+/// The same, writable.
+pub struct PlanesMut<'a> {
+    pub width: usize,
+    pub height: usize,
+    pub y: &'a mut [u8],
+    pub u: &'a mut [u8],
+    pub v: &'a mut [u8],
+}
+
+/// Bilinear sample of a plane at continuous coordinates (edges clamp).
+fn sample(plane: &[u8], w: usize, h: usize, x: f32, y: f32) -> f32 {
+    let fx = (x - 0.5).clamp(0.0, (w - 1) as f32);
+    let fy = (y - 0.5).clamp(0.0, (h - 1) as f32);
+    let (x0, y0) = (fx.floor() as usize, fy.floor() as usize);
+    let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+    let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
+    let p = |x: usize, y: usize| f32::from(plane[y * w + x]);
+    let top = p(x0, y0) * (1.0 - ax) + p(x1, y0) * ax;
+    let bottom = p(x0, y1) * (1.0 - ax) + p(x1, y1) * ax;
+    top * (1.0 - ay) + bottom * ay
+}
+
+/// BT.601 limited-range YUV (0..255) to RGB in 0..255 (not clamped).
+pub fn yuv_to_rgb(y: f32, u: f32, v: f32) -> [f32; 3] {
+    let (c, d, e) = (y - 16.0, u - 128.0, v - 128.0);
+    [
+        1.164 * c + 1.596 * e,
+        1.164 * c - 0.392 * d - 0.813 * e,
+        1.164 * c + 2.017 * d,
+    ]
+}
+
+/// RGB in [0, 1] to BT.601 limited-range YUV (0..255, not rounded).
+pub fn rgb_to_yuv(r: f32, g: f32, b: f32) -> [f32; 3] {
+    [
+        16.0 + 65.481 * r + 128.553 * g + 24.966 * b,
+        128.0 - 37.797 * r - 74.203 * g + 112.0 * b,
+        128.0 + 112.0 * r - 93.786 * g - 18.214 * b,
+    ]
+}
+
+/// The box resampled to `size` x `size` RGB, [3, size, size] in [-1, 1] (x / 127.5 - 1).
+pub fn crop(frame: &Planes, b: &FaceBox, size: usize) -> Tensor {
+    let (w, h) = (frame.width, frame.height);
+    let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+    let (sx, sy) = ((b.x1 - b.x0) / size as f32, (b.y1 - b.y0) / size as f32);
+    let mut out = vec![0f32; 3 * size * size];
+    for oy in 0..size {
+        for ox in 0..size {
+            let x = b.x0 + (ox as f32 + 0.5) * sx;
+            let y = b.y0 + (oy as f32 + 0.5) * sy;
+            let yy = sample(frame.y, w, h, x, y);
+            let u = sample(frame.u, cw, ch, x / 2.0, y / 2.0);
+            let v = sample(frame.v, cw, ch, x / 2.0, y / 2.0);
+            let rgb = yuv_to_rgb(yy, u, v);
+            for (c, val) in rgb.iter().enumerate() {
+                out[(c * size + oy) * size + ox] = val.clamp(0.0, 255.0) / 127.5 - 1.0;
+            }
+        }
+    }
+    Tensor::new(vec![3, size, size], out)
+}
+
+fn smoothstep(e0: f32, e1: f32, x: f32) -> f32 {
+    let t = ((x - e0) / (e1 - e0)).clamp(0.0, 1.0);
+    t * t * (3.0 - 2.0 * t)
+}
+
+/// The blend weight at (u, v) in box-relative units [0, 1]: the lower face (below 45-60 % of
+/// the box height, feathered), fading out over the last 10 % at the sides and the bottom.
+pub fn lower_face_mask(u: f32, v: f32) -> f32 {
+    let top = smoothstep(0.45, 0.6, v);
+    let sides = smoothstep(0.0, 0.1, u) * smoothstep(0.0, 0.1, 1.0 - u);
+    let bottom = smoothstep(0.0, 0.1, 1.0 - v);
+    top * sides * bottom
+}
+
+/// Bilinear sample of face channel `c` ([3, size, size] in [0, 1]) at box-relative (u, v).
+fn face_at(face: &Tensor, size: usize, c: usize, u: f32, v: f32) -> f32 {
+    let fx = (u * size as f32 - 0.5).clamp(0.0, (size - 1) as f32);
+    let fy = (v * size as f32 - 0.5).clamp(0.0, (size - 1) as f32);
+    let (x0, y0) = (fx.floor() as usize, fy.floor() as usize);
+    let (x1, y1) = ((x0 + 1).min(size - 1), (y0 + 1).min(size - 1));
+    let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
+    let p = |x: usize, y: usize| face.data[(c * size + y) * size + x];
+    let top = p(x0, y0) * (1.0 - ax) + p(x1, y0) * ax;
+    let bottom = p(x0, y1) * (1.0 - ax) + p(x1, y1) * ax;
+    top * (1.0 - ay) + bottom * ay
+}
+
+/// Blends `face` ([3, size, size] RGB in [0, 1]) into the box of `frame` under the lower-face
+/// mask: luma per pixel, chroma per 2x2 block (sampled at the block's centre).
+pub fn blend(frame: &mut PlanesMut, face: &Tensor, b: &FaceBox) {
+    let size = face.shape[1];
+    let (w, h) = (frame.width, frame.height);
+    let (bw, bh) = (b.x1 - b.x0, b.y1 - b.y0);
+    let span = |lo: f32, hi: f32, n: usize, scale: f32| {
+        ((lo / scale).floor().max(0.0) as usize)..((hi / scale).ceil().max(0.0) as usize).min(n)
+    };
+    let mix = |plane: &mut [u8], stride: usize, x: usize, y: usize, scale: f32, ch: usize| {
+        let (cx, cy) = ((x as f32 + 0.5) * scale, (y as f32 + 0.5) * scale);
+        let (u, v) = ((cx - b.x0) / bw, (cy - b.y0) / bh);
+        if !(0.0..1.0).contains(&u) || !(0.0..1.0).contains(&v) {
+            return;
+        }
+        let m = lower_face_mask(u, v);
+        if m <= 0.0 {
+            return;
+        }
+        let rgb = [0, 1, 2].map(|c| face_at(face, size, c, u, v));
+        let want = rgb_to_yuv(rgb[0], rgb[1], rgb[2])[ch];
+        let at = y * stride + x;
+        let old = f32::from(plane[at]);
+        plane[at] = (old + (want - old) * m).round().clamp(0.0, 255.0) as u8;
+    };
+    for y in span(b.y0, b.y1, h, 1.0) {
+        for x in span(b.x0, b.x1, w, 1.0) {
+            mix(frame.y, w, x, y, 1.0, 0);
+        }
+    }
+    let (cw, chh) = (w.div_ceil(2), h.div_ceil(2));
+    for y in span(b.y0, b.y1, chh, 2.0) {
+        for x in span(b.x0, b.x1, cw, 2.0) {
+            mix(frame.u, cw, x, y, 2.0, 1);
+            mix(frame.v, cw, x, y, 2.0, 2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_conversion_round_trips() {
+        for rgb in [
+            [0.0, 0.0, 0.0],
+            [1.0, 1.0, 1.0],
+            [0.8, 0.3, 0.1],
+            [0.2, 0.6, 0.9],
+        ] {
+            let [y, u, v] = rgb_to_yuv(rgb[0], rgb[1], rgb[2]);
+            let back = yuv_to_rgb(y, u, v);
+            for c in 0..3 {
+                assert!(
+                    (back[c] / 255.0 - rgb[c]).abs() < 4e-3,
+                    "{rgb:?} -> {back:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_crop_of_a_flat_frame_is_flat_and_blending_touches_only_the_lower_face() {
+        let (w, h) = (64, 48);
+        let (mut y, mut u, mut v) = (
+            vec![81u8; w * h],
+            vec![90u8; w * h / 4],
+            vec![240u8; w * h / 4],
+        );
+        let b = FaceBox {
+            x0: 16.0,
+            y0: 8.0,
+            x1: 48.0,
+            y1: 40.0,
+        };
+        let c = crop(
+            &Planes {
+                width: w,
+                height: h,
+                y: &y,
+                u: &u,
+                v: &v,
+            },
+            &b,
+            16,
+        );
+        // YUV (81, 90, 240) is pure red.
+        assert!((c.data[0] - 1.0).abs() < 0.02 && (c.data[16 * 16] + 1.0).abs() < 0.02);
+        let green = Tensor::new(
+            vec![3, 16, 16],
+            [0.0f32, 1.0, 0.0]
+                .iter()
+                .flat_map(|&v| vec![v; 256])
+                .collect(),
+        );
+        blend(
+            &mut PlanesMut {
+                width: w,
+                height: h,
+                y: &mut y,
+                u: &mut u,
+                v: &mut v,
+            },
+            &green,
+            &b,
+        );
+        let at = |x: usize, yy: usize| y[yy * w + x];
+        assert_eq!(at(32, 12), 81, "upper face untouched");
+        assert_eq!(at(5, 30), 81, "outside the box untouched");
+        let g = rgb_to_yuv(0.0, 1.0, 0.0)[0].round() as u8;
+        assert_eq!(at(32, 30), g, "lower face centre replaced");
+        let edge = at(17, 30);
+        assert!(edge > 81 && edge < g, "feathered edge {edge}");
+    }
+}
