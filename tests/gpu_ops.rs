@@ -663,6 +663,8 @@ fn face_crop_and_blend_match_the_cpu_reference() {
     use lipstream_engines::image::{blend, crop, FaceBox, Planes, PlanesMut};
     use lipstream_gpu::kernels::image::DeviceFrame;
     let Some(rt) = runtime() else { return };
+    let image =
+        lipstream_gpu::kernels::image::Image::load(&rt.device).expect("image kernels compile");
     let s = rt.device.stream.clone();
     // A 320x240 frame with gradients in every plane, a box that runs past the right edge.
     let (w, h) = (320usize, 240usize);
@@ -712,7 +714,7 @@ fn face_crop_and_blend_match_the_cpu_reference() {
         out.device_ptr(&s).0
     };
     // SAFETY (test): the planes and the output were allocated above at the sizes passed.
-    unsafe { rt.kernels.image.crop(&s, &frame, &b, size, out_ptr) }.unwrap();
+    unsafe { image.crop(&s, &frame, &b, size, out_ptr) }.unwrap();
     let got: Vec<f32> = s
         .clone_dtoh(&out)
         .unwrap()
@@ -755,7 +757,7 @@ fn face_crop_and_blend_match_the_cpu_reference() {
         df.device_ptr(&s).0
     };
     // SAFETY (test): as above; the face holds 3*size*size values.
-    unsafe { rt.kernels.image.blend(&s, &frame, &b, df_ptr, size) }.unwrap();
+    unsafe { image.blend(&s, &frame, &b, df_ptr, size) }.unwrap();
     for (name, dev, cpu, orig) in [
         ("y", &dy, &cy, &y),
         ("u", &du, &cu, &u),

@@ -28,12 +28,12 @@ const CUDA_INCLUDE: &str = "/usr/local/cuda/include";
 /// Threads per block of the one-thread-per-element kernels.
 const THREADS: u32 = 256;
 
-/// Every kernel the executor launches.
+/// Every kernel the executor launches. (`image::Image`, the face path's pixel kernels, is loaded
+/// on its own by the pipeline that uses it.)
 pub struct Kernels {
     pub softmax: attention::Softmax,
     pub elementwise: elementwise::Elementwise,
     pub group_norm: group_norm::GroupNorm,
-    pub image: image::Image,
     pub layer_norm: layer_norm::LayerNorm,
     pub layout: layout::Layout,
 }
@@ -44,7 +44,6 @@ impl Kernels {
             softmax: attention::Softmax::load(device)?,
             elementwise: elementwise::Elementwise::load(device)?,
             group_norm: group_norm::GroupNorm::load(device)?,
-            image: image::Image::load(device)?,
             layer_norm: layer_norm::LayerNorm::load(device)?,
             layout: layout::Layout::load(device)?,
         })
