@@ -10,6 +10,7 @@
 pub mod audio;
 pub mod cpu;
 pub mod error;
+pub mod face;
 pub mod graph;
 pub mod image;
 pub mod models;
