@@ -126,3 +126,38 @@ fn an_injected_server_delay_shows_in_latency_and_late_frames() {
     );
     assert_eq!(base.overall.late_pct, 0.0);
 }
+
+/// A stage that hears 120 ms ahead (as the lip-sync model does): every frame waits for its
+/// audio, the audio waits as long, so latency grows by the lookahead and the A/V offset does not.
+#[test]
+fn a_lookahead_delays_video_and_audio_alike() {
+    let plain = common::Server::start(&[]);
+    let base = bench::run(&options(&plain.base_url, 1, 5)).expect("bench");
+    drop(plain);
+    let ahead = common::Server::start(&["--debug-stage-lookahead-ms", "120"]);
+    let held = bench::run(&options(&ahead.base_url, 1, 5)).expect("bench");
+    let (b, h) = (
+        base.overall.latency_ms.unwrap(),
+        held.overall.latency_ms.unwrap(),
+    );
+    let (ob, oh) = (
+        base.overall.av_offset_ms_mean.expect("offset measured"),
+        held.overall.av_offset_ms_mean.expect("offset measured"),
+    );
+    println!(
+        "p50 {:.1} -> {:.1} ms, A/V offset {ob:.1} -> {oh:.1} ms with a 120 ms lookahead",
+        b.p50, h.p50
+    );
+    assert!(
+        h.p50 >= b.p50 + 100.0 && h.p50 <= b.p50 + 200.0,
+        "p50 {} -> {}",
+        b.p50,
+        h.p50
+    );
+    assert!((oh - ob).abs() < 40.0, "A/V offset moved {ob} -> {oh}");
+    assert!(
+        held.overall.loss_pct <= 1.0,
+        "lost {} %",
+        held.overall.loss_pct
+    );
+}

@@ -49,6 +49,9 @@ pub struct ServeArgs {
     /// Testing only: a stage that holds every frame this long instead of the identity stage.
     #[arg(long, hide = true)]
     pub debug_stage_delay_ms: Option<u64>,
+    /// Testing only: a stage that hears this much audio past each frame (held video and audio).
+    #[arg(long, hide = true)]
+    pub debug_stage_lookahead_ms: Option<u64>,
 }
 
 /// The TOML file: every key optional.
@@ -81,6 +84,7 @@ pub struct ServeConfig {
     pub video_max_bps: u32,
     pub token: Option<String>,
     pub debug_stage_delay_ms: Option<u64>,
+    pub debug_stage_lookahead_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -140,6 +144,7 @@ impl ServeArgs {
             video_max_bps: self.video_max_kbps * 1000,
             token: self.token.filter(|t| !t.is_empty()),
             debug_stage_delay_ms: self.debug_stage_delay_ms,
+            debug_stage_lookahead_ms: self.debug_stage_lookahead_ms,
         })
     }
 }

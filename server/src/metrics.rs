@@ -34,6 +34,8 @@ pub struct Metrics {
     /// Frames whose stage missed the frame budget and went out unprocessed.
     pub frames_late: Counter,
     pub frames_undecodable: Counter,
+    /// Frames processed before the audio their stage hears ahead had arrived (it stopped).
+    pub frames_audio_short: Counter,
     /// Media the worker could not take because it was behind (bounded queue full).
     pub media_dropped: Family<KindLabel, Counter>,
     pub keyframes_requested: Counter,
@@ -57,6 +59,7 @@ impl Metrics {
             frames_out: Counter::default(),
             frames_late: Counter::default(),
             frames_undecodable: Counter::default(),
+            frames_audio_short: Counter::default(),
             media_dropped: Family::default(),
             keyframes_requested: Counter::default(),
             bitrate_changes: Counter::default(),
@@ -108,6 +111,11 @@ impl Metrics {
             "frames_undecodable",
             "Video access units the decoder rejected (a keyframe was requested)",
             m.frames_undecodable.clone(),
+        );
+        registry.register(
+            "frames_audio_short",
+            "Frames processed without all the audio their stage hears ahead (the audio stopped)",
+            m.frames_audio_short.clone(),
         );
         registry.register(
             "media_dropped",

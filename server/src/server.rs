@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::ServeConfig;
 use crate::http::{router, AppState};
-use crate::media::stage::{Delay, Identity};
+use crate::media::stage::{Delay, Identity, Lookahead};
 use crate::media::worker::WorkerConfig;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -33,12 +33,19 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         config.max_sessions,
         config.max_viewers,
     )));
-    let stage: StageFactory = match config.debug_stage_delay_ms {
-        Some(ms) => {
+    let stage: StageFactory = match (config.debug_stage_delay_ms, config.debug_stage_lookahead_ms) {
+        (Some(ms), _) => {
             tracing::warn!(ms, "testing: every frame is held by a delay stage");
             Arc::new(move || Box::new(Delay { ms }))
         }
-        None => Arc::new(|| Box::new(Identity)),
+        (None, Some(ms)) => {
+            tracing::warn!(
+                ms,
+                "testing: a stage that hears ahead; video and audio are held"
+            );
+            Arc::new(move || Box::new(Lookahead { ms: ms as f64 }))
+        }
+        (None, None) => Arc::new(|| Box::new(Identity)),
     };
     let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = Driver::new(

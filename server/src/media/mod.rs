@@ -3,5 +3,6 @@
 pub mod audio;
 pub mod codec;
 pub mod frame;
+pub mod hold;
 pub mod stage;
 pub mod worker;

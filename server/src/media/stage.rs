@@ -78,3 +78,27 @@ impl Stage for Delay {
         StageOutput::Frame(input.frame.clone())
     }
 }
+
+/// A test stage that hears `ms` of audio past each frame, like the lip-sync model's lookahead,
+/// and returns a copy: the worker must hold video and audio alike for it.
+pub struct Lookahead {
+    pub ms: f64,
+}
+
+impl Stage for Lookahead {
+    fn name(&self) -> &'static str {
+        "lookahead"
+    }
+
+    fn audio_before_ms(&self) -> f64 {
+        0.0
+    }
+
+    fn audio_after_ms(&self) -> f64 {
+        self.ms
+    }
+
+    fn process(&mut self, input: StageInput<'_>) -> StageOutput {
+        StageOutput::Frame(input.frame.clone())
+    }
+}

@@ -4,7 +4,7 @@
 //! queue is full the media is dropped and counted. The worker never touches the network; what it
 //! produces goes back to the driver as `WorkerOutput` messages.
 
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,8 @@ use crate::media::audio::AudioRing;
 use crate::media::codec::{
     H264Decoder, H264Encoder, OpusDecoder, OpusEncoder, OPUS_RTP_RATE, SAMPLE_RATE_16K,
 };
+use crate::media::frame::VideoFrame;
+use crate::media::hold::AvHold;
 use crate::media::stage::{Stage, StageInput, StageOutput};
 use crate::metrics::{KindLabel, Metrics};
 use crate::registry::SessionId;
@@ -162,6 +164,15 @@ struct Worker {
     h264_in: H264Decoder,
     h264_out: H264Encoder,
     bitrate_changed: Option<Instant>,
+    /// For a stage that hears ahead: frames wait for their audio, audio waits as long.
+    hold: Option<AvHold<HeldFrame, WorkerOutput>>,
+}
+
+/// A decoded frame waiting for its audio.
+struct HeldFrame {
+    frame: VideoFrame,
+    rtp_time: MediaTime,
+    arrival: Instant,
 }
 
 impl Worker {
@@ -179,7 +190,6 @@ impl Worker {
             opus_out: OpusEncoder::new(SAMPLE_RATE_16K)?,
             session,
             config,
-            stage,
             metrics,
             out,
             epoch: Instant::now(),
@@ -188,12 +198,28 @@ impl Worker {
             audio: AudioRing::new(AUDIO_RING_MS),
             audio_window: Vec::new(),
             bitrate_changed: None,
+            hold: (stage.audio_after_ms() > 0.0).then(|| AvHold::new(stage.audio_after_ms())),
+            stage,
         })
     }
 
     fn run(&mut self, rx: Receiver<WorkerInput>) -> Result<(), crate::media::codec::CodecError> {
-        // Ends when the driver drops the handle.
-        while let Ok(input) = rx.recv() {
+        loop {
+            // Sleep until new media or the hold's next release, whichever comes first.
+            let deadline = self.hold.as_ref().and_then(|h| h.next_deadline());
+            let input = match deadline {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            };
+            let input = match input {
+                Ok(input) => input,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.release(Instant::now())?;
+                    continue;
+                }
+                // The driver dropped the handle: the session is over.
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            };
             match input {
                 WorkerInput::Audio {
                     rtp_time,
@@ -208,6 +234,33 @@ impl Worker {
                 WorkerInput::Keyframe => self.h264_out.request_keyframe(),
                 WorkerInput::Bitrate(bps) => self.bitrate(bps)?,
             }
+            self.release(Instant::now())?;
+        }
+    }
+
+    /// Lets out what the hold no longer needs to keep: audio whose delay is over, frames whose
+    /// audio has arrived (or stopped coming).
+    fn release(&mut self, now: Instant) -> Result<(), crate::media::codec::CodecError> {
+        let Some(hold) = self.hold.as_mut() else {
+            return Ok(());
+        };
+        while let Some(packet) = hold.pop_audio(now) {
+            let _ = self.out.send(packet);
+        }
+        while let Some(r) = self
+            .hold
+            .as_mut()
+            .and_then(|h| h.pop_frame(self.audio.end_ms(), now))
+        {
+            if !r.audio_complete {
+                self.metrics.frames_audio_short.inc();
+            }
+            let HeldFrame {
+                frame,
+                rtp_time,
+                arrival,
+            } = r.frame;
+            self.process(frame, rtp_time, arrival, r.frame_ms)?;
         }
         Ok(())
     }
@@ -223,15 +276,21 @@ impl Worker {
         };
         self.audio.push(at_ms, pcm);
         // Re-encode packet for packet so every output packet keeps its input's RTP time.
-        let (session, out) = (&self.session, &self.out);
+        let (session, out, hold) = (&self.session, &self.out, &mut self.hold);
         let result = self.opus_out.encode(pcm, |offset_16k, packet| {
             let ticks = offset_16k as u64 * u64::from(OPUS_RTP_RATE / SAMPLE_RATE_16K);
-            let _ = out.send(WorkerOutput::Audio {
+            let packet = WorkerOutput::Audio {
                 session: session.clone(),
                 rtp_time: MediaTime::new(rtp_time.numer() + ticks, rtp_time.frequency()),
                 wallclock: arrival,
                 data: packet.into(),
-            });
+            };
+            match hold.as_mut() {
+                Some(h) => h.push_audio(packet, Instant::now()),
+                None => {
+                    let _ = out.send(packet);
+                }
+            }
         });
         if let Err(e) = result {
             tracing::debug!(session = %self.session, "dropping audio: {e}");
@@ -262,6 +321,30 @@ impl Worker {
         self.metrics.frames_in.inc();
 
         let frame_ms = self.video_clock.ms(self.epoch, rtp_time, arrival);
+        if let Some(hold) = self.hold.as_mut() {
+            hold.push_frame(
+                HeldFrame {
+                    frame,
+                    rtp_time,
+                    arrival,
+                },
+                frame_ms,
+                t1,
+            );
+            return Ok(());
+        }
+        self.process(frame, rtp_time, arrival, frame_ms)
+    }
+
+    /// Runs the stage on a frame (its audio is there) and sends the encoded result.
+    fn process(
+        &mut self,
+        frame: VideoFrame,
+        rtp_time: MediaTime,
+        arrival: Instant,
+        frame_ms: f64,
+    ) -> Result<(), crate::media::codec::CodecError> {
+        let t1 = Instant::now();
         let audio_start_ms = frame_ms - self.stage.audio_before_ms();
         self.audio.read(
             audio_start_ms,
