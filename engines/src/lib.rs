@@ -8,6 +8,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod audio;
+pub mod avatar;
 pub mod cpu;
 pub mod error;
 pub mod face;

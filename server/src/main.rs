@@ -32,6 +32,29 @@ enum Cmd {
     /// GPU engines: check the CUDA executor against the CPU reference at full size.
     #[command(subcommand)]
     Engine(EngineCmd),
+    /// Avatar bundles for avatar mode.
+    #[command(subcommand)]
+    Avatar(AvatarCmd),
+}
+
+#[derive(Subcommand)]
+enum AvatarCmd {
+    /// Make an avatar bundle from a picture: the face box (MTCNN) and the VAE latents of the
+    /// masked and reference crops, so that serving a frame costs the UNet and the decode only.
+    Prepare {
+        /// A PNG picture with one face (RGB, RGBA or grey).
+        #[arg(long)]
+        image: PathBuf,
+        /// The models folder whose VAE the engine uses (`models synth|pull`).
+        #[arg(long)]
+        models: PathBuf,
+        /// MTCNN weights (pnet.pt, rnet.pt, onet.pt); default: the models folder's mtcnn/.
+        #[arg(long)]
+        mtcnn: Option<PathBuf>,
+        /// Output bundle (NAME.safetensors; NAME.latents.safetensors is written beside it).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -202,6 +225,12 @@ fn main() -> anyhow::Result<()> {
             doctor();
             Ok(())
         }
+        Cmd::Avatar(AvatarCmd::Prepare {
+            image,
+            models,
+            mtcnn,
+            out,
+        }) => avatar_prepare(&image, &models, mtcnn.as_deref(), &out),
         Cmd::Engine(EngineCmd::Build {
             models,
             mode,
@@ -335,6 +364,90 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Median wall time of `runs` runs of each stage, after a warm-up run; prints a JSON line.
+/// Reads a PNG as packed RGB.
+fn read_png(path: &std::path::Path) -> anyhow::Result<(Vec<u8>, usize, usize)> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .map_err(|e| anyhow::anyhow!("{}: not a PNG picture: {e}", path.display()))?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| anyhow::anyhow!("{}: picture too large", path.display()))?;
+    let mut buf = vec![0; size];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| anyhow::anyhow!("{}: corrupt PNG: {e}", path.display()))?;
+    buf.truncate(info.buffer_size());
+    let (w, h) = (info.width as usize, info.height as usize);
+    if info.bit_depth != png::BitDepth::Eight {
+        anyhow::bail!("{}: only 8-bit PNGs are read", path.display());
+    }
+    let rgb = match info.color_type {
+        png::ColorType::Rgb => buf,
+        png::ColorType::Rgba => buf.chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        png::ColorType::Grayscale => buf.iter().flat_map(|&g| [g, g, g]).collect(),
+        png::ColorType::GrayscaleAlpha => buf.chunks(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+        other => anyhow::bail!("{}: {other:?} PNGs are not read", path.display()),
+    };
+    Ok((rgb, w, h))
+}
+
+fn avatar_prepare(
+    image: &std::path::Path,
+    models: &std::path::Path,
+    mtcnn: Option<&std::path::Path>,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use lipstream_engines::models::config::{self, VaeConfig};
+    use lipstream_engines::models::mtcnn::{Mtcnn, MtcnnParams};
+    use lipstream_engines::weights::Weights;
+
+    let picture = read_png(image)?;
+    let mtcnn_dir = mtcnn.map_or_else(|| models.join("mtcnn"), |p| p.to_path_buf());
+    let mut detector = Mtcnn::open(&mtcnn_dir, MtcnnParams::default())
+        .map_err(|e| anyhow::anyhow!("MTCNN weights in {}: {e}", mtcnn_dir.display()))?;
+    let cfg: VaeConfig = config::read(&models.join("sd-vae/config.json"))?;
+    let w = Weights::open(&models.join("sd-vae/diffusion_pytorch_model.safetensors"))?;
+    let enc = lipstream_engines::models::vae::build_encoder(
+        &w.root(""),
+        &cfg,
+        2,
+        lipstream_engines::models::musetalk::CROP,
+    )?;
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_message("frames");
+    let bundle = lipstream_engines::avatar::prepare(
+        vec![picture],
+        &mut detector,
+        |x| {
+            Ok(lipstream_engines::cpu::run(&enc, &[("image", x)])?
+                .remove(0)
+                .1)
+        },
+        |n| bar.set_position(n as u64),
+    )?;
+    bar.finish();
+    let meta = std::collections::BTreeMap::from([
+        ("source".to_string(), image.display().to_string()),
+        ("models".to_string(), models.display().to_string()),
+    ]);
+    bundle.write(out, &meta)?;
+    let f = &bundle.frames[0];
+    println!(
+        "wrote {} ({} frame {}x{}, face box {:.0},{:.0} - {:.0},{:.0})",
+        out.display(),
+        bundle.frames.len(),
+        f.width,
+        f.height,
+        f.face.x0,
+        f.face.y0,
+        f.face.x1,
+        f.face.y1
+    );
+    Ok(())
+}
+
 fn sources(models: Option<&std::path::Path>) -> anyhow::Result<lipstream::engine::Sources> {
     Ok(match models {
         Some(dir) => lipstream::engine::Sources::open(dir)?,
