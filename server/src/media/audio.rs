@@ -29,6 +29,11 @@ impl AudioRing {
         }
     }
 
+    /// Whether no audio has arrived (or the ring just restarted and holds none).
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
     /// Media time just past the newest sample.
     pub fn end_ms(&self) -> f64 {
         self.start_ms + self.samples.len() as f64 / SAMPLES_PER_MS

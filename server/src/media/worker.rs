@@ -146,6 +146,21 @@ impl StreamClock {
         let ticks = rtp_time.numer() as i64 - rtp0 as i64;
         ms0 + ticks as f64 * 1000.0 / rtp_time.denom() as f64
     }
+
+    /// Maps `rtp_time` to `at_ms` from now on (after a timestamp jump).
+    fn reanchor(&mut self, rtp_time: MediaTime, at_ms: f64) {
+        self.anchor = Some((rtp_time.numer(), at_ms));
+    }
+}
+
+/// Video this far from the audio clock has jumped (a sender restart, an RTP discontinuity):
+/// it is re-anchored to the audio, the session's one media clock.
+const CLOCK_JUMP_MS: f64 = 2_000.0;
+
+/// Where a frame stamped `frame_ms` belongs when the audio has arrived up to `audio_end_ms`:
+/// `None` while the two clocks agree, else the audio's time.
+fn video_clock_jump(frame_ms: f64, audio_end_ms: f64) -> Option<f64> {
+    ((frame_ms - audio_end_ms).abs() > CLOCK_JUMP_MS).then_some(audio_end_ms)
 }
 
 struct Worker {
@@ -320,8 +335,21 @@ impl Worker {
         self.metrics.observe_stage("decode", t1 - t0);
         self.metrics.frames_in.inc();
 
-        let frame_ms = self.video_clock.ms(self.epoch, rtp_time, arrival);
+        let mut frame_ms = self.video_clock.ms(self.epoch, rtp_time, arrival);
         if let Some(hold) = self.hold.as_mut() {
+            // Frames wait for audio by media time, so the clocks must agree.
+            if let Some(at) = (!self.audio.is_empty())
+                .then(|| video_clock_jump(frame_ms, self.audio.end_ms()))
+                .flatten()
+            {
+                tracing::warn!(
+                    session = %self.session,
+                    jump_ms = frame_ms - at,
+                    "video timestamps left the audio clock; video re-anchored to the audio"
+                );
+                self.video_clock.reanchor(rtp_time, at);
+                frame_ms = at;
+            }
             hold.push_frame(
                 HeldFrame {
                     frame,
@@ -398,5 +426,27 @@ impl Worker {
             self.metrics.bitrate_changes.inc();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_video_timestamp_jump_is_re_anchored_to_the_audio_clock() {
+        let epoch = Instant::now();
+        let mut clock = StreamClock::default();
+        let t = |ticks: u64| MediaTime::new(ticks, str0m::media::Frequency::NINETY_KHZ);
+        assert_eq!(clock.ms(epoch, t(90_000), epoch), 0.0);
+        assert_eq!(clock.ms(epoch, t(93_600), epoch), 40.0);
+        // Jitter between the streams is not a jump; 10 s is.
+        assert_eq!(video_clock_jump(40.0, 900.0), None);
+        let jumped = clock.ms(epoch, t(93_600 + 900_000), epoch);
+        assert_eq!(jumped, 10_040.0);
+        let at = video_clock_jump(jumped, 80.0).expect("a jump");
+        clock.reanchor(t(93_600 + 900_000), at);
+        // From now on the video follows on from the audio's time.
+        assert_eq!(clock.ms(epoch, t(93_600 + 900_000 + 3_600), epoch), 120.0);
     }
 }
