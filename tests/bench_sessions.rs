@@ -148,8 +148,11 @@ fn a_lookahead_delays_video_and_audio_alike() {
         "p50 {:.1} -> {:.1} ms, A/V offset {ob:.1} -> {oh:.1} ms with a 120 ms lookahead",
         b.p50, h.p50
     );
+    // Frames wait for audio up to their time + 120 ms on the audio clock; each stream's clock is
+    // anchored at its first packet, so the wait is the lookahead minus that anchoring skew
+    // (tens of ms), which also bounds how far the A/V offset may move: within one frame.
     assert!(
-        h.p50 >= b.p50 + 100.0 && h.p50 <= b.p50 + 200.0,
+        h.p50 >= b.p50 + 60.0 && h.p50 <= b.p50 + 200.0,
         "p50 {} -> {}",
         b.p50,
         h.p50
