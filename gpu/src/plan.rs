@@ -605,20 +605,32 @@ impl<'g> Lower<'g> {
                     x = y;
                     [0, 0]
                 };
+                // Tensor-core convolutions want whole 8-channel vectors out: a 3- or 4-channel
+                // output (conv_out of the UNet and of the VAE) runs padded, then sliced.
+                let o8 = ws[0].div_ceil(8) * 8;
+                let one_by_one =
+                    ws[2] == 1 && ws[3] == 1 && *stride == [1, 1] && pad == [0, 0] && *groups == 1;
+                let (w_form, b_form) = if one_by_one {
+                    (WeightForm::Plain, WeightForm::Plain)
+                } else if o8 != ws[0] {
+                    (WeightForm::PaddedOut(o8), WeightForm::PaddedOut(o8))
+                } else {
+                    (WeightForm::ChannelsLast, WeightForm::Plain)
+                };
+                let w = self.weight(ins[1], w_form)?;
                 let bias = match ins.get(2) {
-                    Some(b) => Some((self.weight(*b, WeightForm::Plain)?, 0)),
+                    Some(b) => Some(self.weight(*b, b_form)?),
                     None => None,
                 };
-                if ws[2] == 1 && ws[3] == 1 && *stride == [1, 1] && pad == [0, 0] && *groups == 1 {
+                let y = self.act(&out);
+                if one_by_one {
                     // A 1x1 convolution over NHWC pixels is a linear layer on [pixels, C]:
                     // cuBLASLt then carries the bias and any residual in its epilogue.
-                    let w = self.weight(ins[1], WeightForm::Plain)?;
-                    let y = self.act(&out);
                     let s = self.push(Step::Gemm {
                         gemm: Gemm::linear(xs[0] * h * wd, xs[1], ws[0]),
                         a: x,
                         b: w,
-                        bias: bias.map(|b| b.0),
+                        bias,
                         residual: None,
                         c: y,
                     });
@@ -626,58 +638,12 @@ impl<'g> Lower<'g> {
                     self.set(i, y, Layout::Nhwc);
                     return Ok(());
                 }
-                // Tensor-core convolutions want whole 8-channel vectors out: a 3- or 4-channel
-                // output (conv_out of the UNet and of the VAE) runs padded, then sliced.
-                let o8 = ws[0].div_ceil(8) * 8;
-                if o8 != ws[0] {
-                    let w = self.weight(ins[1], WeightForm::PaddedOut(o8))?;
-                    let bias = match ins.get(2) {
-                        Some(b) => Some((self.weight(*b, WeightForm::PaddedOut(o8))?, 0)),
-                        None => None,
-                    };
-                    let shape = ConvShape {
-                        n: xs[0],
-                        c: xs[1],
-                        h,
-                        w: wd,
-                        o: o8,
-                        kh: ws[2],
-                        kw: ws[3],
-                        stride: *stride,
-                        pad,
-                        groups: *groups,
-                        nhwc: true,
-                    };
-                    let (ho, wo) = shape.out_hw();
-                    let wide = self.buffer(2 * xs[0] * ho * wo * o8);
-                    self.push(Step::Conv {
-                        shape,
-                        x,
-                        w,
-                        y: wide,
-                        bias,
-                        residual: None,
-                        stats: None,
-                    });
-                    let y = self.act(&out);
-                    self.push(Step::CopyRows {
-                        x: wide,
-                        y,
-                        rows: xs[0] * ho * wo,
-                        cols: ws[0],
-                        xs: o8,
-                        ys: ws[0],
-                    });
-                    self.set(i, y, Layout::Nhwc);
-                    return Ok(());
-                }
-                let w = self.weight(ins[1], WeightForm::ChannelsLast)?;
                 let shape = ConvShape {
                     n: xs[0],
                     c: xs[1],
                     h,
                     w: wd,
-                    o: ws[0],
+                    o: o8,
                     kh: ws[2],
                     kw: ws[3],
                     stride: *stride,
@@ -685,17 +651,35 @@ impl<'g> Lower<'g> {
                     groups: *groups,
                     nhwc: true,
                 };
-                let y = self.act(&out);
+                let (ho, wo) = shape.out_hw();
+                // A padded convolution writes a wider buffer that one row copy slices; its
+                // output is not the value's, so no epilogue fusion may target it.
+                let conv_y = if o8 == ws[0] {
+                    y
+                } else {
+                    self.buffer(2 * xs[0] * ho * wo * o8)
+                };
                 let s = self.push(Step::Conv {
                     shape,
                     x,
                     w,
-                    y,
-                    bias,
+                    y: conv_y,
+                    bias: bias.map(|b| (b, 0)),
                     residual: None,
                     stats: None,
                 });
-                self.producer.insert(i, s);
+                if o8 == ws[0] {
+                    self.producer.insert(i, s);
+                } else {
+                    self.push(Step::CopyRows {
+                        x: conv_y,
+                        y,
+                        rows: xs[0] * ho * wo,
+                        cols: ws[0],
+                        xs: o8,
+                        ys: ws[0],
+                    });
+                }
                 self.set(i, y, Layout::Nhwc);
             }
             Op::Conv1d { stride, padding } => {

@@ -18,8 +18,8 @@ use crate::weights::{DType, Entry};
 /// Refuses headers larger than this: a corrupt length would otherwise allocate gigabytes.
 const HEADER_MAX_BYTES: u64 = 100 << 20;
 
-/// Reads the header: every tensor's dtype, shape and absolute byte range.
-pub fn read_index(path: &Path, file: &File) -> Result<BTreeMap<String, Entry>> {
+/// The JSON header, the file's length and where the tensor data starts.
+fn read_header(path: &Path, file: &File) -> Result<(Value, u64, u64)> {
     let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
     let mut n = [0u8; 8];
     file.read_exact_at(&mut n, 0)
@@ -36,10 +36,15 @@ pub fn read_index(path: &Path, file: &File) -> Result<BTreeMap<String, Entry>> {
         .map_err(|e| EngineError::io(path, e))?;
     let json: Value = serde_json::from_slice(&header)
         .map_err(|e| EngineError::format(path, format!("header is not JSON: {e}")))?;
+    Ok((json, len, 8 + header_len))
+}
+
+/// Reads the header: every tensor's dtype, shape and absolute byte range.
+pub fn read_index(path: &Path, file: &File) -> Result<BTreeMap<String, Entry>> {
+    let (json, len, data_start) = read_header(path, file)?;
     let obj = json
         .as_object()
         .ok_or_else(|| EngineError::format(path, "header is not a JSON object"))?;
-    let data_start = 8 + header_len;
     let mut entries = BTreeMap::new();
     for (key, v) in obj {
         if key == "__metadata__" {
@@ -107,22 +112,7 @@ pub fn write(path: &Path, tensors: &BTreeMap<String, crate::Tensor>, dtype: DTyp
 /// The header's `__metadata__` (string to string), empty when there is none.
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
-    let mut n = [0u8; 8];
-    file.read_exact_at(&mut n, 0)
-        .map_err(|_| EngineError::format(path, "shorter than a safetensors header"))?;
-    let header_len = u64::from_le_bytes(n);
-    if header_len > HEADER_MAX_BYTES || 8 + header_len > len {
-        return Err(EngineError::format(
-            path,
-            format!("header length {header_len} does not fit the {len}-byte file"),
-        ));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut header, 8)
-        .map_err(|e| EngineError::io(path, e))?;
-    let json: Value = serde_json::from_slice(&header)
-        .map_err(|e| EngineError::format(path, format!("header is not JSON: {e}")))?;
+    let (json, _, _) = read_header(path, &file)?;
     let Some(meta) = json.get("__metadata__") else {
         return Ok(BTreeMap::new());
     };
