@@ -22,6 +22,7 @@ fn options(url: &str, sessions: usize, seconds: u64) -> SessionsOptions {
         height: 240,
         fps: 25,
         progress: false,
+        picture: None,
     }
 }
 

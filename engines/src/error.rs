@@ -47,6 +47,9 @@ pub enum EngineError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    /// A model run on another executor (the CUDA engine) failed.
+    #[error("executor: {0}")]
+    Executor(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -66,6 +66,25 @@ pub fn rgb_to_yuv(r: f32, g: f32, b: f32) -> [f32; 3] {
     ]
 }
 
+/// The whole picture as packed 8-bit RGB (rows of `width` x 3), e.g. for the face detector.
+pub fn to_rgb(frame: &Planes, out: &mut Vec<u8>) {
+    let (w, h) = (frame.width, frame.height);
+    let cw = w.div_ceil(2);
+    out.clear();
+    out.reserve(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let c = (y / 2) * cw + x / 2;
+            let rgb = yuv_to_rgb(
+                f32::from(frame.y[y * w + x]),
+                f32::from(frame.u[c]),
+                f32::from(frame.v[c]),
+            );
+            out.extend(rgb.iter().map(|v| v.round().clamp(0.0, 255.0) as u8));
+        }
+    }
+}
+
 /// The box resampled to `size` x `size` RGB, [3, size, size] in [-1, 1] (x / 127.5 - 1).
 pub fn crop(frame: &Planes, b: &FaceBox, size: usize) -> Tensor {
     let (w, h) = (frame.width, frame.height);

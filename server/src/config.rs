@@ -46,12 +46,52 @@ pub struct ServeArgs {
     /// Bearer token required on WHIP/WHEP requests (OBS sends it as "Bearer Token").
     #[arg(long, env = "LIPSTREAM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Lip-sync with this models folder (`lipstream models synth|pull`): the publisher's own face
+    /// re-rendered to match its audio (camera mode).
+    #[arg(long, env = "LIPSTREAM_MODELS")]
+    pub models: Option<PathBuf>,
+    /// Lip-sync with this CUDA engine file (`lipstream engine build`) instead of a models folder.
+    #[arg(long, env = "LIPSTREAM_ENGINE", conflicts_with = "models")]
+    pub engine: Option<PathBuf>,
+    /// Face detector weights (pnet.pt, rnet.pt, onet.pt); default: the models folder's mtcnn/.
+    #[arg(long, env = "LIPSTREAM_MTCNN")]
+    pub mtcnn: Option<PathBuf>,
+    /// Which executor runs a models folder: auto (CUDA when its libraries and a GPU are here,
+    /// else the CPU reference executor), cpu, or cuda.
+    #[arg(long, env = "LIPSTREAM_EXECUTOR", value_enum, default_value_t = ExecutorChoice::Auto)]
+    pub executor: ExecutorChoice,
+    /// Batch sizes the renderer runs (default: 1,2,4,8,16 on CUDA, 1,2 on the CPU).
+    #[arg(long, env = "LIPSTREAM_BATCHES", value_delimiter = ',')]
+    pub batches: Vec<usize>,
+    /// Video frames per whisper encode: each more saves GPU time and adds 40 ms of latency.
+    #[arg(long, env = "LIPSTREAM_AUDIO_HOP_FRAMES", default_value_t = 2)]
+    pub audio_hop_frames: usize,
     /// Testing only: a stage that holds every frame this long instead of the identity stage.
     #[arg(long, hide = true)]
     pub debug_stage_delay_ms: Option<u64>,
     /// Testing only: a stage that hears this much audio past each frame (held video and audio).
     #[arg(long, hide = true)]
     pub debug_stage_lookahead_ms: Option<u64>,
+}
+
+/// Which executor runs the lip-sync model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorChoice {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The lip-sync pipeline's settings (absent: frames pass through).
+#[derive(Clone, Debug)]
+pub struct LipsyncConfig {
+    pub source: crate::lipsync::ModelSource,
+    pub mtcnn_dir: PathBuf,
+    pub executor: ExecutorChoice,
+    /// Empty: the executor's default.
+    pub batches: Vec<usize>,
+    pub audio_hop_frames: usize,
 }
 
 /// The TOML file: every key optional.
@@ -68,6 +108,12 @@ struct FileConfig {
     video_kbps: Option<u32>,
     video_max_kbps: Option<u32>,
     token: Option<String>,
+    models: Option<PathBuf>,
+    engine: Option<PathBuf>,
+    mtcnn: Option<PathBuf>,
+    executor: Option<ExecutorChoice>,
+    batches: Option<Vec<usize>>,
+    audio_hop_frames: Option<usize>,
 }
 
 /// Settings after merging flags, environment, file and defaults.
@@ -83,6 +129,7 @@ pub struct ServeConfig {
     pub video_bps: u32,
     pub video_max_bps: u32,
     pub token: Option<String>,
+    pub lipsync: Option<LipsyncConfig>,
     pub debug_stage_delay_ms: Option<u64>,
     pub debug_stage_lookahead_ms: Option<u64>,
 }
@@ -116,7 +163,47 @@ impl ServeArgs {
                 ice_timeout_s
             );
             merge!(frame_budget_ms, video_kbps, video_max_kbps, token);
+            merge!(executor, batches, audio_hop_frames);
+            for (value, from_file, id) in [
+                (&mut self.models, file.models, "models"),
+                (&mut self.engine, file.engine, "engine"),
+                (&mut self.mtcnn, file.mtcnn, "mtcnn"),
+            ] {
+                if from_file.is_some() && unset(id) {
+                    *value = from_file;
+                }
+            }
         }
+        if self.models.is_some() && self.engine.is_some() {
+            anyhow::bail!("give a models folder or an engine file, not both");
+        }
+        if self.audio_hop_frames == 0 {
+            anyhow::bail!("audio_hop_frames must be at least 1");
+        }
+        let source = match (&self.models, &self.engine) {
+            (Some(dir), _) => Some(crate::lipsync::ModelSource::Models(dir.clone())),
+            (None, Some(file)) => Some(crate::lipsync::ModelSource::Engine(file.clone())),
+            (None, None) => None,
+        };
+        let lipsync = match source {
+            None => None,
+            Some(source) => {
+                let mtcnn_dir = match (&self.mtcnn, &self.models) {
+                    (Some(dir), _) => dir.clone(),
+                    (None, Some(models)) => models.join("mtcnn"),
+                    (None, None) => anyhow::bail!(
+                        "camera lip-sync needs the face detector's weights: give --mtcnn DIR"
+                    ),
+                };
+                Some(LipsyncConfig {
+                    source,
+                    mtcnn_dir,
+                    executor: self.executor,
+                    batches: self.batches.clone(),
+                    audio_hop_frames: self.audio_hop_frames,
+                })
+            }
+        };
         if self.video_kbps == 0 || self.video_max_kbps < self.video_kbps {
             anyhow::bail!(
                 "video_kbps ({}) must be > 0 and at most video_max_kbps ({})",
@@ -143,6 +230,7 @@ impl ServeArgs {
             video_bps: self.video_kbps * 1000,
             video_max_bps: self.video_max_kbps * 1000,
             token: self.token.filter(|t| !t.is_empty()),
+            lipsync,
             debug_stage_delay_ms: self.debug_stage_delay_ms,
             debug_stage_lookahead_ms: self.debug_stage_lookahead_ms,
         })

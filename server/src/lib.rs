@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod lipsync;
 pub mod media;
 pub mod metrics;
 pub mod pull;

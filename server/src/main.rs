@@ -114,7 +114,8 @@ enum BenchCmd {
         duration: u64,
         #[arg(long, value_enum, default_value_t = lipstream::bench::Mode::Camera)]
         mode: lipstream::bench::Mode,
-        /// synthetic (stamped test video + click train); media files are not supported yet.
+        /// synthetic (stamped moving test pattern + click train), or a PNG picture (e.g. a face
+        /// for the lip-sync stage) sent as a still, stamped, with the click train.
         #[arg(long, default_value = "synthetic")]
         media: String,
         /// Double the sessions until p95 exceeds the budget or late frames exceed 1 %.
@@ -541,11 +542,18 @@ fn bench_sessions(
     width: usize,
     height: usize,
 ) -> anyhow::Result<()> {
-    if media != "synthetic" {
-        anyhow::bail!(
-            "--media {media:?}: only synthetic media is supported (stamped video and a click train are what make frame-by-frame matching possible)"
-        );
-    }
+    let picture = if media == "synthetic" {
+        None
+    } else {
+        let (rgb, w, h) = read_png(std::path::Path::new(&media))
+            .map_err(|e| anyhow::anyhow!("--media: {e} (give `synthetic` or a PNG picture)"))?;
+        let frame = lipstream::media::frame::VideoFrame::from_rgb(&rgb, w, h)
+            .ok_or_else(|| anyhow::anyhow!("--media {media}: picture too small"))?;
+        if frame.width < 256 {
+            anyhow::bail!("--media {media}: at least 256 pixels wide, for the frame stamp");
+        }
+        Some(std::sync::Arc::new(frame))
+    };
     let old = match &compare {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -568,6 +576,7 @@ fn bench_sessions(
         height,
         fps: 25,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        picture,
     };
     let report = lipstream::bench::run(&opts)?;
     println!("{}", lipstream::bench::summary(&report));

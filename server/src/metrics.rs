@@ -34,6 +34,14 @@ pub struct Metrics {
     /// Frames whose stage missed the frame budget and went out unprocessed.
     pub frames_late: Counter,
     pub frames_undecodable: Counter,
+    /// Frames the renderer failed on (an executor error), sent unprocessed.
+    pub frames_failed: Counter,
+    /// Frames sent unprocessed because no face was found in them.
+    pub frames_no_face: Counter,
+    /// Faces rendered by the lip-sync model and blended back.
+    pub frames_rendered: Counter,
+    /// Frames per batch the renderer ran.
+    pub batch_frames: Histogram,
     /// Frames processed before the audio their stage hears ahead had arrived (it stopped).
     pub frames_audio_short: Counter,
     /// Media the worker could not take because it was behind (bounded queue full).
@@ -59,6 +67,10 @@ impl Metrics {
             frames_out: Counter::default(),
             frames_late: Counter::default(),
             frames_undecodable: Counter::default(),
+            frames_failed: Counter::default(),
+            frames_no_face: Counter::default(),
+            frames_rendered: Counter::default(),
+            batch_frames: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             frames_audio_short: Counter::default(),
             media_dropped: Family::default(),
             keyframes_requested: Counter::default(),
@@ -111,6 +123,26 @@ impl Metrics {
             "frames_undecodable",
             "Video access units the decoder rejected (a keyframe was requested)",
             m.frames_undecodable.clone(),
+        );
+        registry.register(
+            "frames_failed",
+            "Frames sent unprocessed because the model executor failed on them",
+            m.frames_failed.clone(),
+        );
+        registry.register(
+            "frames_no_face",
+            "Frames sent unprocessed because no face was found in them",
+            m.frames_no_face.clone(),
+        );
+        registry.register(
+            "frames_rendered",
+            "Faces rendered by the lip-sync model and blended back",
+            m.frames_rendered.clone(),
+        );
+        registry.register(
+            "batch_frames",
+            "Frames in each batch the renderer ran",
+            m.batch_frames.clone(),
         );
         registry.register(
             "frames_audio_short",

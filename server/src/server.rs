@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use tokio::net::{TcpListener, UdpSocket};
 
-use crate::config::ServeConfig;
+use crate::config::{ExecutorChoice, LipsyncConfig, ServeConfig};
 use crate::http::{router, AppState};
+use crate::lipsync::{CameraStage, CameraStageConfig, ModelSource, Renderer, RendererConfig};
 use crate::media::stage::{Delay, Identity, Lookahead};
 use crate::media::worker::WorkerConfig;
 use crate::metrics::Metrics;
@@ -33,19 +34,26 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         config.max_sessions,
         config.max_viewers,
     )));
-    let stage: StageFactory = match (config.debug_stage_delay_ms, config.debug_stage_lookahead_ms) {
-        (Some(ms), _) => {
+    let stage: StageFactory = match (
+        config.debug_stage_delay_ms,
+        config.debug_stage_lookahead_ms,
+        &config.lipsync,
+    ) {
+        (None, None, Some(lipsync)) => {
+            lipsync_stage(lipsync.clone(), config.frame_budget, metrics.clone()).await?
+        }
+        (Some(ms), _, _) => {
             tracing::warn!(ms, "testing: every frame is held by a delay stage");
             Arc::new(move || Box::new(Delay { ms }))
         }
-        (None, Some(ms)) => {
+        (None, Some(ms), _) => {
             tracing::warn!(
                 ms,
                 "testing: a stage that hears ahead; video and audio are held"
             );
             Arc::new(move || Box::new(Lookahead { ms: ms as f64 }))
         }
-        (None, None) => Arc::new(|| Box::new(Identity)),
+        (None, None, None) => Arc::new(|| Box::new(Identity)),
     };
     let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = Driver::new(
@@ -85,6 +93,72 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     driver.await.context("the WebRTC driver panicked")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the renderer (loading, maybe building, the model) and makes camera stages for it.
+async fn lipsync_stage(
+    config: LipsyncConfig,
+    frame_budget: std::time::Duration,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<StageFactory> {
+    let cuda = match config.executor {
+        ExecutorChoice::Cpu => false,
+        ExecutorChoice::Auto => lipstream_gpu::device::executor_choice().is_ok(),
+        ExecutorChoice::Cuda => {
+            lipstream_gpu::device::executor_choice()
+                .map_err(|why| anyhow::anyhow!("--executor cuda, but no CUDA here: {why}"))?;
+            true
+        }
+    };
+    let batches = if !config.batches.is_empty() {
+        config.batches.clone()
+    } else if cuda || matches!(config.source, ModelSource::Engine(_)) {
+        vec![1, 2, 4, 8, 16]
+    } else {
+        vec![1, 2]
+    };
+    let stage_config = CameraStageConfig {
+        mtcnn_dir: config.mtcnn_dir.clone(),
+        hop_frames: config.audio_hop_frames,
+        tracker: Default::default(),
+    };
+    // Fail at start, not at the first session, on weights that do not load.
+    lipstream_engines::models::mtcnn::Mtcnn::open(&stage_config.mtcnn_dir, Default::default())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "face detector weights in {}: {e}",
+                stage_config.mtcnn_dir.display()
+            )
+        })?;
+    let renderer_config = RendererConfig {
+        source: config.source.clone(),
+        mode: crate::engine::Stage::Camera,
+        profiles: batches,
+        cuda,
+    };
+    let renderer_metrics = metrics.clone();
+    let renderer =
+        tokio::task::spawn_blocking(move || Renderer::start(renderer_config, renderer_metrics))
+            .await
+            .context("the renderer start panicked")??;
+    tracing::info!(
+        "lip-sync: camera mode on the {}; whisper every {} frames, so video and audio leave {:.0} ms after they arrive ({:.0} ms lookahead + {} ms frame budget)",
+        renderer.executor,
+        config.audio_hop_frames,
+        crate::lipsync::AudioFeed::lookahead_ms(config.audio_hop_frames)
+            + frame_budget.as_secs_f64() * 1000.0,
+        crate::lipsync::AudioFeed::lookahead_ms(config.audio_hop_frames),
+        frame_budget.as_millis()
+    );
+    Ok(Arc::new(move || -> Box<dyn crate::media::stage::Stage> {
+        match CameraStage::new(renderer.clone(), &stage_config, metrics.clone()) {
+            Ok(s) => Box::new(s),
+            Err(e) => {
+                tracing::error!("lip-sync stage unavailable, frames pass through: {e:#}");
+                Box::new(Identity)
+            }
+        }
+    }))
 }
 
 /// One UDP socket per host address, all on one port where possible.

@@ -40,6 +40,9 @@ pub struct SessionsOptions {
     pub height: usize,
     pub fps: u32,
     pub progress: bool,
+    /// A still picture to publish (stamped) instead of the moving test pattern: a face, for
+    /// the lip-sync stage. Its size wins over `width` x `height`.
+    pub picture: Option<Arc<crate::media::frame::VideoFrame>>,
 }
 
 /// The ramp's verdict for one load.
@@ -200,6 +203,7 @@ fn run_step(
         duration: o.duration,
         linger: Duration::from_millis(1000),
         audio: AudioSignal::Clicks { period_ms: 1000 },
+        background: o.picture.clone(),
         ..PublishOptions::default()
     };
     let handles: Vec<_> = (0..n)

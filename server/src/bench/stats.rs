@@ -80,18 +80,18 @@ impl SessionFigures {
 
 /// For each click that came back: its audio latency minus the video latency of the frames
 /// captured within ±100 ms of it. Positive: the audio trails the video.
+///
+/// Clicks are periodic, so a returned onset is matched to the click it is nearest to once the
+/// video's own latency is allowed for: offsets are measured modulo the click period and are
+/// meaningful within half of it, whatever the absolute latency (a lip-sync stage holds both
+/// streams for hundreds of ms).
 fn av_offsets(r: &PublishReport) -> Vec<(f64, f64)> {
     let rx = &r.received;
+    let mut gaps: Vec<f64> = r.clicks_sent_ms.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort_by(f64::total_cmp);
+    let half_period = gaps.get(gaps.len() / 2).copied().unwrap_or(1000.0) / 2.0;
     let mut out = Vec::new();
     for &sent in &r.clicks_sent_ms {
-        // The first onset after the click was sent and within a second belongs to it.
-        let Some(&arrived) = rx
-            .audio_onsets_ms
-            .iter()
-            .find(|&&a| a >= sent && a - sent < 1000.0)
-        else {
-            continue;
-        };
         let near: Vec<f64> = rx
             .frames
             .iter()
@@ -102,8 +102,17 @@ fn av_offsets(r: &PublishReport) -> Vec<(f64, f64)> {
             continue;
         }
         let video = near.iter().sum::<f64>() / near.len() as f64;
+        let Some(offset) = rx
+            .audio_onsets_ms
+            .iter()
+            .map(|&a| (a - sent) - video)
+            .min_by(|a, b| a.abs().total_cmp(&b.abs()))
+            .filter(|o| o.abs() < half_period)
+        else {
+            continue;
+        };
         let since_connected = sent - rx.connected_ms.unwrap_or(sent);
-        out.push((since_connected, (arrived - sent) - video));
+        out.push((since_connected, offset));
     }
     out
 }
@@ -121,5 +130,29 @@ mod tests {
         assert_eq!(percentile(&[], 50.0), None);
         let l = Latency::of(&[3.0, 1.0, 2.0]).unwrap();
         assert_eq!((l.p50, l.max, l.mean), (2.0, 3.0, 2.0));
+    }
+
+    #[test]
+    fn a_click_is_matched_across_a_delay_longer_than_its_period() {
+        use crate::client::ReceivedFrame;
+        // Clicks every 500 ms; both streams come back 3 s late, the audio 12 ms after the video.
+        let mut r = PublishReport::default();
+        for k in 0..10 {
+            let sent = 1000.0 + 500.0 * f64::from(k);
+            r.clicks_sent_ms.push(sent);
+            r.received.audio_onsets_ms.push(sent + 3012.0);
+            r.received.frames.push(ReceivedFrame {
+                frame_id: k as u32,
+                latency_ms: 3000.0,
+                at_ms: 0.0,
+                capture_ms: sent + 10.0,
+            });
+        }
+        let offsets = av_offsets(&r);
+        assert_eq!(offsets.len(), 10);
+        assert!(
+            offsets.iter().all(|(_, o)| (o - 12.0).abs() < 1e-9),
+            "{offsets:?}"
+        );
     }
 }

@@ -59,6 +59,8 @@ pub struct Received {
     pub connected_ms: Option<f64>,
     /// Returned access units our decoder rejected (each asks the server for a keyframe).
     pub frames_undecodable: u32,
+    /// Returned pictures by frame id, when the session keeps them.
+    pub pictures: Vec<(u32, crate::media::frame::VideoFrame)>,
 }
 
 impl Received {
@@ -97,6 +99,7 @@ pub(crate) struct Peer {
     keyframe_requested: Option<Instant>,
     pub resource_url: String,
     pub received: Received,
+    pub keep_pictures: bool,
 }
 
 impl Peer {
@@ -145,6 +148,7 @@ impl Peer {
             keyframe_requested: None,
             resource_url: answer.resource_url,
             received: Received::default(),
+            keep_pictures: false,
         })
     }
 
@@ -214,6 +218,9 @@ impl Peer {
                             at_ms,
                             capture_ms: f64::from(stamp.capture_ms),
                         });
+                        if self.keep_pictures {
+                            self.received.pictures.push((stamp.frame_id, frame));
+                        }
                     }
                     None => self.received.frames_unstamped += 1,
                 }

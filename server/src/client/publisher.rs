@@ -45,6 +45,11 @@ pub struct PublishOptions {
     pub vanish: bool,
     /// Frame ids sent damaged (truncated), as a broken encoder or a bad link would.
     pub corrupt_frames: Vec<u32>,
+    /// A picture to send (with the stamp drawn over its top rows) instead of the moving test
+    /// pattern, e.g. a face for the lip-sync stage; its size overrides `width` x `height`.
+    pub background: Option<std::sync::Arc<crate::media::frame::VideoFrame>>,
+    /// Keep every returned decoded picture (`Received::pictures`), for pixel checks.
+    pub keep_pictures: bool,
 }
 
 impl Default for PublishOptions {
@@ -62,6 +67,8 @@ impl Default for PublishOptions {
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             vanish: false,
             corrupt_frames: Vec::new(),
+            background: None,
+            keep_pictures: false,
         }
     }
 }
@@ -95,6 +102,7 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport, ClientError> {
         options.token.as_deref(),
         options.bind_ip,
     )?;
+    peer.keep_pictures = options.keep_pictures;
     let mut report = PublishReport {
         resource_url: peer.resource_url.clone(),
         ..Default::default()
@@ -161,7 +169,15 @@ fn run(
                 frame_id: id,
                 capture_ms: stamp_clock_ms(now) as u32,
             };
-            let au = h264_out.encode(&synth::picture(options.width, options.height, stamp))?;
+            let picture = match &options.background {
+                Some(bg) => {
+                    let mut f = (**bg).clone();
+                    stamp.draw(&mut f);
+                    f
+                }
+                None => synth::picture(options.width, options.height, stamp),
+            };
+            let au = h264_out.encode(&picture)?;
             let mut data = au.data;
             if options.corrupt_frames.contains(&id) {
                 data.truncate(data.len() / 2);

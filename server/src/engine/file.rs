@@ -227,14 +227,12 @@ pub fn incompatibility(header: &Header, device: &Device) -> anyhow::Result<Optio
     }))
 }
 
-/// An engine loaded on GPU 0: its runtime, one executor per batch profile and whisper's.
+/// An engine file loaded on GPU 0: its header, its weights, its built executors.
 pub struct Loaded {
     pub header: Header,
-    pub rt: Runtime,
     pub stage: Stage,
-    pub profiles: Vec<(usize, Executor)>,
-    pub whisper: Executor,
     pub sources: Sources,
+    pub executors: super::Executors,
 }
 
 impl Sources {
@@ -290,30 +288,19 @@ pub fn load(path: &Path, graphs: bool) -> anyhow::Result<Loaded> {
         bail!("{}: {why}", path.display());
     }
     let sources = Sources::from_engine(path, &header)?;
-    let mut rt = Runtime::new(device)?;
-    rt.tuned.extend(tuned(&header)?);
-    let opts = Options { tune: false };
-    let mut profiles = Vec::new();
-    for &b in &header.batches {
-        let g = sources.graph(stage, b)?;
-        profiles.push((b, Executor::new(&mut rt, &g, "", opts)?));
-    }
-    let g = sources.graph(Stage::Whisper, 1)?;
-    let mut whisper = Executor::new(&mut rt, &g, "", opts)?;
-    rt.finish_building()?;
-    if graphs {
-        for (_, ex) in &mut profiles {
-            ex.capture(&rt)?;
-        }
-        whisper.capture(&rt)?;
-    }
+    let executors = super::executors(
+        device,
+        &sources,
+        stage,
+        &header.batches,
+        &tuned(&header)?,
+        graphs,
+    )?;
     Ok(Loaded {
         header,
-        rt,
         stage,
-        profiles,
-        whisper,
         sources,
+        executors,
     })
 }
 

@@ -147,6 +147,57 @@ fn inputs_for(g: &Graph, seed: u64) -> Vec<(String, Tensor)> {
         .collect()
 }
 
+/// One GPU's executors for a pipeline stage: a frame-step executor per batch profile and the
+/// whisper window, sharing one runtime (weights, arena, workspace).
+pub struct Executors {
+    pub rt: Runtime,
+    pub profiles: Vec<(usize, Executor)>,
+    pub whisper: Executor,
+}
+
+/// Builds `stage` for every batch in `batches` plus whisper on `device`; convolution algorithms
+/// come from `preload` (an engine file's) or, when it is empty, are timed now. With `graphs`
+/// each executor is captured as a CUDA graph.
+pub fn executors(
+    device: Device,
+    src: &Sources,
+    stage: Stage,
+    batches: &[usize],
+    preload: &[(
+        lipstream_gpu::conv::ConvShape,
+        lipstream_gpu::executor::Tuned,
+    )],
+    graphs: bool,
+) -> anyhow::Result<Executors> {
+    let mut rt = Runtime::new(device)?;
+    rt.tuned.extend(preload.iter().copied());
+    let opts = Options {
+        tune: preload.is_empty(),
+    };
+    let mut profiles = Vec::new();
+    for &b in batches {
+        let g = src.graph(stage, b)?;
+        let ex = Executor::new(&mut rt, &g, "", opts)
+            .with_context(|| format!("building {} B={b}", stage.name()))?;
+        profiles.push((b, ex));
+    }
+    let g = src.graph(Stage::Whisper, 1)?;
+    let mut whisper = Executor::new(&mut rt, &g, "", opts).context("building whisper")?;
+    rt.finish_building()?;
+    if graphs {
+        for (b, ex) in &mut profiles {
+            ex.capture(&rt)
+                .with_context(|| format!("capturing {} B={b}", stage.name()))?;
+        }
+        whisper.capture(&rt).context("capturing whisper")?;
+    }
+    Ok(Executors {
+        rt,
+        profiles,
+        whisper,
+    })
+}
+
 /// What `bench engine` measures.
 pub struct BenchOptions {
     pub batches: Vec<usize>,

@@ -25,6 +25,43 @@ impl VideoFrame {
         }
     }
 
+    /// A packed 8-bit RGB picture (`height` rows of `width` x 3) in BT.601 limited range, as the
+    /// codecs carry it; an odd last row or column is dropped (I420 needs even sizes).
+    pub fn from_rgb(rgb: &[u8], width: usize, height: usize) -> Option<Self> {
+        use lipstream_engines::image::rgb_to_yuv;
+        if rgb.len() < width * height * 3 || width < 2 || height < 2 {
+            return None;
+        }
+        let (w, h) = (width & !1, height & !1);
+        let mut f = VideoFrame::filled(w, h, 0, 128, 128);
+        let px = |x: usize, y: usize| {
+            let i = (y * width + x) * 3;
+            rgb_to_yuv(
+                f32::from(rgb[i]) / 255.0,
+                f32::from(rgb[i + 1]) / 255.0,
+                f32::from(rgb[i + 2]) / 255.0,
+            )
+        };
+        for y in 0..h {
+            for x in 0..w {
+                f.y[y * w + x] = px(x, y)[0].round() as u8;
+            }
+        }
+        for y in 0..h / 2 {
+            for x in 0..w / 2 {
+                let (mut u, mut v) = (0f32, 0f32);
+                for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                    let p = px(2 * x + dx, 2 * y + dy);
+                    u += p[1] / 4.0;
+                    v += p[2] / 4.0;
+                }
+                f.u[y * (w / 2) + x] = u.round() as u8;
+                f.v[y * (w / 2) + x] = v.round() as u8;
+            }
+        }
+        Some(f)
+    }
+
     /// Copies a picture out of any strided YUV source (e.g. the decoder's buffers).
     pub fn from_yuv(src: &impl YUVSource) -> Self {
         let (width, height) = src.dimensions();

@@ -23,16 +23,21 @@ pub struct Released<F> {
 pub struct AvHold<F, A> {
     lookahead_ms: f64,
     lookahead: Duration,
+    /// Audio's delay: the lookahead plus the processing budget of an asynchronous stage.
+    audio_delay: Duration,
     frames: VecDeque<(F, f64, Instant)>,
     audio: VecDeque<(A, Instant)>,
 }
 
 impl<F, A> AvHold<F, A> {
-    pub fn new(lookahead_ms: f64) -> Self {
+    /// Frames wait for `lookahead_ms` of audio past them; audio is held that long plus
+    /// `processing_ms`, the time a frame may spend in the stage once released.
+    pub fn new(lookahead_ms: f64, processing_ms: f64) -> Self {
         let lookahead_ms = lookahead_ms.max(0.0);
         AvHold {
             lookahead_ms,
             lookahead: Duration::from_secs_f64(lookahead_ms / 1000.0),
+            audio_delay: Duration::from_secs_f64((lookahead_ms + processing_ms.max(0.0)) / 1000.0),
             frames: VecDeque::new(),
             audio: VecDeque::new(),
         }
@@ -40,7 +45,7 @@ impl<F, A> AvHold<F, A> {
 
     /// The constant delay both streams get, ms.
     pub fn delay_ms(&self) -> f64 {
-        self.lookahead_ms
+        self.audio_delay.as_secs_f64() * 1000.0
     }
 
     pub fn push_frame(&mut self, frame: F, frame_ms: f64, now: Instant) {
@@ -48,7 +53,7 @@ impl<F, A> AvHold<F, A> {
     }
 
     pub fn push_audio(&mut self, packet: A, now: Instant) {
-        self.audio.push_back((packet, now + self.lookahead));
+        self.audio.push_back((packet, now + self.audio_delay));
     }
 
     /// The oldest frame whose audio (up to `audio_end_ms`, media time) has arrived, or that has
@@ -101,7 +106,7 @@ mod tests {
     #[test]
     fn a_frame_and_its_audio_leave_together_after_the_lookahead() {
         let t0 = Instant::now();
-        let mut h: AvHold<u32, u32> = AvHold::new(120.0);
+        let mut h: AvHold<u32, u32> = AvHold::new(120.0, 0.0);
         // Audio packets of 20 ms arrive on time; frame 0 (media 0 ms) arrives at t0 + 5 ms.
         h.push_frame(0, 0.0, ms(t0, 5));
         let mut released_frame = None;
@@ -125,9 +130,22 @@ mod tests {
     }
 
     #[test]
+    fn audio_also_waits_out_the_processing_budget_frames_do_not() {
+        let t0 = Instant::now();
+        let mut h: AvHold<u32, u32> = AvHold::new(120.0, 80.0);
+        assert_eq!(h.delay_ms(), 200.0);
+        h.push_frame(0, 0.0, t0);
+        h.push_audio(0, t0);
+        // The frame goes to the stage as soon as its audio is in; the stage has 80 ms more.
+        assert!(h.pop_frame(120.0, ms(t0, 100)).is_some());
+        assert!(h.pop_audio(ms(t0, 199)).is_none());
+        assert_eq!(h.pop_audio(ms(t0, 200)), Some(0));
+    }
+
+    #[test]
     fn frames_without_audio_leave_late_and_say_so() {
         let t0 = Instant::now();
-        let mut h: AvHold<u32, u32> = AvHold::new(120.0);
+        let mut h: AvHold<u32, u32> = AvHold::new(120.0, 0.0);
         h.push_frame(7, 0.0, t0);
         assert!(h.pop_frame(0.0, ms(t0, 219)).is_none());
         assert_eq!(h.next_deadline(), Some(ms(t0, 220)));
@@ -139,7 +157,7 @@ mod tests {
     #[test]
     fn no_lookahead_means_no_delay() {
         let t0 = Instant::now();
-        let mut h: AvHold<u32, u32> = AvHold::new(0.0);
+        let mut h: AvHold<u32, u32> = AvHold::new(0.0, 0.0);
         h.push_audio(1, t0);
         assert_eq!(h.pop_audio(t0), Some(1));
         h.push_frame(2, 40.0, t0);

@@ -1,9 +1,18 @@
 //! The pipeline stage: where a frame is transformed between decode and encode.
 //!
 //! The lip-sync engine plugs in here; `Identity` passes frames through. A stage runs on the
-//! session's media worker and must never block on the network.
+//! session's media worker and must never block on the network. A stage may answer a frame
+//! later (`StageOutput::Pending`): the GPU renders frames of many sessions in one batch, and the
+//! result comes back through the worker's queue (`Completion`) while the worker goes on
+//! decoding; the worker sends the frame out at its fixed output time either way.
+
+use std::sync::mpsc::SyncSender;
+use std::time::Instant;
+
+use lipstream_engines::Tensor;
 
 use crate::media::frame::VideoFrame;
+use crate::media::worker::WorkerInput;
 
 /// What a stage sees for one frame.
 pub struct StageInput<'a> {
@@ -13,6 +22,8 @@ pub struct StageInput<'a> {
     /// 16 kHz mono PCM around the frame: `[audio_start_ms, audio_start_ms + len / 16)`.
     pub audio_16k: &'a [i16],
     pub audio_start_ms: f64,
+    /// When the frame goes out: a pending result must be back by then.
+    pub deadline: Instant,
 }
 
 /// What a stage returns for one frame.
@@ -20,6 +31,32 @@ pub enum StageOutput {
     /// Send the input frame as it is (no copy).
     Unchanged,
     Frame(VideoFrame),
+    /// The result comes later through the `Completion` with this ticket.
+    Pending(u64),
+}
+
+/// A rendered face, or why there is none.
+pub enum Rendered {
+    /// [3, 256, 256] RGB in [0, 1].
+    Face(Tensor),
+    /// The renderer gave the frame up: it could not make its deadline.
+    Late,
+    Failed(String),
+    /// Nothing to render (no face, no audio yet): the frame goes out as it came in.
+    Unchanged,
+}
+
+/// Where an asynchronous stage's results go: the session worker's own queue.
+#[derive(Clone)]
+pub struct Completion {
+    pub(crate) tx: SyncSender<WorkerInput>,
+}
+
+impl Completion {
+    /// Never waits: a worker too far behind to take the result sends the frame unprocessed.
+    pub fn done(&self, ticket: u64, result: Rendered) {
+        let _ = self.tx.try_send(WorkerInput::Rendered { ticket, result });
+    }
 }
 
 /// A frame transformer.
@@ -31,6 +68,19 @@ pub trait Stage: Send {
     /// Audio the stage wants after the frame's time, in ms.
     fn audio_after_ms(&self) -> f64;
     fn process(&mut self, input: StageInput<'_>) -> StageOutput;
+    /// Whether `process` may answer `Pending`: then the worker holds audio for the frame budget
+    /// too, so both streams keep one constant delay.
+    fn asynchronous(&self) -> bool {
+        false
+    }
+    /// Hands the stage the channel its pending results come back on (once, at start).
+    fn attach(&mut self, _done: Completion) {}
+    /// Each decoded audio packet, at its time on the session clock (ms), 16 kHz mono.
+    fn audio(&mut self, _at_ms: f64, _pcm: &[i16]) {}
+    /// Turns a pending result into the frame to send (`frame` is the input frame).
+    fn finish(&mut self, _ticket: u64, _result: Rendered, _frame: &VideoFrame) -> StageOutput {
+        StageOutput::Unchanged
+    }
 }
 
 /// Pass-through: the transport path without any model.

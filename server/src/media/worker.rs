@@ -4,6 +4,8 @@
 //! queue is full the media is dropped and counted. The worker never touches the network; what it
 //! produces goes back to the driver as `WorkerOutput` messages.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +19,7 @@ use crate::media::codec::{
 };
 use crate::media::frame::VideoFrame;
 use crate::media::hold::AvHold;
-use crate::media::stage::{Stage, StageInput, StageOutput};
+use crate::media::stage::{Completion, Rendered, Stage, StageInput, StageOutput};
 use crate::metrics::{KindLabel, Metrics};
 use crate::registry::SessionId;
 
@@ -48,6 +50,10 @@ pub enum WorkerInput {
     Keyframe,
     /// The bandwidth estimate of the session's receivers, bits per second.
     Bitrate(u64),
+    /// An asynchronous stage's result for the frame it answered `Pending(ticket)`.
+    Rendered { ticket: u64, result: Rendered },
+    /// The session is over (sent as the handle drops; the flag covers a full queue).
+    Close,
 }
 
 /// What a worker sends back to the driver.
@@ -80,6 +86,16 @@ pub struct WorkerConfig {
 pub struct WorkerHandle {
     tx: SyncSender<WorkerInput>,
     metrics: Arc<Metrics>,
+    /// Set when the handle drops: the stage holds a sender to the same queue for its results,
+    /// so the queue alone never disconnects.
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.tx.try_send(WorkerInput::Close);
+    }
 }
 
 impl WorkerHandle {
@@ -108,24 +124,32 @@ impl WorkerHandle {
 pub fn spawn(
     session: SessionId,
     config: WorkerConfig,
-    stage: Box<dyn Stage>,
+    stage: crate::rtc::driver::StageFactory,
     metrics: Arc<Metrics>,
     out: UnboundedSender<WorkerOutput>,
 ) -> std::io::Result<WorkerHandle> {
     let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_DEPTH);
     let worker_metrics = metrics.clone();
+    let closed = Arc::new(AtomicBool::new(false));
+    let (done, worker_closed) = (Completion { tx: tx.clone() }, closed.clone());
     std::thread::Builder::new()
         .name(format!("media-{session}"))
         .spawn(move || {
             worker_metrics.media_workers.inc();
+            let mut stage = stage();
+            stage.attach(done);
             if let Err(e) = Worker::new(session.clone(), config, stage, worker_metrics.clone(), out)
-                .and_then(|mut w| w.run(rx))
+                .and_then(|mut w| w.run(rx, &worker_closed))
             {
                 tracing::error!(%session, "media worker stopped: {e}");
             }
             worker_metrics.media_workers.dec();
         })?;
-    Ok(WorkerHandle { tx, metrics })
+    Ok(WorkerHandle {
+        tx,
+        metrics,
+        closed,
+    })
 }
 
 /// Maps one stream's RTP time onto the session's millisecond clock.
@@ -181,7 +205,20 @@ struct Worker {
     bitrate_changed: Option<Instant>,
     /// For a stage that hears ahead: frames wait for their audio, audio waits as long.
     hold: Option<AvHold<HeldFrame, WorkerOutput>>,
+    /// Frames an asynchronous stage is working on, in order, each with its output time.
+    pending: VecDeque<PendingFrame>,
 }
+
+/// A frame whose stage result is due back by `due`.
+struct PendingFrame {
+    ticket: u64,
+    held: HeldFrame,
+    due: Instant,
+    result: Option<Rendered>,
+}
+
+/// How often a worker waiting on nothing checks that its session still exists.
+const CLOSED_POLL: Duration = Duration::from_millis(250);
 
 /// A decoded frame waiting for its audio.
 struct HeldFrame {
@@ -198,6 +235,7 @@ impl Worker {
         metrics: Arc<Metrics>,
         out: UnboundedSender<WorkerOutput>,
     ) -> Result<Self, crate::media::codec::CodecError> {
+        let frame_budget = config.frame_budget;
         Ok(Worker {
             h264_out: H264Encoder::new(config.bitrate_start_bps)?,
             h264_in: H264Decoder::new()?,
@@ -213,26 +251,47 @@ impl Worker {
             audio: AudioRing::new(AUDIO_RING_MS),
             audio_window: Vec::new(),
             bitrate_changed: None,
-            hold: (stage.audio_after_ms() > 0.0).then(|| AvHold::new(stage.audio_after_ms())),
+            hold: (stage.audio_after_ms() > 0.0 || stage.asynchronous()).then(|| {
+                let processing = if stage.asynchronous() {
+                    frame_budget.as_secs_f64() * 1000.0
+                } else {
+                    0.0
+                };
+                AvHold::new(stage.audio_after_ms(), processing)
+            }),
+            pending: VecDeque::new(),
             stage,
         })
     }
 
-    fn run(&mut self, rx: Receiver<WorkerInput>) -> Result<(), crate::media::codec::CodecError> {
+    fn run(
+        &mut self,
+        rx: Receiver<WorkerInput>,
+        closed: &AtomicBool,
+    ) -> Result<(), crate::media::codec::CodecError> {
         loop {
-            // Sleep until new media or the hold's next release, whichever comes first.
-            let deadline = self.hold.as_ref().and_then(|h| h.next_deadline());
-            let input = match deadline {
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
-            };
+            // Sleep until new media, the hold's next release or a pending frame's output time.
+            let now = Instant::now();
+            let deadline = [
+                self.hold.as_ref().and_then(|h| h.next_deadline()),
+                self.pending.front().map(|p| p.due),
+                Some(now + CLOSED_POLL),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + CLOSED_POLL);
+            let input = rx.recv_timeout(deadline.saturating_duration_since(now));
+            // The driver dropped the handle: the session is over.
+            if closed.load(Ordering::Acquire) {
+                return Ok(());
+            }
             let input = match input {
                 Ok(input) => input,
                 Err(RecvTimeoutError::Timeout) => {
                     self.release(Instant::now())?;
                     continue;
                 }
-                // The driver dropped the handle: the session is over.
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             };
             match input {
@@ -248,6 +307,12 @@ impl Worker {
                 } => self.video(rtp_time, arrival, &data)?,
                 WorkerInput::Keyframe => self.h264_out.request_keyframe(),
                 WorkerInput::Bitrate(bps) => self.bitrate(bps)?,
+                WorkerInput::Rendered { ticket, result } => {
+                    if let Some(p) = self.pending.iter_mut().find(|p| p.ticket == ticket) {
+                        p.result = Some(result);
+                    }
+                }
+                WorkerInput::Close => return Ok(()),
             }
             self.release(Instant::now())?;
         }
@@ -256,6 +321,7 @@ impl Worker {
     /// Lets out what the hold no longer needs to keep: audio whose delay is over, frames whose
     /// audio has arrived (or stopped coming).
     fn release(&mut self, now: Instant) -> Result<(), crate::media::codec::CodecError> {
+        self.send_pending(now)?;
         let Some(hold) = self.hold.as_mut() else {
             return Ok(());
         };
@@ -277,6 +343,39 @@ impl Worker {
             } = r.frame;
             self.process(frame, rtp_time, arrival, r.frame_ms)?;
         }
+        self.send_pending(now)
+    }
+
+    /// Sends the pending frames whose output time has come, in order: rendered, or as they came
+    /// in when the result is late or missing.
+    fn send_pending(&mut self, now: Instant) -> Result<(), crate::media::codec::CodecError> {
+        while self.pending.front().is_some_and(|p| p.due <= now) {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            let HeldFrame {
+                frame,
+                rtp_time,
+                arrival,
+            } = p.held;
+            let picture = match p.result {
+                Some(Rendered::Unchanged) => frame,
+                Some(Rendered::Failed(why)) => {
+                    tracing::debug!(session = %self.session, "frame not rendered: {why}");
+                    self.metrics.frames_failed.inc();
+                    frame
+                }
+                Some(Rendered::Late) | None => {
+                    self.metrics.frames_late.inc();
+                    frame
+                }
+                Some(face) => match self.stage.finish(p.ticket, face, &frame) {
+                    StageOutput::Frame(out) => out,
+                    _ => frame,
+                },
+            };
+            self.encode_and_send(&picture, rtp_time, arrival)?;
+        }
         Ok(())
     }
 
@@ -290,6 +389,7 @@ impl Worker {
             }
         };
         self.audio.push(at_ms, pcm);
+        self.stage.audio(at_ms, pcm);
         // Re-encode packet for packet so every output packet keeps its input's RTP time.
         let (session, out, hold) = (&self.session, &self.out, &mut self.hold);
         let result = self.opus_out.encode(pcm, |offset_16k, packet| {
@@ -301,7 +401,9 @@ impl Worker {
                 data: packet.into(),
             };
             match hold.as_mut() {
-                Some(h) => h.push_audio(packet, Instant::now()),
+                // Held from its arrival, not from when this thread got to it: a backlog in the
+                // queue must not shift audio against video.
+                Some(h) => h.push_audio(packet, arrival),
                 None => {
                     let _ = out.send(packet);
                 }
@@ -379,11 +481,21 @@ impl Worker {
             self.stage.audio_before_ms() + self.stage.audio_after_ms(),
             &mut self.audio_window,
         );
+        // An asynchronous stage's frame leaves a fixed time after it arrived (its lookahead plus
+        // the budget), as its audio does, however long the worker took to get to it.
+        let due = if self.stage.asynchronous() {
+            arrival
+                + Duration::from_secs_f64(self.stage.audio_after_ms().max(0.0) / 1000.0)
+                + self.config.frame_budget
+        } else {
+            t1 + self.config.frame_budget
+        };
         let processed = self.stage.process(StageInput {
             frame: &frame,
             frame_ms,
             audio_16k: &self.audio_window,
             audio_start_ms,
+            deadline: due,
         });
         let t2 = Instant::now();
         self.metrics.observe_stage("process", t2 - t1);
@@ -393,10 +505,46 @@ impl Worker {
                 self.metrics.frames_late.inc();
                 frame
             }
+            StageOutput::Unchanged if self.stage.asynchronous() => {
+                // Keep the constant delay: an unprocessed frame waits its turn like the others.
+                self.pending.push_back(PendingFrame {
+                    ticket: u64::MAX,
+                    held: HeldFrame {
+                        frame,
+                        rtp_time,
+                        arrival,
+                    },
+                    due,
+                    result: Some(Rendered::Unchanged),
+                });
+                return Ok(());
+            }
             StageOutput::Unchanged => frame,
+            StageOutput::Pending(ticket) => {
+                self.pending.push_back(PendingFrame {
+                    ticket,
+                    held: HeldFrame {
+                        frame,
+                        rtp_time,
+                        arrival,
+                    },
+                    due,
+                    result: None,
+                });
+                return Ok(());
+            }
         };
+        self.encode_and_send(&picture, rtp_time, arrival)
+    }
 
-        let encoded = self.h264_out.encode(&picture)?;
+    fn encode_and_send(
+        &mut self,
+        picture: &VideoFrame,
+        rtp_time: MediaTime,
+        arrival: Instant,
+    ) -> Result<(), crate::media::codec::CodecError> {
+        let t2 = Instant::now();
+        let encoded = self.h264_out.encode(picture)?;
         self.metrics.observe_stage("encode", t2.elapsed());
         self.metrics.frames_out.inc();
         let _ = self.out.send(WorkerOutput::Video {

@@ -46,7 +46,8 @@ pub enum Command {
     CloseViewer(ViewerId),
 }
 
-/// Makes the pipeline stage for each new session.
+/// Makes the pipeline stage for each new session (on the session's media worker thread: a
+/// stage may load files).
 pub type StageFactory = Arc<dyn Fn() -> Box<dyn Stage> + Send + Sync>;
 
 /// Everything the driver needs to start.
@@ -170,11 +171,10 @@ impl Driver {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::AddPublisher { session, rtc } => {
-                let stage = (self.parts.stage)();
                 let handle = match worker::spawn(
                     session.clone(),
                     self.parts.worker.clone(),
-                    stage,
+                    self.parts.stage.clone(),
                     self.parts.metrics.clone(),
                     self.worker_tx.clone(),
                 ) {

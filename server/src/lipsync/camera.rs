@@ -1,0 +1,260 @@
+//! Camera mode: the publisher's own face, its lower half re-rendered to match its audio.
+//!
+//! Per frame: the face box from MTCNN (every few frames, smoothed in between by `FaceTracker`),
+//! the MuseTalk 1.5 crop to 256x256 (masked lower half + reference), the frame's audio prompt,
+//! then the renderer; the returned face is blended back under the feathered lower-face mask.
+//! A frame without a face, or before any audio, goes out as it came in and is counted.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use lipstream_engines::avatar::mask_lower_half;
+use lipstream_engines::face::{Crop, FaceTracker, TrackerConfig};
+use lipstream_engines::image::{self, FaceBox, Planes, PlanesMut};
+use lipstream_engines::models::mtcnn::{Mtcnn, MtcnnParams};
+use lipstream_engines::models::musetalk::CROP;
+use lipstream_engines::{EngineError, Tensor};
+
+use crate::lipsync::renderer::{Job, Missed, Renderer};
+use crate::lipsync::AudioFeed;
+use crate::media::frame::VideoFrame;
+use crate::media::stage::{Completion, Rendered, Stage, StageInput, StageOutput};
+use crate::metrics::Metrics;
+
+/// More frames than this at the renderer at once means results were lost on the way back.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// Settings shared by every camera session.
+#[derive(Clone, Debug)]
+pub struct CameraStageConfig {
+    /// MTCNN weights (pnet.pt, rnet.pt, onet.pt).
+    pub mtcnn_dir: PathBuf,
+    /// Frames per whisper encode.
+    pub hop_frames: usize,
+    pub tracker: TrackerConfig,
+}
+
+/// One camera session's lip-sync stage.
+pub struct CameraStage {
+    renderer: Arc<Renderer>,
+    detector: Mtcnn,
+    tracker: FaceTracker,
+    audio: AudioFeed,
+    hop_frames: usize,
+    done: Option<Completion>,
+    /// Face boxes of the frames at the renderer, by ticket.
+    boxes: HashMap<u64, FaceBox>,
+    next_ticket: u64,
+    metrics: Arc<Metrics>,
+    rgb: Vec<u8>,
+    /// The last detector error, logged once per kind.
+    last_error: Option<String>,
+}
+
+impl CameraStage {
+    pub fn new(
+        renderer: Arc<Renderer>,
+        config: &CameraStageConfig,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let detector = Mtcnn::open(&config.mtcnn_dir, MtcnnParams::default()).map_err(|e| {
+            anyhow::anyhow!(
+                "face detector weights in {}: {e}",
+                config.mtcnn_dir.display()
+            )
+        })?;
+        Ok(CameraStage {
+            renderer,
+            detector,
+            tracker: FaceTracker::new(config.tracker),
+            audio: AudioFeed::new(config.hop_frames),
+            hop_frames: config.hop_frames,
+            done: None,
+            boxes: HashMap::new(),
+            next_ticket: 0,
+            metrics,
+            rgb: Vec::new(),
+            last_error: None,
+        })
+    }
+
+    /// The tracked face box of `frame` (detecting when the tracker asks for it).
+    fn face(&mut self, frame: &VideoFrame) -> Option<FaceBox> {
+        let (w, h) = (frame.width, frame.height);
+        let crop = if self.tracker.wants_detection() {
+            image::to_rgb(&planes(frame), &mut self.rgb);
+            match self.detector.detect(&self.rgb, w, h) {
+                Ok(faces) => self.tracker.update(Some(&faces), w, h),
+                Err(e) => {
+                    let e = e.to_string();
+                    if self.last_error.as_ref() != Some(&e) {
+                        tracing::warn!("face detection failed: {e}");
+                        self.last_error = Some(e);
+                    }
+                    self.tracker.update(None, w, h)
+                }
+            }
+        } else {
+            self.tracker.update(None, w, h)
+        };
+        match crop {
+            Crop::Face(b) => Some(b),
+            Crop::NoFace => None,
+        }
+    }
+}
+
+fn planes(frame: &VideoFrame) -> Planes<'_> {
+    Planes {
+        width: frame.width,
+        height: frame.height,
+        y: &frame.y,
+        u: &frame.u,
+        v: &frame.v,
+    }
+}
+
+/// `face` ([3, 256, 256] in [0, 1]) blended into a copy of `frame` inside `b`.
+pub(crate) fn blended(frame: &VideoFrame, face: &Tensor, b: &FaceBox) -> VideoFrame {
+    let mut out = frame.clone();
+    let mut p = PlanesMut {
+        width: out.width,
+        height: out.height,
+        y: &mut out.y,
+        u: &mut out.u,
+        v: &mut out.v,
+    };
+    image::blend(&mut p, face, b);
+    out
+}
+
+/// Sends the renderer's answer back to the session's worker.
+pub(crate) fn reply_to(done: Option<Completion>, ticket: u64) -> crate::lipsync::renderer::Reply {
+    Box::new(move |result| {
+        let Some(done) = done else {
+            return;
+        };
+        done.done(
+            ticket,
+            match result {
+                Ok(face) => Rendered::Face(face),
+                Err(Missed::Late) => Rendered::Late,
+                Err(Missed::Failed(why)) => Rendered::Failed(why),
+            },
+        );
+    })
+}
+
+/// The audio prompt of frame `index`, encoding a whisper window when its hop needs one.
+pub(crate) fn audio_prompt(
+    audio: &mut AudioFeed,
+    renderer: &Renderer,
+    index: usize,
+) -> Result<Option<Tensor>, EngineError> {
+    audio.stream.prompt(index, |mel| {
+        renderer
+            .encode_audio(mel)
+            .map_err(|e| EngineError::Executor(format!("{e:#}")))
+    })
+}
+
+impl Stage for CameraStage {
+    fn name(&self) -> &'static str {
+        "lipsync-camera"
+    }
+
+    fn audio_before_ms(&self) -> f64 {
+        0.0
+    }
+
+    fn audio_after_ms(&self) -> f64 {
+        AudioFeed::lookahead_ms(self.hop_frames)
+    }
+
+    fn asynchronous(&self) -> bool {
+        true
+    }
+
+    fn attach(&mut self, done: Completion) {
+        self.done = Some(done);
+    }
+
+    fn audio(&mut self, at_ms: f64, pcm: &[i16]) {
+        let restarts = self.audio.restarts;
+        self.audio.push(at_ms, pcm);
+        if self.audio.restarts > restarts {
+            tracing::info!("audio jumped on the session clock; whisper features start over");
+        }
+    }
+
+    fn process(&mut self, input: StageInput<'_>) -> StageOutput {
+        let Some(index) = self.audio.frame_index(input.frame_ms) else {
+            self.metrics.frames_audio_short.inc();
+            return StageOutput::Unchanged;
+        };
+        let t0 = std::time::Instant::now();
+        let detecting = self.tracker.wants_detection();
+        let Some(b) = self.face(input.frame) else {
+            self.metrics.frames_no_face.inc();
+            return StageOutput::Unchanged;
+        };
+        let t1 = std::time::Instant::now();
+        let encodes = self.audio.stream.encodes;
+        let prompt = match audio_prompt(&mut self.audio, &self.renderer, index) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                self.metrics.frames_audio_short.inc();
+                return StageOutput::Unchanged;
+            }
+            Err(e) => {
+                tracing::warn!("audio features failed: {e}");
+                self.metrics.frames_failed.inc();
+                return StageOutput::Unchanged;
+            }
+        };
+        let t2 = std::time::Instant::now();
+        let reference = image::crop(&planes(input.frame), &b, CROP);
+        let masked = mask_lower_half(&reference);
+        tracing::debug!(
+            index,
+            face_ms = (t1 - t0).as_secs_f64() * 1e3,
+            detected = detecting,
+            audio_ms = (t2 - t1).as_secs_f64() * 1e3,
+            whisper = self.audio.stream.encodes > encodes,
+            crop_ms = t2.elapsed().as_secs_f64() * 1e3,
+            "frame submitted"
+        );
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        if self.boxes.len() >= MAX_IN_FLIGHT {
+            // Frames that never came back (dropped results): forget the oldest.
+            let oldest = ticket.saturating_sub(MAX_IN_FLIGHT as u64 / 2);
+            self.boxes.retain(|&t, _| t >= oldest);
+        }
+        self.boxes.insert(ticket, b);
+        self.renderer.submit(
+            Job {
+                inputs: vec![masked, reference, prompt],
+                reply: reply_to(self.done.clone(), ticket),
+            },
+            input.deadline,
+        );
+        StageOutput::Pending(ticket)
+    }
+
+    fn finish(&mut self, ticket: u64, result: Rendered, frame: &VideoFrame) -> StageOutput {
+        // Boxes of frames that went out late are dropped with them.
+        self.boxes.retain(|&t, _| t >= ticket);
+        let Some(b) = self.boxes.remove(&ticket) else {
+            return StageOutput::Unchanged;
+        };
+        match result {
+            Rendered::Face(face) if face.shape == [3, CROP, CROP] => {
+                self.metrics.frames_rendered.inc();
+                StageOutput::Frame(blended(frame, &face, &b))
+            }
+            _ => StageOutput::Unchanged,
+        }
+    }
+}

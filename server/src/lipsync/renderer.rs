@@ -1,0 +1,502 @@
+//! The renderer: one thread per model executor that owns the model (CPU reference or CUDA
+//! engine), gathers the frames every session submits, and runs them in batches.
+//!
+//! Sessions never wait on it for frames: `submit` queues a job and returns; the reply callback
+//! runs on the renderer thread when the batch is done or the frame is given up. The batching
+//! policy is `scheduler::Batcher` (earliest deadline first, largest profile that fits); the time
+//! each profile takes is measured at start and then followed as batches run.
+//!
+//! Whisper windows: on the CPU executor they run on the asking session's own thread (sessions
+//! encode in parallel); on the GPU they go through this thread ahead of any frame batch, and the
+//! asking session waits for that one window.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use half::f16;
+use lipstream_engines::audio::prompt::{stack_states, STATES};
+use lipstream_engines::{cpu, Graph, Tensor};
+
+use crate::engine::{Executors, Sources, Stage};
+use crate::metrics::Metrics;
+use crate::scheduler::Batcher;
+
+/// Where the model comes from.
+#[derive(Clone, Debug)]
+pub enum ModelSource {
+    /// A models folder (`models synth|pull`): the CUDA executor is built (and its convolutions
+    /// timed) at start when CUDA is here, else the CPU reference executor runs it.
+    Models(PathBuf),
+    /// An engine file (`engine build`): CUDA only.
+    Engine(PathBuf),
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct RendererConfig {
+    pub source: ModelSource,
+    /// `Stage::Camera` or `Stage::Avatar`.
+    pub mode: Stage,
+    /// Batch profiles for a models folder (an engine file brings its own).
+    pub profiles: Vec<usize>,
+    /// Use CUDA when it is here (false: always the CPU executor).
+    pub cuda: bool,
+}
+
+/// Why a frame came back without a face.
+#[derive(Debug)]
+pub enum Missed {
+    /// Given up: it could no longer make its deadline.
+    Late,
+    Failed(String),
+}
+
+/// The reply to one submitted frame: [3, 256, 256] RGB in [0, 1], or why not.
+pub type Reply = Box<dyn FnOnce(Result<Tensor, Missed>) + Send>;
+
+/// One frame's inputs, in the mode's input order without the batch axis (camera: masked crop,
+/// reference crop, audio prompt; avatar: latents, audio prompt).
+pub struct Job {
+    pub inputs: Vec<Tensor>,
+    pub reply: Reply,
+}
+
+enum Request {
+    Frame {
+        job: Job,
+        deadline: Instant,
+    },
+    Whisper {
+        mel: Tensor,
+        reply: SyncSender<anyhow::Result<Tensor>>,
+    },
+}
+
+/// The model's inputs per mode, in `Job::inputs` order.
+pub fn input_names(mode: Stage) -> &'static [&'static str] {
+    match mode {
+        Stage::Camera => &["masked", "reference", "audio_features"],
+        _ => &["latents", "audio_features"],
+    }
+}
+
+/// A running renderer; dropping the last handle stops its thread.
+pub struct Renderer {
+    tx: Sender<Request>,
+    pub mode: Stage,
+    /// For logs: "CPU reference executor" or "CUDA (GPU 0: ...)".
+    pub executor: String,
+    pub profiles: Vec<usize>,
+    /// Width of the audio prompt's tokens (whisper's d_model).
+    pub audio_dim: usize,
+    cpu_whisper: Option<Arc<Graph>>,
+}
+
+/// What the renderer thread runs.
+trait Backend {
+    fn run(&mut self, batch: usize, inputs: &[Tensor]) -> anyhow::Result<Tensor>;
+    fn whisper(&mut self, mel: &Tensor) -> anyhow::Result<Tensor>;
+}
+
+struct CpuBackend {
+    /// The model's own threads: one core fewer than the machine has, so the sessions' media
+    /// workers (decode, face detection, whisper, encode) keep one.
+    pool: rayon::ThreadPool,
+    graphs: BTreeMap<usize, Graph>,
+    names: &'static [&'static str],
+    whisper: Arc<Graph>,
+}
+
+fn whisper_cpu(graph: &Graph, mel: &Tensor) -> anyhow::Result<Tensor> {
+    let states = cpu::run(graph, &[("input_features", mel)])?;
+    stacked(states)
+}
+
+/// The encoder's hidden states [1, T, d] each -> [T, STATES, d].
+fn stacked(mut states: Vec<(String, Tensor)>) -> anyhow::Result<Tensor> {
+    states.sort_by_key(|(n, _)| {
+        n.trim_start_matches("hidden_state_")
+            .parse::<usize>()
+            .unwrap_or(usize::MAX)
+    });
+    if states.len() != STATES {
+        bail!(
+            "the whisper encoder gave {} hidden states; MuseTalk's prompt takes {STATES}",
+            states.len()
+        );
+    }
+    let refs: Vec<&Tensor> = states.iter().map(|(_, t)| t).collect();
+    Ok(stack_states(&refs))
+}
+
+impl Backend for CpuBackend {
+    fn run(&mut self, batch: usize, inputs: &[Tensor]) -> anyhow::Result<Tensor> {
+        let g = self
+            .graphs
+            .get(&batch)
+            .with_context(|| format!("no batch profile {batch}"))?;
+        let named: Vec<(&str, &Tensor)> = self.names.iter().copied().zip(inputs).collect();
+        let mut out = self.pool.install(|| cpu::run(g, &named))?;
+        Ok(out.remove(0).1)
+    }
+
+    fn whisper(&mut self, mel: &Tensor) -> anyhow::Result<Tensor> {
+        whisper_cpu(&self.whisper, mel)
+    }
+}
+
+struct CudaBackend {
+    ex: Executors,
+    names: &'static [&'static str],
+    staging: Vec<f16>,
+}
+
+impl Backend for CudaBackend {
+    fn run(&mut self, batch: usize, inputs: &[Tensor]) -> anyhow::Result<Tensor> {
+        let Executors { rt, profiles, .. } = &mut self.ex;
+        let (_, ex) = profiles
+            .iter()
+            .find(|(b, _)| *b == batch)
+            .with_context(|| format!("no batch profile {batch}"))?;
+        for (name, t) in self.names.iter().zip(inputs) {
+            self.staging.clear();
+            self.staging
+                .extend(t.data.iter().map(|&v| f16::from_f32(v)));
+            ex.write_input(rt, name, &self.staging)?;
+        }
+        ex.launch(rt)?;
+        let out = ex.read_output(rt, "image")?;
+        let shape = ex
+            .outputs()
+            .iter()
+            .find(|b| b.name == "image")
+            .map(|b| b.shape.clone())
+            .context("the frame step has no image output")?;
+        Ok(Tensor::new(shape, out.iter().map(|v| v.to_f32()).collect()))
+    }
+
+    fn whisper(&mut self, mel: &Tensor) -> anyhow::Result<Tensor> {
+        let Executors { rt, whisper, .. } = &mut self.ex;
+        stacked(whisper.run_f32(rt, &[("input_features", mel)])?)
+    }
+}
+
+/// What the renderer thread reports once its model is ready.
+struct Ready {
+    executor: String,
+    profiles: Vec<usize>,
+    took: BTreeMap<usize, Duration>,
+    audio_dim: usize,
+}
+
+/// A backend with its description and batch profiles.
+type Built = (Box<dyn Backend>, String, Vec<usize>);
+
+impl Renderer {
+    /// Loads the model, times each batch profile once, and starts the thread. Blocks until the
+    /// model is ready (a CUDA build from a models folder times its convolutions first).
+    pub fn start(config: RendererConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+        if !matches!(config.mode, Stage::Camera | Stage::Avatar) {
+            bail!(
+                "the renderer runs camera or avatar frames, not {:?}",
+                config.mode
+            );
+        }
+        let names = input_names(config.mode);
+        let use_cuda = match &config.source {
+            ModelSource::Engine(_) => true,
+            ModelSource::Models(_) => {
+                config.cuda && lipstream_gpu::device::executor_choice().is_ok()
+            }
+        };
+        // The CPU executor is made here; CUDA objects on the renderer thread that uses them.
+        let mut cpu_whisper = None;
+        let mut cpu_built: Option<(CpuBackend, String, Vec<usize>)> = None;
+        if let (ModelSource::Models(dir), false) = (&config.source, use_cuda) {
+            let src =
+                Sources::open(dir).with_context(|| format!("models folder {}", dir.display()))?;
+            let mut graphs = BTreeMap::new();
+            for &b in &config.profiles {
+                graphs.insert(b, src.graph(config.mode, b)?);
+            }
+            let whisper = Arc::new(src.graph(Stage::Whisper, 1)?);
+            cpu_whisper = Some(whisper.clone());
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(cores.saturating_sub(1).max(1))
+                .thread_name(|i| format!("renderer-cpu-{i}"))
+                .build()
+                .context("starting the renderer's CPU threads")?;
+            let backend = CpuBackend {
+                pool,
+                graphs,
+                names,
+                whisper,
+            };
+            cpu_built = Some((
+                backend,
+                "CPU reference executor".into(),
+                config.profiles.clone(),
+            ));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let mode = config.mode;
+        std::thread::Builder::new()
+            .name("renderer".into())
+            .spawn(move || {
+                let ready = cpu_built
+                    .map(|(b, e, p)| (Box::new(b) as Box<dyn Backend>, e, p))
+                    .map_or_else(|| cuda_backend(&config, names), Ok)
+                    .and_then(|(mut backend, executor, profiles)| {
+                        let audio_dim = audio_dim(backend.as_mut())?;
+                        let took = time_profiles(backend.as_mut(), mode, &profiles, audio_dim)?;
+                        let ready = Ready {
+                            executor,
+                            profiles,
+                            took,
+                            audio_dim,
+                        };
+                        Ok((backend, ready))
+                    });
+                match ready {
+                    Ok((backend, ready)) => {
+                        let (profiles, took) = (ready.profiles.clone(), ready.took.clone());
+                        let _ = ready_tx.send(Ok(ready));
+                        render_loop(backend, rx, profiles, took, metrics);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .context("starting the renderer thread")?;
+        let ready = ready_rx
+            .recv()
+            .context("the renderer thread stopped while loading")??;
+        tracing::info!(
+            executor = %ready.executor,
+            profiles = ?ready.profiles,
+            "lip-sync renderer ready ({} mode); batch times {}",
+            if mode == Stage::Camera { "camera" } else { "avatar" },
+            ready
+                .took
+                .iter()
+                .map(|(b, t)| format!("B={b} {:.1} ms", t.as_secs_f64() * 1000.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(Arc::new(Renderer {
+            tx,
+            mode,
+            executor: ready.executor,
+            profiles: ready.profiles,
+            audio_dim: ready.audio_dim,
+            cpu_whisper,
+        }))
+    }
+
+    /// Queues one frame that must be done by `deadline`; never waits.
+    pub fn submit(&self, job: Job, deadline: Instant) {
+        if let Err(e) = self.tx.send(Request::Frame { job, deadline }) {
+            // The renderer thread is gone (it logged why): the frame goes out unprocessed.
+            if let Request::Frame { job, .. } = e.0 {
+                (job.reply)(Err(Missed::Failed("the renderer stopped".into())));
+            }
+        }
+    }
+
+    /// Whisper-tiny over one log-mel window [1, 80, 3000]: the hidden states [1500, 5, d].
+    pub fn encode_audio(&self, mel: &Tensor) -> anyhow::Result<Tensor> {
+        if let Some(g) = &self.cpu_whisper {
+            return whisper_cpu(g, mel);
+        }
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        self.tx
+            .send(Request::Whisper {
+                mel: mel.clone(),
+                reply,
+            })
+            .map_err(|_| anyhow::anyhow!("the renderer stopped"))?;
+        rx.recv_timeout(Duration::from_secs(5))
+            .context("no whisper window from the renderer within 5 s")?
+    }
+}
+
+/// The CUDA backend: an engine file, or a models folder built (and timed) here.
+fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyhow::Result<Built> {
+    let gpu = lipstream_gpu::device::executor_choice()
+        .map_err(|why| anyhow::anyhow!("CUDA is needed for an engine file: {why}"))?;
+    let (ex, profiles) = match &config.source {
+        ModelSource::Engine(path) => {
+            let loaded = crate::engine::file::load(path, true)?;
+            if loaded.stage != config.mode {
+                bail!(
+                    "{} is a {:?} engine; this server runs {:?} mode",
+                    path.display(),
+                    loaded.stage,
+                    config.mode
+                );
+            }
+            (loaded.executors, loaded.header.batches.clone())
+        }
+        ModelSource::Models(dir) => {
+            let src = Sources::open(dir)?;
+            let device = lipstream_gpu::device::Device::open(0).context("opening GPU 0")?;
+            tracing::info!(
+                "building the CUDA executor from {} (timing convolutions; `lipstream engine build` saves this)",
+                dir.display()
+            );
+            let ex =
+                crate::engine::executors(device, &src, config.mode, &config.profiles, &[], true)?;
+            (ex, config.profiles.clone())
+        }
+    };
+    Ok((
+        Box::new(CudaBackend {
+            ex,
+            names,
+            staging: Vec::new(),
+        }),
+        format!("CUDA ({gpu})"),
+        profiles,
+    ))
+}
+
+/// Zero inputs of one frame for `mode` (timing does not depend on values).
+fn zero_frame(mode: Stage, audio_dim: usize) -> Vec<Tensor> {
+    use lipstream_engines::models::musetalk::{CROP, LATENT};
+    let audio = Tensor::new(vec![50, audio_dim], vec![0.0; 50 * audio_dim]);
+    match mode {
+        Stage::Camera => {
+            let crop = || Tensor::new(vec![3, CROP, CROP], vec![0.0; 3 * CROP * CROP]);
+            vec![crop(), crop(), audio]
+        }
+        _ => vec![
+            Tensor::new(vec![8, LATENT, LATENT], vec![0.0; 8 * LATENT * LATENT]),
+            audio,
+        ],
+    }
+}
+
+/// Stacks per-frame tensors into batched ones, input by input.
+fn batched(frames: &[&[Tensor]]) -> Vec<Tensor> {
+    let Some(first) = frames.first() else {
+        return Vec::new();
+    };
+    (0..first.len())
+        .map(|i| {
+            let mut shape = vec![frames.len()];
+            shape.extend_from_slice(&first[i].shape);
+            let mut data = Vec::with_capacity(frames.len() * first[i].numel());
+            for f in frames {
+                data.extend_from_slice(&f[i].data);
+            }
+            Tensor::new(shape, data)
+        })
+        .collect()
+}
+
+/// Runs every profile once (a warm-up that also gives the policy its first batch times).
+fn time_profiles(
+    backend: &mut dyn Backend,
+    mode: Stage,
+    profiles: &[usize],
+    audio_dim: usize,
+) -> anyhow::Result<BTreeMap<usize, Duration>> {
+    let mut took = BTreeMap::new();
+    let frame = zero_frame(mode, audio_dim);
+    for &b in profiles {
+        let frames: Vec<&[Tensor]> = (0..b).map(|_| frame.as_slice()).collect();
+        let inputs = batched(&frames);
+        let t = Instant::now();
+        backend
+            .run(b, &inputs)
+            .with_context(|| format!("first run of batch profile {b}"))?;
+        took.insert(b, t.elapsed());
+    }
+    Ok(took)
+}
+
+/// The audio prompt width the model takes, from a whisper run on silence (its warm-up too).
+fn audio_dim(backend: &mut dyn Backend) -> anyhow::Result<usize> {
+    use lipstream_engines::audio::mel::{FRAMES, N_MELS};
+    let mel = Tensor::new(vec![1, N_MELS, FRAMES], vec![-1.5; N_MELS * FRAMES]);
+    let states = backend.whisper(&mel)?;
+    Ok(states.shape[2])
+}
+
+fn render_loop(
+    mut backend: Box<dyn Backend>,
+    rx: Receiver<Request>,
+    profiles: Vec<usize>,
+    mut took: BTreeMap<usize, Duration>,
+    metrics: Arc<Metrics>,
+) {
+    let mut batcher: Batcher<Job> = Batcher::new(profiles);
+    let mut failures = 0u64;
+    loop {
+        let mut take = |r: Request, batcher: &mut Batcher<Job>| match r {
+            Request::Frame { job, deadline } => batcher.push(job, deadline),
+            Request::Whisper { mel, reply } => {
+                let _ = reply.send(backend.whisper(&mel));
+            }
+        };
+        if batcher.is_empty() {
+            match rx.recv() {
+                Ok(r) => take(r, &mut batcher),
+                // Every handle is gone: the server is stopping.
+                Err(_) => return,
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            take(r, &mut batcher);
+        }
+        let tick = batcher.tick(Instant::now(), |b| {
+            took.get(&b).copied().unwrap_or(Duration::from_millis(40))
+        });
+        for job in tick.late {
+            (job.reply)(Err(Missed::Late));
+        }
+        if tick.profile == 0 {
+            continue;
+        }
+        let frames: Vec<&[Tensor]> = tick.batch.iter().map(|j| j.inputs.as_slice()).collect();
+        let inputs = batched(&frames);
+        let t = Instant::now();
+        let result = backend.run(tick.profile, &inputs);
+        let elapsed = t.elapsed();
+        // Follow the measured time, smoothed so one slow batch does not shrink the next ones.
+        let e = took.entry(tick.profile).or_insert(elapsed);
+        *e = e.mul_f64(0.8) + elapsed.mul_f64(0.2);
+        metrics.observe_stage("render_batch", elapsed);
+        metrics.batch_frames.observe(tick.profile as f64);
+        match result {
+            Ok(images) => {
+                let per = images.numel() / tick.profile.max(1);
+                let shape = images.shape[1..].to_vec();
+                for (i, job) in tick.batch.into_iter().enumerate() {
+                    let data = images.data[i * per..(i + 1) * per].to_vec();
+                    (job.reply)(Ok(Tensor::new(shape.clone(), data)));
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                // Log the first failure and then every 100th: a broken GPU would flood the log.
+                if failures == 1 || failures.is_multiple_of(100) {
+                    tracing::error!(
+                        "lip-sync batch of {} failed ({failures} so far): {e:#}",
+                        tick.profile
+                    );
+                }
+                for job in tick.batch {
+                    (job.reply)(Err(Missed::Failed(format!("{e:#}"))));
+                }
+            }
+        }
+    }
+}
