@@ -426,7 +426,26 @@ impl Executor {
     /// Copies an output's fp16 data out (waits for the stream).
     pub fn read_output(&self, rt: &Runtime, name: &str) -> Result<Vec<f16>, GpuError> {
         let b = Self::binding(&self.plan.outputs, name)?;
-        let range = self.range(b);
+        let all = 0..b.shape.iter().product();
+        self.read_output_range(rt, name, all)
+    }
+
+    /// Copies elements `elems` (row-major, in the output's logical shape) of an output out.
+    pub fn read_output_range(
+        &self,
+        rt: &Runtime,
+        name: &str,
+        elems: std::ops::Range<usize>,
+    ) -> Result<Vec<f16>, GpuError> {
+        let b = Self::binding(&self.plan.outputs, name)?;
+        let whole = self.range(b);
+        if elems.start > elems.end || elems.end > whole.len() {
+            return Err(GpuError::Binding {
+                name: name.to_string(),
+                reason: format!("elements {elems:?} of {} ({:?})", whole.len(), b.shape),
+            });
+        }
+        let range = whole.start + elems.start..whole.start + elems.end;
         let mut out = vec![f16::ZERO; range.len()];
         let arena = rt
             .arena

@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// Video frames per whisper encode: each more saves GPU time and adds 40 ms of latency.
     #[arg(long, env = "LIPSTREAM_AUDIO_HOP_FRAMES", default_value_t = 2)]
     pub audio_hop_frames: usize,
+    /// Smallest face (pixels) the camera mode looks for; smaller is slower to detect.
+    #[arg(long, env = "LIPSTREAM_MIN_FACE_PX", default_value_t = 64.0)]
+    pub min_face_px: f64,
     /// Testing only: a stage that holds every frame this long instead of the identity stage.
     #[arg(long, hide = true)]
     pub debug_stage_delay_ms: Option<u64>,
@@ -92,6 +95,7 @@ pub struct LipsyncConfig {
     /// Empty: the executor's default.
     pub batches: Vec<usize>,
     pub audio_hop_frames: usize,
+    pub min_face_px: f64,
 }
 
 /// The TOML file: every key optional.
@@ -114,6 +118,7 @@ struct FileConfig {
     executor: Option<ExecutorChoice>,
     batches: Option<Vec<usize>>,
     audio_hop_frames: Option<usize>,
+    min_face_px: Option<f64>,
 }
 
 /// Settings after merging flags, environment, file and defaults.
@@ -163,7 +168,7 @@ impl ServeArgs {
                 ice_timeout_s
             );
             merge!(frame_budget_ms, video_kbps, video_max_kbps, token);
-            merge!(executor, batches, audio_hop_frames);
+            merge!(executor, batches, audio_hop_frames, min_face_px);
             for (value, from_file, id) in [
                 (&mut self.models, file.models, "models"),
                 (&mut self.engine, file.engine, "engine"),
@@ -201,6 +206,7 @@ impl ServeArgs {
                     executor: self.executor,
                     batches: self.batches.clone(),
                     audio_hop_frames: self.audio_hop_frames,
+                    min_face_px: self.min_face_px,
                 })
             }
         };

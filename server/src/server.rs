@@ -121,6 +121,7 @@ async fn lipsync_stage(
         mtcnn_dir: config.mtcnn_dir.clone(),
         hop_frames: config.audio_hop_frames,
         tracker: Default::default(),
+        min_face_px: config.min_face_px,
     };
     // Fail at start, not at the first session, on weights that do not load.
     lipstream_engines::models::mtcnn::Mtcnn::open(&stage_config.mtcnn_dir, Default::default())

@@ -12,10 +12,12 @@
 //! Sans-IO: audio comes in as samples continuing the stream (the caller fills gaps with silence),
 //! the encoder is a closure (CPU reference, CUDA executor, or a test double), nothing sleeps.
 
-use crate::audio::mel::{LogMel, FRAMES, N_MELS, SAMPLE_RATE, WINDOW_SAMPLES};
+use crate::audio::mel::{LogMel, MelCache, FRAMES, N_MELS, SAMPLE_RATE, WINDOW_SAMPLES};
 use crate::audio::prompt::{STATES, WINDOW};
 use crate::error::{EngineError, Result};
 use crate::tensor::Tensor;
+
+use std::ops::Range;
 
 /// Samples per whisper feature frame (20 ms).
 const FEATURE_SAMPLES: usize = SAMPLE_RATE / 50;
@@ -28,6 +30,8 @@ const PAD_BEFORE: usize = 4;
 
 /// Features of one encoded window.
 struct Window {
+    /// The window row of `features`' first row.
+    row0: usize,
     /// Video frames [first, end) this window serves.
     frames: std::ops::Range<usize>,
     /// Absolute sample where the window starts (a multiple of 20 ms).
@@ -38,10 +42,22 @@ struct Window {
     valid: usize,
 }
 
+/// Rows `range` of stacked hidden states [T, STATES, d]: for encoders that compute them all.
+pub fn rows(features: &Tensor, range: Range<usize>) -> Tensor {
+    let per: usize = features.shape[1..].iter().product();
+    let mut shape = features.shape.clone();
+    shape[0] = range.len();
+    Tensor::new(
+        shape,
+        features.data[range.start * per..range.end * per].to_vec(),
+    )
+}
+
 /// The streaming feature front end of one session.
 pub struct FeatureStream {
     hop_frames: usize,
     mel: LogMel,
+    mel_cache: MelCache,
     /// Samples kept, starting at absolute sample `kept_from`.
     audio: Vec<f32>,
     kept_from: usize,
@@ -59,6 +75,7 @@ impl FeatureStream {
         FeatureStream {
             hop_frames: hop_frames.max(1),
             mel: LogMel::new(),
+            mel_cache: MelCache::default(),
             audio: Vec::new(),
             kept_from: 0,
             received: 0,
@@ -117,11 +134,13 @@ impl FeatureStream {
 
     /// The prompt [WINDOW * STATES, d] of frame `frame` (features without the positional
     /// encoding, which the frame graph adds), or `None` until its audio has arrived. `encode`
-    /// turns a log-mel window [1, 80, 3000] into stacked hidden states [1500, STATES, d].
+    /// turns a log-mel window [1, 80, 3000] into the stacked hidden states [1500, STATES, d]
+    /// and returns the rows in the range it is given: the ones the hop's frames read (a GPU
+    /// encoder copies back only those).
     pub fn prompt(
         &mut self,
         frame: usize,
-        encode: impl FnOnce(&Tensor) -> Result<Tensor>,
+        encode: impl FnOnce(&Tensor, Range<usize>) -> Result<Tensor>,
     ) -> Result<Option<Tensor>> {
         if !self.ready(frame) {
             return Ok(None);
@@ -144,7 +163,7 @@ impl FeatureStream {
             w.features.shape[2],
         );
         let per = s * d;
-        let first = w.start / FEATURE_SAMPLES;
+        let first = w.start / FEATURE_SAMPLES + w.row0;
         let mut data = vec![0f32; WINDOW * per];
         for k in 0..WINDOW {
             // Index in the padded offline sequence, then the stream's feature frame, then the
@@ -166,7 +185,7 @@ impl FeatureStream {
     fn encode_hop(
         &mut self,
         frame: usize,
-        encode: impl FnOnce(&Tensor) -> Result<Tensor>,
+        encode: impl FnOnce(&Tensor, Range<usize>) -> Result<Tensor>,
     ) -> Result<()> {
         let first = frame / self.hop_frames * self.hop_frames;
         let frames = first..first + self.hop_frames;
@@ -175,13 +194,28 @@ impl FeatureStream {
         let from = start.max(self.kept_from) - self.kept_from;
         let to = (end - self.kept_from).min(self.audio.len());
         // Audio before `kept_from` was dropped only when it is older than any window needs.
-        let mel = self.mel.window(&self.audio[from.min(to)..to]);
+        let mel = self.mel.window_at(
+            &self.audio[from.min(to)..to],
+            self.kept_from + from.min(to),
+            &mut self.mel_cache,
+        );
         let input = Tensor::new(vec![1, N_MELS, FRAMES], mel.data);
-        let features = encode(&input)?;
-        if features.shape.len() != 3 || features.shape[1] != STATES {
+        // Window rows the hop's frames read: frame f takes stream rows [2f - 4, 2f + 6).
+        let first_row = start / FEATURE_SAMPLES;
+        let rows_total = FRAMES / 2;
+        let lo = (2 * frames.start)
+            .saturating_sub(PAD_BEFORE)
+            .saturating_sub(first_row)
+            .min(rows_total);
+        let hi = (2 * (frames.end - 1) + WINDOW - PAD_BEFORE)
+            .saturating_sub(first_row)
+            .clamp(lo, rows_total);
+        let features = encode(&input, lo..hi)?;
+        if features.shape.len() != 3 || features.shape[1] != STATES || features.shape[0] != hi - lo
+        {
             return Err(EngineError::Input {
                 name: "whisper hidden states".into(),
-                expected: vec![FRAMES / 2, STATES, 0],
+                expected: vec![hi - lo, STATES, 0],
                 got: features.shape.clone(),
             });
         }
@@ -189,7 +223,8 @@ impl FeatureStream {
         self.window = Some(Window {
             frames,
             start,
-            valid: (end - start) / FEATURE_SAMPLES,
+            row0: lo,
+            valid: ((end - start) / FEATURE_SAMPLES).saturating_sub(lo),
             features,
         });
         Ok(())
@@ -202,12 +237,12 @@ mod tests {
 
     /// An encoder double: feature frame j of a window holds j in every state and channel, so a
     /// prompt says exactly which window frames it took.
-    fn positions(_mel: &Tensor) -> Result<Tensor> {
+    fn positions(_mel: &Tensor, range: Range<usize>) -> Result<Tensor> {
         let (t, d) = (FRAMES / 2, 2);
         let data = (0..t)
             .flat_map(|j| std::iter::repeat_n(j as f32, STATES * d))
             .collect();
-        Ok(Tensor::new(vec![t, STATES, d], data))
+        Ok(rows(&Tensor::new(vec![t, STATES, d], data), range))
     }
 
     fn taken(p: &Tensor) -> Vec<f32> {
@@ -266,7 +301,7 @@ mod tests {
         let mut s = FeatureStream::new(5);
         s.push(&vec![0.0; SAMPLE_RATE]);
         let err = s
-            .prompt(0, |_| Ok(Tensor::zeros(&[1500, 4, 2])))
+            .prompt(0, |_, _| Ok(Tensor::zeros(&[1500, 4, 2])))
             .unwrap_err();
         assert!(err.to_string().contains("whisper hidden states"), "{err}");
     }

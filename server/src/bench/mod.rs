@@ -78,6 +78,15 @@ pub struct Overall {
     /// Frames the server sent unprocessed because the stage missed its budget (from /metrics).
     pub frames_late: f64,
     pub late_pct: f64,
+    /// Faces the lip-sync stage rendered and blended back (from /metrics).
+    #[serde(default)]
+    pub frames_rendered: f64,
+    /// Frames sent unprocessed because no face was found in them.
+    #[serde(default)]
+    pub frames_no_face: f64,
+    /// Mean frames per renderer batch: how much cross-session batching happened.
+    #[serde(default)]
+    pub batch_frames_mean: Option<f64>,
 }
 
 /// Server figures scraped from /metrics over the run.
@@ -111,11 +120,15 @@ pub struct BenchReport {
 struct Counters {
     frames_out: f64,
     frames_late: f64,
-    stage_sum: [f64; 3],
-    stage_count: [f64; 3],
+    frames_rendered: f64,
+    frames_no_face: f64,
+    batch_sum: f64,
+    batch_count: f64,
+    stage_sum: [f64; 4],
+    stage_count: [f64; 4],
 }
 
-const STAGES: [&str; 3] = ["decode", "process", "encode"];
+const STAGES: [&str; 4] = ["decode", "process", "encode", "render_batch"];
 
 fn scrape(url: &str) -> Option<Counters> {
     let agent = ureq::Agent::config_builder()
@@ -140,6 +153,10 @@ fn scrape(url: &str) -> Option<Counters> {
         match name {
             "lipstream_frames_out_total" => c.frames_out = v,
             "lipstream_frames_late_total" => c.frames_late = v,
+            "lipstream_frames_rendered_total" => c.frames_rendered = v,
+            "lipstream_frames_no_face_total" => c.frames_no_face = v,
+            "lipstream_batch_frames_sum" => c.batch_sum = v,
+            "lipstream_batch_frames_count" => c.batch_count = v,
             _ => {
                 for (i, s) in STAGES.iter().enumerate() {
                     if name == format!("lipstream_stage_seconds_sum{{stage=\"{s}\"}}") {
@@ -244,6 +261,10 @@ fn run_step(
     let delta = Counters {
         frames_out: after.frames_out - before.frames_out,
         frames_late: after.frames_late - before.frames_late,
+        frames_rendered: after.frames_rendered - before.frames_rendered,
+        frames_no_face: after.frames_no_face - before.frames_no_face,
+        batch_sum: after.batch_sum - before.batch_sum,
+        batch_count: after.batch_count - before.batch_count,
         ..Counters::default()
     };
     let timeline = timeline.lock().map(|t| t.clone()).unwrap_or_default();
@@ -298,6 +319,9 @@ fn overall(
         } else {
             0.0
         },
+        frames_rendered: delta.frames_rendered,
+        frames_no_face: delta.frames_no_face,
+        batch_frames_mean: (delta.batch_count > 0.0).then(|| delta.batch_sum / delta.batch_count),
     }
 }
 
@@ -495,6 +519,18 @@ pub fn summary(r: &BenchReport) -> String {
         o.av_offset_ms_max_abs.map_or("-".into(), |v| format!("{v:.1}")),
         o.av_offset_samples,
     );
+    if o.frames_rendered > 0.0 || o.frames_no_face > 0.0 {
+        s.push_str(&format!(
+            "\nlip-sync: {:.0} faces rendered, {:.0} frames without a face, {} frames per batch on average; render {} ms per batch",
+            o.frames_rendered,
+            o.frames_no_face,
+            o.batch_frames_mean.map_or("-".into(), |v| format!("{v:.1}")),
+            r.server
+                .stage_ms
+                .get("render_batch")
+                .map_or("-".into(), |v| format!("{v:.1}")),
+        ));
+    }
     if o.failed_sessions > 0 {
         s.push_str(&format!(
             "\n{} session(s) failed: {}",

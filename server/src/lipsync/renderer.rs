@@ -11,6 +11,7 @@
 //! asking session waits for that one window.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use half::f16;
-use lipstream_engines::audio::prompt::{stack_states, STATES};
+use lipstream_engines::audio::prompt::STATES;
 use lipstream_engines::{cpu, Graph, Tensor};
 
 use crate::engine::{Executors, Sources, Stage};
@@ -72,6 +73,7 @@ enum Request {
     },
     Whisper {
         mel: Tensor,
+        rows: Range<usize>,
         reply: SyncSender<anyhow::Result<Tensor>>,
     },
 }
@@ -99,7 +101,8 @@ pub struct Renderer {
 /// What the renderer thread runs.
 trait Backend {
     fn run(&mut self, batch: usize, inputs: &[Tensor]) -> anyhow::Result<Tensor>;
-    fn whisper(&mut self, mel: &Tensor) -> anyhow::Result<Tensor>;
+    /// Rows `rows` of the stacked hidden states of one window.
+    fn whisper(&mut self, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor>;
 }
 
 struct CpuBackend {
@@ -111,13 +114,14 @@ struct CpuBackend {
     whisper: Arc<Graph>,
 }
 
-fn whisper_cpu(graph: &Graph, mel: &Tensor) -> anyhow::Result<Tensor> {
+fn whisper_cpu(graph: &Graph, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
     let states = cpu::run(graph, &[("input_features", mel)])?;
-    stacked(states)
+    stacked(states, rows)
 }
 
-/// The encoder's hidden states [1, T, d] each -> [T, STATES, d].
-fn stacked(mut states: Vec<(String, Tensor)>) -> anyhow::Result<Tensor> {
+/// Rows `rows` of the encoder's hidden states ([1, T, d] each, or just those rows) ->
+/// [rows, STATES, d].
+fn stacked(mut states: Vec<(String, Tensor)>, rows: Range<usize>) -> anyhow::Result<Tensor> {
     states.sort_by_key(|(n, _)| {
         n.trim_start_matches("hidden_state_")
             .parse::<usize>()
@@ -129,8 +133,25 @@ fn stacked(mut states: Vec<(String, Tensor)>) -> anyhow::Result<Tensor> {
             states.len()
         );
     }
-    let refs: Vec<&Tensor> = states.iter().map(|(_, t)| t).collect();
-    Ok(stack_states(&refs))
+    let d = states[0].1.shape.last().copied().unwrap_or(0);
+    let n = rows.len();
+    let mut data = Vec::with_capacity(n * STATES * d);
+    for r in 0..n {
+        for (_, t) in &states {
+            // Whole states are sliced here; a GPU read brings only the rows.
+            let at = if t.numel() == n * d {
+                r
+            } else {
+                rows.start + r
+            };
+            let row = t
+                .data
+                .get(at * d..(at + 1) * d)
+                .context("whisper hidden state shorter than its window")?;
+            data.extend_from_slice(row);
+        }
+    }
+    Ok(Tensor::new(vec![n, STATES, d], data))
 }
 
 impl Backend for CpuBackend {
@@ -144,8 +165,8 @@ impl Backend for CpuBackend {
         Ok(out.remove(0).1)
     }
 
-    fn whisper(&mut self, mel: &Tensor) -> anyhow::Result<Tensor> {
-        whisper_cpu(&self.whisper, mel)
+    fn whisper(&mut self, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
+        whisper_cpu(&self.whisper, mel, rows)
     }
 }
 
@@ -179,9 +200,22 @@ impl Backend for CudaBackend {
         Ok(Tensor::new(shape, out.iter().map(|v| v.to_f32()).collect()))
     }
 
-    fn whisper(&mut self, mel: &Tensor) -> anyhow::Result<Tensor> {
+    fn whisper(&mut self, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
         let Executors { rt, whisper, .. } = &mut self.ex;
-        stacked(whisper.run_f32(rt, &[("input_features", mel)])?)
+        self.staging.clear();
+        self.staging
+            .extend(mel.data.iter().map(|&v| f16::from_f32(v)));
+        whisper.write_input(rt, "input_features", &self.staging)?;
+        whisper.launch(rt)?;
+        // Only the rows the hop reads come back (a dozen of 1500).
+        let mut states = Vec::new();
+        for b in whisper.outputs() {
+            let d = b.shape.last().copied().unwrap_or(0);
+            let part = whisper.read_output_range(rt, &b.name, rows.start * d..rows.end * d)?;
+            let data = part.iter().map(|v| v.to_f32()).collect();
+            states.push((b.name.clone(), Tensor::new(vec![1, rows.len(), d], data)));
+        }
+        stacked(states, rows)
     }
 }
 
@@ -310,15 +344,17 @@ impl Renderer {
         }
     }
 
-    /// Whisper-tiny over one log-mel window [1, 80, 3000]: the hidden states [1500, 5, d].
-    pub fn encode_audio(&self, mel: &Tensor) -> anyhow::Result<Tensor> {
+    /// Whisper-tiny over one log-mel window [1, 80, 3000]: rows `rows` of the stacked hidden
+    /// states [1500, 5, d].
+    pub fn encode_audio(&self, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
         if let Some(g) = &self.cpu_whisper {
-            return whisper_cpu(g, mel);
+            return whisper_cpu(g, mel, rows);
         }
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
         self.tx
             .send(Request::Whisper {
                 mel: mel.clone(),
+                rows,
                 reply,
             })
             .map_err(|_| anyhow::anyhow!("the renderer stopped"))?;
@@ -426,7 +462,7 @@ fn time_profiles(
 fn audio_dim(backend: &mut dyn Backend) -> anyhow::Result<usize> {
     use lipstream_engines::audio::mel::{FRAMES, N_MELS};
     let mel = Tensor::new(vec![1, N_MELS, FRAMES], vec![-1.5; N_MELS * FRAMES]);
-    let states = backend.whisper(&mel)?;
+    let states = backend.whisper(&mel, 0..1)?;
     Ok(states.shape[2])
 }
 
@@ -442,8 +478,8 @@ fn render_loop(
     loop {
         let mut take = |r: Request, batcher: &mut Batcher<Job>| match r {
             Request::Frame { job, deadline } => batcher.push(job, deadline),
-            Request::Whisper { mel, reply } => {
-                let _ = reply.send(backend.whisper(&mel));
+            Request::Whisper { mel, rows, reply } => {
+                let _ = reply.send(backend.whisper(&mel, rows));
             }
         };
         if batcher.is_empty() {
@@ -498,5 +534,42 @@ fn render_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whisper_rows_read_back_alone_stack_like_the_whole_states() {
+        // Five states [1, 6, 2]: value = 100 * state + 10 * row + channel.
+        let whole: Vec<(String, Tensor)> = (0..STATES)
+            .map(|s| {
+                let data = (0..6)
+                    .flat_map(|r| (0..2).map(move |c| (100 * s + 10 * r + c) as f32))
+                    .collect();
+                (
+                    format!("hidden_state_{s}"),
+                    Tensor::new(vec![1, 6, 2], data),
+                )
+            })
+            .collect();
+        let from_whole = stacked(whole.clone(), 2..5).unwrap();
+        let parts: Vec<(String, Tensor)> = whole
+            .iter()
+            .rev()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    Tensor::new(vec![1, 3, 2], t.data[4..10].to_vec()),
+                )
+            })
+            .collect();
+        let from_parts = stacked(parts, 2..5).unwrap();
+        assert_eq!(from_whole, from_parts);
+        assert_eq!(from_whole.shape, vec![3, STATES, 2]);
+        // Row 2, state 1, channel 1.
+        assert_eq!(from_whole.data[2 + 1], 121.0);
     }
 }
