@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -475,7 +475,6 @@ fn render_loop(
 ) {
     let mut batcher: Batcher<Job> = Batcher::new(profiles);
     let mut failures = 0u64;
-    let mut wait_until: Option<Instant> = None;
     loop {
         let mut take = |r: Request, batcher: &mut Batcher<Job>| match r {
             Request::Frame { job, deadline } => batcher.push(job, deadline),
@@ -483,22 +482,12 @@ fn render_loop(
                 let _ = reply.send(backend.whisper(&mel, rows));
             }
         };
-        let first = match wait_until {
-            // Frames wait for company: until then, or until another frame comes.
-            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(r) => Some(r),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
-            },
-            None if batcher.is_empty() => match rx.recv() {
-                Ok(r) => Some(r),
+        if batcher.is_empty() {
+            match rx.recv() {
+                Ok(r) => take(r, &mut batcher),
                 // Every handle is gone: the server is stopping.
                 Err(_) => return,
-            },
-            None => None,
-        };
-        if let Some(r) = first {
-            take(r, &mut batcher);
+            }
         }
         while let Ok(r) = rx.try_recv() {
             take(r, &mut batcher);
@@ -506,7 +495,6 @@ fn render_loop(
         let tick = batcher.tick(Instant::now(), |b| {
             took.get(&b).copied().unwrap_or(Duration::from_millis(40))
         });
-        wait_until = tick.wait_until;
         for job in tick.late {
             (job.reply)(Err(Missed::Late));
         }
