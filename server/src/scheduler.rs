@@ -5,8 +5,8 @@
 //! A session's media worker submits a frame once the audio its prompt needs has arrived (its A/V
 //! hold releases it), with the instant it must be out by. Each tick gives up the frames that
 //! could no longer make it even alone, then takes the waiting frames earliest deadline first (a
-//! session passed over now has the earliest deadline next tick, so nobody starves) up to the
-//! largest captured batch profile that fits the count and still meets the earliest deadline.
+//! session passed over now has the earliest deadline next tick, so nobody starves), at the
+//! captured batch profile that renders the most frames in time per unit of GPU time.
 //! While a batch runs, frames of other sessions gather, so batches grow with the load by
 //! themselves.
 
@@ -88,22 +88,39 @@ impl<J> Batcher<J> {
         self.waiting = keep;
         self.waiting.sort_by_key(|w| (w.deadline, w.seq));
         let late = late.into_iter().map(|w| w.job).collect();
-        let Some(earliest) = self.waiting.first().map(|w| w.deadline) else {
+        if self.waiting.is_empty() {
             return Tick {
                 batch: Vec::new(),
                 profile: 0,
                 late,
             };
         };
+        // Each profile renders the earliest frames that would still be out in time after it;
+        // take the one that renders the most frames per unit of GPU time. Light load: the lone
+        // or small batch that fits. Overload: the largest batch, even when the earliest frames
+        // must then be given up — small batches there would lose more frames than they save.
         let n = self.waiting.len();
-        let profile = self
-            .profiles
-            .iter()
-            .copied()
-            .filter(|&b| b <= n && now + took(b) <= earliest)
-            .max()
-            .unwrap_or(1);
-        let batch = self.waiting.drain(..profile).map(|w| w.job).collect();
+        let mut best: Option<(f64, usize, usize)> = None;
+        for &b in self.profiles.iter().filter(|&&b| b <= n) {
+            let t = took(b);
+            let fit = self.waiting.partition_point(|w| w.deadline < now + t);
+            if n - fit < b {
+                continue;
+            }
+            let rate = b as f64 / t.as_secs_f64().max(1e-9);
+            if best.is_none_or(|(r, _, _)| rate > r) {
+                best = Some((rate, b, fit));
+            }
+        }
+        // Something always fits: every waiting frame can still make it alone.
+        let (_, profile, skip) = best.unwrap_or((0.0, 1, 0));
+        let mut late: Vec<J> = late;
+        late.extend(self.waiting.drain(..skip).map(|w| w.job));
+        let batch = self
+            .waiting
+            .drain(..profile.min(self.waiting.len()))
+            .map(|w| w.job)
+            .collect();
         Tick {
             batch,
             profile,
@@ -221,6 +238,22 @@ mod tests {
             vec![0, 1, 2, 3, 4, 5],
             "each session's first frame first"
         );
+    }
+
+    #[test]
+    fn under_overload_the_largest_batch_wins_over_the_earliest_frame() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(profiles());
+        // One frame due out in 8 ms, sixteen others in 100 ms.
+        b.push(("a", 0), t0 + ms(8));
+        for k in 0..16u32 {
+            b.push(("b", k), t0 + ms(100 + u64::from(k)));
+        }
+        // Alone it would make it (6 ms), but 16 in 21 ms render far more per ms: it is given up.
+        let t = b.tick(t0, took);
+        assert_eq!(t.profile, 16);
+        assert_eq!(t.late, vec![("a", 0)]);
+        assert!(t.batch.iter().all(|(s, _)| *s == "b"));
     }
 
     #[test]
