@@ -42,7 +42,7 @@ pub struct CameraStageConfig {
 /// One camera session's lip-sync stage.
 pub struct CameraStage {
     renderer: Arc<Renderer>,
-    detector: Mtcnn,
+    detector: Detector,
     tracker: FaceTracker,
     audio: AudioFeed,
     hop_frames: usize,
@@ -51,9 +51,65 @@ pub struct CameraStage {
     boxes: HashMap<u64, FaceBox>,
     next_ticket: u64,
     metrics: Arc<Metrics>,
+}
+
+/// MTCNN on its own thread, so a detection (tens of ms on a busy CPU) never holds up the
+/// session's frames: the tracker keeps the last box until the new one comes back.
+struct Detector {
+    /// Pictures to look at (one at a time: a picture sent while one is in work is skipped).
+    tx: std::sync::mpsc::SyncSender<(Vec<u8>, usize, usize)>,
+    rx: std::sync::mpsc::Receiver<Vec<lipstream_engines::models::mtcnn::Face>>,
+    busy: bool,
     rgb: Vec<u8>,
-    /// The last detector error, logged once per kind.
-    last_error: Option<String>,
+}
+
+impl Detector {
+    fn start(mut mtcnn: Mtcnn) -> std::io::Result<Self> {
+        let (tx, jobs) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize, usize)>(1);
+        let (found, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("face-detector".into())
+            .spawn(move || {
+                let mut last_error: Option<String> = None;
+                // Ends when the stage (the sender) is dropped.
+                for (rgb, w, h) in jobs {
+                    let faces = mtcnn.detect(&rgb, w, h).unwrap_or_else(|e| {
+                        let e = e.to_string();
+                        if last_error.as_ref() != Some(&e) {
+                            tracing::warn!("face detection failed: {e}");
+                            last_error = Some(e);
+                        }
+                        Vec::new()
+                    });
+                    if found.send(faces).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Detector {
+            tx,
+            rx,
+            busy: false,
+            rgb: Vec::new(),
+        })
+    }
+
+    /// A detection that finished since the last call.
+    fn poll(&mut self) -> Option<Vec<lipstream_engines::models::mtcnn::Face>> {
+        let faces = self.rx.try_recv().ok()?;
+        self.busy = false;
+        Some(faces)
+    }
+
+    /// Starts looking at `frame` unless a detection is under way.
+    fn look(&mut self, frame: &VideoFrame) {
+        if self.busy {
+            return;
+        }
+        image::to_rgb(&planes(frame), &mut self.rgb);
+        let rgb = std::mem::take(&mut self.rgb);
+        self.busy = self.tx.try_send((rgb, frame.width, frame.height)).is_ok();
+    }
 }
 
 impl CameraStage {
@@ -74,7 +130,7 @@ impl CameraStage {
         })?;
         Ok(CameraStage {
             renderer,
-            detector,
+            detector: Detector::start(detector)?,
             tracker: FaceTracker::new(config.tracker),
             audio: AudioFeed::new(config.hop_frames),
             hop_frames: config.hop_frames,
@@ -82,30 +138,20 @@ impl CameraStage {
             boxes: HashMap::new(),
             next_ticket: 0,
             metrics,
-            rgb: Vec::new(),
-            last_error: None,
         })
     }
 
-    /// The tracked face box of `frame` (detecting when the tracker asks for it).
+    /// The tracked face box of `frame`: the latest detection, smoothed; a new one is started
+    /// when the tracker asks for it and comes in a few frames later.
     fn face(&mut self, frame: &VideoFrame) -> Option<FaceBox> {
         let (w, h) = (frame.width, frame.height);
-        let crop = if self.tracker.wants_detection() {
-            image::to_rgb(&planes(frame), &mut self.rgb);
-            match self.detector.detect(&self.rgb, w, h) {
-                Ok(faces) => self.tracker.update(Some(&faces), w, h),
-                Err(e) => {
-                    let e = e.to_string();
-                    if self.last_error.as_ref() != Some(&e) {
-                        tracing::warn!("face detection failed: {e}");
-                        self.last_error = Some(e);
-                    }
-                    self.tracker.update(None, w, h)
-                }
-            }
-        } else {
-            self.tracker.update(None, w, h)
+        let crop = match self.detector.poll() {
+            Some(faces) => self.tracker.update(Some(&faces), w, h),
+            None => self.tracker.update(None, w, h),
         };
+        if self.tracker.wants_detection() {
+            self.detector.look(frame);
+        }
         match crop {
             Crop::Face(b) => Some(b),
             Crop::NoFace => None,
