@@ -67,15 +67,8 @@ pub struct Job {
 }
 
 enum Request {
-    Frame {
-        job: Job,
-        deadline: Instant,
-    },
-    Whisper {
-        mel: Tensor,
-        rows: Range<usize>,
-        reply: SyncSender<anyhow::Result<Tensor>>,
-    },
+    Frame { job: Job, deadline: Instant },
+    Whisper(WhisperJob),
 }
 
 /// The model's inputs per mode, in `Job::inputs` order.
@@ -96,6 +89,8 @@ pub struct Renderer {
     /// Width of the audio prompt's tokens (whisper's d_model).
     pub audio_dim: usize,
     cpu_whisper: Option<Arc<Graph>>,
+    /// CUDA: whisper's own thread and stream (else windows go through the renderer thread).
+    whisper: Option<Sender<WhisperJob>>,
 }
 
 /// What the renderer thread runs.
@@ -201,22 +196,82 @@ impl Backend for CudaBackend {
     }
 
     fn whisper(&mut self, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
-        let Executors { rt, whisper, .. } = &mut self.ex;
-        self.staging.clear();
-        self.staging
-            .extend(mel.data.iter().map(|&v| f16::from_f32(v)));
-        whisper.write_input(rt, "input_features", &self.staging)?;
-        whisper.launch(rt)?;
-        // Only the rows the hop reads come back (a dozen of 1500).
-        let mut states = Vec::new();
-        for b in whisper.outputs() {
-            let d = b.shape.last().copied().unwrap_or(0);
-            let part = whisper.read_output_range(rt, &b.name, rows.start * d..rows.end * d)?;
-            let data = part.iter().map(|v| v.to_f32()).collect();
-            states.push((b.name.clone(), Tensor::new(vec![1, rows.len(), d], data)));
-        }
-        stacked(states, rows)
+        whisper_cuda(&mut self.ex, &mut self.staging, mel, rows)
     }
+}
+
+/// One whisper window on the CUDA executor: only the rows the hop reads come back (a dozen of
+/// 1500).
+fn whisper_cuda(
+    ex: &mut Executors,
+    staging: &mut Vec<f16>,
+    mel: &Tensor,
+    rows: Range<usize>,
+) -> anyhow::Result<Tensor> {
+    let Executors { rt, whisper, .. } = ex;
+    staging.clear();
+    staging.extend(mel.data.iter().map(|&v| f16::from_f32(v)));
+    whisper.write_input(rt, "input_features", staging)?;
+    whisper.launch(rt)?;
+    let mut states = Vec::new();
+    for b in whisper.outputs() {
+        let d = b.shape.last().copied().unwrap_or(0);
+        let part = whisper.read_output_range(rt, &b.name, rows.start * d..rows.end * d)?;
+        let data = part.iter().map(|v| v.to_f32()).collect();
+        states.push((b.name.clone(), Tensor::new(vec![1, rows.len(), d], data)));
+    }
+    stacked(states, rows)
+}
+
+/// One whisper window to encode, and where the answer goes.
+struct WhisperJob {
+    mel: Tensor,
+    rows: Range<usize>,
+    reply: SyncSender<anyhow::Result<Tensor>>,
+}
+
+/// Whisper on its own CUDA stream and thread: a session's window runs beside the frame batch
+/// in flight instead of waiting behind it (a frame's budget is too short for that wait).
+fn start_whisper_thread(
+    src: Sources,
+    tuned: Vec<(
+        lipstream_gpu::conv::ConvShape,
+        lipstream_gpu::executor::Tuned,
+    )>,
+) -> anyhow::Result<Sender<WhisperJob>> {
+    let (tx, rx) = std::sync::mpsc::channel::<WhisperJob>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("whisper".into())
+        .spawn(move || {
+            let built = lipstream_gpu::device::Device::open(0)
+                .context("opening GPU 0 for whisper")
+                .and_then(|device| {
+                    crate::engine::executors(device, &src, Stage::Whisper, &[], &tuned, true)
+                });
+            let mut ex = match built {
+                Ok(ex) => {
+                    let _ = ready_tx.send(Ok(()));
+                    ex
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut staging = Vec::new();
+            // Ends when the renderer (every sender) is gone.
+            for job in rx {
+                let _ = job
+                    .reply
+                    .send(whisper_cuda(&mut ex, &mut staging, &job.mel, job.rows));
+            }
+        })
+        .context("starting the whisper thread")?;
+    ready_rx
+        .recv()
+        .context("the whisper thread stopped while loading")??;
+    Ok(tx)
 }
 
 /// What the renderer thread reports once its model is ready.
@@ -225,10 +280,16 @@ struct Ready {
     profiles: Vec<usize>,
     took: BTreeMap<usize, Duration>,
     audio_dim: usize,
+    whisper: Option<Sender<WhisperJob>>,
 }
 
-/// A backend with its description and batch profiles.
-type Built = (Box<dyn Backend>, String, Vec<usize>);
+/// A backend with its description, batch profiles and (CUDA) whisper thread.
+type Built = (
+    Box<dyn Backend>,
+    String,
+    Vec<usize>,
+    Option<Sender<WhisperJob>>,
+);
 
 impl Renderer {
     /// Loads the model, times each batch profile once, and starts the thread. Blocks until the
@@ -284,9 +345,9 @@ impl Renderer {
             .name("renderer".into())
             .spawn(move || {
                 let ready = cpu_built
-                    .map(|(b, e, p)| (Box::new(b) as Box<dyn Backend>, e, p))
+                    .map(|(b, e, p)| (Box::new(b) as Box<dyn Backend>, e, p, None))
                     .map_or_else(|| cuda_backend(&config, names), Ok)
-                    .and_then(|(mut backend, executor, profiles)| {
+                    .and_then(|(mut backend, executor, profiles, whisper)| {
                         let audio_dim = audio_dim(backend.as_mut())?;
                         let took = time_profiles(backend.as_mut(), mode, &profiles, audio_dim)?;
                         let ready = Ready {
@@ -294,6 +355,7 @@ impl Renderer {
                             profiles,
                             took,
                             audio_dim,
+                            whisper,
                         };
                         Ok((backend, ready))
                     });
@@ -331,6 +393,7 @@ impl Renderer {
             profiles: ready.profiles,
             audio_dim: ready.audio_dim,
             cpu_whisper,
+            whisper: ready.whisper,
         }))
     }
 
@@ -351,13 +414,18 @@ impl Renderer {
             return whisper_cpu(g, mel, rows);
         }
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
-        self.tx
-            .send(Request::Whisper {
-                mel: mel.clone(),
-                rows,
-                reply,
-            })
-            .map_err(|_| anyhow::anyhow!("the renderer stopped"))?;
+        let job = WhisperJob {
+            mel: mel.clone(),
+            rows,
+            reply,
+        };
+        let sent = match &self.whisper {
+            Some(w) => w.send(job).is_ok(),
+            None => self.tx.send(Request::Whisper(job)).is_ok(),
+        };
+        if !sent {
+            anyhow::bail!("the renderer stopped");
+        }
         rx.recv_timeout(Duration::from_secs(5))
             .context("no whisper window from the renderer within 5 s")?
     }
@@ -367,7 +435,7 @@ impl Renderer {
 fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyhow::Result<Built> {
     let gpu = lipstream_gpu::device::executor_choice()
         .map_err(|why| anyhow::anyhow!("CUDA is needed for an engine file: {why}"))?;
-    let (ex, profiles) = match &config.source {
+    let (ex, profiles, whisper) = match &config.source {
         ModelSource::Engine(path) => {
             let loaded = crate::engine::file::load(path, true)?;
             if loaded.stage != config.mode {
@@ -378,7 +446,9 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
                     config.mode
                 );
             }
-            (loaded.executors, loaded.header.batches.clone())
+            let tuned = crate::engine::file::tuned(&loaded.header)?;
+            let whisper = start_whisper_thread(loaded.sources, tuned)?;
+            (loaded.executors, loaded.header.batches.clone(), whisper)
         }
         ModelSource::Models(dir) => {
             let src = Sources::open(dir)?;
@@ -389,7 +459,9 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
             );
             let ex =
                 crate::engine::executors(device, &src, config.mode, &config.profiles, &[], true)?;
-            (ex, config.profiles.clone())
+            let tuned = ex.rt.tuned.iter().map(|(k, v)| (*k, *v)).collect();
+            let whisper = start_whisper_thread(src, tuned)?;
+            (ex, config.profiles.clone(), whisper)
         }
     };
     Ok((
@@ -400,6 +472,7 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
         }),
         format!("CUDA ({gpu})"),
         profiles,
+        Some(whisper),
     ))
 }
 
@@ -478,8 +551,8 @@ fn render_loop(
     loop {
         let mut take = |r: Request, batcher: &mut Batcher<Job>| match r {
             Request::Frame { job, deadline } => batcher.push(job, deadline),
-            Request::Whisper { mel, rows, reply } => {
-                let _ = reply.send(backend.whisper(&mel, rows));
+            Request::Whisper(job) => {
+                let _ = job.reply.send(backend.whisper(&job.mel, job.rows));
             }
         };
         if batcher.is_empty() {
