@@ -209,19 +209,42 @@ fn whisper_cuda(
     rows: Range<usize>,
 ) -> anyhow::Result<Tensor> {
     let Executors { rt, whisper, .. } = ex;
-    staging.clear();
-    staging.extend(mel.data.iter().map(|&v| f16::from_f32(v)));
-    whisper.write_input(rt, "input_features", staging)?;
-    whisper.launch(rt)?;
-    let mut states = Vec::new();
-    for b in whisper.outputs() {
-        let d = b.shape.last().copied().unwrap_or(0);
-        let part = whisper.read_output_range(rt, &b.name, rows.start * d..rows.end * d)?;
-        let data = part.iter().map(|v| v.to_f32()).collect();
-        states.push((b.name.clone(), Tensor::new(vec![1, rows.len(), d], data)));
-    }
-    stacked(states, rows)
+    let mut out = whisper_batch(rt, whisper, staging, &[(mel, rows)])?;
+    out.pop().context("no whisper output")
 }
+
+/// Windows `jobs` (mel, rows) through `ex`, whose batch is exactly `jobs.len()`: the rows each
+/// asks for, stacked [rows, STATES, d].
+fn whisper_batch(
+    rt: &mut lipstream_gpu::Runtime,
+    ex: &lipstream_gpu::Executor,
+    staging: &mut Vec<f16>,
+    jobs: &[(&Tensor, Range<usize>)],
+) -> anyhow::Result<Vec<Tensor>> {
+    staging.clear();
+    for (mel, _) in jobs {
+        staging.extend(mel.data.iter().map(|&v| f16::from_f32(v)));
+    }
+    ex.write_input(rt, "input_features", staging)?;
+    ex.launch(rt)?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for (i, (_, rows)) in jobs.iter().enumerate() {
+        let mut states = Vec::new();
+        for b in ex.outputs() {
+            // [B, T, d]: window i's rows.
+            let (t, d) = (b.shape[1], b.shape[2]);
+            let at = |r: usize| (i * t + r) * d;
+            let part = ex.read_output_range(rt, &b.name, at(rows.start)..at(rows.end))?;
+            let data = part.iter().map(|v| v.to_f32()).collect();
+            states.push((b.name.clone(), Tensor::new(vec![1, rows.len(), d], data)));
+        }
+        out.push(stacked(states, rows.clone())?);
+    }
+    Ok(out)
+}
+
+/// Whisper windows run together on the CUDA whisper thread (besides one alone).
+const WHISPER_BATCHES: [usize; 3] = [2, 4, 8];
 
 /// One whisper window to encode, and where the answer goes.
 struct WhisperJob {
@@ -231,7 +254,8 @@ struct WhisperJob {
 }
 
 /// Whisper on its own CUDA stream and thread: a session's window runs beside the frame batch
-/// in flight instead of waiting behind it (a frame's budget is too short for that wait).
+/// in flight instead of waiting behind it (a frame's budget is too short for that wait), and
+/// the windows of all sessions that wait together run as one batch.
 fn start_whisper_thread(
     src: Sources,
     tuned: Vec<(
@@ -247,7 +271,16 @@ fn start_whisper_thread(
             let built = lipstream_gpu::device::Device::open(0)
                 .context("opening GPU 0 for whisper")
                 .and_then(|device| {
-                    crate::engine::executors(device, &src, Stage::Whisper, &[], &tuned, true)
+                    // Batched windows' convolutions were not timed at engine build: they take
+                    // cuDNN's default algorithms.
+                    crate::engine::executors(
+                        device,
+                        &src,
+                        Stage::Whisper,
+                        &WHISPER_BATCHES,
+                        &tuned,
+                        true,
+                    )
                 });
             let mut ex = match built {
                 Ok(ex) => {
@@ -261,10 +294,36 @@ fn start_whisper_thread(
             };
             let mut staging = Vec::new();
             // Ends when the renderer (every sender) is gone.
-            for job in rx {
-                let _ = job
-                    .reply
-                    .send(whisper_cuda(&mut ex, &mut staging, &job.mel, job.rows));
+            while let Ok(first) = rx.recv() {
+                let mut jobs = vec![first];
+                jobs.extend(rx.try_iter());
+                while !jobs.is_empty() {
+                    let Executors {
+                        rt,
+                        profiles,
+                        whisper,
+                    } = &mut ex;
+                    let (n, runner) = profiles
+                        .iter()
+                        .filter(|(b, _)| *b <= jobs.len())
+                        .max_by_key(|(b, _)| *b)
+                        .map_or((1, &*whisper), |(b, e)| (*b, e));
+                    let chunk: Vec<WhisperJob> = jobs.drain(..n).collect();
+                    let inputs: Vec<(&Tensor, Range<usize>)> =
+                        chunk.iter().map(|j| (&j.mel, j.rows.clone())).collect();
+                    match whisper_batch(rt, runner, &mut staging, &inputs) {
+                        Ok(outs) => {
+                            for (job, out) in chunk.into_iter().zip(outs) {
+                                let _ = job.reply.send(Ok(out));
+                            }
+                        }
+                        Err(e) => {
+                            for job in chunk {
+                                let _ = job.reply.send(Err(anyhow::anyhow!("whisper: {e:#}")));
+                            }
+                        }
+                    }
+                }
             }
         })
         .context("starting the whisper thread")?;
