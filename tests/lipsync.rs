@@ -178,3 +178,47 @@ fn camera_mode_re_renders_the_mouth_and_keeps_the_rest_and_the_sync() {
         "audio and video stay within a frame of each other (median offset {median:.1} ms)"
     );
 }
+
+#[test]
+fn frames_without_a_face_pass_through_untouched_and_are_counted() {
+    let models = fixtures().join("tiny");
+    let mtcnn = fixtures().join("mtcnn");
+    let server = common::Server::start(&[
+        "--models",
+        models.to_str().unwrap(),
+        "--mtcnn",
+        mtcnn.to_str().unwrap(),
+        "--executor",
+        "cpu",
+        "--batches",
+        "1",
+        "--audio-hop-frames",
+        "25",
+        "--frame-budget-ms",
+        "500",
+    ]);
+    // The moving test pattern: bands and a grey ellipse, nothing MTCNN takes for a face.
+    let report = publish(&PublishOptions {
+        base_url: server.base_url.clone(),
+        fps: 10,
+        duration: Duration::from_secs(4),
+        // Frames leave 1080 ms (lookahead) + 500 ms (budget) after they arrive.
+        linger: Duration::from_millis(2500),
+        ..Default::default()
+    })
+    .expect("publish");
+    let no_face = server.metric("lipstream_frames_no_face_total");
+    let rendered = server.metric("lipstream_frames_rendered_total");
+    let frames_in = server.metric("lipstream_frames_in_total");
+    eprintln!(
+        "sent {}, back {}, in {frames_in}, no face {no_face}, rendered {rendered}",
+        report.frames_sent,
+        report.received.frames.len()
+    );
+    assert_eq!(report.lost(), 0, "every frame comes back");
+    assert_eq!(rendered, 0.0);
+    assert!(
+        no_face >= 0.8 * frames_in,
+        "frames without a face are counted ({no_face} of {frames_in})"
+    );
+}
