@@ -222,3 +222,95 @@ fn frames_without_a_face_pass_through_untouched_and_are_counted() {
         "frames without a face are counted ({no_face} of {frames_in})"
     );
 }
+
+/// Avatar mode: `avatar prepare` on the photo (tiny VAE), then a publisher speaking (a tone) gets
+/// the avatar back at 25 fps made from its audio clock, whatever video it sends: its mouth
+/// re-rendered, the rest of the picture as prepared.
+#[test]
+fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
+    let models = fixtures().join("tiny");
+    let mtcnn = fixtures().join("mtcnn");
+    let dir = std::env::temp_dir().join(format!("lipstream-avatar-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = dir.join("astronaut.safetensors");
+    let prepared = std::process::Command::new(env!("CARGO_BIN_EXE_lipstream"))
+        .args(["avatar", "prepare", "--image"])
+        .arg(fixtures().join("mtcnn/astronaut.png"))
+        .arg("--models")
+        .arg(&models)
+        .arg("--mtcnn")
+        .arg(&mtcnn)
+        .arg("--out")
+        .arg(&bundle)
+        .output()
+        .expect("run avatar prepare");
+    assert!(prepared.status.success(), "{prepared:?}");
+    let server = common::Server::start(&[
+        "--models",
+        models.to_str().unwrap(),
+        "--avatar",
+        bundle.to_str().unwrap(),
+        "--executor",
+        "cpu",
+        "--batches",
+        "1",
+        "--audio-hop-frames",
+        "25",
+        "--frame-budget-ms",
+        "3000",
+    ]);
+    let report = publish(&PublishOptions {
+        base_url: server.base_url.clone(),
+        // The publisher's own video is not shown in avatar mode: keep it small.
+        width: 64,
+        height: 48,
+        fps: 5,
+        duration: Duration::from_secs(8),
+        linger: Duration::from_millis(5500),
+        audio: AudioSignal::Tone { hz: 220.0 },
+        keep_pictures: true,
+        ..Default::default()
+    })
+    .expect("publish");
+    let rendered = server.metric("lipstream_frames_rendered_total");
+    let made = server.metric("lipstream_frames_in_total");
+    let out = server.metric("lipstream_frames_out_total");
+    let pictures = &report.received.unstamped_pictures;
+    eprintln!(
+        "avatar: {made} frames made, {out} sent, {} received, {rendered} rendered",
+        pictures.len()
+    );
+    // 25 fps from the audio clock, whatever the publisher's video rate (5 fps here).
+    assert!(made >= 25.0 * 7.0, "{made} frames made in 8 s of audio");
+    assert!(
+        pictures.len() as f64 >= 0.9 * out,
+        "the avatar frames come back"
+    );
+    assert!(rendered >= 2.0, "the CPU renders a few frames");
+
+    // The photo as prepared (the avatar's own frame), for pixel comparisons.
+    let file = std::fs::File::open(fixtures().join("mtcnn/astronaut.png")).unwrap();
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let base =
+        VideoFrame::from_rgb(&buf, info.width as usize, info.height as usize).expect("picture");
+    let face = [181.05, 62.16, 267.75, 172.05 + 10.0];
+    let mut changed = 0;
+    for picture in pictures {
+        assert_eq!((picture.width, picture.height), (base.width, base.height));
+        let (inside, outside) = region_diffs(picture, &base, face);
+        assert!(
+            outside < 4.0,
+            "the avatar away from its face changed by {outside:.1}"
+        );
+        if inside > 12.0 {
+            changed += 1;
+        }
+    }
+    eprintln!("{changed} avatar frames with the mouth re-rendered");
+    assert!(changed >= 1, "rendered mouths reach the viewer");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -137,6 +137,13 @@ fn face_at(face: &Tensor, size: usize, c: usize, u: f32, v: f32) -> f32 {
 /// Blends `face` ([3, size, size] RGB in [0, 1]) into the box of `frame` under the lower-face
 /// mask: luma per pixel, chroma per 2x2 block (sampled at the block's centre).
 pub fn blend(frame: &mut PlanesMut, face: &Tensor, b: &FaceBox) {
+    blend_with(frame, face, b, 1.0);
+}
+
+/// `blend` with the mask scaled by `strength` in [0, 1]: fades between the frame's own face (0)
+/// and the rendered one (1), for transitions in and out of speech.
+pub fn blend_with(frame: &mut PlanesMut, face: &Tensor, b: &FaceBox, strength: f32) {
+    let strength = strength.clamp(0.0, 1.0);
     let size = face.shape[1];
     let (w, h) = (frame.width, frame.height);
     let (bw, bh) = (b.x1 - b.x0, b.y1 - b.y0);
@@ -149,7 +156,7 @@ pub fn blend(frame: &mut PlanesMut, face: &Tensor, b: &FaceBox) {
         if !(0.0..1.0).contains(&u) || !(0.0..1.0).contains(&v) {
             return;
         }
-        let m = lower_face_mask(u, v);
+        let m = lower_face_mask(u, v) * strength;
         if m <= 0.0 {
             return;
         }

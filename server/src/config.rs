@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// Lip-sync with this CUDA engine file (`lipstream engine build`) instead of a models folder.
     #[arg(long, env = "LIPSTREAM_ENGINE", conflicts_with = "models")]
     pub engine: Option<PathBuf>,
+    /// Avatar mode: this prepared avatar (`lipstream avatar prepare`) speaks the publisher's
+    /// audio; video from the publisher is not shown. Needs --models or an avatar --engine.
+    #[arg(long, env = "LIPSTREAM_AVATAR")]
+    pub avatar: Option<PathBuf>,
     /// Face detector weights (pnet.pt, rnet.pt, onet.pt); default: the models folder's mtcnn/.
     #[arg(long, env = "LIPSTREAM_MTCNN")]
     pub mtcnn: Option<PathBuf>,
@@ -96,6 +100,8 @@ pub struct LipsyncConfig {
     pub batches: Vec<usize>,
     pub audio_hop_frames: usize,
     pub min_face_px: f64,
+    /// Avatar mode's prepared avatar (else camera mode).
+    pub avatar: Option<PathBuf>,
 }
 
 /// The TOML file: every key optional.
@@ -114,6 +120,7 @@ struct FileConfig {
     token: Option<String>,
     models: Option<PathBuf>,
     engine: Option<PathBuf>,
+    avatar: Option<PathBuf>,
     mtcnn: Option<PathBuf>,
     executor: Option<ExecutorChoice>,
     batches: Option<Vec<usize>>,
@@ -172,6 +179,7 @@ impl ServeArgs {
             for (value, from_file, id) in [
                 (&mut self.models, file.models, "models"),
                 (&mut self.engine, file.engine, "engine"),
+                (&mut self.avatar, file.avatar, "avatar"),
                 (&mut self.mtcnn, file.mtcnn, "mtcnn"),
             ] {
                 if from_file.is_some() && unset(id) {
@@ -191,11 +199,16 @@ impl ServeArgs {
             (None, None) => None,
         };
         let lipsync = match source {
+            None if self.avatar.is_some() => anyhow::bail!(
+                "--avatar needs the model: give --models DIR or an avatar --engine FILE"
+            ),
             None => None,
             Some(source) => {
                 let mtcnn_dir = match (&self.mtcnn, &self.models) {
                     (Some(dir), _) => dir.clone(),
                     (None, Some(models)) => models.join("mtcnn"),
+                    // Avatar mode's faces were found when it was prepared.
+                    (None, None) if self.avatar.is_some() => PathBuf::new(),
                     (None, None) => anyhow::bail!(
                         "camera lip-sync needs the face detector's weights: give --mtcnn DIR"
                     ),
@@ -207,6 +220,7 @@ impl ServeArgs {
                     batches: self.batches.clone(),
                     audio_hop_frames: self.audio_hop_frames,
                     min_face_px: self.min_face_px,
+                    avatar: self.avatar.clone(),
                 })
             }
         };

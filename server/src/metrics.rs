@@ -40,6 +40,8 @@ pub struct Metrics {
     pub frames_no_face: Counter,
     /// Faces rendered by the lip-sync model and blended back.
     pub frames_rendered: Counter,
+    /// Avatar frames shown as prepared, without inference (the audio is silent).
+    pub frames_idle: Counter,
     /// Frames per batch the renderer ran.
     pub batch_frames: Histogram,
     /// Frames processed before the audio their stage hears ahead had arrived (it stopped).
@@ -70,6 +72,7 @@ impl Metrics {
             frames_failed: Counter::default(),
             frames_no_face: Counter::default(),
             frames_rendered: Counter::default(),
+            frames_idle: Counter::default(),
             batch_frames: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             frames_audio_short: Counter::default(),
             media_dropped: Family::default(),
@@ -138,6 +141,11 @@ impl Metrics {
             "frames_rendered",
             "Faces rendered by the lip-sync model and blended back",
             m.frames_rendered.clone(),
+        );
+        registry.register(
+            "frames_idle",
+            "Avatar frames shown as prepared, without inference, during silence",
+            m.frames_idle.clone(),
         );
         registry.register(
             "batch_frames",

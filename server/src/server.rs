@@ -8,7 +8,10 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::{ExecutorChoice, LipsyncConfig, ServeConfig};
 use crate::http::{router, AppState};
-use crate::lipsync::{CameraStage, CameraStageConfig, ModelSource, Renderer, RendererConfig};
+use crate::lipsync::{
+    AvatarAssets, AvatarStage, CameraStage, CameraStageConfig, ModelSource, Renderer,
+    RendererConfig,
+};
 use crate::media::stage::{Delay, Identity, Lookahead};
 use crate::media::worker::WorkerConfig;
 use crate::metrics::Metrics;
@@ -95,7 +98,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the renderer (loading, maybe building, the model) and makes camera stages for it.
+/// Starts the renderer (loading, maybe building, the model) and makes the sessions' camera or
+/// avatar stages for it.
 async fn lipsync_stage(
     config: LipsyncConfig,
     frame_budget: std::time::Duration,
@@ -117,23 +121,34 @@ async fn lipsync_stage(
     } else {
         vec![1, 2]
     };
+    let mode = if config.avatar.is_some() {
+        crate::engine::Stage::Avatar
+    } else {
+        crate::engine::Stage::Camera
+    };
+    // Fail at start, not at the first session, on files that do not load.
+    let avatar = match &config.avatar {
+        Some(path) => Some(Arc::new(AvatarAssets::load(path)?)),
+        None => {
+            lipstream_engines::models::mtcnn::Mtcnn::open(&config.mtcnn_dir, Default::default())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "face detector weights in {}: {e}",
+                        config.mtcnn_dir.display()
+                    )
+                })?;
+            None
+        }
+    };
     let stage_config = CameraStageConfig {
         mtcnn_dir: config.mtcnn_dir.clone(),
         hop_frames: config.audio_hop_frames,
         tracker: Default::default(),
         min_face_px: config.min_face_px,
     };
-    // Fail at start, not at the first session, on weights that do not load.
-    lipstream_engines::models::mtcnn::Mtcnn::open(&stage_config.mtcnn_dir, Default::default())
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "face detector weights in {}: {e}",
-                stage_config.mtcnn_dir.display()
-            )
-        })?;
     let renderer_config = RendererConfig {
         source: config.source.clone(),
-        mode: crate::engine::Stage::Camera,
+        mode,
         profiles: batches,
         cuda,
     };
@@ -143,7 +158,11 @@ async fn lipsync_stage(
             .await
             .context("the renderer start panicked")??;
     tracing::info!(
-        "lip-sync: camera mode on the {}; whisper every {} frames, so video and audio leave {:.0} ms after they arrive ({:.0} ms lookahead + {} ms frame budget)",
+        "lip-sync: {} on the {}; whisper every {} frames, so video and audio leave {:.0} ms after they arrive ({:.0} ms lookahead + {} ms frame budget)",
+        match &config.avatar {
+            Some(p) => format!("avatar mode ({})", p.display()),
+            None => "camera mode".into(),
+        },
         renderer.executor,
         config.audio_hop_frames,
         crate::lipsync::AudioFeed::lookahead_ms(config.audio_hop_frames)
@@ -151,7 +170,16 @@ async fn lipsync_stage(
         crate::lipsync::AudioFeed::lookahead_ms(config.audio_hop_frames),
         frame_budget.as_millis()
     );
+    let hop = config.audio_hop_frames;
     Ok(Arc::new(move || -> Box<dyn crate::media::stage::Stage> {
+        if let Some(assets) = &avatar {
+            return Box::new(AvatarStage::new(
+                renderer.clone(),
+                assets.clone(),
+                hop,
+                metrics.clone(),
+            ));
+        }
         match CameraStage::new(renderer.clone(), &stage_config, metrics.clone()) {
             Ok(s) => Box::new(s),
             Err(e) => {

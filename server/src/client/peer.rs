@@ -61,6 +61,8 @@ pub struct Received {
     pub frames_undecodable: u32,
     /// Returned pictures by frame id, when the session keeps them.
     pub pictures: Vec<(u32, crate::media::frame::VideoFrame)>,
+    /// Returned pictures without a stamp (an avatar the server made), when the session keeps them.
+    pub unstamped_pictures: Vec<crate::media::frame::VideoFrame>,
 }
 
 impl Received {
@@ -222,7 +224,12 @@ impl Peer {
                             self.received.pictures.push((stamp.frame_id, frame));
                         }
                     }
-                    None => self.received.frames_unstamped += 1,
+                    None => {
+                        self.received.frames_unstamped += 1;
+                        if self.keep_pictures {
+                            self.received.unstamped_pictures.push(frame);
+                        }
+                    }
                 }
             }
             Event::MediaData(d) if d.mid == self.audio_mid => {

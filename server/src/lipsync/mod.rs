@@ -8,9 +8,11 @@
 //! lower-face mask when it returns. Timing is the worker's: a frame goes out a fixed budget after
 //! its audio arrived, rendered or not.
 
+pub mod avatar;
 pub mod camera;
 pub mod renderer;
 
+pub use avatar::{AvatarAssets, AvatarStage};
 pub use camera::{CameraStage, CameraStageConfig};
 pub use renderer::{ModelSource, Renderer, RendererConfig};
 

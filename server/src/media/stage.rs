@@ -77,6 +77,15 @@ pub trait Stage: Send {
     fn attach(&mut self, _done: Completion) {}
     /// Each decoded audio packet, at its time on the session clock (ms), 16 kHz mono.
     fn audio(&mut self, _at_ms: f64, _pcm: &[i16]) {}
+    /// Whether the stage makes the video itself (avatar mode): the worker then drops incoming
+    /// video and asks `synthesize` for a frame every 40 ms of the session's audio.
+    fn makes_video(&self) -> bool {
+        false
+    }
+    /// The picture for session time `frame_ms` (a stage that makes the video).
+    fn synthesize(&mut self, _frame_ms: f64) -> Option<VideoFrame> {
+        None
+    }
     /// Turns a pending result into the frame to send (`frame` is the input frame).
     fn finish(&mut self, _ticket: u64, _result: Rendered, _frame: &VideoFrame) -> StageOutput {
         StageOutput::Unchanged

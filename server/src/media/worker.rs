@@ -177,6 +177,9 @@ impl StreamClock {
     }
 }
 
+/// One video frame at 25 fps, ms.
+const FRAME_MS: f64 = 40.0;
+
 /// Video this far from the audio clock has jumped (a sender restart, an RTP discontinuity):
 /// it is re-anchored to the audio, the session's one media clock.
 const CLOCK_JUMP_MS: f64 = 2_000.0;
@@ -207,6 +210,9 @@ struct Worker {
     hold: Option<AvHold<HeldFrame, WorkerOutput>>,
     /// Frames an asynchronous stage is working on, in order, each with its output time.
     pending: VecDeque<PendingFrame>,
+    /// A stage that makes the video: the session time of the next frame to make, and the
+    /// time its video clock starts at.
+    next_made: Option<(f64, f64)>,
 }
 
 /// A frame whose stage result is due back by `due`.
@@ -260,6 +266,7 @@ impl Worker {
                 AvHold::new(stage.audio_after_ms(), processing)
             }),
             pending: VecDeque::new(),
+            next_made: None,
             stage,
         })
     }
@@ -390,6 +397,7 @@ impl Worker {
         };
         self.audio.push(at_ms, pcm);
         self.stage.audio(at_ms, pcm);
+        let end_ms = at_ms + pcm.len() as f64 / 16.0;
         // Re-encode packet for packet so every output packet keeps its input's RTP time.
         let (session, out, hold) = (&self.session, &self.out, &mut self.hold);
         let result = self.opus_out.encode(pcm, |offset_16k, packet| {
@@ -412,6 +420,38 @@ impl Worker {
         if let Err(e) = result {
             tracing::debug!(session = %self.session, "dropping audio: {e}");
         }
+        if self.stage.makes_video() {
+            self.make_frames(at_ms, end_ms, arrival);
+        }
+    }
+
+    /// Avatar mode: a frame for every 40 ms of audio that has arrived (up to `audio_end_ms`),
+    /// into the hold like a received frame, so it waits for its audio and leaves with it.
+    fn make_frames(&mut self, at_ms: f64, audio_end_ms: f64, arrival: Instant) {
+        let (mut next, origin) = *self.next_made.get_or_insert((at_ms, at_ms));
+        // A jump of the audio clock (a new stream): frames follow from there.
+        if (audio_end_ms - next).abs() > CLOCK_JUMP_MS {
+            next = at_ms;
+        }
+        while next + FRAME_MS <= audio_end_ms + 1e-6 {
+            if let Some(frame) = self.stage.synthesize(next) {
+                let ticks = ((next - origin).max(0.0) * 90.0).round() as u64;
+                if let Some(hold) = self.hold.as_mut() {
+                    hold.push_frame(
+                        HeldFrame {
+                            frame,
+                            rtp_time: MediaTime::from_90khz(ticks),
+                            arrival,
+                        },
+                        next,
+                        Instant::now(),
+                    );
+                }
+                self.metrics.frames_in.inc();
+            }
+            next += FRAME_MS;
+        }
+        self.next_made = Some((next, origin));
     }
 
     fn video(
@@ -420,6 +460,10 @@ impl Worker {
         arrival: Instant,
         access_unit: &[u8],
     ) -> Result<(), crate::media::codec::CodecError> {
+        if self.stage.makes_video() {
+            // The stage makes the picture; what the publisher sends is not shown.
+            return Ok(());
+        }
         let t0 = Instant::now();
         let frame = match self.h264_in.decode(access_unit) {
             Ok(Some(frame)) => frame,
