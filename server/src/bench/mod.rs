@@ -211,17 +211,33 @@ fn run_step(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message(format!("{n} session(s)"));
-    let options = PublishOptions {
-        base_url: o.url.clone(),
-        token: o.token.clone(),
-        width: o.width,
-        height: o.height,
-        fps: o.fps,
-        duration: o.duration,
-        linger: Duration::from_millis(1000),
-        audio: AudioSignal::Clicks { period_ms: 1000 },
-        background: o.picture.clone(),
-        ..PublishOptions::default()
+    let options = match o.mode {
+        Mode::Camera => PublishOptions {
+            base_url: o.url.clone(),
+            token: o.token.clone(),
+            width: o.width,
+            height: o.height,
+            fps: o.fps,
+            duration: o.duration,
+            linger: Duration::from_millis(1000),
+            audio: AudioSignal::Clicks { period_ms: 1000 },
+            background: o.picture.clone(),
+            ..PublishOptions::default()
+        },
+        // The server makes the video from the audio: the publisher speaks (a tone, so the avatar
+        // is never idle) and sends a token video the server does not show. The avatar's frames
+        // carry no stamp: they are counted (fps), not timed.
+        Mode::Avatar => PublishOptions {
+            base_url: o.url.clone(),
+            token: o.token.clone(),
+            width: 64,
+            height: 48,
+            fps: 5,
+            duration: o.duration,
+            linger: Duration::from_millis(1000),
+            audio: AudioSignal::Tone { hz: 220.0 },
+            ..PublishOptions::default()
+        },
     };
     let handles: Vec<_> = (0..n)
         .map(|i| {
@@ -327,9 +343,6 @@ fn overall(
 
 /// Runs the benchmark (one load, or a ramp) and returns the report.
 pub fn run(o: &SessionsOptions) -> anyhow::Result<BenchReport> {
-    if o.mode == Mode::Avatar {
-        anyhow::bail!("avatar mode needs the lip-sync pipeline's avatar serving, which this server does not have yet; use --mode camera");
-    }
     let duration_s = o.duration.as_secs_f64();
     let mut ramp = Vec::new();
     let mut sustainable = None;

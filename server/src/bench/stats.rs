@@ -64,12 +64,19 @@ impl SessionFigures {
             let d = (w[1].latency_ms - w[0].latency_ms).abs();
             jitter += (d - jitter) / 16.0;
         }
+        // Frames the server made itself (avatar mode) carry no stamp: counted, not timed.
+        let received = rx.frames.len().max(rx.frames_unstamped as usize);
+        let lost = if rx.frames.is_empty() && rx.frames_unstamped > 0 {
+            0
+        } else {
+            r.lost()
+        };
         SessionFigures {
             frames_sent: r.frames_sent,
-            frames_received: rx.frames.len(),
-            frames_lost: r.lost(),
+            frames_received: received,
+            frames_lost: lost,
             latency_ms: Latency::of(&lat),
-            fps_delivered: rx.frames.len() as f64 / duration_s.max(1e-9),
+            fps_delivered: received as f64 / duration_s.max(1e-9),
             jitter_ms: jitter,
             setup_ms: rx.setup_ms,
             av_offset_ms: av_offsets(r),
