@@ -513,21 +513,26 @@ pub fn compare(old: &BenchReport, new: &BenchReport) -> String {
 /// One line per headline figure, for the terminal.
 pub fn summary(r: &BenchReport) -> String {
     let o = &r.overall;
-    let l = o.latency_ms.clone().unwrap_or_default();
+    // Frames without stamps (an avatar the server made) are counted, not timed.
+    let latency = o.latency_ms.as_ref().map_or_else(
+        || "latency not timed (no stamped frames)".to_string(),
+        |l| {
+            format!(
+                "latency p50 {:.1} / p95 {:.1} / p99 {:.1} / max {:.1} ms",
+                l.p50, l.p95, l.p99, l.max
+            )
+        },
+    );
     let mut s = format!(
-        "{} session(s), {:.0} s: latency p50 {:.1} / p95 {:.1} / p99 {:.1} / max {:.1} ms; {:.1} fps per session; \
-         lost {:.2} %, late {:.2} %; jitter {:.1} ms; setup p50 {:.0} ms; A/V offset mean {} ms (max |{}| ms, {} clicks)",
+        "{} session(s), {:.0} s: {latency}; {:.1} fps per session; \
+         lost {:.2} %, late {:.2} %; jitter {:.1} ms; setup p50 {} ms; A/V offset mean {} ms (max |{}| ms, {} clicks)",
         o.sessions,
         r.duration_s,
-        l.p50,
-        l.p95,
-        l.p99,
-        l.max,
         o.fps_per_session_mean,
         o.loss_pct,
         o.late_pct,
         o.jitter_ms_mean,
-        o.setup_ms_p50.unwrap_or(f64::NAN),
+        o.setup_ms_p50.map_or("-".into(), |v| format!("{v:.0}")),
         o.av_offset_ms_mean.map_or("-".into(), |v| format!("{v:.1}")),
         o.av_offset_ms_max_abs.map_or("-".into(), |v| format!("{v:.1}")),
         o.av_offset_samples,
