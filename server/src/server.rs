@@ -173,12 +173,13 @@ async fn lipsync_stage(
     let hop = config.audio_hop_frames;
     Ok(Arc::new(move || -> Box<dyn crate::media::stage::Stage> {
         if let Some(assets) = &avatar {
-            return Box::new(AvatarStage::new(
-                renderer.clone(),
-                assets.clone(),
-                hop,
-                metrics.clone(),
-            ));
+            return match AvatarStage::new(renderer.clone(), assets.clone(), hop, metrics.clone()) {
+                Ok(s) => Box::new(s),
+                Err(e) => {
+                    tracing::error!("lip-sync stage unavailable, frames pass through: {e}");
+                    Box::new(Identity)
+                }
+            };
         }
         match CameraStage::new(renderer.clone(), &stage_config, metrics.clone()) {
             Ok(s) => Box::new(s),

@@ -15,8 +15,8 @@ use lipstream_engines::image::{self, FaceBox, PlanesMut};
 use lipstream_engines::models::musetalk::{CROP, LATENT};
 use lipstream_engines::Tensor;
 
-use crate::lipsync::camera::{audio_prompt, reply_to};
-use crate::lipsync::renderer::{Job, Renderer};
+use crate::lipsync::prep::{Inputs, Prep};
+use crate::lipsync::renderer::Renderer;
 use crate::lipsync::AudioFeed;
 use crate::media::frame::VideoFrame;
 use crate::media::stage::{Completion, Rendered, Stage, StageInput, StageOutput};
@@ -89,11 +89,9 @@ impl AvatarAssets {
 
 /// One avatar session's stage.
 pub struct AvatarStage {
-    renderer: Arc<Renderer>,
+    prep: Prep,
     assets: Arc<AvatarAssets>,
-    audio: AudioFeed,
     hop_frames: usize,
-    done: Option<Completion>,
     /// Session time of the first frame made: frame k is at `origin + 40 k`.
     origin_ms: Option<f64>,
     /// Frame index and mouth strength of the frames at the renderer, by ticket.
@@ -110,19 +108,17 @@ impl AvatarStage {
         assets: Arc<AvatarAssets>,
         hop_frames: usize,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        AvatarStage {
-            renderer,
+    ) -> std::io::Result<Self> {
+        Ok(AvatarStage {
+            prep: Prep::start(renderer, hop_frames, metrics.clone())?,
             assets,
-            audio: AudioFeed::new(hop_frames),
             hop_frames,
-            done: None,
             origin_ms: None,
             pending: HashMap::new(),
             next_ticket: 0,
             level: 0.0,
             metrics,
-        }
+        })
     }
 
     fn index_of(&self, frame_ms: f64) -> usize {
@@ -161,11 +157,11 @@ impl Stage for AvatarStage {
     }
 
     fn attach(&mut self, done: Completion) {
-        self.done = Some(done);
+        self.prep.attach(done);
     }
 
     fn audio(&mut self, at_ms: f64, pcm: &[i16]) {
-        self.audio.push(at_ms, pcm);
+        self.prep.audio(at_ms, pcm);
     }
 
     fn makes_video(&self) -> bool {
@@ -190,36 +186,23 @@ impl Stage for AvatarStage {
             return StageOutput::Unchanged;
         }
         let i = self.index_of(input.frame_ms);
-        let Some(index) = self.audio.frame_index(input.frame_ms) else {
-            self.metrics.frames_audio_short.inc();
-            return StageOutput::Unchanged;
-        };
-        let prompt = match audio_prompt(&mut self.audio, &self.renderer, index) {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                self.metrics.frames_audio_short.inc();
-                return StageOutput::Unchanged;
-            }
-            Err(e) => {
-                tracing::warn!("audio features failed: {e}");
-                self.metrics.frames_failed.inc();
-                return StageOutput::Unchanged;
-            }
-        };
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         if self.pending.len() >= 256 {
             let oldest = ticket.saturating_sub(128);
             self.pending.retain(|&t, _| t >= oldest);
         }
+        let inputs = Inputs::Avatar {
+            latents: self.assets.latents[i].clone(),
+        };
+        if !self
+            .prep
+            .frame(ticket, input.frame_ms, input.deadline, inputs)
+        {
+            self.metrics.frames_late.inc();
+            return StageOutput::Unchanged;
+        }
         self.pending.insert(ticket, (i, self.level));
-        self.renderer.submit(
-            Job {
-                inputs: vec![self.assets.latents[i].clone(), prompt],
-                reply: reply_to(self.done.clone(), ticket),
-            },
-            input.deadline,
-        );
         StageOutput::Pending(ticket)
     }
 

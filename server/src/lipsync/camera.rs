@@ -9,14 +9,14 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lipstream_engines::avatar::mask_lower_half;
 use lipstream_engines::face::{Crop, FaceTracker, TrackerConfig};
 use lipstream_engines::image::{self, FaceBox, Planes, PlanesMut};
 use lipstream_engines::models::mtcnn::{Mtcnn, MtcnnParams};
 use lipstream_engines::models::musetalk::CROP;
-use lipstream_engines::{EngineError, Tensor};
+use lipstream_engines::Tensor;
 
-use crate::lipsync::renderer::{Job, Missed, Renderer};
+use crate::lipsync::prep::{Inputs, Prep};
+use crate::lipsync::renderer::Renderer;
 use crate::lipsync::AudioFeed;
 use crate::media::frame::VideoFrame;
 use crate::media::stage::{Completion, Rendered, Stage, StageInput, StageOutput};
@@ -41,12 +41,10 @@ pub struct CameraStageConfig {
 
 /// One camera session's lip-sync stage.
 pub struct CameraStage {
-    renderer: Arc<Renderer>,
+    prep: Prep,
     detector: Detector,
     tracker: FaceTracker,
-    audio: AudioFeed,
     hop_frames: usize,
-    done: Option<Completion>,
     /// Face boxes of the frames at the renderer, by ticket.
     boxes: HashMap<u64, FaceBox>,
     next_ticket: u64,
@@ -129,12 +127,10 @@ impl CameraStage {
             )
         })?;
         Ok(CameraStage {
-            renderer,
+            prep: Prep::start(renderer, config.hop_frames, metrics.clone())?,
             detector: Detector::start(detector)?,
             tracker: FaceTracker::new(config.tracker),
-            audio: AudioFeed::new(config.hop_frames),
             hop_frames: config.hop_frames,
-            done: None,
             boxes: HashMap::new(),
             next_ticket: 0,
             metrics,
@@ -170,7 +166,7 @@ fn planes(frame: &VideoFrame) -> Planes<'_> {
 }
 
 /// `face` ([3, 256, 256] in [0, 1]) blended into a copy of `frame` inside `b`.
-pub(crate) fn blended(frame: &VideoFrame, face: &Tensor, b: &FaceBox) -> VideoFrame {
+fn blended(frame: &VideoFrame, face: &Tensor, b: &FaceBox) -> VideoFrame {
     let mut out = frame.clone();
     let mut p = PlanesMut {
         width: out.width,
@@ -181,36 +177,6 @@ pub(crate) fn blended(frame: &VideoFrame, face: &Tensor, b: &FaceBox) -> VideoFr
     };
     image::blend(&mut p, face, b);
     out
-}
-
-/// Sends the renderer's answer back to the session's worker.
-pub(crate) fn reply_to(done: Option<Completion>, ticket: u64) -> crate::lipsync::renderer::Reply {
-    Box::new(move |result| {
-        let Some(done) = done else {
-            return;
-        };
-        done.done(
-            ticket,
-            match result {
-                Ok(face) => Rendered::Face(face),
-                Err(Missed::Late) => Rendered::Late,
-                Err(Missed::Failed(why)) => Rendered::Failed(why),
-            },
-        );
-    })
-}
-
-/// The audio prompt of frame `index`, encoding a whisper window when its hop needs one.
-pub(crate) fn audio_prompt(
-    audio: &mut AudioFeed,
-    renderer: &Renderer,
-    index: usize,
-) -> Result<Option<Tensor>, EngineError> {
-    audio.stream.prompt(index, |mel, rows| {
-        renderer
-            .encode_audio(mel, rows)
-            .map_err(|e| EngineError::Executor(format!("{e:#}")))
-    })
 }
 
 impl Stage for CameraStage {
@@ -231,54 +197,18 @@ impl Stage for CameraStage {
     }
 
     fn attach(&mut self, done: Completion) {
-        self.done = Some(done);
+        self.prep.attach(done);
     }
 
     fn audio(&mut self, at_ms: f64, pcm: &[i16]) {
-        let restarts = self.audio.restarts;
-        self.audio.push(at_ms, pcm);
-        if self.audio.restarts > restarts {
-            tracing::info!("audio jumped on the session clock; whisper features start over");
-        }
+        self.prep.audio(at_ms, pcm);
     }
 
     fn process(&mut self, input: StageInput<'_>) -> StageOutput {
-        let Some(index) = self.audio.frame_index(input.frame_ms) else {
-            self.metrics.frames_audio_short.inc();
-            return StageOutput::Unchanged;
-        };
-        let t0 = std::time::Instant::now();
-        let detecting = self.tracker.wants_detection();
         let Some(b) = self.face(input.frame) else {
             self.metrics.frames_no_face.inc();
             return StageOutput::Unchanged;
         };
-        let t1 = std::time::Instant::now();
-        let encodes = self.audio.stream.encodes;
-        let prompt = match audio_prompt(&mut self.audio, &self.renderer, index) {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                self.metrics.frames_audio_short.inc();
-                return StageOutput::Unchanged;
-            }
-            Err(e) => {
-                tracing::warn!("audio features failed: {e}");
-                self.metrics.frames_failed.inc();
-                return StageOutput::Unchanged;
-            }
-        };
-        let t2 = std::time::Instant::now();
-        let reference = image::crop(&planes(input.frame), &b, CROP);
-        let masked = mask_lower_half(&reference);
-        tracing::debug!(
-            index,
-            face_ms = (t1 - t0).as_secs_f64() * 1e3,
-            detected = detecting,
-            audio_ms = (t2 - t1).as_secs_f64() * 1e3,
-            whisper = self.audio.stream.encodes > encodes,
-            crop_ms = t2.elapsed().as_secs_f64() * 1e3,
-            "frame submitted"
-        );
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         if self.boxes.len() >= MAX_IN_FLIGHT {
@@ -286,14 +216,18 @@ impl Stage for CameraStage {
             let oldest = ticket.saturating_sub(MAX_IN_FLIGHT as u64 / 2);
             self.boxes.retain(|&t, _| t >= oldest);
         }
+        let inputs = Inputs::Camera {
+            frame: input.frame.clone(),
+            face: b,
+        };
+        if !self
+            .prep
+            .frame(ticket, input.frame_ms, input.deadline, inputs)
+        {
+            self.metrics.frames_late.inc();
+            return StageOutput::Unchanged;
+        }
         self.boxes.insert(ticket, b);
-        self.renderer.submit(
-            Job {
-                inputs: vec![masked, reference, prompt],
-                reply: reply_to(self.done.clone(), ticket),
-            },
-            input.deadline,
-        );
         StageOutput::Pending(ticket)
     }
 

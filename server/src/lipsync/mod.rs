@@ -10,6 +10,7 @@
 
 pub mod avatar;
 pub mod camera;
+mod prep;
 pub mod renderer;
 
 pub use avatar::{AvatarAssets, AvatarStage};

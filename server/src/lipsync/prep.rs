@@ -1,0 +1,186 @@
+//! A session's model-input preparation, on a thread of its own: audio features (a whisper
+//! window per hop — ~0.2 s on a busy CPU, a round trip to the GPU otherwise), the face crops, and
+//! the hand-off to the renderer. The media worker only queues work here, so it keeps releasing
+//! audio and frames on time while a window is being encoded.
+
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use lipstream_engines::avatar::mask_lower_half;
+use lipstream_engines::image::{self, FaceBox, Planes};
+use lipstream_engines::models::musetalk::CROP;
+use lipstream_engines::{EngineError, Tensor};
+
+use crate::lipsync::renderer::{Job, Missed, Renderer};
+use crate::lipsync::AudioFeed;
+use crate::media::frame::VideoFrame;
+use crate::media::stage::{Completion, Rendered};
+use crate::metrics::Metrics;
+
+/// About five seconds of audio packets and frames: beyond that the session is too far behind
+/// for its frames to be rendered in time anyway.
+const QUEUE: usize = 400;
+
+/// What a frame brings besides its audio.
+pub(crate) enum Inputs {
+    /// Camera mode: the frame and its face box (cropped here).
+    Camera { frame: VideoFrame, face: FaceBox },
+    /// Avatar mode: the prepared latents [8, 32, 32].
+    Avatar { latents: Tensor },
+}
+
+enum Msg {
+    Attach(Completion),
+    Audio(f64, Vec<i16>),
+    Frame {
+        ticket: u64,
+        frame_ms: f64,
+        deadline: Instant,
+        inputs: Inputs,
+    },
+}
+
+/// The stage's end of a session's preparation thread; dropping it ends the thread.
+pub(crate) struct Prep {
+    tx: SyncSender<Msg>,
+}
+
+impl Prep {
+    pub fn start(
+        renderer: Arc<Renderer>,
+        hop_frames: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("lipsync-prep".into())
+            .spawn(move || run(rx, renderer, AudioFeed::new(hop_frames), metrics))?;
+        Ok(Prep { tx })
+    }
+
+    pub fn attach(&self, done: Completion) {
+        let _ = self.tx.try_send(Msg::Attach(done));
+    }
+
+    /// Audio on the session clock; dropped when the thread is that far behind (the feed fills
+    /// the gap with silence).
+    pub fn audio(&self, at_ms: f64, pcm: &[i16]) {
+        let _ = self.tx.try_send(Msg::Audio(at_ms, pcm.to_vec()));
+    }
+
+    /// Queues a frame; false when the thread is too far behind to take it.
+    pub fn frame(&self, ticket: u64, frame_ms: f64, deadline: Instant, inputs: Inputs) -> bool {
+        match self.tx.try_send(Msg::Frame {
+            ticket,
+            frame_ms,
+            deadline,
+            inputs,
+        }) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+fn run(rx: Receiver<Msg>, renderer: Arc<Renderer>, mut feed: AudioFeed, metrics: Arc<Metrics>) {
+    let mut done: Option<Completion> = None;
+    for msg in rx {
+        match msg {
+            Msg::Attach(d) => done = Some(d),
+            Msg::Audio(at_ms, pcm) => {
+                let restarts = feed.restarts;
+                feed.push(at_ms, &pcm);
+                if feed.restarts > restarts {
+                    tracing::info!(
+                        "audio jumped on the session clock; whisper features start over"
+                    );
+                }
+            }
+            Msg::Frame {
+                ticket,
+                frame_ms,
+                deadline,
+                inputs,
+            } => {
+                let reply = |r: Rendered| {
+                    if let Some(d) = &done {
+                        d.done(ticket, r);
+                    }
+                };
+                let t0 = Instant::now();
+                let encodes = feed.stream.encodes;
+                let prompt = match feed
+                    .frame_index(frame_ms)
+                    .map(|i| prompt(&mut feed, &renderer, i))
+                {
+                    Some(Ok(Some(p))) => p,
+                    None | Some(Ok(None)) => {
+                        metrics.frames_audio_short.inc();
+                        reply(Rendered::Unchanged);
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("audio features failed: {e}");
+                        metrics.frames_failed.inc();
+                        reply(Rendered::Unchanged);
+                        continue;
+                    }
+                };
+                let t1 = Instant::now();
+                let model_inputs = match inputs {
+                    Inputs::Camera { frame, face } => {
+                        let planes = Planes {
+                            width: frame.width,
+                            height: frame.height,
+                            y: &frame.y,
+                            u: &frame.u,
+                            v: &frame.v,
+                        };
+                        let reference = image::crop(&planes, &face, CROP);
+                        vec![mask_lower_half(&reference), reference, prompt]
+                    }
+                    Inputs::Avatar { latents } => vec![latents, prompt],
+                };
+                tracing::debug!(
+                    audio_ms = (t1 - t0).as_secs_f64() * 1e3,
+                    whisper = feed.stream.encodes > encodes,
+                    crop_ms = t1.elapsed().as_secs_f64() * 1e3,
+                    "frame submitted"
+                );
+                let done = done.clone();
+                renderer.submit(
+                    Job {
+                        inputs: model_inputs,
+                        reply: Box::new(move |result| {
+                            if let Some(done) = done {
+                                done.done(
+                                    ticket,
+                                    match result {
+                                        Ok(face) => Rendered::Face(face),
+                                        Err(Missed::Late) => Rendered::Late,
+                                        Err(Missed::Failed(why)) => Rendered::Failed(why),
+                                    },
+                                );
+                            }
+                        }),
+                    },
+                    deadline,
+                );
+            }
+        }
+    }
+}
+
+/// The audio prompt of frame `index`, encoding a whisper window when its hop needs one.
+fn prompt(
+    feed: &mut AudioFeed,
+    renderer: &Renderer,
+    index: usize,
+) -> Result<Option<Tensor>, EngineError> {
+    feed.stream.prompt(index, |mel, rows| {
+        renderer
+            .encode_audio(mel, rows)
+            .map_err(|e| EngineError::Executor(format!("{e:#}")))
+    })
+}
