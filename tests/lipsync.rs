@@ -314,3 +314,60 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
     assert!(changed >= 1, "rendered mouths reach the viewer");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Camera mode through a 2 s audio outage and a 10 s jump of the video timestamps: the stream
+/// goes on — every frame comes back, the audio resumes, the jumped video is re-anchored.
+#[test]
+fn camera_mode_rides_out_an_audio_gap_and_a_timestamp_jump() {
+    let models = fixtures().join("tiny");
+    let mtcnn = fixtures().join("mtcnn");
+    let server = common::Server::start(&[
+        "--models",
+        models.to_str().unwrap(),
+        "--mtcnn",
+        mtcnn.to_str().unwrap(),
+        "--executor",
+        "cpu",
+        "--batches",
+        "1",
+        "--audio-hop-frames",
+        "25",
+        "--frame-budget-ms",
+        "1500",
+    ]);
+    let background = Arc::new(astronaut_frame());
+    let report = publish(&PublishOptions {
+        base_url: server.base_url.clone(),
+        width: background.width,
+        height: background.height,
+        fps: 10,
+        duration: Duration::from_secs(8),
+        // Frames leave 1080 ms (lookahead) + 1.5 s (budget) after they arrive.
+        linger: Duration::from_millis(4000),
+        audio: AudioSignal::Tone { hz: 220.0 },
+        background: Some(background),
+        audio_pause: Some((Duration::from_millis(2500), Duration::from_secs(2))),
+        video_jump: Some((60, 900_000)),
+        ..Default::default()
+    })
+    .expect("publish");
+    let got: Vec<u32> = report.received.frames.iter().map(|f| f.frame_id).collect();
+    let after_jump = got.iter().filter(|&&id| id >= 60).count();
+    eprintln!(
+        "sent {} frames, {} back ({after_jump} after the jump); audio {} packets sent, {} back; audio short {}",
+        report.frames_sent,
+        got.len(),
+        report.audio_packets_sent,
+        report.received.audio_packets,
+        server.metric("lipstream_frames_audio_short_total"),
+    );
+    assert!(
+        got.len() as f64 >= 0.95 * f64::from(report.frames_sent),
+        "frames keep coming back through the gap and the jump"
+    );
+    assert!(after_jump >= 15, "the video after the jump comes back");
+    assert!(
+        f64::from(report.received.audio_packets) >= 0.9 * f64::from(report.audio_packets_sent),
+        "the audio resumes after the gap"
+    );
+}

@@ -50,6 +50,11 @@ pub struct PublishOptions {
     pub background: Option<std::sync::Arc<crate::media::frame::VideoFrame>>,
     /// Keep every returned decoded picture (`Received::pictures`), for pixel checks.
     pub keep_pictures: bool,
+    /// Stop sending audio for a while (start after connecting, length), as a muted or broken
+    /// microphone would; RTP time runs on meanwhile.
+    pub audio_pause: Option<(Duration, Duration)>,
+    /// From this frame id on, video RTP times jump by this many 90 kHz ticks (a sender restart).
+    pub video_jump: Option<(u32, u64)>,
 }
 
 impl Default for PublishOptions {
@@ -69,6 +74,8 @@ impl Default for PublishOptions {
             corrupt_frames: Vec::new(),
             background: None,
             keep_pictures: false,
+            audio_pause: None,
+            video_jump: None,
         }
     }
 }
@@ -182,7 +189,11 @@ fn run(
             if options.corrupt_frames.contains(&id) {
                 data.truncate(data.len() / 2);
             }
-            let rtp = MediaTime::from_90khz(u64::from(id) * 90_000 / u64::from(fps));
+            let jump = options
+                .video_jump
+                .filter(|(from, _)| id >= *from)
+                .map_or(0, |(_, ticks)| ticks);
+            let rtp = MediaTime::from_90khz(u64::from(id) * 90_000 / u64::from(fps) + jump);
             if let Some(w) = peer.rtc.writer(peer.video_mid) {
                 if let Some(pt) = pick_video_pt(w.payload_params()) {
                     w.write(pt, now, rtp, data)?;
@@ -208,6 +219,15 @@ fn run(
             let mut packet = Vec::new();
             opus_out.encode(&pcm, |_, p| packet = p.to_vec())?;
             let rtp = MediaTime::new(audio_rtp, Frequency::FORTY_EIGHT_KHZ);
+            let paused = options.audio_pause.is_some_and(|(from, len)| {
+                let t = now.saturating_duration_since(connected);
+                t >= from && t < from + len
+            });
+            if paused {
+                audio_rtp += pcm.len() as u64;
+                next_audio = Some(na + AUDIO_FRAME);
+                continue;
+            }
             if let Some(w) = peer.rtc.writer(peer.audio_mid) {
                 if let Some(pt) = pick_audio_pt(w.payload_params()) {
                     w.write(pt, now, rtp, packet)?;
