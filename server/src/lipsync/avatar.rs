@@ -5,19 +5,17 @@
 //! it is; speech fades the rendered mouth in over a few frames and silence fades it out, so the
 //! face never jumps.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
 use lipstream_engines::avatar::Bundle;
-use lipstream_engines::image::{self, FaceBox, PlanesMut};
-use lipstream_engines::models::musetalk::{CROP, LATENT};
+use lipstream_engines::image::FaceBox;
+use lipstream_engines::models::musetalk::LATENT;
 use lipstream_engines::Tensor;
 
 use crate::lipsync::prep::{Inputs, Prep};
 use crate::lipsync::renderer::Renderer;
-use crate::lipsync::AudioFeed;
 use crate::media::frame::VideoFrame;
 use crate::media::stage::{Completion, Rendered, Stage, StageInput, StageOutput};
 use crate::metrics::Metrics;
@@ -89,14 +87,11 @@ impl AvatarAssets {
 
 /// One avatar session's stage.
 pub struct AvatarStage {
-    prep: Prep,
+    /// Keeps the clip frame and mouth strength of each frame at the renderer.
+    prep: Prep<(usize, f32)>,
     assets: Arc<AvatarAssets>,
-    hop_frames: usize,
     /// Session time of the first frame made: frame k is at `origin + 40 k`.
     origin_ms: Option<f64>,
-    /// Frame index and mouth strength of the frames at the renderer, by ticket.
-    pending: HashMap<u64, (usize, f32)>,
-    next_ticket: u64,
     /// 0 silent .. 1 speaking: how much of the rendered mouth shows.
     level: f32,
     metrics: Arc<Metrics>,
@@ -112,10 +107,7 @@ impl AvatarStage {
         Ok(AvatarStage {
             prep: Prep::start(renderer, hop_frames, metrics.clone())?,
             assets,
-            hop_frames,
             origin_ms: None,
-            pending: HashMap::new(),
-            next_ticket: 0,
             level: 0.0,
             metrics,
         })
@@ -149,7 +141,7 @@ impl Stage for AvatarStage {
     }
 
     fn audio_after_ms(&self) -> f64 {
-        AudioFeed::lookahead_ms(self.hop_frames)
+        self.prep.lookahead_ms()
     }
 
     fn asynchronous(&self) -> bool {
@@ -186,47 +178,17 @@ impl Stage for AvatarStage {
             return StageOutput::Unchanged;
         }
         let i = self.index_of(input.frame_ms);
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        if self.pending.len() >= 256 {
-            let oldest = ticket.saturating_sub(128);
-            self.pending.retain(|&t, _| t >= oldest);
-        }
         let inputs = Inputs::Avatar {
             latents: self.assets.latents[i].clone(),
         };
-        if !self
-            .prep
-            .frame(ticket, input.frame_ms, input.deadline, inputs)
-        {
-            self.metrics.frames_late.inc();
-            return StageOutput::Unchanged;
-        }
-        self.pending.insert(ticket, (i, self.level));
-        StageOutput::Pending(ticket)
+        self.prep
+            .submit((i, self.level), input.frame_ms, input.deadline, inputs)
     }
 
     fn finish(&mut self, ticket: u64, result: Rendered, frame: &VideoFrame) -> StageOutput {
-        self.pending.retain(|&t, _| t >= ticket);
-        let Some((i, strength)) = self.pending.remove(&ticket) else {
-            return StageOutput::Unchanged;
-        };
-        match result {
-            Rendered::Face(face) if face.shape == [3, CROP, CROP] => {
-                self.metrics.frames_rendered.inc();
-                let mut out = frame.clone();
-                let mut p = PlanesMut {
-                    width: out.width,
-                    height: out.height,
-                    y: &mut out.y,
-                    u: &mut out.u,
-                    v: &mut out.v,
-                };
-                image::blend_with(&mut p, &face, &self.assets.boxes[i], strength);
-                StageOutput::Frame(out)
-            }
-            _ => StageOutput::Unchanged,
-        }
+        let boxes = &self.assets.boxes;
+        self.prep
+            .finish(ticket, result, frame, |(i, strength)| (boxes[i], strength))
     }
 }
 

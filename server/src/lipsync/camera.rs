@@ -5,25 +5,18 @@
 //! then the renderer; the returned face is blended back under the feathered lower-face mask.
 //! A frame without a face, or before any audio, goes out as it came in and is counted.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use lipstream_engines::face::{Crop, FaceTracker, TrackerConfig};
-use lipstream_engines::image::{self, FaceBox, Planes, PlanesMut};
+use lipstream_engines::image::{self, FaceBox};
 use lipstream_engines::models::mtcnn::{Mtcnn, MtcnnParams};
-use lipstream_engines::models::musetalk::CROP;
-use lipstream_engines::Tensor;
 
 use crate::lipsync::prep::{Inputs, Prep};
 use crate::lipsync::renderer::Renderer;
-use crate::lipsync::AudioFeed;
 use crate::media::frame::VideoFrame;
 use crate::media::stage::{Completion, Rendered, Stage, StageInput, StageOutput};
 use crate::metrics::Metrics;
-
-/// More frames than this at the renderer at once means results were lost on the way back.
-const MAX_IN_FLIGHT: usize = 256;
 
 /// Settings shared by every camera session.
 #[derive(Clone, Debug)]
@@ -41,13 +34,10 @@ pub struct CameraStageConfig {
 
 /// One camera session's lip-sync stage.
 pub struct CameraStage {
-    prep: Prep,
+    /// Keeps the face box of each frame at the renderer.
+    prep: Prep<FaceBox>,
     detector: Detector,
     tracker: FaceTracker,
-    hop_frames: usize,
-    /// Face boxes of the frames at the renderer, by ticket.
-    boxes: HashMap<u64, FaceBox>,
-    next_ticket: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -104,7 +94,7 @@ impl Detector {
         if self.busy {
             return;
         }
-        image::to_rgb(&planes(frame), &mut self.rgb);
+        image::to_rgb(&frame.planes(), &mut self.rgb);
         let rgb = std::mem::take(&mut self.rgb);
         self.busy = self.tx.try_send((rgb, frame.width, frame.height)).is_ok();
     }
@@ -130,9 +120,6 @@ impl CameraStage {
             prep: Prep::start(renderer, config.hop_frames, metrics.clone())?,
             detector: Detector::start(detector)?,
             tracker: FaceTracker::new(config.tracker),
-            hop_frames: config.hop_frames,
-            boxes: HashMap::new(),
-            next_ticket: 0,
             metrics,
         })
     }
@@ -155,30 +142,6 @@ impl CameraStage {
     }
 }
 
-fn planes(frame: &VideoFrame) -> Planes<'_> {
-    Planes {
-        width: frame.width,
-        height: frame.height,
-        y: &frame.y,
-        u: &frame.u,
-        v: &frame.v,
-    }
-}
-
-/// `face` ([3, 256, 256] in [0, 1]) blended into a copy of `frame` inside `b`.
-fn blended(frame: &VideoFrame, face: &Tensor, b: &FaceBox) -> VideoFrame {
-    let mut out = frame.clone();
-    let mut p = PlanesMut {
-        width: out.width,
-        height: out.height,
-        y: &mut out.y,
-        u: &mut out.u,
-        v: &mut out.v,
-    };
-    image::blend(&mut p, face, b);
-    out
-}
-
 impl Stage for CameraStage {
     fn name(&self) -> &'static str {
         "lipsync-camera"
@@ -189,7 +152,7 @@ impl Stage for CameraStage {
     }
 
     fn audio_after_ms(&self) -> f64 {
-        AudioFeed::lookahead_ms(self.hop_frames)
+        self.prep.lookahead_ms()
     }
 
     fn asynchronous(&self) -> bool {
@@ -209,40 +172,14 @@ impl Stage for CameraStage {
             self.metrics.frames_no_face.inc();
             return StageOutput::Unchanged;
         };
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        if self.boxes.len() >= MAX_IN_FLIGHT {
-            // Frames that never came back (dropped results): forget the oldest.
-            let oldest = ticket.saturating_sub(MAX_IN_FLIGHT as u64 / 2);
-            self.boxes.retain(|&t, _| t >= oldest);
-        }
         let inputs = Inputs::Camera {
             frame: input.frame.clone(),
             face: b,
         };
-        if !self
-            .prep
-            .frame(ticket, input.frame_ms, input.deadline, inputs)
-        {
-            self.metrics.frames_late.inc();
-            return StageOutput::Unchanged;
-        }
-        self.boxes.insert(ticket, b);
-        StageOutput::Pending(ticket)
+        self.prep.submit(b, input.frame_ms, input.deadline, inputs)
     }
 
     fn finish(&mut self, ticket: u64, result: Rendered, frame: &VideoFrame) -> StageOutput {
-        // Boxes of frames that went out late are dropped with them.
-        self.boxes.retain(|&t, _| t >= ticket);
-        let Some(b) = self.boxes.remove(&ticket) else {
-            return StageOutput::Unchanged;
-        };
-        match result {
-            Rendered::Face(face) if face.shape == [3, CROP, CROP] => {
-                self.metrics.frames_rendered.inc();
-                StageOutput::Frame(blended(frame, &face, &b))
-            }
-            _ => StageOutput::Unchanged,
-        }
+        self.prep.finish(ticket, result, frame, |b| (b, 1.0))
     }
 }

@@ -3,19 +3,20 @@
 //! the hand-off to the renderer. The media worker only queues work here, so it keeps releasing
 //! audio and frames on time while a window is being encoded.
 
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::Instant;
 
 use lipstream_engines::avatar::mask_lower_half;
-use lipstream_engines::image::{self, FaceBox, Planes};
+use lipstream_engines::image::{self, FaceBox};
 use lipstream_engines::models::musetalk::CROP;
 use lipstream_engines::{EngineError, Tensor};
 
 use crate::lipsync::renderer::{Job, Missed, Renderer};
 use crate::lipsync::AudioFeed;
 use crate::media::frame::VideoFrame;
-use crate::media::stage::{Completion, Rendered};
+use crate::media::stage::{Completion, Rendered, StageOutput};
 use crate::metrics::Metrics;
 
 /// About five seconds of audio packets and frames: beyond that the session is too far behind
@@ -41,22 +42,43 @@ enum Msg {
     },
 }
 
-/// The stage's end of a session's preparation thread; dropping it ends the thread.
-pub(crate) struct Prep {
+/// More frames than this at the renderer at once means results were lost on the way back.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// The stage's end of a session's preparation thread (dropping it ends the thread), with what
+/// the stage keeps of each frame at the renderer (`T`: its face box, its mouth strength) until
+/// the result comes back.
+pub(crate) struct Prep<T> {
     tx: SyncSender<Msg>,
+    hop_frames: usize,
+    in_flight: HashMap<u64, T>,
+    next_ticket: u64,
+    metrics: Arc<Metrics>,
 }
 
-impl Prep {
+impl<T> Prep<T> {
     pub fn start(
         renderer: Arc<Renderer>,
         hop_frames: usize,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let thread_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("lipsync-prep".into())
-            .spawn(move || run(rx, renderer, AudioFeed::new(hop_frames), metrics))?;
-        Ok(Prep { tx })
+            .spawn(move || run(rx, renderer, AudioFeed::new(hop_frames), thread_metrics))?;
+        Ok(Prep {
+            tx,
+            hop_frames,
+            in_flight: HashMap::new(),
+            next_ticket: 0,
+            metrics,
+        })
+    }
+
+    /// Audio a frame waits for past its own time (the stage's `audio_after_ms`).
+    pub fn lookahead_ms(&self) -> f64 {
+        AudioFeed::lookahead_ms(self.hop_frames)
     }
 
     pub fn attach(&self, done: Completion) {
@@ -69,16 +91,59 @@ impl Prep {
         let _ = self.tx.try_send(Msg::Audio(at_ms, pcm.to_vec()));
     }
 
-    /// Queues a frame; false when the thread is too far behind to take it.
-    pub fn frame(&self, ticket: u64, frame_ms: f64, deadline: Instant, inputs: Inputs) -> bool {
-        match self.tx.try_send(Msg::Frame {
+    /// Queues a frame for the renderer, keeping `keep` for its return: `Pending`, or
+    /// `Unchanged` (counted late) when the thread is too far behind to take it.
+    pub fn submit(
+        &mut self,
+        keep: T,
+        frame_ms: f64,
+        deadline: Instant,
+        inputs: Inputs,
+    ) -> StageOutput {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let msg = Msg::Frame {
             ticket,
             frame_ms,
             deadline,
             inputs,
-        }) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        };
+        if self.tx.try_send(msg).is_err() {
+            self.metrics.frames_late.inc();
+            return StageOutput::Unchanged;
+        }
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            // Frames whose results never came back: forget the oldest.
+            let oldest = ticket.saturating_sub(MAX_IN_FLIGHT as u64 / 2);
+            self.in_flight.retain(|&t, _| t >= oldest);
+        }
+        self.in_flight.insert(ticket, keep);
+        StageOutput::Pending(ticket)
+    }
+
+    /// A result back from the renderer: the rendered face blended into a copy of `frame` inside
+    /// the box (at the strength) `place` gives for what was kept, or `Unchanged`.
+    pub fn finish(
+        &mut self,
+        ticket: u64,
+        result: Rendered,
+        frame: &VideoFrame,
+        place: impl FnOnce(T) -> (FaceBox, f32),
+    ) -> StageOutput {
+        // Frames before this one went out late: what was kept for them goes too.
+        self.in_flight.retain(|&t, _| t >= ticket);
+        let Some(keep) = self.in_flight.remove(&ticket) else {
+            return StageOutput::Unchanged;
+        };
+        match result {
+            Rendered::Face(face) if face.shape == [3, CROP, CROP] => {
+                self.metrics.frames_rendered.inc();
+                let (b, strength) = place(keep);
+                let mut out = frame.clone();
+                image::blend_with(&mut out.planes_mut(), &face, &b, strength);
+                StageOutput::Frame(out)
+            }
+            _ => StageOutput::Unchanged,
         }
     }
 }
@@ -130,14 +195,7 @@ fn run(rx: Receiver<Msg>, renderer: Arc<Renderer>, mut feed: AudioFeed, metrics:
                 let t1 = Instant::now();
                 let model_inputs = match inputs {
                     Inputs::Camera { frame, face } => {
-                        let planes = Planes {
-                            width: frame.width,
-                            height: frame.height,
-                            y: &frame.y,
-                            u: &frame.u,
-                            v: &frame.v,
-                        };
-                        let reference = image::crop(&planes, &face, CROP);
+                        let reference = image::crop(&frame.planes(), &face, CROP);
                         vec![mask_lower_half(&reference), reference, prompt]
                     }
                     Inputs::Avatar { latents } => vec![latents, prompt],

@@ -111,12 +111,12 @@ struct CpuBackend {
 
 fn whisper_cpu(graph: &Graph, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
     let states = cpu::run(graph, &[("input_features", mel)])?;
-    stacked(states, rows)
+    stacked(states, rows.start, rows.len())
 }
 
-/// Rows `rows` of the encoder's hidden states ([1, T, d] each, or just those rows) ->
-/// [rows, STATES, d].
-fn stacked(mut states: Vec<(String, Tensor)>, rows: Range<usize>) -> anyhow::Result<Tensor> {
+/// `n` rows from row `first` of each of the encoder's hidden states ([1, T, d] each; `first`
+/// is 0 when only the wanted rows were read back) -> [n, STATES, d].
+fn stacked(mut states: Vec<(String, Tensor)>, first: usize, n: usize) -> anyhow::Result<Tensor> {
     states.sort_by_key(|(n, _)| {
         n.trim_start_matches("hidden_state_")
             .parse::<usize>()
@@ -129,16 +129,10 @@ fn stacked(mut states: Vec<(String, Tensor)>, rows: Range<usize>) -> anyhow::Res
         );
     }
     let d = states[0].1.shape.last().copied().unwrap_or(0);
-    let n = rows.len();
     let mut data = Vec::with_capacity(n * STATES * d);
     for r in 0..n {
         for (_, t) in &states {
-            // Whole states are sliced here; a GPU read brings only the rows.
-            let at = if t.numel() == n * d {
-                r
-            } else {
-                rows.start + r
-            };
+            let at = first + r;
             let row = t
                 .data
                 .get(at * d..(at + 1) * d)
@@ -238,7 +232,7 @@ fn whisper_batch(
             let data = part.iter().map(|v| v.to_f32()).collect();
             states.push((b.name.clone(), Tensor::new(vec![1, rows.len(), d], data)));
         }
-        out.push(stacked(states, rows.clone())?);
+        out.push(stacked(states, 0, rows.len())?);
     }
     Ok(out)
 }
@@ -687,7 +681,7 @@ mod tests {
                 )
             })
             .collect();
-        let from_whole = stacked(whole.clone(), 2..5).unwrap();
+        let from_whole = stacked(whole.clone(), 2, 3).unwrap();
         let parts: Vec<(String, Tensor)> = whole
             .iter()
             .rev()
@@ -698,7 +692,7 @@ mod tests {
                 )
             })
             .collect();
-        let from_parts = stacked(parts, 2..5).unwrap();
+        let from_parts = stacked(parts, 0, 3).unwrap();
         assert_eq!(from_whole, from_parts);
         assert_eq!(from_whole.shape, vec![3, STATES, 2]);
         // Row 2, state 1, channel 1.

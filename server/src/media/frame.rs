@@ -62,6 +62,28 @@ impl VideoFrame {
         Some(f)
     }
 
+    /// The planes as the image operations read them.
+    pub fn planes(&self) -> lipstream_engines::image::Planes<'_> {
+        lipstream_engines::image::Planes {
+            width: self.width,
+            height: self.height,
+            y: &self.y,
+            u: &self.u,
+            v: &self.v,
+        }
+    }
+
+    /// The planes as the image operations write them.
+    pub fn planes_mut(&mut self) -> lipstream_engines::image::PlanesMut<'_> {
+        lipstream_engines::image::PlanesMut {
+            width: self.width,
+            height: self.height,
+            y: &mut self.y,
+            u: &mut self.u,
+            v: &mut self.v,
+        }
+    }
+
     /// Copies a picture out of any strided YUV source (e.g. the decoder's buffers).
     pub fn from_yuv(src: &impl YUVSource) -> Self {
         let (width, height) = src.dimensions();

@@ -549,22 +549,14 @@ impl Worker {
                 self.metrics.frames_late.inc();
                 frame
             }
-            StageOutput::Unchanged if self.stage.asynchronous() => {
-                // Keep the constant delay: an unprocessed frame waits its turn like the others.
-                self.pending.push_back(PendingFrame {
-                    ticket: u64::MAX,
-                    held: HeldFrame {
-                        frame,
-                        rtp_time,
-                        arrival,
-                    },
-                    due,
-                    result: Some(Rendered::Unchanged),
-                });
-                return Ok(());
-            }
-            StageOutput::Unchanged => frame,
-            StageOutput::Pending(ticket) => {
+            StageOutput::Unchanged if !self.stage.asynchronous() => frame,
+            // An asynchronous stage's frames all wait for their output time, so the delay stays
+            // constant: the ones it passes through are already decided, the others come back.
+            out @ (StageOutput::Unchanged | StageOutput::Pending(_)) => {
+                let (ticket, result) = match out {
+                    StageOutput::Pending(ticket) => (ticket, None),
+                    _ => (u64::MAX, Some(Rendered::Unchanged)),
+                };
                 self.pending.push_back(PendingFrame {
                     ticket,
                     held: HeldFrame {
@@ -573,7 +565,7 @@ impl Worker {
                         arrival,
                     },
                     due,
-                    result: None,
+                    result,
                 });
                 return Ok(());
             }
