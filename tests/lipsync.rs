@@ -23,23 +23,52 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
-/// The astronaut photo's top-left 448x256 (the face sits at x 181-268, y 62-172) as I420.
-fn astronaut_frame() -> VideoFrame {
+/// The astronaut photo (512x512) as packed RGB.
+fn astronaut_rgb() -> (Vec<u8>, usize, usize) {
     let file = std::fs::File::open(fixtures().join("mtcnn/astronaut.png")).unwrap();
     let mut reader = png::Decoder::new(std::io::BufReader::new(file))
         .read_info()
         .unwrap();
     let mut buf = vec![0; reader.output_buffer_size().unwrap()];
     let info = reader.next_frame(&mut buf).unwrap();
-    let (iw, ch) = (info.width as usize, info.color_type.samples());
+    let ch = info.color_type.samples();
+    let rgb = buf[..info.buffer_size()]
+        .chunks(ch)
+        .flat_map(|p| [p[0], p[1], p[2]])
+        .collect();
+    (rgb, info.width as usize, info.height as usize)
+}
+
+/// The astronaut photo's top-left 448x256 (the face sits at x 181-268, y 62-172) as I420.
+fn astronaut_frame() -> VideoFrame {
+    let (full, iw, _) = astronaut_rgb();
     let (w, h, x0) = (448usize, 256usize, 32usize);
     let mut rgb = Vec::with_capacity(w * h * 3);
     for y in 0..h {
-        for x in x0..x0 + w {
-            rgb.extend_from_slice(&buf[(y * iw + x) * ch..][..3]);
-        }
+        rgb.extend_from_slice(&full[(y * iw + x0) * 3..(y * iw + x0 + w) * 3]);
     }
     VideoFrame::from_rgb(&rgb, w, h).unwrap()
+}
+
+/// `lipstream serve` on the CPU executor with the tiny model, one whisper window per second
+/// (on two cores a 30 s window takes ~0.2 s), the given batch sizes and frame budget; `mode`
+/// is `--mtcnn DIR` (camera) or `--avatar FILE`.
+fn cpu_server(mode: [&str; 2], batches: &str, budget_ms: &str) -> common::Server {
+    let models = fixtures().join("tiny");
+    common::Server::start(&[
+        "--models",
+        models.to_str().unwrap(),
+        mode[0],
+        mode[1],
+        "--executor",
+        "cpu",
+        "--batches",
+        batches,
+        "--audio-hop-frames",
+        "25",
+        "--frame-budget-ms",
+        budget_ms,
+    ])
 }
 
 /// Mean absolute luma difference inside and outside the face box's blend region.
@@ -75,23 +104,8 @@ fn region_diffs(a: &VideoFrame, b: &VideoFrame, face: [f32; 4]) -> (f64, f64) {
 
 #[test]
 fn camera_mode_re_renders_the_mouth_and_keeps_the_rest_and_the_sync() {
-    let models = fixtures().join("tiny");
     let mtcnn = fixtures().join("mtcnn");
-    let server = common::Server::start(&[
-        "--models",
-        models.to_str().unwrap(),
-        "--mtcnn",
-        mtcnn.to_str().unwrap(),
-        "--executor",
-        "cpu",
-        "--batches",
-        "1,2",
-        // One whisper window per second: on two cores a 30 s window takes ~0.2 s.
-        "--audio-hop-frames",
-        "25",
-        "--frame-budget-ms",
-        "3000",
-    ]);
+    let server = cpu_server(["--mtcnn", mtcnn.to_str().unwrap()], "1,2", "3000");
     let background = Arc::new(astronaut_frame());
     let seconds = 10;
     let report = publish(&PublishOptions {
@@ -181,22 +195,8 @@ fn camera_mode_re_renders_the_mouth_and_keeps_the_rest_and_the_sync() {
 
 #[test]
 fn frames_without_a_face_pass_through_untouched_and_are_counted() {
-    let models = fixtures().join("tiny");
     let mtcnn = fixtures().join("mtcnn");
-    let server = common::Server::start(&[
-        "--models",
-        models.to_str().unwrap(),
-        "--mtcnn",
-        mtcnn.to_str().unwrap(),
-        "--executor",
-        "cpu",
-        "--batches",
-        "1",
-        "--audio-hop-frames",
-        "25",
-        "--frame-budget-ms",
-        "500",
-    ]);
+    let server = cpu_server(["--mtcnn", mtcnn.to_str().unwrap()], "1", "500");
     // The moving test pattern: bands and a grey ellipse, nothing MTCNN takes for a face.
     let report = publish(&PublishOptions {
         base_url: server.base_url.clone(),
@@ -245,20 +245,7 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
         .output()
         .expect("run avatar prepare");
     assert!(prepared.status.success(), "{prepared:?}");
-    let server = common::Server::start(&[
-        "--models",
-        models.to_str().unwrap(),
-        "--avatar",
-        bundle.to_str().unwrap(),
-        "--executor",
-        "cpu",
-        "--batches",
-        "1",
-        "--audio-hop-frames",
-        "25",
-        "--frame-budget-ms",
-        "3000",
-    ]);
+    let server = cpu_server(["--avatar", bundle.to_str().unwrap()], "1", "3000");
     let report = publish(&PublishOptions {
         base_url: server.base_url.clone(),
         // The publisher's own video is not shown in avatar mode: keep it small.
@@ -289,14 +276,8 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
     assert!(rendered >= 2.0, "the CPU renders a few frames");
 
     // The photo as prepared (the avatar's own frame), for pixel comparisons.
-    let file = std::fs::File::open(fixtures().join("mtcnn/astronaut.png")).unwrap();
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let base =
-        VideoFrame::from_rgb(&buf, info.width as usize, info.height as usize).expect("picture");
+    let (rgb, w, h) = astronaut_rgb();
+    let base = VideoFrame::from_rgb(&rgb, w, h).expect("picture");
     let face = [181.05, 62.16, 267.75, 172.05 + 10.0];
     let mut changed = 0;
     for picture in pictures {
@@ -319,22 +300,8 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
 /// goes on — every frame comes back, the audio resumes, the jumped video is re-anchored.
 #[test]
 fn camera_mode_rides_out_an_audio_gap_and_a_timestamp_jump() {
-    let models = fixtures().join("tiny");
     let mtcnn = fixtures().join("mtcnn");
-    let server = common::Server::start(&[
-        "--models",
-        models.to_str().unwrap(),
-        "--mtcnn",
-        mtcnn.to_str().unwrap(),
-        "--executor",
-        "cpu",
-        "--batches",
-        "1",
-        "--audio-hop-frames",
-        "25",
-        "--frame-budget-ms",
-        "1500",
-    ]);
+    let server = cpu_server(["--mtcnn", mtcnn.to_str().unwrap()], "1", "1500");
     let background = Arc::new(astronaut_frame());
     let report = publish(&PublishOptions {
         base_url: server.base_url.clone(),

@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool, carry [".device"]): builds the full-size random-weight
-# camera engine, serves it, and drives `lipstream bench sessions` at each load of SESSIONS with
-# the astronaut photo (a real face for MTCNN) and a click train. Writes under $OUT: the engine
-# build log, the server log, one sessions report per load and the server's /metrics after it.
-# SESSIONS (1,8,16,24), DURATION (20 s), BUDGET (frame budget, ms), HOP (frames per whisper
-# window), BATCHES (1,2,4,8,16) override the defaults.
+# engine for MODE (camera or avatar), serves it, and drives `lipstream bench sessions` at each
+# load of SESSIONS. Camera: every session publishes the astronaut photo (a real face for MTCNN)
+# and a click train. Avatar: the server shows AVATAR (default .device/avatar.safetensors, made
+# here by `lipstream avatar prepare`; only the latents' shape matters to the engine) and each
+# session speaks a tone; the avatar's frames carry no stamp, so they are counted, not timed.
+# Writes under $OUT: the engine build log, one summary per load, and an archive with the reports,
+# the server log and its /metrics after each load. SESSIONS (1,8,16,24), DURATION (20 s), BUDGET
+# (frame budget, ms), HOP (frames per whisper window), BATCHES (1,2,4,8,16), SERVE_LOG
+# (info,lipstream::lipsync=debug adds one line per frame with the preparation's timings).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 out=${OUT:-/tmp}
 bin=./.device/bin/lipstream
+mode=${MODE:-camera}
+case "$mode" in
+  camera) serve_mode=(--mtcnn tests/fixtures/mtcnn); bench_mode=(--media tests/fixtures/mtcnn/astronaut.png) ;;
+  avatar) serve_mode=(--avatar "${AVATAR:-.device/avatar.safetensors}"); bench_mode=(--mode avatar) ;;
+  *) echo "MODE is camera or avatar, not $mode"; exit 2 ;;
+esac
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 nproc | tee "$out/cpus.txt"
-engine=/tmp/camera.engine
+engine=/tmp/$mode.engine
 t0=$(date +%s)
-$bin engine build --mode camera --batches "${BATCHES:-1,2,4,8,16}" --out "$engine" \
+$bin engine build --mode "$mode" --batches "${BATCHES:-1,2,4,8,16}" --out "$engine" \
   > "$out/engine_build.log" 2>&1 || { tail -20 "$out/engine_build.log"; exit 1; }
 echo "engine build: $(( $(date +%s) - t0 )) s"
-RUST_LOG="${SERVE_LOG:-info}" $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 --engine "$engine" \
-  --mtcnn tests/fixtures/mtcnn --max-sessions 64 --frame-budget-ms "${BUDGET:-80}" \
+RUST_LOG="${SERVE_LOG:-info}" $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 \
+  --engine "$engine" "${serve_mode[@]}" --max-sessions 64 --frame-budget-ms "${BUDGET:-80}" \
   --audio-hop-frames "${HOP:-2}" > "$out/serve.log" 2>&1 &
-# (RUST_LOG=lipstream::lipsync=debug adds one line per frame with the stage's own timings.)
 server=$!
 for _ in $(seq 1 240); do
   grep -q "lipstream listening" "$out/serve.log" && break
@@ -32,27 +41,25 @@ grep -E "renderer ready|lip-sync:" "$out/serve.log" | sed 's/\x1b\[[0-9;]*m//g'
 status=0
 for n in $(echo "${SESSIONS:-1,8,16,24}" | tr , ' '); do
   $bin bench sessions --url http://127.0.0.1:8080 --sessions "$n" --duration "${DURATION:-20}" \
-    --media tests/fixtures/mtcnn/astronaut.png --out "$out/camera_$n" > "$out/camera_$n.txt" 2>&1 || status=1
-  grep -v -e "^wrote" -e OpenH264 "$out/camera_$n.txt"
+    "${bench_mode[@]}" --out "$out/${mode}_$n" > "$out/${mode}_$n.txt" 2>&1 || status=1
+  grep -v -e "^wrote" -e OpenH264 "$out/${mode}_$n.txt"
   python3 -c 'import urllib.request,sys; sys.stdout.write(urllib.request.urlopen("http://127.0.0.1:8080/metrics").read().decode())' \
     > "$out/metrics_after_$n.txt" 2>/dev/null
   grep -E "^lipstream_(stage_seconds_(sum|count)|frames_|media_dropped)" "$out/metrics_after_$n.txt" | tr '\n' ' '; echo
 done
 kill $server
 wait $server 2>/dev/null
-# With SERVE_LOG=info,lipstream::lipsync=debug: where a session's worker spends its time.
+# With SERVE_LOG=info,lipstream::lipsync=debug: where a session's preparation spends its time.
 python3 - "$out/serve.log" <<'PY'
 import re, sys, statistics as st
 rows = [dict(re.findall(r"(\w+)=(\S+)", re.sub(r"\x1b\[[0-9;]*m", "", l))) for l in open(sys.argv[1]) if "frame submitted" in l]
-if rows:
-    f = lambda k, c: [float(r[k]) for r in rows if c(r)]
-    det = f("face_ms", lambda r: r.get("detected") == "true")
-    aud = f("audio_ms", lambda r: r.get("whisper") == "true")
-    print(f"{len(rows)} frames submitted; detection {st.mean(det):.1f} ms mean over {len(det)}; "
-          f"whisper window {st.mean(aud):.1f} ms mean over {len(aud)}; crop {st.mean(f('crop_ms', lambda r: True)):.1f} ms")
+aud = [float(r["audio_ms"]) for r in rows if r.get("whisper") == "true"]
+if aud:
+    crop = st.mean(float(r["crop_ms"]) for r in rows)
+    print(f"{len(rows)} frames submitted; whisper window {st.mean(aud):.1f} ms mean over {len(aud)}; crop {crop:.1f} ms")
 PY
 grep -E "ERROR|WARN" "$out/serve.log" | sed 's/\x1b\[[0-9;]*m//g' | sort | uniq -c | sort -rn | head -10
 # The device returns a limited number of files: the reports travel as one archive.
-tar -C "$out" -czf "$out/sessions.tgz" $(cd "$out" && ls -d camera_* metrics_after_* serve.log 2>/dev/null) \
-  && (cd "$out" && rm -rf camera_*/ metrics_after_* serve.log)
+tar -C "$out" -czf "$out/sessions.tgz" $(cd "$out" && ls -d "${mode}"_*/ metrics_after_* serve.log 2>/dev/null) \
+  && (cd "$out" && rm -rf "${mode}"_*/ metrics_after_* serve.log)
 exit "$status"
