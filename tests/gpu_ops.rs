@@ -374,8 +374,12 @@ fn norms_attention_and_linears_match() {
         ([2, 1024, 320], [2, 1024, 320], 8),
         ([2, 1024, 320], [2, 50, 320], 8),
         ([1, 64, 1280], [1, 50, 1280], 8),
-        // An odd key count takes the three-pass softmax.
+        ([2, 256, 640], [2, 256, 640], 8),
+        ([2, 256, 640], [2, 50, 640], 8),
+        // An odd key count: the fused kernel masks a partial key tile.
         ([2, 64, 320], [2, 49, 320], 8),
+        // Head dim 4 takes the GEMM path and its three-pass softmax.
+        ([2, 64, 32], [2, 49, 32], 8),
         ([1, 1024, 512], [1, 1024, 512], 1),
         ([1, 1500, 384], [1, 1500, 384], 6),
     ]
@@ -559,6 +563,88 @@ fn tiny_models_match_the_cpu_executor_and_pytorch() {
         &[("input_features", &golden("whisper.input_features"))],
         1e-2,
     );
+}
+
+/// Two batches queued back to back through pinned staging buffers (upload, replay, download,
+/// no wait in between), as the renderer runs them: each set reads back its own batch's result
+/// only once the GPU wrote it.
+#[test]
+fn staged_batches_queue_back_to_back_and_read_their_own_outputs() {
+    let Some(mut rt) = runtime() else { return };
+    let mut g = Graph::new();
+    let x = g.input("x", &[4, 64, 128, 128]);
+    let mut y = x;
+    for i in 0..4 {
+        y = conv(&mut g, y, 64, 64, 3, 1, [1; 4], 300 + 10 * i);
+    }
+    g.output("y", y);
+    let mut ex = Executor::new(&mut rt, &g, "staged", Options { tune: false }).unwrap();
+    ex.capture(&rt).unwrap();
+    let inputs = [
+        random(&[4, 64, 128, 128], 1, 1.0),
+        random(&[4, 64, 128, 128], 2, 1.0),
+    ];
+    let wants: Vec<Tensor> = inputs
+        .iter()
+        .map(|x| cpu::run(&g, &[("x", x)]).unwrap().remove(0).1)
+        .collect();
+    let mut sets = [ex.staging(&rt).unwrap(), ex.staging(&rt).unwrap()];
+    for round in 0..3 {
+        for (set, input) in sets.iter_mut().zip(&inputs) {
+            let dst = set.input_mut(0).unwrap();
+            for (d, v) in dst.iter_mut().zip(&input.data) {
+                *d = f16::from_f32(*v);
+            }
+            ex.upload(&mut rt, set).unwrap();
+            ex.launch(&rt).unwrap();
+            ex.download(&rt, set).unwrap();
+        }
+        for (i, (set, want)) in sets.iter().zip(&wants).enumerate() {
+            let out = set.output(0).unwrap();
+            let got = Tensor::new(want.shape.clone(), out.iter().map(|v| v.to_f32()).collect());
+            let err = got.rel_l2(want);
+            println!("staged round {round} set {i}: rel L2 {err:.2e}");
+            assert!(err <= 5e-3, "set {i}: relative L2 {err:.3e}");
+        }
+    }
+}
+
+/// Runs everywhere: attention with the head dims the full-size models use lowers to the fused
+/// kernel (no score matrix, no head-major copies); other head dims to the two GEMMs.
+#[test]
+fn attention_lowers_to_the_fused_kernel_for_model_head_dims() {
+    for (width, heads, fused) in [
+        (320, 8, true),
+        (640, 8, true),
+        (1280, 8, true),
+        (384, 6, true),
+        (512, 1, false),
+        (32, 8, false),
+    ] {
+        let mut g = Graph::new();
+        let q = g.input("q", &[2, 64, width]);
+        let kv = g.input("kv", &[2, 50, width]);
+        let o = g
+            .push("attn", Op::Attention { heads }, &[q, kv, kv])
+            .unwrap();
+        g.output("o", o);
+        let p = plan::lower(&g, "").unwrap();
+        let flash = p
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Attention { .. }))
+            .count();
+        let gemms = p
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Gemm { .. }))
+            .count();
+        assert_eq!(
+            (flash, gemms),
+            if fused { (1, 0) } else { (0, 2) },
+            "width {width}, {heads} heads"
+        );
+    }
 }
 
 /// Runs everywhere: the lowering of the tiny UNet fuses what it should and packs its arena.

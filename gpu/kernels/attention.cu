@@ -60,3 +60,184 @@ extern "C" __global__ void softmax_rows_f16(__half* __restrict__ x, long rows, i
   const float inv = 1.f / sum;
   for (int i = lane; i < cols; i += 32) r[i] = __float2half(__expf(__half2float(r[i]) - m) * inv);
 }
+
+// Fused attention (flash style): o = softmax(q kᵀ · scale) v for every (image, head, query)
+// without writing the scores anywhere. q [B, Lq, H*D], k and v [B, Lk, H*D], o [B, Lq, H*D],
+// token-major exactly as the projections write them, so no head-major copies are needed.
+//
+// A block is warps of 16 queries each (the launcher uses 4); it walks the keys in tiles of 64 held in shared memory (v transposed, so both products read
+// 32-bit pairs). Products are m16n8k16 tensor-core MMAs with
+// fp32 accumulation; the softmax is online (running row max and sum in fp32), and the score
+// accumulators are reused as the second product's A operand without leaving registers. D is
+// the head dim (a multiple of 8), DP it rounded up to the MMA's k of 16 (zero padded).
+#define FA_MAX_WARPS 4
+#define FA_KEYS 64
+
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+
+template <int D>
+__device__ void flash_attention(const __half* __restrict__ q, const __half* __restrict__ k,
+                                const __half* __restrict__ v, __half* __restrict__ o, int lq,
+                                int lk, int heads, float scale_log2) {
+  constexpr int DP = (D + 15) / 16 * 16;
+  constexpr int KS = DP + 8;       // K tile row stride (halves): conflict-free 32-bit reads
+  constexpr int VS = FA_KEYS + 8;  // transposed V tile row stride
+  __shared__ __align__(16) __half ks[FA_KEYS * KS];
+  __shared__ __align__(16) __half vt[DP * VS];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int head = blockIdx.y, image = blockIdx.z;
+  const long ld = (long)heads * D;
+  const __half* qb = q + (long)image * lq * ld + head * D;
+  const __half* kb = k + (long)image * lk * ld + head * D;
+  const __half* vb = v + (long)image * lk * ld + head * D;
+  __half* ob = o + (long)image * lq * ld + head * D;
+  const int row0 = blockIdx.x * (blockDim.x / 2) + warp * 16;  // 16 rows per warp
+
+  // The padding columns of the K tile (D..DP) and rows of the V tile stay zero.
+  for (int i = threadIdx.x; i < FA_KEYS * KS; i += blockDim.x) ks[i] = __float2half(0.f);
+  for (int i = threadIdx.x; i < DP * VS; i += blockDim.x) vt[i] = __float2half(0.f);
+
+  // This warp's 16 query rows as MMA A fragments, one per 16 columns of the head.
+  unsigned qa[DP / 16][4];
+#pragma unroll
+  for (int c = 0; c < DP / 16; ++c) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = row0 + g + (r & 1) * 8;
+      const int col = c * 16 + (r >> 1) * 8 + 2 * t;
+      unsigned val = 0;
+      if (row < lq && col < D) val = *reinterpret_cast<const unsigned*>(qb + row * ld + col);
+      qa[c][r] = val;
+    }
+  }
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  float m0 = -1e30f, m1 = -1e30f, l0 = 0.f, l1 = 0.f;
+
+  for (int key0 = 0; key0 < lk; key0 += FA_KEYS) {
+    __syncthreads();  // the previous tile is no longer read
+    constexpr int CHUNKS = FA_KEYS * D / 8;  // 16-byte pieces per tile
+    for (int i = threadIdx.x; i < CHUNKS; i += blockDim.x) {
+      const int key = i / (D / 8), col = (i % (D / 8)) * 8;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (key0 + key < lk) {
+        kv = *reinterpret_cast<const uint4*>(kb + (long)(key0 + key) * ld + col);
+        vv = *reinterpret_cast<const uint4*>(vb + (long)(key0 + key) * ld + col);
+      }
+      *reinterpret_cast<uint4*>(ks + key * KS + col) = kv;
+      const __half* vh = reinterpret_cast<const __half*>(&vv);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) vt[(col + j) * VS + key] = vh[j];
+    }
+    __syncthreads();
+
+    // Scores for 16 queries x 64 keys: 8 tiles of 8 keys.
+    float s[FA_KEYS / 8][4];
+#pragma unroll
+    for (int n = 0; n < FA_KEYS / 8; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int c = 0; c < DP / 16; ++c) {
+        const __half* kr = ks + (n * 8 + g) * KS + c * 16 + 2 * t;
+        mma16816(s[n], qa[c], *reinterpret_cast<const unsigned*>(kr),
+                 *reinterpret_cast<const unsigned*>(kr + 8));
+      }
+    }
+    // Online softmax; rows g (values 0, 1) and g + 8 (values 2, 3) of this warp's 16.
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int n = 0; n < FA_KEYS / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + n * 8 + 2 * t + (e & 1);
+        if (key >= lk) s[n][e] = -1e30f;
+      }
+      mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, off));
+    }
+    const float c0 = exp2f((m0 - mx0) * scale_log2), c1 = exp2f((m1 - mx1) * scale_log2);
+    m0 = mx0;
+    m1 = mx1;
+    l0 *= c0;
+    l1 *= c1;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      acc[j][0] *= c0;
+      acc[j][1] *= c0;
+      acc[j][2] *= c1;
+      acc[j][3] *= c1;
+    }
+#pragma unroll
+    for (int n = 0; n < FA_KEYS / 8; ++n) {
+      s[n][0] = exp2f((s[n][0] - m0) * scale_log2);
+      s[n][1] = exp2f((s[n][1] - m0) * scale_log2);
+      s[n][2] = exp2f((s[n][2] - m1) * scale_log2);
+      s[n][3] = exp2f((s[n][3] - m1) * scale_log2);
+      l0 += s[n][0] + s[n][1];
+      l1 += s[n][2] + s[n][3];
+    }
+    // acc += p v, 16 keys at a time; p's A fragment is two adjacent score tiles.
+#pragma unroll
+    for (int c = 0; c < FA_KEYS / 16; ++c) {
+      const unsigned pa[4] = {pack_half2(s[2 * c][0], s[2 * c][1]),
+                              pack_half2(s[2 * c][2], s[2 * c][3]),
+                              pack_half2(s[2 * c + 1][0], s[2 * c + 1][1]),
+                              pack_half2(s[2 * c + 1][2], s[2 * c + 1][3])};
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        const __half* vr = vt + (j * 8 + g) * VS + c * 16 + 2 * t;
+        mma16816(acc[j], pa, *reinterpret_cast<const unsigned*>(vr),
+                 *reinterpret_cast<const unsigned*>(vr + 8));
+      }
+    }
+  }
+
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffff, l0, off);
+    l1 += __shfl_xor_sync(0xffffffff, l1, off);
+  }
+  const float i0 = 1.f / l0, i1 = 1.f / l1;
+  const int r0 = row0 + g, r1 = row0 + g + 8;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const int col = j * 8 + 2 * t;
+    if (r0 < lq)
+      *reinterpret_cast<__half2*>(ob + r0 * ld + col) =
+          __floats2half2_rn(acc[j][0] * i0, acc[j][1] * i0);
+    if (r1 < lq)
+      *reinterpret_cast<__half2*>(ob + r1 * ld + col) =
+          __floats2half2_rn(acc[j][2] * i1, acc[j][3] * i1);
+  }
+}
+
+#define FLASH(D)                                                                             \
+  extern "C" __global__ void __launch_bounds__(FA_MAX_WARPS * 32) flash_attention_##D(          \
+      const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk,          \
+      int heads, float scale_log2) {                                                         \
+    flash_attention<D>(q, k, v, o, lq, lk, heads, scale_log2);                               \
+  }
+FLASH(40)
+FLASH(64)
+FLASH(80)
+FLASH(160)

@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cudnn::sys::{cudnnConvolutionFwdAlgo_t, cudnnMathType_t};
-use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{
+    sys, CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
+};
 use half::f16;
 use lipstream_engines::graph::Graph;
 use lipstream_engines::tensor::Tensor;
@@ -423,6 +425,68 @@ impl Executor {
         Ok(())
     }
 
+    /// Pinned host twins of this executor's inputs and outputs, in binding order (see
+    /// `Staging`).
+    pub fn staging(&self, rt: &Runtime) -> Result<Staging, GpuError> {
+        let ctx = &rt.device.ctx;
+        let len = |b: &Binding| b.shape.iter().product::<usize>();
+        let mut inputs = Vec::with_capacity(self.plan.inputs.len());
+        for b in &self.plan.inputs {
+            // SAFETY: page-locked memory for plain fp16 values; every value is written by the
+            // caller (input_mut) before an upload reads it, or is zero-filled below. Inputs
+            // are write-combined: the CPU only writes them.
+            let mut p = unsafe { ctx.alloc_pinned::<f16>(len(b)) }?;
+            p.as_mut_slice()?.fill(f16::ZERO);
+            inputs.push(p);
+        }
+        let mut outputs = Vec::with_capacity(self.plan.outputs.len());
+        for b in &self.plan.outputs {
+            // SAFETY: as above; outputs are cached (flags 0): the CPU reads them.
+            let mut p = unsafe { ctx.alloc_pinned_with_flags::<f16>(len(b), 0) }?;
+            p.as_mut_slice()?.fill(f16::ZERO);
+            outputs.push(p);
+        }
+        // Our own events: the pinned buffers' built-in ones are only recorded while cudarc
+        // tracks events, which graph capture needs off.
+        let event = || ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC));
+        Ok(Staging {
+            inputs,
+            outputs,
+            uploaded: event()?,
+            downloaded: event()?,
+        })
+    }
+
+    /// Queues the copy of every staged input to the device on the engine's stream; returns at
+    /// once (`Staging::input_mut` waits for it before the next write).
+    pub fn upload(&self, rt: &mut Runtime, staging: &Staging) -> Result<(), GpuError> {
+        let stream = rt.device.stream.clone();
+        for (b, src) in self.plan.inputs.iter().zip(&staging.inputs) {
+            let range = self.range(b);
+            let arena = rt
+                .arena
+                .as_mut()
+                .ok_or_else(|| GpuError::Capture("no arena".into()))?;
+            stream.memcpy_htod(src, &mut arena.slice_mut(range))?;
+        }
+        staging.uploaded.record(&stream)?;
+        Ok(())
+    }
+
+    /// Queues the copy of every output into `staging` behind the work queued so far; returns
+    /// at once (`Staging::output` waits for it).
+    pub fn download(&self, rt: &Runtime, staging: &mut Staging) -> Result<(), GpuError> {
+        let arena = rt
+            .arena
+            .as_ref()
+            .ok_or_else(|| GpuError::Capture("no arena".into()))?;
+        for (b, dst) in self.plan.outputs.iter().zip(&mut staging.outputs) {
+            rt.stream().memcpy_dtoh(&arena.slice(self.range(b)), dst)?;
+        }
+        staging.downloaded.record(rt.stream())?;
+        Ok(())
+    }
+
     /// Copies an output's fp16 data out (waits for the stream).
     pub fn read_output(&self, rt: &Runtime, name: &str) -> Result<Vec<f16>, GpuError> {
         let b = Self::binding(&self.plan.outputs, name)?;
@@ -586,8 +650,32 @@ impl Executor {
                     rt.blas
                         .gemm(plan, p(*a), p(*b), residual.map_or(0, p), p(*c))
                 }?,
+                (
+                    Step::Attention {
+                        q,
+                        k: kk,
+                        v,
+                        o,
+                        batch,
+                        lq,
+                        lk,
+                        heads,
+                        d,
+                    },
+                    _,
+                ) => unsafe {
+                    k.attention.flash(
+                        s,
+                        (p(*q), p(*kk), p(*v), p(*o)),
+                        *batch,
+                        *lq,
+                        *lk,
+                        *heads,
+                        *d,
+                    )
+                }?,
                 (Step::Softmax { x, rows, cols }, _) => {
-                    unsafe { k.softmax.launch(s, p(*x), *rows, *cols) }?
+                    unsafe { k.attention.softmax(s, p(*x), *rows, *cols) }?
                 }
                 (Step::Pad { x, y, nhwc, pad }, _) => {
                     unsafe { k.layout.pad_nhwc(s, p(*x), p(*y), *nhwc, *pad) }?
@@ -731,5 +819,41 @@ impl Executor {
                 ))
             })
             .collect()
+    }
+}
+
+/// Page-locked host buffers for one executor's inputs and outputs, in binding order: the CPU
+/// fills inputs and reads outputs while the GPU works on something else, and the copies run
+/// asynchronously at full PCIe speed (pageable copies are ~8x slower and block the caller).
+/// Each buffer remembers its last copy: writing an input waits until its last upload is done,
+/// reading an output until its last download is.
+pub struct Staging {
+    inputs: Vec<PinnedHostSlice<f16>>,
+    outputs: Vec<PinnedHostSlice<f16>>,
+    /// Recorded behind the last upload from `inputs` / download into `outputs`.
+    uploaded: CudaEvent,
+    downloaded: CudaEvent,
+}
+
+impl Staging {
+    /// Input `i` to fill, once its previous upload has completed.
+    pub fn input_mut(&mut self, i: usize) -> Result<&mut [f16], GpuError> {
+        self.uploaded.synchronize()?;
+        let n = self.inputs.len();
+        let buf = self.inputs.get_mut(i).ok_or_else(|| GpuError::Binding {
+            name: format!("input {i}"),
+            reason: format!("the executor has {n} inputs"),
+        })?;
+        Ok(buf.as_mut_slice()?)
+    }
+
+    /// Output `i`, once its last download has completed.
+    pub fn output(&self, i: usize) -> Result<&[f16], GpuError> {
+        self.downloaded.synchronize()?;
+        let buf = self.outputs.get(i).ok_or_else(|| GpuError::Binding {
+            name: format!("output {i}"),
+            reason: format!("the executor has {} outputs", self.outputs.len()),
+        })?;
+        Ok(buf.as_slice()?)
     }
 }

@@ -119,6 +119,18 @@ pub enum Step {
         cols: usize,
         eps: f32,
     },
+    /// Fused attention over token-major q, k, v [batch, l, heads*d] -> o [batch, lq, heads*d].
+    Attention {
+        q: Loc,
+        k: Loc,
+        v: Loc,
+        o: Loc,
+        batch: usize,
+        lq: usize,
+        lk: usize,
+        heads: usize,
+        d: usize,
+    },
     /// Row softmax in place.
     Softmax {
         x: Loc,
@@ -214,6 +226,7 @@ impl Step {
                 residual.unwrap_or(Loc::None),
             ],
             Step::Softmax { x, .. } => vec![*x],
+            Step::Attention { q, k, v, o, .. } => vec![*q, *k, *v, *o],
             Step::GroupNorm {
                 x,
                 gamma,
@@ -251,6 +264,14 @@ impl Step {
                 format!("group_norm {}x{}x{} g{}", s.n, s.hw, s.c, s.groups)
             }
             Step::Softmax { rows, cols, .. } => format!("softmax {rows}x{cols}"),
+            Step::Attention {
+                batch,
+                lq,
+                lk,
+                heads,
+                d,
+                ..
+            } => format!("attention {batch}x{heads} q{lq} k{lk} d{d}"),
             Step::Permute { dims, .. } => format!("permute {dims:?}"),
             Step::Upsample { nhwc, .. } => format!("upsample {nhwc:?}"),
             other => other.name().to_string(),
@@ -265,6 +286,7 @@ impl Step {
             Step::Gemm { gemm, .. } if gemm.batch > 1 => "attention_gemm",
             Step::Gemm { .. } => "linear",
             Step::Softmax { .. } => "softmax",
+            Step::Attention { .. } => "attention",
             Step::GroupNorm { .. } => "group_norm",
             Step::LayerNorm { .. } => "layer_norm",
             Step::Unary { .. } => "unary",
@@ -811,6 +833,25 @@ impl<'g> Lower<'g> {
                 let (qs, ks) = (g.shape(ins[0]).to_vec(), g.shape(ins[1]).to_vec());
                 let (batch, lq, lk, h) = (qs[0], qs[1], ks[1], *heads);
                 let (d, dv) = (qs[2] / h, out[2] / h);
+                if crate::kernels::attention::flash_supports(d, dv) {
+                    let q = self.operand(ins[0], Layout::Plain)?;
+                    let k = self.operand(ins[1], Layout::Plain)?;
+                    let v = self.operand(ins[2], Layout::Plain)?;
+                    let o = self.act(&out);
+                    self.push(Step::Attention {
+                        q,
+                        k,
+                        v,
+                        o,
+                        batch,
+                        lq,
+                        lk,
+                        heads: h,
+                        d,
+                    });
+                    self.set(i, o, Layout::Plain);
+                    return Ok(());
+                }
                 if lk > crate::kernels::attention::MAX_COLS {
                     return Err(unsupported(
                         name,

@@ -31,7 +31,7 @@ const THREADS: u32 = 256;
 /// Every kernel the executor launches. (`image::Image`, the face path's pixel kernels, is loaded
 /// on its own by the pipeline that uses it.)
 pub struct Kernels {
-    pub softmax: attention::Softmax,
+    pub attention: attention::Attention,
     pub elementwise: elementwise::Elementwise,
     pub group_norm: group_norm::GroupNorm,
     pub layer_norm: layer_norm::LayerNorm,
@@ -41,7 +41,7 @@ pub struct Kernels {
 impl Kernels {
     pub fn load(device: &Device) -> Result<Self, GpuError> {
         Ok(Kernels {
-            softmax: attention::Softmax::load(device)?,
+            attention: attention::Attention::load(device)?,
             elementwise: elementwise::Elementwise::load(device)?,
             group_norm: group_norm::GroupNorm::load(device)?,
             layer_norm: layer_norm::LayerNorm::load(device)?,

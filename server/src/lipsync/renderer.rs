@@ -10,15 +10,15 @@
 //! encode in parallel); on the GPU they go through this thread ahead of any frame batch, and the
 //! asking session waits for that one window.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 use lipstream_engines::audio::prompt::STATES;
 use lipstream_engines::{cpu, Graph, Tensor};
 
@@ -93,9 +93,16 @@ pub struct Renderer {
     whisper: Option<Sender<WhisperJob>>,
 }
 
-/// What the renderer thread runs.
+/// What the renderer thread runs. A batch is started, then finished: on the GPU the next batch
+/// is queued behind the running one while the CPU reads the previous one's frames, so the GPU
+/// does not wait on the renderer thread between batches.
 trait Backend {
-    fn run(&mut self, batch: usize, inputs: &[Tensor]) -> anyhow::Result<Tensor>;
+    /// Starts `frames.len()` frames (a batch profile) and returns without waiting for them.
+    fn start(&mut self, frames: &[&[Tensor]]) -> anyhow::Result<()>;
+    /// Waits for the oldest started batch: one [3, 256, 256] image per frame.
+    fn finish(&mut self) -> anyhow::Result<Vec<Tensor>>;
+    /// Whether `start` returns before the batch is done (else finish at once).
+    fn pipelined(&self) -> bool;
     /// Rows `rows` of the stacked hidden states of one window.
     fn whisper(&mut self, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor>;
 }
@@ -107,6 +114,7 @@ struct CpuBackend {
     graphs: BTreeMap<usize, Graph>,
     names: &'static [&'static str],
     whisper: Arc<Graph>,
+    done: VecDeque<anyhow::Result<Vec<Tensor>>>,
 }
 
 fn whisper_cpu(graph: &Graph, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
@@ -144,14 +152,31 @@ fn stacked(mut states: Vec<(String, Tensor)>, first: usize, n: usize) -> anyhow:
 }
 
 impl Backend for CpuBackend {
-    fn run(&mut self, batch: usize, inputs: &[Tensor]) -> anyhow::Result<Tensor> {
+    fn start(&mut self, frames: &[&[Tensor]]) -> anyhow::Result<()> {
         let g = self
             .graphs
-            .get(&batch)
-            .with_context(|| format!("no batch profile {batch}"))?;
-        let named: Vec<(&str, &Tensor)> = self.names.iter().copied().zip(inputs).collect();
-        let mut out = self.pool.install(|| cpu::run(g, &named))?;
-        Ok(out.remove(0).1)
+            .get(&frames.len())
+            .with_context(|| format!("no batch profile {}", frames.len()))?;
+        let inputs = batched(frames);
+        let named: Vec<(&str, &Tensor)> = self.names.iter().copied().zip(&inputs).collect();
+        let result = self
+            .pool
+            .install(|| cpu::run(g, &named))
+            .map_err(anyhow::Error::from)
+            .and_then(|mut out| {
+                let images = out.remove(0).1;
+                split_frames(&images.shape, &images.data, frames.len())
+            });
+        self.done.push_back(result);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> anyhow::Result<Vec<Tensor>> {
+        self.done.pop_front().context("no batch was started")?
+    }
+
+    fn pipelined(&self) -> bool {
+        false
     }
 
     fn whisper(&mut self, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
@@ -159,34 +184,158 @@ impl Backend for CpuBackend {
     }
 }
 
+/// A batch's images [B, ...] -> one f32 tensor per frame.
+fn split_frames<T: ToF32>(
+    shape: &[usize],
+    data: &[T],
+    batch: usize,
+) -> anyhow::Result<Vec<Tensor>> {
+    if shape.first() != Some(&batch) || data.len() != shape.iter().product::<usize>() {
+        bail!("the model gave images {shape:?} for a batch of {batch}");
+    }
+    let per = data.len() / batch.max(1);
+    Ok(data
+        .chunks_exact(per.max(1))
+        .map(|c| Tensor::new(shape[1..].to_vec(), T::to_f32_vec(c)))
+        .collect())
+}
+
+/// Model outputs as f32 (fp16 through the CPU's vector conversions).
+trait ToF32: Sized {
+    fn to_f32_vec(v: &[Self]) -> Vec<f32>;
+}
+
+impl ToF32 for f32 {
+    fn to_f32_vec(v: &[f32]) -> Vec<f32> {
+        v.to_vec()
+    }
+}
+
+impl ToF32 for f16 {
+    fn to_f32_vec(v: &[f16]) -> Vec<f32> {
+        v.to_f32_vec()
+    }
+}
+
+/// Pinned input/output buffers of one batch profile, two sets used in turn.
+struct Staged {
+    sets: [lipstream_gpu::Staging; 2],
+    /// Index of each of the mode's inputs (`names` order) among the executor's inputs.
+    inputs: Vec<usize>,
+    image: usize,
+    image_shape: Vec<usize>,
+}
+
 struct CudaBackend {
     ex: Executors,
     names: &'static [&'static str],
     staging: Vec<f16>,
+    staged: BTreeMap<usize, Staged>,
+    /// Which set the next batch uses: consecutive batches never share buffers.
+    turn: usize,
+    /// Started batches (profile, set), oldest first.
+    pending: VecDeque<(usize, usize)>,
+}
+
+impl CudaBackend {
+    fn new(ex: Executors, names: &'static [&'static str]) -> anyhow::Result<Self> {
+        let mut staged = BTreeMap::new();
+        for (b, e) in &ex.profiles {
+            let index = |list: &[lipstream_gpu::plan::Binding], name: &str| {
+                list.iter()
+                    .position(|x| x.name == name)
+                    .with_context(|| format!("the engine's frame step has no {name}"))
+            };
+            let inputs = names
+                .iter()
+                .map(|n| index(e.inputs(), n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let image = index(e.outputs(), "image")?;
+            staged.insert(
+                *b,
+                Staged {
+                    sets: [e.staging(&ex.rt)?, e.staging(&ex.rt)?],
+                    inputs,
+                    image,
+                    image_shape: e.outputs()[image].shape.clone(),
+                },
+            );
+        }
+        Ok(CudaBackend {
+            ex,
+            names,
+            staging: Vec::new(),
+            staged,
+            turn: 0,
+            pending: VecDeque::new(),
+        })
+    }
 }
 
 impl Backend for CudaBackend {
-    fn run(&mut self, batch: usize, inputs: &[Tensor]) -> anyhow::Result<Tensor> {
+    fn start(&mut self, frames: &[&[Tensor]]) -> anyhow::Result<()> {
+        let batch = frames.len();
         let Executors { rt, profiles, .. } = &mut self.ex;
         let (_, ex) = profiles
             .iter()
             .find(|(b, _)| *b == batch)
             .with_context(|| format!("no batch profile {batch}"))?;
-        for (name, t) in self.names.iter().zip(inputs) {
-            self.staging.clear();
-            self.staging
-                .extend(t.data.iter().map(|&v| f16::from_f32(v)));
-            ex.write_input(rt, name, &self.staging)?;
+        let staged = self
+            .staged
+            .get_mut(&batch)
+            .with_context(|| format!("no buffers for batch profile {batch}"))?;
+        let set = &mut staged.sets[self.turn];
+        let t0 = Instant::now();
+        // Straight into page-locked memory as fp16: no batched f32 copy, no pageable upload.
+        for (slot, (&input, name)) in staged.inputs.iter().zip(self.names).enumerate() {
+            let dst = set.input_mut(input)?;
+            let per = dst.len() / batch.max(1);
+            for (f, frame) in frames.iter().enumerate() {
+                let src = frame
+                    .get(slot)
+                    .with_context(|| format!("a frame without its {name}"))?;
+                if src.numel() != per {
+                    bail!("{name} of {} values; the engine takes {per}", src.numel());
+                }
+                dst[f * per..(f + 1) * per].convert_from_f32_slice(&src.data);
+            }
         }
+        let t1 = Instant::now();
+        ex.upload(rt, set)?;
         ex.launch(rt)?;
-        let out = ex.read_output(rt, "image")?;
-        let shape = ex
-            .outputs()
-            .iter()
-            .find(|b| b.name == "image")
-            .map(|b| b.shape.clone())
-            .context("the frame step has no image output")?;
-        Ok(Tensor::new(shape, out.iter().map(|v| v.to_f32()).collect()))
+        ex.download(rt, set)?;
+        tracing::debug!(
+            batch,
+            fill_ms = (t1 - t0).as_secs_f64() * 1e3,
+            queue_ms = t1.elapsed().as_secs_f64() * 1e3,
+            "batch started"
+        );
+        self.pending.push_back((batch, self.turn));
+        self.turn ^= 1;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> anyhow::Result<Vec<Tensor>> {
+        let (batch, set) = self.pending.pop_front().context("no batch was started")?;
+        let staged = self
+            .staged
+            .get(&batch)
+            .with_context(|| format!("no buffers for batch profile {batch}"))?;
+        let t0 = Instant::now();
+        let out = staged.sets[set].output(staged.image)?;
+        let t1 = Instant::now();
+        let frames = split_frames(&staged.image_shape, out, batch)?;
+        tracing::debug!(
+            batch,
+            wait_ms = (t1 - t0).as_secs_f64() * 1e3,
+            split_ms = t1.elapsed().as_secs_f64() * 1e3,
+            "batch finished"
+        );
+        Ok(frames)
+    }
+
+    fn pipelined(&self) -> bool {
+        true
     }
 
     fn whisper(&mut self, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
@@ -305,7 +454,14 @@ fn start_whisper_thread(
                     let chunk: Vec<WhisperJob> = jobs.drain(..n).collect();
                     let inputs: Vec<(&Tensor, Range<usize>)> =
                         chunk.iter().map(|j| (&j.mel, j.rows.clone())).collect();
-                    match whisper_batch(rt, runner, &mut staging, &inputs) {
+                    let t = Instant::now();
+                    let result = whisper_batch(rt, runner, &mut staging, &inputs);
+                    tracing::debug!(
+                        windows = n,
+                        ms = t.elapsed().as_secs_f64() * 1e3,
+                        "whisper batch"
+                    );
+                    match result {
                         Ok(outs) => {
                             for (job, out) in chunk.into_iter().zip(outs) {
                                 let _ = job.reply.send(Ok(out));
@@ -384,6 +540,7 @@ impl Renderer {
                 graphs,
                 names,
                 whisper,
+                done: VecDeque::new(),
             };
             cpu_built = Some((
                 backend,
@@ -518,11 +675,7 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
         }
     };
     Ok((
-        Box::new(CudaBackend {
-            ex,
-            names,
-            staging: Vec::new(),
-        }),
+        Box::new(CudaBackend::new(ex, names)?),
         format!("CUDA ({gpu})"),
         profiles,
         Some(whisper),
@@ -574,10 +727,10 @@ fn time_profiles(
     let frame = zero_frame(mode, audio_dim);
     for &b in profiles {
         let frames: Vec<&[Tensor]> = (0..b).map(|_| frame.as_slice()).collect();
-        let inputs = batched(&frames);
         let t = Instant::now();
         backend
-            .run(b, &inputs)
+            .start(&frames)
+            .and_then(|()| backend.finish())
             .with_context(|| format!("first run of batch profile {b}"))?;
         took.insert(b, t.elapsed());
     }
@@ -592,75 +745,192 @@ fn audio_dim(backend: &mut dyn Backend) -> anyhow::Result<usize> {
     Ok(states.shape[2])
 }
 
-fn render_loop(
-    mut backend: Box<dyn Backend>,
-    rx: Receiver<Request>,
-    profiles: Vec<usize>,
-    mut took: BTreeMap<usize, Duration>,
+/// A batch started on the backend and not finished yet.
+struct Flight {
+    jobs: Vec<Job>,
+    profile: usize,
+    started: Instant,
+    /// When it should end (its expected start on the GPU + its measured time).
+    ends: Instant,
+}
+
+/// The renderer thread: gathers frames, asks the batcher, keeps the backend busy.
+struct Loop {
+    backend: Box<dyn Backend>,
+    batcher: Batcher<Job>,
+    took: BTreeMap<usize, Duration>,
     metrics: Arc<Metrics>,
-) {
-    let mut batcher: Batcher<Job> = Batcher::new(profiles);
-    let mut failures = 0u64;
-    loop {
-        let mut take = |r: Request, batcher: &mut Batcher<Job>| match r {
-            Request::Frame { job, deadline } => batcher.push(job, deadline),
+    failures: u64,
+    /// When the last batch ended.
+    last_done: Instant,
+    /// Time from deciding a batch to its launch (filling its inputs): the next batch is
+    /// decided this long before the running one should end, so the GPU never waits for it.
+    lead: Duration,
+}
+
+impl Loop {
+    fn took(&self, profile: usize) -> Duration {
+        self.took
+            .get(&profile)
+            .copied()
+            .unwrap_or(Duration::from_millis(40))
+    }
+
+    fn take(&mut self, r: Request) {
+        match r {
+            Request::Frame { job, deadline } => self.batcher.push(job, deadline),
             Request::Whisper(job) => {
-                let _ = job.reply.send(backend.whisper(&job.mel, job.rows));
+                let _ = job.reply.send(self.backend.whisper(&job.mel, job.rows));
             }
+        }
+    }
+
+    /// Decides the batch that runs once the GPU is free at `begins` and starts it.
+    fn start_next(&mut self, begins: Instant) -> Option<Flight> {
+        if self.batcher.is_empty() {
+            return None;
+        }
+        let tick = {
+            let took = &self.took;
+            self.batcher.tick(begins, |b| {
+                took.get(&b).copied().unwrap_or(Duration::from_millis(40))
+            })
         };
-        if batcher.is_empty() {
-            match rx.recv() {
-                Ok(r) => take(r, &mut batcher),
-                // Every handle is gone: the server is stopping.
-                Err(_) => return,
-            }
-        }
-        while let Ok(r) = rx.try_recv() {
-            take(r, &mut batcher);
-        }
-        let tick = batcher.tick(Instant::now(), |b| {
-            took.get(&b).copied().unwrap_or(Duration::from_millis(40))
-        });
         for job in tick.late {
             (job.reply)(Err(Missed::Late));
         }
         if tick.profile == 0 {
-            continue;
+            return None;
         }
         let frames: Vec<&[Tensor]> = tick.batch.iter().map(|j| j.inputs.as_slice()).collect();
-        let inputs = batched(&frames);
-        let t = Instant::now();
-        let result = backend.run(tick.profile, &inputs);
-        let elapsed = t.elapsed();
-        // Follow the measured time, smoothed so one slow batch does not shrink the next ones.
-        let e = took.entry(tick.profile).or_insert(elapsed);
-        *e = e.mul_f64(0.8) + elapsed.mul_f64(0.2);
-        metrics.observe_stage("render_batch", elapsed);
-        metrics.batch_frames.observe(tick.profile as f64);
-        match result {
-            Ok(images) => {
-                let per = images.numel() / tick.profile.max(1);
-                let shape = images.shape[1..].to_vec();
-                for (i, job) in tick.batch.into_iter().enumerate() {
-                    let data = images.data[i * per..(i + 1) * per].to_vec();
-                    (job.reply)(Ok(Tensor::new(shape.clone(), data)));
-                }
+        let started = Instant::now();
+        match self.backend.start(&frames) {
+            Ok(()) => {
+                let launch = started.elapsed();
+                self.lead = self.lead.mul_f64(0.8) + launch.mul_f64(0.2);
+                Some(Flight {
+                    profile: tick.profile,
+                    jobs: tick.batch,
+                    started,
+                    ends: begins.max(started) + self.took(tick.profile),
+                })
             }
             Err(e) => {
-                failures += 1;
-                // Log the first failure and then every 100th: a broken GPU would flood the log.
-                if failures == 1 || failures.is_multiple_of(100) {
-                    tracing::error!(
-                        "lip-sync batch of {} failed ({failures} so far): {e:#}",
-                        tick.profile
-                    );
+                self.failed(tick.batch, &e);
+                None
+            }
+        }
+    }
+
+    /// Waits for `f`'s frames and hands them out.
+    fn finish(&mut self, f: Flight) {
+        let result = self.backend.finish();
+        let done = Instant::now();
+        // Its GPU time: from when it could start (behind the batch before it) to its end.
+        let elapsed = done.saturating_duration_since(f.started.max(self.last_done));
+        self.last_done = done;
+        // Follow the measured time, smoothed so one slow batch does not shrink the next ones.
+        let e = self.took.entry(f.profile).or_insert(elapsed);
+        *e = e.mul_f64(0.8) + elapsed.mul_f64(0.2);
+        self.metrics.observe_stage("render_batch", elapsed);
+        self.metrics.batch_frames.observe(f.profile as f64);
+        match result {
+            Ok(images) if images.len() == f.jobs.len() => {
+                for (job, image) in f.jobs.into_iter().zip(images) {
+                    (job.reply)(Ok(image));
                 }
-                for job in tick.batch {
-                    (job.reply)(Err(Missed::Failed(format!("{e:#}"))));
+            }
+            Ok(images) => {
+                let e = anyhow::anyhow!("{} images for {} frames", images.len(), f.jobs.len());
+                self.failed(f.jobs, &e);
+            }
+            Err(e) => self.failed(f.jobs, &e),
+        }
+    }
+
+    fn failed(&mut self, jobs: Vec<Job>, e: &anyhow::Error) {
+        self.failures += 1;
+        // Log the first failure and then every 100th: a broken GPU would flood the log.
+        if self.failures == 1 || self.failures.is_multiple_of(100) {
+            tracing::error!(
+                "lip-sync batch of {} failed ({} so far): {e:#}",
+                jobs.len(),
+                self.failures
+            );
+        }
+        for job in jobs {
+            (job.reply)(Err(Missed::Failed(format!("{e:#}"))));
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Request>) {
+        let mut flight: Option<Flight> = None;
+        let mut open = true;
+        while open || flight.is_some() {
+            // Gather: with nothing running, wait for work; with a batch running, until shortly
+            // before it should end, while frames of other sessions arrive.
+            match &flight {
+                None if self.batcher.is_empty() => match rx.recv() {
+                    Ok(r) => self.take(r),
+                    // Every handle is gone: the server is stopping.
+                    Err(_) => open = false,
+                },
+                None => {}
+                Some(f) => {
+                    let decide_at = f.ends.checked_sub(self.lead).unwrap_or(f.ends);
+                    while let Some(left) = decide_at
+                        .checked_duration_since(Instant::now())
+                        .filter(|d| !d.is_zero())
+                    {
+                        match rx.recv_timeout(left) {
+                            Ok(r) => self.take(r),
+                            Err(RecvTimeoutError::Timeout) => break,
+                            Err(RecvTimeoutError::Disconnected) => {
+                                open = false;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            while let Ok(r) = rx.try_recv() {
+                self.take(r);
+            }
+            // The next batch is queued behind the running one (the GPU goes straight on),
+            // then the running one is finished.
+            let now = Instant::now();
+            let begins = flight.as_ref().map_or(now, |f| f.ends.max(now));
+            let next = self.start_next(begins);
+            if let Some(f) = flight.take() {
+                self.finish(f);
+            }
+            flight = next;
+            if !self.backend.pipelined() {
+                if let Some(f) = flight.take() {
+                    self.finish(f);
                 }
             }
         }
     }
+}
+
+fn render_loop(
+    backend: Box<dyn Backend>,
+    rx: Receiver<Request>,
+    profiles: Vec<usize>,
+    took: BTreeMap<usize, Duration>,
+    metrics: Arc<Metrics>,
+) {
+    Loop {
+        backend,
+        batcher: Batcher::new(profiles),
+        took,
+        metrics,
+        failures: 0,
+        last_done: Instant::now(),
+        lead: Duration::from_millis(2),
+    }
+    .run(rx)
 }
 
 #[cfg(test)]
