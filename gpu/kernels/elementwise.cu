@@ -90,98 +90,91 @@ extern "C" __global__ void bias_residual_f16(__half* __restrict__ y, const __hal
   y[idx] = __float2half(v);
 }
 
-// The NHWC epilogue, eight channels per thread (C % 8 == 0, 16-byte aligned operands):
-// y[i] += bias[img * bias_stride + c] (+ res[i]). Grid y indexes the image, so no division finds it.
+// The NHWC epilogues below take eight channels per thread (C % 8 == 0, 16-byte aligned
+// operands) over grid (blocks per image, images). blockDim and per_block are multiples of C / 8,
+// so a thread keeps the same eight channels for its whole loop: their bias is loaded once and
+// no index is divided per vector.
+
+// y[i] += bias[img * bias_stride + c] (+ res[i]).
 extern "C" __global__ void bias_residual_nhwc_f16x8(uint4* __restrict__ y, const __half* __restrict__ bias,
                                                     const uint4* __restrict__ res, int image8, int c,
-                                                    int bias_stride) {
-  const int v = blockIdx.x * blockDim.x + threadIdx.x;
-  if (v >= image8) return;
-  const long at = (long)blockIdx.y * image8 + v;
-  const int c0 = (v * 8) % c;
-  uint4 yv = y[at];
-  __half2* yh = reinterpret_cast<__half2*>(&yv);
-  float2 acc[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) acc[j] = __half22float2(yh[j]);
+                                                    int bias_stride, int per_block) {
+  const int v0 = blockIdx.x * per_block + threadIdx.x;
+  const int v1 = min(image8, (blockIdx.x + 1) * per_block);
+  if (v0 >= v1) return;
+  const int c0 = (threadIdx.x % (c / 8)) * 8;
+  float2 b[4] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
   if (bias) {
     const uint4 bv = *reinterpret_cast<const uint4*>(bias + (long)blockIdx.y * bias_stride + c0);
     const __half2* bh = reinterpret_cast<const __half2*>(&bv);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 b = __half22float2(bh[j]);
-      acc[j].x += b.x;
-      acc[j].y += b.y;
-    }
+    for (int j = 0; j < 4; ++j) b[j] = __half22float2(bh[j]);
   }
-  if (res) {
-    const uint4 rv = res[at];
+  const long base = (long)blockIdx.y * image8;
+  for (int v = v0; v < v1; v += blockDim.x) {
+    uint4 yv = y[base + v];
+    __half2* yh = reinterpret_cast<__half2*>(&yv);
+    uint4 rv = make_uint4(0, 0, 0, 0);
+    if (res) rv = res[base + v];
     const __half2* rh = reinterpret_cast<const __half2*>(&rv);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float2 r = __half22float2(rh[j]);
-      acc[j].x += r.x;
-      acc[j].y += r.y;
+      const float2 a = __half22float2(yh[j]), r = __half22float2(rh[j]);
+      yh[j] = __floats2half2_rn(a.x + b[j].x + r.x, a.y + b[j].y + r.y);
     }
+    y[base + v] = yv;
   }
-#pragma unroll
-  for (int j = 0; j < 4; ++j) yh[j] = __floats2half2_rn(acc[j].x, acc[j].y);
-  y[at] = yv;
 }
 
 // The same epilogue, also summing the result per group for the GroupNorm that reads it next:
 // block b of image n writes partial[(n * gridDim.x + b) * groups + g] = (sum, sum of squares)
-// of what it wrote (of the fp16 values the norm will read). groups <= 64, group width >= 4.
+// of what it wrote (of the fp16 values the norm will read). groups <= 64, group width >= 4, so
+// a thread's eight channels span at most two groups; it sums in registers and adds to the
+// block's shared sums once.
 extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y, const __half* __restrict__ bias,
                                                           const uint4* __restrict__ res, int image8, int c,
-                                                          int bias_stride, float2* __restrict__ partial, int groups) {
+                                                          int bias_stride, float2* __restrict__ partial, int groups,
+                                                          int per_block) {
   __shared__ float s_sum[64], s_sq[64];
   for (int g = threadIdx.x; g < groups; g += blockDim.x) { s_sum[g] = 0.f; s_sq[g] = 0.f; }
   __syncthreads();
-  const int v = blockIdx.x * blockDim.x + threadIdx.x;
-  if (v < image8) {
-    const long at = (long)blockIdx.y * image8 + v;
-    const int c0 = (v * 8) % c;
-    const int cg = c / groups;
-    uint4 yv = y[at];
+  const int v0 = blockIdx.x * per_block + threadIdx.x;
+  const int v1 = min(image8, (blockIdx.x + 1) * per_block);
+  const int c0 = (threadIdx.x % (c / 8)) * 8;
+  const int cg = c / groups;
+  const int g0 = c0 / cg;
+  float2 b[4] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
+  if (bias) {
+    const uint4 bv = *reinterpret_cast<const uint4*>(bias + (long)blockIdx.y * bias_stride + c0);
+    const __half2* bh = reinterpret_cast<const __half2*>(&bv);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = __half22float2(bh[j]);
+  }
+  bool first[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) first[j] = (c0 + 2 * j) / cg == g0;
+  float sum0 = 0.f, sq0 = 0.f, sum1 = 0.f, sq1 = 0.f;
+  const long base = (long)blockIdx.y * image8;
+  for (int v = v0; v < v1; v += blockDim.x) {
+    uint4 yv = y[base + v];
     __half2* yh = reinterpret_cast<__half2*>(&yv);
-    float2 acc[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[j] = __half22float2(yh[j]);
-    if (bias) {
-      const uint4 bv = *reinterpret_cast<const uint4*>(bias + (long)blockIdx.y * bias_stride + c0);
-      const __half2* bh = reinterpret_cast<const __half2*>(&bv);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 b = __half22float2(bh[j]);
-        acc[j].x += b.x;
-        acc[j].y += b.y;
-      }
-    }
-    if (res) {
-      const uint4 rv = res[at];
-      const __half2* rh = reinterpret_cast<const __half2*>(&rv);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 r = __half22float2(rh[j]);
-        acc[j].x += r.x;
-        acc[j].y += r.y;
-      }
-    }
-    float sum0 = 0.f, sq0 = 0.f, sum1 = 0.f, sq1 = 0.f;
-    const int g0 = c0 / cg;
+    uint4 rv = make_uint4(0, 0, 0, 0);
+    if (res) rv = res[base + v];
+    const __half2* rh = reinterpret_cast<const __half2*>(&rv);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      yh[j] = __floats2half2_rn(acc[j].x, acc[j].y);
-      const float2 r = __half22float2(yh[j]);
-      // The 8 channels span at most two groups (group width >= 4).
-      if ((c0 + 2 * j) / cg == g0) { sum0 += r.x + r.y; sq0 += r.x * r.x + r.y * r.y; }
-      else { sum1 += r.x + r.y; sq1 += r.x * r.x + r.y * r.y; }
+      const float2 a = __half22float2(yh[j]), r = __half22float2(rh[j]);
+      yh[j] = __floats2half2_rn(a.x + b[j].x + r.x, a.y + b[j].y + r.y);
+      const float2 o = __half22float2(yh[j]);
+      if (first[j]) { sum0 += o.x + o.y; sq0 += o.x * o.x + o.y * o.y; }
+      else { sum1 += o.x + o.y; sq1 += o.x * o.x + o.y * o.y; }
     }
-    y[at] = yv;
+    y[base + v] = yv;
+  }
+  if (v0 < v1) {
     atomicAdd(&s_sum[g0], sum0);
     atomicAdd(&s_sq[g0], sq0);
-    if (sum1 != 0.f || sq1 != 0.f) {
+    if (!first[3]) {
       atomicAdd(&s_sum[g0 + 1], sum1);
       atomicAdd(&s_sq[g0 + 1], sq1);
     }

@@ -793,7 +793,8 @@ impl<'g> Lower<'g> {
                     _ => false,
                 };
                 if fusable {
-                    shape.fused_chunks = Elementwise::epilogue_blocks(shape.hw * shape.c);
+                    shape.fused_chunks =
+                        Elementwise::epilogue_blocks(shape.hw * shape.c, shape.c, shape.n);
                 }
                 let scratch = self.buffer(shape.scratch_bytes());
                 if let (true, Some(s)) = (fusable, producer) {

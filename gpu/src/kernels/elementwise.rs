@@ -180,8 +180,8 @@ impl Elementwise {
     }
 
     /// Blocks per image of the NHWC epilogue: the chunks of its group-norm partial sums.
-    pub fn epilogue_blocks(image: usize) -> usize {
-        (image / 8).div_ceil(256).max(1)
+    pub fn epilogue_blocks(image: usize, c: usize, n: usize) -> usize {
+        super::vector_grid(image / 8, c / 8, n).2
     }
 
     /// Whether the NHWC epilogue can sum `groups` groups of `c` channels for a group norm.
@@ -197,7 +197,7 @@ impl Elementwise {
 
     /// The convolution epilogue: y[i] += bias[(i / image) * bias_stride + (i / inner) % period]
     /// (+ res[i]); `bias` or `res` may be 0. With `stats` = (partial, groups) (NHWC only), it
-    /// also writes per-block sums for the group norm that reads y next: `epilogue_blocks(image)`
+    /// also writes per-block sums for the group norm that reads y next: `epilogue_blocks(image, c, n)`
     /// (sum, sum of squares) float pairs per image and group.
     ///
     /// # Safety
@@ -232,6 +232,13 @@ impl Elementwise {
             ));
         }
         if vector {
+            let images = n / image;
+            let (threads, per_block, blocks) = super::vector_grid(image / 8, period / 8, images);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, images as u32, 1),
+                block_dim: (threads as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
             let mut args = vec![
                 Arg::P(y),
                 Arg::P(bias),
@@ -249,30 +256,19 @@ impl Elementwise {
                 }
                 args.push(Arg::P(partial));
                 args.push(Arg::I(groups as i32));
+                args.push(Arg::I(per_block as i32));
                 // SAFETY: matches bias_residual_stats_nhwc_f16x8 (uint4*, const half*, const
-                // uint4*, 3 int, float2*, int); as below, plus partial holding
-                // epilogue_blocks(image) * groups float2s per image (the caller's contract) and
-                // groups within the kernel's shared arrays (checked).
-                return unsafe {
-                    launch(
-                        stream,
-                        &self.bias_residual_stats8,
-                        per_image(image / 8, n / image),
-                        &args,
-                    )
-                };
+                // uint4*, 3 int, float2*, 2 int); as below, plus partial holding
+                // epilogue_blocks(image, period, images) * groups float2s per image (the
+                // caller's contract) and groups within the kernel's shared arrays (checked).
+                return unsafe { launch(stream, &self.bias_residual_stats8, cfg, &args) };
             }
-            // SAFETY: matches bias_residual_nhwc_f16x8 (uint4*, const half*, const uint4*, 3
+            args.push(Arg::I(per_block as i32));
+            // SAFETY: matches bias_residual_nhwc_f16x8 (uint4*, const half*, const uint4*, 4
             // int); channels are whole 8-wide vectors, every operand 16-byte aligned (checked),
-            // grid y covers the n / image images.
-            return unsafe {
-                launch(
-                    stream,
-                    &self.bias_residual_nhwc8,
-                    per_image(image / 8, n / image),
-                    &args,
-                )
-            };
+            // grid y covers the n / image images; threads and per_block are multiples of
+            // period / 8 (vector_grid).
+            return unsafe { launch(stream, &self.bias_residual_nhwc8, cfg, &args) };
         }
         let mut args = vec![Arg::P(y), Arg::P(bias), Arg::P(res)];
         args.extend(

@@ -157,14 +157,20 @@ impl GroupNorm {
         }?;
         if s.c.is_multiple_of(8) && super::elementwise::aligned16(&[x, gamma, beta, y]) {
             let image8 = s.hw * s.c / 8;
+            let (threads, per_block, blocks) = super::vector_grid(image8, s.c / 8, s.n);
             // SAFETY: matches group_norm_nhwc_apply_f16x8 (const uint4*, const float2*, 2 const
-            // half*, uint4*, 4 int); whole 8-wide channel vectors, aligned (checked); grid y
-            // covers the n images, stats hold n*groups entries.
+            // half*, uint4*, 5 int); whole 8-wide channel vectors, aligned (checked); grid y
+            // covers the n images, stats hold n*groups entries; threads and per_block are
+            // multiples of c / 8 (vector_grid).
             return unsafe {
                 launch(
                     stream,
                     &self.apply8,
-                    super::elementwise::per_image(image8, s.n),
+                    LaunchConfig {
+                        grid_dim: (blocks as u32, s.n as u32, 1),
+                        block_dim: (threads as u32, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
                     &[
                         Arg::P(x),
                         Arg::P(stats),
@@ -175,6 +181,7 @@ impl GroupNorm {
                         i(s.c),
                         i(s.groups),
                         i(usize::from(s.silu)),
+                        i(per_block),
                     ],
                 )
             };

@@ -90,6 +90,25 @@ pub(crate) fn grid(threads: usize, block: u32) -> LaunchConfig {
     }
 }
 
+/// Launch shape of the NHWC kernels that take one 8-channel vector per thread and loop: for
+/// `image8` vectors per image of `c8` (= channels / 8) vectors a pixel over `n` images,
+/// (threads per block, vectors per block, blocks per image). Threads and vectors per block are
+/// multiples of c8, so each thread keeps one channel vector for its whole loop; the batch spreads
+/// over about `VECTOR_BLOCKS` blocks.
+pub(crate) fn vector_grid(image8: usize, c8: usize, n: usize) -> (usize, usize, usize) {
+    let c8 = c8.max(1);
+    let threads = if c8 >= 256 { c8 } else { 256 / c8 * c8 };
+    let blocks = VECTOR_BLOCKS
+        .div_ceil(n.max(1))
+        .min(image8.div_ceil(threads))
+        .max(1);
+    let per_block = image8.div_ceil(blocks).div_ceil(threads) * threads;
+    (threads, per_block, image8.div_ceil(per_block).max(1))
+}
+
+/// Eight blocks per SM of an H100 (132 SMs): enough in flight for memory-bound passes.
+const VECTOR_BLOCKS: usize = 1056;
+
 /// A one-thread-per-element launch.
 pub(crate) fn elems(n: usize) -> LaunchConfig {
     grid(n, THREADS)
@@ -140,4 +159,29 @@ pub(crate) fn rank5(dims: &[usize], strides: &[usize]) -> Result<([i64; 5], [i64
         s[off + i] = strides[i] as i64;
     }
     Ok((d, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_blocks_keep_one_channel_vector_per_thread_and_cover_the_image() {
+        for (hw, c, n) in [
+            (65536, 128, 16),
+            (64, 1280, 1),
+            (1024, 640, 2),
+            (16384, 2560, 1),
+            (4, 8, 3),
+        ] {
+            let (image8, c8) = (hw * c / 8, c / 8);
+            let (threads, per_block, blocks) = vector_grid(image8, c8, n);
+            assert!(
+                threads <= 1024 && threads.is_multiple_of(c8),
+                "{c} channels: {threads} threads"
+            );
+            assert!(per_block.is_multiple_of(threads), "{per_block} per block");
+            assert!(blocks * per_block >= image8 && (blocks - 1) * per_block < image8);
+        }
+    }
 }
