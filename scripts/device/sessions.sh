@@ -7,7 +7,8 @@
 # session speaks a tone; the avatar's frames carry no stamp, so they are counted, not timed.
 # Writes under $OUT: the engine build log, one summary per load, and an archive with the reports,
 # the server log and its /metrics after each load. SESSIONS (1,8,16,24), DURATION (20 s), BUDGET
-# (frame budget, ms), HOP (frames per whisper window), BATCHES (1,2,4,8,16), SERVE_LOG
+# (frame budget, ms), HOP (frames per whisper window), BATCHES (1,2,4,8,16), RAMP (1: also a
+# --ramp run; RAMP_BUDGET, RAMP_DURATION), SERVE_LOG
 # (info,lipstream::lipsync=debug adds one line per frame with the preparation's timings).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,6 +48,13 @@ for n in $(echo "${SESSIONS:-1,8,16,24}" | tr , ' '); do
     > "$out/metrics_after_$n.txt" 2>/dev/null
   grep -E "^lipstream_(stage_seconds_(sum|count)|frames_|media_dropped)" "$out/metrics_after_$n.txt" | tr '\n' ' '; echo
 done
+# RAMP=1: `bench sessions --ramp` from one session up (doubling, then bisecting) to the largest
+# count that stays within RAMP_BUDGET ms p95 (camera) and 1 % late frames: sessions per GPU.
+if [ "${RAMP:-0}" = 1 ]; then
+  $bin bench sessions --url http://127.0.0.1:8080 --sessions 1 --ramp --budget-ms "${RAMP_BUDGET:-300}" \
+    --duration "${RAMP_DURATION:-10}" "${bench_mode[@]}" --out "$out/${mode}_ramp" > "$out/${mode}_ramp.txt" 2>&1 || status=1
+  grep -E "^ramp:|sustainable|sessions per" "$out/${mode}_ramp.txt"
+fi
 kill $server
 wait $server 2>/dev/null
 # With SERVE_LOG=info,lipstream::lipsync=debug: where a session's preparation spends its time.

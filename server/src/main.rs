@@ -118,7 +118,8 @@ enum BenchCmd {
         /// for the lip-sync stage) sent as a still, stamped, with the click train.
         #[arg(long, default_value = "synthetic")]
         media: String,
-        /// Double the sessions until p95 exceeds the budget or late frames exceed 1 %.
+        /// Double the sessions until p95 exceeds the budget or late frames exceed 1 %, then
+        /// bisect down to the largest sustainable count.
         #[arg(long)]
         ramp: bool,
         /// p95 latency budget for --ramp, ms.

@@ -796,6 +796,13 @@ impl Loop {
                 took.get(&b).copied().unwrap_or(Duration::from_millis(40))
             })
         };
+        if !tick.late.is_empty() {
+            tracing::debug!(
+                frames = tick.late.len(),
+                waiting = self.batcher.len() + tick.batch.len(),
+                "frames given up: they cannot be rendered by their deadline"
+            );
+        }
         for job in tick.late {
             (job.reply)(Err(Missed::Late));
         }

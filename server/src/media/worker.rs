@@ -348,7 +348,7 @@ impl Worker {
                 rtp_time,
                 arrival,
             } = r.frame;
-            self.process(frame, rtp_time, arrival, r.frame_ms)?;
+            self.process(frame, rtp_time, arrival, r.frame_ms, r.audio_complete)?;
         }
         self.send_pending(now)
     }
@@ -373,6 +373,12 @@ impl Worker {
                     frame
                 }
                 Some(Rendered::Late) | None => {
+                    tracing::debug!(
+                        session = %self.session,
+                        ticket = p.ticket,
+                        given_up = p.result.is_some(),
+                        "frame late: not rendered by its output time"
+                    );
                     self.metrics.frames_late.inc();
                     frame
                 }
@@ -507,16 +513,19 @@ impl Worker {
             );
             return Ok(());
         }
-        self.process(frame, rtp_time, arrival, frame_ms)
+        self.process(frame, rtp_time, arrival, frame_ms, true)
     }
 
-    /// Runs the stage on a frame (its audio is there) and sends the encoded result.
+    /// Runs the stage on a frame and sends the encoded result. A frame whose audio never
+    /// came in full (the sender stopped or paused; counted in `frames_audio_short`) was held
+    /// past the time it could be rendered in, so it goes out as it is, in order.
     fn process(
         &mut self,
         frame: VideoFrame,
         rtp_time: MediaTime,
         arrival: Instant,
         frame_ms: f64,
+        audio_complete: bool,
     ) -> Result<(), crate::media::codec::CodecError> {
         let t1 = Instant::now();
         let audio_start_ms = frame_ms - self.stage.audio_before_ms();
@@ -534,13 +543,17 @@ impl Worker {
         } else {
             t1 + self.config.frame_budget
         };
-        let processed = self.stage.process(StageInput {
-            frame: &frame,
-            frame_ms,
-            audio_16k: &self.audio_window,
-            audio_start_ms,
-            deadline: due,
-        });
+        let processed = if audio_complete {
+            self.stage.process(StageInput {
+                frame: &frame,
+                frame_ms,
+                audio_16k: &self.audio_window,
+                audio_start_ms,
+                deadline: due,
+            })
+        } else {
+            StageOutput::Unchanged
+        };
         let t2 = Instant::now();
         self.metrics.observe_stage("process", t2 - t1);
         let picture = match processed {
