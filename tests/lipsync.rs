@@ -19,6 +19,15 @@ use lipstream::client::{publish, AudioSignal, PublishOptions};
 use lipstream::media::frame::VideoFrame;
 use lipstream_engines::image::lower_face_mask;
 
+/// The CPU renders a frame in one to two seconds on two cores: tests sharing them would each
+/// render too few frames to check anything, so they take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    // A failed test poisons the lock; the next one still runs.
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
@@ -104,6 +113,7 @@ fn region_diffs(a: &VideoFrame, b: &VideoFrame, face: [f32; 4]) -> (f64, f64) {
 
 #[test]
 fn camera_mode_re_renders_the_mouth_and_keeps_the_rest_and_the_sync() {
+    let _turn = one_at_a_time();
     let mtcnn = fixtures().join("mtcnn");
     let server = cpu_server(["--mtcnn", mtcnn.to_str().unwrap()], "1,2", "3000");
     let background = Arc::new(astronaut_frame());
@@ -195,6 +205,7 @@ fn camera_mode_re_renders_the_mouth_and_keeps_the_rest_and_the_sync() {
 
 #[test]
 fn frames_without_a_face_pass_through_untouched_and_are_counted() {
+    let _turn = one_at_a_time();
     let mtcnn = fixtures().join("mtcnn");
     let server = cpu_server(["--mtcnn", mtcnn.to_str().unwrap()], "1", "500");
     // The moving test pattern: bands and a grey ellipse, nothing MTCNN takes for a face.
@@ -210,23 +221,16 @@ fn frames_without_a_face_pass_through_untouched_and_are_counted() {
     let no_face = server.metric("lipstream_frames_no_face_total");
     let rendered = server.metric("lipstream_frames_rendered_total");
     let frames_in = server.metric("lipstream_frames_in_total");
-    // The last lookahead's worth of frames never gets its audio (the stream ends): they leave
-    // as they are without reaching the stage, counted as short of audio.
-    let audio_short = server.metric("lipstream_frames_audio_short_total");
     eprintln!(
-        "sent {}, back {}, in {frames_in}, no face {no_face}, audio short {audio_short}, rendered {rendered}",
+        "sent {}, back {}, in {frames_in}, no face {no_face}, rendered {rendered}",
         report.frames_sent,
         report.received.frames.len()
     );
     assert_eq!(report.lost(), 0, "every frame comes back");
     assert_eq!(rendered, 0.0);
     assert!(
-        audio_short < 0.5 * frames_in,
-        "{audio_short} of {frames_in}"
-    );
-    assert!(
-        no_face >= 0.8 * (frames_in - audio_short),
-        "frames without a face are counted ({no_face} of {frames_in}, {audio_short} short of audio)"
+        no_face >= 0.8 * frames_in,
+        "frames without a face are counted ({no_face} of {frames_in})"
     );
 }
 
@@ -235,6 +239,7 @@ fn frames_without_a_face_pass_through_untouched_and_are_counted() {
 /// re-rendered, the rest of the picture as prepared.
 #[test]
 fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
+    let _turn = one_at_a_time();
     let models = fixtures().join("tiny");
     let mtcnn = fixtures().join("mtcnn");
     let dir = std::env::temp_dir().join(format!("lipstream-avatar-e2e-{}", std::process::id()));
@@ -307,6 +312,7 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
 /// goes on — every frame comes back, the audio resumes, the jumped video is re-anchored.
 #[test]
 fn camera_mode_rides_out_an_audio_gap_and_a_timestamp_jump() {
+    let _turn = one_at_a_time();
     let mtcnn = fixtures().join("mtcnn");
     let server = cpu_server(["--mtcnn", mtcnn.to_str().unwrap()], "1", "1500");
     let background = Arc::new(astronaut_frame());
@@ -343,5 +349,115 @@ fn camera_mode_rides_out_an_audio_gap_and_a_timestamp_jump() {
     assert!(
         f64::from(report.received.audio_packets) >= 0.9 * f64::from(report.audio_packets_sent),
         "the audio resumes after the gap"
+    );
+}
+
+/// Camera mode while the face leaves the picture for 2 s and comes back: the frames without it
+/// pass through (counted), the tracker drops the face and finds it again, and the mouth is
+/// rendered again after it returns.
+#[test]
+fn camera_mode_follows_a_face_that_leaves_and_comes_back() {
+    let _turn = one_at_a_time();
+    let mtcnn = fixtures().join("mtcnn");
+    let server = cpu_server(["--mtcnn", mtcnn.to_str().unwrap()], "1", "3000");
+    let background = Arc::new(astronaut_frame());
+    // 10 fps: the face in frames 0-29, gone in 30-49 (the moving test pattern), back from 50.
+    let gap = 30..50;
+    let report = publish(&PublishOptions {
+        base_url: server.base_url.clone(),
+        width: background.width,
+        height: background.height,
+        fps: 10,
+        duration: Duration::from_secs(12),
+        linger: Duration::from_millis(5500),
+        audio: AudioSignal::Tone { hz: 220.0 },
+        background: Some(background.clone()),
+        background_gap: Some(gap.clone()),
+        keep_pictures: true,
+        ..Default::default()
+    })
+    .expect("publish");
+    let no_face = server.metric("lipstream_frames_no_face_total");
+    let rendered = server.metric("lipstream_frames_rendered_total");
+    let face = [181.05 - 32.0, 62.16, 267.75 - 32.0, 172.05 + 10.0];
+    let rendered_after: Vec<u32> = report
+        .received
+        .pictures
+        .iter()
+        .filter(|(id, _)| *id >= gap.end + 5)
+        .filter(|(_, p)| region_diffs(p, &background, face).0 > 12.0)
+        .map(|(id, _)| *id)
+        .collect();
+    eprintln!(
+        "sent {}, back {}, no face {no_face}, rendered {rendered}, rendered after the face came back: {rendered_after:?}",
+        report.frames_sent,
+        report.received.frames.len()
+    );
+    assert_eq!(report.lost(), 0, "every frame comes back");
+    assert!(
+        no_face >= 10.0,
+        "frames without the face are counted ({no_face})"
+    );
+    assert!(
+        !rendered_after.is_empty(),
+        "the face is found again and its mouth rendered"
+    );
+}
+
+/// Camera mode with one of the two tracks silent: a publisher that sends only audio gets its
+/// audio back; one that sends only video gets every frame back untouched (nothing to
+/// lip-sync to), counted as short of audio. The server serves both and stays up.
+#[test]
+fn camera_mode_serves_audio_only_and_video_only_publishers() {
+    let _turn = one_at_a_time();
+    let mtcnn = fixtures().join("mtcnn");
+    let server = cpu_server(["--mtcnn", mtcnn.to_str().unwrap()], "1", "1000");
+    let seconds = Duration::from_secs(4);
+    let audio_only = publish(&PublishOptions {
+        base_url: server.base_url.clone(),
+        duration: seconds,
+        linger: Duration::from_millis(3000),
+        video_pause: Some((Duration::ZERO, seconds)),
+        ..Default::default()
+    })
+    .expect("publish audio only");
+    eprintln!(
+        "audio only: {} frames sent, audio {} packets sent, {} back",
+        audio_only.frames_sent, audio_only.audio_packets_sent, audio_only.received.audio_packets
+    );
+    assert_eq!(audio_only.frames_sent, 0);
+    assert!(
+        f64::from(audio_only.received.audio_packets)
+            >= 0.9 * f64::from(audio_only.audio_packets_sent),
+        "the audio comes back without any video"
+    );
+
+    let background = Arc::new(astronaut_frame());
+    let video_only = publish(&PublishOptions {
+        base_url: server.base_url.clone(),
+        width: background.width,
+        height: background.height,
+        fps: 10,
+        duration: seconds,
+        linger: Duration::from_millis(3000),
+        background: Some(background),
+        audio_pause: Some((Duration::ZERO, seconds)),
+        ..Default::default()
+    })
+    .expect("publish video only");
+    let rendered = server.metric("lipstream_frames_rendered_total");
+    let short = server.metric("lipstream_frames_audio_short_total");
+    eprintln!(
+        "video only: {} frames sent, {} back, audio {} packets sent; rendered {rendered}, audio short {short}",
+        video_only.frames_sent,
+        video_only.received.frames.len(),
+        video_only.audio_packets_sent
+    );
+    assert_eq!(video_only.audio_packets_sent, 0);
+    assert_eq!(video_only.lost(), 0, "every frame comes back");
+    assert_eq!(rendered, 0.0, "no audio, no lip-sync");
+    assert!(
+        short >= 0.8 * f64::from(video_only.frames_sent),
+        "the frames are counted as short of audio ({short})"
     );
 }

@@ -154,7 +154,7 @@ impl Metrics {
         );
         registry.register(
             "frames_audio_short",
-            "Frames processed without all the audio their stage hears ahead (the audio stopped)",
+            "Frames sent without lip-sync because the audio they need had not arrived (stream start, a pause, the end)",
             m.frames_audio_short.clone(),
         );
         registry.register(

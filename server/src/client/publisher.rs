@@ -55,6 +55,12 @@ pub struct PublishOptions {
     pub audio_pause: Option<(Duration, Duration)>,
     /// From this frame id on, video RTP times jump by this many 90 kHz ticks (a sender restart).
     pub video_jump: Option<(u32, u64)>,
+    /// Stop sending video for a while (start after connecting, length), as a camera switched
+    /// off would; the whole duration: an audio-only publisher on a video track.
+    pub video_pause: Option<(Duration, Duration)>,
+    /// Frame ids sent with the moving test pattern instead of `background`: the face leaves the
+    /// picture and comes back.
+    pub background_gap: Option<std::ops::Range<u32>>,
 }
 
 impl Default for PublishOptions {
@@ -76,6 +82,8 @@ impl Default for PublishOptions {
             keep_pictures: false,
             audio_pause: None,
             video_jump: None,
+            video_pause: None,
+            background_gap: None,
         }
     }
 }
@@ -148,6 +156,8 @@ fn run(
     let mut next_video = None::<Instant>;
     let mut next_audio = None::<Instant>;
     let mut audio_rtp = 0u64;
+    // Frame intervals since the start, sent or not (video RTP time).
+    let mut video_slots = 0u64;
     let mut keyframe_requests_seen = 0;
 
     loop {
@@ -170,18 +180,33 @@ fn run(
         let sending = now < end_send;
         let nv = *next_video.get_or_insert(connected);
         let na = *next_audio.get_or_insert(connected);
+        let video_paused = options.video_pause.is_some_and(|(from, len)| {
+            let t = now.saturating_duration_since(connected);
+            t >= from && t < from + len
+        });
+        if sending && video_paused && now >= nv {
+            // The camera's clock runs on while it sends nothing.
+            video_slots += 1;
+            next_video = Some(nv + frame_interval);
+            continue;
+        }
         if sending && now >= nv {
             let id = report.frames_sent;
             let stamp = Stamp {
                 frame_id: id,
                 capture_ms: stamp_clock_ms(now) as u32,
             };
+            let gap = options
+                .background_gap
+                .as_ref()
+                .is_some_and(|g| g.contains(&id));
             let picture = match &options.background {
-                Some(bg) => {
+                Some(bg) if !gap => {
                     let mut f = (**bg).clone();
                     stamp.draw(&mut f);
                     f
                 }
+                Some(bg) => synth::picture(bg.width, bg.height, stamp),
                 None => synth::picture(options.width, options.height, stamp),
             };
             let au = h264_out.encode(&picture)?;
@@ -193,7 +218,8 @@ fn run(
                 .video_jump
                 .filter(|(from, _)| id >= *from)
                 .map_or(0, |(_, ticks)| ticks);
-            let rtp = MediaTime::from_90khz(u64::from(id) * 90_000 / u64::from(fps) + jump);
+            let rtp = MediaTime::from_90khz(video_slots * 90_000 / u64::from(fps) + jump);
+            video_slots += 1;
             if let Some(w) = peer.rtc.writer(peer.video_mid) {
                 if let Some(pt) = pick_video_pt(w.payload_params()) {
                     w.write(pt, now, rtp, data)?;

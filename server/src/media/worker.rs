@@ -340,9 +340,6 @@ impl Worker {
             .as_mut()
             .and_then(|h| h.pop_frame(self.audio.end_ms(), now))
         {
-            if !r.audio_complete {
-                self.metrics.frames_audio_short.inc();
-            }
             let HeldFrame {
                 frame,
                 rtp_time,
@@ -516,9 +513,8 @@ impl Worker {
         self.process(frame, rtp_time, arrival, frame_ms, true)
     }
 
-    /// Runs the stage on a frame and sends the encoded result. A frame whose audio never
-    /// came in full (the sender stopped or paused; counted in `frames_audio_short`) was held
-    /// past the time it could be rendered in, so it goes out as it is, in order.
+    /// Runs the stage on a frame and sends the encoded result. `audio_complete` is false for a
+    /// frame released without all the audio it waited for.
     fn process(
         &mut self,
         frame: VideoFrame,
@@ -543,7 +539,11 @@ impl Worker {
         } else {
             t1 + self.config.frame_budget
         };
-        let processed = if audio_complete {
+        // A frame that waited for audio that never came in full (the sender stopped or
+        // paused) and whose output time has already come goes out as it is: it could not be
+        // rendered in time (counted short of audio, not late). With time left, the stage
+        // decides (and counts it when it has no audio for it).
+        let processed = if audio_complete || due > t1 {
             self.stage.process(StageInput {
                 frame: &frame,
                 frame_ms,
@@ -552,6 +552,7 @@ impl Worker {
                 deadline: due,
             })
         } else {
+            self.metrics.frames_audio_short.inc();
             StageOutput::Unchanged
         };
         let t2 = Instant::now();
