@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// Batch sizes the renderer runs (default: 1,2,4,8,16 on CUDA, 1,2 on the CPU).
     #[arg(long, env = "LIPSTREAM_BATCHES", value_delimiter = ',')]
     pub batches: Vec<usize>,
+    /// GPUs (CUDA ordinals) that render, one renderer each; new sessions go to the one with
+    /// the most headroom. Default: GPU 0.
+    #[arg(long, env = "LIPSTREAM_GPUS", value_delimiter = ',')]
+    pub gpus: Vec<usize>,
     /// Video frames per whisper encode: each more saves GPU time and adds 40 ms of latency.
     #[arg(long, env = "LIPSTREAM_AUDIO_HOP_FRAMES", default_value_t = 2)]
     pub audio_hop_frames: usize,
@@ -98,6 +102,8 @@ pub struct LipsyncConfig {
     pub executor: ExecutorChoice,
     /// Empty: the executor's default.
     pub batches: Vec<usize>,
+    /// CUDA ordinals, one renderer each (never empty).
+    pub gpus: Vec<usize>,
     pub audio_hop_frames: usize,
     pub min_face_px: f64,
     /// Avatar mode's prepared avatar (else camera mode).
@@ -124,6 +130,7 @@ struct FileConfig {
     mtcnn: Option<PathBuf>,
     executor: Option<ExecutorChoice>,
     batches: Option<Vec<usize>>,
+    gpus: Option<Vec<usize>>,
     audio_hop_frames: Option<usize>,
     min_face_px: Option<f64>,
 }
@@ -175,7 +182,7 @@ impl ServeArgs {
                 ice_timeout_s
             );
             merge!(frame_budget_ms, video_kbps, video_max_kbps, token);
-            merge!(executor, batches, audio_hop_frames, min_face_px);
+            merge!(executor, batches, gpus, audio_hop_frames, min_face_px);
             for (value, from_file, id) in [
                 (&mut self.models, file.models, "models"),
                 (&mut self.engine, file.engine, "engine"),
@@ -218,6 +225,15 @@ impl ServeArgs {
                     mtcnn_dir,
                     executor: self.executor,
                     batches: self.batches.clone(),
+                    gpus: {
+                        let mut g = self.gpus.clone();
+                        g.sort_unstable();
+                        g.dedup();
+                        if g.is_empty() {
+                            g.push(0);
+                        }
+                        g
+                    },
                     audio_hop_frames: self.audio_hop_frames,
                     min_face_px: self.min_face_px,
                     avatar: self.avatar.clone(),

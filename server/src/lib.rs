@@ -12,6 +12,7 @@ pub mod http;
 pub mod lipsync;
 pub mod media;
 pub mod metrics;
+pub mod placement;
 pub mod pull;
 pub mod registry;
 pub mod rtc;

@@ -146,24 +146,40 @@ async fn lipsync_stage(
         tracker: Default::default(),
         min_face_px: config.min_face_px,
     };
-    let renderer_config = RendererConfig {
-        source: config.source.clone(),
-        mode,
-        profiles: batches,
-        cuda,
+    // One renderer per GPU (the CPU executor: one for the machine).
+    let gpus = if cuda || matches!(config.source, ModelSource::Engine(_)) {
+        config.gpus.clone()
+    } else {
+        vec![0]
     };
-    let renderer_metrics = metrics.clone();
-    let renderer =
-        tokio::task::spawn_blocking(move || Renderer::start(renderer_config, renderer_metrics))
-            .await
-            .context("the renderer start panicked")??;
+    let mut renderers = Vec::with_capacity(gpus.len());
+    for gpu in gpus {
+        let renderer_config = RendererConfig {
+            source: config.source.clone(),
+            mode,
+            profiles: batches.clone(),
+            cuda,
+            gpu,
+        };
+        let renderer_metrics = metrics.clone();
+        let renderer =
+            tokio::task::spawn_blocking(move || Renderer::start(renderer_config, renderer_metrics))
+                .await
+                .context("the renderer start panicked")?
+                .with_context(|| format!("the renderer for GPU {gpu}"))?;
+        renderers.push(renderer);
+    }
     tracing::info!(
-        "lip-sync: {} on the {}; whisper every {} frames, so video and audio leave {:.0} ms after they arrive ({:.0} ms lookahead + {} ms frame budget)",
+        "lip-sync: {} on {}; whisper every {} frames, so video and audio leave {:.0} ms after they arrive ({:.0} ms lookahead + {} ms frame budget)",
         match &config.avatar {
             Some(p) => format!("avatar mode ({})", p.display()),
             None => "camera mode".into(),
         },
-        renderer.executor,
+        renderers
+            .iter()
+            .map(|r| format!("the {}", r.executor))
+            .collect::<Vec<_>>()
+            .join(" and "),
         config.audio_hop_frames,
         crate::lipsync::AudioFeed::lookahead_ms(config.audio_hop_frames)
             + frame_budget.as_secs_f64() * 1000.0,
@@ -172,6 +188,16 @@ async fn lipsync_stage(
     );
     let hop = config.audio_hop_frames;
     Ok(Arc::new(move || -> Box<dyn crate::media::stage::Stage> {
+        // The GPU with the most headroom takes the new session.
+        let loads: Vec<_> = renderers.iter().map(|r| r.load()).collect();
+        let pick = crate::placement::choose(&loads).unwrap_or(0);
+        let Some(renderer) = renderers.get(pick) else {
+            tracing::error!("no renderer: frames pass through");
+            return Box::new(Identity);
+        };
+        if renderers.len() > 1 {
+            tracing::info!(gpu = pick, load = ?loads[pick], "session placed");
+        }
         if let Some(assets) = &avatar {
             return match AvatarStage::new(renderer.clone(), assets.clone(), hop, metrics.clone()) {
                 Ok(s) => Box::new(s),

@@ -278,12 +278,12 @@ pub fn tuned(header: &Header) -> anyhow::Result<Vec<(ConvShape, Tuned)>> {
         .collect()
 }
 
-/// Loads `path` on GPU 0 (refusing another GPU or library version), builds every profile with
-/// the stored algorithms and, with `graphs`, captures them.
-pub fn load(path: &Path, graphs: bool) -> anyhow::Result<Loaded> {
+/// Loads `path` on GPU `gpu` (refusing another GPU model or library version), builds every
+/// profile with the stored algorithms and, with `graphs`, captures them.
+pub fn load(path: &Path, gpu: usize, graphs: bool) -> anyhow::Result<Loaded> {
     let header = read_header(path)?;
     let stage = stage_of(&header.stage)?;
-    let device = Device::open(0).context("opening GPU 0")?;
+    let device = Device::open(gpu).with_context(|| format!("opening GPU {gpu}"))?;
     if let Some(why) = incompatibility(&header, &device)? {
         bail!("{}: {why}", path.display());
     }

@@ -54,6 +54,8 @@ pub(crate) struct Prep<T> {
     in_flight: HashMap<u64, T>,
     next_ticket: u64,
     metrics: Arc<Metrics>,
+    /// Counts this session on its renderer's GPU while it lives (placement).
+    _placed: crate::lipsync::renderer::Placed,
 }
 
 impl<T> Prep<T> {
@@ -64,6 +66,7 @@ impl<T> Prep<T> {
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let thread_metrics = metrics.clone();
+        let placed = renderer.place_session();
         std::thread::Builder::new()
             .name("lipsync-prep".into())
             .spawn(move || run(rx, renderer, AudioFeed::new(hop_frames), thread_metrics))?;
@@ -73,6 +76,7 @@ impl<T> Prep<T> {
             in_flight: HashMap::new(),
             next_ticket: 0,
             metrics,
+            _placed: placed,
         })
     }
 

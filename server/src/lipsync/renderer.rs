@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +47,8 @@ pub struct RendererConfig {
     pub profiles: Vec<usize>,
     /// Use CUDA when it is here (false: always the CPU executor).
     pub cuda: bool,
+    /// The GPU (CUDA ordinal) this renderer runs on.
+    pub gpu: usize,
 }
 
 /// Why a frame came back without a face.
@@ -91,6 +94,49 @@ pub struct Renderer {
     cpu_whisper: Option<Arc<Graph>>,
     /// CUDA: whisper's own thread and stream (else windows go through the renderer thread).
     whisper: Option<Sender<WhisperJob>>,
+    gauge: Arc<Gauge>,
+}
+
+/// How loaded a renderer's GPU is, published by its thread once per window of batches.
+struct Gauge {
+    born: Instant,
+    /// f64 bits: share of the window spent on batches, share of frames given up.
+    busy: AtomicU64,
+    late: AtomicU64,
+    /// When the window was published (ns since `born`).
+    published_ns: AtomicU64,
+    sessions: AtomicUsize,
+}
+
+/// A window of batches shorter than this is not published (too noisy).
+const GAUGE_WINDOW: Duration = Duration::from_secs(1);
+
+impl Gauge {
+    fn new() -> Self {
+        Gauge {
+            born: Instant::now(),
+            busy: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            published_ns: AtomicU64::new(0),
+            sessions: AtomicUsize::new(0),
+        }
+    }
+
+    fn publish(&self, busy: f64, late: f64) {
+        self.busy.store(busy.to_bits(), Ordering::Relaxed);
+        self.late.store(late.to_bits(), Ordering::Relaxed);
+        let ns = self.born.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.published_ns.store(ns, Ordering::Relaxed);
+    }
+}
+
+/// A session counted on a renderer's GPU until dropped.
+pub struct Placed(Arc<Gauge>);
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What the renderer thread runs. A batch is started, then finished: on the GPU the next batch
@@ -405,14 +451,15 @@ fn start_whisper_thread(
         lipstream_gpu::conv::ConvShape,
         lipstream_gpu::executor::Tuned,
     )>,
+    gpu: usize,
 ) -> anyhow::Result<Sender<WhisperJob>> {
     let (tx, rx) = std::sync::mpsc::channel::<WhisperJob>();
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("whisper".into())
         .spawn(move || {
-            let built = lipstream_gpu::device::Device::open(0)
-                .context("opening GPU 0 for whisper")
+            let built = lipstream_gpu::device::Device::open(gpu)
+                .with_context(|| format!("opening GPU {gpu} for whisper"))
                 .and_then(|device| {
                     // Batched windows' convolutions were not timed at engine build: they take
                     // cuDNN's default algorithms.
@@ -549,6 +596,8 @@ impl Renderer {
             ));
         }
         let (tx, rx) = std::sync::mpsc::channel();
+        let gauge = Arc::new(Gauge::new());
+        let loop_gauge = gauge.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let mode = config.mode;
         std::thread::Builder::new()
@@ -573,7 +622,7 @@ impl Renderer {
                     Ok((backend, ready)) => {
                         let (profiles, took) = (ready.profiles.clone(), ready.took.clone());
                         let _ = ready_tx.send(Ok(ready));
-                        render_loop(backend, rx, profiles, took, metrics);
+                        render_loop(backend, rx, profiles, took, metrics, loop_gauge);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -598,6 +647,7 @@ impl Renderer {
         );
         Ok(Arc::new(Renderer {
             tx,
+            gauge,
             mode,
             executor: ready.executor,
             profiles: ready.profiles,
@@ -605,6 +655,32 @@ impl Renderer {
             cpu_whisper,
             whisper: ready.whisper,
         }))
+    }
+
+    /// Counts a new session on this renderer's GPU until the returned guard is dropped.
+    pub fn place_session(&self) -> Placed {
+        self.gauge.sessions.fetch_add(1, Ordering::Relaxed);
+        Placed(self.gauge.clone())
+    }
+
+    /// This GPU's load for placement: occupancy and late frames over the last window of
+    /// batches (none for two windows: idle), and the sessions on it.
+    pub fn load(&self) -> crate::placement::GpuLoad {
+        let g = &self.gauge;
+        let published = Duration::from_nanos(g.published_ns.load(Ordering::Relaxed));
+        let idle = g.born.elapsed().saturating_sub(published) > 2 * GAUGE_WINDOW;
+        let read = |a: &AtomicU64| {
+            if idle {
+                0.0
+            } else {
+                f64::from_bits(a.load(Ordering::Relaxed))
+            }
+        };
+        crate::placement::GpuLoad {
+            busy: read(&g.busy),
+            late: read(&g.late),
+            sessions: g.sessions.load(Ordering::Relaxed),
+        }
     }
 
     /// Queues one frame that must be done by `deadline`; never waits.
@@ -643,11 +719,19 @@ impl Renderer {
 
 /// The CUDA backend: an engine file, or a models folder built (and timed) here.
 fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyhow::Result<Built> {
-    let gpu = lipstream_gpu::device::executor_choice()
+    lipstream_gpu::device::executor_choice()
         .map_err(|why| anyhow::anyhow!("CUDA is needed for an engine file: {why}"))?;
+    let report = lipstream_gpu::device::report();
+    let gpu = report.gpus.get(config.gpu).cloned().with_context(|| {
+        format!(
+            "no GPU {} here (the driver reports {})",
+            config.gpu,
+            report.gpus.len()
+        )
+    })?;
     let (ex, profiles, whisper) = match &config.source {
         ModelSource::Engine(path) => {
-            let loaded = crate::engine::file::load(path, true)?;
+            let loaded = crate::engine::file::load(path, config.gpu, true)?;
             if loaded.stage != config.mode {
                 bail!(
                     "{} is a {:?} engine; this server runs {:?} mode",
@@ -657,12 +741,13 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
                 );
             }
             let tuned = crate::engine::file::tuned(&loaded.header)?;
-            let whisper = start_whisper_thread(loaded.sources, tuned)?;
+            let whisper = start_whisper_thread(loaded.sources, tuned, config.gpu)?;
             (loaded.executors, loaded.header.batches.clone(), whisper)
         }
         ModelSource::Models(dir) => {
             let src = Sources::open(dir)?;
-            let device = lipstream_gpu::device::Device::open(0).context("opening GPU 0")?;
+            let device = lipstream_gpu::device::Device::open(config.gpu)
+                .with_context(|| format!("opening GPU {}", config.gpu))?;
             tracing::info!(
                 "building the CUDA executor from {} (timing convolutions; `lipstream engine build` saves this)",
                 dir.display()
@@ -670,7 +755,7 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
             let ex =
                 crate::engine::executors(device, &src, config.mode, &config.profiles, &[], true)?;
             let tuned = ex.rt.tuned.iter().map(|(k, v)| (*k, *v)).collect();
-            let whisper = start_whisper_thread(src, tuned)?;
+            let whisper = start_whisper_thread(src, tuned, config.gpu)?;
             (ex, config.profiles.clone(), whisper)
         }
     };
@@ -766,6 +851,8 @@ struct Loop {
     /// Time from deciding a batch to its launch (filling its inputs): the next batch is
     /// decided this long before the running one should end, so the GPU never waits for it.
     lead: Duration,
+    gauge: Arc<Gauge>,
+    window: Window,
 }
 
 impl Loop {
@@ -803,6 +890,7 @@ impl Loop {
                 "frames given up: they cannot be rendered by their deadline"
             );
         }
+        self.window.late += tick.late.len() as u64;
         for job in tick.late {
             (job.reply)(Err(Missed::Late));
         }
@@ -841,6 +929,17 @@ impl Loop {
         *e = e.mul_f64(0.8) + elapsed.mul_f64(0.2);
         self.metrics.observe_stage("render_batch", elapsed);
         self.metrics.batch_frames.observe(f.profile as f64);
+        self.window.busy += elapsed;
+        self.window.rendered += f.profile as u64;
+        let wall = done.saturating_duration_since(self.window.from);
+        if wall >= GAUGE_WINDOW {
+            let w = std::mem::replace(&mut self.window, Window::new(done));
+            let frames = (w.rendered + w.late).max(1) as f64;
+            self.gauge.publish(
+                (w.busy.as_secs_f64() / wall.as_secs_f64()).min(1.0),
+                w.late as f64 / frames,
+            );
+        }
         match result {
             Ok(images) if images.len() == f.jobs.len() => {
                 for (job, image) in f.jobs.into_iter().zip(images) {
@@ -927,6 +1026,7 @@ fn render_loop(
     profiles: Vec<usize>,
     took: BTreeMap<usize, Duration>,
     metrics: Arc<Metrics>,
+    gauge: Arc<Gauge>,
 ) {
     Loop {
         backend,
@@ -936,8 +1036,29 @@ fn render_loop(
         failures: 0,
         last_done: Instant::now(),
         lead: Duration::from_millis(2),
+        gauge,
+        window: Window::new(Instant::now()),
     }
     .run(rx)
+}
+
+/// The renderer's load since the gauge was last published.
+struct Window {
+    from: Instant,
+    busy: Duration,
+    rendered: u64,
+    late: u64,
+}
+
+impl Window {
+    fn new(from: Instant) -> Self {
+        Window {
+            from,
+            busy: Duration::ZERO,
+            rendered: 0,
+            late: 0,
+        }
+    }
 }
 
 #[cfg(test)]
