@@ -7,7 +7,8 @@
 # session speaks a tone; the avatar's frames carry no stamp, so they are counted, not timed.
 # Writes under $OUT: the engine build log, one summary per load, and an archive with the reports,
 # the server log and its /metrics after each load. SESSIONS (1,8,16,24), DURATION (20 s), BUDGET
-# (frame budget, ms), HOP (frames per whisper window), BATCHES (1,2,4,8,16), RAMP (1: also a
+# (frame budget, ms), HOP (frames per whisper window), BATCHES (1,2,4,8,16), GPUS (0; 0,1: one
+# renderer per GPU), RAMP (1: also a
 # --ramp run; RAMP_BUDGET, RAMP_DURATION), SERVE_LOG
 # (info,lipstream::lipsync=debug adds one line per frame with the preparation's timings).
 set -uo pipefail
@@ -30,7 +31,7 @@ $bin engine build --mode "$mode" --batches "${BATCHES:-1,2,4,8,16}" --out "$engi
 echo "engine build: $(( $(date +%s) - t0 )) s"
 RUST_LOG="${SERVE_LOG:-info}" $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 \
   --engine "$engine" "${serve_mode[@]}" --max-sessions 64 --frame-budget-ms "${BUDGET:-80}" \
-  --audio-hop-frames "${HOP:-2}" > "$out/serve.log" 2>&1 &
+  --audio-hop-frames "${HOP:-2}" --gpus "${GPUS:-0}" > "$out/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 1 240); do
   grep -q "lipstream listening" "$out/serve.log" && break
