@@ -171,6 +171,9 @@ fn camera_mode_re_renders_the_mouth_and_keeps_the_rest_and_the_sync() {
         rendered >= 2.0,
         "the CPU renders a few frames in {seconds} s"
     );
+    // The per-device figures: every face that came back was run by the one (CPU) renderer.
+    let ran = server.metric("lipstream_gpu_frames_rendered_total{gpu=\"cpu\"}");
+    assert!(ran >= rendered, "{ran} frames run, {rendered} rendered");
 
     // MuseTalk 1.5's crop of the detector's box (y1 + 10), in this frame's coordinates.
     let face = [181.05 - 32.0, 62.16, 267.75 - 32.0, 172.05 + 10.0];

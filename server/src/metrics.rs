@@ -1,5 +1,6 @@
 //! Prometheus metrics for the whole server, registered once and shared by every task.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -13,6 +14,12 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabel {
     pub stage: &'static str,
+}
+
+/// Label naming a renderer's device: a CUDA ordinal, or "cpu".
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuLabel {
+    pub gpu: String,
 }
 
 /// Label naming a media kind.
@@ -54,6 +61,12 @@ pub struct Metrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub stage_seconds: Family<StageLabel, Histogram>,
+    /// Per renderer device, over its last second of batches: share of time spent on batches,
+    /// share of frames given up, sessions placed on it, frames rendered.
+    pub gpu_busy: Family<GpuLabel, Gauge<f64, AtomicU64>>,
+    pub gpu_late: Family<GpuLabel, Gauge<f64, AtomicU64>>,
+    pub gpu_sessions: Family<GpuLabel, Gauge>,
+    pub gpu_frames_rendered: Family<GpuLabel, Counter>,
 }
 
 impl Metrics {
@@ -84,8 +97,32 @@ impl Metrics {
             stage_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(50e-6, 2.0, 16))
             }),
+            gpu_busy: Family::default(),
+            gpu_late: Family::default(),
+            gpu_sessions: Family::default(),
+            gpu_frames_rendered: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "gpu_busy_ratio",
+            "Share of the last second each renderer's device spent on frame batches",
+            m.gpu_busy.clone(),
+        );
+        registry.register(
+            "gpu_late_ratio",
+            "Share of frames each renderer gave up in its last second",
+            m.gpu_late.clone(),
+        );
+        registry.register(
+            "gpu_sessions",
+            "Sessions placed on each renderer's device",
+            m.gpu_sessions.clone(),
+        );
+        registry.register(
+            "gpu_frames_rendered",
+            "Frames each renderer's device ran in batches",
+            m.gpu_frames_rendered.clone(),
+        );
         registry.register(
             "sessions",
             "Published sessions now open",

@@ -598,6 +598,11 @@ impl Renderer {
         let (tx, rx) = std::sync::mpsc::channel();
         let gauge = Arc::new(Gauge::new());
         let loop_gauge = gauge.clone();
+        let device = if use_cuda {
+            config.gpu.to_string()
+        } else {
+            "cpu".to_string()
+        };
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let mode = config.mode;
         std::thread::Builder::new()
@@ -622,7 +627,7 @@ impl Renderer {
                     Ok((backend, ready)) => {
                         let (profiles, took) = (ready.profiles.clone(), ready.took.clone());
                         let _ = ready_tx.send(Ok(ready));
-                        render_loop(backend, rx, profiles, took, metrics, loop_gauge);
+                        render_loop(backend, rx, profiles, took, metrics, loop_gauge, device);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -853,6 +858,8 @@ struct Loop {
     lead: Duration,
     gauge: Arc<Gauge>,
     window: Window,
+    /// This renderer's device in the per-GPU metrics.
+    device: crate::metrics::GpuLabel,
 }
 
 impl Loop {
@@ -935,11 +942,23 @@ impl Loop {
         if wall >= GAUGE_WINDOW {
             let w = std::mem::replace(&mut self.window, Window::new(done));
             let frames = (w.rendered + w.late).max(1) as f64;
-            self.gauge.publish(
+            let (busy, late) = (
                 (w.busy.as_secs_f64() / wall.as_secs_f64()).min(1.0),
                 w.late as f64 / frames,
             );
+            self.gauge.publish(busy, late);
+            let m = &self.metrics;
+            m.gpu_busy.get_or_create(&self.device).set(busy);
+            m.gpu_late.get_or_create(&self.device).set(late);
+            let sessions = self.gauge.sessions.load(Ordering::Relaxed);
+            m.gpu_sessions
+                .get_or_create(&self.device)
+                .set(i64::try_from(sessions).unwrap_or(i64::MAX));
         }
+        self.metrics
+            .gpu_frames_rendered
+            .get_or_create(&self.device)
+            .inc_by(f.profile as u64);
         match result {
             Ok(images) if images.len() == f.jobs.len() => {
                 for (job, image) in f.jobs.into_iter().zip(images) {
@@ -1027,6 +1046,7 @@ fn render_loop(
     took: BTreeMap<usize, Duration>,
     metrics: Arc<Metrics>,
     gauge: Arc<Gauge>,
+    device: String,
 ) {
     Loop {
         backend,
@@ -1038,6 +1058,7 @@ fn render_loop(
         lead: Duration::from_millis(2),
         gauge,
         window: Window::new(Instant::now()),
+        device: crate::metrics::GpuLabel { gpu: device },
     }
     .run(rx)
 }
