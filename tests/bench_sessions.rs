@@ -23,7 +23,52 @@ fn options(url: &str, sessions: usize, seconds: u64) -> SessionsOptions {
         fps: 25,
         progress: false,
         picture: None,
+        clip: None,
     }
+}
+
+/// `bench sessions --media clip.y4m`: a raw 4:2:0 clip (here ten frames of rising grey)
+/// published looped and stamped, every frame timed on its way back.
+#[test]
+fn a_y4m_clip_is_published_looped_and_timed() {
+    let server = common::Server::start(&[]);
+    let dir = std::env::temp_dir().join(format!("lipstream-y4m-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (w, h) = (320usize, 240usize);
+    let mut bytes = format!("YUV4MPEG2 W{w} H{h} F25:1 Ip A1:1 C420jpeg\n").into_bytes();
+    for i in 0..10u8 {
+        bytes.extend_from_slice(b"FRAME\n");
+        bytes.extend(std::iter::repeat_n(40 + 15 * i, w * h));
+        bytes.extend(std::iter::repeat_n(128, w * h / 2));
+    }
+    let clip = dir.join("grey.y4m");
+    std::fs::write(&clip, &bytes).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lipstream"))
+        .args([
+            "bench",
+            "sessions",
+            "--url",
+            &server.base_url,
+            "--sessions",
+            "1",
+        ])
+        .args(["--duration", "3", "--media"])
+        .arg(&clip)
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .expect("run bench sessions");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("10 frames of 320x240, looped"), "{stderr}");
+    let (json, _) = bench::output_paths(&dir);
+    let report: bench::BenchReport =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let o = &report.overall;
+    assert_eq!(o.failed_sessions, 0, "{:?}", o.failures);
+    assert!(o.latency_ms.is_some(), "the clip's frames carry the stamp");
+    assert!(o.loss_pct <= 1.0 && o.fps_per_session_mean > 20.0, "{o:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

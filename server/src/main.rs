@@ -114,8 +114,10 @@ enum BenchCmd {
         duration: u64,
         #[arg(long, value_enum, default_value_t = lipstream::bench::Mode::Camera)]
         mode: lipstream::bench::Mode,
-        /// synthetic (stamped moving test pattern + click train), or a PNG picture (e.g. a face
-        /// for the lip-sync stage) sent as a still, stamped, with the click train.
+        /// synthetic (stamped moving test pattern + click train), a PNG picture (e.g. a face
+        /// for the lip-sync stage) sent as a still, or a .y4m clip (4:2:0, e.g. `ffmpeg -i
+        /// talk.mp4 -pix_fmt yuv420p talk.y4m`) sent looped; pictures and clips are stamped and
+        /// go with the click train.
         #[arg(long, default_value = "synthetic")]
         media: String,
         /// Double the sessions until p95 exceeds the budget or late frames exceed 1 %, then
@@ -543,18 +545,37 @@ fn bench_sessions(
     width: usize,
     height: usize,
 ) -> anyhow::Result<()> {
-    let picture = if media == "synthetic" {
-        None
-    } else {
-        let (rgb, w, h) = read_png(std::path::Path::new(&media))
-            .map_err(|e| anyhow::anyhow!("--media: {e} (give `synthetic` or a PNG picture)"))?;
+    let (mut picture, mut clip) = (None, None);
+    if media.ends_with(".y4m") {
+        let bytes = std::fs::read(&media).map_err(|e| anyhow::anyhow!("--media {media}: {e}"))?;
+        let c = lipstream::media::y4m::parse(&bytes)
+            .map_err(|e| anyhow::anyhow!("--media {media}: {e}"))?;
+        if c.frames[0].width < 256 {
+            anyhow::bail!("--media {media}: at least 256 pixels wide, for the frame stamp");
+        }
+        eprintln!(
+            "--media {media}: {} frames of {}x{}, looped{}",
+            c.frames.len(),
+            c.frames[0].width,
+            c.frames[0].height,
+            if c.frames.len() == lipstream::media::y4m::MAX_FRAMES {
+                " (the first ones of a longer clip)"
+            } else {
+                ""
+            }
+        );
+        clip = Some(std::sync::Arc::new(c.frames));
+    } else if media != "synthetic" {
+        let (rgb, w, h) = read_png(std::path::Path::new(&media)).map_err(|e| {
+            anyhow::anyhow!("--media: {e} (give `synthetic`, a PNG picture or a .y4m clip)")
+        })?;
         let frame = lipstream::media::frame::VideoFrame::from_rgb(&rgb, w, h)
             .ok_or_else(|| anyhow::anyhow!("--media {media}: picture too small"))?;
         if frame.width < 256 {
             anyhow::bail!("--media {media}: at least 256 pixels wide, for the frame stamp");
         }
-        Some(std::sync::Arc::new(frame))
-    };
+        picture = Some(std::sync::Arc::new(frame));
+    }
     let old = match &compare {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -578,6 +599,7 @@ fn bench_sessions(
         fps: 25,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         picture,
+        clip,
     };
     let report = lipstream::bench::run(&opts)?;
     println!("{}", lipstream::bench::summary(&report));

@@ -43,6 +43,8 @@ pub struct SessionsOptions {
     /// A still picture to publish (stamped) instead of the moving test pattern: a face, for
     /// the lip-sync stage. Its size wins over `width` x `height`.
     pub picture: Option<Arc<crate::media::frame::VideoFrame>>,
+    /// A clip to publish (looped, stamped) instead: a `.y4m` file's frames.
+    pub clip: Option<Arc<Vec<crate::media::frame::VideoFrame>>>,
 }
 
 /// The ramp's verdict for one load.
@@ -222,6 +224,7 @@ fn run_step(
             linger: Duration::from_millis(1000),
             audio: AudioSignal::Clicks { period_ms: 1000 },
             background: o.picture.clone(),
+            clip: o.clip.clone(),
             ..PublishOptions::default()
         },
         // The server makes the video from the audio: the publisher speaks (a tone, so the avatar

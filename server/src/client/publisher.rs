@@ -61,6 +61,9 @@ pub struct PublishOptions {
     /// Frame ids sent with the moving test pattern instead of `background`: the face leaves the
     /// picture and comes back.
     pub background_gap: Option<std::ops::Range<u32>>,
+    /// A clip to send (looped, each frame stamped) instead of `background` or the test pattern;
+    /// its size overrides `width` x `height`.
+    pub clip: Option<std::sync::Arc<Vec<crate::media::frame::VideoFrame>>>,
 }
 
 impl Default for PublishOptions {
@@ -84,6 +87,7 @@ impl Default for PublishOptions {
             video_jump: None,
             video_pause: None,
             background_gap: None,
+            clip: None,
         }
     }
 }
@@ -200,9 +204,13 @@ fn run(
                 .background_gap
                 .as_ref()
                 .is_some_and(|g| g.contains(&id));
-            let picture = match &options.background {
+            let base = match &options.clip {
+                Some(clip) if !clip.is_empty() => Some(&clip[id as usize % clip.len()]),
+                _ => options.background.as_deref(),
+            };
+            let picture = match base {
                 Some(bg) if !gap => {
-                    let mut f = (**bg).clone();
+                    let mut f = bg.clone();
                     stamp.draw(&mut f);
                     f
                 }

@@ -6,3 +6,4 @@ pub mod frame;
 pub mod hold;
 pub mod stage;
 pub mod worker;
+pub mod y4m;

@@ -1,0 +1,136 @@
+//! YUV4MPEG2 (`.y4m`) clips: raw 4:2:0 frames behind a one-line header, what `ffmpeg -i in.mp4
+//! -pix_fmt yuv420p out.y4m` writes. The session benchmark publishes them as its video; no
+//! decoder is needed to read them.
+
+use crate::media::frame::VideoFrame;
+
+/// Frames read at most from one clip (20 s at 25 fps): sessions loop it.
+pub const MAX_FRAMES: usize = 500;
+
+/// A clip: its frames and frame rate (numerator, denominator) when the header gives one.
+#[derive(Debug)]
+pub struct Clip {
+    pub frames: Vec<VideoFrame>,
+    pub fps: Option<(u32, u32)>,
+}
+
+/// Parses a whole `.y4m` file (the first `MAX_FRAMES` frames).
+pub fn parse(bytes: &[u8]) -> Result<Clip, String> {
+    let header_end = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("no YUV4MPEG2 header line")?;
+    let header = std::str::from_utf8(&bytes[..header_end]).map_err(|_| "header is not text")?;
+    let mut fields = header.split(' ');
+    if fields.next() != Some("YUV4MPEG2") {
+        return Err("not a YUV4MPEG2 file (it must start with `YUV4MPEG2 `)".into());
+    }
+    let (mut width, mut height, mut fps) = (0usize, 0usize, None);
+    for f in fields.filter(|f| !f.is_empty()) {
+        let (tag, value) = f.split_at(1);
+        match tag {
+            "W" => width = value.parse().map_err(|_| format!("bad width {value:?}"))?,
+            "H" => height = value.parse().map_err(|_| format!("bad height {value:?}"))?,
+            "F" => {
+                let (n, d) = value
+                    .split_once(':')
+                    .ok_or_else(|| format!("bad frame rate {value:?}"))?;
+                let n: u32 = n.parse().map_err(|_| format!("bad frame rate {value:?}"))?;
+                let d: u32 = d.parse().map_err(|_| format!("bad frame rate {value:?}"))?;
+                if n > 0 && d > 0 {
+                    fps = Some((n, d));
+                }
+            }
+            "C" if !value.starts_with("420") => {
+                return Err(format!(
+                "colour space C{value}: only 4:2:0 clips are read (convert with -pix_fmt yuv420p)"
+            ))
+            }
+            // Interlacing, aspect, comments and 4:2:0 siting variants do not change the bytes.
+            _ => {}
+        }
+    }
+    if width == 0 || height == 0 || width % 2 != 0 || height % 2 != 0 {
+        return Err(format!(
+            "frame size {width}x{height}: needs an even, non-zero width and height"
+        ));
+    }
+    let (luma, chroma) = (width * height, (width / 2) * (height / 2));
+    let mut frames = Vec::new();
+    let mut at = header_end + 1;
+    while at < bytes.len() && frames.len() < MAX_FRAMES {
+        let line_end = bytes[at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|p| at + p)
+            .ok_or_else(|| format!("frame {}: no FRAME line", frames.len()))?;
+        if !bytes[at..line_end].starts_with(b"FRAME") {
+            return Err(format!("frame {}: expected a FRAME line", frames.len()));
+        }
+        let data = line_end + 1;
+        let planes = bytes
+            .get(data..data + luma + 2 * chroma)
+            .ok_or_else(|| format!("frame {}: truncated", frames.len()))?;
+        frames.push(VideoFrame {
+            width,
+            height,
+            y: planes[..luma].to_vec(),
+            u: planes[luma..luma + chroma].to_vec(),
+            v: planes[luma + chroma..].to_vec(),
+        });
+        at = data + luma + 2 * chroma;
+    }
+    if frames.is_empty() {
+        return Err("no frames".into());
+    }
+    Ok(Clip { frames, fps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clip(header: &str, frames: &[u8], w: usize, h: usize) -> Vec<u8> {
+        let mut b = format!("{header}\n").into_bytes();
+        for &f in frames {
+            b.extend_from_slice(b"FRAME\n");
+            b.extend(std::iter::repeat_n(f, w * h));
+            b.extend(std::iter::repeat_n(f + 1, w * h / 4));
+            b.extend(std::iter::repeat_n(f + 2, w * h / 4));
+        }
+        b
+    }
+
+    #[test]
+    fn reads_frames_size_and_rate() {
+        let bytes = clip(
+            "YUV4MPEG2 W4 H2 F25:1 Ip A1:1 C420jpeg XYSCSS=420JPEG",
+            &[10, 50],
+            4,
+            2,
+        );
+        let c = parse(&bytes).unwrap();
+        assert_eq!(c.fps, Some((25, 1)));
+        assert_eq!(c.frames.len(), 2);
+        let f = &c.frames[1];
+        assert_eq!((f.width, f.height), (4, 2));
+        assert_eq!((f.y[7], f.u[1], f.v[0]), (50, 51, 52));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_read() {
+        let cases = [
+            (b"P6\n".to_vec(), "not a YUV4MPEG2"),
+            (clip("YUV4MPEG2 W4 H2 C444", &[1], 4, 2), "only 4:2:0"),
+            (clip("YUV4MPEG2 W3 H2", &[], 3, 2), "even"),
+            (clip("YUV4MPEG2 W4 H2", &[], 4, 2), "no frames"),
+        ];
+        for (bytes, why) in cases {
+            let e = parse(&bytes).unwrap_err();
+            assert!(e.contains(why), "{e:?} should say {why:?}");
+        }
+        let mut cut = clip("YUV4MPEG2 W4 H2", &[1, 2], 4, 2);
+        cut.truncate(cut.len() - 3);
+        assert!(parse(&cut).unwrap_err().contains("frame 1: truncated"));
+    }
+}
