@@ -834,10 +834,21 @@ impl<'g> Lower<'g> {
                 let (qs, ks) = (g.shape(ins[0]).to_vec(), g.shape(ins[1]).to_vec());
                 let (batch, lq, lk, h) = (qs[0], qs[1], ks[1], *heads);
                 let (d, dv) = (qs[2] / h, out[2] / h);
-                if crate::kernels::attention::flash_supports(d, dv) {
-                    let q = self.operand(ins[0], Layout::Plain)?;
-                    let k = self.operand(ins[1], Layout::Plain)?;
-                    let v = self.operand(ins[2], Layout::Plain)?;
+                let fused = crate::kernels::attention::flash_supports(d, dv);
+                if !fused && lk > crate::kernels::attention::MAX_COLS {
+                    return Err(unsupported(
+                        name,
+                        "attention",
+                        format!(
+                            "{lk} keys (the softmax holds at most {})",
+                            crate::kernels::attention::MAX_COLS
+                        ),
+                    ));
+                }
+                let q = self.operand(ins[0], Layout::Plain)?;
+                let k = self.operand(ins[1], Layout::Plain)?;
+                let v = self.operand(ins[2], Layout::Plain)?;
+                if fused {
                     let o = self.act(&out);
                     self.push(Step::Attention {
                         q,
@@ -853,19 +864,6 @@ impl<'g> Lower<'g> {
                     self.set(i, o, Layout::Plain);
                     return Ok(());
                 }
-                if lk > crate::kernels::attention::MAX_COLS {
-                    return Err(unsupported(
-                        name,
-                        "attention",
-                        format!(
-                            "{lk} keys (the softmax holds at most {})",
-                            crate::kernels::attention::MAX_COLS
-                        ),
-                    ));
-                }
-                let q = self.operand(ins[0], Layout::Plain)?;
-                let k = self.operand(ins[1], Layout::Plain)?;
-                let v = self.operand(ins[2], Layout::Plain)?;
                 // Each (image, head) is one matrix of a strided-batched GEMM. With one image the
                 // heads sit at a fixed stride inside the token rows (row stride C); with more,
                 // head-major copies [B, H, L, d] give every (image, head) a fixed stride.

@@ -211,7 +211,7 @@ impl Backend for CpuBackend {
             .map_err(anyhow::Error::from)
             .and_then(|mut out| {
                 let images = out.remove(0).1;
-                split_frames(&images.shape, &images.data, frames.len())
+                split_frames(&images.shape, &images.data, frames.len(), <[f32]>::to_vec)
             });
         self.done.push_back(result);
         Ok(())
@@ -230,11 +230,12 @@ impl Backend for CpuBackend {
     }
 }
 
-/// A batch's images [B, ...] -> one f32 tensor per frame.
-fn split_frames<T: ToF32>(
+/// A batch's images [B, ...] -> one f32 tensor per frame (`to_f32` converts one frame).
+fn split_frames<T>(
     shape: &[usize],
     data: &[T],
     batch: usize,
+    to_f32: impl Fn(&[T]) -> Vec<f32>,
 ) -> anyhow::Result<Vec<Tensor>> {
     if shape.first() != Some(&batch) || data.len() != shape.iter().product::<usize>() {
         bail!("the model gave images {shape:?} for a batch of {batch}");
@@ -242,25 +243,8 @@ fn split_frames<T: ToF32>(
     let per = data.len() / batch.max(1);
     Ok(data
         .chunks_exact(per.max(1))
-        .map(|c| Tensor::new(shape[1..].to_vec(), T::to_f32_vec(c)))
+        .map(|c| Tensor::new(shape[1..].to_vec(), to_f32(c)))
         .collect())
-}
-
-/// Model outputs as f32 (fp16 through the CPU's vector conversions).
-trait ToF32: Sized {
-    fn to_f32_vec(v: &[Self]) -> Vec<f32>;
-}
-
-impl ToF32 for f32 {
-    fn to_f32_vec(v: &[f32]) -> Vec<f32> {
-        v.to_vec()
-    }
-}
-
-impl ToF32 for f16 {
-    fn to_f32_vec(v: &[f16]) -> Vec<f32> {
-        v.to_f32_vec()
-    }
 }
 
 /// Pinned input/output buffers of one batch profile, two sets used in turn.
@@ -370,7 +354,8 @@ impl Backend for CudaBackend {
         let t0 = Instant::now();
         let out = staged.sets[set].output(staged.image)?;
         let t1 = Instant::now();
-        let frames = split_frames(&staged.image_shape, out, batch)?;
+        // fp16 through the CPU's vector conversions.
+        let frames = split_frames(&staged.image_shape, out, batch, |c| c.to_f32_vec())?;
         tracing::debug!(
             batch,
             wait_ms = (t1 - t0).as_secs_f64() * 1e3,
