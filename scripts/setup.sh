@@ -45,4 +45,19 @@ fi
 
 if [[ $want_tests -eq 1 ]]; then
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+  # NVRTC and the CUDA headers, from NVIDIA's wheels (~50 MB): the kernel-source test compiles
+  # every .cu file for every supported GPU without one. Downloaded and unpacked, not installed.
+  cuda=.cache/cuda
+  if [[ ! -e $cuda/nvidia/cu13/lib/libnvrtc.so.13 ]]; then
+    python3 -m pip --version >/dev/null 2>&1 || {
+      $sudo apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-pip
+    }
+    echo "setup: fetching NVRTC and the CUDA headers"
+    rm -rf "$cuda" && mkdir -p "$cuda/wheels"
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$cuda/wheels" \
+      nvidia-cuda-nvrtc==13.2.86 nvidia-cuda-runtime==13.2.86
+    for w in "$cuda"/wheels/*.whl; do python3 -m zipfile -e "$w" "$cuda"; done
+    rm -rf "$cuda/wheels"
+  fi
 fi

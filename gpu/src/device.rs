@@ -1,6 +1,7 @@
 //! Finding the GPU and its libraries without ever letting cudarc panic on a missing one.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaStream};
 
@@ -40,6 +41,9 @@ pub struct Device {
     /// Compute capability, e.g. (9, 0) for an H100.
     pub sm: (i32, i32),
     pub memory_bytes: usize,
+    /// Compiled kernel families by name (cubins for this SM): given by an engine file, or
+    /// compiled on first use. Shared by the device's clones.
+    images: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
 }
 
 /// A short description of what is there, for `lipstream doctor` and the server's start log.
@@ -52,17 +56,12 @@ pub struct Report {
 }
 
 impl Device {
-    /// Opens GPU `ordinal`; a missing driver or NVRTC is an error, never a panic.
+    /// Opens GPU `ordinal`; a missing driver is an error, never a panic. (NVRTC is needed only
+    /// to compile kernels an engine file does not bring.)
     pub fn open(ordinal: usize) -> Result<Self, GpuError> {
-        let libs = libraries();
-        if !libs.driver {
+        if !libraries().driver {
             return Err(GpuError::LibraryMissing {
                 name: "libcuda.so.1 (the NVIDIA driver)",
-            });
-        }
-        if !libs.nvrtc {
-            return Err(GpuError::LibraryMissing {
-                name: "libnvrtc.so (CUDA toolkit)",
             });
         }
         let ctx = CudaContext::new(ordinal)?;
@@ -78,7 +77,45 @@ impl Device {
             memory_bytes: ctx.total_mem()?,
             ctx,
             stream,
+            images: Arc::default(),
         })
+    }
+
+    /// The cubin of kernel family `kernel` for this GPU: the one given (engine file), else
+    /// compiled from `src` now and kept.
+    pub fn kernel_image(&self, kernel: &'static str, src: &str) -> Result<Vec<u8>, GpuError> {
+        if let Some(image) = self.lock_images().get(kernel) {
+            return Ok(image.clone());
+        }
+        let image = crate::kernels::cubin(kernel, src, &self.arch())?;
+        self.lock_images().insert(kernel.to_string(), image.clone());
+        Ok(image)
+    }
+
+    /// Kernel images to use instead of compiling (an engine file's, checked against the
+    /// sources this build carries by the caller).
+    pub fn use_kernel_images(&self, images: BTreeMap<String, Vec<u8>>) {
+        self.lock_images().extend(images);
+    }
+
+    /// The kernel images this device has now (given or compiled so far): to share with another
+    /// handle of the same GPU without compiling again.
+    pub fn kernel_images(&self) -> BTreeMap<String, Vec<u8>> {
+        self.lock_images().clone()
+    }
+
+    /// Every family's cubin for this GPU (compiling those not compiled yet): what an engine file
+    /// stores.
+    pub fn all_kernel_images(&self) -> Result<BTreeMap<String, Vec<u8>>, GpuError> {
+        for (kernel, src) in crate::kernels::SOURCES {
+            self.kernel_image(kernel, src)?;
+        }
+        Ok(self.lock_images().clone())
+    }
+
+    fn lock_images(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        // A panic while holding it leaves a valid map: keep using it.
+        self.images.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// NVRTC's architecture name for this GPU, e.g. `sm_90`.

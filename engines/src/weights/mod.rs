@@ -185,6 +185,30 @@ impl Checkpoint {
         self.entries.get(key)
     }
 
+    /// Reads one 1-d `U8` entry of a safetensors file as bytes (see `safetensors::write_with_blobs`).
+    pub fn bytes(&self, key: &str) -> Result<Vec<u8>> {
+        let entry = self
+            .entries
+            .get(key)
+            .ok_or_else(|| EngineError::MissingWeight { key: key.into() })?;
+        let Source::Safetensors(file) = &*self.source.borrow() else {
+            return Err(EngineError::format(
+                &self.path,
+                "byte entries live in safetensors files",
+            ));
+        };
+        if entry.dtype != DType::Other("U8".into()) {
+            return Err(EngineError::UnsupportedDType {
+                key: key.into(),
+                dtype: format!("{} (expected U8 bytes)", entry.dtype),
+            });
+        }
+        let mut bytes = vec![0u8; entry.bytes as usize];
+        file.read_exact_at(&mut bytes, entry.offset)
+            .map_err(|e| EngineError::io(&self.path, e))?;
+        Ok(bytes)
+    }
+
     /// Reads one tensor as f32.
     pub fn load(&self, key: &str) -> Result<Tensor> {
         let entry = self

@@ -77,7 +77,7 @@ pub fn read_index(path: &Path, file: &File) -> Result<BTreeMap<String, Entry>> {
             _ => return Err(bad("data_offsets is not [begin, end]")),
         };
         let numel: usize = shape.iter().product();
-        if let Some(size) = dtype.size() {
+        if let Some(size) = dtype.size().or((dtype_name == "U8").then_some(1)) {
             if (end - begin) as usize != numel * size {
                 return Err(bad(&format!(
                     "{} bytes for shape {shape:?} of {dtype_name}",
@@ -127,6 +127,24 @@ pub fn write_with_metadata(
     dtype: DType,
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
+    write_with_blobs(path, tensors, dtype, metadata, &BTreeMap::new())
+}
+
+/// Like `write_with_metadata`, plus raw byte strings stored as 1-d `U8` tensors after the
+/// tensors (compiled kernels in an engine file); `Checkpoint::bytes` reads one back.
+pub fn write_with_blobs(
+    path: &Path,
+    tensors: &BTreeMap<String, crate::Tensor>,
+    dtype: DType,
+    metadata: &BTreeMap<String, String>,
+    blobs: &BTreeMap<String, Vec<u8>>,
+) -> Result<()> {
+    if let Some(key) = blobs.keys().find(|k| tensors.contains_key(*k)) {
+        return Err(EngineError::format(
+            path,
+            format!("{key} is both a tensor and a blob"),
+        ));
+    }
     let size = dtype
         .size()
         .filter(|_| matches!(dtype, DType::F32 | DType::F16 | DType::BF16))
@@ -146,6 +164,14 @@ pub fn write_with_metadata(
         );
         offset = end;
     }
+    for (key, b) in blobs {
+        let end = offset + b.len();
+        header.insert(
+            key.clone(),
+            serde_json::json!({ "dtype": "U8", "shape": [b.len()], "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
     let mut json = serde_json::to_vec(&Value::Object(header))
         .map_err(|e| EngineError::format(path, e.to_string()))?;
     // Pad so the data starts 8-byte aligned, as the reference writer does.
@@ -159,6 +185,9 @@ pub fn write_with_metadata(
     f.write_all(&json).map_err(io)?;
     for t in tensors.values() {
         f.write_all(&dtype.encode(&t.data)).map_err(io)?;
+    }
+    for b in blobs.values() {
+        f.write_all(b).map_err(io)?;
     }
     f.flush().map_err(io)
 }
@@ -198,6 +227,24 @@ mod tests {
         .unwrap();
         assert_eq!(read_metadata(&path).unwrap(), meta);
         assert_eq!(Checkpoint::open(&path).unwrap().load("w").unwrap(), t);
+
+        // Blobs come back byte for byte; they are not weights, and weights are not blobs.
+        let path = dir.join("blobs.safetensors");
+        let blob = vec![0x7f, b'E', b'L', b'F', 0, 255, 3];
+        write_with_blobs(
+            &path,
+            &BTreeMap::from([("w".to_string(), t.clone())]),
+            DType::F16,
+            &meta,
+            &BTreeMap::from([("k".to_string(), blob.clone())]),
+        )
+        .unwrap();
+        let c = Checkpoint::open(&path).unwrap();
+        assert_eq!(c.bytes("k").unwrap(), blob);
+        assert_eq!(c.load("w").unwrap(), t);
+        assert!(c.load("k").is_err());
+        assert!(c.bytes("w").unwrap_err().to_string().contains("U8"));
+        assert!(c.bytes("nothing").is_err());
         assert!(read_metadata(&dir.join("F32.safetensors"))
             .unwrap()
             .is_empty());

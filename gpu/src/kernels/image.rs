@@ -8,7 +8,7 @@ use super::{elems, launch, shape_err, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
-const SRC: &str = include_str!("../../kernels/image.cu");
+pub(crate) const SRC: &str = include_str!("../../kernels/image.cu");
 
 /// An I420 frame on the device: packed planes (luma stride = width, chroma = ceil(width / 2)).
 #[derive(Clone, Copy, Debug)]

@@ -6,7 +6,7 @@ use super::{grid, launch, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
-const SRC: &str = include_str!("../../kernels/layer_norm.cu");
+pub(crate) const SRC: &str = include_str!("../../kernels/layer_norm.cu");
 const ROWS_PER_BLOCK: u32 = 8;
 
 /// The compiled kernel.

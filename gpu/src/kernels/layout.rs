@@ -6,7 +6,7 @@ use super::{elems, launch, rank5, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
-const SRC: &str = include_str!("../../kernels/layout.cu");
+pub(crate) const SRC: &str = include_str!("../../kernels/layout.cu");
 
 /// The compiled kernels.
 pub struct Layout {

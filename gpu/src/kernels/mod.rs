@@ -1,5 +1,7 @@
 //! Our NVRTC kernels: each family's CUDA source lives in `gpu/kernels/<op>.cu`, beside the Rust
-//! launcher here that owns it. Sources are compiled for the device's exact SM when loaded.
+//! launcher here that owns it. Each family compiles by NVRTC to a cubin for the device's exact SM
+//! (no PTX left for the driver to JIT at start); an engine file carries the cubins, so a server
+//! started from one needs neither NVRTC nor the CUDA headers.
 //!
 //! Launchers take raw device addresses (`Ptr`): the executor places every activation inside one
 //! arena allocation, so an operand is an address, not a buffer of its own. Each launcher checks
@@ -12,10 +14,11 @@ pub mod image;
 pub mod layer_norm;
 pub mod layout;
 
+use std::ffi::{c_char, CStr, CString};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::CompileOptions;
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
 use crate::device::Device;
 use crate::error::GpuError;
@@ -50,25 +53,84 @@ impl Kernels {
     }
 }
 
-/// Compiles one kernel source for `device` and loads it.
+/// Every kernel family's name and CUDA source: what an engine file carries compiled.
+pub const SOURCES: [(&str, &str); 6] = [
+    ("attention", attention::SRC),
+    ("elementwise", elementwise::SRC),
+    ("group_norm", group_norm::SRC),
+    ("image", image::SRC),
+    ("layer_norm", layer_norm::SRC),
+    ("layout", layout::SRC),
+];
+
+/// The GPU architectures the kernels are written for: tensor-core `mma.sync m16n8k16` needs
+/// sm_80 or later (A100, A10/RTX 30, L4/RTX 40, H100/H200).
+pub const ARCHS: [&str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90"];
+
+/// The family's kernel image on `device` (from its engine file, or compiled now), loaded.
 pub fn compile(
     device: &Device,
     kernel: &'static str,
     src: &str,
 ) -> Result<Arc<CudaModule>, GpuError> {
-    let arch = device.arch();
-    let opts = CompileOptions {
-        // The exact SM: NVRTC emits code for this GPU only (engine files are per GPU anyway).
-        options: vec![format!("--gpu-architecture={arch}")],
-        include_paths: vec![std::env::var("CUDA_INCLUDE").unwrap_or_else(|_| CUDA_INCLUDE.into())],
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| GpuError::Compile {
+    let image = device.kernel_image(kernel, src)?;
+    Ok(device.ctx.load_module(Ptx::from_binary(image))?)
+}
+
+/// Compiles one family's source to a cubin for `arch` (e.g. `sm_90`). Needs NVRTC and the CUDA
+/// headers (`CUDA_INCLUDE`, else /usr/local/cuda/include), not a GPU.
+pub fn cubin(kernel: &'static str, src: &str, arch: &str) -> Result<Vec<u8>, GpuError> {
+    // SAFETY: only tries to dlopen NVRTC; cudarc's loader would panic where this says false.
+    if !unsafe { nvrtc_sys::is_culib_present() } {
+        return Err(GpuError::LibraryMissing {
+            name: "libnvrtc.so (CUDA toolkit), needed to compile kernels (an engine file carries them compiled)",
+        });
+    }
+    let fail = |log: String| GpuError::Compile {
         kernel,
-        arch,
-        log: e.to_string(),
-    })?;
-    Ok(device.ctx.load_module(ptx)?)
+        arch: arch.to_string(),
+        log,
+    };
+    let src_c = CString::new(src).map_err(|_| fail("the source contains a NUL byte".into()))?;
+    let name = CString::new(format!("{kernel}.cu")).map_err(|_| fail("bad kernel name".into()))?;
+    let prog = nvrtc::create_program(&src_c, Some(&name)).map_err(|e| fail(e.to_string()))?;
+    let include = std::env::var("CUDA_INCLUDE").unwrap_or_else(|_| CUDA_INCLUDE.into());
+    // A real architecture (not compute_XX): NVRTC emits SASS for this SM, nothing to JIT.
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        format!("--include-path={include}"),
+    ];
+    // SAFETY: `prog` was created above from `src_c`/`name`, which outlive it, and is destroyed
+    // exactly once below; the size/copy pair writes at most `size` bytes into `image`.
+    let image = unsafe {
+        let image = nvrtc::compile_program(prog, &options)
+            .map_err(|e| {
+                let log = nvrtc::get_program_log(prog)
+                    .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                fail(format!("{e}: {log}"))
+            })
+            .and_then(|()| {
+                let mut size = 0usize;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| fail(format!("no cubin: {e}")))?;
+                let mut image = vec![0u8; size];
+                nvrtc_sys::nvrtcGetCUBIN(prog, image.as_mut_ptr() as *mut c_char)
+                    .result()
+                    .map_err(|e| fail(format!("no cubin: {e}")))?;
+                Ok(image)
+            });
+        nvrtc::destroy_program(prog).ok();
+        image
+    }?;
+    if !image.starts_with(b"\x7fELF") {
+        return Err(fail(format!(
+            "NVRTC gave {} bytes that are not a cubin (was {arch} a real architecture?)",
+            image.len()
+        )));
+    }
+    Ok(image)
 }
 
 /// One kernel argument, by value.

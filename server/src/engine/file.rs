@@ -1,10 +1,13 @@
 //! Engine files: what one GPU needs to start serving without tuning again — a header (model
 //! configs and their hash, the GPU, its SM, driver, cuDNN and cuBLASLt versions, the batch
-//! profiles, every convolution's timed algorithm, per-profile step counts and arena sizes) and the
-//! fp16 weights, in one `.safetensors` file whose `__metadata__` carries the header.
+//! profiles, every convolution's timed algorithm, per-profile step counts and arena sizes), the
+//! fp16 weights and every kernel family compiled for the GPU's SM (cubins, stored as byte entries),
+//! in one `.safetensors` file whose `__metadata__` carries the header. Serving from an engine file
+//! therefore needs neither NVRTC nor the CUDA headers, and starts without compiling.
 //!
-//! Loading on another GPU or library version is refused with a message that says to rebuild; a
-//! corrupt or truncated file is an error (the safetensors reader checks every tensor's extent).
+//! Loading on another GPU or library version, or with kernels compiled from sources other than
+//! this build's, is refused with a message that says to rebuild; a corrupt or truncated file is
+//! an error (the safetensors reader checks every entry's extent, and each cubin its sha256).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,10 +27,28 @@ use sha2::Digest;
 use super::{Sources, Stage};
 
 /// The format this build reads and writes.
-pub const FORMAT: &str = "lipstream-engine/1";
+pub const FORMAT: &str = "lipstream-engine/2";
 const META_KEY: &str = "lipstream.engine";
 /// Key prefixes of the three models' weights inside the file.
 const PREFIXES: [&str; 3] = ["unet.", "vae.", "whisper."];
+/// Key prefix of the compiled kernel families.
+const KERNELS: &str = "kernels.";
+
+/// One compiled kernel family.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KernelImage {
+    pub family: String,
+    /// sha256 of the CUDA source it was compiled from: a lipstream whose source differs
+    /// (kernel arguments may differ) must not launch it.
+    pub source_sha256: String,
+    /// sha256 of the cubin.
+    pub image_sha256: String,
+    pub bytes: usize,
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
 
 /// One convolution's timed algorithm.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,6 +88,7 @@ pub struct Header {
     pub cublaslt: usize,
     pub convs: Vec<TunedConv>,
     pub profiles: Vec<Profile>,
+    pub kernels: Vec<KernelImage>,
     pub build_s: f64,
     pub built_unix_s: u64,
 }
@@ -118,6 +140,7 @@ pub fn build(src: &Sources, stage: Stage, batches: &[usize], out: &Path) -> anyh
     bar.set_message("whisper 30 s window");
     let g = src.graph(Stage::Whisper, 1)?;
     Executor::new(&mut rt, &g, "", Options { tune: true })?;
+    let images = rt.device.all_kernel_images()?;
     bar.inc(1);
     bar.set_message("writing weights");
     let mut tensors = BTreeMap::new();
@@ -157,6 +180,7 @@ pub fn build(src: &Sources, stage: Stage, batches: &[usize], out: &Path) -> anyh
         cublaslt: versions.cublaslt,
         convs,
         profiles,
+        kernels: kernel_list(&images)?,
         build_s: started.elapsed().as_secs_f64(),
         built_unix_s: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -164,10 +188,66 @@ pub fn build(src: &Sources, stage: Stage, batches: &[usize], out: &Path) -> anyh
             .unwrap_or(0),
     };
     let meta = BTreeMap::from([(META_KEY.to_string(), serde_json::to_string(&header)?)]);
-    safetensors::write_with_metadata(out, &tensors, DType::F16, &meta)
+    let blobs = images
+        .into_iter()
+        .map(|(family, image)| (format!("{KERNELS}{family}"), image))
+        .collect();
+    safetensors::write_with_blobs(out, &tensors, DType::F16, &meta, &blobs)
         .with_context(|| format!("writing {}", out.display()))?;
     bar.finish_with_message(format!("wrote {}", out.display()));
     Ok(header)
+}
+
+/// The header's record of compiled kernel families (each of this build's sources).
+fn kernel_list(images: &BTreeMap<String, Vec<u8>>) -> anyhow::Result<Vec<KernelImage>> {
+    lipstream_gpu::kernels::SOURCES
+        .iter()
+        .map(|(family, src)| {
+            let image = images
+                .get(*family)
+                .with_context(|| format!("kernel family {family} was not compiled"))?;
+            Ok(KernelImage {
+                family: family.to_string(),
+                source_sha256: sha256(src.as_bytes()),
+                image_sha256: sha256(image),
+                bytes: image.len(),
+            })
+        })
+        .collect()
+}
+
+/// An engine file's cubins, checked: one per kernel family of this build, compiled from the
+/// same source, intact.
+pub fn kernel_images(path: &Path, header: &Header) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+    let c = Checkpoint::open(path)?;
+    let mut images = BTreeMap::new();
+    for (family, src) in lipstream_gpu::kernels::SOURCES {
+        let k = header
+            .kernels
+            .iter()
+            .find(|k| k.family == family)
+            .with_context(|| {
+                format!(
+                    "{}: no compiled {family} kernels: rebuild it with `lipstream engine build`",
+                    path.display()
+                )
+            })?;
+        if k.source_sha256 != sha256(src.as_bytes()) {
+            bail!(
+                "{}: its {family} kernels were compiled from another lipstream version's source: rebuild it with `lipstream engine build`",
+                path.display()
+            );
+        }
+        let image = c.bytes(&format!("{KERNELS}{family}"))?;
+        if image.len() != k.bytes || sha256(&image) != k.image_sha256 {
+            bail!(
+                "{}: the compiled {family} kernels do not match their sha256: the file is corrupt",
+                path.display()
+            );
+        }
+        images.insert(family.to_string(), image);
+    }
+    Ok(images)
 }
 
 /// Reads and checks an engine file's header.
@@ -240,7 +320,7 @@ impl Sources {
     pub fn from_engine(path: &Path, header: &Header) -> anyhow::Result<Self> {
         let c = Checkpoint::open(path)?;
         let mut maps: [BTreeMap<String, lipstream_engines::Tensor>; 3] = Default::default();
-        for key in c.keys() {
+        for key in c.keys().filter(|k| !k.starts_with(KERNELS)) {
             let Some(i) = PREFIXES.iter().position(|p| key.starts_with(p)) else {
                 bail!("{}: unexpected tensor {key}", path.display());
             };
@@ -287,6 +367,7 @@ pub fn load(path: &Path, gpu: usize, graphs: bool) -> anyhow::Result<Loaded> {
     if let Some(why) = incompatibility(&header, &device)? {
         bail!("{}: {why}", path.display());
     }
+    device.use_kernel_images(kernel_images(path, &header)?);
     let sources = Sources::from_engine(path, &header)?;
     let executors = super::executors(
         device,
@@ -330,10 +411,20 @@ pub fn describe(path: &Path) -> anyhow::Result<String> {
         );
     }
     s += &format!(
+        "  kernels compiled for {}: {}\n",
+        h.sm,
+        h.kernels
+            .iter()
+            .map(|k| format!("{} {:.0} KiB", k.family, k.bytes as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let weights = || c.keys().filter(|k| !k.starts_with(KERNELS));
+    s += &format!(
         "  {} tuned convolutions; {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
         h.convs.len(),
-        c.keys().count(),
-        c.keys().filter_map(|k| c.entry(k)).map(|e| e.bytes).sum::<u64>() as f64 / (1 << 20) as f64,
+        weights().count(),
+        weights().filter_map(|k| c.entry(k)).map(|e| e.bytes).sum::<u64>() as f64 / (1 << 20) as f64,
         bytes as f64 / (1 << 20) as f64,
         h.unet.block_out_channels,
         h.vae.block_out_channels,
@@ -349,6 +440,20 @@ pub fn describe(path: &Path) -> anyhow::Result<String> {
 mod tests {
     use super::*;
     use lipstream_engines::presets::Preset;
+
+    /// Stand-ins for cubins (no NVRTC needed): what matters here is that they round-trip intact.
+    fn images() -> BTreeMap<String, Vec<u8>> {
+        lipstream_gpu::kernels::SOURCES
+            .iter()
+            .enumerate()
+            .map(|(i, (f, _))| {
+                (
+                    f.to_string(),
+                    [b"\x7fELF".as_slice(), &[i as u8; 40]].concat(),
+                )
+            })
+            .collect()
+    }
 
     fn header(set: &ModelSet) -> Header {
         Header {
@@ -367,6 +472,7 @@ mod tests {
             cublaslt: 130100,
             convs: vec![],
             profiles: vec![],
+            kernels: kernel_list(&images()).unwrap(),
             build_s: 0.0,
             built_unix_s: 0,
         }
@@ -383,7 +489,11 @@ mod tests {
             }
         }
         let meta = BTreeMap::from([(META_KEY.to_string(), serde_json::to_string(h).unwrap())]);
-        safetensors::write_with_metadata(path, &tensors, DType::F16, &meta).unwrap();
+        let blobs = images()
+            .into_iter()
+            .map(|(f, i)| (format!("{KERNELS}{f}"), i))
+            .collect();
+        safetensors::write_with_blobs(path, &tensors, DType::F16, &meta, &blobs).unwrap();
     }
 
     #[test]
@@ -414,7 +524,30 @@ mod tests {
             err > 0.0 && err < 1e-2,
             "fp16 weights change the output a little: {err}"
         );
-        assert!(describe(&path).unwrap().contains("avatar_frame engine"));
+        let text = describe(&path).unwrap();
+        assert!(text.contains("avatar_frame engine"), "{text}");
+        assert!(
+            text.contains("kernels compiled for sm_90: attention"),
+            "{text}"
+        );
+        assert_eq!(kernel_images(&path, &back).unwrap(), images());
+
+        // Kernels compiled from another source, or damaged, are refused before any GPU sees them.
+        let mut other = back.clone();
+        other.kernels[0].source_sha256 = sha256(b"an older attention.cu");
+        let err = kernel_images(&path, &other).unwrap_err().to_string();
+        assert!(
+            err.contains("another lipstream version") && err.contains("rebuild"),
+            "{err}"
+        );
+        let mut damaged = back.clone();
+        damaged.kernels[1].image_sha256 = sha256(b"something else");
+        let err = kernel_images(&path, &damaged).unwrap_err().to_string();
+        assert!(err.contains("corrupt"), "{err}");
+        let mut missing = back.clone();
+        missing.kernels.pop();
+        let err = kernel_images(&path, &missing).unwrap_err().to_string();
+        assert!(err.contains("no compiled layout kernels"), "{err}");
 
         // A truncated file, an edited header and a plain checkpoint are all refused by name.
         let bytes = std::fs::read(&path).unwrap();

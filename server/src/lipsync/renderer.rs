@@ -437,6 +437,7 @@ fn start_whisper_thread(
         lipstream_gpu::executor::Tuned,
     )>,
     gpu: usize,
+    images: BTreeMap<String, Vec<u8>>,
 ) -> anyhow::Result<Sender<WhisperJob>> {
     let (tx, rx) = std::sync::mpsc::channel::<WhisperJob>();
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
@@ -446,6 +447,8 @@ fn start_whisper_thread(
             let built = lipstream_gpu::device::Device::open(gpu)
                 .with_context(|| format!("opening GPU {gpu} for whisper"))
                 .and_then(|device| {
+                    // The frame executor's kernels (an engine file's): nothing to compile.
+                    device.use_kernel_images(images);
                     // Batched windows' convolutions were not timed at engine build: they take
                     // cuDNN's default algorithms.
                     crate::engine::executors(
@@ -731,7 +734,8 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
                 );
             }
             let tuned = crate::engine::file::tuned(&loaded.header)?;
-            let whisper = start_whisper_thread(loaded.sources, tuned, config.gpu)?;
+            let images = loaded.executors.rt.device.kernel_images();
+            let whisper = start_whisper_thread(loaded.sources, tuned, config.gpu, images)?;
             (loaded.executors, loaded.header.batches.clone(), whisper)
         }
         ModelSource::Models(dir) => {
@@ -745,7 +749,8 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
             let ex =
                 crate::engine::executors(device, &src, config.mode, &config.profiles, &[], true)?;
             let tuned = ex.rt.tuned.iter().map(|(k, v)| (*k, *v)).collect();
-            let whisper = start_whisper_thread(src, tuned, config.gpu)?;
+            let images = ex.rt.device.kernel_images();
+            let whisper = start_whisper_thread(src, tuned, config.gpu, images)?;
             (ex, config.profiles.clone(), whisper)
         }
     };
