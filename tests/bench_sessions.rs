@@ -24,13 +24,15 @@ fn options(url: &str, sessions: usize, seconds: u64) -> SessionsOptions {
         progress: false,
         picture: None,
         clip: None,
+        speech: None,
     }
 }
 
-/// `bench sessions --media clip.y4m`: a raw 4:2:0 clip (here ten frames of rising grey)
-/// published looped and stamped, every frame timed on its way back.
+/// `bench sessions --media clip.y4m,speech.wav`: a raw 4:2:0 clip (here ten frames of rising
+/// grey) published looped and stamped, every frame timed on its way back; a 16 kHz stereo
+/// recording as the audio, under the click train that times the audio.
 #[test]
-fn a_y4m_clip_is_published_looped_and_timed() {
+fn a_y4m_clip_and_a_wav_recording_are_published_looped_and_timed() {
     let server = common::Server::start(&[]);
     let dir = std::env::temp_dir().join(format!("lipstream-y4m-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -43,6 +45,25 @@ fn a_y4m_clip_is_published_looped_and_timed() {
     }
     let clip = dir.join("grey.y4m");
     std::fs::write(&clip, &bytes).unwrap();
+    // 1.5 s of a warbling tone with pauses, stereo at 16 kHz.
+    let pcm: Vec<i16> = (0..24_000)
+        .flat_map(|i| {
+            let t = f64::from(i) / 16_000.0;
+            let on = (i / 4000) % 2 == 0;
+            let v = if on {
+                ((t * (300.0 + 80.0 * (t * 5.0).sin()) * std::f64::consts::TAU).sin() * 12_000.0)
+                    as i16
+            } else {
+                0
+            };
+            [v, v / 2]
+        })
+        .collect();
+    let wav = dir.join("speech.wav");
+    std::fs::write(&wav, lipstream::media::wav::encode(&pcm, 16_000, 2)).unwrap();
+    let mut media = clip.clone().into_os_string();
+    media.push(",");
+    media.push(&wav);
     let out = Command::new(env!("CARGO_BIN_EXE_lipstream"))
         .args([
             "bench",
@@ -52,8 +73,8 @@ fn a_y4m_clip_is_published_looped_and_timed() {
             "--sessions",
             "1",
         ])
-        .args(["--duration", "3", "--media"])
-        .arg(&clip)
+        .args(["--duration", "4", "--media"])
+        .arg(&media)
         .arg("--out")
         .arg(&dir)
         .output()
@@ -61,12 +82,17 @@ fn a_y4m_clip_is_published_looped_and_timed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("10 frames of 320x240, looped"), "{stderr}");
+    assert!(stderr.contains("1.5 s at 16000 Hz, looped"), "{stderr}");
     let (json, _) = bench::output_paths(&dir);
     let report: bench::BenchReport =
         serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     let o = &report.overall;
     assert_eq!(o.failed_sessions, 0, "{:?}", o.failures);
     assert!(o.latency_ms.is_some(), "the clip's frames carry the stamp");
+    assert!(
+        o.av_offset_samples >= 2 && o.av_offset_ms_max_abs.is_some_and(|m| m < 40.0),
+        "the clicks over the recording come back in sync: {o:?}"
+    );
     assert!(o.loss_pct <= 1.0 && o.fps_per_session_mean > 20.0, "{o:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

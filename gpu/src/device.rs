@@ -211,12 +211,14 @@ impl Device {
 
 /// Which executor a model stage would run on here: `Ok("<GPU 0 description>")` for the CUDA
 /// executor, or `Err(reason)` for the CPU reference executor. Never panics without CUDA.
-pub fn executor_choice() -> Result<String, String> {
+/// `compile`: the kernels must be compiled here (a models folder, an engine build), which needs
+/// NVRTC; an engine file brings them compiled.
+pub fn executor_choice(compile: bool) -> Result<String, String> {
     let r = report();
     let l = &r.libraries;
     let missing: Vec<&str> = [
         (l.driver, "the NVIDIA driver (libcuda.so.1)"),
-        (l.nvrtc, "NVRTC"),
+        (l.nvrtc || !compile, "NVRTC"),
         (l.cudnn, "cuDNN 9"),
         (l.cublaslt, "cuBLASLt"),
     ]

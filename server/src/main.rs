@@ -114,10 +114,11 @@ enum BenchCmd {
         duration: u64,
         #[arg(long, value_enum, default_value_t = lipstream::bench::Mode::Camera)]
         mode: lipstream::bench::Mode,
-        /// synthetic (stamped moving test pattern + click train), a PNG picture (e.g. a face
-        /// for the lip-sync stage) sent as a still, or a .y4m clip (4:2:0, e.g. `ffmpeg -i
-        /// talk.mp4 -pix_fmt yuv420p talk.y4m`) sent looped; pictures and clips are stamped and
-        /// go with the click train.
+        /// synthetic (stamped moving test pattern + click train), or files separated by commas:
+        /// a PNG picture (e.g. a face for the lip-sync stage) sent as a still or a .y4m clip
+        /// (4:2:0, `ffmpeg -i talk.mp4 -pix_fmt yuv420p talk.y4m`) sent looped, both stamped;
+        /// and a .wav recording (`ffmpeg -i talk.mp4 talk.wav`) sent looped as the audio, the
+        /// click train laid over it in camera mode. E.g. `talk.y4m,talk.wav`.
         #[arg(long, default_value = "synthetic")]
         media: String,
         /// Double the sessions until p95 exceeds the budget or late frames exceed 1 %, then
@@ -545,37 +546,7 @@ fn bench_sessions(
     width: usize,
     height: usize,
 ) -> anyhow::Result<()> {
-    let (mut picture, mut clip) = (None, None);
-    if media.ends_with(".y4m") {
-        let bytes = std::fs::read(&media).map_err(|e| anyhow::anyhow!("--media {media}: {e}"))?;
-        let c = lipstream::media::y4m::parse(&bytes)
-            .map_err(|e| anyhow::anyhow!("--media {media}: {e}"))?;
-        if c.frames[0].width < 256 {
-            anyhow::bail!("--media {media}: at least 256 pixels wide, for the frame stamp");
-        }
-        eprintln!(
-            "--media {media}: {} frames of {}x{}, looped{}",
-            c.frames.len(),
-            c.frames[0].width,
-            c.frames[0].height,
-            if c.frames.len() == lipstream::media::y4m::MAX_FRAMES {
-                " (the first ones of a longer clip)"
-            } else {
-                ""
-            }
-        );
-        clip = Some(std::sync::Arc::new(c.frames));
-    } else if media != "synthetic" {
-        let (rgb, w, h) = read_png(std::path::Path::new(&media)).map_err(|e| {
-            anyhow::anyhow!("--media: {e} (give `synthetic`, a PNG picture or a .y4m clip)")
-        })?;
-        let frame = lipstream::media::frame::VideoFrame::from_rgb(&rgb, w, h)
-            .ok_or_else(|| anyhow::anyhow!("--media {media}: picture too small"))?;
-        if frame.width < 256 {
-            anyhow::bail!("--media {media}: at least 256 pixels wide, for the frame stamp");
-        }
-        picture = Some(std::sync::Arc::new(frame));
-    }
+    let media = read_media(&media)?;
     let old = match &compare {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -598,8 +569,9 @@ fn bench_sessions(
         height,
         fps: 25,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        picture,
-        clip,
+        picture: media.picture,
+        clip: media.clip,
+        speech: media.speech,
     };
     let report = lipstream::bench::run(&opts)?;
     println!("{}", lipstream::bench::summary(&report));
@@ -616,6 +588,84 @@ fn bench_sessions(
         print!("{}", lipstream::bench::compare(&old, &report));
     }
     Ok(())
+}
+
+/// What `bench sessions --media` publishes; `None` is synthetic.
+#[derive(Default)]
+struct Media {
+    picture: Option<std::sync::Arc<lipstream::media::frame::VideoFrame>>,
+    clip: Option<std::sync::Arc<Vec<lipstream::media::frame::VideoFrame>>>,
+    speech: Option<std::sync::Arc<Vec<i16>>>,
+}
+
+/// `--media`: `synthetic`, or files separated by commas — at most one video (a PNG still or a
+/// .y4m clip) and one audio (a .wav recording); what is not given stays synthetic.
+fn read_media(spec: &str) -> anyhow::Result<Media> {
+    use anyhow::{anyhow, bail};
+    let mut m = Media::default();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let lower = item.to_ascii_lowercase();
+        let video_twice = || anyhow!("--media {spec}: one video (a PNG or a .y4m) at most");
+        if item == "synthetic" {
+            continue;
+        } else if lower.ends_with(".wav") {
+            if m.speech.is_some() {
+                bail!("--media {spec}: one .wav at most");
+            }
+            let bytes = std::fs::read(item).map_err(|e| anyhow!("--media {item}: {e}"))?;
+            let wav =
+                lipstream::media::wav::parse(&bytes).map_err(|e| anyhow!("--media {item}: {e}"))?;
+            let mut pcm = lipstream::media::wav::resample(&wav.pcm, wav.rate, 48_000);
+            lipstream::media::wav::normalize(&mut pcm, lipstream::client::synth::SPEECH_PEAK);
+            eprintln!(
+                "--media {item}: {:.1} s at {} Hz, looped{}",
+                wav.pcm.len() as f64 / f64::from(wav.rate),
+                wav.rate,
+                if wav.pcm.len() >= lipstream::media::wav::MAX_SECONDS * wav.rate as usize {
+                    " (the start of a longer recording)"
+                } else {
+                    ""
+                }
+            );
+            m.speech = Some(std::sync::Arc::new(pcm));
+        } else if lower.ends_with(".y4m") {
+            if m.picture.is_some() || m.clip.is_some() {
+                return Err(video_twice());
+            }
+            let bytes = std::fs::read(item).map_err(|e| anyhow!("--media {item}: {e}"))?;
+            let c =
+                lipstream::media::y4m::parse(&bytes).map_err(|e| anyhow!("--media {item}: {e}"))?;
+            if c.frames[0].width < 256 {
+                bail!("--media {item}: at least 256 pixels wide, for the frame stamp");
+            }
+            eprintln!(
+                "--media {item}: {} frames of {}x{}, looped{}",
+                c.frames.len(),
+                c.frames[0].width,
+                c.frames[0].height,
+                if c.frames.len() == lipstream::media::y4m::MAX_FRAMES {
+                    " (the first ones of a longer clip)"
+                } else {
+                    ""
+                }
+            );
+            m.clip = Some(std::sync::Arc::new(c.frames));
+        } else {
+            if m.picture.is_some() || m.clip.is_some() {
+                return Err(video_twice());
+            }
+            let (rgb, w, h) = read_png(std::path::Path::new(item)).map_err(|e| {
+                anyhow!("--media: {e} (give `synthetic`, a PNG picture, a .y4m clip and/or a .wav recording)")
+            })?;
+            let frame = lipstream::media::frame::VideoFrame::from_rgb(&rgb, w, h)
+                .ok_or_else(|| anyhow!("--media {item}: picture too small"))?;
+            if frame.width < 256 {
+                bail!("--media {item}: at least 256 pixels wide, for the frame stamp");
+            }
+            m.picture = Some(std::sync::Arc::new(frame));
+        }
+    }
+    Ok(m)
 }
 
 fn doctor() {
@@ -639,8 +689,14 @@ fn doctor() {
     if let Some(e) = &r.error {
         println!("problem: {e}");
     }
-    match lipstream_gpu::device::executor_choice() {
-        Ok(gpu) => println!("executor: CUDA ({gpu})"),
-        Err(why) => println!("executor: CPU reference executor ({why})"),
+    match (
+        lipstream_gpu::device::executor_choice(true),
+        lipstream_gpu::device::executor_choice(false),
+    ) {
+        (Ok(gpu), _) => println!("executor: CUDA ({gpu})"),
+        (Err(why), Ok(gpu)) => println!(
+            "executor: CUDA ({gpu}) for engine files only; models folders and `engine build` need NVRTC ({why})"
+        ),
+        (Err(why), Err(_)) => println!("executor: CPU reference executor ({why})"),
     }
 }

@@ -21,7 +21,12 @@ use crate::rtc::driver::{Driver, DriverParts, StageFactory};
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     crate::rtc::init_crypto();
-    match lipstream_gpu::device::executor_choice() {
+    // An engine file brings its kernels compiled; a models folder needs NVRTC to compile them.
+    let compile = !matches!(
+        config.lipsync.as_ref().map(|l| &l.source),
+        Some(ModelSource::Engine(_))
+    );
+    match lipstream_gpu::device::executor_choice(compile) {
         Ok(gpu) => tracing::info!("model executor: CUDA ({gpu})"),
         Err(why) => tracing::info!("model executor: CPU reference executor, no CUDA here ({why})"),
     }
@@ -105,11 +110,12 @@ async fn lipsync_stage(
     frame_budget: std::time::Duration,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<StageFactory> {
+    let compile = matches!(config.source, ModelSource::Models(_));
     let cuda = match config.executor {
         ExecutorChoice::Cpu => false,
-        ExecutorChoice::Auto => lipstream_gpu::device::executor_choice().is_ok(),
+        ExecutorChoice::Auto => lipstream_gpu::device::executor_choice(compile).is_ok(),
         ExecutorChoice::Cuda => {
-            lipstream_gpu::device::executor_choice()
+            lipstream_gpu::device::executor_choice(compile)
                 .map_err(|why| anyhow::anyhow!("--executor cuda, but no CUDA here: {why}"))?;
             true
         }

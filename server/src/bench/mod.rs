@@ -45,6 +45,9 @@ pub struct SessionsOptions {
     pub picture: Option<Arc<crate::media::frame::VideoFrame>>,
     /// A clip to publish (looped, stamped) instead: a `.y4m` file's frames.
     pub clip: Option<Arc<Vec<crate::media::frame::VideoFrame>>>,
+    /// A recording to publish (looped) as the audio: mono, 48 kHz, scaled to
+    /// `client::synth::SPEECH_PEAK`. Camera mode lays the click train over it.
+    pub speech: Option<Arc<Vec<i16>>>,
 }
 
 /// The ramp's verdict for one load.
@@ -222,14 +225,20 @@ fn run_step(
             fps: o.fps,
             duration: o.duration,
             linger: Duration::from_millis(1000),
-            audio: AudioSignal::Clicks { period_ms: 1000 },
+            audio: match &o.speech {
+                Some(pcm) => AudioSignal::Speech {
+                    pcm: pcm.clone(),
+                    click_period_ms: Some(1000),
+                },
+                None => AudioSignal::Clicks { period_ms: 1000 },
+            },
             background: o.picture.clone(),
             clip: o.clip.clone(),
             ..PublishOptions::default()
         },
-        // The server makes the video from the audio: the publisher speaks (a tone, so the avatar
-        // is never idle) and sends a token video the server does not show. The avatar's frames
-        // carry no stamp: they are counted (fps), not timed.
+        // The server makes the video from the audio: the publisher speaks (the recording, else a
+        // tone so the avatar is never idle) and sends a token video the server does not show.
+        // The avatar's frames carry no stamp: they are counted (fps), not timed.
         Mode::Avatar => PublishOptions {
             base_url: o.url.clone(),
             token: o.token.clone(),
@@ -238,7 +247,13 @@ fn run_step(
             fps: 5,
             duration: o.duration,
             linger: Duration::from_millis(1000),
-            audio: AudioSignal::Tone { hz: 220.0 },
+            audio: match &o.speech {
+                Some(pcm) => AudioSignal::Speech {
+                    pcm: pcm.clone(),
+                    click_period_ms: None,
+                },
+                None => AudioSignal::Tone { hz: 220.0 },
+            },
             ..PublishOptions::default()
         },
     };

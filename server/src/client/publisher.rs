@@ -16,12 +16,18 @@ const AUDIO_RATE: u32 = 48_000;
 const AUDIO_FRAME: Duration = Duration::from_millis(20);
 
 /// What the published audio carries.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum AudioSignal {
     /// A continuous sine.
     Tone { hz: f64 },
     /// A click every `period_ms`, on the stamp clock: returned clicks give the audio latency.
     Clicks { period_ms: u32 },
+    /// A recording (mono at 48 kHz, scaled to `synth::SPEECH_PEAK`), looped, with the click
+    /// train on top when a period is given.
+    Speech {
+        pcm: std::sync::Arc<Vec<i16>>,
+        click_period_ms: Option<u32>,
+    },
 }
 
 /// What to publish and how.
@@ -138,7 +144,8 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport, ClientError> {
 /// The audio generator behind an `AudioSignal`.
 enum Source {
     Tone(synth::Tone),
-    Clicks(synth::Clicks, u32),
+    Clicks(synth::Clicks),
+    Speech(synth::Speech),
 }
 
 fn run(
@@ -148,11 +155,23 @@ fn run(
 ) -> Result<(), ClientError> {
     let mut h264_out = H264Encoder::new(options.video_bps)?;
     let mut opus_out = OpusEncoder::new(AUDIO_RATE)?;
-    let mut tone = match options.audio {
-        AudioSignal::Tone { hz } => Source::Tone(synth::Tone::new(hz, AUDIO_RATE)),
-        AudioSignal::Clicks { period_ms } => {
-            Source::Clicks(synth::Clicks::new(period_ms, AUDIO_RATE), period_ms)
-        }
+    let (mut tone, click_period_ms) = match &options.audio {
+        AudioSignal::Tone { hz } => (Source::Tone(synth::Tone::new(*hz, AUDIO_RATE)), None),
+        AudioSignal::Clicks { period_ms } => (
+            Source::Clicks(synth::Clicks::new(*period_ms, AUDIO_RATE)),
+            Some(*period_ms),
+        ),
+        AudioSignal::Speech {
+            pcm,
+            click_period_ms,
+        } => (
+            Source::Speech(synth::Speech::new(
+                pcm.clone(),
+                *click_period_ms,
+                AUDIO_RATE,
+            )),
+            *click_period_ms,
+        ),
     };
     let mut pcm = vec![0i16; (AUDIO_RATE / 50) as usize];
     let fps = options.fps.max(1);
@@ -238,17 +257,18 @@ fn run(
             continue;
         }
         if sending && now >= na {
+            // A click starts in this packet when its first sample is on a period boundary.
+            if let Some(period_ms) = click_period_ms {
+                if audio_rtp % (u64::from(period_ms) * u64::from(AUDIO_RATE) / 1000)
+                    < pcm.len() as u64
+                {
+                    report.clicks_sent_ms.push(stamp_clock_ms(now));
+                }
+            }
             match &mut tone {
                 Source::Tone(t) => t.fill(&mut pcm),
-                Source::Clicks(c, period_ms) => {
-                    // A click starts in this packet when its first sample is on a period boundary.
-                    if audio_rtp % (u64::from(*period_ms) * u64::from(AUDIO_RATE) / 1000)
-                        < pcm.len() as u64
-                    {
-                        report.clicks_sent_ms.push(stamp_clock_ms(now));
-                    }
-                    c.fill(&mut pcm);
-                }
+                Source::Clicks(c) => c.fill(&mut pcm),
+                Source::Speech(s) => s.fill(&mut pcm),
             }
             let mut packet = Vec::new();
             opus_out.encode(&pcm, |_, p| packet = p.to_vec())?;

@@ -1,4 +1,7 @@
-//! Synthetic media: a moving test picture carrying a stamp, and a sine tone.
+//! Synthetic media: a moving test picture carrying a stamp, a sine tone, a click train, and a
+//! recording looped under the click train.
+
+use std::sync::Arc;
 
 use crate::client::marker::Stamp;
 use crate::media::frame::VideoFrame;
@@ -86,6 +89,42 @@ impl Clicks {
     }
 }
 
+/// Peak of a recording under the click train: well below the onset detector's threshold (and
+/// Opus's overshoot), so speech never reads as a click and a click over speech does not clip.
+pub const SPEECH_PEAK: i16 = 4000;
+
+/// A recording, looped, with a click every `period_ms` on top (none without a period).
+pub struct Speech {
+    pcm: Arc<Vec<i16>>,
+    pos: usize,
+    clicks: Option<Clicks>,
+}
+
+impl Speech {
+    /// `pcm`: mono at `sample_rate`, already scaled to `SPEECH_PEAK`.
+    pub fn new(pcm: Arc<Vec<i16>>, click_period_ms: Option<u32>, sample_rate: u32) -> Self {
+        Speech {
+            pcm,
+            pos: 0,
+            clicks: click_period_ms.map(|p| Clicks::new(p, sample_rate)),
+        }
+    }
+
+    pub fn fill(&mut self, out: &mut [i16]) {
+        match &mut self.clicks {
+            Some(c) => c.fill(out),
+            None => out.fill(0),
+        }
+        if self.pcm.is_empty() {
+            return;
+        }
+        for s in out {
+            *s = s.saturating_add(self.pcm[self.pos]);
+            self.pos = (self.pos + 1) % self.pcm.len();
+        }
+    }
+}
+
 /// Finds click onsets in a stream of PCM: the first loud sample after at least `quiet_ms` of
 /// near-silence.
 pub struct OnsetDetector {
@@ -143,5 +182,42 @@ mod tests {
         for (k, t) in found.iter().enumerate() {
             assert!((t - k as f64 * 500.0).abs() < 1.0, "{found:?}");
         }
+    }
+
+    #[test]
+    fn clicks_over_a_recording_are_found_and_the_recording_is_not() {
+        // Speech-like: loud noise bursts at the recording peak, with pauses, never silent long.
+        let mut x = 12345u32;
+        let pcm: Vec<i16> = (0..16_000)
+            .map(|i| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let v = ((x >> 16) as i32 - 32768) * i32::from(SPEECH_PEAK) / 32768;
+                let v = if (i / 1600) % 3 == 2 { v / 8 } else { v };
+                v.clamp(-4000, 4000) as i16
+            })
+            .collect();
+        let mut speech = Speech::new(Arc::new(pcm.clone()), Some(500), 16_000);
+        let mut det = OnsetDetector::new(16_000, 100);
+        let mut found = Vec::new();
+        let mut out = vec![0i16; 320];
+        for chunk in 0..100 {
+            speech.fill(&mut out);
+            found.extend(
+                det.feed(&out)
+                    .into_iter()
+                    .map(|ms| chunk as f64 * 20.0 + ms),
+            );
+        }
+        assert_eq!(found.len(), 4, "{found:?}");
+        for (k, t) in found.iter().enumerate() {
+            assert!((t - k as f64 * 500.0).abs() < 1.0, "{found:?}");
+        }
+        // Without a period: the recording alone, looped sample for sample.
+        let mut plain = Speech::new(Arc::new(pcm.clone()), None, 16_000);
+        let mut out = vec![0i16; 20_000];
+        plain.fill(&mut out);
+        assert_eq!(out[..16_000], pcm[..]);
+        assert_eq!(out[16_000..], pcm[..4000]);
+        assert!(OnsetDetector::new(16_000, 100).feed(&out).is_empty());
     }
 }

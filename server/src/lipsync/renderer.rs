@@ -549,7 +549,7 @@ impl Renderer {
         let use_cuda = match &config.source {
             ModelSource::Engine(_) => true,
             ModelSource::Models(_) => {
-                config.cuda && lipstream_gpu::device::executor_choice().is_ok()
+                config.cuda && lipstream_gpu::device::executor_choice(true).is_ok()
             }
         };
         // The CPU executor is made here; CUDA objects on the renderer thread that uses them.
@@ -712,8 +712,11 @@ impl Renderer {
 
 /// The CUDA backend: an engine file, or a models folder built (and timed) here.
 fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyhow::Result<Built> {
-    lipstream_gpu::device::executor_choice()
-        .map_err(|why| anyhow::anyhow!("CUDA is needed for an engine file: {why}"))?;
+    let compile = matches!(config.source, ModelSource::Models(_));
+    lipstream_gpu::device::executor_choice(compile).map_err(|why| match compile {
+        true => anyhow::anyhow!("CUDA is needed: {why}"),
+        false => anyhow::anyhow!("CUDA is needed for an engine file: {why}"),
+    })?;
     let report = lipstream_gpu::device::report();
     let gpu = report.gpus.get(config.gpu).cloned().with_context(|| {
         format!(

@@ -5,5 +5,6 @@ pub mod codec;
 pub mod frame;
 pub mod hold;
 pub mod stage;
+pub mod wav;
 pub mod worker;
 pub mod y4m;
