@@ -12,6 +12,7 @@ pub mod avatar;
 pub mod camera;
 mod prep;
 pub mod renderer;
+pub mod slots;
 
 pub use avatar::{AvatarAssets, AvatarStage};
 pub use camera::{CameraStage, CameraStageConfig};

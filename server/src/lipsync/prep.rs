@@ -14,6 +14,7 @@ use lipstream_engines::models::musetalk::CROP;
 use lipstream_engines::{EngineError, Tensor};
 
 use crate::lipsync::renderer::{Job, Missed, Renderer};
+use crate::lipsync::slots::SessionSlots;
 use crate::lipsync::AudioFeed;
 use crate::media::frame::VideoFrame;
 use crate::media::stage::{Completion, Rendered, StageOutput};
@@ -66,10 +67,18 @@ impl<T> Prep<T> {
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let thread_metrics = metrics.clone();
-        let placed = renderer.place_session();
+        let (placed, slots) = renderer.place_session();
         std::thread::Builder::new()
             .name("lipsync-prep".into())
-            .spawn(move || run(rx, renderer, AudioFeed::new(hop_frames), thread_metrics))?;
+            .spawn(move || {
+                run(
+                    rx,
+                    renderer,
+                    AudioFeed::new(hop_frames),
+                    thread_metrics,
+                    slots,
+                )
+            })?;
         Ok(Prep {
             tx,
             hop_frames,
@@ -152,7 +161,13 @@ impl<T> Prep<T> {
     }
 }
 
-fn run(rx: Receiver<Msg>, renderer: Arc<Renderer>, mut feed: AudioFeed, metrics: Arc<Metrics>) {
+fn run(
+    rx: Receiver<Msg>,
+    renderer: Arc<Renderer>,
+    mut feed: AudioFeed,
+    metrics: Arc<Metrics>,
+    mut slots: SessionSlots,
+) {
     let mut done: Option<Completion> = None;
     for msg in rx {
         match msg {
@@ -197,6 +212,14 @@ fn run(rx: Receiver<Msg>, renderer: Arc<Renderer>, mut feed: AudioFeed, metrics:
                     }
                 };
                 let t1 = Instant::now();
+                let Some(mut slot) = slots.take() else {
+                    // Every slot of this session is still at the renderer: this frame could
+                    // not be rendered in time anyway.
+                    tracing::debug!("no free input slot: the frame is given up");
+                    metrics.frames_late.inc();
+                    reply(Rendered::Late);
+                    continue;
+                };
                 let model_inputs = match inputs {
                     Inputs::Camera { frame, face } => {
                         let reference = image::crop(&frame.planes(), &face, CROP);
@@ -204,6 +227,16 @@ fn run(rx: Receiver<Msg>, renderer: Arc<Renderer>, mut feed: AudioFeed, metrics:
                     }
                     Inputs::Avatar { latents } => vec![latents, prompt],
                 };
+                let written = model_inputs
+                    .iter()
+                    .enumerate()
+                    .try_for_each(|(i, t)| slot.write(&renderer.layout, i, &t.data));
+                if let Err(e) = written {
+                    tracing::warn!("model inputs do not fit the renderer's slots: {e}");
+                    metrics.frames_failed.inc();
+                    reply(Rendered::Unchanged);
+                    continue;
+                }
                 tracing::debug!(
                     audio_ms = (t1 - t0).as_secs_f64() * 1e3,
                     whisper = feed.stream.encodes > encodes,
@@ -213,7 +246,7 @@ fn run(rx: Receiver<Msg>, renderer: Arc<Renderer>, mut feed: AudioFeed, metrics:
                 let done = done.clone();
                 renderer.submit(
                     Job {
-                        inputs: model_inputs,
+                        slot,
                         reply: Box::new(move |result| {
                             if let Some(done) = done {
                                 done.done(

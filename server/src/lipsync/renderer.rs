@@ -24,6 +24,7 @@ use lipstream_engines::audio::prompt::STATES;
 use lipstream_engines::{cpu, Graph, Tensor};
 
 use crate::engine::{Executors, Sources, Stage};
+use crate::lipsync::slots::{self, Layout, Returns, SessionSlots, Slot};
 use crate::metrics::Metrics;
 use crate::scheduler::Batcher;
 
@@ -62,19 +63,28 @@ pub enum Missed {
 /// The reply to one submitted frame: [3, 256, 256] RGB in [0, 1], or why not.
 pub type Reply = Box<dyn FnOnce(Result<Tensor, Missed>) + Send>;
 
-/// One frame's inputs, in the mode's input order without the batch axis (camera: masked crop,
-/// reference crop, audio prompt; avatar: latents, audio prompt).
+/// One frame: its inputs in a slot of its session's ring (see `Renderer::layout`), and where
+/// its result goes.
 pub struct Job {
-    pub inputs: Vec<Tensor>,
+    pub slot: Slot,
     pub reply: Reply,
 }
 
 enum Request {
-    Frame { job: Job, deadline: Instant },
+    Frame {
+        job: Job,
+        deadline: Instant,
+    },
     Whisper(WhisperJob),
+    /// A new session's ring: its used slots go back through `back`.
+    Session {
+        id: u64,
+        back: ringbuf::HeapProd<Box<[f16]>>,
+    },
+    SessionEnded(u64),
 }
 
-/// The model's inputs per mode, in `Job::inputs` order.
+/// The model's inputs per mode, in slot order.
 pub fn input_names(mode: Stage) -> &'static [&'static str] {
     match mode {
         Stage::Camera => &["masked", "reference", "audio_features"],
@@ -91,6 +101,9 @@ pub struct Renderer {
     pub profiles: Vec<usize>,
     /// Width of the audio prompt's tokens (whisper's d_model).
     pub audio_dim: usize,
+    /// Where each input sits in a session's slots.
+    pub layout: Layout,
+    next_session: AtomicU64,
     cpu_whisper: Option<Arc<Graph>>,
     /// CUDA: whisper's own thread and stream (else windows go through the renderer thread).
     whisper: Option<Sender<WhisperJob>>,
@@ -130,12 +143,17 @@ impl Gauge {
     }
 }
 
-/// A session counted on a renderer's GPU until dropped.
-pub struct Placed(Arc<Gauge>);
+/// A session counted on a renderer's GPU, with its slot ring there, until dropped.
+pub struct Placed {
+    gauge: Arc<Gauge>,
+    id: u64,
+    tx: Sender<Request>,
+}
 
 impl Drop for Placed {
     fn drop(&mut self) {
-        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.sessions.fetch_sub(1, Ordering::Relaxed);
+        let _ = self.tx.send(Request::SessionEnded(self.id));
     }
 }
 
@@ -143,8 +161,9 @@ impl Drop for Placed {
 /// is queued behind the running one while the CPU reads the previous one's frames, so the GPU
 /// does not wait on the renderer thread between batches.
 trait Backend {
-    /// Starts `frames.len()` frames (a batch profile) and returns without waiting for them.
-    fn start(&mut self, frames: &[&[Tensor]]) -> anyhow::Result<()>;
+    /// Starts `frames.len()` frames (a batch profile), each one slot's values laid out by
+    /// `layout`, and returns without waiting for them.
+    fn start(&mut self, layout: &Layout, frames: &[&[f16]]) -> anyhow::Result<()>;
     /// Waits for the oldest started batch: one [3, 256, 256] image per frame.
     fn finish(&mut self) -> anyhow::Result<Vec<Tensor>>;
     /// Whether `start` returns before the batch is done (else finish at once).
@@ -198,12 +217,12 @@ fn stacked(mut states: Vec<(String, Tensor)>, first: usize, n: usize) -> anyhow:
 }
 
 impl Backend for CpuBackend {
-    fn start(&mut self, frames: &[&[Tensor]]) -> anyhow::Result<()> {
+    fn start(&mut self, layout: &Layout, frames: &[&[f16]]) -> anyhow::Result<()> {
         let g = self
             .graphs
             .get(&frames.len())
             .with_context(|| format!("no batch profile {}", frames.len()))?;
-        let inputs = batched(frames);
+        let inputs = batched(layout, frames)?;
         let named: Vec<(&str, &Tensor)> = self.names.iter().copied().zip(&inputs).collect();
         let result = self
             .pool
@@ -303,7 +322,7 @@ impl CudaBackend {
 }
 
 impl Backend for CudaBackend {
-    fn start(&mut self, frames: &[&[Tensor]]) -> anyhow::Result<()> {
+    fn start(&mut self, layout: &Layout, frames: &[&[f16]]) -> anyhow::Result<()> {
         let batch = frames.len();
         let Executors { rt, profiles, .. } = &mut self.ex;
         let (_, ex) = profiles
@@ -316,18 +335,20 @@ impl Backend for CudaBackend {
             .with_context(|| format!("no buffers for batch profile {batch}"))?;
         let set = &mut staged.sets[self.turn];
         let t0 = Instant::now();
-        // Straight into page-locked memory as fp16: no batched f32 copy, no pageable upload.
-        for (slot, (&input, name)) in staged.inputs.iter().zip(self.names).enumerate() {
+        // The sessions' fp16 slots copied into page-locked memory: no conversion here, no
+        // pageable upload.
+        for (i, (&input, name)) in staged.inputs.iter().zip(self.names).enumerate() {
             let dst = set.input_mut(input)?;
             let per = dst.len() / batch.max(1);
+            let range = layout.range(i);
+            if range.len() != per {
+                bail!("{name} of {} values; the engine takes {per}", range.len());
+            }
             for (f, frame) in frames.iter().enumerate() {
                 let src = frame
-                    .get(slot)
+                    .get(range.clone())
                     .with_context(|| format!("a frame without its {name}"))?;
-                if src.numel() != per {
-                    bail!("{name} of {} values; the engine takes {per}", src.numel());
-                }
-                dst[f * per..(f + 1) * per].convert_from_f32_slice(&src.data);
+                dst[f * per..(f + 1) * per].copy_from_slice(src);
             }
         }
         let t1 = Instant::now();
@@ -614,8 +635,11 @@ impl Renderer {
                 match ready {
                     Ok((backend, ready)) => {
                         let (profiles, took) = (ready.profiles.clone(), ready.took.clone());
+                        let layout = layout(mode, ready.audio_dim);
                         let _ = ready_tx.send(Ok(ready));
-                        render_loop(backend, rx, profiles, took, metrics, loop_gauge, device);
+                        render_loop(
+                            backend, rx, profiles, took, metrics, loop_gauge, device, layout,
+                        );
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -645,15 +669,27 @@ impl Renderer {
             executor: ready.executor,
             profiles: ready.profiles,
             audio_dim: ready.audio_dim,
+            layout: layout(mode, ready.audio_dim),
+            next_session: AtomicU64::new(0),
             cpu_whisper,
             whisper: ready.whisper,
         }))
     }
 
-    /// Counts a new session on this renderer's GPU until the returned guard is dropped.
-    pub fn place_session(&self) -> Placed {
+    /// Counts a new session on this renderer's GPU until the returned guard is dropped, and
+    /// gives it its ring of input slots.
+    pub fn place_session(&self) -> (Placed, SessionSlots) {
         self.gauge.sessions.fetch_add(1, Ordering::Relaxed);
-        Placed(self.gauge.clone())
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (slots, back) = slots::ring(id, &self.layout, slots::PER_SESSION);
+        // Before any of its frames: the channel keeps the order.
+        let _ = self.tx.send(Request::Session { id, back });
+        let placed = Placed {
+            gauge: self.gauge.clone(),
+            id,
+            tx: self.tx.clone(),
+        };
+        (placed, slots)
     }
 
     /// This GPU's load for placement: occupancy and late frames over the last window of
@@ -765,36 +801,32 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
     ))
 }
 
-/// Zero inputs of one frame for `mode` (timing does not depend on values).
-fn zero_frame(mode: Stage, audio_dim: usize) -> Vec<Tensor> {
+/// Where each of `mode`'s inputs sits in a slot (MuseTalk's shapes; the audio prompt is 50
+/// tokens of whisper's width).
+pub fn layout(mode: Stage, audio_dim: usize) -> Layout {
     use lipstream_engines::models::musetalk::{CROP, LATENT};
-    let audio = Tensor::new(vec![50, audio_dim], vec![0.0; 50 * audio_dim]);
-    match mode {
-        Stage::Camera => {
-            let crop = || Tensor::new(vec![3, CROP, CROP], vec![0.0; 3 * CROP * CROP]);
-            vec![crop(), crop(), audio]
-        }
-        _ => vec![
-            Tensor::new(vec![8, LATENT, LATENT], vec![0.0; 8 * LATENT * LATENT]),
-            audio,
-        ],
-    }
+    let audio = vec![50, audio_dim];
+    Layout::new(match mode {
+        Stage::Camera => vec![vec![3, CROP, CROP], vec![3, CROP, CROP], audio],
+        _ => vec![vec![8, LATENT, LATENT], audio],
+    })
 }
 
-/// Stacks per-frame tensors into batched ones, input by input.
-fn batched(frames: &[&[Tensor]]) -> Vec<Tensor> {
-    let Some(first) = frames.first() else {
-        return Vec::new();
-    };
-    (0..first.len())
+/// Stacks the frames' slots into batched f32 tensors, input by input.
+fn batched(layout: &Layout, frames: &[&[f16]]) -> anyhow::Result<Vec<Tensor>> {
+    (0..layout.shapes.len())
         .map(|i| {
+            let range = layout.range(i);
             let mut shape = vec![frames.len()];
-            shape.extend_from_slice(&first[i].shape);
-            let mut data = Vec::with_capacity(frames.len() * first[i].numel());
-            for f in frames {
-                data.extend_from_slice(&f[i].data);
+            shape.extend_from_slice(&layout.shapes[i]);
+            let mut data = vec![0f32; frames.len() * range.len()];
+            for (f, frame) in frames.iter().enumerate() {
+                let src = frame
+                    .get(range.clone())
+                    .context("a slot shorter than its layout")?;
+                src.convert_to_f32_slice(&mut data[f * range.len()..(f + 1) * range.len()]);
             }
-            Tensor::new(shape, data)
+            Ok(Tensor::new(shape, data))
         })
         .collect()
 }
@@ -807,12 +839,13 @@ fn time_profiles(
     audio_dim: usize,
 ) -> anyhow::Result<BTreeMap<usize, Duration>> {
     let mut took = BTreeMap::new();
-    let frame = zero_frame(mode, audio_dim);
+    let layout = layout(mode, audio_dim);
+    let frame = vec![f16::ZERO; layout.len()];
     for &b in profiles {
-        let frames: Vec<&[Tensor]> = (0..b).map(|_| frame.as_slice()).collect();
+        let frames: Vec<&[f16]> = (0..b).map(|_| frame.as_slice()).collect();
         let t = Instant::now();
         backend
-            .start(&frames)
+            .start(&layout, &frames)
             .and_then(|()| backend.finish())
             .with_context(|| format!("first run of batch profile {b}"))?;
         took.insert(b, t.elapsed());
@@ -830,7 +863,7 @@ fn audio_dim(backend: &mut dyn Backend) -> anyhow::Result<usize> {
 
 /// A batch started on the backend and not finished yet.
 struct Flight {
-    jobs: Vec<Job>,
+    replies: Vec<Reply>,
     profile: usize,
     started: Instant,
     /// When it should end (its expected start on the GPU + its measured time).
@@ -853,6 +886,9 @@ struct Loop {
     window: Window,
     /// This renderer's device in the per-GPU metrics.
     device: crate::metrics::GpuLabel,
+    layout: Layout,
+    /// Each session's ring, to give used slots back.
+    returns: Returns,
 }
 
 impl Loop {
@@ -869,6 +905,8 @@ impl Loop {
             Request::Whisper(job) => {
                 let _ = job.reply.send(self.backend.whisper(&job.mel, job.rows));
             }
+            Request::Session { id, back } => self.returns.add(id, back),
+            Request::SessionEnded(id) => self.returns.remove(id),
         }
     }
 
@@ -892,26 +930,34 @@ impl Loop {
         }
         self.window.late += tick.late.len() as u64;
         for job in tick.late {
+            self.returns.give_back(job.slot);
             (job.reply)(Err(Missed::Late));
         }
         if tick.profile == 0 {
             return None;
         }
-        let frames: Vec<&[Tensor]> = tick.batch.iter().map(|j| j.inputs.as_slice()).collect();
+        let frames: Vec<&[f16]> = tick.batch.iter().map(|j| j.slot.data()).collect();
         let started = Instant::now();
-        match self.backend.start(&frames) {
+        let result = self.backend.start(&self.layout, &frames);
+        // The inputs are in the staging buffers (or consumed): the slots go back now.
+        let mut replies = Vec::with_capacity(tick.batch.len());
+        for job in tick.batch {
+            self.returns.give_back(job.slot);
+            replies.push(job.reply);
+        }
+        match result {
             Ok(()) => {
                 let launch = started.elapsed();
                 self.lead = self.lead.mul_f64(0.8) + launch.mul_f64(0.2);
                 Some(Flight {
                     profile: tick.profile,
-                    jobs: tick.batch,
+                    replies,
                     started,
                     ends: begins.max(started) + self.took(tick.profile),
                 })
             }
             Err(e) => {
-                self.failed(tick.batch, &e);
+                self.failed(replies, &e);
                 None
             }
         }
@@ -953,31 +999,31 @@ impl Loop {
             .get_or_create(&self.device)
             .inc_by(f.profile as u64);
         match result {
-            Ok(images) if images.len() == f.jobs.len() => {
-                for (job, image) in f.jobs.into_iter().zip(images) {
-                    (job.reply)(Ok(image));
+            Ok(images) if images.len() == f.replies.len() => {
+                for (reply, image) in f.replies.into_iter().zip(images) {
+                    reply(Ok(image));
                 }
             }
             Ok(images) => {
-                let e = anyhow::anyhow!("{} images for {} frames", images.len(), f.jobs.len());
-                self.failed(f.jobs, &e);
+                let e = anyhow::anyhow!("{} images for {} frames", images.len(), f.replies.len());
+                self.failed(f.replies, &e);
             }
-            Err(e) => self.failed(f.jobs, &e),
+            Err(e) => self.failed(f.replies, &e),
         }
     }
 
-    fn failed(&mut self, jobs: Vec<Job>, e: &anyhow::Error) {
+    fn failed(&mut self, replies: Vec<Reply>, e: &anyhow::Error) {
         self.failures += 1;
         // Log the first failure and then every 100th: a broken GPU would flood the log.
         if self.failures == 1 || self.failures.is_multiple_of(100) {
             tracing::error!(
                 "lip-sync batch of {} failed ({} so far): {e:#}",
-                jobs.len(),
+                replies.len(),
                 self.failures
             );
         }
-        for job in jobs {
-            (job.reply)(Err(Missed::Failed(format!("{e:#}"))));
+        for reply in replies {
+            reply(Err(Missed::Failed(format!("{e:#}"))));
         }
     }
 
@@ -1032,6 +1078,7 @@ impl Loop {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn render_loop(
     backend: Box<dyn Backend>,
     rx: Receiver<Request>,
@@ -1040,6 +1087,7 @@ fn render_loop(
     metrics: Arc<Metrics>,
     gauge: Arc<Gauge>,
     device: String,
+    layout: Layout,
 ) {
     Loop {
         backend,
@@ -1052,6 +1100,8 @@ fn render_loop(
         gauge,
         window: Window::new(Instant::now()),
         device: crate::metrics::GpuLabel { gpu: device },
+        layout,
+        returns: Returns::default(),
     }
     .run(rx)
 }
@@ -1078,6 +1128,73 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_go_back_to_their_session_whether_frames_render_or_are_given_up() {
+        let dir = std::env::temp_dir().join(format!("lipstream-slots-{}", std::process::id()));
+        lipstream_engines::presets::synth(
+            lipstream_engines::presets::Preset::Tiny,
+            1,
+            &dir,
+            |_| {},
+        )
+        .unwrap();
+        let renderer = Renderer::start(
+            RendererConfig {
+                source: ModelSource::Models(dir.clone()),
+                mode: Stage::Avatar,
+                profiles: vec![1, 2],
+                cuda: false,
+                gpu: 0,
+            },
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let (placed, mut slots) = renderer.place_session();
+        assert_eq!(slots.free(), slots::PER_SESSION);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let submit = |slots: &mut SessionSlots, k: u32, deadline: Instant| {
+            let tx = tx.clone();
+            let mut slot = slots.take().unwrap();
+            let latents = vec![0.1 * k as f32; renderer.layout.range(0).len()];
+            slot.write(&renderer.layout, 0, &latents).unwrap();
+            renderer.submit(
+                Job {
+                    slot,
+                    reply: Box::new(move |r| {
+                        let _ = tx.send((k, r.map(|t| t.shape).map_err(|m| format!("{m:?}"))));
+                    }),
+                },
+                deadline,
+            );
+        };
+        let later = Instant::now() + Duration::from_secs(30);
+        for k in 0..3 {
+            submit(&mut slots, k, later);
+        }
+        assert_eq!(slots.free(), slots::PER_SESSION - 3);
+        let mut got: Vec<_> = (0..3)
+            .map(|_| rx.recv_timeout(Duration::from_secs(60)).unwrap())
+            .collect();
+        got.sort_by_key(|(k, _)| *k);
+        for (k, r) in &got {
+            assert_eq!(r.as_ref().unwrap(), &vec![3, 256, 256], "frame {k}");
+        }
+        // Their slots were back before their results.
+        assert_eq!(slots.free(), slots::PER_SESSION);
+
+        // A frame that can no longer make its deadline is given up, and its slot comes back.
+        submit(&mut slots, 9, Instant::now());
+        let (k, r) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        assert_eq!((k, r.unwrap_err()), (9, "Late".to_string()));
+        assert_eq!(slots.free(), slots::PER_SESSION);
+
+        // A session that holds every slot has none for its next frame.
+        let held: Vec<Slot> = std::iter::from_fn(|| slots.take()).collect();
+        assert_eq!((held.len(), slots.free()), (slots::PER_SESSION, 0));
+        drop(placed);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn whisper_rows_read_back_alone_stack_like_the_whole_states() {
