@@ -29,6 +29,7 @@ t0=$(date +%s)
 $bin engine build --mode "$mode" --batches "${BATCHES:-1,2,4,8,16}" --out "$engine" \
   > "$out/engine_build.log" 2>&1 || { tail -20 "$out/engine_build.log"; exit 1; }
 echo "engine build: $(( $(date +%s) - t0 )) s"
+$bin engine info "$engine" > "$out/engine_info.txt" 2>&1 && grep -E "kernels|profiles" "$out/engine_info.txt"
 RUST_LOG="${SERVE_LOG:-info}" $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 \
   --engine "$engine" "${serve_mode[@]}" --max-sessions 64 --frame-budget-ms "${BUDGET:-80}" \
   --audio-hop-frames "${HOP:-2}" --gpus "${GPUS:-0}" > "$out/serve.log" 2>&1 &

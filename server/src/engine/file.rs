@@ -367,7 +367,14 @@ pub fn load(path: &Path, gpu: usize, graphs: bool) -> anyhow::Result<Loaded> {
     if let Some(why) = incompatibility(&header, &device)? {
         bail!("{}: {why}", path.display());
     }
-    device.use_kernel_images(kernel_images(path, &header)?);
+    let images = kernel_images(path, &header)?;
+    tracing::info!(
+        "{}: {} kernel families compiled for {}, taken from the file (nothing to compile)",
+        path.display(),
+        images.len(),
+        header.sm
+    );
+    device.use_kernel_images(images);
     let sources = Sources::from_engine(path, &header)?;
     let executors = super::executors(
         device,

@@ -6,6 +6,8 @@ use crate::media::frame::VideoFrame;
 
 /// Frames read at most from one clip (20 s at 25 fps): sessions loop it.
 pub const MAX_FRAMES: usize = 500;
+/// Larger frames are refused (8K is 7680 wide).
+const MAX_SIDE: usize = 8192;
 
 /// A clip: its frames and frame rate (numerator, denominator) when the header gives one.
 #[derive(Debug)]
@@ -27,7 +29,10 @@ pub fn parse(bytes: &[u8]) -> Result<Clip, String> {
     }
     let (mut width, mut height, mut fps) = (0usize, 0usize, None);
     for f in fields.filter(|f| !f.is_empty()) {
-        let (tag, value) = f.split_at(1);
+        // The tag is the first byte; a field starting with anything else is refused below.
+        let (Some(tag), Some(value)) = (f.get(..1), f.get(1..)) else {
+            return Err(format!("bad header field {f:?}"));
+        };
         match tag {
             "W" => width = value.parse().map_err(|_| format!("bad width {value:?}"))?,
             "H" => height = value.parse().map_err(|_| format!("bad height {value:?}"))?,
@@ -53,6 +58,11 @@ pub fn parse(bytes: &[u8]) -> Result<Clip, String> {
     if width == 0 || height == 0 || width % 2 != 0 || height % 2 != 0 {
         return Err(format!(
             "frame size {width}x{height}: needs an even, non-zero width and height"
+        ));
+    }
+    if width > MAX_SIDE || height > MAX_SIDE {
+        return Err(format!(
+            "frame size {width}x{height}: at most {MAX_SIDE} pixels a side"
         ));
     }
     let (luma, chroma) = (width * height, (width / 2) * (height / 2));
@@ -132,5 +142,30 @@ mod tests {
         let mut cut = clip("YUV4MPEG2 W4 H2", &[1, 2], 4, 2);
         cut.truncate(cut.len() - 3);
         assert!(parse(&cut).unwrap_err().contains("frame 1: truncated"));
+        for (header, why) in [
+            ("YUV4MPEG2 W99999999998 H99999999998", "at most 8192"),
+            ("YUV4MPEG2 \u{e9}4 H2", "bad header field"),
+        ] {
+            let e = parse(&clip(header, &[1], 4, 2)).unwrap_err();
+            assert!(e.contains(why), "{e:?} should say {why:?}");
+        }
+    }
+
+    #[test]
+    fn damaged_clips_are_errors_not_panics() {
+        let good = clip("YUV4MPEG2 W4 H2 F25:1 C420jpeg", &[10, 50, 90], 4, 2);
+        for cut in 0..good.len() {
+            let _ = parse(&good[..cut]);
+        }
+        let mut x = 7u32;
+        for _ in 0..3000 {
+            let mut b = good.clone();
+            for _ in 0..3 {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let i = (x >> 8) as usize % b.len();
+                b[i] = (x >> 24) as u8;
+            }
+            let _ = parse(&b);
+        }
     }
 }
