@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use lipstream_engines::avatar::{crop_rgb, mask_lower_half, prepare, Bundle, LATENT_SCALE};
+use lipstream_engines::image::LowerFace;
 use lipstream_engines::models::config::{self, VaeConfig};
 use lipstream_engines::models::mtcnn::{Mtcnn, MtcnnParams};
 use lipstream_engines::models::vae;
-use lipstream_engines::weights::Weights;
+use lipstream_engines::weights::{safetensors, Checkpoint, DType, Weights};
 use lipstream_engines::{cpu, Tensor};
 
 fn fixtures() -> PathBuf {
@@ -53,6 +54,10 @@ fn a_photo_becomes_a_bundle_and_a_blank_one_is_refused() {
     assert_eq!([f.face.x0, f.face.y0, f.face.x1], [b[0], b[1], b[2]]);
     assert!((f.face.y1 - (b[3] + 10.0)).abs() < 1e-3);
     assert_eq!(bundle.latents.shape, vec![1, 8, 32, 32]);
+    // The blend mask comes from the landmarks: it starts at the nose tip.
+    let nose_v = (faces[0].landmarks[2][1] - f.face.y0) / (f.face.y1 - f.face.y0);
+    assert!((f.mask.top - nose_v).abs() < 1e-5, "{:?}", f.mask);
+    assert_ne!(f.mask, LowerFace::DEFAULT);
 
     // The reference half is the scaled VAE mean of the crop; the masked half differs from it
     // (its lower half was blacked out) — computed here the long way.
@@ -80,7 +85,30 @@ fn a_photo_becomes_a_bundle_and_a_blank_one_is_refused() {
     let back = Bundle::read(&out).unwrap();
     assert_eq!(back.frames[0].rgb, rgb);
     assert_eq!(back.frames[0].face, f.face);
+    assert_eq!(back.frames[0].mask, f.mask);
     assert_eq!(back.latents, bundle.latents);
+
+    // A bundle from before masks were kept reads with the default mask; a nonsense mask is an
+    // error that says so.
+    let side = out.with_extension("latents.safetensors");
+    let c = Checkpoint::open(&side).unwrap();
+    let mut tensors: BTreeMap<String, Tensor> = ["boxes", "latents"]
+        .iter()
+        .map(|k| (k.to_string(), c.load(k).unwrap()))
+        .collect();
+    drop(c);
+    safetensors::write(&side, &tensors, DType::F32).unwrap();
+    assert_eq!(
+        Bundle::read(&out).unwrap().frames[0].mask,
+        LowerFace::DEFAULT
+    );
+    tensors.insert(
+        "masks".into(),
+        Tensor::new(vec![1, 6], vec![0.5, 0.1, 0.9, 0.1, 0.1, 0.1]),
+    );
+    safetensors::write(&side, &tensors, DType::F32).unwrap();
+    let err = Bundle::read(&out).err().unwrap().to_string();
+    assert!(err.contains("is no mask"), "{err}");
     let _ = std::fs::remove_file(&out);
     let _ = std::fs::remove_file(out.with_extension("latents.safetensors"));
 

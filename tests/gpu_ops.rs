@@ -746,7 +746,7 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
 
 #[test]
 fn face_crop_and_blend_match_the_cpu_reference() {
-    use lipstream_engines::image::{blend, crop, FaceBox, Planes, PlanesMut};
+    use lipstream_engines::image::{blend_with, crop, FaceBox, LowerFace, Planes, PlanesMut};
     use lipstream_gpu::kernels::image::DeviceFrame;
     let Some(rt) = runtime() else { return };
     let image =
@@ -815,7 +815,16 @@ fn face_crop_and_blend_match_the_cpu_reference() {
     println!("face crop 320x240 -> 256x256: max abs difference {worst:.2e}");
     assert!(worst < 4e-3, "{worst}");
 
-    // Blend a colourful face back; every byte within 1 of the CPU reference.
+    // Blend a colourful face back under a mask from landmarks; every byte within 1 of the CPU
+    // reference.
+    let mask = LowerFace::from_landmarks(&[
+        [0.3, 0.35],
+        [0.7, 0.35],
+        [0.52, 0.58],
+        [0.33, 0.76],
+        [0.69, 0.78],
+    ]);
+    assert_ne!(mask, LowerFace::DEFAULT);
     let face: Vec<f32> = (0..3 * size * size)
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
         .collect();
@@ -824,7 +833,7 @@ fn face_crop_and_blend_match_the_cpu_reference() {
         face.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
     );
     let (mut cy, mut cu, mut cv) = (y.clone(), u.clone(), v.clone());
-    blend(
+    blend_with(
         &mut PlanesMut {
             width: w,
             height: h,
@@ -834,6 +843,8 @@ fn face_crop_and_blend_match_the_cpu_reference() {
         },
         &face_t,
         &b,
+        &mask,
+        1.0,
     );
     let df = s
         .clone_htod(&face.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>())
@@ -843,7 +854,7 @@ fn face_crop_and_blend_match_the_cpu_reference() {
         df.device_ptr(&s).0
     };
     // SAFETY (test): as above; the face holds 3*size*size values.
-    unsafe { image.blend(&s, &frame, &b, df_ptr, size) }.unwrap();
+    unsafe { image.blend(&s, &frame, &b, &mask, df_ptr, size) }.unwrap();
     for (name, dev, cpu, orig) in [
         ("y", &dy, &cy, &y),
         ("u", &du, &cu, &u),

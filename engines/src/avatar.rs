@@ -1,18 +1,20 @@
 //! Avatar bundles: what avatar mode needs per frame of the looped clip, computed once — the
-//! frame itself (RGB), its face box (MuseTalk 1.5's crop) and the UNet's 8 latent channels (the
+//! frame itself (RGB), its face box (MuseTalk 1.5's crop), the blend mask from its landmarks, and
+//! the UNet's 8 latent channels (the
 //! VAE means of the masked and of the reference crop, scaled by 0.18215) — so that serving a
 //! frame costs the UNet and the VAE decode only.
 //!
 //! Two `.safetensors` files: `NAME.safetensors` holds `rgb` [N, H, W, 3] in F16 (which holds
 //! bytes exactly, at half the size of F32) with `__metadata__` saying what made it;
-//! `NAME.latents.safetensors` holds `boxes` [N, 4] and `latents` [N, 8, 32, 32] in F32.
+//! `NAME.latents.safetensors` holds `boxes` [N, 4], `masks` [N, 6] (`LowerFace::to_array`) and
+//! `latents` [N, 8, 32, 32] in F32. Bundles written before masks were kept use the default mask.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{EngineError, Result};
 use crate::face::{Crop, FaceTracker, TrackerConfig};
-use crate::image::FaceBox;
+use crate::image::{FaceBox, LowerFace};
 use crate::models::mtcnn::Mtcnn;
 use crate::models::musetalk::{CROP, LATENT};
 use crate::tensor::Tensor;
@@ -29,6 +31,8 @@ pub struct AvatarFrame {
     /// `height` rows of `width` x 3 bytes.
     pub rgb: Vec<u8>,
     pub face: FaceBox,
+    /// The part of the box the rendered face replaces.
+    pub mask: LowerFace,
 }
 
 /// A prepared avatar.
@@ -91,7 +95,7 @@ pub fn prepare(
     let mut latents = Vec::with_capacity(frames.len() * 8 * LATENT * LATENT);
     for (i, (rgb, width, height)) in frames.into_iter().enumerate() {
         let faces = detector.detect(&rgb, width, height)?;
-        let Crop::Face(face) = tracker.update(Some(&faces), width, height) else {
+        let Crop::Face(face, mask) = tracker.update(Some(&faces), width, height) else {
             return Err(EngineError::Input {
                 name: format!("avatar frame {i}: no face found (MTCNN score >= 0.9)"),
                 expected: vec![height, width, 3],
@@ -116,6 +120,7 @@ pub fn prepare(
             height,
             rgb,
             face,
+            mask,
         });
         progress(i + 1);
     }
@@ -150,9 +155,11 @@ impl Bundle {
             .iter()
             .flat_map(|f| [f.face.x0, f.face.y0, f.face.x1, f.face.y1])
             .collect();
+        let masks = self.frames.iter().flat_map(|f| f.mask.to_array()).collect();
         let mut tensors = BTreeMap::new();
         tensors.insert("rgb".to_string(), Tensor::new(vec![n, h, w, 3], rgb));
         tensors.insert("boxes".to_string(), Tensor::new(vec![n, 4], boxes));
+        tensors.insert("masks".to_string(), Tensor::new(vec![n, 6], masks));
         tensors.insert("latents".to_string(), self.latents.clone());
         // Boxes can pass 2048 px (F16's exact integers end there) and latents want F32.
         let mut meta = metadata.clone();
@@ -182,6 +189,25 @@ impl Bundle {
                 "boxes or latents do not match the frames",
             ));
         }
+        let masks = match side.entry("masks") {
+            None => vec![LowerFace::DEFAULT; n],
+            Some(_) => {
+                let m = side.load("masks")?;
+                if m.shape != [n, 6] {
+                    return Err(EngineError::format(path, "masks do not match the frames"));
+                }
+                m.data
+                    .chunks_exact(6)
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let a = [c[0], c[1], c[2], c[3], c[4], c[5]];
+                        LowerFace::from_array(a).ok_or_else(|| {
+                            EngineError::format(path, format!("frame {i}: mask {a:?} is no mask"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
         let frames = (0..n)
             .map(|i| AvatarFrame {
                 width: w,
@@ -196,6 +222,7 @@ impl Bundle {
                     x1: boxes.data[4 * i + 2],
                     y1: boxes.data[4 * i + 3],
                 },
+                mask: masks[i],
             })
             .collect();
         Ok(Bundle { frames, latents })

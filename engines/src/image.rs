@@ -112,13 +112,103 @@ fn smoothstep(e0: f32, e1: f32, x: f32) -> f32 {
     t * t * (3.0 - 2.0 * t)
 }
 
-/// The blend weight at (u, v) in box-relative units [0, 1]: the lower face (below 45-60 % of
-/// the box height, feathered), fading out over the last 10 % at the sides and the bottom.
+/// The part of a face box the rendered face replaces, in box-relative units [0, 1]: from `top`
+/// (fully in by `top + top_feather`) down to the box's bottom, between `left` and `right`; the
+/// sides fade over `side_feather`, the bottom over `bottom_feather`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LowerFace {
+    pub top: f32,
+    pub top_feather: f32,
+    pub left: f32,
+    pub right: f32,
+    pub side_feather: f32,
+    pub bottom_feather: f32,
+}
+
+impl LowerFace {
+    /// Without landmarks: the lower face by proportion, below 45-60 % of the box height, over
+    /// the box's width.
+    pub const DEFAULT: LowerFace = LowerFace {
+        top: 0.45,
+        top_feather: 0.15,
+        left: 0.0,
+        right: 1.0,
+        side_feather: 0.1,
+        bottom_feather: 0.1,
+    };
+
+    /// From MTCNN's five landmarks (left eye, right eye, nose, left and right mouth corner) in
+    /// box-relative units: the mask starts at the nose tip and is fully in before the mouth (the
+    /// upper lip moves with speech), and reaches three quarters of a mouth width past each
+    /// corner, toward the jaw. Landmarks that cannot be a face looking at the camera (eyes below
+    /// the nose, the mouth above it, a mouth narrower than a tenth of the box) give `DEFAULT`.
+    pub fn from_landmarks(marks: &[[f32; 2]; 5]) -> LowerFace {
+        let [eye_l, eye_r, nose, mouth_l, mouth_r] = *marks;
+        let mouth_v = (mouth_l[1] + mouth_r[1]) / 2.0;
+        let width = mouth_r[0] - mouth_l[0];
+        let plausible = marks
+            .iter()
+            .flatten()
+            .all(|c| c.is_finite() && (0.0..=1.0).contains(c))
+            && eye_l[1].max(eye_r[1]) < nose[1]
+            && nose[1] < mouth_v
+            && width > 0.1;
+        if !plausible {
+            return LowerFace::DEFAULT;
+        }
+        LowerFace {
+            top: nose[1].clamp(0.3, 0.7),
+            top_feather: (0.6 * (mouth_v - nose[1])).clamp(0.05, 0.2),
+            left: (mouth_l[0] - 0.75 * width).clamp(0.0, 0.4),
+            right: (mouth_r[0] + 0.75 * width).clamp(0.6, 1.0),
+            side_feather: 0.1,
+            bottom_feather: 0.1,
+        }
+    }
+
+    /// The blend weight at box-relative (u, v).
+    pub fn weight(&self, u: f32, v: f32) -> f32 {
+        smoothstep(0.0, self.top_feather, v - self.top)
+            * smoothstep(0.0, self.side_feather, u - self.left)
+            * smoothstep(0.0, self.side_feather, self.right - u)
+            * smoothstep(0.0, self.bottom_feather, 1.0 - v)
+    }
+
+    /// As six numbers (top, top feather, left, right, side feather, bottom feather): for the GPU
+    /// kernel and the avatar bundle.
+    pub fn to_array(&self) -> [f32; 6] {
+        [
+            self.top,
+            self.top_feather,
+            self.left,
+            self.right,
+            self.side_feather,
+            self.bottom_feather,
+        ]
+    }
+
+    /// From `to_array`'s numbers; `None` when they cannot describe a mask.
+    pub fn from_array(a: [f32; 6]) -> Option<LowerFace> {
+        let m = LowerFace {
+            top: a[0],
+            top_feather: a[1],
+            left: a[2],
+            right: a[3],
+            side_feather: a[4],
+            bottom_feather: a[5],
+        };
+        let ok = a.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v))
+            && m.left < m.right
+            && [m.top_feather, m.side_feather, m.bottom_feather]
+                .iter()
+                .all(|&f| f > 0.0);
+        ok.then_some(m)
+    }
+}
+
+/// `LowerFace::DEFAULT`'s weight at box-relative (u, v).
 pub fn lower_face_mask(u: f32, v: f32) -> f32 {
-    let top = smoothstep(0.45, 0.6, v);
-    let sides = smoothstep(0.0, 0.1, u) * smoothstep(0.0, 0.1, 1.0 - u);
-    let bottom = smoothstep(0.0, 0.1, 1.0 - v);
-    top * sides * bottom
+    LowerFace::DEFAULT.weight(u, v)
 }
 
 /// Bilinear sample of face channel `c` ([3, size, size] in [0, 1]) at box-relative (u, v).
@@ -134,15 +224,21 @@ fn face_at(face: &Tensor, size: usize, c: usize, u: f32, v: f32) -> f32 {
     top * (1.0 - ay) + bottom * ay
 }
 
-/// Blends `face` ([3, size, size] RGB in [0, 1]) into the box of `frame` under the lower-face
-/// mask: luma per pixel, chroma per 2x2 block (sampled at the block's centre).
+/// Blends `face` ([3, size, size] RGB in [0, 1]) into the box of `frame` under the default
+/// lower-face mask: luma per pixel, chroma per 2x2 block (sampled at the block's centre).
 pub fn blend(frame: &mut PlanesMut, face: &Tensor, b: &FaceBox) {
-    blend_with(frame, face, b, 1.0);
+    blend_with(frame, face, b, &LowerFace::DEFAULT, 1.0);
 }
 
-/// `blend` with the mask scaled by `strength` in [0, 1]: fades between the frame's own face (0)
+/// `blend` under `mask`, scaled by `strength` in [0, 1]: fades between the frame's own face (0)
 /// and the rendered one (1), for transitions in and out of speech.
-pub fn blend_with(frame: &mut PlanesMut, face: &Tensor, b: &FaceBox, strength: f32) {
+pub fn blend_with(
+    frame: &mut PlanesMut,
+    face: &Tensor,
+    b: &FaceBox,
+    mask: &LowerFace,
+    strength: f32,
+) {
     let strength = strength.clamp(0.0, 1.0);
     let size = face.shape[1];
     let (w, h) = (frame.width, frame.height);
@@ -156,7 +252,7 @@ pub fn blend_with(frame: &mut PlanesMut, face: &Tensor, b: &FaceBox, strength: f
         if !(0.0..1.0).contains(&u) || !(0.0..1.0).contains(&v) {
             return;
         }
-        let m = lower_face_mask(u, v) * strength;
+        let m = mask.weight(u, v) * strength;
         if m <= 0.0 {
             return;
         }
@@ -201,6 +297,75 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_mask_follows_the_landmarks_and_falls_back_without_them() {
+        // The default is the proportional lower face it always was.
+        for (u, v) in [
+            (0.5, 0.3),
+            (0.5, 0.52),
+            (0.05, 0.8),
+            (0.5, 0.95),
+            (0.97, 0.7),
+        ] {
+            let old = smoothstep(0.45, 0.6, v)
+                * smoothstep(0.0, 0.1, u)
+                * smoothstep(0.0, 0.1, 1.0 - u)
+                * smoothstep(0.0, 0.1, 1.0 - v);
+            assert!((lower_face_mask(u, v) - old).abs() < 1e-6, "({u}, {v})");
+        }
+        // A face lower in its box (nose at 0.6, mouth at 0.8): the mask starts at the nose.
+        let marks = [
+            [0.3, 0.35],
+            [0.7, 0.35],
+            [0.5, 0.6],
+            [0.35, 0.8],
+            [0.65, 0.8],
+        ];
+        let m = LowerFace::from_landmarks(&marks);
+        assert!(
+            (m.top - 0.6).abs() < 1e-6 && (m.top_feather - 0.12).abs() < 1e-6,
+            "{m:?}"
+        );
+        assert!(
+            (m.left - 0.125).abs() < 1e-6 && (m.right - 0.875).abs() < 1e-6,
+            "{m:?}"
+        );
+        assert_eq!(
+            m.weight(0.5, 0.55),
+            0.0,
+            "above the nose stays the frame's own"
+        );
+        assert!(m.weight(0.5, 0.75) > 0.99, "the mouth is the model's");
+        assert_eq!(
+            m.weight(0.1, 0.8),
+            0.0,
+            "the cheek beyond the jaw line stays"
+        );
+        // Landmarks that are no upright face fall back to the default.
+        let upside_down = [[0.3, 0.8], [0.7, 0.8], [0.5, 0.6], [0.35, 0.3], [0.65, 0.3]];
+        assert_eq!(LowerFace::from_landmarks(&upside_down), LowerFace::DEFAULT);
+        assert_eq!(
+            LowerFace::from_landmarks(&[[0.0; 2]; 5]),
+            LowerFace::DEFAULT
+        );
+        let outside = [
+            [0.3, 0.35],
+            [0.7, 0.35],
+            [0.5, 0.6],
+            [0.35, 0.8],
+            [1.65, 0.8],
+        ];
+        assert_eq!(LowerFace::from_landmarks(&outside), LowerFace::DEFAULT);
+        // Six numbers there and back; nonsense is refused.
+        assert_eq!(LowerFace::from_array(m.to_array()), Some(m));
+        assert_eq!(LowerFace::from_array([0.5, 0.0, 0.0, 1.0, 0.1, 0.1]), None);
+        assert_eq!(LowerFace::from_array([0.5, 0.1, 0.9, 0.2, 0.1, 0.1]), None);
+        assert_eq!(
+            LowerFace::from_array([f32::NAN, 0.1, 0.0, 1.0, 0.1, 0.1]),
+            None
+        );
     }
 
     #[test]

@@ -57,6 +57,8 @@ __device__ __forceinline__ float face_at(const __half* f, int size, int c, float
 extern "C" __global__ void blend_rgb_i420_f16(unsigned char* __restrict__ a, unsigned char* __restrict__ b,
                                               int stride, float scale, int px0, int py0, int nx, int ny,
                                               float bx0, float by0, float bx1, float by1,
+                                              float top, float top_feather, float left, float right,
+                                              float side_feather, float bottom_feather,
                                               const __half* __restrict__ face, int size) {
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= nx * ny) return;
@@ -64,8 +66,9 @@ extern "C" __global__ void blend_rgb_i420_f16(unsigned char* __restrict__ a, uns
   const float cx = (x + 0.5f) * scale, cy = (y + 0.5f) * scale;
   const float u = (cx - bx0) / (bx1 - bx0), v = (cy - by0) / (by1 - by0);
   if (u < 0.f || u >= 1.f || v < 0.f || v >= 1.f) return;
-  const float m = smoothstep(0.45f, 0.6f, v) * smoothstep(0.f, 0.1f, u) * smoothstep(0.f, 0.1f, 1.f - u) *
-                  smoothstep(0.f, 0.1f, 1.f - v);
+  // engines::image::LowerFace::weight.
+  const float m = smoothstep(0.f, top_feather, v - top) * smoothstep(0.f, side_feather, u - left) *
+                  smoothstep(0.f, side_feather, right - u) * smoothstep(0.f, bottom_feather, 1.f - v);
   if (m <= 0.f) return;
   const float r = face_at(face, size, 0, u, v), g = face_at(face, size, 1, u, v), bl = face_at(face, size, 2, u, v);
   const long at = (long)y * stride + x;

@@ -166,6 +166,7 @@ async fn lipsync_stage(
             profiles: batches.clone(),
             cuda,
             gpu,
+            frame_budget,
         };
         let renderer_metrics = metrics.clone();
         let renderer =

@@ -2,7 +2,7 @@
 //! model's RGB input, and the model's face blended back into the I420 frame.
 
 use cudarc::driver::{CudaFunction, CudaStream};
-use lipstream_engines::image::FaceBox;
+use lipstream_engines::image::{FaceBox, LowerFace};
 
 use super::{elems, launch, shape_err, Arg, Ptr};
 use crate::device::Device;
@@ -83,7 +83,8 @@ impl Image {
         unsafe { launch(stream, &self.crop, elems(size * size), &args) }
     }
 
-    /// Blends `face` ([3, size, size] fp16 RGB in [0, 1]) into the box of `frame` in place.
+    /// Blends `face` ([3, size, size] fp16 RGB in [0, 1]) into the box of `frame` in place,
+    /// under `mask` (engines::image::blend_with at full strength).
     ///
     /// # Safety
     /// As for `crop`, with face holding 3*size*size values.
@@ -92,6 +93,7 @@ impl Image {
         stream: &CudaStream,
         frame: &DeviceFrame,
         b: &FaceBox,
+        mask: &LowerFace,
         face: Ptr,
         size: usize,
     ) -> Result<(), GpuError> {
@@ -124,11 +126,18 @@ impl Image {
                 Arg::F(b.y0),
                 Arg::F(b.x1),
                 Arg::F(b.y1),
+                Arg::F(mask.top),
+                Arg::F(mask.top_feather),
+                Arg::F(mask.left),
+                Arg::F(mask.right),
+                Arg::F(mask.side_feather),
+                Arg::F(mask.bottom_feather),
                 Arg::P(face),
                 Arg::I(size as i32),
             ];
-            // SAFETY: matches blend_rgb_i420_f16 (2 u8*, int, float, 4 int, 4 float, const half*,
-            // int); the rectangle lies inside the plane (clamped above), face sampling clamps.
+            // SAFETY: matches blend_rgb_i420_f16 (2 u8*, int, float, 4 int, 10 float,
+            // const half*, int); the rectangle lies inside the plane (clamped above), face
+            // sampling clamps.
             unsafe { launch(stream, &self.blend, elems(nx * ny), &args) }?;
         }
         Ok(())

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use lipstream_engines::avatar::Bundle;
-use lipstream_engines::image::FaceBox;
+use lipstream_engines::image::{FaceBox, LowerFace};
 use lipstream_engines::models::musetalk::LATENT;
 use lipstream_engines::Tensor;
 
@@ -29,6 +29,7 @@ const SPEECH_RMS: f64 = 330.0;
 pub struct AvatarAssets {
     frames: Vec<VideoFrame>,
     boxes: Vec<FaceBox>,
+    masks: Vec<LowerFace>,
     /// [8, 32, 32] each: masked then reference latents.
     latents: Vec<Tensor>,
 }
@@ -48,12 +49,14 @@ impl AvatarAssets {
         }
         let mut frames = Vec::with_capacity(n);
         let mut boxes = Vec::with_capacity(n);
+        let mut masks = Vec::with_capacity(n);
         let mut latents = Vec::with_capacity(n);
         for (i, f) in bundle.frames.iter().enumerate() {
             let frame = VideoFrame::from_rgb(&f.rgb, f.width, f.height)
                 .with_context(|| format!("avatar {}: frame {i} is too small", path.display()))?;
             frames.push(frame);
             boxes.push(f.face);
+            masks.push(f.mask);
             latents.push(Tensor::new(
                 vec![8, LATENT, LATENT],
                 bundle.latents.data[i * per..(i + 1) * per].to_vec(),
@@ -62,6 +65,7 @@ impl AvatarAssets {
         Ok(AvatarAssets {
             frames,
             boxes,
+            masks,
             latents,
         })
     }
@@ -186,9 +190,10 @@ impl Stage for AvatarStage {
     }
 
     fn finish(&mut self, ticket: u64, result: Rendered, frame: &VideoFrame) -> StageOutput {
-        let boxes = &self.assets.boxes;
-        self.prep
-            .finish(ticket, result, frame, |(i, strength)| (boxes[i], strength))
+        let (boxes, masks) = (&self.assets.boxes, &self.assets.masks);
+        self.prep.finish(ticket, result, frame, |(i, strength)| {
+            (boxes[i], masks[i], strength)
+        })
     }
 }
 
@@ -209,6 +214,7 @@ mod tests {
                 };
                 4
             ],
+            masks: vec![LowerFace::DEFAULT; 4],
             latents: vec![Tensor::new(vec![1], vec![0.0]); 4],
         };
         let seq: Vec<usize> = (0..10).map(|k| assets.ping_pong(k)).collect();

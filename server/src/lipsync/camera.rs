@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lipstream_engines::face::{Crop, FaceTracker, TrackerConfig};
-use lipstream_engines::image::{self, FaceBox};
+use lipstream_engines::image::{self, FaceBox, LowerFace};
 use lipstream_engines::models::mtcnn::{Mtcnn, MtcnnParams};
 
 use crate::lipsync::prep::{Inputs, Prep};
@@ -35,7 +35,7 @@ pub struct CameraStageConfig {
 /// One camera session's lip-sync stage.
 pub struct CameraStage {
     /// Keeps the face box of each frame at the renderer.
-    prep: Prep<FaceBox>,
+    prep: Prep<(FaceBox, LowerFace)>,
     detector: Detector,
     tracker: FaceTracker,
     metrics: Arc<Metrics>,
@@ -124,9 +124,9 @@ impl CameraStage {
         })
     }
 
-    /// The tracked face box of `frame`: the latest detection, smoothed; a new one is started
-    /// when the tracker asks for it and comes in a few frames later.
-    fn face(&mut self, frame: &VideoFrame) -> Option<FaceBox> {
+    /// The tracked face box of `frame` and its blend mask: the latest detection, smoothed; a new
+    /// one is started when the tracker asks for it and comes in a few frames later.
+    fn face(&mut self, frame: &VideoFrame) -> Option<(FaceBox, LowerFace)> {
         let (w, h) = (frame.width, frame.height);
         let crop = match self.detector.poll() {
             Some(faces) => self.tracker.update(Some(&faces), w, h),
@@ -136,7 +136,7 @@ impl CameraStage {
             self.detector.look(frame);
         }
         match crop {
-            Crop::Face(b) => Some(b),
+            Crop::Face(b, mask) => Some((b, mask)),
             Crop::NoFace => None,
         }
     }
@@ -168,7 +168,7 @@ impl Stage for CameraStage {
     }
 
     fn process(&mut self, input: StageInput<'_>) -> StageOutput {
-        let Some(b) = self.face(input.frame) else {
+        let Some((b, mask)) = self.face(input.frame) else {
             self.metrics.frames_no_face.inc();
             return StageOutput::Unchanged;
         };
@@ -176,10 +176,12 @@ impl Stage for CameraStage {
             frame: input.frame.clone(),
             face: b,
         };
-        self.prep.submit(b, input.frame_ms, input.deadline, inputs)
+        self.prep
+            .submit((b, mask), input.frame_ms, input.deadline, inputs)
     }
 
     fn finish(&mut self, ticket: u64, result: Rendered, frame: &VideoFrame) -> StageOutput {
-        self.prep.finish(ticket, result, frame, |b| (b, 1.0))
+        self.prep
+            .finish(ticket, result, frame, |(b, mask)| (b, mask, 1.0))
     }
 }

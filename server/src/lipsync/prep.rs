@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use lipstream_engines::avatar::mask_lower_half;
-use lipstream_engines::image::{self, FaceBox};
+use lipstream_engines::image::{self, FaceBox, LowerFace};
 use lipstream_engines::models::musetalk::CROP;
 use lipstream_engines::{EngineError, Tensor};
 
@@ -135,13 +135,13 @@ impl<T> Prep<T> {
     }
 
     /// A result back from the renderer: the rendered face blended into a copy of `frame` inside
-    /// the box (at the strength) `place` gives for what was kept, or `Unchanged`.
+    /// the box, under the mask (at the strength) `place` gives for what was kept, or `Unchanged`.
     pub fn finish(
         &mut self,
         ticket: u64,
         result: Rendered,
         frame: &VideoFrame,
-        place: impl FnOnce(T) -> (FaceBox, f32),
+        place: impl FnOnce(T) -> (FaceBox, LowerFace, f32),
     ) -> StageOutput {
         // Frames before this one went out late: what was kept for them goes too.
         self.in_flight.retain(|&t, _| t >= ticket);
@@ -151,9 +151,9 @@ impl<T> Prep<T> {
         match result {
             Rendered::Face(face) if face.shape == [3, CROP, CROP] => {
                 self.metrics.frames_rendered.inc();
-                let (b, strength) = place(keep);
+                let (b, mask, strength) = place(keep);
                 let mut out = frame.clone();
-                image::blend_with(&mut out.planes_mut(), &face, &b, strength);
+                image::blend_with(&mut out.planes_mut(), &face, &b, &mask, strength);
                 StageOutput::Frame(out)
             }
             _ => StageOutput::Unchanged,
@@ -216,7 +216,6 @@ fn run(
                     // Every slot of this session is still at the renderer: this frame could
                     // not be rendered in time anyway.
                     tracing::debug!("no free input slot: the frame is given up");
-                    metrics.frames_late.inc();
                     reply(Rendered::Late);
                     continue;
                 };

@@ -50,6 +50,9 @@ pub struct RendererConfig {
     pub cuda: bool,
     /// The GPU (CUDA ordinal) this renderer runs on.
     pub gpu: usize,
+    /// How long a frame may take from submission to its output time: sizes each session's
+    /// slots.
+    pub frame_budget: Duration,
 }
 
 /// Why a frame came back without a face.
@@ -103,6 +106,7 @@ pub struct Renderer {
     pub audio_dim: usize,
     /// Where each input sits in a session's slots.
     pub layout: Layout,
+    slots_per_session: usize,
     next_session: AtomicU64,
     cpu_whisper: Option<Arc<Graph>>,
     /// CUDA: whisper's own thread and stream (else windows go through the renderer thread).
@@ -614,6 +618,7 @@ impl Renderer {
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let mode = config.mode;
+        let frame_budget = config.frame_budget;
         std::thread::Builder::new()
             .name("renderer".into())
             .spawn(move || {
@@ -670,6 +675,7 @@ impl Renderer {
             profiles: ready.profiles,
             audio_dim: ready.audio_dim,
             layout: layout(mode, ready.audio_dim),
+            slots_per_session: slots::per_session(frame_budget),
             next_session: AtomicU64::new(0),
             cpu_whisper,
             whisper: ready.whisper,
@@ -681,7 +687,7 @@ impl Renderer {
     pub fn place_session(&self) -> (Placed, SessionSlots) {
         self.gauge.sessions.fetch_add(1, Ordering::Relaxed);
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let (slots, back) = slots::ring(id, &self.layout, slots::PER_SESSION);
+        let (slots, back) = slots::ring(id, &self.layout, self.slots_per_session);
         // Before any of its frames: the channel keeps the order.
         let _ = self.tx.send(Request::Session { id, back });
         let placed = Placed {
@@ -1146,12 +1152,14 @@ mod tests {
                 profiles: vec![1, 2],
                 cuda: false,
                 gpu: 0,
+                frame_budget: Duration::from_millis(200),
             },
             Arc::new(Metrics::new()),
         )
         .unwrap();
         let (placed, mut slots) = renderer.place_session();
-        assert_eq!(slots.free(), slots::PER_SESSION);
+        let per = slots::per_session(Duration::from_millis(200));
+        assert_eq!(slots.free(), per);
         let (tx, rx) = std::sync::mpsc::channel();
         let submit = |slots: &mut SessionSlots, k: u32, deadline: Instant| {
             let tx = tx.clone();
@@ -1172,7 +1180,7 @@ mod tests {
         for k in 0..3 {
             submit(&mut slots, k, later);
         }
-        assert_eq!(slots.free(), slots::PER_SESSION - 3);
+        assert_eq!(slots.free(), per - 3);
         let mut got: Vec<_> = (0..3)
             .map(|_| rx.recv_timeout(Duration::from_secs(60)).unwrap())
             .collect();
@@ -1181,17 +1189,17 @@ mod tests {
             assert_eq!(r.as_ref().unwrap(), &vec![3, 256, 256], "frame {k}");
         }
         // Their slots were back before their results.
-        assert_eq!(slots.free(), slots::PER_SESSION);
+        assert_eq!(slots.free(), per);
 
         // A frame that can no longer make its deadline is given up, and its slot comes back.
         submit(&mut slots, 9, Instant::now());
         let (k, r) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
         assert_eq!((k, r.unwrap_err()), (9, "Late".to_string()));
-        assert_eq!(slots.free(), slots::PER_SESSION);
+        assert_eq!(slots.free(), per);
 
         // A session that holds every slot has none for its next frame.
         let held: Vec<Slot> = std::iter::from_fn(|| slots.take()).collect();
-        assert_eq!((held.len(), slots.free()), (slots::PER_SESSION, 0));
+        assert_eq!((held.len(), slots.free()), (per, 0));
         drop(placed);
         std::fs::remove_dir_all(&dir).ok();
     }

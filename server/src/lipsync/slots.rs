@@ -14,15 +14,20 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::time::Duration;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 
-/// Slots per session: 0.64 s of frames at 25 fps between a frame's submission and its batch's
-/// start — past a frame's whole budget, so only a session whose frames are late anyway runs out.
-pub const PER_SESSION: usize = 16;
+/// Slots per session for a frame budget: a frame reaches the renderer once its audio is in and
+/// must be done within the budget, so a session has at most a budget's worth of 25 fps frames
+/// there; four more absorb the preparation thread's jitter. Only a session whose frames are
+/// late anyway runs out.
+pub fn per_session(frame_budget: Duration) -> usize {
+    (frame_budget.as_secs_f64() * 25.0).ceil() as usize + 4
+}
 
 /// Where each input sits in a slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,6 +171,8 @@ mod tests {
             (7, 0..4, 4..7)
         );
         assert_eq!(layout.range(2), 0..0);
+        assert_eq!(per_session(Duration::from_millis(80)), 6);
+        assert_eq!(per_session(Duration::from_secs(3)), 79);
         let (mut session, back) = ring(7, &layout, 2);
         let mut returns = Returns::default();
         returns.add(7, back);
