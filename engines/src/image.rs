@@ -34,19 +34,6 @@ pub struct PlanesMut<'a> {
     pub v: &'a mut [u8],
 }
 
-/// Bilinear sample of a plane at continuous coordinates (edges clamp).
-fn sample(plane: &[u8], w: usize, h: usize, x: f32, y: f32) -> f32 {
-    let fx = (x - 0.5).clamp(0.0, (w - 1) as f32);
-    let fy = (y - 0.5).clamp(0.0, (h - 1) as f32);
-    let (x0, y0) = (fx.floor() as usize, fy.floor() as usize);
-    let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
-    let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
-    let p = |x: usize, y: usize| f32::from(plane[y * w + x]);
-    let top = p(x0, y0) * (1.0 - ax) + p(x1, y0) * ax;
-    let bottom = p(x0, y1) * (1.0 - ax) + p(x1, y1) * ax;
-    top * (1.0 - ay) + bottom * ay
-}
-
 /// BT.601 limited-range YUV (0..255) to RGB in 0..255 (not clamped).
 pub fn yuv_to_rgb(y: f32, u: f32, v: f32) -> [f32; 3] {
     let (c, d, e) = (y - 16.0, u - 128.0, v - 128.0);
@@ -85,22 +72,56 @@ pub fn to_rgb(frame: &Planes, out: &mut Vec<u8>) {
     }
 }
 
+/// One axis of a bilinear resample (edges clamp): for output index `o`, the source position is
+/// `(start + (o + 0.5) * step) / scale`, minus half a sample; gives the two source indices and
+/// the second one's weight. The pixel loops below then do no coordinate work per pixel, and
+/// compute exactly what sampling each pixel's position on its own would.
+fn taps(start: f32, step: f32, scale: f32, n_out: usize, n_src: usize) -> Vec<(usize, usize, f32)> {
+    let last = n_src.saturating_sub(1);
+    (0..n_out)
+        .map(|o| {
+            let pos = (start + (o as f32 + 0.5) * step) / scale;
+            let f = (pos - 0.5).clamp(0.0, last as f32);
+            let i = f.floor() as usize;
+            (i, (i + 1).min(last), f - i as f32)
+        })
+        .collect()
+}
+
+/// Bilinear interpolation between a row pair (`r0`, `r1`) at column taps `x`, row weight `ay`.
+#[inline]
+fn lerp2(plane: &[u8], r0: usize, r1: usize, x: (usize, usize, f32), ay: f32) -> f32 {
+    let p = |i: usize| f32::from(plane[i]);
+    let (x0, x1, ax) = x;
+    let top = p(r0 + x0) * (1.0 - ax) + p(r0 + x1) * ax;
+    let bottom = p(r1 + x0) * (1.0 - ax) + p(r1 + x1) * ax;
+    top * (1.0 - ay) + bottom * ay
+}
+
 /// The box resampled to `size` x `size` RGB, [3, size, size] in [-1, 1] (x / 127.5 - 1).
 pub fn crop(frame: &Planes, b: &FaceBox, size: usize) -> Tensor {
     let (w, h) = (frame.width, frame.height);
     let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
     let (sx, sy) = ((b.x1 - b.x0) / size as f32, (b.y1 - b.y0) / size as f32);
     let mut out = vec![0f32; 3 * size * size];
+    if w == 0 || h == 0 || frame.y.len() < w * h || frame.u.len().min(frame.v.len()) < cw * ch {
+        return Tensor::new(vec![3, size, size], out);
+    }
+    let (lx, ly) = (taps(b.x0, sx, 1.0, size, w), taps(b.y0, sy, 1.0, size, h));
+    let (cx, cy) = (taps(b.x0, sx, 2.0, size, cw), taps(b.y0, sy, 2.0, size, ch));
+    let plane = size * size;
     for oy in 0..size {
+        let (l0, l1, lay) = ly[oy];
+        let (c0, c1, cay) = cy[oy];
+        let (l0, l1, c0, c1) = (l0 * w, l1 * w, c0 * cw, c1 * cw);
         for ox in 0..size {
-            let x = b.x0 + (ox as f32 + 0.5) * sx;
-            let y = b.y0 + (oy as f32 + 0.5) * sy;
-            let yy = sample(frame.y, w, h, x, y);
-            let u = sample(frame.u, cw, ch, x / 2.0, y / 2.0);
-            let v = sample(frame.v, cw, ch, x / 2.0, y / 2.0);
+            let yy = lerp2(frame.y, l0, l1, lx[ox], lay);
+            let u = lerp2(frame.u, c0, c1, cx[ox], cay);
+            let v = lerp2(frame.v, c0, c1, cx[ox], cay);
             let rgb = yuv_to_rgb(yy, u, v);
+            let at = oy * size + ox;
             for (c, val) in rgb.iter().enumerate() {
-                out[(c * size + oy) * size + ox] = val.clamp(0.0, 255.0) / 127.5 - 1.0;
+                out[c * plane + at] = val.clamp(0.0, 255.0) / 127.5 - 1.0;
             }
         }
     }
@@ -211,19 +232,6 @@ pub fn lower_face_mask(u: f32, v: f32) -> f32 {
     LowerFace::DEFAULT.weight(u, v)
 }
 
-/// Bilinear sample of face channel `c` ([3, size, size] in [0, 1]) at box-relative (u, v).
-fn face_at(face: &Tensor, size: usize, c: usize, u: f32, v: f32) -> f32 {
-    let fx = (u * size as f32 - 0.5).clamp(0.0, (size - 1) as f32);
-    let fy = (v * size as f32 - 0.5).clamp(0.0, (size - 1) as f32);
-    let (x0, y0) = (fx.floor() as usize, fy.floor() as usize);
-    let (x1, y1) = ((x0 + 1).min(size - 1), (y0 + 1).min(size - 1));
-    let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
-    let p = |x: usize, y: usize| face.data[(c * size + y) * size + x];
-    let top = p(x0, y0) * (1.0 - ax) + p(x1, y0) * ax;
-    let bottom = p(x0, y1) * (1.0 - ax) + p(x1, y1) * ax;
-    top * (1.0 - ay) + bottom * ay
-}
-
 /// Blends `face` ([3, size, size] RGB in [0, 1]) into the box of `frame` under the default
 /// lower-face mask: luma per pixel, chroma per 2x2 block (sampled at the block's centre).
 pub fn blend(frame: &mut PlanesMut, face: &Tensor, b: &FaceBox) {
@@ -240,38 +248,108 @@ pub fn blend_with(
     strength: f32,
 ) {
     let strength = strength.clamp(0.0, 1.0);
-    let size = face.shape[1];
+    let size = face.shape.get(1).copied().unwrap_or(0);
     let (w, h) = (frame.width, frame.height);
-    let (bw, bh) = (b.x1 - b.x0, b.y1 - b.y0);
-    let span = |lo: f32, hi: f32, n: usize, scale: f32| {
-        ((lo / scale).floor().max(0.0) as usize)..((hi / scale).ceil().max(0.0) as usize).min(n)
+    let (cw, chh) = (w.div_ceil(2), h.div_ceil(2));
+    if size == 0
+        || face.data.len() < 3 * size * size
+        || frame.y.len() < w * h
+        || frame.u.len().min(frame.v.len()) < cw * chh
+    {
+        return;
+    }
+    // Per column and per row of one plane (`scale` 1: luma, 2: chroma): the box-relative
+    // position, the mask's factors there (`LowerFace::weight` is top * left * right * bottom,
+    // multiplied in that order below), and the face's bilinear taps. Columns and rows outside
+    // the box, or where a factor is 0, are left out: their weight is 0.
+    struct Line {
+        at: usize,
+        a: f32,
+        b: f32,
+        tap: (usize, usize, f32),
+    }
+    let lines = |lo: f32, hi: f32, n: usize, scale: f32, row: bool| -> Vec<Line> {
+        let extent = hi - lo;
+        let first = ((lo / scale).floor().max(0.0) as usize).min(n);
+        let end = ((hi / scale).ceil().max(0.0) as usize).min(n);
+        (first..end)
+            .filter_map(|i| {
+                let c = (i as f32 + 0.5) * scale;
+                let t = (c - lo) / extent;
+                if !(0.0..1.0).contains(&t) {
+                    return None;
+                }
+                let (a, b) = if row {
+                    (
+                        smoothstep(0.0, mask.top_feather, t - mask.top),
+                        smoothstep(0.0, mask.bottom_feather, 1.0 - t),
+                    )
+                } else {
+                    (
+                        smoothstep(0.0, mask.side_feather, t - mask.left),
+                        smoothstep(0.0, mask.side_feather, mask.right - t),
+                    )
+                };
+                if a <= 0.0 || b <= 0.0 {
+                    return None;
+                }
+                let f = (t * size as f32 - 0.5).clamp(0.0, (size - 1) as f32);
+                let k = f.floor() as usize;
+                Some(Line {
+                    at: i,
+                    a,
+                    b,
+                    tap: (k, (k + 1).min(size - 1), f - k as f32),
+                })
+            })
+            .collect()
     };
-    let mix = |plane: &mut [u8], stride: usize, x: usize, y: usize, scale: f32, ch: usize| {
-        let (cx, cy) = ((x as f32 + 0.5) * scale, (y as f32 + 0.5) * scale);
-        let (u, v) = ((cx - b.x0) / bw, (cy - b.y0) / bh);
-        if !(0.0..1.0).contains(&u) || !(0.0..1.0).contains(&v) {
-            return;
-        }
-        let m = mask.weight(u, v) * strength;
-        if m <= 0.0 {
-            return;
-        }
-        let rgb = [0, 1, 2].map(|c| face_at(face, size, c, u, v));
-        let want = rgb_to_yuv(rgb[0], rgb[1], rgb[2])[ch];
-        let at = y * stride + x;
-        let old = f32::from(plane[at]);
-        plane[at] = (old + (want - old) * m).round().clamp(0.0, 255.0) as u8;
+    let plane = size * size;
+    let face_rgb = |row: &Line, col: &Line| -> [f32; 3] {
+        let (y0, y1, ay) = row.tap;
+        [0, 1, 2].map(|c| {
+            let p = |y: usize, x: usize| face.data[c * plane + y * size + x];
+            let (x0, x1, ax) = col.tap;
+            let top = p(y0, x0) * (1.0 - ax) + p(y0, x1) * ax;
+            let bottom = p(y1, x0) * (1.0 - ax) + p(y1, x1) * ax;
+            top * (1.0 - ay) + bottom * ay
+        })
     };
-    for y in span(b.y0, b.y1, h, 1.0) {
-        for x in span(b.x0, b.x1, w, 1.0) {
-            mix(frame.y, w, x, y, 1.0, 0);
+    let mixed = |old: u8, want: f32, m: f32| {
+        let old = f32::from(old);
+        (old + (want - old) * m).round().clamp(0.0, 255.0) as u8
+    };
+    let (rows, cols) = (
+        lines(b.y0, b.y1, h, 1.0, true),
+        lines(b.x0, b.x1, w, 1.0, false),
+    );
+    for r in &rows {
+        for c in &cols {
+            let m = r.a * c.a * c.b * r.b * strength;
+            if m <= 0.0 {
+                continue;
+            }
+            let rgb = face_rgb(r, c);
+            let want = rgb_to_yuv(rgb[0], rgb[1], rgb[2])[0];
+            let at = r.at * w + c.at;
+            frame.y[at] = mixed(frame.y[at], want, m);
         }
     }
-    let (cw, chh) = (w.div_ceil(2), h.div_ceil(2));
-    for y in span(b.y0, b.y1, chh, 2.0) {
-        for x in span(b.x0, b.x1, cw, 2.0) {
-            mix(frame.u, cw, x, y, 2.0, 1);
-            mix(frame.v, cw, x, y, 2.0, 2);
+    let (rows, cols) = (
+        lines(b.y0, b.y1, chh, 2.0, true),
+        lines(b.x0, b.x1, cw, 2.0, false),
+    );
+    for r in &rows {
+        for c in &cols {
+            let m = r.a * c.a * c.b * r.b * strength;
+            if m <= 0.0 {
+                continue;
+            }
+            let rgb = face_rgb(r, c);
+            let [_, u, v] = rgb_to_yuv(rgb[0], rgb[1], rgb[2]);
+            let at = r.at * cw + c.at;
+            frame.u[at] = mixed(frame.u[at], u, m);
+            frame.v[at] = mixed(frame.v[at], v, m);
         }
     }
 }
@@ -279,6 +357,185 @@ pub fn blend_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The per-pixel implementations `crop` and `blend_with` were written as: the loops above
+    // must give exactly their bytes and values.
+    /// Bilinear sample of a plane at continuous coordinates (edges clamp).
+    fn sample(plane: &[u8], w: usize, h: usize, x: f32, y: f32) -> f32 {
+        let fx = (x - 0.5).clamp(0.0, (w - 1) as f32);
+        let fy = (y - 0.5).clamp(0.0, (h - 1) as f32);
+        let (x0, y0) = (fx.floor() as usize, fy.floor() as usize);
+        let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+        let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
+        let p = |x: usize, y: usize| f32::from(plane[y * w + x]);
+        let top = p(x0, y0) * (1.0 - ax) + p(x1, y0) * ax;
+        let bottom = p(x0, y1) * (1.0 - ax) + p(x1, y1) * ax;
+        top * (1.0 - ay) + bottom * ay
+    }
+
+    /// Bilinear sample of face channel `c` ([3, size, size] in [0, 1]) at box-relative (u, v).
+    fn face_at(face: &Tensor, size: usize, c: usize, u: f32, v: f32) -> f32 {
+        let fx = (u * size as f32 - 0.5).clamp(0.0, (size - 1) as f32);
+        let fy = (v * size as f32 - 0.5).clamp(0.0, (size - 1) as f32);
+        let (x0, y0) = (fx.floor() as usize, fy.floor() as usize);
+        let (x1, y1) = ((x0 + 1).min(size - 1), (y0 + 1).min(size - 1));
+        let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
+        let p = |x: usize, y: usize| face.data[(c * size + y) * size + x];
+        let top = p(x0, y0) * (1.0 - ax) + p(x1, y0) * ax;
+        let bottom = p(x0, y1) * (1.0 - ax) + p(x1, y1) * ax;
+        top * (1.0 - ay) + bottom * ay
+    }
+
+    /// The box resampled to `size` x `size` RGB, [3, size, size] in [-1, 1] (x / 127.5 - 1).
+    fn reference_crop(frame: &Planes, b: &FaceBox, size: usize) -> Tensor {
+        let (w, h) = (frame.width, frame.height);
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let (sx, sy) = ((b.x1 - b.x0) / size as f32, (b.y1 - b.y0) / size as f32);
+        let mut out = vec![0f32; 3 * size * size];
+        for oy in 0..size {
+            for ox in 0..size {
+                let x = b.x0 + (ox as f32 + 0.5) * sx;
+                let y = b.y0 + (oy as f32 + 0.5) * sy;
+                let yy = sample(frame.y, w, h, x, y);
+                let u = sample(frame.u, cw, ch, x / 2.0, y / 2.0);
+                let v = sample(frame.v, cw, ch, x / 2.0, y / 2.0);
+                let rgb = yuv_to_rgb(yy, u, v);
+                for (c, val) in rgb.iter().enumerate() {
+                    out[(c * size + oy) * size + ox] = val.clamp(0.0, 255.0) / 127.5 - 1.0;
+                }
+            }
+        }
+        Tensor::new(vec![3, size, size], out)
+    }
+
+    fn reference_blend(
+        frame: &mut PlanesMut,
+        face: &Tensor,
+        b: &FaceBox,
+        mask: &LowerFace,
+        strength: f32,
+    ) {
+        let strength = strength.clamp(0.0, 1.0);
+        let size = face.shape[1];
+        let (w, h) = (frame.width, frame.height);
+        let (bw, bh) = (b.x1 - b.x0, b.y1 - b.y0);
+        let span = |lo: f32, hi: f32, n: usize, scale: f32| {
+            ((lo / scale).floor().max(0.0) as usize)..((hi / scale).ceil().max(0.0) as usize).min(n)
+        };
+        let mix = |plane: &mut [u8], stride: usize, x: usize, y: usize, scale: f32, ch: usize| {
+            let (cx, cy) = ((x as f32 + 0.5) * scale, (y as f32 + 0.5) * scale);
+            let (u, v) = ((cx - b.x0) / bw, (cy - b.y0) / bh);
+            if !(0.0..1.0).contains(&u) || !(0.0..1.0).contains(&v) {
+                return;
+            }
+            let m = mask.weight(u, v) * strength;
+            if m <= 0.0 {
+                return;
+            }
+            let rgb = [0, 1, 2].map(|c| face_at(face, size, c, u, v));
+            let want = rgb_to_yuv(rgb[0], rgb[1], rgb[2])[ch];
+            let at = y * stride + x;
+            let old = f32::from(plane[at]);
+            plane[at] = (old + (want - old) * m).round().clamp(0.0, 255.0) as u8;
+        };
+        for y in span(b.y0, b.y1, h, 1.0) {
+            for x in span(b.x0, b.x1, w, 1.0) {
+                mix(frame.y, w, x, y, 1.0, 0);
+            }
+        }
+        let (cw, chh) = (w.div_ceil(2), h.div_ceil(2));
+        for y in span(b.y0, b.y1, chh, 2.0) {
+            for x in span(b.x0, b.x1, cw, 2.0) {
+                mix(frame.u, cw, x, y, 2.0, 1);
+                mix(frame.v, cw, x, y, 2.0, 2);
+            }
+        }
+    }
+
+    #[test]
+    fn the_fast_crop_and_blend_give_exactly_what_per_pixel_sampling_gives() {
+        let mut x = 99u32;
+        let mut rnd = move || {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 8) as f32 / (1u32 << 24) as f32
+        };
+        let mut changed = 0;
+        for (w, h) in [(64usize, 48usize), (97, 61), (320, 240)] {
+            let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+            let mut bytes =
+                |n: usize| -> Vec<u8> { (0..n).map(|_| (rnd() * 255.0) as u8).collect() };
+            let (y, u, v) = (bytes(w * h), bytes(cw * ch), bytes(cw * ch));
+            for k in 0..12 {
+                // Boxes inside, across the edges and past them, at fractional positions.
+                let (bw, bh) = (
+                    (0.2 + 0.9 * rnd()) * w as f32,
+                    (0.2 + 0.9 * rnd()) * h as f32,
+                );
+                let b = FaceBox {
+                    x0: (rnd() - 0.3) * w as f32,
+                    y0: (rnd() - 0.3) * h as f32,
+                    x1: 0.0,
+                    y1: 0.0,
+                };
+                let b = FaceBox {
+                    x1: b.x0 + bw,
+                    y1: b.y0 + bh,
+                    ..b
+                };
+                let p = Planes {
+                    width: w,
+                    height: h,
+                    y: &y,
+                    u: &u,
+                    v: &v,
+                };
+                let size = [16, 33, 64][k % 3];
+                assert_eq!(
+                    crop(&p, &b, size),
+                    reference_crop(&p, &b, size),
+                    "{w}x{h} {b:?}"
+                );
+
+                let face = Tensor::new(
+                    vec![3, size, size],
+                    (0..3 * size * size).map(|_| rnd()).collect(),
+                );
+                let mask = if k % 2 == 0 {
+                    LowerFace::DEFAULT
+                } else {
+                    LowerFace::from_landmarks(&[
+                        [0.3, 0.35],
+                        [0.7, 0.35],
+                        [0.45 + 0.1 * rnd(), 0.5 + 0.1 * rnd()],
+                        [0.3 + 0.05 * rnd(), 0.75],
+                        [0.65 + 0.05 * rnd(), 0.78],
+                    ])
+                };
+                let strength = [1.0, 0.37, 0.0][k % 3];
+                let (mut fast, mut slow) = (
+                    (y.clone(), u.clone(), v.clone()),
+                    (y.clone(), u.clone(), v.clone()),
+                );
+                for (planes, f) in [(&mut fast, true), (&mut slow, false)] {
+                    let mut pm = PlanesMut {
+                        width: w,
+                        height: h,
+                        y: &mut planes.0,
+                        u: &mut planes.1,
+                        v: &mut planes.2,
+                    };
+                    if f {
+                        blend_with(&mut pm, &face, &b, &mask, strength);
+                    } else {
+                        reference_blend(&mut pm, &face, &b, &mask, strength);
+                    }
+                }
+                assert!(fast == slow, "{w}x{h} {b:?} {mask:?} {strength}");
+                changed += usize::from(fast.0 != y && fast.1 != u);
+            }
+        }
+        assert!(changed >= 12, "only {changed} blends changed the frame");
+    }
 
     #[test]
     fn colour_conversion_round_trips() {

@@ -1,0 +1,84 @@
+//! Times the per-frame CPU work of camera mode's face path: the crop (I420 box -> 256x256 RGB
+//! model input) and the blend (the rendered face back into the frame under the mask), at three
+//! frame sizes with a face box of a typical size for each. Prints one JSON object.
+//!
+//! `cargo run --release -p lipstream-engines --example face_ops`
+
+use std::time::Instant;
+
+use lipstream_engines::image::{blend_with, crop, FaceBox, LowerFace, Planes, PlanesMut};
+use lipstream_engines::Tensor;
+
+fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut ms: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    ms[runs / 2]
+}
+
+fn main() {
+    let size = 256;
+    let face = Tensor::new(
+        vec![3, size, size],
+        (0..3 * size * size)
+            .map(|i| (i % 251) as f32 / 250.0)
+            .collect(),
+    );
+    let mask = LowerFace::from_landmarks(&[
+        [0.3, 0.35],
+        [0.7, 0.35],
+        [0.5, 0.55],
+        [0.35, 0.75],
+        [0.65, 0.75],
+    ]);
+    let mut rows = Vec::new();
+    for (w, h, side) in [
+        (512usize, 512usize, 220.0f32),
+        (1280, 720, 300.0),
+        (1920, 1080, 450.0),
+    ] {
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let y: Vec<u8> = (0..w * h).map(|i| (i * 7 % 220 + 16) as u8).collect();
+        let u: Vec<u8> = (0..cw * ch).map(|i| (i * 3 % 200 + 28) as u8).collect();
+        let v: Vec<u8> = (0..cw * ch).map(|i| (i * 5 % 200 + 28) as u8).collect();
+        let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
+        let b = FaceBox {
+            x0: cx - side / 2.0,
+            y0: cy - side / 2.0,
+            x1: cx + side / 2.0,
+            y1: cy + side / 2.0 + 10.0,
+        };
+        let planes = Planes {
+            width: w,
+            height: h,
+            y: &y,
+            u: &u,
+            v: &v,
+        };
+        let crop_ms = median_ms(31, || {
+            std::hint::black_box(crop(&planes, &b, size));
+        });
+        let (mut yy, mut uu, mut vv) = (y.clone(), u.clone(), v.clone());
+        let blend_ms = median_ms(31, || {
+            let mut out = PlanesMut {
+                width: w,
+                height: h,
+                y: &mut yy,
+                u: &mut uu,
+                v: &mut vv,
+            };
+            blend_with(&mut out, &face, &b, &mask, 1.0);
+        });
+        eprintln!("{w}x{h}, {side:.0} px face: crop {crop_ms:.2} ms, blend {blend_ms:.2} ms");
+        rows.push(format!(
+            "{{\"frame\": \"{w}x{h}\", \"face_px\": {side}, \"crop_ms\": {crop_ms:.3}, \"blend_ms\": {blend_ms:.3}}}"
+        ));
+    }
+    println!("[{}]", rows.join(", "));
+}
