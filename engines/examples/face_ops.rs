@@ -1,12 +1,17 @@
-//! Times the per-frame CPU work of camera mode's face path: the crop (I420 box -> 256x256 RGB
-//! model input) and the blend (the rendered face back into the frame under the mask), at three
-//! frame sizes with a face box of a typical size for each. Prints one JSON object.
+//! Times the CPU work of camera mode's face path: the crop (I420 box -> 256x256 RGB model input)
+//! and the blend (the rendered face back into the frame under the mask), at three frame sizes
+//! with a face box of a typical size for each, and one MTCNN detection (the tracker's every fifth
+//! frame) on the 512x512 astronaut photo with the server's default 64 px smallest face. Prints
+//! one JSON object.
 //!
 //! `cargo run --release -p lipstream-engines --example face_ops`
 
 use std::time::Instant;
 
+use std::path::Path;
+
 use lipstream_engines::image::{blend_with, crop, FaceBox, LowerFace, Planes, PlanesMut};
+use lipstream_engines::models::mtcnn::{Mtcnn, MtcnnParams};
 use lipstream_engines::Tensor;
 
 fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
@@ -80,5 +85,26 @@ fn main() {
             "{{\"frame\": \"{w}x{h}\", \"face_px\": {side}, \"crop_ms\": {crop_ms:.3}, \"blend_ms\": {blend_ms:.3}}}"
         ));
     }
-    println!("[{}]", rows.join(", "));
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mtcnn");
+    let file = std::fs::File::open(fixtures.join("astronaut.png")).expect("astronaut.png");
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .expect("a PNG");
+    let mut rgb = vec![0; reader.output_buffer_size().expect("a size")];
+    let info = reader.next_frame(&mut rgb).expect("a frame");
+    rgb.truncate(info.buffer_size());
+    let (w, h) = (info.width as usize, info.height as usize);
+    let params = MtcnnParams {
+        min_face_size: 64.0,
+        ..MtcnnParams::default()
+    };
+    let mut mtcnn = Mtcnn::open(&fixtures, params).expect("the MTCNN weights");
+    let detect_ms = median_ms(15, || {
+        std::hint::black_box(mtcnn.detect(&rgb, w, h).expect("a detection"));
+    });
+    eprintln!("{w}x{h} MTCNN detection: {detect_ms:.2} ms");
+    println!(
+        "{{\"face\": [{}], \"mtcnn_detect_ms\": {{\"frame\": \"{w}x{h}\", \"ms\": {detect_ms:.3}}}}}",
+        rows.join(", ")
+    );
 }

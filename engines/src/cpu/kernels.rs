@@ -62,17 +62,15 @@ pub fn eval(op: &Op, x: &[&Tensor], out_shape: &[usize]) -> Tensor {
         Op::PRelu => {
             let (c, inner) = (x[0].shape[1], numel(&x[0].shape[2..]));
             let alpha = &x[1].data;
-            x[0].data
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    if v >= 0.0 {
-                        v
-                    } else {
-                        v * alpha[(i / inner) % c]
-                    }
-                })
-                .collect()
+            let mut out = x[0].data.clone();
+            // One channel plane at a time: its slope is fixed.
+            for (i, plane) in out.chunks_mut(inner.max(1)).enumerate() {
+                let a = alpha[i % c];
+                for v in plane.iter_mut().filter(|v| **v < 0.0) {
+                    *v *= a;
+                }
+            }
+            out
         }
         Op::Softmax { axis } => softmax(x[0], *axis),
         Op::Add => broadcast_binary(x[0], x[1], out_shape, |a, b| a + b),
@@ -150,7 +148,30 @@ fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Vec<f32> {
     let (n, k) = (w.shape[0], w.shape[1]);
     let m = x.numel() / k;
     let mut out = vec![0.0; m * n];
-    par_gemm(&x.data, &w.data, &mut out, m, k, n, true);
+    if m < rayon::current_num_threads() * 16 {
+        // Few rows (a batch of face crops, one token): splitting the rows would pack the whole
+        // weight matrix once per row; split its output features instead, each packed once.
+        let cols = n.div_ceil(rayon::current_num_threads() * 4).max(16);
+        let parts: Vec<(usize, Vec<f32>)> = w
+            .data
+            .par_chunks(cols * k)
+            .enumerate()
+            .map(|(j, wj)| {
+                let nj = wj.len() / k;
+                let mut part = vec![0.0; m * nj];
+                gemm(&x.data, wj, &mut part, m, k, nj, true, false);
+                (j * cols, part)
+            })
+            .collect();
+        for (j0, part) in parts {
+            let nj = part.len() / m.max(1);
+            for (row, src) in out.chunks_mut(n).zip(part.chunks(nj.max(1))) {
+                row[j0..j0 + nj].copy_from_slice(src);
+            }
+        }
+    } else {
+        par_gemm(&x.data, &w.data, &mut out, m, k, n, true);
+    }
     if let Some(b) = bias {
         out.par_chunks_mut(n)
             .for_each(|row| row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b));
@@ -191,14 +212,41 @@ fn conv2d(
                 for ky in 0..kh {
                     for kx in 0..kw {
                         let row = &mut col[((ci * kh + ky) * kw + kx) * np..][..np];
-                        for (j, slot) in row.iter_mut().enumerate() {
-                            let p = p0 + j;
-                            let (oy, ox) = (p / wo, p % wo);
+                        // One output row's run of the tile at a time: the input row is fixed,
+                        // and at stride 1 its in-bounds columns are one contiguous copy.
+                        let mut j = 0;
+                        while j < np {
+                            let (oy, ox0) = ((p0 + j) / wo, (p0 + j) % wo);
+                            let run = (wo - ox0).min(np - j);
                             let iy = (oy * stride[0] + ky) as isize - pad[0] as isize;
-                            let ix = (ox * stride[1] + kx) as isize - pad[1] as isize;
-                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
-                                *slot = plane[iy as usize * wd + ix as usize];
+                            if iy >= 0 && (iy as usize) < h {
+                                let src = &plane[iy as usize * wd..][..wd];
+                                let dst = &mut row[j..j + run];
+                                let x_of =
+                                    |ox: usize| (ox * stride[1] + kx) as isize - pad[1] as isize;
+                                if stride[1] == 1 {
+                                    // ox + kx - pad within [0, wd): a contiguous range of ox.
+                                    let lo = (pad[1] as isize - kx as isize).max(ox0 as isize);
+                                    let hi = (wd as isize + pad[1] as isize - kx as isize)
+                                        .min((ox0 + run) as isize);
+                                    if lo < hi {
+                                        let (a, b) = (
+                                            (lo - ox0 as isize) as usize,
+                                            (hi - ox0 as isize) as usize,
+                                        );
+                                        let x0 = x_of(lo as usize) as usize;
+                                        dst[a..b].copy_from_slice(&src[x0..x0 + (b - a)]);
+                                    }
+                                } else {
+                                    for (d, ox) in dst.iter_mut().zip(ox0..) {
+                                        let ix = x_of(ox);
+                                        if ix >= 0 && (ix as usize) < wd {
+                                            *d = src[ix as usize];
+                                        }
+                                    }
+                                }
                             }
+                            j += run;
                         }
                     }
                 }
@@ -486,8 +534,20 @@ mod tests {
 
     #[test]
     fn grouped_strided_padded_conv_matches_the_definition() {
-        let (n, c, h, w, o, groups, k) = (2, 6, 9, 7, 4, 2, 3);
-        let (stride, pad) = ([2, 1], [1, 2, 0, 1]);
+        // Small and larger than a tile (tiles then start mid-row), stride 1 (the contiguous
+        // im2col copies) and 2, symmetric and lopsided padding.
+        for (h, w, stride, pad) in [
+            (9, 7, [2, 1], [1, 2, 0, 1]),
+            (40, 37, [1, 1], [1, 1, 1, 1]),
+            (33, 45, [2, 2], [0, 1, 1, 0]),
+            (35, 31, [1, 2], [2, 0, 1, 2]),
+        ] {
+            conv_case(h, w, stride, pad);
+        }
+    }
+
+    fn conv_case(h: usize, w: usize, stride: [usize; 2], pad: [usize; 4]) {
+        let (n, c, o, groups, k) = (2, 6, 4, 2, 3);
         let x = ramp(&[n, c, h, w], 0.37);
         let wt = ramp(&[o, c / groups, k, k], 0.91);
         let b = ramp(&[o], 1.3);
