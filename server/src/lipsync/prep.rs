@@ -232,6 +232,7 @@ fn run(
                     .try_for_each(|(i, t)| slot.write(&renderer.layout, i, &t.data));
                 if let Err(e) = written {
                     tracing::warn!("model inputs do not fit the renderer's slots: {e}");
+                    slots.put_back(slot);
                     metrics.frames_failed.inc();
                     reply(Rendered::Unchanged);
                     continue;

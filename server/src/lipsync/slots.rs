@@ -102,20 +102,30 @@ impl Slot {
 pub struct SessionSlots {
     session: u64,
     free: HeapCons<Box<[f16]>>,
+    /// Slots taken but not sent (their frame failed before the renderer): used first.
+    kept: Vec<Box<[f16]>>,
 }
 
 impl SessionSlots {
     /// A free slot, or none when every slot is at the renderer.
     pub fn take(&mut self) -> Option<Slot> {
-        self.free.try_pop().map(|data| Slot {
-            session: self.session,
-            data,
-        })
+        self.kept
+            .pop()
+            .or_else(|| self.free.try_pop())
+            .map(|data| Slot {
+                session: self.session,
+                data,
+            })
+    }
+
+    /// A slot taken for a frame that then never went to the renderer.
+    pub fn put_back(&mut self, slot: Slot) {
+        self.kept.push(slot.data);
     }
 
     /// Slots free now.
     pub fn free(&self) -> usize {
-        self.free.occupied_len()
+        self.free.occupied_len() + self.kept.len()
     }
 }
 
@@ -127,7 +137,14 @@ pub fn ring(session: u64, layout: &Layout, slots: usize) -> (SessionSlots, HeapP
         // Cannot fail: the ring was made this size.
         let _ = back.try_push(vec![f16::ZERO; layout.len()].into_boxed_slice());
     }
-    (SessionSlots { session, free }, back)
+    (
+        SessionSlots {
+            session,
+            free,
+            kept: Vec::new(),
+        },
+        back,
+    )
 }
 
 /// The renderer's ends of every session's ring.
@@ -191,6 +208,11 @@ mod tests {
         let err = a.write(&layout, 1, &[1.0]).unwrap_err();
         assert!(err.contains("1 values") && err.contains("holds 3"), "{err}");
         assert!(a.write(&layout, 5, &[]).is_err());
+        // A slot whose frame never left is put back, and taken first.
+        session.put_back(b);
+        assert_eq!(session.free(), 1);
+        let b = session.take().unwrap();
+        assert_eq!(session.free(), 0);
 
         returns.give_back(a);
         assert_eq!(session.free(), 1);
