@@ -50,9 +50,16 @@ pub struct ServeArgs {
     /// re-rendered to match its audio (camera mode).
     #[arg(long, env = "LIPSTREAM_MODELS")]
     pub models: Option<PathBuf>,
-    /// Lip-sync with this CUDA engine file (`lipstream engine build`) instead of a models folder.
-    #[arg(long, env = "LIPSTREAM_ENGINE", conflicts_with = "models")]
-    pub engine: Option<PathBuf>,
+    /// Lip-sync with this CUDA engine file (`lipstream engine build`) instead of a models folder;
+    /// on a host with GPUs of different models, one file per model, comma separated (each GPU
+    /// takes the one built for it).
+    #[arg(
+        long,
+        env = "LIPSTREAM_ENGINE",
+        conflicts_with = "models",
+        value_delimiter = ','
+    )]
+    pub engine: Vec<PathBuf>,
     /// Avatar mode: this prepared avatar (`lipstream avatar prepare`) speaks the publisher's
     /// audio; video from the publisher is not shown. Needs --models or an avatar --engine.
     #[arg(long, env = "LIPSTREAM_AVATAR")]
@@ -110,6 +117,23 @@ pub struct LipsyncConfig {
     pub avatar: Option<PathBuf>,
 }
 
+/// A path or a list of them (TOML `engine = "a.engine"` or `engine = ["a.engine", "b.engine"]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum Paths {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl From<Paths> for Vec<PathBuf> {
+    fn from(p: Paths) -> Self {
+        match p {
+            Paths::One(p) => vec![p],
+            Paths::Many(v) => v,
+        }
+    }
+}
+
 /// The TOML file: every key optional.
 #[derive(Deserialize, Default, Debug)]
 #[serde(deny_unknown_fields)]
@@ -125,7 +149,7 @@ struct FileConfig {
     video_max_kbps: Option<u32>,
     token: Option<String>,
     models: Option<PathBuf>,
-    engine: Option<PathBuf>,
+    engine: Option<Paths>,
     avatar: Option<PathBuf>,
     mtcnn: Option<PathBuf>,
     executor: Option<ExecutorChoice>,
@@ -182,10 +206,16 @@ impl ServeArgs {
                 ice_timeout_s
             );
             merge!(frame_budget_ms, video_kbps, video_max_kbps, token);
-            merge!(executor, batches, gpus, audio_hop_frames, min_face_px);
+            merge!(
+                executor,
+                batches,
+                gpus,
+                audio_hop_frames,
+                min_face_px,
+                engine
+            );
             for (value, from_file, id) in [
                 (&mut self.models, file.models, "models"),
-                (&mut self.engine, file.engine, "engine"),
                 (&mut self.avatar, file.avatar, "avatar"),
                 (&mut self.mtcnn, file.mtcnn, "mtcnn"),
             ] {
@@ -194,16 +224,16 @@ impl ServeArgs {
                 }
             }
         }
-        if self.models.is_some() && self.engine.is_some() {
+        if self.models.is_some() && !self.engine.is_empty() {
             anyhow::bail!("give a models folder or an engine file, not both");
         }
         if self.audio_hop_frames == 0 {
             anyhow::bail!("audio_hop_frames must be at least 1");
         }
-        let source = match (&self.models, &self.engine) {
+        let source = match (&self.models, self.engine.is_empty()) {
             (Some(dir), _) => Some(crate::lipsync::ModelSource::Models(dir.clone())),
-            (None, Some(file)) => Some(crate::lipsync::ModelSource::Engine(file.clone())),
-            (None, None) => None,
+            (None, false) => Some(crate::lipsync::ModelSource::Engine(self.engine.clone())),
+            (None, true) => None,
         };
         let lipsync = match source {
             None if self.avatar.is_some() => anyhow::bail!(
@@ -341,6 +371,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent.toml"), "{err}");
+    }
+
+    #[test]
+    fn engine_files_come_one_per_gpu_model_from_flags_or_the_file() {
+        use crate::lipsync::ModelSource;
+        let engines = |c: &ServeConfig| match c.lipsync.as_ref().map(|l| &l.source) {
+            Some(ModelSource::Engine(p)) => p.clone(),
+            _ => vec![],
+        };
+        let args = [
+            "x",
+            "--engine",
+            "h100.engine,a100.engine",
+            "--avatar",
+            "a.safetensors",
+        ];
+        let c = resolve(&args).unwrap();
+        assert_eq!(
+            engines(&c),
+            vec![PathBuf::from("h100.engine"), PathBuf::from("a100.engine")]
+        );
+        let dir = std::env::temp_dir().join(format!("lipstream-cfg-e-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serve.toml");
+        let p = path.to_str().unwrap();
+        for (toml, want) in [
+            ("engine = \"one.engine\"\n", vec!["one.engine"]),
+            (
+                "engine = [\"a.engine\", \"b.engine\"]\n",
+                vec!["a.engine", "b.engine"],
+            ),
+        ] {
+            std::fs::write(&path, format!("{toml}avatar = \"a.safetensors\"\n")).unwrap();
+            let c = resolve(&["x", "--config", p]).unwrap();
+            let want: Vec<PathBuf> = want.into_iter().map(PathBuf::from).collect();
+            assert_eq!(engines(&c), want, "{toml}");
+        }
+        let err = resolve(&["x", "--engine", "e.engine", "--models", "m"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("models") || err.contains("engine"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -70,6 +70,10 @@ enum EngineCmd {
         /// Batch profiles, comma separated.
         #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
         batches: Vec<usize>,
+        /// The GPU to build on: the engine runs on every GPU of its model (a host with GPUs of
+        /// different models needs one engine per model; `serve --engine a.engine,b.engine`).
+        #[arg(long, default_value_t = 0)]
+        gpu: usize,
         #[arg(long)]
         out: PathBuf,
     },
@@ -240,6 +244,7 @@ fn main() -> anyhow::Result<()> {
             models,
             mode,
             batches,
+            gpu,
             out,
         }) => {
             let src = sources(models.as_deref())?;
@@ -247,7 +252,7 @@ fn main() -> anyhow::Result<()> {
                 EngineMode::Avatar => lipstream::engine::Stage::Avatar,
                 EngineMode::Camera => lipstream::engine::Stage::Camera,
             };
-            lipstream::engine::file::build(&src, stage, &batches, &out)?;
+            lipstream::engine::file::build(&src, stage, &batches, gpu, &out)?;
             print!("{}", lipstream::engine::file::describe(&out)?);
             Ok(())
         }

@@ -106,8 +106,15 @@ fn stage_of(name: &str) -> anyhow::Result<Stage> {
     }
 }
 
-/// Builds an engine for GPU 0: tunes every profile of `stage` and whisper, writes `out`.
-pub fn build(src: &Sources, stage: Stage, batches: &[usize], out: &Path) -> anyhow::Result<Header> {
+/// Builds an engine for GPU `gpu` (and every GPU of its model): tunes every profile of `stage`
+/// and whisper, writes `out`.
+pub fn build(
+    src: &Sources,
+    stage: Stage,
+    batches: &[usize],
+    gpu: usize,
+    out: &Path,
+) -> anyhow::Result<Header> {
     if !matches!(stage, Stage::Avatar | Stage::Camera) {
         bail!("an engine serves a frame step: --mode avatar or camera");
     }
@@ -115,7 +122,7 @@ pub fn build(src: &Sources, stage: Stage, batches: &[usize], out: &Path) -> anyh
         bail!("--batches needs sizes of 1 or more");
     }
     let started = Instant::now();
-    let device = Device::open(0).context("opening GPU 0")?;
+    let device = Device::open(gpu).with_context(|| format!("opening GPU {gpu}"))?;
     let versions = device.versions()?;
     let (gpu, sm) = (device.name.clone(), device.sm);
     let mut rt = Runtime::new(device)?;
@@ -284,31 +291,66 @@ pub fn read_header(path: &Path) -> anyhow::Result<Header> {
     Ok(header)
 }
 
-/// Why `header` cannot run on this GPU with these libraries, if it cannot.
-pub fn incompatibility(header: &Header, device: &Device) -> anyhow::Result<Option<String>> {
+/// A GPU and its libraries as an engine header names them: (name, SM, cuDNN, cuBLASLt).
+pub type Target = (String, String, usize, usize);
+
+/// What `device` is, as `Target`.
+pub fn target(device: &Device) -> anyhow::Result<Target> {
     let v = device.versions()?;
-    let here = (
+    Ok((
         device.name.clone(),
         format!("sm_{}{}", device.sm.0, device.sm.1),
         v.cudnn,
         v.cublaslt,
-    );
+    ))
+}
+
+/// Why an engine built as `header` says cannot run on `here`, if it cannot.
+pub fn mismatch(header: &Header, here: &Target) -> Option<String> {
     let built = (
         header.gpu.clone(),
         header.sm.clone(),
         header.cudnn,
         header.cublaslt,
     );
-    Ok((here != built).then(|| {
+    (*here != built).then(|| {
         format!(
             "the engine was built for {} ({}) with cuDNN {} and cuBLASLt {}; this machine has {} ({}) with cuDNN {} and cuBLASLt {}: rebuild it here with `lipstream engine build`",
             built.0, built.1, built.2, built.3, here.0, here.1, here.2, here.3
         )
-    }))
+    })
+}
+
+/// Why `header` cannot run on this GPU with these libraries, if it cannot.
+pub fn incompatibility(header: &Header, device: &Device) -> anyhow::Result<Option<String>> {
+    Ok(mismatch(header, &target(device)?))
+}
+
+/// Of several engine files (one per GPU model of a mixed host), the one built for `here`, or
+/// why none is: each file's reason.
+pub fn pick<'a>(
+    engines: &'a [(std::path::PathBuf, Header)],
+    here: &Target,
+) -> Result<&'a Path, String> {
+    let mut why = Vec::new();
+    for (path, h) in engines {
+        match mismatch(h, here) {
+            None => return Ok(path),
+            Some(reason) => why.push(format!("{}: {reason}", path.display())),
+        }
+    }
+    Err(format!(
+        "no engine file for {} ({}); build one on it with `lipstream engine build --gpu N`{}",
+        here.0,
+        here.1,
+        why.iter().map(|w| format!("\n  {w}")).collect::<String>()
+    ))
 }
 
 /// An engine file loaded on GPU 0: its header, its weights, its built executors.
 pub struct Loaded {
+    /// The file that was loaded (of those given, the one for this GPU).
+    pub path: std::path::PathBuf,
     pub header: Header,
     pub stage: Stage,
     pub sources: Sources,
@@ -358,24 +400,37 @@ pub fn tuned(header: &Header) -> anyhow::Result<Vec<(ConvShape, Tuned)>> {
         .collect()
 }
 
-/// Loads `path` on GPU `gpu` (refusing another GPU model or library version), builds every
-/// profile with the stored algorithms and, with `graphs`, captures them.
-pub fn load(path: &Path, gpu: usize, graphs: bool) -> anyhow::Result<Loaded> {
-    let header = read_header(path)?;
-    let stage = stage_of(&header.stage)?;
+/// Loads, of `paths` (one engine file per GPU model), the one built for GPU `gpu` (refusing
+/// every file when none matches its model and library versions), builds every profile with the
+/// stored algorithms and, with `graphs`, captures them.
+pub fn load(paths: &[std::path::PathBuf], gpu: usize, graphs: bool) -> anyhow::Result<Loaded> {
     let device = Device::open(gpu).with_context(|| format!("opening GPU {gpu}"))?;
-    if let Some(why) = incompatibility(&header, &device)? {
-        bail!("{}: {why}", path.display());
-    }
-    let images = kernel_images(path, &header)?;
+    let headers = paths
+        .iter()
+        .map(|p| Ok((p.clone(), read_header(p)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let path = match pick(&headers, &target(&device)?) {
+        Ok(path) => path.to_path_buf(),
+        // One file: its own reason, as it always read.
+        Err(why) if headers.len() == 1 => {
+            bail!("{}", why.lines().nth(1).map_or(why.as_str(), str::trim))
+        }
+        Err(why) => bail!("GPU {gpu}: {why}"),
+    };
+    let header = headers
+        .into_iter()
+        .find_map(|(p, h)| (p == path).then_some(h))
+        .context("the picked engine file's header")?;
+    let stage = stage_of(&header.stage)?;
+    let images = kernel_images(&path, &header)?;
     tracing::info!(
-        "{}: {} kernel families compiled for {}, taken from the file (nothing to compile)",
+        "GPU {gpu}: {} ({} kernel families compiled for {}, taken from the file: nothing to compile)",
         path.display(),
         images.len(),
         header.sm
     );
     device.use_kernel_images(images);
-    let sources = Sources::from_engine(path, &header)?;
+    let sources = Sources::from_engine(&path, &header)?;
     let executors = super::executors(
         device,
         &sources,
@@ -385,6 +440,7 @@ pub fn load(path: &Path, gpu: usize, graphs: bool) -> anyhow::Result<Loaded> {
         graphs,
     )?;
     Ok(Loaded {
+        path,
         header,
         stage,
         sources,
@@ -501,6 +557,38 @@ mod tests {
             .map(|(f, i)| (format!("{KERNELS}{f}"), i))
             .collect();
         safetensors::write_with_blobs(path, &tensors, DType::F16, &meta, &blobs).unwrap();
+    }
+
+    #[test]
+    fn each_gpu_takes_the_engine_file_built_for_its_model() {
+        let set = lipstream_engines::presets::Preset::Tiny.configs();
+        let h100 = header(&set);
+        let mut a100 = header(&set);
+        (a100.gpu, a100.sm) = ("NVIDIA A100-SXM4-80GB".into(), "sm_80".into());
+        let files = vec![
+            (std::path::PathBuf::from("a100.engine"), a100.clone()),
+            (std::path::PathBuf::from("h100.engine"), h100.clone()),
+        ];
+        let here = |h: &Header| -> Target { (h.gpu.clone(), h.sm.clone(), h.cudnn, h.cublaslt) };
+        assert_eq!(pick(&files, &here(&h100)), Ok(Path::new("h100.engine")));
+        assert_eq!(pick(&files, &here(&a100)), Ok(Path::new("a100.engine")));
+        // Same GPU, another cuDNN: neither runs; each file says why.
+        let mut newer = here(&h100);
+        newer.2 += 100;
+        let err = pick(&files, &newer).unwrap_err();
+        assert!(
+            err.starts_with("no engine file for NVIDIA H100 80GB HBM3 (sm_90)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("a100.engine: the engine was built for NVIDIA A100"),
+            "{err}"
+        );
+        assert!(
+            err.contains("h100.engine: the engine was built for NVIDIA H100"),
+            "{err}"
+        );
+        assert_eq!(mismatch(&h100, &here(&h100)), None);
     }
 
     #[test]

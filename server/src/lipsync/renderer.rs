@@ -34,8 +34,8 @@ pub enum ModelSource {
     /// A models folder (`models synth|pull`): the CUDA executor is built (and its convolutions
     /// timed) at start when CUDA is here, else the CPU reference executor runs it.
     Models(PathBuf),
-    /// An engine file (`engine build`): CUDA only.
-    Engine(PathBuf),
+    /// Engine files (`engine build`), one per GPU model: CUDA only.
+    Engine(Vec<PathBuf>),
 }
 
 /// What to start.
@@ -768,12 +768,12 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
         )
     })?;
     let (ex, profiles, whisper) = match &config.source {
-        ModelSource::Engine(path) => {
-            let loaded = crate::engine::file::load(path, config.gpu, true)?;
+        ModelSource::Engine(paths) => {
+            let loaded = crate::engine::file::load(paths, config.gpu, true)?;
             if loaded.stage != config.mode {
                 bail!(
                     "{} is a {:?} engine; this server runs {:?} mode",
-                    path.display(),
+                    loaded.path.display(),
                     loaded.stage,
                     config.mode
                 );
