@@ -1,6 +1,7 @@
 //! Times the CPU work of camera mode's face path: the crop (I420 box -> 256x256 RGB model input)
 //! and the blend (the rendered face back into the frame under the mask), at three frame sizes
-//! with a face box of a typical size for each, and one MTCNN detection (the tracker's every fifth
+//! with a face box of a typical size for each, the whole frame to RGB (the detector's input), and
+//! one MTCNN detection (the tracker's every fifth
 //! frame) on the 512x512 astronaut photo with the server's default 64 px smallest face. Prints
 //! one JSON object.
 //!
@@ -80,9 +81,16 @@ fn main() {
             };
             blend_with(&mut out, &face, &b, &mask, 1.0);
         });
-        eprintln!("{w}x{h}, {side:.0} px face: crop {crop_ms:.2} ms, blend {blend_ms:.2} ms");
+        // The whole frame as RGB for the detector (every detection).
+        let mut rgb_out = Vec::new();
+        let rgb_ms = median_ms(31, || {
+            lipstream_engines::image::to_rgb(&planes, &mut rgb_out)
+        });
+        eprintln!(
+            "{w}x{h}, {side:.0} px face: crop {crop_ms:.2} ms, blend {blend_ms:.2} ms, frame to RGB {rgb_ms:.2} ms"
+        );
         rows.push(format!(
-            "{{\"frame\": \"{w}x{h}\", \"face_px\": {side}, \"crop_ms\": {crop_ms:.3}, \"blend_ms\": {blend_ms:.3}}}"
+            "{{\"frame\": \"{w}x{h}\", \"face_px\": {side}, \"crop_ms\": {crop_ms:.3}, \"blend_ms\": {blend_ms:.3}, \"to_rgb_ms\": {rgb_ms:.3}}}"
         ));
     }
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mtcnn");

@@ -42,25 +42,28 @@ pub struct CameraStage {
 }
 
 /// MTCNN on its own thread, so a detection (tens of ms on a busy CPU) never holds up the
-/// session's frames: the tracker keeps the last box until the new one comes back.
+/// session's frames: the tracker keeps the last box until the new one comes back. The frame's
+/// conversion to RGB (several ms at 720p) runs there too, off the media worker.
 struct Detector {
     /// Pictures to look at (one at a time: a picture sent while one is in work is skipped).
-    tx: std::sync::mpsc::SyncSender<(Vec<u8>, usize, usize)>,
+    tx: std::sync::mpsc::SyncSender<VideoFrame>,
     rx: std::sync::mpsc::Receiver<Vec<lipstream_engines::models::mtcnn::Face>>,
     busy: bool,
-    rgb: Vec<u8>,
 }
 
 impl Detector {
     fn start(mut mtcnn: Mtcnn) -> std::io::Result<Self> {
-        let (tx, jobs) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize, usize)>(1);
+        let (tx, jobs) = std::sync::mpsc::sync_channel::<VideoFrame>(1);
         let (found, rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("face-detector".into())
             .spawn(move || {
                 let mut last_error: Option<String> = None;
+                let mut rgb = Vec::new();
                 // Ends when the stage (the sender) is dropped.
-                for (rgb, w, h) in jobs {
+                for frame in jobs {
+                    image::to_rgb(&frame.planes(), &mut rgb);
+                    let (w, h) = (frame.width, frame.height);
                     let faces = mtcnn.detect(&rgb, w, h).unwrap_or_else(|e| {
                         let e = e.to_string();
                         if last_error.as_ref() != Some(&e) {
@@ -78,7 +81,6 @@ impl Detector {
             tx,
             rx,
             busy: false,
-            rgb: Vec::new(),
         })
     }
 
@@ -94,9 +96,7 @@ impl Detector {
         if self.busy {
             return;
         }
-        image::to_rgb(&frame.planes(), &mut self.rgb);
-        let rgb = std::mem::take(&mut self.rgb);
-        self.busy = self.tx.try_send((rgb, frame.width, frame.height)).is_ok();
+        self.busy = self.tx.try_send(frame.clone()).is_ok();
     }
 }
 
