@@ -335,39 +335,42 @@ pub fn blend_with(
         let old = f32::from(old);
         (old + (want - old) * m).round().clamp(0.0, 255.0) as u8
     };
+    // One pass per plane (luma: scale 1; chroma: scale 2, U and V together), each pixel the mask
+    // reaches given its YUV target and weight. Generic, not `dyn`: the write inlines.
+    fn pass(
+        rows: &[Line],
+        cols: &[Line],
+        pw: usize,
+        strength: f32,
+        face_rgb: &impl Fn(&Line, &Line) -> [f32; 3],
+        mut write: impl FnMut(usize, [f32; 3], f32),
+    ) {
+        for r in rows {
+            for c in cols {
+                let m = r.a * c.a * c.b * r.b * strength;
+                if m <= 0.0 {
+                    continue;
+                }
+                let rgb = face_rgb(r, c);
+                write(r.at * pw + c.at, rgb_to_yuv(rgb[0], rgb[1], rgb[2]), m);
+            }
+        }
+    }
     let (rows, cols) = (
         lines(b.y0, b.y1, h, 1.0, true),
         lines(b.x0, b.x1, w, 1.0, false),
     );
-    for r in &rows {
-        for c in &cols {
-            let m = r.a * c.a * c.b * r.b * strength;
-            if m <= 0.0 {
-                continue;
-            }
-            let rgb = face_rgb(r, c);
-            let want = rgb_to_yuv(rgb[0], rgb[1], rgb[2])[0];
-            let at = r.at * w + c.at;
-            frame.y[at] = mixed(frame.y[at], want, m);
-        }
-    }
+    pass(&rows, &cols, w, strength, &face_rgb, |at, yuv, m| {
+        frame.y[at] = mixed(frame.y[at], yuv[0], m);
+    });
     let (rows, cols) = (
         lines(b.y0, b.y1, chh, 2.0, true),
         lines(b.x0, b.x1, cw, 2.0, false),
     );
-    for r in &rows {
-        for c in &cols {
-            let m = r.a * c.a * c.b * r.b * strength;
-            if m <= 0.0 {
-                continue;
-            }
-            let rgb = face_rgb(r, c);
-            let [_, u, v] = rgb_to_yuv(rgb[0], rgb[1], rgb[2]);
-            let at = r.at * cw + c.at;
-            frame.u[at] = mixed(frame.u[at], u, m);
-            frame.v[at] = mixed(frame.v[at], v, m);
-        }
-    }
+    pass(&rows, &cols, cw, strength, &face_rgb, |at, yuv, m| {
+        frame.u[at] = mixed(frame.u[at], yuv[1], m);
+        frame.v[at] = mixed(frame.v[at], yuv[2], m);
+    });
 }
 
 #[cfg(test)]

@@ -620,7 +620,8 @@ fn read_media(spec: &str) -> anyhow::Result<Media> {
             let bytes = std::fs::read(item).map_err(|e| anyhow!("--media {item}: {e}"))?;
             let wav =
                 lipstream::media::wav::parse(&bytes).map_err(|e| anyhow!("--media {item}: {e}"))?;
-            let mut pcm = lipstream::media::wav::resample(&wav.pcm, wav.rate, 48_000);
+            let rate = lipstream::client::publisher::AUDIO_RATE;
+            let mut pcm = lipstream::media::wav::resample(&wav.pcm, wav.rate, rate);
             lipstream::media::wav::normalize(&mut pcm, lipstream::client::synth::SPEECH_PEAK);
             eprintln!(
                 "--media {item}: {:.1} s at {} Hz, looped{}",

@@ -12,7 +12,8 @@ use crate::client::{signal, synth, ClientError};
 use crate::media::codec::{H264Encoder, OpusEncoder};
 use crate::rtc::{pick_audio_pt, pick_video_pt};
 
-const AUDIO_RATE: u32 = 48_000;
+/// The published audio's sample rate (Opus at its native rate).
+pub const AUDIO_RATE: u32 = 48_000;
 const AUDIO_FRAME: Duration = Duration::from_millis(20);
 
 /// What the published audio carries.

@@ -409,13 +409,16 @@ pub fn load(paths: &[std::path::PathBuf], gpu: usize, graphs: bool) -> anyhow::R
         .iter()
         .map(|p| Ok((p.clone(), read_header(p)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let path = match pick(&headers, &target(&device)?) {
-        Ok(path) => path.to_path_buf(),
+    let here = target(&device)?;
+    let path = match (pick(&headers, &here), headers.as_slice()) {
+        (Ok(path), _) => path.to_path_buf(),
         // One file: its own reason, as it always read.
-        Err(why) if headers.len() == 1 => {
-            bail!("{}", why.lines().nth(1).map_or(why.as_str(), str::trim))
-        }
-        Err(why) => bail!("GPU {gpu}: {why}"),
+        (Err(_), [(p, h)]) => bail!(
+            "{}: {}",
+            p.display(),
+            mismatch(h, &here).unwrap_or_default()
+        ),
+        (Err(why), _) => bail!("GPU {gpu}: {why}"),
     };
     let header = headers
         .into_iter()

@@ -234,20 +234,8 @@ mod tests {
     fn damaged_files_are_errors_not_panics() {
         let pcm: Vec<i16> = (0..300).map(|i| (i * 37 % 2000) as i16).collect();
         let good = encode(&pcm, 16_000, 2);
-        for cut in 0..good.len() {
-            let _ = parse(&good[..cut]);
-        }
-        let mut x = 1u32;
-        for _ in 0..3000 {
-            let mut b = good.clone();
-            for _ in 0..3 {
-                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                // Mostly the header, where the sizes and formats are.
-                let i = (x >> 8) as usize % if x & 1 == 0 { 48 } else { b.len() };
-                b[i] = (x >> 24) as u8;
-            }
-            let _ = parse(&b);
-        }
+        // Half the flips in the 44-byte header (and the data's first bytes).
+        crate::media::damage_sweep(&good, 48, 1, parse);
     }
 
     #[test]
