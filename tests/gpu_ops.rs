@@ -381,7 +381,11 @@ fn norms_attention_and_linears_match() {
         // Head dim 4 takes the GEMM path and its three-pass softmax.
         ([2, 64, 32], [2, 49, 32], 8),
         ([1, 1024, 512], [1, 1024, 512], 1),
+        // Whisper's window: the keys walked in 4 splits, then joined.
         ([1, 1500, 384], [1, 1500, 384], 6),
+        // 8 splits, the last one a partial tile; 2 splits of head dim 80.
+        ([1, 300, 384], [1, 1000, 384], 6),
+        ([1, 64, 640], [1, 200, 640], 8),
     ]
     .into_iter()
     .enumerate()

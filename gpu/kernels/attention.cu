@@ -89,7 +89,8 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
 template <int D>
 __device__ void flash_attention(const __half* __restrict__ q, const __half* __restrict__ k,
                                 const __half* __restrict__ v, __half* __restrict__ o, int lq,
-                                int lk, int heads, float scale_log2) {
+                                int lk, int heads, float scale_log2, int splits,
+                                float* __restrict__ part) {
   constexpr int DP = (D + 15) / 16 * 16;
   constexpr int KS = DP + 8;       // K tile row stride (halves): conflict-free 32-bit reads
   constexpr int VS = FA_KEYS + 8;  // transposed V tile row stride
@@ -98,7 +99,12 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int head = blockIdx.y, image = blockIdx.z;
+  // With splits > 1, block z = image * splits + split walks only its split's run of key tiles
+  // (the launcher makes every run non-empty) and leaves its unnormalised state in `part`.
+  const int head = blockIdx.y, image = blockIdx.z / splits, split = blockIdx.z % splits;
+  const int tiles = (lk + FA_KEYS - 1) / FA_KEYS, per_split = (tiles + splits - 1) / splits;
+  const int key_begin = split * per_split * FA_KEYS;
+  const int key_end = min(lk, key_begin + per_split * FA_KEYS);
   const long ld = (long)heads * D;
   const __half* qb = q + (long)image * lq * ld + head * D;
   const __half* kb = k + (long)image * lk * ld + head * D;
@@ -129,13 +135,13 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   float m0 = -1e30f, m1 = -1e30f, l0 = 0.f, l1 = 0.f;
 
-  for (int key0 = 0; key0 < lk; key0 += FA_KEYS) {
+  for (int key0 = key_begin; key0 < key_end; key0 += FA_KEYS) {
     __syncthreads();  // the previous tile is no longer read
     constexpr int CHUNKS = FA_KEYS * D / 8;  // 16-byte pieces per tile
     for (int i = threadIdx.x; i < CHUNKS; i += blockDim.x) {
       const int key = i / (D / 8), col = (i % (D / 8)) * 8;
       uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (key0 + key < lk) {
+      if (key0 + key < key_end) {
         kv = *reinterpret_cast<const uint4*>(kb + (long)(key0 + key) * ld + col);
         vv = *reinterpret_cast<const uint4*>(vb + (long)(key0 + key) * ld + col);
       }
@@ -165,7 +171,7 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = key0 + n * 8 + 2 * t + (e & 1);
-        if (key >= lk) s[n][e] = -1e30f;
+        if (key >= key_end) s[n][e] = -1e30f;
       }
       mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
       mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
@@ -217,8 +223,26 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
     l0 += __shfl_xor_sync(0xffffffff, l0, off);
     l1 += __shfl_xor_sync(0xffffffff, l1, off);
   }
-  const float i0 = 1.f / l0, i1 = 1.f / l1;
   const int r0 = row0 + g, r1 = row0 + g + 8;
+  if (splits > 1) {
+    // part: o [splits, B, lq, heads*D] then (max, sum) [splits, B, heads, lq, 2], fp32.
+    const long nb = gridDim.z / splits;
+    const long at = (long)split * nb + image;
+    float* po = part + at * lq * ld + head * D;
+    float* pml = part + (long)splits * nb * lq * ld + (at * heads + head) * lq * 2;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = j * 8 + 2 * t;
+      if (r0 < lq) *reinterpret_cast<float2*>(po + r0 * ld + col) = make_float2(acc[j][0], acc[j][1]);
+      if (r1 < lq) *reinterpret_cast<float2*>(po + r1 * ld + col) = make_float2(acc[j][2], acc[j][3]);
+    }
+    if (t == 0) {
+      if (r0 < lq) *reinterpret_cast<float2*>(pml + r0 * 2) = make_float2(m0, l0);
+      if (r1 < lq) *reinterpret_cast<float2*>(pml + r1 * 2) = make_float2(m1, l1);
+    }
+    return;
+  }
+  const float i0 = 1.f / l0, i1 = 1.f / l1;
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) {
     const int col = j * 8 + 2 * t;
@@ -234,10 +258,41 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
 #define FLASH(D)                                                                             \
   extern "C" __global__ void __launch_bounds__(FA_MAX_WARPS * 32) flash_attention_##D(          \
       const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk,          \
-      int heads, float scale_log2) {                                                         \
-    flash_attention<D>(q, k, v, o, lq, lk, heads, scale_log2);                               \
+      int heads, float scale_log2, int splits, float* part) {                                \
+    flash_attention<D>(q, k, v, o, lq, lk, heads, scale_log2, splits, part);                 \
   }
 FLASH(40)
 FLASH(64)
 FLASH(80)
 FLASH(160)
+
+// Joins the key splits of flash_attention: o = sum_s 2^((m_s - M) c) acc_s / sum_s 2^((m_s - M) c)
+// l_s with M the largest m_s and c = scale_log2. One thread per pair of output columns; `part`
+// as flash_attention leaves it.
+extern "C" __global__ void flash_attention_join(const float* __restrict__ part,
+                                                __half* __restrict__ o, int batch, int lq,
+                                                int heads, int d, int splits, float scale_log2) {
+  const long ld = (long)heads * d;
+  const long pairs = (long)batch * lq * ld / 2;
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= pairs) return;
+  const long e = 2 * i;  // o's element index: ((image * lq + row) * heads + head) * d + col
+  const int head = (int)((e % ld) / d);
+  const long image_row = e / ld;
+  const int row = (int)(image_row % lq), image = (int)(image_row / lq);
+  const float* pml = part + (long)splits * batch * lq * ld;
+  float mx = -3.402823466e+38f;
+  for (int s = 0; s < splits; ++s)
+    mx = fmaxf(mx, pml[((((long)s * batch + image) * heads + head) * lq + row) * 2]);
+  float sum = 0.f, x = 0.f, y = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float* ml = pml + ((((long)s * batch + image) * heads + head) * lq + row) * 2;
+    const float w = exp2f((ml[0] - mx) * scale_log2);
+    const float2 a = *reinterpret_cast<const float2*>(part + (long)s * batch * lq * ld + e);
+    sum += w * ml[1];
+    x += w * a.x;
+    y += w * a.y;
+  }
+  const float inv = 1.f / sum;
+  reinterpret_cast<__half2*>(o)[i] = __floats2half2_rn(x * inv, y * inv);
+}

@@ -661,6 +661,8 @@ impl Executor {
                         lk,
                         heads,
                         d,
+                        splits,
+                        part,
                     },
                     _,
                 ) => unsafe {
@@ -672,6 +674,7 @@ impl Executor {
                         *lk,
                         *heads,
                         *d,
+                        (*splits, p(*part)),
                     )
                 }?,
                 (Step::Softmax { x, rows, cols }, _) => {

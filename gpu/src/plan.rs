@@ -130,6 +130,9 @@ pub enum Step {
         lk: usize,
         heads: usize,
         d: usize,
+        /// Key splits and their fp32 scratch (`Loc::None` with one split).
+        splits: usize,
+        part: Loc,
     },
     /// Row softmax in place.
     Softmax {
@@ -226,7 +229,9 @@ impl Step {
                 residual.unwrap_or(Loc::None),
             ],
             Step::Softmax { x, .. } => vec![*x],
-            Step::Attention { q, k, v, o, .. } => vec![*q, *k, *v, *o],
+            Step::Attention {
+                q, k, v, o, part, ..
+            } => vec![*q, *k, *v, *o, *part],
             Step::GroupNorm {
                 x,
                 gamma,
@@ -270,8 +275,9 @@ impl Step {
                 lk,
                 heads,
                 d,
+                splits,
                 ..
-            } => format!("attention {batch}x{heads} q{lq} k{lk} d{d}"),
+            } => format!("attention {batch}x{heads} q{lq} k{lk} d{d} split{splits}"),
             Step::Permute { dims, .. } => format!("permute {dims:?}"),
             Step::Upsample { nhwc, .. } => format!("upsample {nhwc:?}"),
             other => other.name().to_string(),
@@ -850,6 +856,14 @@ impl<'g> Lower<'g> {
                 let v = self.operand(ins[2], Layout::Plain)?;
                 if fused {
                     let o = self.act(&out);
+                    let splits = crate::kernels::attention::flash_splits(batch, lq, lk, h);
+                    let part = if splits > 1 {
+                        self.buffer(crate::kernels::attention::flash_scratch_bytes(
+                            batch, lq, h, d, splits,
+                        ))
+                    } else {
+                        Loc::None
+                    };
                     self.push(Step::Attention {
                         q,
                         k,
@@ -860,6 +874,8 @@ impl<'g> Lower<'g> {
                         lk,
                         heads: h,
                         d,
+                        splits,
+                        part,
                     });
                     self.set(i, o, Layout::Plain);
                     return Ok(());

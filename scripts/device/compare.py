@@ -14,7 +14,7 @@ if len(sys.argv) > 3 and os.path.exists(sys.argv[3]):
     m = json.load(open(sys.argv[3]))
     print(f"avatar engine alone (batches {m['batches']}): {m['device_mib']:.0f} MiB on the device, build {m['build_s']:.1f} s")
 rows = [("avatar_frame", "avatar frame"), ("camera_frame", "camera frame"), ("unet", "UNet"),
-        ("vae_dec", "VAE decode"), ("vae_enc_2x", "VAE encode x2")]
+        ("vae_dec", "VAE decode"), ("vae_enc_2x", "VAE encode x2"), ("whisper_30s", "whisper windows")]
 print(f"{'step':<16}{'B':>4}{'lipstream ms':>14}{'per frame':>11}{'torch best ms':>15}{'torch mode':>12}{'ratio':>8}")
 for key, r in sorted(ours["results"].items(), key=lambda kv: (kv[0] != "whisper_30s", int(kv[0][1:]) if kv[0][1:].isdigit() else 0)):
     if key == "whisper_30s":

@@ -170,7 +170,7 @@ enum BenchCmd {
         /// Launch every step eagerly instead of replaying CUDA graphs (debugging).
         #[arg(long)]
         no_graphs: bool,
-        /// Also print a per-op-kind time breakdown of the largest avatar profile.
+        /// Also print a per-op-kind time breakdown of every stage's smallest and largest profile.
         #[arg(long)]
         profile: bool,
         /// Write the JSON report here too.

@@ -24,12 +24,52 @@ pub fn flash_supports(d: usize, dv: usize) -> bool {
     d == dv && FLASH_HEAD_DIMS.contains(&d)
 }
 
+/// Keys per tile of the fused kernel.
+const FLASH_KEYS: usize = 64;
+/// Blocks the fused kernel is given at least, where splitting the keys allows: every block
+/// walks its keys one tile after another, so a grid of a block or so per SM (whisper's one
+/// window: 24 x 6 blocks of 1500 keys) leaves most of each SM idle.
+const FLASH_MIN_BLOCKS: usize = 512;
+/// The most key splits, and the fewest key tiles a split walks.
+const FLASH_MAX_SPLITS: usize = 8;
+const FLASH_MIN_SPLIT_TILES: usize = 2;
+
+/// Into how many runs of key tiles the fused kernel splits each (image, head), every run
+/// non-empty: 1 when the grid is large enough already.
+pub fn flash_splits(batch: usize, lq: usize, lk: usize, heads: usize) -> usize {
+    let blocks = lq.div_ceil(FLASH_WARPS * FLASH_WARP_QUERIES) * heads * batch;
+    let tiles = lk.div_ceil(FLASH_KEYS);
+    let want = FLASH_MIN_BLOCKS
+        .div_ceil(blocks.max(1))
+        .min(FLASH_MAX_SPLITS)
+        .min(tiles / FLASH_MIN_SPLIT_TILES)
+        .max(1);
+    // Equal runs of tiles; the last may be shorter, never empty.
+    tiles.div_ceil(tiles.div_ceil(want))
+}
+
+/// fp32 scratch bytes the fused kernel's key splits leave for the join: each split's
+/// unnormalised output and its rows' (max, sum).
+pub fn flash_scratch_bytes(
+    batch: usize,
+    lq: usize,
+    heads: usize,
+    d: usize,
+    splits: usize,
+) -> usize {
+    if splits <= 1 {
+        return 0;
+    }
+    4 * splits * batch * lq * heads * (d + 2)
+}
+
 /// The compiled kernels.
 pub struct Attention {
     any: CudaFunction,
     upto1024: CudaFunction,
     upto1536: CudaFunction,
     flash: Vec<(usize, CudaFunction)>,
+    join: CudaFunction,
 }
 
 impl Attention {
@@ -44,14 +84,17 @@ impl Attention {
             upto1024: module.load_function("softmax_rows_f16x2_1024")?,
             upto1536: module.load_function("softmax_rows_f16x2_1536")?,
             flash,
+            join: module.load_function("flash_attention_join")?,
         })
     }
 
     /// o = softmax(q kᵀ / sqrt(d)) v per image and head, fused. q, o [batch, lq, heads*d],
-    /// k, v [batch, lk, heads*d], token-major.
+    /// k, v [batch, lk, heads*d], token-major. With `splits` > 1 (`flash_splits`), the keys
+    /// are walked in that many runs side by side, left in `part`, then joined.
     ///
     /// # Safety
-    /// Each address must hold its tensor at that shape, 16-byte aligned.
+    /// Each address must hold its tensor at that shape, 16-byte aligned; with splits > 1,
+    /// `part` must hold `flash_scratch_bytes`, 8-byte aligned.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn flash(
         &self,
@@ -62,6 +105,7 @@ impl Attention {
         lk: usize,
         heads: usize,
         d: usize,
+        (splits, part): (usize, Ptr),
     ) -> Result<(), GpuError> {
         let Some((_, func)) = self.flash.iter().find(|(hd, _)| *hd == d) else {
             return Err(super::shape_err(
@@ -69,6 +113,16 @@ impl Attention {
                 format!("head dim {d} (built for {FLASH_HEAD_DIMS:?})"),
             ));
         };
+        let tiles = lk.div_ceil(FLASH_KEYS);
+        if splits == 0
+            || (splits > 1
+                && (!part.is_multiple_of(8) || (splits - 1) * tiles.div_ceil(splits) >= tiles))
+        {
+            return Err(super::shape_err(
+                "flash_attention",
+                format!("{splits} key splits of {tiles} tiles (scratch {part:#x})"),
+            ));
+        }
         if [q, k, v, o].iter().any(|p| !p.is_multiple_of(16)) || lk == 0 {
             return Err(super::shape_err(
                 "flash_attention",
@@ -84,7 +138,7 @@ impl Attention {
             grid_dim: (
                 lq.div_ceil(warps * FLASH_WARP_QUERIES) as u32,
                 heads as u32,
-                batch as u32,
+                (batch * splits) as u32,
             ),
             block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: 0,
@@ -99,12 +153,39 @@ impl Attention {
             Arg::I(lk as i32),
             Arg::I(heads as i32),
             Arg::F(scale_log2),
+            Arg::I(splits as i32),
+            Arg::P(part),
         ];
-        // SAFETY: (const half* x3, half*, int, int, int, float) as the kernel declares; one
-        // block per 16 x warps queries of one (head, image), rows past lq and keys past lk are never
-        // read or written; the caller vouches for the operands' sizes, alignment checked above
-        // (head offsets are multiples of d, itself a multiple of 8 halves).
-        unsafe { launch(stream, func, cfg, &args) }
+        // SAFETY: (const half* x3, half*, int, int, int, float, int, float*) as the kernel
+        // declares; one block per 16 x warps queries of one (head, image, key split), rows past
+        // lq and keys past lk are never read or written, every split's run of keys is non-empty
+        // (checked above); the caller vouches for the operands' sizes and the scratch's,
+        // alignment checked above (head offsets are multiples of d, itself a multiple of 8).
+        unsafe { launch(stream, func, cfg, &args) }?;
+        if splits == 1 {
+            return Ok(());
+        }
+        let join = [
+            Arg::P(part),
+            Arg::P(o),
+            Arg::I(batch as i32),
+            Arg::I(lq as i32),
+            Arg::I(heads as i32),
+            Arg::I(d as i32),
+            Arg::I(splits as i32),
+            Arg::F(scale_log2),
+        ];
+        // SAFETY: (const float*, half*, int x5, float) as the kernel declares; one thread per
+        // pair of o's elements (d is even), threads past them return; `part` holds what the
+        // launch above left, at the layout both kernels share.
+        unsafe {
+            launch(
+                stream,
+                &self.join,
+                grid(batch * lq * heads * d / 2, 256),
+                &join,
+            )
+        }
     }
 
     /// x [rows, cols] = softmax(x) along each row, in place.
@@ -141,6 +222,36 @@ impl Attention {
                 grid(rows * 32, 32 * WARPS_PER_BLOCK),
                 &args,
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_splits_fill_small_grids_and_are_never_empty() {
+        // Whisper's window, the UNet's 32x32 self-attention alone and at 16 images, its
+        // cross-attention (50 keys: one tile, nothing to split).
+        assert_eq!(flash_splits(1, 1500, 1500, 6), 4);
+        assert_eq!(flash_splits(1, 1024, 1024, 8), 4);
+        assert_eq!(flash_splits(16, 1024, 1024, 8), 1);
+        assert_eq!(flash_splits(1, 1024, 50, 8), 1);
+        for batch in [1, 2, 16] {
+            for lq in [1, 64, 300, 1500] {
+                for lk in [1, 49, 64, 65, 200, 1000, 1500, 4096] {
+                    let s = flash_splits(batch, lq, lk, 6);
+                    let tiles = lk.div_ceil(FLASH_KEYS);
+                    assert!((1..=FLASH_MAX_SPLITS).contains(&s));
+                    // The last split starts before the last tile.
+                    assert!(
+                        (s - 1) * tiles.div_ceil(s) < tiles,
+                        "{batch} {lq} {lk}: {s}"
+                    );
+                    assert_eq!(flash_scratch_bytes(batch, lq, 6, 64, s) == 0, s == 1);
+                }
+            }
         }
     }
 }

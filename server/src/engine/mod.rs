@@ -206,7 +206,7 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Replay CUDA graphs (else launch every step eagerly).
     pub graphs: bool,
-    /// Per-op-kind time breakdown of the largest avatar profile.
+    /// Per-op-kind time breakdown of every stage's smallest and largest profile.
     pub profile: bool,
 }
 
@@ -232,7 +232,15 @@ pub fn bench(
     let mut order: Vec<(Stage, usize)> = Vec::new();
     for &stage in &opts.stages {
         if stage == Stage::Whisper {
+            // One window alone, and the batches the server runs windows of sessions that wait
+            // together in.
             order.push((stage, 1));
+            order.extend(
+                opts.batches
+                    .iter()
+                    .filter(|&&b| b > 1 && b <= 8 && b.is_power_of_two())
+                    .map(|&b| (stage, b)),
+            );
         } else {
             order.extend(opts.batches.iter().map(|&b| (stage, b)));
         }
@@ -270,7 +278,7 @@ pub fn bench(
     let mut results = serde_json::Map::new();
     for (stage, batch, ex, secs) in &built {
         let ms = ex.time_ms(&rt, opts.runs)?;
-        let key = if *stage == Stage::Whisper {
+        let key = if *stage == Stage::Whisper && *batch == 1 {
             "whisper_30s".to_string()
         } else {
             format!("B{batch}")
@@ -287,6 +295,12 @@ pub fn bench(
                 json!(ms / *batch as f64),
             );
         }
+        if *stage == Stage::Whisper && *batch > 1 {
+            entry.insert(
+                "whisper_30s_per_window_ms".into(),
+                json!(ms / *batch as f64),
+            );
+        }
         entry.insert(
             format!("{}_arena_mib", stage.name()),
             json!(ex.arena_bytes as f64 / (1 << 20) as f64),
@@ -300,11 +314,16 @@ pub fn bench(
     }
     let mut profile = Vec::new();
     if opts.profile {
-        let avatars: Vec<&(Stage, usize, Executor, f64)> =
-            built.iter().filter(|(s, ..)| *s == Stage::Avatar).collect();
-        let ends = [avatars.first(), avatars.last()];
-        for (_, batch, ex, _) in ends.into_iter().flatten() {
-            profile.push(step_profile(&rt, ex, *batch)?);
+        for &stage in &opts.stages {
+            let of: Vec<&(Stage, usize, Executor, f64)> =
+                built.iter().filter(|(s, ..)| *s == stage).collect();
+            let mut ends = vec![of.first()];
+            if of.len() > 1 {
+                ends.push(of.last());
+            }
+            for (_, batch, ex, _) in ends.into_iter().flatten() {
+                profile.push(step_profile(&rt, ex, stage, *batch)?);
+            }
         }
     }
     Ok(json!({
@@ -331,7 +350,7 @@ pub fn bench(
 }
 
 /// Per-kind and slowest-step GPU times of one replay (events captured between the steps).
-fn step_profile(rt: &Runtime, ex: &Executor, batch: usize) -> anyhow::Result<Value> {
+fn step_profile(rt: &Runtime, ex: &Executor, stage: Stage, batch: usize) -> anyhow::Result<Value> {
     let times = ex.profile(rt)?;
     let mut by_kind: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
     for (kind, ms) in &times {
@@ -350,7 +369,10 @@ fn step_profile(rt: &Runtime, ex: &Executor, batch: usize) -> anyhow::Result<Val
         steps.push((ms, step.describe()));
     }
     steps.sort_by(|a, b| b.0.total_cmp(&a.0));
-    eprintln!("avatar B={batch} profile (GPU time per step inside a CUDA graph):");
+    eprintln!(
+        "{} B={batch} profile (GPU time per step inside a CUDA graph):",
+        stage.name()
+    );
     for (k, (ms, n)) in &by_kind {
         eprintln!("  {k:<16} {n:4} steps {ms:8.3} ms");
     }
@@ -359,6 +381,7 @@ fn step_profile(rt: &Runtime, ex: &Executor, batch: usize) -> anyhow::Result<Val
         eprintln!("    {ms:7.3} ms  {d}");
     }
     Ok(json!({
+        "stage": stage.name(),
         "batch": batch,
         "ms_by_kind": by_kind
             .iter()
