@@ -65,11 +65,12 @@ extern "C" __global__ void softmax_rows_f16(__half* __restrict__ x, long rows, i
 // without writing the scores anywhere. q [B, Lq, H*D], k and v [B, Lk, H*D], o [B, Lq, H*D],
 // token-major exactly as the projections write them, so no head-major copies are needed.
 //
-// A block is warps of 16 queries each (the launcher uses 4); it walks the keys in tiles of 64 held in shared memory (v transposed, so both products read
-// 32-bit pairs). Products are m16n8k16 tensor-core MMAs with
-// fp32 accumulation; the softmax is online (running row max and sum in fp32), and the score
-// accumulators are reused as the second product's A operand without leaving registers. D is
-// the head dim (a multiple of 8), DP it rounded up to the MMA's k of 16 (zero padded).
+// A block is warps of 16 queries each (the launcher uses 4); it walks the keys in tiles of 64
+// held in shared memory, copied asynchronously (cp.async) one tile ahead. Products are m16n8k16
+// tensor-core MMAs with fp32 accumulation (V's fragments read transposed by ldmatrix); the
+// softmax is online (running row max and sum in fp32), and the score accumulators are reused
+// as the second product's A operand without leaving registers. D is the head dim (a multiple
+// of 8), DP it rounded up to the MMA's k of 16 (zero padded).
 #define FA_MAX_WARPS 4
 #define FA_KEYS 64
 
@@ -79,6 +80,28 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes global -> shared without passing through registers; src_bytes 0 zero-fills.
+__device__ __forceinline__ void cp_async16(__half* smem, const __half* gmem, int src_bytes) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// The B fragment (k16 x n8, column-major) of a row-major [k][n] tile: two 8x8 matrices read
+// transposed. `row` is this lane's row address: rows k0 + (lane & 15) of the 8 columns.
+__device__ __forceinline__ void ldmatrix_x2_trans(unsigned& b0, unsigned& b1, const __half* row) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(b0), "=r"(b1)
+               : "r"(a));
 }
 
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
@@ -92,11 +115,13 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
                                 int lk, int heads, float scale_log2, int splits,
                                 float* __restrict__ part) {
   constexpr int DP = (D + 15) / 16 * 16;
-  constexpr int KS = DP + 8;       // K tile row stride (halves): conflict-free 32-bit reads
-  constexpr int VS = FA_KEYS + 8;  // transposed V tile row stride
-  __shared__ __align__(16) __half ks[FA_KEYS * KS];
-  __shared__ __align__(16) __half vt[DP * VS];
-
+  // K and V tiles row-major [key][DP + 8] (the padding keeps both fragment reads conflict-free),
+  // double-buffered where two stages fit in the 48 KB of static shared memory (all but D 160):
+  // the next tile's copy runs while this one is multiplied.
+  constexpr int KS = DP + 8;
+  constexpr int STAGES = 2 * 2 * FA_KEYS * KS * 2 <= 48 * 1024 ? 2 : 1;
+  __shared__ __align__(16) __half ks[STAGES][FA_KEYS * KS];
+  __shared__ __align__(16) __half vs[STAGES][FA_KEYS * KS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   // With splits > 1, block z = image * splits + split walks only its split's run of key tiles
@@ -112,9 +137,13 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   __half* ob = o + (long)image * lq * ld + head * D;
   const int row0 = blockIdx.x * (blockDim.x / 2) + warp * 16;  // 16 rows per warp
 
-  // The padding columns of the K tile (D..DP) and rows of the V tile stay zero.
-  for (int i = threadIdx.x; i < FA_KEYS * KS; i += blockDim.x) ks[i] = __float2half(0.f);
-  for (int i = threadIdx.x; i < DP * VS; i += blockDim.x) vt[i] = __float2half(0.f);
+  // The K tiles' padding columns (D..DP) are never copied into: zero, so the products over DP
+  // see only q's zero padding times zero. (The copies below never touch them; the first
+  // __syncthreads of the loop orders these stores before any read.)
+  for (int i = threadIdx.x; i < STAGES * FA_KEYS * (KS - D); i += blockDim.x) {
+    const int st = i / (FA_KEYS * (KS - D)), r = i % (FA_KEYS * (KS - D));
+    ks[st][(r / (KS - D)) * KS + D + r % (KS - D)] = __float2half(0.f);
+  }
 
   // This warp's 16 query rows as MMA A fragments, one per 16 columns of the head.
   unsigned qa[DP / 16][4];
@@ -135,22 +164,36 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   float m0 = -1e30f, m1 = -1e30f, l0 = 0.f, l1 = 0.f;
 
-  for (int key0 = key_begin; key0 < key_end; key0 += FA_KEYS) {
-    __syncthreads();  // the previous tile is no longer read
-    constexpr int CHUNKS = FA_KEYS * D / 8;  // 16-byte pieces per tile
+  // Tile `tile` of this split's keys into stage `st`: 16-byte copies, keys past the split's end
+  // zero-filled (their scores are masked; zero V rows keep 0 x garbage out of the sums).
+  auto load = [&](int tile, int st) {
+    const int key0 = key_begin + tile * FA_KEYS;
+    constexpr int CHUNKS = FA_KEYS * D / 8;
     for (int i = threadIdx.x; i < CHUNKS; i += blockDim.x) {
       const int key = i / (D / 8), col = (i % (D / 8)) * 8;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (key0 + key < key_end) {
-        kv = *reinterpret_cast<const uint4*>(kb + (long)(key0 + key) * ld + col);
-        vv = *reinterpret_cast<const uint4*>(vb + (long)(key0 + key) * ld + col);
-      }
-      *reinterpret_cast<uint4*>(ks + key * KS + col) = kv;
-      const __half* vh = reinterpret_cast<const __half*>(&vv);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) vt[(col + j) * VS + key] = vh[j];
+      const bool in = key0 + key < key_end;
+      const long at = in ? (long)(key0 + key) * ld + col : 0;
+      cp_async16(ks[st] + key * KS + col, kb + at, in ? 16 : 0);
+      cp_async16(vs[st] + key * KS + col, vb + at, in ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  const int ntiles = (key_end - key_begin + FA_KEYS - 1) / FA_KEYS;
+  load(0, 0);
+  for (int tile = 0; tile < ntiles; ++tile) {
+    const int key0 = key_begin + tile * FA_KEYS, st = tile % STAGES;
+    // One stage: this tile's copy waits for the previous tile's products (the loop's last
+    // __syncthreads). Two: the next tile's copy goes out before this one's is waited for.
+    if (STAGES == 1 && tile > 0) load(tile, 0);
+    if (STAGES == 2 && tile + 1 < ntiles) {
+      load(tile + 1, (tile + 1) % STAGES);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
+    const __half* kt = ks[st];
+    const __half* vt = vs[st];
 
     // Scores for 16 queries x 64 keys: 8 tiles of 8 keys.
     float s[FA_KEYS / 8][4];
@@ -159,7 +202,7 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
       s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
       for (int c = 0; c < DP / 16; ++c) {
-        const __half* kr = ks + (n * 8 + g) * KS + c * 16 + 2 * t;
+        const __half* kr = kt + (n * 8 + g) * KS + c * 16 + 2 * t;
         mma16816(s[n], qa[c], *reinterpret_cast<const unsigned*>(kr),
                  *reinterpret_cast<const unsigned*>(kr + 8));
       }
@@ -211,11 +254,13 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
                               pack_half2(s[2 * c + 1][2], s[2 * c + 1][3])};
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
-        const __half* vr = vt + (j * 8 + g) * VS + c * 16 + 2 * t;
-        mma16816(acc[j], pa, *reinterpret_cast<const unsigned*>(vr),
-                 *reinterpret_cast<const unsigned*>(vr + 8));
+        unsigned b0, b1;
+        ldmatrix_x2_trans(b0, b1, vt + (c * 16 + (lane & 15)) * KS + j * 8);
+        mma16816(acc[j], pa, b0, b1);
       }
     }
+    // Every warp is done with stage st before a later load overwrites it.
+    __syncthreads();
   }
 
 #pragma unroll
