@@ -119,6 +119,13 @@ fn figures_are_sane_and_the_report_opens_in_chromium() {
     );
     let offset = o.av_offset_ms_mean.expect("offset");
     assert!(offset.abs() < 40.0, "pass-through A/V offset {offset} ms");
+    // The clicks time the audio on their own too (avatar sessions have nothing else): through
+    // the pass-through it arrives about when the video does.
+    let audio = o.audio_latency_ms.clone().expect("audio latency");
+    assert!(
+        audio.p50 > 0.0 && (audio.p50 - lat.p50).abs() < 40.0,
+        "audio {audio:?}, video {lat:?}"
+    );
     assert!(
         report.server.stage_ms.contains_key("encode"),
         "{:?}",

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lipstream::bench::stats::SessionFigures;
+use lipstream::client::publisher::AUDIO_RATE;
+use lipstream::client::synth::tone_pcm;
 use lipstream::client::{publish, AudioSignal, PublishOptions};
 use lipstream::media::frame::VideoFrame;
 use lipstream_engines::image::lower_face_mask;
@@ -271,11 +273,31 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
         fps: 5,
         duration: Duration::from_secs(8),
         linger: Duration::from_millis(5500),
-        audio: AudioSignal::Tone { hz: 220.0 },
+        // A voice that never pauses, with the click train over it that times the session (as
+        // `bench sessions --mode avatar` publishes).
+        audio: AudioSignal::Speech {
+            pcm: Arc::new(tone_pcm(220.0, AUDIO_RATE)),
+            click_period_ms: Some(1000),
+        },
         keep_pictures: true,
         ..Default::default()
     })
     .expect("publish");
+    // Audio leaves 1080 ms (lookahead) + 3 s (budget) after it arrives, like the avatar's
+    // frames: longer than the click period, each click still paired with its own.
+    let figures = SessionFigures::of(&report, 8.0);
+    let latencies: Vec<f64> = figures.audio_latency_ms.iter().map(|(_, l)| *l).collect();
+    eprintln!("audio latency (ms): {latencies:?}");
+    assert!(
+        latencies.len() >= 4,
+        "clicks come back over the avatar's voice"
+    );
+    assert!(
+        latencies
+            .iter()
+            .all(|l| (4080.0 - 40.0..4080.0 + 250.0).contains(l)),
+        "every click comes back after the session's constant delay: {latencies:?}"
+    );
     let rendered = server.metric("lipstream_frames_rendered_total");
     let made = server.metric("lipstream_frames_in_total");
     let out = server.metric("lipstream_frames_out_total");

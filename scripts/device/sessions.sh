@@ -4,7 +4,8 @@
 # load of SESSIONS. Camera: every session publishes the astronaut photo (a real face for MTCNN)
 # and a click train. Avatar: the server shows AVATAR (default .device/avatar.safetensors, made
 # here by `lipstream avatar prepare`; only the latents' shape matters to the engine) and each
-# session speaks a tone; the avatar's frames carry no stamp, so they are counted, not timed.
+# session speaks a tone with a click train over it; the avatar's frames carry no stamp, so they
+# are counted, and the returned clicks time the session (audio and video leave with one delay).
 # Writes under $OUT: the engine build log, one summary per load, and an archive with the reports,
 # the server log and its /metrics after each load. SESSIONS (1,8,16,24), DURATION (20 s), BUDGET
 # (frame budget, ms), HOP (frames per whisper window), BATCHES (1,2,4,8,16), GPUS (0; 0,1: one

@@ -91,24 +91,36 @@ fn esc(s: &str) -> String {
 
 /// The whole page.
 pub fn html(r: &BenchReport) -> Result<String, String> {
-    // Latency CDF over all frames.
-    let mut lat: Vec<f64> = r
+    // Latency CDFs: every returned frame's (stamped video), every returned click's (audio; the
+    // only timing of avatar sessions, whose frames carry no stamp).
+    let cdf = |mut v: Vec<f64>| -> Vec<(f64, f64)> {
+        v.sort_by(f64::total_cmp);
+        let n = v.len().max(1) as f64;
+        v.iter()
+            .enumerate()
+            .map(|(i, l)| (*l, (i + 1) as f64 / n))
+            .collect()
+    };
+    let frames = cdf(r
         .per_session
         .iter()
         .flat_map(|s| s.frames.iter().map(|(_, l)| *l))
-        .collect();
-    lat.sort_by(f64::total_cmp);
-    let n = lat.len().max(1) as f64;
-    let cdf: Vec<(f64, f64)> = lat
+        .collect());
+    let clicks = cdf(r
+        .per_session
         .iter()
-        .enumerate()
-        .map(|(i, l)| (*l, (i + 1) as f64 / n))
+        .flat_map(|s| s.audio_latency_ms.iter().map(|(_, l)| *l))
+        .collect());
+    let series: Series = [("video frames", frames), ("audio clicks", clicks)]
+        .into_iter()
+        .filter(|(_, c)| !c.is_empty())
+        .map(|(name, c)| (name.to_string(), c))
         .collect();
     let cdf_svg = chart(
-        "Glass-to-glass latency, all frames (CDF)",
+        "Glass-to-glass latency, all sessions (CDF)",
         "latency (ms)",
-        "fraction of frames",
-        &vec![("all sessions".into(), cdf)],
+        "fraction",
+        &series,
         true,
     )?;
 

@@ -50,6 +50,10 @@ pub struct SessionFigures {
     pub setup_ms: Option<f64>,
     /// (ms since connected, returned-audio latency minus returned-video latency) per click.
     pub av_offset_ms: Vec<(f64, f64)>,
+    /// (ms since connected, glass-to-glass latency of the audio) per returned click: the
+    /// latency of an avatar session, whose frames carry no stamp.
+    #[serde(default)]
+    pub audio_latency_ms: Vec<(f64, f64)>,
     /// Per-frame (ms since connected, latency) for plots.
     pub frames: Vec<(f64, f64)>,
 }
@@ -80,6 +84,7 @@ impl SessionFigures {
             jitter_ms: jitter,
             setup_ms: rx.setup_ms,
             av_offset_ms: av_offsets(r),
+            audio_latency_ms: audio_latencies(r),
             frames: rx.frames.iter().map(|f| (f.at_ms, f.latency_ms)).collect(),
         }
     }
@@ -124,6 +129,34 @@ fn av_offsets(r: &PublishReport) -> Vec<(f64, f64)> {
     out
 }
 
+/// Each returned click's glass-to-glass latency: its onset minus the sending of its click.
+///
+/// Clicks are alike, so an onset is paired with the click sent before it whose latency is
+/// nearest the stream's own: the first returned audio packet's arrival minus the first sent
+/// one's (the server holds audio for a constant delay). That pairs right whatever the delay,
+/// also past the click period (a CPU renderer's budget of seconds); where the first packets
+/// say nothing (none returned), the last click before the onset is taken.
+fn audio_latencies(r: &PublishReport) -> Vec<(f64, f64)> {
+    let rx = &r.received;
+    let stream = match (r.audio_started_ms, rx.audio_first_ms) {
+        (Some(sent), Some(back)) => (back - sent).max(0.0),
+        _ => 0.0,
+    };
+    let connected = rx.connected_ms.unwrap_or(0.0);
+    rx.audio_onsets_ms
+        .iter()
+        .filter_map(|&onset| {
+            let latency = r
+                .clicks_sent_ms
+                .iter()
+                .filter(|&&sent| sent <= onset)
+                .map(|&sent| onset - sent)
+                .min_by(|a, b| (a - stream).abs().total_cmp(&(b - stream).abs()))?;
+            Some((onset - latency - connected, latency))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +170,40 @@ mod tests {
         assert_eq!(percentile(&[], 50.0), None);
         let l = Latency::of(&[3.0, 1.0, 2.0]).unwrap();
         assert_eq!((l.p50, l.max, l.mean), (2.0, 3.0, 2.0));
+    }
+
+    #[test]
+    fn audio_latency_pairs_each_onset_with_its_click_whatever_the_delay() {
+        // Clicks every 1000 ms; the audio comes back 3240 ms late (longer than the period),
+        // one click lost on the way.
+        let mut r = PublishReport {
+            audio_started_ms: Some(1000.0),
+            ..PublishReport::default()
+        };
+        r.received.connected_ms = Some(900.0);
+        r.received.audio_first_ms = Some(1000.0 + 3240.0);
+        for k in 0..8 {
+            let sent = 1000.0 + 1000.0 * f64::from(k);
+            r.clicks_sent_ms.push(sent);
+            if k != 3 {
+                r.received
+                    .audio_onsets_ms
+                    .push(sent + 3240.0 + f64::from(k % 2));
+            }
+        }
+        let got = audio_latencies(&r);
+        assert_eq!(got.len(), 7);
+        for (since, latency) in &got {
+            assert!((3240.0..=3241.0).contains(latency), "{got:?}");
+            assert!((since - 100.0) % 1000.0 == 0.0, "{got:?}");
+        }
+        // A short delay, the first packets unknown: the last click before each onset.
+        r.received.audio_first_ms = None;
+        r.received.audio_onsets_ms = r.clicks_sent_ms.iter().map(|s| s + 250.0).collect();
+        assert!(audio_latencies(&r).iter().all(|(_, l)| *l == 250.0));
+        // Nothing returned, nothing measured.
+        r.received.audio_onsets_ms.clear();
+        assert!(audio_latencies(&r).is_empty());
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct Received {
     /// Returned frames that decoded but whose stamp did not read.
     pub frames_unstamped: u32,
     pub audio_packets: u32,
+    /// When the first audio packet came back, on the stamp clock (ms).
+    pub audio_first_ms: Option<f64>,
     pub audio_samples_16k: u64,
     /// Keyframe requests (PLI/FIR) the server sent us.
     pub keyframe_requests: u32,
@@ -234,10 +236,11 @@ impl Peer {
             }
             Event::MediaData(d) if d.mid == self.audio_mid => {
                 self.received.audio_packets += 1;
+                // The packet's first sample plays at its arrival; later ones follow it.
+                let at = stamp_clock_ms(d.network_time);
+                self.received.audio_first_ms.get_or_insert(at);
                 if let Ok(pcm) = self.opus_in.decode(&d.data) {
                     self.received.audio_samples_16k += pcm.len() as u64;
-                    // The packet's first sample plays at its arrival; later ones follow it.
-                    let at = stamp_clock_ms(d.network_time);
                     let onsets = self.onsets.feed(pcm);
                     self.received
                         .audio_onsets_ms

@@ -107,6 +107,8 @@ pub struct PublishReport {
     /// Stamp-clock times (ms) at which clicks were sent, for `AudioSignal::Clicks`.
     pub clicks_sent_ms: Vec<f64>,
     pub audio_packets_sent: u32,
+    /// When the first audio packet was sent, on the stamp clock (ms).
+    pub audio_started_ms: Option<f64>,
     /// The stream that came back on the publisher's own PeerConnection.
     pub received: Received,
 }
@@ -258,6 +260,9 @@ fn run(
             continue;
         }
         if sending && now >= na {
+            if report.audio_started_ms.is_none() {
+                report.audio_started_ms = Some(stamp_clock_ms(now));
+            }
             // A click starts in this packet when its first sample is on a period boundary.
             if let Some(period_ms) = click_period_ms {
                 if audio_rtp % (u64::from(period_ms) * u64::from(AUDIO_RATE) / 1000)

@@ -93,6 +93,15 @@ impl Clicks {
 /// Opus's overshoot), so speech never reads as a click and a click over speech does not clip.
 pub const SPEECH_PEAK: i16 = 4000;
 
+/// One second of a sine at `SPEECH_PEAK`, to loop as `Speech` (`hz` whole: the loop is
+/// seamless): a voice that never pauses, quiet enough for clicks laid over it to be found.
+pub fn tone_pcm(hz: f64, sample_rate: u32) -> Vec<i16> {
+    let step = hz * std::f64::consts::TAU / f64::from(sample_rate);
+    (0..sample_rate)
+        .map(|i| ((f64::from(i) * step).sin() * f64::from(SPEECH_PEAK)) as i16)
+        .collect()
+}
+
 /// A recording, looped, with a click every `period_ms` on top (none without a period).
 pub struct Speech {
     pcm: Arc<Vec<i16>>,
