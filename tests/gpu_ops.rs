@@ -386,6 +386,8 @@ fn norms_attention_and_linears_match() {
         // 8 splits, the last one a partial tile; 2 splits of head dim 80.
         ([1, 300, 384], [1, 1000, 384], 6),
         ([1, 64, 640], [1, 200, 640], 8),
+        // Head dim 160 holds one key tile at a time (two do not fit): 4 tiles in 2 splits.
+        ([1, 64, 1280], [1, 200, 1280], 8),
     ]
     .into_iter()
     .enumerate()
