@@ -106,14 +106,17 @@ fn convolutions_match() {
     let Some(mut rt) = runtime() else { return };
     // (input shape, out channels, kernel, stride, padding): UNet conv_in, a 3x3 at 320, the
     // stride-2 downsampler, a 1x1 shortcut, the VAE's 3x3 at 256x256, its asymmetric stride-2
-    // pad, conv_in on RGB and conv_out to RGB.
-    let cases: [(&[usize], usize, usize, usize, [usize; 4]); 8] = [
+    // pads, conv_in on RGB and conv_out to RGB.
+    let cases: [(&[usize], usize, usize, usize, [usize; 4]); 10] = [
         (&[1, 8, 32, 32], 320, 3, 1, [1; 4]),
         (&[2, 320, 32, 32], 320, 3, 1, [1; 4]),
         (&[2, 320, 32, 32], 320, 3, 2, [1; 4]),
         (&[2, 640, 16, 16], 320, 1, 1, [0; 4]),
         (&[1, 128, 256, 256], 128, 3, 1, [1; 4]),
         (&[1, 128, 64, 64], 128, 3, 2, [0, 0, 1, 1]),
+        // The padding copy 8 channels at a time over a batch, and one channel at a time.
+        (&[3, 256, 32, 32], 256, 3, 2, [0, 0, 1, 1]),
+        (&[2, 12, 16, 16], 8, 3, 2, [0, 0, 1, 1]),
         (&[2, 3, 64, 64], 128, 3, 1, [1; 4]),
         (&[1, 128, 64, 64], 3, 3, 1, [1; 4]),
     ];

@@ -43,6 +43,21 @@ extern "C" __global__ void copy_rows_f16(const __half* __restrict__ x, __half* _
   y[r * ys + c] = x[r * xs + c];
 }
 
+// Zero padding of NHWC images, 8 channels (16 bytes) per thread, c8 = c / 8: block row
+// blockIdx.y is one output row (image * ho + oy), so only the column needs a division.
+extern "C" __global__ void pad_nhwc_f16x8(const uint4* __restrict__ x, uint4* __restrict__ y,
+                                          int h, int w, int c8, int ho, int wo, int top,
+                                          int left) {
+  const int row = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= wo * c8) return;
+  const int img = row / ho, oy = row - img * ho;
+  const int ox = i / c8, ch = i - ox * c8;
+  const int ix = ox - left, iy = oy - top;
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if (ix >= 0 && ix < w && iy >= 0 && iy < h) v = x[(((long)img * h + iy) * w + ix) * c8 + ch];
+  y[(long)row * wo * c8 + i] = v;
+}
+
 // Zero padding of NHWC images: x [n, h, w, c] -> y [n, ho, wo, c] with x placed at (top, left).
 extern "C" __global__ void pad_nhwc_f16(const __half* __restrict__ x, __half* __restrict__ y,
                                         int n, int h, int w, int c, int ho, int wo, int top, int left) {

@@ -1,6 +1,6 @@
 //! Data movement: permutes (layout changes), strided row copies (concat, slice), NHWC padding.
 
-use cudarc::driver::{CudaFunction, CudaStream};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
 use super::{elems, launch, rank5, Arg, Ptr};
 use crate::device::Device;
@@ -14,6 +14,7 @@ pub struct Layout {
     permute8: CudaFunction,
     copy_rows: CudaFunction,
     pad_nhwc: CudaFunction,
+    pad_nhwc_x8: CudaFunction,
 }
 
 impl Layout {
@@ -24,6 +25,7 @@ impl Layout {
             permute8: m.load_function("permute_f16x8")?,
             copy_rows: m.load_function("copy_rows_f16")?,
             pad_nhwc: m.load_function("pad_nhwc_f16")?,
+            pad_nhwc_x8: m.load_function("pad_nhwc_f16x8")?,
         })
     }
 
@@ -103,6 +105,28 @@ impl Layout {
     ) -> Result<(), GpuError> {
         let [n, h, w, c] = nhwc;
         let (ho, wo) = (h + pad[0] + pad[2], w + pad[1] + pad[3]);
+        // The VAE encoder's downsamplers (128..512 channels): 16-byte copies, one output row
+        // per block row. (Per element, with a division per index, it ran at a tenth of the
+        // memory's speed: 1.6 ms for a batch of 32 crops at 256x256.)
+        if c.is_multiple_of(8)
+            && x.is_multiple_of(16)
+            && y.is_multiple_of(16)
+            && n * ho <= u16::MAX as usize
+        {
+            let c8 = c / 8;
+            let args = [h, w, c8, ho, wo, pad[0], pad[1]].map(|v| Arg::I(v as i32));
+            let mut all = vec![Arg::P(x), Arg::P(y)];
+            all.extend(args);
+            let cfg = LaunchConfig {
+                grid_dim: ((wo * c8).div_ceil(256) as u32, (n * ho) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches pad_nhwc_f16x8 (const uint4*, uint4*, 7 int); 16-byte aligned
+            // (checked), c a multiple of 8 so every uint4 is 8 channels of one pixel; one block
+            // row per output row (n * ho within the grid's y limit), threads past wo * c8 return.
+            return unsafe { launch(stream, &self.pad_nhwc_x8, cfg, &all) };
+        }
         let mut args = vec![Arg::P(x), Arg::P(y)];
         args.extend(
             [n, h, w, c, ho, wo, pad[0], pad[1]]
