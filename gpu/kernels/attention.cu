@@ -1,5 +1,7 @@
-// Attention runs as two batched cuBLASLt GEMMs per layer (scores = q kᵀ / sqrt(d), out = p v)
-// around this row softmax, in place over the fp16 scores, fp32 arithmetic. One warp per row.
+// Attention. Head dims 40/64/80/160 (the UNet's and whisper's) run in flash_attention below,
+// fused, its key splits joined by flash_attention_join. Others (the VAE's single 512-wide head)
+// run as two batched cuBLASLt GEMMs (scores = q kᵀ / sqrt(d), out = p v) around this row
+// softmax, in place over the fp16 scores, fp32 arithmetic, one warp per row.
 #include <cuda_fp16.h>
 
 // A row lives in registers as PAIRS half2 values per lane (64 * PAIRS columns at most): read
