@@ -12,38 +12,12 @@
 # BATCHES (1,2,4,8,16), GPUS (0,1), RAMP_BUDGET (300), RAMP_DURATION (8).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-out=${OUT:-/tmp}
-bin=./.device/bin/lipstream
 mode=${MODE:-avatar}
 gpus=${GPUS:-0,1}
-case "$mode" in
-  camera) serve_mode=(--mtcnn tests/fixtures/mtcnn); bench_mode=(--media tests/fixtures/mtcnn/astronaut.png) ;;
-  avatar) serve_mode=(--avatar "${AVATAR:-.device/avatar.safetensors}"); bench_mode=(--mode avatar) ;;
-  *) echo "MODE is camera or avatar, not $mode"; exit 2 ;;
-esac
+source scripts/device/serve_lib.sh
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-engine=/tmp/$mode.engine
-t0=$(date +%s)
-$bin engine build --mode "$mode" --batches "${BATCHES:-1,2,4,8,16}" --out "$engine" \
-  > "$out/engine_build.log" 2>&1 || { tail -20 "$out/engine_build.log"; exit 1; }
-echo "engine build: $(( $(date +%s) - t0 )) s"
+build_engine || exit 1
 
-server=""
-serve() { # serve GPUS LOG
-  RUST_LOG=info $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 \
-    --engine "$engine" "${serve_mode[@]}" --max-sessions 128 --frame-budget-ms "${BUDGET:-80}" \
-    --audio-hop-frames "${HOP:-2}" --gpus "$1" > "$2" 2>&1 &
-  server=$!
-  for _ in $(seq 1 300); do
-    grep -q "lipstream listening" "$2" && return 0
-    kill -0 $server 2>/dev/null || { tail -20 "$2"; return 1; }
-    sleep 1
-  done
-  echo "server on GPUs $1 did not start"; return 1
-}
-stop() { kill $server 2>/dev/null; wait $server 2>/dev/null; }
-metrics() { python3 -c 'import urllib.request,sys; sys.stdout.write(urllib.request.urlopen("http://127.0.0.1:8080/metrics").read().decode())'; }
 # "fps late_pct" of a sessions.json.
 figures() { python3 -c '
 import json,sys
@@ -84,7 +58,7 @@ stop
 
 read -r fps1 late1 < <(figures "$out/one_gpu/sessions.json")
 read -r fps2 late2 < <(figures "$out/two_gpus/sessions.json")
-python3 - "$fps1" "$late1" "$fps2" "$late2" "$n" <<'EOF' | tee "$out/verdict.txt"
+python3 - "$fps1" "$late1" "$fps2" "$late2" "$n" <<'EOF' > "$out/verdict.txt"
 import sys
 fps1, late1, fps2, late2 = map(float, sys.argv[1:5]); n = int(sys.argv[5])
 ratio = fps2 / (2 * fps1) if fps1 else 0.0
@@ -94,3 +68,9 @@ print(f"two GPUs, {2*n} sessions: {fps2:.1f} fps delivered, {late2:.2f} % late")
 print(f"two GPUs deliver {ratio:.3f} x twice one GPU: {'PASS' if ok else 'FAIL'}")
 sys.exit(0 if ok else 1)
 EOF
+status=$?
+cat "$out/verdict.txt"
+# The device returns at most 8 files: reports, logs and metrics travel as one archive.
+(cd "$out" && tar -czf multi_gpu.tgz $(ls -d ramp_1gpu* one_gpu* two_gpus* serve_*.log metrics_* engine_build.log 2>/dev/null) \
+  && rm -rf ramp_1gpu* one_gpu* two_gpus* serve_*.log metrics_* engine_build.log)
+exit "$status"

@@ -9,37 +9,18 @@
 # Writes under $OUT: the engine build log, one summary per load, and an archive with the reports,
 # the server log and its /metrics after each load. SESSIONS (1,8,16,24), DURATION (20 s), BUDGET
 # (frame budget, ms), HOP (frames per whisper window), BATCHES (1,2,4,8,16), GPUS (0; 0,1: one
-# renderer per GPU), RAMP (1: also a
-# --ramp run; RAMP_BUDGET, RAMP_DURATION), SERVE_LOG
+# renderer per GPU), RAMP (1: also a --ramp run; RAMP_BUDGET, RAMP_DURATION), SERVE_LOG
 # (info,lipstream::lipsync=debug adds one line per frame with the preparation's timings).
+# The server and engine setup is scripts/device/serve_lib.sh, shared with multi_gpu.sh.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-out=${OUT:-/tmp}
-bin=./.device/bin/lipstream
 mode=${MODE:-camera}
-case "$mode" in
-  camera) serve_mode=(--mtcnn tests/fixtures/mtcnn); bench_mode=(--media tests/fixtures/mtcnn/astronaut.png) ;;
-  avatar) serve_mode=(--avatar "${AVATAR:-.device/avatar.safetensors}"); bench_mode=(--mode avatar) ;;
-  *) echo "MODE is camera or avatar, not $mode"; exit 2 ;;
-esac
+source scripts/device/serve_lib.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 nproc | tee "$out/cpus.txt"
-engine=/tmp/$mode.engine
-t0=$(date +%s)
-$bin engine build --mode "$mode" --batches "${BATCHES:-1,2,4,8,16}" --out "$engine" \
-  > "$out/engine_build.log" 2>&1 || { tail -20 "$out/engine_build.log"; exit 1; }
-echo "engine build: $(( $(date +%s) - t0 )) s"
+build_engine || exit 1
 $bin engine info "$engine" > "$out/engine_info.txt" 2>&1 && grep -E "kernels|profiles" "$out/engine_info.txt"
-RUST_LOG="${SERVE_LOG:-info}" $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 \
-  --engine "$engine" "${serve_mode[@]}" --max-sessions 64 --frame-budget-ms "${BUDGET:-80}" \
-  --audio-hop-frames "${HOP:-2}" --gpus "${GPUS:-0}" > "$out/serve.log" 2>&1 &
-server=$!
-for _ in $(seq 1 240); do
-  grep -q "lipstream listening" "$out/serve.log" && break
-  kill -0 $server 2>/dev/null || { tail -20 "$out/serve.log"; exit 1; }
-  sleep 1
-done
+serve "${GPUS:-0}" "$out/serve.log" || exit 1
 echo "server up after $(( $(date +%s) - t0 )) s"
 grep -E "renderer ready|lip-sync:" "$out/serve.log" | sed 's/\x1b\[[0-9;]*m//g'
 status=0
@@ -47,8 +28,7 @@ for n in $(echo "${SESSIONS:-1,8,16,24}" | tr , ' '); do
   $bin bench sessions --url http://127.0.0.1:8080 --sessions "$n" --duration "${DURATION:-20}" \
     "${bench_mode[@]}" --out "$out/${mode}_$n" > "$out/${mode}_$n.txt" 2>&1 || status=1
   grep -v -e "^wrote" -e OpenH264 "$out/${mode}_$n.txt"
-  python3 -c 'import urllib.request,sys; sys.stdout.write(urllib.request.urlopen("http://127.0.0.1:8080/metrics").read().decode())' \
-    > "$out/metrics_after_$n.txt" 2>/dev/null
+  metrics > "$out/metrics_after_$n.txt" 2>/dev/null
   grep -E "^lipstream_(stage_seconds_(sum|count)|frames_|media_dropped)" "$out/metrics_after_$n.txt" | tr '\n' ' '; echo
 done
 # RAMP=1: `bench sessions --ramp` from one session up (doubling, then bisecting) to the largest
@@ -58,8 +38,7 @@ if [ "${RAMP:-0}" = 1 ]; then
     --duration "${RAMP_DURATION:-10}" "${bench_mode[@]}" --out "$out/${mode}_ramp" > "$out/${mode}_ramp.txt" 2>&1 || status=1
   grep -E "^ramp:|sustainable|sessions per" "$out/${mode}_ramp.txt"
 fi
-kill $server
-wait $server 2>/dev/null
+stop
 # With SERVE_LOG=info,lipstream::lipsync=debug: where a session's preparation spends its time.
 python3 - "$out/serve.log" <<'PY'
 import re, sys, statistics as st

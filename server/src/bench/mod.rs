@@ -515,30 +515,31 @@ pub fn compare(old: &BenchReport, new: &BenchReport) -> String {
         ));
     };
     let (o, n) = (&old.overall, &new.overall);
-    let lat = |r: &Overall, f: fn(&Latency) -> f64| r.latency_ms.as_ref().map(f);
+    // Returned frames' latency, then returned clicks' (the only timing of avatar loads).
+    type Stat = fn(&Latency) -> f64;
+    let stats: [(&str, Stat); 4] = [
+        ("p50", |l| l.p50),
+        ("p95", |l| l.p95),
+        ("p99", |l| l.p99),
+        ("max", |l| l.max),
+    ];
     row(
         "sessions",
         Some(o.sessions as f64),
         Some(n.sessions as f64),
         "",
     );
-    row("latency p50", lat(o, |l| l.p50), lat(n, |l| l.p50), " ms");
-    row("latency p95", lat(o, |l| l.p95), lat(n, |l| l.p95), " ms");
-    row("latency p99", lat(o, |l| l.p99), lat(n, |l| l.p99), " ms");
-    row("latency max", lat(o, |l| l.max), lat(n, |l| l.max), " ms");
-    let audio = |r: &Overall, f: fn(&Latency) -> f64| r.audio_latency_ms.as_ref().map(f);
-    row(
-        "audio latency p50",
-        audio(o, |l| l.p50),
-        audio(n, |l| l.p50),
-        " ms",
-    );
-    row(
-        "audio latency p95",
-        audio(o, |l| l.p95),
-        audio(n, |l| l.p95),
-        " ms",
-    );
+    for (what, f) in stats {
+        let (a, b) = (o.latency_ms.as_ref().map(f), n.latency_ms.as_ref().map(f));
+        row(&format!("latency {what}"), a, b, " ms");
+    }
+    for (what, f) in &stats[..2] {
+        let (a, b) = (
+            o.audio_latency_ms.as_ref().map(f),
+            n.audio_latency_ms.as_ref().map(f),
+        );
+        row(&format!("audio latency {what}"), a, b, " ms");
+    }
     row(
         "fps per session",
         Some(o.fps_per_session_mean),

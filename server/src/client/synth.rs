@@ -42,10 +42,14 @@ pub struct Tone {
 
 impl Tone {
     pub fn new(hz: f64, sample_rate: u32) -> Self {
+        Self::with_amplitude(hz, sample_rate, 8000.0)
+    }
+
+    pub fn with_amplitude(hz: f64, sample_rate: u32, amplitude: f64) -> Self {
         Tone {
             phase: 0.0,
             step: hz * std::f64::consts::TAU / sample_rate as f64,
-            amplitude: 8000.0,
+            amplitude,
         }
     }
 
@@ -96,10 +100,9 @@ pub const SPEECH_PEAK: i16 = 4000;
 /// One second of a sine at `SPEECH_PEAK`, to loop as `Speech` (`hz` whole: the loop is
 /// seamless): a voice that never pauses, quiet enough for clicks laid over it to be found.
 pub fn tone_pcm(hz: f64, sample_rate: u32) -> Vec<i16> {
-    let step = hz * std::f64::consts::TAU / f64::from(sample_rate);
-    (0..sample_rate)
-        .map(|i| ((f64::from(i) * step).sin() * f64::from(SPEECH_PEAK)) as i16)
-        .collect()
+    let mut pcm = vec![0; sample_rate as usize];
+    Tone::with_amplitude(hz, sample_rate, f64::from(SPEECH_PEAK)).fill(&mut pcm);
+    pcm
 }
 
 /// A recording, looped, with a click every `period_ms` on top (none without a period).

@@ -1,0 +1,39 @@
+# Sourced by sessions.sh and multi_gpu.sh on the GPU machine: MODE's serve and bench arguments,
+# the full-size engine build, a `lipstream serve` on given GPUs, and its /metrics. Expects to
+# run from the repository root.
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+out=${OUT:-/tmp}
+bin=./.device/bin/lipstream
+# Camera: every session publishes the astronaut photo (a real face for MTCNN) and a click train.
+# Avatar: the server shows AVATAR; each session speaks a tone with a click train over it.
+case "$mode" in
+  camera) serve_mode=(--mtcnn tests/fixtures/mtcnn); bench_mode=(--media tests/fixtures/mtcnn/astronaut.png) ;;
+  avatar) serve_mode=(--avatar "${AVATAR:-.device/avatar.safetensors}"); bench_mode=(--mode avatar) ;;
+  *) echo "MODE is camera or avatar, not $mode"; exit 2 ;;
+esac
+engine=/tmp/$mode.engine
+t0=$(date +%s)
+
+# The engine for MODE at BATCHES, built on GPU 0 (the log under $out).
+build_engine() {
+  $bin engine build --mode "$mode" --batches "${BATCHES:-1,2,4,8,16}" --out "$engine" \
+    > "$out/engine_build.log" 2>&1 || { tail -20 "$out/engine_build.log"; return 1; }
+  echo "engine build: $(( $(date +%s) - t0 )) s"
+}
+
+server=""
+# serve GPUS LOG: starts the server on those GPUs and waits until it listens.
+serve() {
+  RUST_LOG="${SERVE_LOG:-info}" $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 \
+    --engine "$engine" "${serve_mode[@]}" --max-sessions 128 --frame-budget-ms "${BUDGET:-80}" \
+    --audio-hop-frames "${HOP:-2}" --gpus "$1" > "$2" 2>&1 &
+  server=$!
+  for _ in $(seq 1 300); do
+    grep -q "lipstream listening" "$2" && return 0
+    kill -0 $server 2>/dev/null || { tail -20 "$2"; return 1; }
+    sleep 1
+  done
+  echo "server on GPUs $1 did not start"; return 1
+}
+stop() { kill $server 2>/dev/null; wait $server 2>/dev/null; }
+metrics() { python3 -c 'import urllib.request,sys; sys.stdout.write(urllib.request.urlopen("http://127.0.0.1:8080/metrics").read().decode())'; }
