@@ -755,77 +755,71 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
 
 #[test]
 fn face_crop_and_blend_match_the_cpu_reference() {
-    use lipstream_engines::image::{blend_with, crop, FaceBox, LowerFace, Planes, PlanesMut};
-    use lipstream_gpu::kernels::image::DeviceFrame;
+    use lipstream_engines::avatar::mask_lower_half;
+    use lipstream_engines::image::{
+        blend_with, crop, FaceBox, LowerFace, Planes, PlanesMut, Region,
+    };
+    use lipstream_gpu::kernels::image::{FaceFrame, Faces, Image};
     let Some(rt) = runtime() else { return };
-    let image =
-        lipstream_gpu::kernels::image::Image::load(&rt.device).expect("image kernels compile");
+    let image = Image::load(&rt.device).expect("image kernels compile");
+    let mut faces = Faces::new(&rt.device).unwrap();
     let s = rt.device.stream.clone();
-    // A 320x240 frame with gradients in every plane, a box that runs past the right edge.
-    let (w, h) = (320usize, 240usize);
-    let (cw, ch) = (w / 2, h / 2);
-    let y: Vec<u8> = (0..w * h).map(|i| ((i % w) * 255 / w) as u8).collect();
-    let u: Vec<u8> = (0..cw * ch)
-        .map(|i| (64 + (i / cw) * 128 / ch) as u8)
-        .collect();
-    let v: Vec<u8> = (0..cw * ch).map(|i| (200 - (i % cw) / 2) as u8).collect();
-    let b = FaceBox {
-        x0: 180.5,
-        y0: 40.25,
-        x1: 340.0,
-        y1: 210.0,
-    };
     let size = 256;
-    let want = crop(
-        &Planes {
-            width: w,
-            height: h,
-            y: &y,
-            u: &u,
-            v: &v,
-        },
-        &b,
-        size,
-    );
-    let (dy, du, dv) = (
-        s.clone_htod(&y).unwrap(),
-        s.clone_htod(&u).unwrap(),
-        s.clone_htod(&v).unwrap(),
-    );
-    let ptr = |d: &cudarc::driver::CudaSlice<u8>| {
-        use cudarc::driver::DevicePtr;
-        d.device_ptr(&s).0
-    };
-    let frame = DeviceFrame {
-        y: ptr(&dy),
-        u: ptr(&du),
-        v: ptr(&dv),
-        width: w,
-        height: h,
-    };
-    let out = s.alloc_zeros::<f16>(3 * size * size).unwrap();
-    let out_ptr = {
-        use cudarc::driver::DevicePtr;
-        out.device_ptr(&s).0
-    };
-    // SAFETY (test): the planes and the output were allocated above at the sizes passed.
-    unsafe { image.crop(&s, &frame, &b, size, out_ptr) }.unwrap();
-    let got: Vec<f32> = s
-        .clone_dtoh(&out)
-        .unwrap()
+    // One batch of frames of different sizes: 320x240 with a box past the right edge, an odd
+    // 97x61 frame whose box is smaller than the crop (upsampled), and a 640x480 one.
+    let frames: Vec<(usize, usize, FaceBox)> = vec![
+        (
+            320,
+            240,
+            FaceBox {
+                x0: 180.5,
+                y0: 40.25,
+                x1: 340.0,
+                y1: 210.0,
+            },
+        ),
+        (
+            97,
+            61,
+            FaceBox {
+                x0: 20.3,
+                y0: 11.7,
+                x1: 70.2,
+                y1: 52.9,
+            },
+        ),
+        (
+            640,
+            480,
+            FaceBox {
+                x0: 201.0,
+                y0: 120.5,
+                x1: 433.0,
+                y1: 390.0,
+            },
+        ),
+    ];
+    let planes: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = frames
         .iter()
-        .map(|v| v.to_f32())
+        .map(|&(w, h, _)| {
+            let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+            let y = (0..w * h).map(|i| ((i % w) * 255 / w) as u8).collect();
+            let u = (0..cw * ch)
+                .map(|i| (64 + (i / cw) * 128 / ch) as u8)
+                .collect();
+            let v = (0..cw * ch)
+                .map(|i| (200 - (i % cw) * 100 / cw) as u8)
+                .collect();
+            (y, u, v)
+        })
         .collect();
-    let worst = got
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    println!("face crop 320x240 -> 256x256: max abs difference {worst:.2e}");
-    assert!(worst < 4e-3, "{worst}");
-
-    // Blend a colourful face back under a mask from landmarks; every byte within 1 of the CPU
-    // reference.
+    let view = |k: usize| Planes {
+        width: frames[k].0,
+        height: frames[k].1,
+        y: &planes[k].0,
+        u: &planes[k].1,
+        v: &planes[k].2,
+    };
     let mask = LowerFace::from_landmarks(&[
         [0.3, 0.35],
         [0.7, 0.35],
@@ -834,51 +828,117 @@ fn face_crop_and_blend_match_the_cpu_reference() {
         [0.69, 0.78],
     ]);
     assert_ne!(mask, LowerFace::DEFAULT);
-    let face: Vec<f32> = (0..3 * size * size)
+    let regions: Vec<(Region, Vec<u8>)> = (0..frames.len())
+        .map(|k| {
+            let (w, h, b) = frames[k];
+            let r = Region::around(&b, w, h).unwrap();
+            let mut packed = Vec::new();
+            assert!(r.copy_out(&view(k), &mut packed));
+            (r, packed)
+        })
+        .collect();
+    let batch: Vec<FaceFrame> = (0..frames.len())
+        .map(|k| FaceFrame {
+            region: regions[k].0,
+            pixels: &regions[k].1,
+            face: frames[k].2,
+            mask,
+        })
+        .collect();
+    let n = frames.len() * 3 * size * size;
+    let reference = s.alloc_zeros::<f16>(n).unwrap();
+    let masked = s.alloc_zeros::<f16>(n).unwrap();
+    let faces_in: Vec<f32> = (0..n)
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
         .collect();
-    let face_t = Tensor::new(
-        vec![3, size, size],
-        face.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+    let face_dev = s
+        .clone_htod(
+            &faces_in
+                .iter()
+                .map(|&v| f16::from_f32(v))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+    let ptr = |d: &cudarc::driver::CudaSlice<f16>| {
+        use cudarc::driver::DevicePtr;
+        d.device_ptr(&s).0
+    };
+    // SAFETY (test): the outputs and the faces hold the batch at 3 x size x size.
+    unsafe {
+        faces
+            .crop(&image, &s, &batch, size, ptr(&reference), ptr(&masked))
+            .unwrap();
+        faces.blend(&image, &s, ptr(&face_dev)).unwrap();
+    }
+    let (got_ref, got_masked) = (
+        s.clone_dtoh(&reference).unwrap(),
+        s.clone_dtoh(&masked).unwrap(),
     );
-    let (mut cy, mut cu, mut cv) = (y.clone(), u.clone(), v.clone());
-    blend_with(
-        &mut PlanesMut {
+    let per = 3 * size * size;
+    for (k, &(w, h, b)) in frames.iter().enumerate() {
+        let want = crop(&view(k), &b, size);
+        let want_masked = mask_lower_half(&want);
+        for (what, got, want) in [
+            ("reference", &got_ref, &want),
+            ("masked", &got_masked, &want_masked),
+        ] {
+            let worst = got[k * per..(k + 1) * per]
+                .iter()
+                .zip(&want.data)
+                .map(|(a, b)| (a.to_f32() - b).abs())
+                .fold(0f32, f32::max);
+            println!("face crop {w}x{h} -> {size}x{size} ({what}): max abs difference {worst:.2e}");
+            assert!(worst < 4e-3, "{what} {k}: {worst}");
+        }
+        // The blend: every byte of the frame within 1 of the CPU reference's.
+        let face = Tensor::new(
+            vec![3, size, size],
+            faces_in[k * per..(k + 1) * per]
+                .iter()
+                .map(|&v| f16::from_f32(v).to_f32())
+                .collect(),
+        );
+        let (mut cy, mut cu, mut cv) = planes[k].clone();
+        let mut cpu = PlanesMut {
             width: w,
             height: h,
             y: &mut cy,
             u: &mut cu,
             v: &mut cv,
-        },
-        &face_t,
-        &b,
-        &mask,
-        1.0,
-    );
-    let df = s
-        .clone_htod(&face.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>())
-        .unwrap();
-    let df_ptr = {
-        use cudarc::driver::DevicePtr;
-        df.device_ptr(&s).0
-    };
-    // SAFETY (test): as above; the face holds 3*size*size values.
-    unsafe { image.blend(&s, &frame, &b, &mask, df_ptr, size) }.unwrap();
-    for (name, dev, cpu, orig) in [
-        ("y", &dy, &cy, &y),
-        ("u", &du, &cu, &u),
-        ("v", &dv, &cv, &v),
-    ] {
-        let got = s.clone_dtoh(dev).unwrap();
-        let off = got
-            .iter()
-            .zip(cpu.iter())
-            .filter(|(a, b)| a.abs_diff(**b) > 1)
-            .count();
-        let changed = cpu.iter().zip(orig.iter()).filter(|(a, b)| a != b).count();
-        println!(
-            "blend plane {name}: {changed} bytes changed, {off} differ from the CPU by more than 1"
-        );
-        assert!(changed > 100 && off == 0, "{name}");
+        };
+        blend_with(&mut cpu, &face, &b, &mask, 1.0);
+        let (r, blended) = faces.region(k).unwrap();
+        assert_eq!(r, regions[k].0);
+        let (mut gy, mut gu, mut gv) = planes[k].clone();
+        let mut gpu = PlanesMut {
+            width: w,
+            height: h,
+            y: &mut gy,
+            u: &mut gu,
+            v: &mut gv,
+        };
+        assert!(r.copy_in(blended, &mut gpu));
+        for (name, gpu, cpu, orig) in [
+            ("y", &gy, &cy, &planes[k].0),
+            ("u", &gu, &cu, &planes[k].1),
+            ("v", &gv, &cv, &planes[k].2),
+        ] {
+            let off = gpu
+                .iter()
+                .zip(cpu)
+                .filter(|(a, b)| a.abs_diff(**b) > 1)
+                .count();
+            let changed = cpu.iter().zip(orig).filter(|(a, b)| a != b).count();
+            println!(
+                "blend {w}x{h} plane {name}: {changed} bytes changed, {off} differ from the CPU by more than 1"
+            );
+            assert!(changed > 100 && off == 0, "{k} {name}");
+        }
     }
+    // A region that does not hold its box is refused before anything runs.
+    let mut bad = batch[0];
+    bad.region.width -= 20;
+    // SAFETY (test): as above.
+    let refused = unsafe { faces.crop(&image, &s, &[bad], size, ptr(&reference), 0) };
+    assert!(refused.is_err());
 }

@@ -144,6 +144,125 @@ pub fn crop(frame: &Planes, b: &FaceBox, size: usize) -> Tensor {
     Tensor::new(vec![3, size, size], out)
 }
 
+/// The rectangle of a frame that the crop of a face box reads and its blend writes, with
+/// two pixels to spare for the bilinear taps of both planes. The GPU path moves only this part
+/// of a frame: packed as its luma rows, then its U rows, then its V rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// The whole frame's size.
+    pub frame_width: usize,
+    pub frame_height: usize,
+    /// Luma origin (even, so the chroma origin is exactly half of it) and size.
+    pub x: usize,
+    pub y: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Region {
+    /// The region of a `w` x `h` frame around `b`; none for an empty frame or a box that is
+    /// not finite. A box (partly) outside the frame gives the frame's edge pixels its taps
+    /// clamp to.
+    pub fn around(b: &FaceBox, w: usize, h: usize) -> Option<Region> {
+        let finite = [b.x0, b.y0, b.x1, b.y1].iter().all(|v| v.is_finite());
+        if w == 0 || h == 0 || !finite {
+            return None;
+        }
+        let span = |lo: f32, hi: f32, n: usize| {
+            let first = ((lo.floor() - 4.0).max(0.0) as usize).min(n - 1) & !1;
+            let end = ((hi.ceil() + 4.0).max(0.0) as usize).clamp(first + 1, n);
+            (first, end - first)
+        };
+        let (x, width) = span(b.x0, b.x1, w);
+        let (y, height) = span(b.y0, b.y1, h);
+        Some(Region {
+            frame_width: w,
+            frame_height: h,
+            x,
+            y,
+            width,
+            height,
+        })
+    }
+
+    /// The chroma rectangle: origin and size in chroma pixels.
+    pub fn chroma(&self) -> (usize, usize, usize, usize) {
+        let (x, y) = (self.x / 2, self.y / 2);
+        let w = (self.x + self.width).div_ceil(2) - x;
+        let h = (self.y + self.height).div_ceil(2) - y;
+        (x, y, w, h)
+    }
+
+    /// Bytes of the packed region.
+    pub fn bytes(&self) -> usize {
+        let (_, _, cw, ch) = self.chroma();
+        self.width * self.height + 2 * cw * ch
+    }
+
+    fn fits(&self, width: usize, height: usize) -> bool {
+        self.frame_width == width
+            && self.frame_height == height
+            && self.x + self.width <= width
+            && self.y + self.height <= height
+    }
+
+    /// The three planes' rectangles: (plane index 0..3, origin x, origin y, width, height,
+    /// frame plane stride).
+    fn rects(&self) -> [(usize, usize, usize, usize, usize, usize); 3] {
+        let (cx, cy, cw, ch) = self.chroma();
+        let stride = self.frame_width.div_ceil(2);
+        [
+            (0, self.x, self.y, self.width, self.height, self.frame_width),
+            (1, cx, cy, cw, ch, stride),
+            (2, cx, cy, cw, ch, stride),
+        ]
+    }
+
+    /// Packs the region of `frame` into `out` (resized to `bytes()`); false when the frame is
+    /// not the size the region was made for.
+    pub fn copy_out(&self, frame: &Planes, out: &mut Vec<u8>) -> bool {
+        let cw = frame.width.div_ceil(2);
+        let whole = frame.y.len() >= frame.width * frame.height
+            && frame.u.len().min(frame.v.len()) >= cw * frame.height.div_ceil(2);
+        if !whole || !self.fits(frame.width, frame.height) {
+            return false;
+        }
+        out.clear();
+        out.reserve(self.bytes());
+        for (plane, x, y, w, h, stride) in self.rects() {
+            let src = [frame.y, frame.u, frame.v][plane];
+            for row in y..y + h {
+                out.extend_from_slice(&src[row * stride + x..row * stride + x + w]);
+            }
+        }
+        true
+    }
+
+    /// Writes a packed region back into `frame`; false (and nothing written) when the sizes do
+    /// not match.
+    pub fn copy_in(&self, packed: &[u8], frame: &mut PlanesMut) -> bool {
+        let cw = frame.width.div_ceil(2);
+        let whole = frame.y.len() >= frame.width * frame.height
+            && frame.u.len().min(frame.v.len()) >= cw * frame.height.div_ceil(2);
+        if !whole || !self.fits(frame.width, frame.height) || packed.len() != self.bytes() {
+            return false;
+        }
+        let mut at = 0;
+        for (plane, x, y, w, h, stride) in self.rects() {
+            let dst: &mut [u8] = match plane {
+                0 => frame.y,
+                1 => frame.u,
+                _ => frame.v,
+            };
+            for row in y..y + h {
+                dst[row * stride + x..row * stride + x + w].copy_from_slice(&packed[at..at + w]);
+                at += w;
+            }
+        }
+        true
+    }
+}
+
 fn smoothstep(e0: f32, e1: f32, x: f32) -> f32 {
     let t = ((x - e0) / (e1 - e0)).clamp(0.0, 1.0);
     t * t * (3.0 - 2.0 * t)
@@ -749,5 +868,157 @@ mod tests {
         assert_eq!(at(32, 30), g, "lower face centre replaced");
         let edge = at(17, 30);
         assert!(edge > 81 && edge < g, "feathered edge {edge}");
+    }
+
+    #[test]
+    fn a_region_holds_every_pixel_the_crop_reads_and_the_blend_writes() {
+        let mut seed = 11u32;
+        let mut bytes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 24) as u8
+                })
+                .collect()
+        };
+        let mask = LowerFace::from_landmarks(&[
+            [0.3, 0.35],
+            [0.7, 0.35],
+            [0.52, 0.58],
+            [0.33, 0.76],
+            [0.69, 0.78],
+        ]);
+        let face = Tensor::new(
+            vec![3, 32, 32],
+            bytes(3 * 32 * 32)
+                .iter()
+                .map(|&v| f32::from(v) / 255.0)
+                .collect(),
+        );
+        // Inside, across every edge, odd sizes and odd origins, and wholly outside.
+        let cases = [
+            (97usize, 61usize, [20.3f32, 11.7, 70.2, 52.9]),
+            (96, 64, [-13.0, -7.5, 30.0, 41.0]),
+            (97, 61, [60.5, 30.0, 120.0, 75.0]),
+            (64, 48, [0.0, 0.0, 64.0, 48.0]),
+            (64, 48, [70.0, 50.0, 90.0, 80.0]),
+            (65, 49, [-40.0, -30.0, -5.0, -2.0]),
+            (33, 17, [1.5, 1.5, 32.5, 16.5]),
+            (80, 64, [30.1, 20.05, 50.2, 41.3]),
+        ];
+        for (w, h, [x0, y0, x1, y1]) in cases {
+            let b = FaceBox { x0, y0, x1, y1 };
+            let r = Region::around(&b, w, h).unwrap();
+            assert_eq!((r.x % 2, r.y % 2), (0, 0), "{r:?}");
+            assert!(r.x + r.width <= w && r.y + r.height <= h && r.width * r.height > 0);
+            let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+            let (y, u, v) = (bytes(w * h), bytes(cw * ch), bytes(cw * ch));
+            let planes = Planes {
+                width: w,
+                height: h,
+                y: &y,
+                u: &u,
+                v: &v,
+            };
+            let mut packed = Vec::new();
+            assert!(r.copy_out(&planes, &mut packed));
+            assert_eq!(packed.len(), r.bytes());
+            // The same frame with noise everywhere outside the region.
+            let (mut ny, mut nu, mut nv) = (bytes(w * h), bytes(cw * ch), bytes(cw * ch));
+            let mut noisy = PlanesMut {
+                width: w,
+                height: h,
+                y: &mut ny,
+                u: &mut nu,
+                v: &mut nv,
+            };
+            assert!(r.copy_in(&packed, &mut noisy));
+            let noisy = Planes {
+                width: w,
+                height: h,
+                y: &ny,
+                u: &nu,
+                v: &nv,
+            };
+            assert_eq!(
+                crop(&planes, &b, 16),
+                crop(&noisy, &b, 16),
+                "crop {w}x{h} {b:?}"
+            );
+            // A blend changes nothing outside the region: blending the region alone and
+            // writing it back gives the whole frame's blend.
+            let (mut by, mut bu, mut bv) = (y.clone(), u.clone(), v.clone());
+            let mut whole = PlanesMut {
+                width: w,
+                height: h,
+                y: &mut by,
+                u: &mut bu,
+                v: &mut bv,
+            };
+            blend_with(&mut whole, &face, &b, &mask, 1.0);
+            let (mut ry, mut ru, mut rv) = (ny.clone(), nu.clone(), nv.clone());
+            let mut part = PlanesMut {
+                width: w,
+                height: h,
+                y: &mut ry,
+                u: &mut ru,
+                v: &mut rv,
+            };
+            blend_with(&mut part, &face, &b, &mask, 1.0);
+            let part = Planes {
+                width: w,
+                height: h,
+                y: &ry,
+                u: &ru,
+                v: &rv,
+            };
+            assert!(r.copy_out(&part, &mut packed));
+            let (mut oy, mut ou, mut ov) = (y.clone(), u.clone(), v.clone());
+            let mut out = PlanesMut {
+                width: w,
+                height: h,
+                y: &mut oy,
+                u: &mut ou,
+                v: &mut ov,
+            };
+            assert!(r.copy_in(&packed, &mut out));
+            assert!(
+                (oy, ou, ov) == (by, bu, bv),
+                "blend outside the region: {w}x{h} {b:?}"
+            );
+        }
+        // Wrong sizes are refused, not written.
+        let r = Region::around(
+            &FaceBox {
+                x0: 1.0,
+                y0: 1.0,
+                x1: 9.0,
+                y1: 9.0,
+            },
+            16,
+            16,
+        )
+        .unwrap();
+        let (mut y, mut u, mut v) = (vec![0u8; 8 * 8], vec![0u8; 16], vec![0u8; 16]);
+        let mut small = PlanesMut {
+            width: 8,
+            height: 8,
+            y: &mut y,
+            u: &mut u,
+            v: &mut v,
+        };
+        assert!(!r.copy_in(&vec![1; r.bytes()], &mut small));
+        assert!(y.iter().all(|&p| p == 0));
+        assert!(Region::around(
+            &FaceBox {
+                x0: f32::NAN,
+                y0: 0.0,
+                x1: 1.0,
+                y1: 1.0
+            },
+            8,
+            8
+        )
+        .is_none());
     }
 }

@@ -460,8 +460,21 @@ impl Executor {
     /// Queues the copy of every staged input to the device on the engine's stream; returns at
     /// once (`Staging::input_mut` waits for it before the next write).
     pub fn upload(&self, rt: &mut Runtime, staging: &Staging) -> Result<(), GpuError> {
+        let all: Vec<usize> = (0..self.plan.inputs.len()).collect();
+        self.upload_inputs(rt, staging, &all)
+    }
+
+    /// `upload` for inputs `which` only (binding indices): the others are written on the
+    /// device (e.g. by the face crop).
+    pub fn upload_inputs(
+        &self,
+        rt: &mut Runtime,
+        staging: &Staging,
+        which: &[usize],
+    ) -> Result<(), GpuError> {
         let stream = rt.device.stream.clone();
-        for (b, src) in self.plan.inputs.iter().zip(&staging.inputs) {
+        let chosen = self.plan.inputs.iter().zip(&staging.inputs).enumerate();
+        for (_, (b, src)) in chosen.filter(|(i, _)| which.contains(i)) {
             let range = self.range(b);
             let arena = rt
                 .arena
@@ -485,6 +498,20 @@ impl Executor {
         }
         staging.downloaded.record(rt.stream())?;
         Ok(())
+    }
+
+    /// The device address of input or output `name` (fp16 values of its binding's shape), for
+    /// kernels that fill an input or read an output in place.
+    pub fn binding_ptr(&self, rt: &Runtime, name: &str) -> Result<Ptr, GpuError> {
+        let b = Self::binding(&self.plan.inputs, name)
+            .or_else(|_| Self::binding(&self.plan.outputs, name))?;
+        match b.loc {
+            Loc::Arena(..) if rt.arena.is_some() => Ok(self.ptr(rt, b.loc)),
+            _ => Err(GpuError::Binding {
+                name: name.to_string(),
+                reason: "not in the arena".into(),
+            }),
+        }
     }
 
     /// Copies an output's fp16 data out (waits for the stream).
