@@ -6,17 +6,21 @@ cd "$(dirname "$0")/../.."
 cargo build --release -p lipstream
 mkdir -p .device/bin
 cp target/release/lipstream .device/bin/
-bin=$(cargo test --release -p lipstream-gpu --no-run --message-format=json 2>/dev/null \
-  | python3 -c 'import json,sys
+# Test binaries the GPU machine runs: (package, test target).
+for pair in lipstream-gpu:gpu_ops lipstream:gpu_faces; do
+  pkg=${pair%%:*} name=${pair##*:}
+  bin=$(cargo test --release -p "$pkg" --test "$name" --no-run --message-format=json 2>/dev/null \
+    | NAME=$name python3 -c 'import json,os,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "gpu_ops" and m.get("executable"):
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == os.environ["NAME"] and m.get("executable"):
         print(m["executable"])')
-cp "$bin" .device/bin/gpu_ops
+  cp "$bin" ".device/bin/$name"
+done
 # The PyTorch anchor lives outside this checkout; the device sees only what is carried.
 if [ -d ../shared/anchors ]; then
   mkdir -p .device/anchors && cp ../shared/anchors/*.py .device/anchors/
 fi
 # The device tool carries at most 64 MiB: debug info stays here.
-strip .device/bin/lipstream .device/bin/gpu_ops
+strip .device/bin/lipstream .device/bin/gpu_ops .device/bin/gpu_faces
 ls -la .device/bin

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool, carry [".device"]): doctor, every CUDA-vs-CPU op and
-# tiny-model test, then the full-size check of the CUDA executor against the CPU executor.
+# tiny-model test, the camera face path against the CPU's, then the full-size check of the CUDA
+# executor against the CPU executor.
 # Writes the full logs under $OUT and ends with a short table.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,11 +12,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 ./.device/bin/lipstream doctor 2>&1 | tee "$out/doctor.txt"
 ./.device/bin/gpu_ops --nocapture --test-threads=1 2>&1 | tee "$out/gpu_ops.txt"
 status=${PIPESTATUS[0]}
+./.device/bin/gpu_faces --nocapture 2>&1 | tee "$out/gpu_faces.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 if [ "${FULL_CHECK:-1}" = 1 ]; then
   ./.device/bin/lipstream engine check > "$out/engine_check.json" 2> "$out/engine_check.log"
   [ $? -eq 0 ] || status=1
 fi
 echo "---"
 grep -E "rel L2|test result|panicked" "$out/gpu_ops.txt" | tail -60
+grep -E "plane|test result|panicked" "$out/gpu_faces.txt"
 cat "$out/engine_check.log" 2>/dev/null | grep "rel L2"
 exit "$status"

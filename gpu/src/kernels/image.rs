@@ -265,6 +265,11 @@ impl Faces {
         Ok(())
     }
 
+    /// The current batch's crop size.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
     /// Frames in the current batch.
     pub fn len(&self) -> usize {
         self.frames.len()

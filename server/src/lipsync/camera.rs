@@ -175,6 +175,7 @@ impl Stage for CameraStage {
         let inputs = Inputs::Camera {
             frame: input.frame.clone(),
             face: b,
+            mask,
         };
         self.prep
             .submit((b, mask), input.frame_ms, input.deadline, inputs)

@@ -13,7 +13,7 @@ use lipstream_engines::image::{self, FaceBox, LowerFace};
 use lipstream_engines::models::musetalk::CROP;
 use lipstream_engines::{EngineError, Tensor};
 
-use crate::lipsync::renderer::{Job, Missed, Renderer};
+use crate::lipsync::renderer::{Job, Missed, Output, Renderer};
 use crate::lipsync::slots::SessionSlots;
 use crate::lipsync::AudioFeed;
 use crate::media::frame::VideoFrame;
@@ -26,8 +26,12 @@ const QUEUE: usize = 400;
 
 /// What a frame brings besides its audio.
 pub(crate) enum Inputs {
-    /// Camera mode: the frame and its face box (cropped here).
-    Camera { frame: VideoFrame, face: FaceBox },
+    /// Camera mode: the frame, its face box and blend mask (cropped here, or on the GPU).
+    Camera {
+        frame: VideoFrame,
+        face: FaceBox,
+        mask: LowerFace,
+    },
     /// Avatar mode: the prepared latents [8, 32, 32].
     Avatar { latents: Tensor },
 }
@@ -156,6 +160,22 @@ impl<T> Prep<T> {
                 image::blend_with(&mut out.planes_mut(), &face, &b, &mask, strength);
                 StageOutput::Frame(out)
             }
+            Rendered::Blended(region, pixels) => {
+                let mut out = frame.clone();
+                if region.copy_in(&pixels, &mut out.planes_mut()) {
+                    self.metrics.frames_rendered.inc();
+                    StageOutput::Frame(out)
+                } else {
+                    tracing::warn!(
+                        "a blended face region {region:?} of {} bytes does not fit its {}x{} frame",
+                        pixels.len(),
+                        frame.width,
+                        frame.height
+                    );
+                    self.metrics.frames_failed.inc();
+                    StageOutput::Unchanged
+                }
+            }
             _ => StageOutput::Unchanged,
         }
     }
@@ -219,17 +239,25 @@ fn run(
                     reply(Rendered::Late);
                     continue;
                 };
+                let mut face_set = Ok(());
                 let model_inputs = match inputs {
-                    Inputs::Camera { frame, face } => {
+                    // The GPU crops the face from the slot's region.
+                    Inputs::Camera { frame, face, mask } if renderer.faces_on_gpu => {
+                        face_set = slot.set_face(&frame.planes(), face, mask);
+                        vec![prompt]
+                    }
+                    Inputs::Camera { frame, face, .. } => {
                         let reference = image::crop(&frame.planes(), &face, CROP);
                         vec![mask_lower_half(&reference), reference, prompt]
                     }
                     Inputs::Avatar { latents } => vec![latents, prompt],
                 };
-                let written = model_inputs
-                    .iter()
-                    .enumerate()
-                    .try_for_each(|(i, t)| slot.write(&renderer.layout, i, &t.data));
+                let written = face_set.and_then(|()| {
+                    model_inputs
+                        .iter()
+                        .enumerate()
+                        .try_for_each(|(i, t)| slot.write(&renderer.layout, i, &t.data))
+                });
                 if let Err(e) = written {
                     tracing::warn!("model inputs do not fit the renderer's slots: {e}");
                     slots.put_back(slot);
@@ -252,7 +280,10 @@ fn run(
                                 done.done(
                                     ticket,
                                     match result {
-                                        Ok(face) => Rendered::Face(face),
+                                        Ok(Output::Face(face)) => Rendered::Face(face),
+                                        Ok(Output::Blended(r, pixels)) => {
+                                            Rendered::Blended(r, pixels)
+                                        }
                                         Err(Missed::Late) => Rendered::Late,
                                         Err(Missed::Failed(why)) => Rendered::Failed(why),
                                     },

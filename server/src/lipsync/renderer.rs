@@ -27,6 +27,8 @@ use crate::engine::{Executors, Sources, Stage};
 use crate::lipsync::slots::{self, Layout, Returns, SessionSlots, Slot};
 use crate::metrics::Metrics;
 use crate::scheduler::Batcher;
+use lipstream_engines::image::{FaceBox, LowerFace, Planes, Region};
+use lipstream_gpu::kernels::image::{FaceFrame, Faces, Image};
 
 /// Where the model comes from.
 #[derive(Clone, Debug)]
@@ -63,8 +65,18 @@ pub enum Missed {
     Failed(String),
 }
 
-/// The reply to one submitted frame: [3, 256, 256] RGB in [0, 1], or why not.
-pub type Reply = Box<dyn FnOnce(Result<Tensor, Missed>) + Send>;
+/// What the renderer gives back for a frame.
+#[derive(Debug)]
+pub enum Output {
+    /// The rendered face, [3, 256, 256] RGB in [0, 1], to blend on the CPU.
+    Face(Tensor),
+    /// The frame's face region (`Slot::set_face`) with the rendered face already blended in
+    /// on the GPU, packed like `Region::copy_out`.
+    Blended(Region, Vec<u8>),
+}
+
+/// The reply to one submitted frame, or why there is none.
+pub type Reply = Box<dyn FnOnce(Result<Output, Missed>) + Send>;
 
 /// One frame: its inputs in a slot of its session's ring (see `Renderer::layout`), and where
 /// its result goes.
@@ -82,14 +94,16 @@ enum Request {
     /// A new session's ring: its used slots go back through `back`.
     Session {
         id: u64,
-        back: ringbuf::HeapProd<Box<[f16]>>,
+        back: ringbuf::HeapProd<slots::Buffers>,
     },
     SessionEnded(u64),
 }
 
-/// The model's inputs per mode, in slot order.
-pub fn input_names(mode: Stage) -> &'static [&'static str] {
+/// The model's inputs a slot carries, in slot order: all of the mode's, except the crops a
+/// GPU cuts itself from the slot's face region (`faces_on_gpu`).
+pub fn input_names(mode: Stage, faces_on_gpu: bool) -> &'static [&'static str] {
     match mode {
+        Stage::Camera if faces_on_gpu => &["audio_features"],
         Stage::Camera => &["masked", "reference", "audio_features"],
         _ => &["latents", "audio_features"],
     }
@@ -106,6 +120,9 @@ pub struct Renderer {
     pub audio_dim: usize,
     /// Where each input sits in a session's slots.
     pub layout: Layout,
+    /// Camera frames are cropped and blended on the GPU: slots carry the face region
+    /// (`Slot::set_face`) instead of the crops, and results come back `Output::Blended`.
+    pub faces_on_gpu: bool,
     slots_per_session: usize,
     next_session: AtomicU64,
     cpu_whisper: Option<Arc<Graph>>,
@@ -167,9 +184,13 @@ impl Drop for Placed {
 trait Backend {
     /// Starts `frames.len()` frames (a batch profile), each one slot's values laid out by
     /// `layout`, and returns without waiting for them.
-    fn start(&mut self, layout: &Layout, frames: &[&[f16]]) -> anyhow::Result<()>;
-    /// Waits for the oldest started batch: one [3, 256, 256] image per frame.
-    fn finish(&mut self) -> anyhow::Result<Vec<Tensor>>;
+    fn start(&mut self, layout: &Layout, frames: &[&Slot]) -> anyhow::Result<()>;
+    /// Waits for the oldest started batch: one output per frame.
+    fn finish(&mut self) -> anyhow::Result<Vec<Output>>;
+    /// Whether camera faces are cropped and blended here (see `Renderer::faces_on_gpu`).
+    fn faces_on_gpu(&self) -> bool {
+        false
+    }
     /// Whether `start` returns before the batch is done (else finish at once).
     fn pipelined(&self) -> bool;
     /// Rows `rows` of the stacked hidden states of one window.
@@ -183,7 +204,7 @@ struct CpuBackend {
     graphs: BTreeMap<usize, Graph>,
     names: &'static [&'static str],
     whisper: Arc<Graph>,
-    done: VecDeque<anyhow::Result<Vec<Tensor>>>,
+    done: VecDeque<anyhow::Result<Vec<Output>>>,
 }
 
 fn whisper_cpu(graph: &Graph, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
@@ -221,12 +242,13 @@ fn stacked(mut states: Vec<(String, Tensor)>, first: usize, n: usize) -> anyhow:
 }
 
 impl Backend for CpuBackend {
-    fn start(&mut self, layout: &Layout, frames: &[&[f16]]) -> anyhow::Result<()> {
+    fn start(&mut self, layout: &Layout, frames: &[&Slot]) -> anyhow::Result<()> {
         let g = self
             .graphs
             .get(&frames.len())
             .with_context(|| format!("no batch profile {}", frames.len()))?;
-        let inputs = batched(layout, frames)?;
+        let data: Vec<&[f16]> = frames.iter().map(|s| s.data()).collect();
+        let inputs = batched(layout, &data)?;
         let named: Vec<(&str, &Tensor)> = self.names.iter().copied().zip(&inputs).collect();
         let result = self
             .pool
@@ -235,12 +257,13 @@ impl Backend for CpuBackend {
             .and_then(|mut out| {
                 let images = out.remove(0).1;
                 split_frames(&images.shape, &images.data, frames.len(), <[f32]>::to_vec)
-            });
+            })
+            .map(|faces| faces.into_iter().map(Output::Face).collect());
         self.done.push_back(result);
         Ok(())
     }
 
-    fn finish(&mut self) -> anyhow::Result<Vec<Tensor>> {
+    fn finish(&mut self) -> anyhow::Result<Vec<Output>> {
         self.done.pop_front().context("no batch was started")?
     }
 
@@ -273,10 +296,16 @@ fn split_frames<T>(
 /// Pinned input/output buffers of one batch profile, two sets used in turn.
 struct Staged {
     sets: [lipstream_gpu::Staging; 2],
-    /// Index of each of the mode's inputs (`names` order) among the executor's inputs.
+    /// Index of each of the slots' inputs (`names` order) among the executor's inputs.
     inputs: Vec<usize>,
     image: usize,
     image_shape: Vec<usize>,
+}
+
+/// Camera mode on the GPU: the face kernels and their region buffers, one set per staging set.
+struct GpuFaces {
+    image: Image,
+    sets: [Faces; 2],
 }
 
 struct CudaBackend {
@@ -284,6 +313,7 @@ struct CudaBackend {
     names: &'static [&'static str],
     staging: Vec<f16>,
     staged: BTreeMap<usize, Staged>,
+    faces: Option<GpuFaces>,
     /// Which set the next batch uses: consecutive batches never share buffers.
     turn: usize,
     /// Started batches (profile, set), oldest first.
@@ -291,7 +321,10 @@ struct CudaBackend {
 }
 
 impl CudaBackend {
-    fn new(ex: Executors, names: &'static [&'static str]) -> anyhow::Result<Self> {
+    fn new(ex: Executors, mode: Stage) -> anyhow::Result<Self> {
+        use lipstream_engines::models::musetalk::CROP;
+        let faces_on_gpu = mode == Stage::Camera;
+        let names = input_names(mode, faces_on_gpu);
         let mut staged = BTreeMap::new();
         for (b, e) in &ex.profiles {
             let index = |list: &[lipstream_gpu::plan::Binding], name: &str| {
@@ -304,6 +337,23 @@ impl CudaBackend {
                 .map(|n| index(e.inputs(), n))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let image = index(e.outputs(), "image")?;
+            // The face kernels write the crops and read the faces in place: they must be the
+            // batch's [B, 3, CROP, CROP].
+            let crops = [*b, 3, CROP, CROP];
+            if faces_on_gpu {
+                for name in ["masked", "reference"] {
+                    let shape = &e.inputs()[index(e.inputs(), name)?].shape;
+                    if shape[..] != crops[..] {
+                        bail!("the engine's {name} is {shape:?}; the face crop makes {crops:?}");
+                    }
+                }
+            }
+            if faces_on_gpu && e.outputs()[image].shape[..] != crops[..] {
+                bail!(
+                    "the engine's image is {:?}; the face blend takes {crops:?}",
+                    e.outputs()[image].shape
+                );
+            }
             staged.insert(
                 *b,
                 Staged {
@@ -314,11 +364,21 @@ impl CudaBackend {
                 },
             );
         }
+        let faces = if faces_on_gpu {
+            let device = &ex.rt.device;
+            Some(GpuFaces {
+                image: Image::load(device).context("loading the face kernels")?,
+                sets: [Faces::new(device)?, Faces::new(device)?],
+            })
+        } else {
+            None
+        };
         Ok(CudaBackend {
             ex,
             names,
             staging: Vec::new(),
             staged,
+            faces,
             turn: 0,
             pending: VecDeque::new(),
         })
@@ -326,7 +386,7 @@ impl CudaBackend {
 }
 
 impl Backend for CudaBackend {
-    fn start(&mut self, layout: &Layout, frames: &[&[f16]]) -> anyhow::Result<()> {
+    fn start(&mut self, layout: &Layout, frames: &[&Slot]) -> anyhow::Result<()> {
         let batch = frames.len();
         let Executors { rt, profiles, .. } = &mut self.ex;
         let (_, ex) = profiles
@@ -350,15 +410,39 @@ impl Backend for CudaBackend {
             }
             for (f, frame) in frames.iter().enumerate() {
                 let src = frame
+                    .data()
                     .get(range.clone())
                     .with_context(|| format!("a frame without its {name}"))?;
                 dst[f * per..(f + 1) * per].copy_from_slice(src);
             }
         }
         let t1 = Instant::now();
-        ex.upload(rt, set)?;
-        ex.launch(rt)?;
-        ex.download(rt, set)?;
+        ex.upload_inputs(rt, set, &staged.inputs)?;
+        match &mut self.faces {
+            Some(gf) => {
+                let faces = frames
+                    .iter()
+                    .map(|s| {
+                        s.face()
+                            .map(|(f, pixels)| FaceFrame {
+                                region: f.region,
+                                pixels,
+                                face: f.face,
+                                mask: f.mask,
+                            })
+                            .context("a camera frame without its face region")
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let set = &mut gf.sets[self.turn];
+                ex.crop_faces(rt, &gf.image, set, &faces, "reference", "masked")?;
+                ex.launch(rt)?;
+                ex.blend_faces(rt, &gf.image, set, "image")?;
+            }
+            None => {
+                ex.launch(rt)?;
+                ex.download(rt, set)?;
+            }
+        }
         tracing::debug!(
             batch,
             fill_ms = (t1 - t0).as_secs_f64() * 1e3,
@@ -370,8 +454,27 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn finish(&mut self) -> anyhow::Result<Vec<Tensor>> {
+    fn finish(&mut self) -> anyhow::Result<Vec<Output>> {
         let (batch, set) = self.pending.pop_front().context("no batch was started")?;
+        if let Some(gf) = &self.faces {
+            let faces = &gf.sets[set];
+            if faces.len() != batch {
+                bail!("{} face regions for a batch of {batch}", faces.len());
+            }
+            let t0 = Instant::now();
+            let out = (0..batch)
+                .map(|i| {
+                    let (r, pixels) = faces.region(i)?;
+                    Ok(Output::Blended(r, pixels.to_vec()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>();
+            tracing::debug!(
+                batch,
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                "batch finished (faces blended on the GPU)"
+            );
+            return out;
+        }
         let staged = self
             .staged
             .get(&batch)
@@ -380,7 +483,10 @@ impl Backend for CudaBackend {
         let out = staged.sets[set].output(staged.image)?;
         let t1 = Instant::now();
         // fp16 through the CPU's vector conversions.
-        let frames = split_frames(&staged.image_shape, out, batch, |c| c.to_f32_vec())?;
+        let frames = split_frames(&staged.image_shape, out, batch, |c| c.to_f32_vec())?
+            .into_iter()
+            .map(Output::Face)
+            .collect();
         tracing::debug!(
             batch,
             wait_ms = (t1 - t0).as_secs_f64() * 1e3,
@@ -392,6 +498,10 @@ impl Backend for CudaBackend {
 
     fn pipelined(&self) -> bool {
         true
+    }
+
+    fn faces_on_gpu(&self) -> bool {
+        self.faces.is_some()
     }
 
     fn whisper(&mut self, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
@@ -549,6 +659,7 @@ struct Ready {
     profiles: Vec<usize>,
     took: BTreeMap<usize, Duration>,
     audio_dim: usize,
+    faces_on_gpu: bool,
     whisper: Option<Sender<WhisperJob>>,
 }
 
@@ -570,7 +681,7 @@ impl Renderer {
                 config.mode
             );
         }
-        let names = input_names(config.mode);
+        let names = input_names(config.mode, false);
         let use_cuda = match &config.source {
             ModelSource::Engine(_) => true,
             ModelSource::Models(_) => {
@@ -624,15 +735,18 @@ impl Renderer {
             .spawn(move || {
                 let ready = cpu_built
                     .map(|(b, e, p)| (Box::new(b) as Box<dyn Backend>, e, p, None))
-                    .map_or_else(|| cuda_backend(&config, names), Ok)
+                    .map_or_else(|| cuda_backend(&config), Ok)
                     .and_then(|(mut backend, executor, profiles, whisper)| {
                         let audio_dim = audio_dim(backend.as_mut())?;
-                        let took = time_profiles(backend.as_mut(), mode, &profiles, audio_dim)?;
+                        let faces_on_gpu = backend.faces_on_gpu();
+                        let layout = layout(mode, audio_dim, faces_on_gpu);
+                        let took = time_profiles(backend.as_mut(), &layout, &profiles)?;
                         let ready = Ready {
                             executor,
                             profiles,
                             took,
                             audio_dim,
+                            faces_on_gpu,
                             whisper,
                         };
                         Ok((backend, ready))
@@ -640,7 +754,7 @@ impl Renderer {
                 match ready {
                     Ok((backend, ready)) => {
                         let (profiles, took) = (ready.profiles.clone(), ready.took.clone());
-                        let layout = layout(mode, ready.audio_dim);
+                        let layout = layout(mode, ready.audio_dim, ready.faces_on_gpu);
                         let _ = ready_tx.send(Ok(ready));
                         render_loop(
                             backend, rx, profiles, took, metrics, loop_gauge, device, layout,
@@ -658,8 +772,13 @@ impl Renderer {
         tracing::info!(
             executor = %ready.executor,
             profiles = ?ready.profiles,
-            "lip-sync renderer ready ({} mode); batch times {}",
+            "lip-sync renderer ready ({} mode{}); batch times {}",
             if mode == Stage::Camera { "camera" } else { "avatar" },
+            if ready.faces_on_gpu {
+                ", faces cropped and blended on the GPU"
+            } else {
+                ""
+            },
             ready
                 .took
                 .iter()
@@ -674,7 +793,8 @@ impl Renderer {
             executor: ready.executor,
             profiles: ready.profiles,
             audio_dim: ready.audio_dim,
-            layout: layout(mode, ready.audio_dim),
+            layout: layout(mode, ready.audio_dim, ready.faces_on_gpu),
+            faces_on_gpu: ready.faces_on_gpu,
             slots_per_session: slots::per_session(frame_budget),
             next_session: AtomicU64::new(0),
             cpu_whisper,
@@ -753,7 +873,7 @@ impl Renderer {
 }
 
 /// The CUDA backend: an engine file, or a models folder built (and timed) here.
-fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyhow::Result<Built> {
+fn cuda_backend(config: &RendererConfig) -> anyhow::Result<Built> {
     let compile = matches!(config.source, ModelSource::Models(_));
     lipstream_gpu::device::executor_choice(compile).map_err(|why| match compile {
         true => anyhow::anyhow!("CUDA is needed: {why}"),
@@ -800,22 +920,27 @@ fn cuda_backend(config: &RendererConfig, names: &'static [&'static str]) -> anyh
         }
     };
     Ok((
-        Box::new(CudaBackend::new(ex, names)?),
+        Box::new(CudaBackend::new(ex, config.mode)?),
         format!("CUDA ({gpu})"),
         profiles,
         Some(whisper),
     ))
 }
 
-/// Where each of `mode`'s inputs sits in a slot (MuseTalk's shapes; the audio prompt is 50
-/// tokens of whisper's width).
-pub fn layout(mode: Stage, audio_dim: usize) -> Layout {
+/// Where each input a slot carries (`input_names`) sits in it (MuseTalk's shapes; the audio
+/// prompt is 50 tokens of whisper's width).
+pub fn layout(mode: Stage, audio_dim: usize, faces_on_gpu: bool) -> Layout {
     use lipstream_engines::models::musetalk::{CROP, LATENT};
-    let audio = vec![50, audio_dim];
-    Layout::new(match mode {
-        Stage::Camera => vec![vec![3, CROP, CROP], vec![3, CROP, CROP], audio],
-        _ => vec![vec![8, LATENT, LATENT], audio],
-    })
+    Layout::new(
+        input_names(mode, faces_on_gpu)
+            .iter()
+            .map(|&name| match name {
+                "masked" | "reference" => vec![3, CROP, CROP],
+                "latents" => vec![8, LATENT, LATENT],
+                _ => vec![50, audio_dim],
+            })
+            .collect(),
+    )
 }
 
 /// Stacks the frames' slots into batched f32 tensors, input by input.
@@ -837,21 +962,40 @@ fn batched(layout: &Layout, frames: &[&[f16]]) -> anyhow::Result<Vec<Tensor>> {
         .collect()
 }
 
-/// Runs every profile once (a warm-up that also gives the policy its first batch times).
+/// Runs every profile once (a warm-up that also gives the policy its first batch times) on a
+/// blank slot: zeros, and where faces are cropped on the GPU a grey 640x480 frame's face.
 fn time_profiles(
     backend: &mut dyn Backend,
-    mode: Stage,
+    layout: &Layout,
     profiles: &[usize],
-    audio_dim: usize,
 ) -> anyhow::Result<BTreeMap<usize, Duration>> {
     let mut took = BTreeMap::new();
-    let layout = layout(mode, audio_dim);
-    let frame = vec![f16::ZERO; layout.len()];
+    let (mut ring, _back) = slots::ring(u64::MAX, layout, 1);
+    let mut slot = ring.take().context("a ring without its slot")?;
+    if backend.faces_on_gpu() {
+        let (w, h) = (640, 480);
+        let (y, uv) = (vec![128u8; w * h], vec![128u8; w * h / 4]);
+        let frame = Planes {
+            width: w,
+            height: h,
+            y: &y,
+            u: &uv,
+            v: &uv,
+        };
+        let face = FaceBox {
+            x0: 200.0,
+            y0: 120.0,
+            x1: 440.0,
+            y1: 370.0,
+        };
+        slot.set_face(&frame, face, LowerFace::DEFAULT)
+            .map_err(anyhow::Error::msg)?;
+    }
     for &b in profiles {
-        let frames: Vec<&[f16]> = (0..b).map(|_| frame.as_slice()).collect();
+        let frames: Vec<&Slot> = (0..b).map(|_| &slot).collect();
         let t = Instant::now();
         backend
-            .start(&layout, &frames)
+            .start(layout, &frames)
             .and_then(|()| backend.finish())
             .with_context(|| format!("first run of batch profile {b}"))?;
         took.insert(b, t.elapsed());
@@ -942,7 +1086,7 @@ impl Loop {
         if tick.profile == 0 {
             return None;
         }
-        let frames: Vec<&[f16]> = tick.batch.iter().map(|j| j.slot.data()).collect();
+        let frames: Vec<&Slot> = tick.batch.iter().map(|j| &j.slot).collect();
         let started = Instant::now();
         let result = self.backend.start(&self.layout, &frames);
         // The inputs are in the staging buffers (or consumed): the slots go back now.
@@ -1005,13 +1149,13 @@ impl Loop {
             .get_or_create(&self.device)
             .inc_by(f.profile as u64);
         match result {
-            Ok(images) if images.len() == f.replies.len() => {
-                for (reply, image) in f.replies.into_iter().zip(images) {
-                    reply(Ok(image));
+            Ok(outputs) if outputs.len() == f.replies.len() => {
+                for (reply, out) in f.replies.into_iter().zip(outputs) {
+                    reply(Ok(out));
                 }
             }
-            Ok(images) => {
-                let e = anyhow::anyhow!("{} images for {} frames", images.len(), f.replies.len());
+            Ok(outputs) => {
+                let e = anyhow::anyhow!("{} outputs for {} frames", outputs.len(), f.replies.len());
                 self.failed(f.replies, &e);
             }
             Err(e) => self.failed(f.replies, &e),
@@ -1170,7 +1314,11 @@ mod tests {
                 Job {
                     slot,
                     reply: Box::new(move |r| {
-                        let _ = tx.send((k, r.map(|t| t.shape).map_err(|m| format!("{m:?}"))));
+                        let shape = |o: Output| match o {
+                            Output::Face(t) => t.shape,
+                            Output::Blended(..) => vec![],
+                        };
+                        let _ = tx.send((k, r.map(shape).map_err(|m| format!("{m:?}"))));
                     }),
                 },
                 deadline,

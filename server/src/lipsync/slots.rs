@@ -11,6 +11,10 @@
 //!
 //! The rings are `ringbuf`'s lock-free single-producer single-consumer queues: only the renderer
 //! thread gives slots back, only the session's preparation thread takes them.
+//!
+//! Where the renderer crops and blends faces on the GPU (camera mode on CUDA), a slot carries
+//! the frame's face region instead of the two crops: its packed I420 pixels (a buffer that grows
+//! to the largest face the session has shown, then is reused), the box and the blend mask.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -18,6 +22,7 @@ use std::time::Duration;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use lipstream_engines::image::{FaceBox, LowerFace, Planes, Region};
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 
@@ -71,39 +76,88 @@ impl Layout {
     }
 }
 
+/// A slot's memory, going round between a session and the renderer.
+pub struct Buffers {
+    data: Box<[f16]>,
+    pixels: Vec<u8>,
+}
+
+/// A frame's face for the GPU's crop and blend.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Face {
+    pub region: Region,
+    pub face: FaceBox,
+    pub mask: LowerFace,
+}
+
 /// One frame's inputs on their way to the renderer.
 pub struct Slot {
     session: u64,
-    data: Box<[f16]>,
+    bufs: Buffers,
+    face: Option<Face>,
 }
 
 impl Slot {
     /// Writes input `i`, converted to fp16; `values` must be exactly its size.
     pub fn write(&mut self, layout: &Layout, i: usize, values: &[f32]) -> Result<(), String> {
         let r = layout.range(i);
-        if r.is_empty() || values.len() != r.len() || r.end > self.data.len() {
+        let data = &mut self.bufs.data;
+        if r.is_empty() || values.len() != r.len() || r.end > data.len() {
             return Err(format!(
                 "input {i} has {} values; its slot holds {}",
                 values.len(),
                 r.len()
             ));
         }
-        self.data[r].convert_from_f32_slice(values);
+        data[r].convert_from_f32_slice(values);
+        Ok(())
+    }
+
+    /// Takes the face region of `frame` around `face` (see `Region`), with the blend `mask`.
+    pub fn set_face(
+        &mut self,
+        frame: &Planes,
+        face: FaceBox,
+        mask: LowerFace,
+    ) -> Result<(), String> {
+        self.face = None;
+        let region = Region::around(&face, frame.width, frame.height).ok_or_else(|| {
+            format!(
+                "no face region for {face:?} in a {}x{} frame",
+                frame.width, frame.height
+            )
+        })?;
+        if !region.copy_out(frame, &mut self.bufs.pixels) {
+            return Err(format!(
+                "a {}x{} frame with planes of {}, {}, {} bytes",
+                frame.width,
+                frame.height,
+                frame.y.len(),
+                frame.u.len(),
+                frame.v.len()
+            ));
+        }
+        self.face = Some(Face { region, face, mask });
         Ok(())
     }
 
     /// The whole slot, inputs one after the other.
     pub fn data(&self) -> &[f16] {
-        &self.data
+        &self.bufs.data
+    }
+
+    /// The face set by `set_face`, with its packed pixels.
+    pub fn face(&self) -> Option<(&Face, &[u8])> {
+        self.face.as_ref().map(|f| (f, self.bufs.pixels.as_slice()))
     }
 }
 
 /// A session's end of its ring: it takes free slots.
 pub struct SessionSlots {
     session: u64,
-    free: HeapCons<Box<[f16]>>,
+    free: HeapCons<Buffers>,
     /// Slots taken but not sent (their frame failed before the renderer): used first.
-    kept: Vec<Box<[f16]>>,
+    kept: Vec<Buffers>,
 }
 
 impl SessionSlots {
@@ -112,15 +166,16 @@ impl SessionSlots {
         self.kept
             .pop()
             .or_else(|| self.free.try_pop())
-            .map(|data| Slot {
+            .map(|bufs| Slot {
                 session: self.session,
-                data,
+                bufs,
+                face: None,
             })
     }
 
     /// A slot taken for a frame that then never went to the renderer.
     pub fn put_back(&mut self, slot: Slot) {
-        self.kept.push(slot.data);
+        self.kept.push(slot.bufs);
     }
 
     /// Slots free now.
@@ -131,11 +186,14 @@ impl SessionSlots {
 
 /// Makes session `session`'s ring of `slots` slots (all free) for `layout`: the session's end,
 /// and the end the renderer gives slots back through.
-pub fn ring(session: u64, layout: &Layout, slots: usize) -> (SessionSlots, HeapProd<Box<[f16]>>) {
+pub fn ring(session: u64, layout: &Layout, slots: usize) -> (SessionSlots, HeapProd<Buffers>) {
     let (mut back, free) = HeapRb::new(slots.max(1)).split();
     for _ in 0..slots.max(1) {
         // Cannot fail: the ring was made this size.
-        let _ = back.try_push(vec![f16::ZERO; layout.len()].into_boxed_slice());
+        let _ = back.try_push(Buffers {
+            data: vec![f16::ZERO; layout.len()].into_boxed_slice(),
+            pixels: Vec::new(),
+        });
     }
     (
         SessionSlots {
@@ -150,11 +208,11 @@ pub fn ring(session: u64, layout: &Layout, slots: usize) -> (SessionSlots, HeapP
 /// The renderer's ends of every session's ring.
 #[derive(Default)]
 pub struct Returns {
-    rings: HashMap<u64, HeapProd<Box<[f16]>>>,
+    rings: HashMap<u64, HeapProd<Buffers>>,
 }
 
 impl Returns {
-    pub fn add(&mut self, session: u64, back: HeapProd<Box<[f16]>>) {
+    pub fn add(&mut self, session: u64, back: HeapProd<Buffers>) {
         self.rings.insert(session, back);
     }
 
@@ -167,7 +225,7 @@ impl Returns {
     pub fn give_back(&mut self, slot: Slot) {
         if let Some(back) = self.rings.get_mut(&slot.session) {
             // A ring never holds more slots than it was made with, so this cannot be full.
-            let _ = back.try_push(slot.data);
+            let _ = back.try_push(slot.bufs);
         }
     }
 
@@ -226,6 +284,60 @@ mod tests {
         returns.give_back(again);
         assert_eq!(returns.sessions(), 0);
         assert_eq!(session.free(), 0);
+    }
+
+    #[test]
+    fn a_slot_carries_a_face_region_and_keeps_its_pixel_buffer() {
+        let layout = Layout::new(vec![vec![2]]);
+        let (mut session, back) = ring(3, &layout, 1);
+        let mut returns = Returns::default();
+        returns.add(3, back);
+        let (w, h) = (64usize, 48usize);
+        let y: Vec<u8> = (0..w * h).map(|i| (i % 251) as u8).collect();
+        let (u, v) = (vec![90u8; 32 * 24], vec![160u8; 32 * 24]);
+        let frame = Planes {
+            width: w,
+            height: h,
+            y: &y,
+            u: &u,
+            v: &v,
+        };
+        let b = FaceBox {
+            x0: 10.0,
+            y0: 8.0,
+            x1: 40.0,
+            y1: 44.0,
+        };
+        let mut slot = session.take().unwrap();
+        assert!(slot.face().is_none());
+        slot.set_face(&frame, b, LowerFace::DEFAULT).unwrap();
+        let (face, pixels) = slot.face().unwrap();
+        assert_eq!(face.region, Region::around(&b, w, h).unwrap());
+        assert_eq!(pixels.len(), face.region.bytes());
+        // Luma row 0 of the region is the frame's row at its origin.
+        let r = face.region;
+        assert_eq!(
+            &pixels[..r.width],
+            &y[r.y * w + r.x..r.y * w + r.x + r.width]
+        );
+        let capacity = slot.bufs.pixels.capacity();
+        returns.give_back(slot);
+        // The buffer comes back with the slot; a new frame's face replaces the old one, and a
+        // frame whose planes are short is refused without a face left behind.
+        let mut slot = session.take().unwrap();
+        assert!(slot.face().is_none());
+        assert_eq!(slot.bufs.pixels.capacity(), capacity);
+        let short = Planes {
+            width: w,
+            height: h,
+            y: &y[..100],
+            u: &u,
+            v: &v,
+        };
+        assert!(slot.set_face(&short, b, LowerFace::DEFAULT).is_err());
+        assert!(slot.face().is_none());
+        let nan = FaceBox { x0: f32::NAN, ..b };
+        assert!(slot.set_face(&frame, nan, LowerFace::DEFAULT).is_err());
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub enum StageOutput {
 pub enum Rendered {
     /// [3, 256, 256] RGB in [0, 1].
     Face(Tensor),
+    /// The frame's face region with the face already blended in (on the GPU), packed like
+    /// `Region::copy_out`: written back into the frame as it is.
+    Blended(lipstream_engines::image::Region, Vec<u8>),
     /// The renderer gave the frame up: it could not make its deadline.
     Late,
     Failed(String),
