@@ -235,3 +235,36 @@ pub fn executor_choice(compile: bool) -> Result<String, String> {
             .unwrap_or_else(|| "the driver reports no GPU".into())
     })
 }
+
+/// Work on a device's stream timed by the device: `begin` and `end` record events behind what
+/// is queued at the time, `wait` blocks until the end is reached and says how long the device
+/// took from one to the other.
+pub struct StreamTimer {
+    begin: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+}
+
+impl StreamTimer {
+    pub fn new(device: &Device) -> Result<Self, GpuError> {
+        // Blocking sync: `wait` sleeps instead of spinning a core.
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC);
+        Ok(StreamTimer {
+            begin: device.ctx.new_event(flags)?,
+            end: device.ctx.new_event(flags)?,
+        })
+    }
+
+    pub fn begin(&self, device: &Device) -> Result<(), GpuError> {
+        Ok(self.begin.record(&device.stream)?)
+    }
+
+    pub fn end(&self, device: &Device) -> Result<(), GpuError> {
+        Ok(self.end.record(&device.stream)?)
+    }
+
+    /// Milliseconds from `begin` to `end`, once the device has reached `end`.
+    pub fn wait(&self) -> Result<f32, GpuError> {
+        self.end.synchronize()?;
+        Ok(self.begin.elapsed_ms(&self.end)?)
+    }
+}

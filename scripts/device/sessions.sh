@@ -24,12 +24,19 @@ serve "${GPUS:-0}" "$out/serve.log" || exit 1
 echo "server up after $(( $(date +%s) - t0 )) s"
 grep -E "renderer ready|lip-sync:" "$out/serve.log" | sed 's/\x1b\[[0-9;]*m//g'
 status=0
+# GPU clocks, temperature and power every 5 s while the loads run.
+nvidia-smi --query-gpu=timestamp,clocks.sm,temperature.gpu,power.draw,utilization.gpu --format=csv -l 5 \
+  > "$out/gpu_clocks.csv" 2>/dev/null &
+smi=$!
 for n in $(echo "${SESSIONS:-1,8,16,24}" | tr , ' '); do
+  # A load repeated in SESSIONS gets its own name (10, 10b, 10c).
+  name=$n
+  while [ -e "$out/${mode}_$name.txt" ]; do name=${name}b; done
   $bin bench sessions --url http://127.0.0.1:8080 --sessions "$n" --duration "${DURATION:-20}" \
-    "${bench_mode[@]}" --out "$out/${mode}_$n" > "$out/${mode}_$n.txt" 2>&1 || status=1
-  grep -v -e "^wrote" -e OpenH264 "$out/${mode}_$n.txt"
-  metrics > "$out/metrics_after_$n.txt" 2>/dev/null
-  grep -E "^lipstream_(stage_seconds_(sum|count)|frames_|media_dropped)" "$out/metrics_after_$n.txt" | tr '\n' ' '; echo
+    "${bench_mode[@]}" --out "$out/${mode}_$name" > "$out/${mode}_$name.txt" 2>&1 || status=1
+  grep -v -e "^wrote" -e OpenH264 "$out/${mode}_$name.txt"
+  metrics > "$out/metrics_after_$name.txt" 2>/dev/null
+  grep -E "^lipstream_(stage_seconds_(sum|count)|frames_|media_dropped)" "$out/metrics_after_$name.txt" | tr '\n' ' '; echo
 done
 # RAMP=1: `bench sessions --ramp` from one session up (doubling, then bisecting) to the largest
 # count that stays within RAMP_BUDGET ms p95 (camera) and 1 % late frames: sessions per GPU.
@@ -49,7 +56,8 @@ if aud:
     print(f"{len(rows)} frames submitted; whisper window {st.mean(aud):.1f} ms mean over {len(aud)}; crop {crop:.1f} ms")
 PY
 grep -E "ERROR|WARN" "$out/serve.log" | sed 's/\x1b\[[0-9;]*m//g' | sort | uniq -c | sort -rn | head -10
-# The device returns a limited number of files: the reports travel as one archive.
-tar -C "$out" -czf "$out/sessions.tgz" $(cd "$out" && ls -d "${mode}"_*/ metrics_after_* serve.log 2>/dev/null) \
-  && (cd "$out" && rm -rf "${mode}"_*/ metrics_after_* serve.log)
+kill "$smi" 2>/dev/null
+# The device returns at most 8 files: everything but the GPU's name travels as one archive.
+files=$(cd "$out" && ls -d * | grep -v -e '^gpu.txt$' -e '^sessions.tgz$')
+tar -C "$out" -czf "$out/sessions.tgz" $files && (cd "$out" && rm -rf $files)
 exit "$status"

@@ -28,6 +28,7 @@ use crate::lipsync::slots::{self, Layout, Returns, SessionSlots, Slot};
 use crate::metrics::Metrics;
 use crate::scheduler::Batcher;
 use lipstream_engines::image::{FaceBox, LowerFace, Planes, Region};
+use lipstream_gpu::device::StreamTimer;
 use lipstream_gpu::kernels::image::{FaceFrame, Faces, Image};
 
 /// Where the model comes from.
@@ -63,6 +64,15 @@ pub enum Missed {
     /// Given up: it could no longer make its deadline.
     Late,
     Failed(String),
+}
+
+/// A batch's results.
+struct Finished {
+    outputs: Vec<Output>,
+    /// How long the device spent on it, where the device says (CUDA events around the batch on
+    /// its stream): the renderer thread sees a batch end only when it looks, which is late by
+    /// however long it waited for other work.
+    device_time: Option<Duration>,
 }
 
 /// What the renderer gives back for a frame.
@@ -186,7 +196,7 @@ trait Backend {
     /// `layout`, and returns without waiting for them.
     fn start(&mut self, layout: &Layout, frames: &[&Slot]) -> anyhow::Result<()>;
     /// Waits for the oldest started batch: one output per frame.
-    fn finish(&mut self) -> anyhow::Result<Vec<Output>>;
+    fn finish(&mut self) -> anyhow::Result<Finished>;
     /// Whether camera faces are cropped and blended here (see `Renderer::faces_on_gpu`).
     fn faces_on_gpu(&self) -> bool {
         false
@@ -204,7 +214,7 @@ struct CpuBackend {
     graphs: BTreeMap<usize, Graph>,
     names: &'static [&'static str],
     whisper: Arc<Graph>,
-    done: VecDeque<anyhow::Result<Vec<Output>>>,
+    done: VecDeque<anyhow::Result<Finished>>,
 }
 
 fn whisper_cpu(graph: &Graph, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
@@ -258,12 +268,15 @@ impl Backend for CpuBackend {
                 let images = out.remove(0).1;
                 split_frames(&images.shape, &images.data, frames.len(), <[f32]>::to_vec)
             })
-            .map(|faces| faces.into_iter().map(Output::Face).collect());
+            .map(|faces| Finished {
+                outputs: faces.into_iter().map(Output::Face).collect(),
+                device_time: None,
+            });
         self.done.push_back(result);
         Ok(())
     }
 
-    fn finish(&mut self) -> anyhow::Result<Vec<Output>> {
+    fn finish(&mut self) -> anyhow::Result<Finished> {
         self.done.pop_front().context("no batch was started")?
     }
 
@@ -314,6 +327,9 @@ struct CudaBackend {
     staging: Vec<f16>,
     staged: BTreeMap<usize, Staged>,
     faces: Option<GpuFaces>,
+    /// Per set: events recorded on the stream before the batch's upload and after its
+    /// download, for its device time.
+    clocks: [StreamTimer; 2],
     /// Which set the next batch uses: consecutive batches never share buffers.
     turn: usize,
     /// Started batches (profile, set), oldest first.
@@ -373,12 +389,17 @@ impl CudaBackend {
         } else {
             None
         };
+        let clocks = [
+            StreamTimer::new(&ex.rt.device)?,
+            StreamTimer::new(&ex.rt.device)?,
+        ];
         Ok(CudaBackend {
             ex,
             names,
             staging: Vec::new(),
             staged,
             faces,
+            clocks,
             turn: 0,
             pending: VecDeque::new(),
         })
@@ -417,6 +438,8 @@ impl Backend for CudaBackend {
             }
         }
         let t1 = Instant::now();
+        let clock = &self.clocks[self.turn];
+        clock.begin(&rt.device)?;
         ex.upload_inputs(rt, set, &staged.inputs)?;
         match &mut self.faces {
             Some(gf) => {
@@ -443,6 +466,7 @@ impl Backend for CudaBackend {
                 ex.download(rt, set)?;
             }
         }
+        clock.end(&rt.device)?;
         tracing::debug!(
             batch,
             fill_ms = (t1 - t0).as_secs_f64() * 1e3,
@@ -454,26 +478,32 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn finish(&mut self) -> anyhow::Result<Vec<Output>> {
+    fn finish(&mut self) -> anyhow::Result<Finished> {
         let (batch, set) = self.pending.pop_front().context("no batch was started")?;
+        let ms = self.clocks[set].wait()?;
+        let device_time = Some(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3));
         if let Some(gf) = &self.faces {
             let faces = &gf.sets[set];
             if faces.len() != batch {
                 bail!("{} face regions for a batch of {batch}", faces.len());
             }
             let t0 = Instant::now();
-            let out = (0..batch)
+            let outputs = (0..batch)
                 .map(|i| {
                     let (r, pixels) = faces.region(i)?;
                     Ok(Output::Blended(r, pixels.to_vec()))
                 })
-                .collect::<anyhow::Result<Vec<_>>>();
+                .collect::<anyhow::Result<Vec<_>>>()?;
             tracing::debug!(
                 batch,
-                ms = t0.elapsed().as_secs_f64() * 1e3,
+                device_ms = ms,
+                copy_ms = t0.elapsed().as_secs_f64() * 1e3,
                 "batch finished (faces blended on the GPU)"
             );
-            return out;
+            return Ok(Finished {
+                outputs,
+                device_time,
+            });
         }
         let staged = self
             .staged
@@ -483,17 +513,21 @@ impl Backend for CudaBackend {
         let out = staged.sets[set].output(staged.image)?;
         let t1 = Instant::now();
         // fp16 through the CPU's vector conversions.
-        let frames = split_frames(&staged.image_shape, out, batch, |c| c.to_f32_vec())?
+        let outputs = split_frames(&staged.image_shape, out, batch, |c| c.to_f32_vec())?
             .into_iter()
             .map(Output::Face)
             .collect();
         tracing::debug!(
             batch,
+            device_ms = ms,
             wait_ms = (t1 - t0).as_secs_f64() * 1e3,
             split_ms = t1.elapsed().as_secs_f64() * 1e3,
             "batch finished"
         );
-        Ok(frames)
+        Ok(Finished {
+            outputs,
+            device_time,
+        })
     }
 
     fn pipelined(&self) -> bool {
@@ -994,11 +1028,11 @@ fn time_profiles(
     for &b in profiles {
         let frames: Vec<&Slot> = (0..b).map(|_| &slot).collect();
         let t = Instant::now();
-        backend
+        let done = backend
             .start(layout, &frames)
             .and_then(|()| backend.finish())
             .with_context(|| format!("first run of batch profile {b}"))?;
-        took.insert(b, t.elapsed());
+        took.insert(b, done.device_time.unwrap_or(t.elapsed()));
     }
     Ok(took)
 }
@@ -1117,8 +1151,18 @@ impl Loop {
     fn finish(&mut self, f: Flight) {
         let result = self.backend.finish();
         let done = Instant::now();
-        // Its GPU time: from when it could start (behind the batch before it) to its end.
-        let elapsed = done.saturating_duration_since(f.started.max(self.last_done));
+        // Its time: what the device measured, else from when it could start (behind the batch
+        // before it) to when this thread saw it end. The thread looks only when the batch should
+        // be done, so the second can never come out shorter than the time it is meant to
+        // correct: after one slow spell the estimate would stay up for good.
+        let seen = done.saturating_duration_since(f.started.max(self.last_done));
+        let elapsed = match &result {
+            Ok(Finished {
+                device_time: Some(t),
+                ..
+            }) => *t,
+            _ => seen,
+        };
         self.last_done = done;
         // Follow the measured time, smoothed so one slow batch does not shrink the next ones.
         let e = self.took.entry(f.profile).or_insert(elapsed);
@@ -1148,7 +1192,7 @@ impl Loop {
             .gpu_frames_rendered
             .get_or_create(&self.device)
             .inc_by(f.profile as u64);
-        match result {
+        match result.map(|r| r.outputs) {
             Ok(outputs) if outputs.len() == f.replies.len() => {
                 for (reply, out) in f.replies.into_iter().zip(outputs) {
                     reply(Ok(out));
