@@ -1,9 +1,9 @@
-//! Camera mode's face path on the GPU against the CPU path, through the renderer: the same
-//! frames, boxes, masks and audio prompts go through a CUDA renderer (regions cropped and
-//! blended on the GPU) and a CPU reference renderer (crops made and faces blended on the CPU),
-//! on the same tiny random-weight model; the returned frames must agree to within what fp16
-//! against f32 in the model leaves. Without CUDA the test says SKIPPED and passes (CI has no GPU; the GPU machine runs
-//! it through scripts/device/test.sh).
+//! The face path on the GPU against the CPU path, through the renderer, in both modes: the
+//! same frames, boxes, masks, strengths and model inputs go through a CUDA renderer (regions
+//! cropped and blended on the GPU) and a CPU reference renderer (crops made and faces blended
+//! on the CPU), on the same tiny random-weight model; the returned frames must agree to within
+//! what fp16 against f32 in the model leaves. Without CUDA the tests say SKIPPED and pass (CI
+//! has no GPU; the GPU machine runs them through scripts/device/test.sh).
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use lipstream::engine::Stage;
 use lipstream::lipsync::renderer::{Job, Output};
+use lipstream::lipsync::slots::Slot;
 use lipstream::lipsync::{ModelSource, Renderer, RendererConfig};
 use lipstream::metrics::Metrics;
 use lipstream_engines::avatar::mask_lower_half;
 use lipstream_engines::image::{self, FaceBox, LowerFace, Planes, PlanesMut};
-use lipstream_engines::models::musetalk::CROP;
+use lipstream_engines::models::musetalk::{CROP, LATENT};
 
 /// An I420 frame's planes.
 type Yuv = (Vec<u8>, Vec<u8>, Vec<u8>);
@@ -35,78 +36,61 @@ fn frame(w: usize, h: usize, seed: usize) -> Yuv {
     (y, u, v)
 }
 
-fn renderer(dir: &std::path::Path, cuda: bool) -> Arc<Renderer> {
-    Renderer::start(
-        RendererConfig {
-            source: ModelSource::Models(dir.to_path_buf()),
-            mode: Stage::Camera,
-            profiles: vec![1, 2, 4],
-            cuda,
-            gpu: 0,
-            frame_budget: Duration::from_millis(200),
-        },
-        Arc::new(Metrics::new()),
-    )
-    .expect("renderer starts")
+/// Deterministic values in [-0.5, 0.5).
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 31 + seed * 13) % 97) as f32 / 97.0 - 0.5)
+        .collect()
 }
 
-#[test]
-fn camera_faces_blended_on_the_gpu_match_the_cpu_path() {
+/// Frames of four sizes (one odd), boxes inside, across an edge, small (upsampled) and large,
+/// at full and partial strength.
+const CASES: [(usize, usize, [f32; 4], f32); 4] = [
+    (640, 480, [201.0, 120.5, 433.0, 390.0], 1.0),
+    (321, 241, [180.5, 40.25, 340.0, 210.0], 0.6),
+    (320, 240, [100.3, 60.7, 180.2, 150.9], 1.0),
+    (1280, 720, [500.0, 150.0, 820.0, 520.0], 0.25),
+];
+
+fn boxed(b: [f32; 4]) -> FaceBox {
+    FaceBox {
+        x0: b[0],
+        y0: b[1],
+        x1: b[2],
+        y1: b[3],
+    }
+}
+
+/// Runs every case through a GPU and a CPU renderer of `mode` and compares the frames.
+fn compare(mode: Stage) {
     let libs = lipstream_gpu::device::libraries();
     if !libs.driver || !libs.nvrtc || !libs.cudnn || !libs.cublaslt {
         eprintln!("SKIPPED: no CUDA driver/libraries here ({libs:?})");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("lipstream-gpu-faces-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "lipstream-gpu-faces-{mode:?}-{}",
+        std::process::id()
+    ));
     lipstream_engines::presets::synth(lipstream_engines::presets::Preset::Tiny, 1, &dir, |_| {})
         .expect("tiny models");
-    let gpu = renderer(&dir, true);
-    let cpu = renderer(&dir, false);
+    let start = |cuda: bool| {
+        Renderer::start(
+            RendererConfig {
+                source: ModelSource::Models(dir.clone()),
+                mode,
+                profiles: vec![1, 2, 4],
+                cuda,
+                gpu: 0,
+                frame_budget: Duration::from_millis(200),
+            },
+            Arc::new(Metrics::new()),
+        )
+        .expect("renderer starts")
+    };
+    let (gpu, cpu) = (start(true), start(false));
     assert!(gpu.faces_on_gpu, "{}", gpu.executor);
     assert!(!cpu.faces_on_gpu);
-    // Frames of three sizes (one odd), boxes inside, across an edge, and small (upsampled).
-    let cases = [
-        (
-            640usize,
-            480usize,
-            FaceBox {
-                x0: 201.0,
-                y0: 120.5,
-                x1: 433.0,
-                y1: 390.0,
-            },
-        ),
-        (
-            321,
-            241,
-            FaceBox {
-                x0: 180.5,
-                y0: 40.25,
-                x1: 340.0,
-                y1: 210.0,
-            },
-        ),
-        (
-            320,
-            240,
-            FaceBox {
-                x0: 100.3,
-                y0: 60.7,
-                x1: 180.2,
-                y1: 150.9,
-            },
-        ),
-        (
-            1280,
-            720,
-            FaceBox {
-                x0: 500.0,
-                y0: 150.0,
-                x1: 820.0,
-                y1: 520.0,
-            },
-        ),
-    ];
     let mask = LowerFace::from_landmarks(&[
         [0.3, 0.35],
         [0.7, 0.35],
@@ -118,7 +102,20 @@ fn camera_faces_blended_on_the_gpu_match_the_cpu_path() {
     let (_pg, mut gpu_slots) = gpu.place_session();
     let (_pc, mut cpu_slots) = cpu.place_session();
     let deadline = Instant::now() + Duration::from_secs(120);
-    for (k, &(w, h, b)) in cases.iter().enumerate() {
+    let submit = |r: &Renderer, slot: Slot, k: usize, on_gpu: bool| {
+        let t = tx.clone();
+        r.submit(
+            Job {
+                slot,
+                reply: Box::new(move |out| {
+                    let _ = t.send((k, on_gpu, out));
+                }),
+            },
+            deadline,
+        );
+    };
+    for (k, &(w, h, b, strength)) in CASES.iter().enumerate() {
+        let b = boxed(b);
         let (y, u, v) = frame(w, h, k);
         let planes = Planes {
             width: w,
@@ -127,46 +124,40 @@ fn camera_faces_blended_on_the_gpu_match_the_cpu_path() {
             u: &u,
             v: &v,
         };
-        let prompt: Vec<f32> = (0..gpu.layout.range(0).len())
-            .map(|i| ((i * 31 + k) % 97) as f32 / 97.0 - 0.5)
-            .collect();
-        let mut slot = gpu_slots.take().expect("a free slot");
-        slot.set_face(&planes, b, mask).expect("face region");
-        slot.write(&gpu.layout, 0, &prompt).expect("prompt fits");
-        let t = tx.clone();
-        gpu.submit(
-            Job {
-                slot,
-                reply: Box::new(move |r| {
-                    let _ = t.send((k, true, r));
-                }),
-            },
-            deadline,
+        let prompt = values(
+            gpu.layout.shapes.last().map_or(0, |s| s.iter().product()),
+            k,
         );
-        let reference = image::crop(&planes, &b, CROP);
-        let mut slot = cpu_slots.take().expect("a free slot");
-        for (i, values) in [mask_lower_half(&reference).data, reference.data, prompt]
-            .iter()
-            .enumerate()
-        {
-            slot.write(&cpu.layout, i, values).expect("inputs fit");
+        let mut g = gpu_slots.take().expect("a free slot");
+        let mut c = cpu_slots.take().expect("a free slot");
+        g.set_face(&planes, b, mask, strength).expect("face region");
+        match mode {
+            Stage::Camera => {
+                g.write(&gpu.layout, 0, &prompt).expect("prompt fits");
+                let reference = image::crop(&planes, &b, CROP);
+                for (i, v) in [mask_lower_half(&reference).data, reference.data, prompt]
+                    .iter()
+                    .enumerate()
+                {
+                    c.write(&cpu.layout, i, v).expect("inputs fit");
+                }
+            }
+            _ => {
+                let latents = values(8 * LATENT * LATENT, k + 5);
+                for (i, v) in [&latents, &prompt].iter().enumerate() {
+                    g.write(&gpu.layout, i, v).expect("inputs fit");
+                    c.write(&cpu.layout, i, v).expect("inputs fit");
+                }
+            }
         }
-        let t = tx.clone();
-        cpu.submit(
-            Job {
-                slot,
-                reply: Box::new(move |r| {
-                    let _ = t.send((k, false, r));
-                }),
-            },
-            deadline,
-        );
+        submit(&gpu, g, k, true);
+        submit(&cpu, c, k, false);
     }
     // Each case's frame as both paths return it.
-    let mut got: Vec<[Option<Yuv>; 2]> = cases.iter().map(|_| [None, None]).collect();
-    for _ in 0..2 * cases.len() {
+    let mut got: Vec<[Option<Yuv>; 2]> = CASES.iter().map(|_| [None, None]).collect();
+    for _ in 0..2 * CASES.len() {
         let (k, on_gpu, r) = rx.recv_timeout(Duration::from_secs(120)).expect("a reply");
-        let (w, h, b) = cases[k];
+        let (w, h, b, strength) = CASES[k];
         let (mut y, mut u, mut v) = frame(w, h, k);
         let mut planes = PlanesMut {
             width: w,
@@ -182,13 +173,13 @@ fn camera_faces_blended_on_the_gpu_match_the_cpu_path() {
             }
             Output::Face(face) => {
                 assert!(!on_gpu, "the GPU path blends itself");
-                image::blend_with(&mut planes, &face, &b, &mask, 1.0);
+                image::blend_with(&mut planes, &face, &boxed(b), &mask, strength);
             }
         }
         got[k][usize::from(on_gpu)] = Some((y, u, v));
     }
     for (k, pair) in got.iter().enumerate() {
-        let (w, h, _) = cases[k];
+        let (w, h, _, strength) = CASES[k];
         let [Some(c), Some(g)] = pair else {
             panic!("case {k} incomplete")
         };
@@ -207,7 +198,7 @@ fn camera_faces_blended_on_the_gpu_match_the_cpu_path() {
                 .unwrap_or(0);
             let off = c.iter().zip(g).filter(|(a, b)| a.abs_diff(**b) > 2).count();
             println!(
-                "{w}x{h} plane {name}: {changed} bytes blended, GPU vs CPU worst {worst}, {off} differ by more than 2"
+                "{mode:?} {w}x{h} at {strength} plane {name}: {changed} bytes blended, GPU vs CPU worst {worst}, {off} differ by more than 2"
             );
             assert!(changed > 100, "case {k} {name}: the face was blended in");
             // The pixel kernels agree with the CPU's to 1 level (gpu_ops); what differs here
@@ -217,4 +208,14 @@ fn camera_faces_blended_on_the_gpu_match_the_cpu_path() {
         }
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn camera_faces_cropped_and_blended_on_the_gpu_match_the_cpu_path() {
+    compare(Stage::Camera);
+}
+
+#[test]
+fn avatar_faces_blended_on_the_gpu_match_the_cpu_path() {
+    compare(Stage::Avatar);
 }

@@ -837,12 +837,15 @@ fn face_crop_and_blend_match_the_cpu_reference() {
             (r, packed)
         })
         .collect();
+    // The second frame's face fades in (an avatar between silence and speech).
+    let strength = |k: usize| if k == 1 { 0.6 } else { 1.0 };
     let batch: Vec<FaceFrame> = (0..frames.len())
         .map(|k| FaceFrame {
             region: regions[k].0,
             pixels: &regions[k].1,
             face: frames[k].2,
             mask,
+            strength: strength(k),
         })
         .collect();
     let n = frames.len() * 3 * size * size;
@@ -863,12 +866,13 @@ fn face_crop_and_blend_match_the_cpu_reference() {
         use cudarc::driver::DevicePtr;
         d.device_ptr(&s).0
     };
+    faces.upload(&s, &batch).unwrap();
     // SAFETY (test): the outputs and the faces hold the batch at 3 x size x size.
     unsafe {
         faces
-            .crop(&image, &s, &batch, size, ptr(&reference), ptr(&masked))
+            .crop(&image, &s, size, ptr(&reference), ptr(&masked))
             .unwrap();
-        faces.blend(&image, &s, ptr(&face_dev)).unwrap();
+        faces.blend(&image, &s, ptr(&face_dev), size).unwrap();
     }
     let (got_ref, got_masked) = (
         s.clone_dtoh(&reference).unwrap(),
@@ -906,7 +910,7 @@ fn face_crop_and_blend_match_the_cpu_reference() {
             u: &mut cu,
             v: &mut cv,
         };
-        blend_with(&mut cpu, &face, &b, &mask, 1.0);
+        blend_with(&mut cpu, &face, &b, &mask, strength(k));
         let (r, blended) = faces.region(k).unwrap();
         assert_eq!(r, regions[k].0);
         let (mut gy, mut gu, mut gv) = planes[k].clone();
@@ -935,10 +939,13 @@ fn face_crop_and_blend_match_the_cpu_reference() {
             assert!(changed > 100 && off == 0, "{k} {name}");
         }
     }
-    // A region that does not hold its box is refused before anything runs.
+    // A region that does not hold its box is refused before anything is queued, and nothing
+    // runs on the refused batch.
     let mut bad = batch[0];
     bad.region.width -= 20;
+    bad.pixels = &regions[0].1[..bad.region.bytes()];
+    let err = faces.upload(&s, &[batch[1], bad]).unwrap_err().to_string();
+    assert!(err.contains("frame 1"), "{err}");
     // SAFETY (test): as above.
-    let refused = unsafe { faces.crop(&image, &s, &[bad], size, ptr(&reference), 0) };
-    assert!(refused.is_err());
+    assert!(unsafe { faces.crop(&image, &s, size, ptr(&reference), 0) }.is_err());
 }

@@ -7,11 +7,12 @@
 
 // One frame of a batch: its packed region (engines::image::Region: luma rows, then U, then V,
 // at byte `at` of the batch's buffer), the frame's size, the region's luma rectangle (even
-// origin), the face box and the lower-face mask. Mirrors FaceJob in src/kernels/image.rs.
+// origin), the face box, the lower-face mask and the blend's strength (0..1). Mirrors
+// `job_words` in src/kernels/image.rs.
 struct FaceJob {
   int at, fw, fh, rx, ry, rw, rh;
   float bx0, by0, bx1, by1;
-  float top, top_feather, left, right, side_feather, bottom_feather;
+  float top, top_feather, left, right, side_feather, bottom_feather, strength;
 };
 
 // A plane's rectangle inside the packed region: origin in the frame's plane, size, data.
@@ -87,7 +88,7 @@ __device__ __forceinline__ float face_at(const __half* f, int size, int c, float
 }
 
 // faces [B, 3, size, size] (RGB in [0, 1]) blended into their frames' regions in place, under
-// each frame's mask at full strength (engines::image::blend_with). blockIdx.y: the frame;
+// each frame's mask at its strength (engines::image::blend_with). blockIdx.y: the frame;
 // blockIdx.z: 0 luma, 1 chroma (U and V); thread per pixel of that plane's rectangle.
 extern "C" __global__ void blend_faces_f16(unsigned char* __restrict__ regions, const FaceJob* __restrict__ jobs,
                                            const __half* __restrict__ faces, int size) {
@@ -103,7 +104,8 @@ extern "C" __global__ void blend_faces_f16(unsigned char* __restrict__ regions, 
   if (u < 0.f || u >= 1.f || v < 0.f || v >= 1.f) return;
   // engines::image::LowerFace::weight.
   const float m = smoothstep(0.f, j.top_feather, v - j.top) * smoothstep(0.f, j.side_feather, u - j.left) *
-                  smoothstep(0.f, j.side_feather, j.right - u) * smoothstep(0.f, j.bottom_feather, 1.f - v);
+                  smoothstep(0.f, j.side_feather, j.right - u) * smoothstep(0.f, j.bottom_feather, 1.f - v) *
+                  j.strength;
   if (m <= 0.f) return;
   const __half* face = faces + (long)blockIdx.y * 3 * size * size;
   const float red = face_at(face, size, 0, u, v), g = face_at(face, size, 1, u, v), bl = face_at(face, size, 2, u, v);

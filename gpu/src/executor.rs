@@ -25,7 +25,7 @@ use crate::blas::{Blas, GemmPlan};
 use crate::conv::{Conv, ConvPlan, ConvShape};
 use crate::device::Device;
 use crate::error::GpuError;
-use crate::kernels::image::{FaceFrame, Faces, Image};
+use crate::kernels::image::{Faces, Image};
 use crate::kernels::{Kernels, Ptr};
 use crate::plan::{self, Binding, Loc, Plan, Step, WeightForm, WeightUse};
 
@@ -529,20 +529,19 @@ impl Executor {
         }
     }
 
-    /// Uploads `frames`' face regions and crops them into this executor's inputs `reference`
-    /// and `masked` (the same with the lower half black), on the engine's stream: the step
-    /// before `launch` in camera mode.
+    /// Crops the face regions `faces` holds (`Faces::upload` on the engine's stream) into this
+    /// executor's inputs `reference` and `masked` (the same with the lower half black): the
+    /// step before `launch` in camera mode.
     pub fn crop_faces(
         &self,
         rt: &Runtime,
         image: &Image,
         faces: &mut Faces,
-        frames: &[FaceFrame],
         reference: &str,
         masked: &str,
     ) -> Result<(), GpuError> {
-        let (r, size) = self.images_ptr(rt, reference, frames.len())?;
-        let (m, masked_size) = self.images_ptr(rt, masked, frames.len())?;
+        let (r, size) = self.images_ptr(rt, reference, faces.len())?;
+        let (m, masked_size) = self.images_ptr(rt, masked, faces.len())?;
         if size != masked_size {
             return Err(GpuError::Binding {
                 name: masked.to_string(),
@@ -551,12 +550,12 @@ impl Executor {
         }
         // SAFETY: both bindings hold [frames.len(), 3, size, size] fp16 in the arena (checked
         // above), on the stream the crop runs on.
-        unsafe { faces.crop(image, rt.stream(), frames, size, r, m) }
+        unsafe { faces.crop(image, rt.stream(), size, r, m) }
     }
 
-    /// Blends output `faces_out` ([B, 3, S, S] RGB in [0, 1]) into the regions `crop_faces`
-    /// uploaded, and queues their download (`Faces::region` reads them): the step after
-    /// `launch`.
+    /// Blends output `faces_out` ([B, 3, S, S] RGB in [0, 1]) into the regions `faces` holds
+    /// (`Faces::upload`), and queues their download (`Faces::region` reads them): the step
+    /// after `launch`.
     pub fn blend_faces(
         &self,
         rt: &Runtime,
@@ -565,15 +564,9 @@ impl Executor {
         faces_out: &str,
     ) -> Result<(), GpuError> {
         let (p, size) = self.images_ptr(rt, faces_out, faces.len())?;
-        if size != faces.size() {
-            return Err(GpuError::Binding {
-                name: faces_out.to_string(),
-                reason: format!("{size}x{size} faces for {0}x{0} crops", faces.size()),
-            });
-        }
-        // SAFETY: the output holds the batch's faces at the crops' size (checked above), on
-        // the stream the crop ran on.
-        unsafe { faces.blend(image, rt.stream(), p) }
+        // SAFETY: the output holds the batch's faces at `size` (checked above), on the stream
+        // the upload ran on.
+        unsafe { faces.blend(image, rt.stream(), p, size) }
     }
 
     /// Copies an output's fp16 data out (waits for the stream).

@@ -16,6 +16,7 @@ use lipstream_engines::Tensor;
 
 use crate::lipsync::prep::{Inputs, Prep};
 use crate::lipsync::renderer::Renderer;
+use crate::lipsync::slots::Slot;
 use crate::media::frame::VideoFrame;
 use crate::media::stage::{Completion, Rendered, Stage, StageInput, StageOutput};
 use crate::metrics::Metrics;
@@ -72,6 +73,20 @@ impl AvatarAssets {
 
     pub fn len(&self) -> usize {
         self.frames.len()
+    }
+
+    /// Frame `i`'s latents [8, 32, 32].
+    pub(crate) fn latents(&self, i: usize) -> Option<&Tensor> {
+        self.latents.get(i)
+    }
+
+    /// Puts frame `i`'s face region, box and mask in `slot`, for the GPU's blend at
+    /// `strength`.
+    pub(crate) fn set_face(&self, slot: &mut Slot, i: usize, strength: f32) -> Result<(), String> {
+        match (self.frames.get(i), self.boxes.get(i), self.masks.get(i)) {
+            (Some(f), Some(b), Some(m)) => slot.set_face(&f.planes(), *b, *m, strength),
+            _ => Err(format!("the clip has no frame {i}")),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -183,7 +198,9 @@ impl Stage for AvatarStage {
         }
         let i = self.index_of(input.frame_ms);
         let inputs = Inputs::Avatar {
-            latents: self.assets.latents[i].clone(),
+            clip: self.assets.clone(),
+            index: i,
+            strength: self.level,
         };
         self.prep
             .submit((i, self.level), input.frame_ms, input.deadline, inputs)

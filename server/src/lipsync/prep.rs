@@ -13,6 +13,7 @@ use lipstream_engines::image::{self, FaceBox, LowerFace};
 use lipstream_engines::models::musetalk::CROP;
 use lipstream_engines::{EngineError, Tensor};
 
+use crate::lipsync::avatar::AvatarAssets;
 use crate::lipsync::renderer::{Job, Missed, Output, Renderer};
 use crate::lipsync::slots::SessionSlots;
 use crate::lipsync::AudioFeed;
@@ -32,8 +33,13 @@ pub(crate) enum Inputs {
         face: FaceBox,
         mask: LowerFace,
     },
-    /// Avatar mode: the prepared latents [8, 32, 32].
-    Avatar { latents: Tensor },
+    /// Avatar mode: frame `index` of the clip (its prepared latents, and where the GPU blends:
+    /// its picture, box and mask), the mouth shown at `strength`.
+    Avatar {
+        clip: Arc<AvatarAssets>,
+        index: usize,
+        strength: f32,
+    },
 }
 
 enum Msg {
@@ -243,14 +249,29 @@ fn run(
                 let model_inputs = match inputs {
                     // The GPU crops the face from the slot's region.
                     Inputs::Camera { frame, face, mask } if renderer.faces_on_gpu => {
-                        face_set = slot.set_face(&frame.planes(), face, mask);
+                        face_set = slot.set_face(&frame.planes(), face, mask, 1.0);
                         vec![prompt]
                     }
                     Inputs::Camera { frame, face, .. } => {
                         let reference = image::crop(&frame.planes(), &face, CROP);
                         vec![mask_lower_half(&reference), reference, prompt]
                     }
-                    Inputs::Avatar { latents } => vec![latents, prompt],
+                    Inputs::Avatar {
+                        clip,
+                        index,
+                        strength,
+                    } => {
+                        if renderer.faces_on_gpu {
+                            face_set = clip.set_face(&mut slot, index, strength);
+                        }
+                        match clip.latents(index) {
+                            Some(latents) => vec![latents.clone(), prompt],
+                            None => {
+                                face_set = Err(format!("the clip has no frame {index}"));
+                                Vec::new()
+                            }
+                        }
+                    }
                 };
                 let written = face_set.and_then(|()| {
                     model_inputs

@@ -130,8 +130,9 @@ pub struct Renderer {
     pub audio_dim: usize,
     /// Where each input sits in a session's slots.
     pub layout: Layout,
-    /// Camera frames are cropped and blended on the GPU: slots carry the face region
-    /// (`Slot::set_face`) instead of the crops, and results come back `Output::Blended`.
+    /// Faces are blended into their frames on the GPU (and in camera mode cropped there too):
+    /// slots carry the frame's face region (`Slot::set_face`; in camera mode instead of the
+    /// crops), and results come back `Output::Blended`.
     pub faces_on_gpu: bool,
     slots_per_session: usize,
     next_session: AtomicU64,
@@ -197,7 +198,7 @@ trait Backend {
     fn start(&mut self, layout: &Layout, frames: &[&Slot]) -> anyhow::Result<()>;
     /// Waits for the oldest started batch: one output per frame.
     fn finish(&mut self) -> anyhow::Result<Finished>;
-    /// Whether camera faces are cropped and blended here (see `Renderer::faces_on_gpu`).
+    /// Whether faces are blended (camera: and cropped) here (see `Renderer::faces_on_gpu`).
     fn faces_on_gpu(&self) -> bool {
         false
     }
@@ -315,10 +316,12 @@ struct Staged {
     image_shape: Vec<usize>,
 }
 
-/// Camera mode on the GPU: the face kernels and their region buffers, one set per staging set.
+/// The face kernels and their region buffers, one set per staging set.
 struct GpuFaces {
     image: Image,
     sets: [Faces; 2],
+    /// Camera mode: the model's crops are cut from the regions.
+    crop: bool,
 }
 
 struct CudaBackend {
@@ -339,7 +342,7 @@ struct CudaBackend {
 impl CudaBackend {
     fn new(ex: Executors, mode: Stage) -> anyhow::Result<Self> {
         use lipstream_engines::models::musetalk::CROP;
-        let faces_on_gpu = mode == Stage::Camera;
+        let (faces_on_gpu, crop) = (true, mode == Stage::Camera);
         let names = input_names(mode, faces_on_gpu);
         let mut staged = BTreeMap::new();
         for (b, e) in &ex.profiles {
@@ -356,7 +359,7 @@ impl CudaBackend {
             // The face kernels write the crops and read the faces in place: they must be the
             // batch's [B, 3, CROP, CROP].
             let crops = [*b, 3, CROP, CROP];
-            if faces_on_gpu {
+            if crop {
                 for name in ["masked", "reference"] {
                     let shape = &e.inputs()[index(e.inputs(), name)?].shape;
                     if shape[..] != crops[..] {
@@ -385,6 +388,7 @@ impl CudaBackend {
             Some(GpuFaces {
                 image: Image::load(device).context("loading the face kernels")?,
                 sets: [Faces::new(device)?, Faces::new(device)?],
+                crop,
             })
         } else {
             None
@@ -452,12 +456,16 @@ impl Backend for CudaBackend {
                                 pixels,
                                 face: f.face,
                                 mask: f.mask,
+                                strength: f.strength,
                             })
-                            .context("a camera frame without its face region")
+                            .context("a frame without its face region")
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let set = &mut gf.sets[self.turn];
-                ex.crop_faces(rt, &gf.image, set, &faces, "reference", "masked")?;
+                set.upload(&rt.device.stream, &faces)?;
+                if gf.crop {
+                    ex.crop_faces(rt, &gf.image, set, "reference", "masked")?;
+                }
                 ex.launch(rt)?;
                 ex.blend_faces(rt, &gf.image, set, "image")?;
             }
@@ -809,7 +817,11 @@ impl Renderer {
             "lip-sync renderer ready ({} mode{}); batch times {}",
             if mode == Stage::Camera { "camera" } else { "avatar" },
             if ready.faces_on_gpu {
+                if mode == Stage::Camera {
                 ", faces cropped and blended on the GPU"
+            } else {
+                ", faces blended on the GPU"
+            }
             } else {
                 ""
             },
@@ -1022,7 +1034,7 @@ fn time_profiles(
             x1: 440.0,
             y1: 370.0,
         };
-        slot.set_face(&frame, face, LowerFace::DEFAULT)
+        slot.set_face(&frame, face, LowerFace::DEFAULT, 1.0)
             .map_err(anyhow::Error::msg)?;
     }
     for &b in profiles {

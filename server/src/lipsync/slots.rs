@@ -88,6 +88,8 @@ pub struct Face {
     pub region: Region,
     pub face: FaceBox,
     pub mask: LowerFace,
+    /// How strongly the rendered face replaces the frame's (0..1).
+    pub strength: f32,
 }
 
 /// One frame's inputs on their way to the renderer.
@@ -113,12 +115,14 @@ impl Slot {
         Ok(())
     }
 
-    /// Takes the face region of `frame` around `face` (see `Region`), with the blend `mask`.
+    /// Takes the face region of `frame` around `face` (see `Region`), with the blend's `mask`
+    /// and `strength`.
     pub fn set_face(
         &mut self,
         frame: &Planes,
         face: FaceBox,
         mask: LowerFace,
+        strength: f32,
     ) -> Result<(), String> {
         self.face = None;
         let region = Region::around(&face, frame.width, frame.height).ok_or_else(|| {
@@ -137,7 +141,12 @@ impl Slot {
                 frame.v.len()
             ));
         }
-        self.face = Some(Face { region, face, mask });
+        self.face = Some(Face {
+            region,
+            face,
+            mask,
+            strength,
+        });
         Ok(())
     }
 
@@ -310,7 +319,7 @@ mod tests {
         };
         let mut slot = session.take().unwrap();
         assert!(slot.face().is_none());
-        slot.set_face(&frame, b, LowerFace::DEFAULT).unwrap();
+        slot.set_face(&frame, b, LowerFace::DEFAULT, 1.0).unwrap();
         let (face, pixels) = slot.face().unwrap();
         assert_eq!(face.region, Region::around(&b, w, h).unwrap());
         assert_eq!(pixels.len(), face.region.bytes());
@@ -334,10 +343,10 @@ mod tests {
             u: &u,
             v: &v,
         };
-        assert!(slot.set_face(&short, b, LowerFace::DEFAULT).is_err());
+        assert!(slot.set_face(&short, b, LowerFace::DEFAULT, 1.0).is_err());
         assert!(slot.face().is_none());
         let nan = FaceBox { x0: f32::NAN, ..b };
-        assert!(slot.set_face(&frame, nan, LowerFace::DEFAULT).is_err());
+        assert!(slot.set_face(&frame, nan, LowerFace::DEFAULT, 1.0).is_err());
     }
 
     #[test]
