@@ -26,7 +26,7 @@ use lipstream_engines::{cpu, Graph, Tensor};
 use crate::engine::{Executors, Sources, Stage};
 use crate::lipsync::slots::{self, Layout, Returns, SessionSlots, Slot};
 use crate::metrics::Metrics;
-use crate::scheduler::Batcher;
+use crate::scheduler::{BatchTimes, Batcher};
 use lipstream_engines::image::{FaceBox, LowerFace, Planes, Region};
 use lipstream_gpu::device::StreamTimer;
 use lipstream_gpu::kernels::image::{FaceFrame, Faces, Image};
@@ -1070,7 +1070,7 @@ struct Flight {
 struct Loop {
     backend: Box<dyn Backend>,
     batcher: Batcher<Job>,
-    took: BTreeMap<usize, Duration>,
+    took: BatchTimes,
     metrics: Arc<Metrics>,
     failures: u64,
     /// When the last batch ended.
@@ -1088,13 +1088,6 @@ struct Loop {
 }
 
 impl Loop {
-    fn took(&self, profile: usize) -> Duration {
-        self.took
-            .get(&profile)
-            .copied()
-            .unwrap_or(Duration::from_millis(40))
-    }
-
     fn take(&mut self, r: Request) {
         match r {
             Request::Frame { job, deadline } => self.batcher.push(job, deadline),
@@ -1113,9 +1106,7 @@ impl Loop {
         }
         let tick = {
             let took = &self.took;
-            self.batcher.tick(begins, |b| {
-                took.get(&b).copied().unwrap_or(Duration::from_millis(40))
-            })
+            self.batcher.tick(begins, |b| took.safe(b))
         };
         if !tick.late.is_empty() {
             tracing::debug!(
@@ -1149,7 +1140,7 @@ impl Loop {
                     profile: tick.profile,
                     replies,
                     started,
-                    ends: begins.max(started) + self.took(tick.profile),
+                    ends: begins.max(started) + self.took.expected(tick.profile),
                 })
             }
             Err(e) => {
@@ -1176,9 +1167,7 @@ impl Loop {
             _ => seen,
         };
         self.last_done = done;
-        // Follow the measured time, smoothed so one slow batch does not shrink the next ones.
-        let e = self.took.entry(f.profile).or_insert(elapsed);
-        *e = e.mul_f64(0.8) + elapsed.mul_f64(0.2);
+        self.took.observe(f.profile, elapsed);
         self.metrics.observe_stage("render_batch", elapsed);
         self.metrics.batch_frames.observe(f.profile as f64);
         self.window.busy += elapsed;
@@ -1298,7 +1287,7 @@ fn render_loop(
     Loop {
         backend,
         batcher: Batcher::new(profiles),
-        took,
+        took: BatchTimes::new(&took),
         metrics,
         failures: 0,
         last_done: Instant::now(),
