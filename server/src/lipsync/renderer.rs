@@ -1150,8 +1150,8 @@ impl Loop {
         }
     }
 
-    /// Waits for `f`'s frames and hands them out.
-    fn finish(&mut self, f: Flight) {
+    /// Waits for `f`'s frames and hands them out; returns when it saw them done.
+    fn finish(&mut self, f: Flight) -> Instant {
         let result = self.backend.finish();
         let done = Instant::now();
         // Its time: what the device measured, else from when it could start (behind the batch
@@ -1205,6 +1205,7 @@ impl Loop {
             }
             Err(e) => self.failed(f.replies, &e),
         }
+        done
     }
 
     fn failed(&mut self, replies: Vec<Reply>, e: &anyhow::Error) {
@@ -1259,9 +1260,16 @@ impl Loop {
             // then the running one is finished.
             let now = Instant::now();
             let begins = flight.as_ref().map_or(now, |f| f.ends.max(now));
-            let next = self.start_next(begins);
+            let mut next = self.start_next(begins);
             if let Some(f) = flight.take() {
-                self.finish(f);
+                let done = self.finish(f);
+                // The next batch was queued behind this one on the estimate of its end: it
+                // starts on the GPU only now. Without this the estimates of a GPU that never
+                // idles drift ahead of it batch by batch (a batch that ran long is never made
+                // up), and frames chosen to end just before their deadline end after it.
+                if let Some(n) = next.as_mut() {
+                    n.ends = n.ends.max(done + self.took.expected(n.profile));
+                }
             }
             flight = next;
             if !self.backend.pipelined() {
