@@ -262,6 +262,11 @@ impl StreamTimer {
         Ok(self.end.record(&device.stream)?)
     }
 
+    /// Whether the device has reached `end` already.
+    pub fn ended(&self) -> Result<bool, GpuError> {
+        Ok(self.end.try_is_complete()?)
+    }
+
     /// Milliseconds from `begin` to `end`, once the device has reached `end`.
     pub fn wait(&self) -> Result<f32, GpuError> {
         self.end.synchronize()?;

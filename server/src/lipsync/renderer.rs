@@ -73,6 +73,8 @@ struct Finished {
     /// its stream): the renderer thread sees a batch end only when it looks, which is late by
     /// however long it waited for other work.
     device_time: Option<Duration>,
+    /// The batch was done before `finish` was called (so it ended some time before that).
+    done_before: bool,
 }
 
 /// What the renderer gives back for a frame.
@@ -272,6 +274,7 @@ impl Backend for CpuBackend {
             .map(|faces| Finished {
                 outputs: faces.into_iter().map(Output::Face).collect(),
                 device_time: None,
+                done_before: false,
             });
         self.done.push_back(result);
         Ok(())
@@ -488,6 +491,7 @@ impl Backend for CudaBackend {
 
     fn finish(&mut self) -> anyhow::Result<Finished> {
         let (batch, set) = self.pending.pop_front().context("no batch was started")?;
+        let done_before = self.clocks[set].ended()?;
         let ms = self.clocks[set].wait()?;
         let device_time = Some(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3));
         if let Some(gf) = &self.faces {
@@ -511,6 +515,7 @@ impl Backend for CudaBackend {
             return Ok(Finished {
                 outputs,
                 device_time,
+                done_before,
             });
         }
         let staged = self
@@ -535,6 +540,7 @@ impl Backend for CudaBackend {
         Ok(Finished {
             outputs,
             device_time,
+            done_before,
         })
     }
 
@@ -1150,10 +1156,17 @@ impl Loop {
         }
     }
 
-    /// Waits for `f`'s frames and hands them out; returns when it saw them done.
+    /// Waits for `f`'s frames and hands them out; returns when it ended: when this thread saw
+    /// it end, or for a batch done before the thread looked, its expected end if that is
+    /// earlier.
     fn finish(&mut self, f: Flight) -> Instant {
+        let called = Instant::now();
         let result = self.backend.finish();
         let done = Instant::now();
+        let ended = match &result {
+            Ok(r) if r.done_before => f.ends.min(called),
+            _ => done,
+        };
         // Its time: what the device measured, else from when it could start (behind the batch
         // before it) to when this thread saw it end. The thread looks only when the batch should
         // be done, so the second can never come out shorter than the time it is meant to
@@ -1205,7 +1218,7 @@ impl Loop {
             }
             Err(e) => self.failed(f.replies, &e),
         }
-        done
+        ended
     }
 
     fn failed(&mut self, replies: Vec<Reply>, e: &anyhow::Error) {
@@ -1262,13 +1275,13 @@ impl Loop {
             let begins = flight.as_ref().map_or(now, |f| f.ends.max(now));
             let mut next = self.start_next(begins);
             if let Some(f) = flight.take() {
-                let done = self.finish(f);
+                let ended = self.finish(f);
                 // The next batch was queued behind this one on the estimate of its end: it
-                // starts on the GPU only now. Without this the estimates of a GPU that never
-                // idles drift ahead of it batch by batch (a batch that ran long is never made
-                // up), and frames chosen to end just before their deadline end after it.
+                // runs from this one's real end. Without this the estimates of a GPU that
+                // never idles drift ahead of it batch by batch (a batch that ran long is never
+                // made up), and frames chosen to end just before their deadline end after it.
                 if let Some(n) = next.as_mut() {
-                    n.ends = n.ends.max(done + self.took.expected(n.profile));
+                    n.ends = ended.max(n.started) + self.took.expected(n.profile);
                 }
             }
             flight = next;
