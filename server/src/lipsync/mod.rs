@@ -5,8 +5,10 @@
 //! Per session, on its media worker: audio goes into a `FeatureStream` (whisper-tiny windows,
 //! one encode per hop of frames); each frame, once the audio its prompt hears has arrived, is
 //! cropped around the tracked face and submitted; the rendered face is blended back under the
-//! lower-face mask when it returns. Timing is the worker's: a frame goes out a fixed budget after
-//! its audio arrived, rendered or not.
+//! lower-face mask when it returns. On the CUDA executor the crop and the blend run on the GPU
+//! over the face's region of the frame, which is all that goes to the renderer and comes back.
+//! Timing is the worker's: a frame goes out a fixed budget after its audio arrived, rendered or
+//! not.
 
 pub mod avatar;
 pub mod camera;

@@ -1,6 +1,7 @@
 //! A session's model-input preparation, on a thread of its own: audio features (a whisper
-//! window per hop — ~0.2 s on a busy CPU, a round trip to the GPU otherwise), the face crops, and
-//! the hand-off to the renderer. The media worker only queues work here, so it keeps releasing
+//! window per hop — ~0.2 s on a busy CPU, a round trip to the GPU otherwise), the face crops (or,
+//! where the GPU crops and blends, the face's region of the frame), and the hand-off to the
+//! renderer. The media worker only queues work here, so it keeps releasing
 //! audio and frames on time while a window is being encoded.
 
 use std::collections::HashMap;
