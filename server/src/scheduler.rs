@@ -178,6 +178,28 @@ impl BatchTimes {
     }
 }
 
+/// When a finished batch ended, as well as its renderer thread can tell: the thread asked at
+/// `asked` and had the results at `seen`. A batch still running when asked ended at `seen`; one
+/// already done ended some time before `asked`: at its `expected` end if that is earlier, else
+/// no later than `asked`. (Taking `seen` for both would only ever move estimates later: a thread
+/// late to look, on a busy CPU, would make every batch behind it look late.)
+pub fn batch_end(expected: Instant, asked: Instant, seen: Instant, done_before: bool) -> Instant {
+    if done_before {
+        expected.min(asked)
+    } else {
+        seen
+    }
+}
+
+/// The end of a batch queued behind one that `ended`: it runs from that end (or from its own
+/// launch, if later) for its `expected` time. The estimate it was queued with is replaced, not
+/// kept: on a GPU that never idles, estimates left alone drift from the GPU batch by batch (a
+/// batch that ran long is never made up), and the batcher then fills batches with frames that
+/// end after their deadline.
+pub fn queued_end(ended: Instant, launched: Instant, expected: Duration) -> Instant {
+    ended.max(launched) + expected
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,5 +365,33 @@ mod tests {
         assert!(margin < DELIVERY + ms(1), "{margin:?}");
         // Profile 1 untouched.
         assert_eq!(t.expected(1), ms(5));
+    }
+
+    #[test]
+    fn a_queued_batch_is_re_timed_from_the_real_end_of_the_one_before() {
+        let t0 = Instant::now();
+        let at = |v: u64| t0 + ms(v);
+        // Expected to end at 30; the thread asked at 28 and had it at 35: it ran long.
+        assert_eq!(batch_end(at(30), at(28), at(35), false), at(35));
+        // Done before the thread asked at 40 (the thread was late): its expected end stands.
+        assert_eq!(batch_end(at(30), at(40), at(40), true), at(30));
+        // Done before an early ask at 25: it ended by 25, earlier than expected.
+        assert_eq!(batch_end(at(30), at(25), at(25), true), at(25));
+        // The batch behind: from the real end, never before its own launch.
+        assert_eq!(queued_end(at(35), at(29), ms(20)), at(55));
+        assert_eq!(queued_end(at(25), at(29), ms(20)), at(49));
+        // A GPU that runs every batch 2 ms over its expected 20, each batch queued when the
+        // one before should end. The estimated end of the next batch: left alone it falls
+        // 2 ms further behind the GPU per batch; re-timed it is off by that batch's 2 ms.
+        let (mut kept, mut retimed, mut real) = (at(20), at(20), at(0));
+        for _ in 0..50 {
+            real += ms(22);
+            let launched = retimed;
+            retimed = queued_end(batch_end(retimed, retimed, real, false), launched, ms(20));
+            kept += ms(20);
+        }
+        let next_real = real + ms(22);
+        assert_eq!(next_real - kept, ms(102));
+        assert_eq!(next_real - retimed, ms(2));
     }
 }

@@ -26,7 +26,7 @@ use lipstream_engines::{cpu, Graph, Tensor};
 use crate::engine::{Executors, Sources, Stage};
 use crate::lipsync::slots::{self, Layout, Returns, SessionSlots, Slot};
 use crate::metrics::Metrics;
-use crate::scheduler::{BatchTimes, Batcher};
+use crate::scheduler::{batch_end, queued_end, BatchTimes, Batcher};
 use lipstream_engines::image::{FaceBox, LowerFace, Planes, Region};
 use lipstream_gpu::device::StreamTimer;
 use lipstream_gpu::kernels::image::{FaceFrame, Faces, Image};
@@ -1156,17 +1156,13 @@ impl Loop {
         }
     }
 
-    /// Waits for `f`'s frames and hands them out; returns when it ended: when this thread saw
-    /// it end, or for a batch done before the thread looked, its expected end if that is
-    /// earlier.
+    /// Waits for `f`'s frames and hands them out; returns when it ended (`batch_end`).
     fn finish(&mut self, f: Flight) -> Instant {
         let called = Instant::now();
         let result = self.backend.finish();
         let done = Instant::now();
-        let ended = match &result {
-            Ok(r) if r.done_before => f.ends.min(called),
-            _ => done,
-        };
+        let done_before = matches!(&result, Ok(r) if r.done_before);
+        let ended = batch_end(f.ends, called, done, done_before);
         // Its time: what the device measured, else from when it could start (behind the batch
         // before it) to when this thread saw it end. The thread looks only when the batch should
         // be done, so the second can never come out shorter than the time it is meant to
@@ -1276,12 +1272,9 @@ impl Loop {
             let mut next = self.start_next(begins);
             if let Some(f) = flight.take() {
                 let ended = self.finish(f);
-                // The next batch was queued behind this one on the estimate of its end: it
-                // runs from this one's real end. Without this the estimates of a GPU that
-                // never idles drift ahead of it batch by batch (a batch that ran long is never
-                // made up), and frames chosen to end just before their deadline end after it.
+                // The next batch was queued behind this one on the estimate of its end.
                 if let Some(n) = next.as_mut() {
-                    n.ends = ended.max(n.started) + self.took.expected(n.profile);
+                    n.ends = queued_end(ended, n.started, self.took.expected(n.profile));
                 }
             }
             flight = next;
