@@ -87,6 +87,52 @@ fn a_photo_becomes_a_bundle_and_a_blank_one_is_refused() {
     assert_eq!(back.frames[0].face, f.face);
     assert_eq!(back.frames[0].mask, f.mask);
     assert_eq!(back.latents, bundle.latents);
+    // The frames are stored as bytes, [N, H, W, 3].
+    let pictures = Checkpoint::open(&out).unwrap();
+    let entry = pictures.entry("rgb").unwrap();
+    assert_eq!(entry.dtype, DType::Other("U8".into()));
+    assert_eq!(entry.shape, vec![1, height, width, 3]);
+    drop(pictures);
+
+    // A version 1 bundle (frames in F16) still reads; an unknown version says to prepare again.
+    let v1 = std::env::temp_dir().join(format!(
+        "lipstream-avatar-v1-{}.safetensors",
+        std::process::id()
+    ));
+    let f16_rgb = Tensor::new(
+        vec![1, height, width, 3],
+        rgb.iter().map(|&b| f32::from(b)).collect(),
+    );
+    std::fs::copy(
+        out.with_extension("latents.safetensors"),
+        v1.with_extension("latents.safetensors"),
+    )
+    .unwrap();
+    let version = |v: &str| BTreeMap::from([("lipstream.avatar".to_string(), v.to_string())]);
+    safetensors::write_with_metadata(
+        &v1,
+        &BTreeMap::from([("rgb".to_string(), f16_rgb.clone())]),
+        DType::F16,
+        &version("1"),
+    )
+    .unwrap();
+    let old = Bundle::read(&v1).unwrap();
+    assert_eq!(old.frames[0].rgb, rgb);
+    assert_eq!(old.latents, bundle.latents);
+    safetensors::write_with_metadata(
+        &v1,
+        &BTreeMap::from([("rgb".to_string(), f16_rgb)]),
+        DType::F16,
+        &version("9"),
+    )
+    .unwrap();
+    let err = Bundle::read(&v1).err().unwrap().to_string();
+    assert!(
+        err.contains("version 9") && err.contains("prepare it again"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(&v1);
+    let _ = std::fs::remove_file(v1.with_extension("latents.safetensors"));
 
     // A bundle from before masks were kept reads with the default mask; a nonsense mask is an
     // error that says so.

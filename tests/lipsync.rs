@@ -335,6 +335,148 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `avatar prepare --video` on a real H.264 clip (High profile, B-frames, 30 fps, the picture
+/// panning): 25 fps frames whose face boxes follow the pan smoothly; served, the avatar plays
+/// the clip back and forth. Bad inputs are refused with a reason.
+#[test]
+fn a_prepared_clip_follows_its_face_and_the_avatar_plays_it_back_and_forth() {
+    let _turn = one_at_a_time();
+    let dir = std::env::temp_dir().join(format!("lipstream-clip-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = dir.join("clip.safetensors");
+    let prepare = |input: &[&str], out: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lipstream"))
+            .args(["avatar", "prepare", "--executor", "cpu"])
+            .args(input)
+            .arg("--models")
+            .arg(fixtures().join("tiny"))
+            .arg("--mtcnn")
+            .arg(fixtures().join("mtcnn"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .expect("run avatar prepare")
+    };
+    let clip = fixtures().join("clip/talk.mp4");
+    let made = prepare(&["--video", clip.to_str().unwrap()], &bundle);
+    assert!(made.status.success(), "{made:?}");
+    let said = String::from_utf8_lossy(&made.stdout);
+    // 1.2 s at 30 fps is 36 pictures; at 25 fps, 30 frames.
+    assert!(said.contains("30 frame(s) 320x320"), "{said}");
+
+    let b = lipstream_engines::avatar::Bundle::read(&bundle).unwrap();
+    assert_eq!(b.frames.len(), 30);
+    let centres: Vec<f32> = b
+        .frames
+        .iter()
+        .map(|f| (f.face.x0 + f.face.x1) / 2.0)
+        .collect();
+    let (lo, hi) = centres
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(lo, hi), &c| (lo.min(c), hi.max(c)));
+    // The crop swings 24 px either way in the 448 px source, 17 px in the clip: the face
+    // moves the other way by as much.
+    assert!(hi - lo > 15.0, "the face boxes follow the pan: {centres:?}");
+    let steps: Vec<f32> = centres.windows(2).map(|w| (w[1] - w[0]).abs()).collect();
+    assert!(
+        steps.iter().all(|&s| s < 6.0),
+        "no box jumps between frames: {steps:?}"
+    );
+
+    for (input, why) in [
+        (
+            vec![
+                "--video",
+                fixtures().join("mtcnn/astronaut.png").to_str().unwrap(),
+            ],
+            "neither a YUV4MPEG2",
+        ),
+        (
+            vec![
+                "--video",
+                clip.to_str().unwrap(),
+                "--image",
+                fixtures().join("mtcnn/astronaut.png").to_str().unwrap(),
+            ],
+            "cannot be used with",
+        ),
+        (
+            vec!["--video", clip.to_str().unwrap(), "--max-seconds", "0"],
+            "positive number",
+        ),
+    ] {
+        let refused = prepare(
+            &input.iter().map(|s| &**s).collect::<Vec<_>>(),
+            &dir.join("x"),
+        );
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && err.contains(why),
+            "{input:?}: {err}"
+        );
+    }
+
+    // Silence: no inference, the clip itself plays (and the CPU stays free for the timing).
+    let server = cpu_server(["--avatar", bundle.to_str().unwrap()], "1", "200");
+    let report = publish(&PublishOptions {
+        base_url: server.base_url.clone(),
+        width: 64,
+        height: 48,
+        fps: 5,
+        duration: Duration::from_secs(5),
+        audio: AudioSignal::Speech {
+            pcm: Arc::new(vec![0; AUDIO_RATE as usize]),
+            click_period_ms: None,
+        },
+        keep_pictures: true,
+        ..Default::default()
+    })
+    .expect("publish");
+    let pictures = &report.received.unstamped_pictures;
+    let frames: Vec<VideoFrame> = b
+        .frames
+        .iter()
+        .map(|f| VideoFrame::from_rgb(&f.rgb, f.width, f.height).unwrap())
+        .collect();
+    let nearest: Vec<usize> = pictures
+        .iter()
+        .map(|p| {
+            let diff = |f: &VideoFrame| -> f64 {
+                p.y.iter()
+                    .zip(&f.y)
+                    .map(|(a, b)| (f64::from(*a) - f64::from(*b)).abs())
+                    .sum::<f64>()
+                    / f.y.len() as f64
+            };
+            (0..frames.len())
+                .min_by(|&i, &j| diff(&frames[i]).total_cmp(&diff(&frames[j])))
+                .unwrap()
+        })
+        .collect();
+    eprintln!("clip frames shown: {nearest:?}");
+    assert!(pictures.len() >= 75, "{} pictures in 5 s", pictures.len());
+    let mut seen = nearest.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    assert!(seen.len() >= 28, "the whole clip plays: {seen:?}");
+    // Back and forth: each picture is the clip frame next to the one before (lost packets
+    // aside), never a jump back to the start.
+    let steps_ok = nearest
+        .windows(2)
+        .filter(|w| w[0].abs_diff(w[1]) <= 2)
+        .count();
+    assert!(
+        steps_ok as f64 >= 0.9 * (nearest.len() - 1) as f64,
+        "the clip plays in order, back and forth: {nearest:?}"
+    );
+    assert!(
+        nearest.windows(3).any(|w| w[0] < w[1] && w[1] > w[2])
+            && nearest.windows(3).any(|w| w[0] > w[1] && w[1] < w[2]),
+        "it turns at both ends: {nearest:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Camera mode through a 2 s audio outage and a 10 s jump of the video timestamps: the stream
 /// goes on — every frame comes back, the audio resumes, the jumped video is re-anchored.
 #[test]

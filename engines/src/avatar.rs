@@ -4,10 +4,11 @@
 //! VAE means of the masked and of the reference crop, scaled by 0.18215) — so that serving a
 //! frame costs the UNet and the VAE decode only.
 //!
-//! Two `.safetensors` files: `NAME.safetensors` holds `rgb` [N, H, W, 3] in F16 (which holds
-//! bytes exactly, at half the size of F32) with `__metadata__` saying what made it;
-//! `NAME.latents.safetensors` holds `boxes` [N, 4], `masks` [N, 6] (`LowerFace::to_array`) and
-//! `latents` [N, 8, 32, 32] in F32. Bundles written before masks were kept use the default mask.
+//! Two `.safetensors` files: `NAME.safetensors` holds `rgb` [N, H, W, 3] in U8 with
+//! `__metadata__` saying what made it; `NAME.latents.safetensors` holds `boxes` [N, 4], `masks`
+//! [N, 6] (`LowerFace::to_array`) and `latents` [N, 8, 32, 32] in F32. Older bundles are read
+//! too: version 1 kept `rgb` in F16 (exact for bytes, but twice the size: a clip's frames are
+//! most of a bundle), and those written before masks were kept use the default mask.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,7 +19,11 @@ use crate::image::{FaceBox, LowerFace};
 use crate::models::mtcnn::Mtcnn;
 use crate::models::musetalk::{CROP, LATENT};
 use crate::tensor::Tensor;
-use crate::weights::{safetensors, Checkpoint, DType};
+use crate::weights::safetensors::{self, Blob};
+use crate::weights::{Checkpoint, DType};
+
+/// The bundle format this version writes.
+const VERSION: &str = "2";
 
 /// MuseTalk's latent scale (sd-vae-ft-mse).
 pub const LATENT_SCALE: f32 = 0.18215;
@@ -97,7 +102,10 @@ pub fn prepare(
         let faces = detector.detect(&rgb, width, height)?;
         let Crop::Face(face, mask) = tracker.update(Some(&faces), width, height) else {
             return Err(EngineError::Input {
-                name: format!("avatar frame {i}: no face found (MTCNN score >= 0.9)"),
+                name: format!(
+                    "avatar frame {i} (at {:.2} s): no face found (MTCNN score >= 0.9)",
+                    i as f64 * 0.04
+                ),
                 expected: vec![height, width, 3],
                 got: vec![],
             });
@@ -145,11 +153,20 @@ impl Bundle {
             return Err(EngineError::format(path, "avatar frames differ in size"));
         }
         let n = self.frames.len();
-        let rgb = self
-            .frames
-            .iter()
-            .flat_map(|f| f.rgb.iter().map(|&b| f32::from(b)))
-            .collect();
+        if self.frames.iter().any(|f| f.rgb.len() != w * h * 3) {
+            return Err(EngineError::format(
+                path,
+                "an avatar frame is not W x H x 3 bytes",
+            ));
+        }
+        let rgb = Blob {
+            shape: vec![n, h, w, 3],
+            bytes: self
+                .frames
+                .iter()
+                .flat_map(|f| f.rgb.iter().copied())
+                .collect(),
+        };
         let boxes = self
             .frames
             .iter()
@@ -157,32 +174,64 @@ impl Bundle {
             .collect();
         let masks = self.frames.iter().flat_map(|f| f.mask.to_array()).collect();
         let mut tensors = BTreeMap::new();
-        tensors.insert("rgb".to_string(), Tensor::new(vec![n, h, w, 3], rgb));
         tensors.insert("boxes".to_string(), Tensor::new(vec![n, 4], boxes));
         tensors.insert("masks".to_string(), Tensor::new(vec![n, 6], masks));
         tensors.insert("latents".to_string(), self.latents.clone());
-        // Boxes can pass 2048 px (F16's exact integers end there) and latents want F32.
         let mut meta = metadata.clone();
-        meta.insert("lipstream.avatar".into(), "1".into());
-        let (small, big): (BTreeMap<_, _>, BTreeMap<_, _>) =
-            tensors.into_iter().partition(|(k, _)| k == "rgb");
-        safetensors::write_with_metadata(path, &small, DType::F16, &meta)?;
+        meta.insert("lipstream.avatar".into(), VERSION.into());
+        safetensors::write_with_blobs(
+            path,
+            &BTreeMap::new(),
+            DType::F32,
+            &meta,
+            &BTreeMap::from([("rgb".to_string(), rgb)]),
+        )?;
+        // Boxes can pass 2048 px (F16's exact integers end there) and latents want F32.
         let side = path.with_extension("latents.safetensors");
-        safetensors::write(&side, &big, DType::F32)
+        safetensors::write(&side, &tensors, DType::F32)
     }
 
     /// Reads a bundle written by `write`.
     pub fn read(path: &Path) -> Result<Self> {
         let meta = safetensors::read_metadata(path)?;
-        if meta.get("lipstream.avatar").map(String::as_str) != Some("1") {
-            return Err(EngineError::format(path, "not a lipstream avatar bundle"));
+        let version = meta.get("lipstream.avatar").map(String::as_str);
+        if !matches!(version, Some("1" | VERSION)) {
+            return Err(EngineError::format(
+                path,
+                match version {
+                    None => "not a lipstream avatar bundle".to_string(),
+                    Some(v) => format!(
+                        "avatar bundle version {v}: this lipstream reads 1 and {VERSION} (prepare it again)"
+                    ),
+                },
+            ));
         }
-        let rgb = Checkpoint::open(path)?.load("rgb")?;
-        let side = Checkpoint::open(&path.with_extension("latents.safetensors"))?;
-        let (boxes, latents) = (side.load("boxes")?, side.load("latents")?);
-        let [n, h, w, _] = rgb.shape[..] else {
+        let pictures = Checkpoint::open(path)?;
+        let entry = pictures
+            .entry("rgb")
+            .ok_or_else(|| EngineError::format(path, "the bundle holds no rgb frames"))?;
+        let shape = entry.shape.clone();
+        let [n, h, w, 3] = shape[..] else {
             return Err(EngineError::format(path, "rgb is not [N, H, W, 3]"));
         };
+        let rgb: Vec<u8> = if entry.dtype == DType::Other("U8".into()) {
+            pictures.bytes("rgb")?
+        } else {
+            pictures
+                .load("rgb")?
+                .data
+                .iter()
+                .map(|&v| v.clamp(0.0, 255.0) as u8)
+                .collect()
+        };
+        if rgb.len() != n * h * w * 3 {
+            return Err(EngineError::format(
+                path,
+                "rgb holds the wrong number of bytes",
+            ));
+        }
+        let side = Checkpoint::open(&path.with_extension("latents.safetensors"))?;
+        let (boxes, latents) = (side.load("boxes")?, side.load("latents")?);
         if boxes.shape != [n, 4] || latents.shape != [n, 8, LATENT, LATENT] {
             return Err(EngineError::format(
                 path,
@@ -212,10 +261,7 @@ impl Bundle {
             .map(|i| AvatarFrame {
                 width: w,
                 height: h,
-                rgb: rgb.data[i * h * w * 3..(i + 1) * h * w * 3]
-                    .iter()
-                    .map(|&v| v as u8)
-                    .collect(),
+                rgb: rgb[i * h * w * 3..(i + 1) * h * w * 3].to_vec(),
                 face: FaceBox {
                     x0: boxes.data[4 * i],
                     y0: boxes.data[4 * i + 1],

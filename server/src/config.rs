@@ -101,6 +101,20 @@ pub enum ExecutorChoice {
     Cuda,
 }
 
+impl ExecutorChoice {
+    /// Whether the CUDA executor runs: `auto` takes it when the GPU and the libraries it needs
+    /// (NVRTC too when kernels must be `compile`d) are here, `cuda` is an error without them.
+    pub fn cuda(self, compile: bool) -> anyhow::Result<bool> {
+        match self {
+            ExecutorChoice::Cpu => Ok(false),
+            ExecutorChoice::Auto => Ok(lipstream_gpu::device::executor_choice(compile).is_ok()),
+            ExecutorChoice::Cuda => lipstream_gpu::device::executor_choice(compile)
+                .map(|_| true)
+                .map_err(|why| anyhow::anyhow!("--executor cuda, but no CUDA here: {why}")),
+        }
+    }
+}
+
 /// The lip-sync pipeline's settings (absent: frames pass through).
 #[derive(Clone, Debug)]
 pub struct LipsyncConfig {

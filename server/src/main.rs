@@ -39,12 +39,25 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum AvatarCmd {
-    /// Make an avatar bundle from a picture: the face box (MTCNN) and the VAE latents of the
-    /// masked and reference crops, so that serving a frame costs the UNet and the decode only.
+    /// Make an avatar bundle from a picture or a clip: each frame's face box (MTCNN, smoothed
+    /// across frames), blend mask and the VAE latents of its masked and reference crops, so
+    /// that serving a frame costs the UNet and the decode only.
+    #[command(group(clap::ArgGroup::new("input").required(true).args(["image", "video"])))]
     Prepare {
         /// A PNG picture with one face (RGB, RGBA or grey).
         #[arg(long)]
-        image: PathBuf,
+        image: Option<PathBuf>,
+        /// A clip with one face: `.mp4` (H.264) or `.y4m`, taken at 25 fps (its pictures
+        /// dropped or repeated by their time stamps); the avatar loops it back and forth.
+        #[arg(long)]
+        video: Option<PathBuf>,
+        /// The clip's first seconds taken (each frame is kept whole in the bundle).
+        #[arg(long, default_value_t = 10.0)]
+        max_seconds: f64,
+        /// Runs the VAE encoder: cuda (fp16, the engine's precision), cpu (the reference
+        /// executor, seconds a frame at full size) or auto (cuda when present).
+        #[arg(long, value_enum, default_value_t = lipstream::config::ExecutorChoice::Auto)]
+        executor: lipstream::config::ExecutorChoice,
         /// The models folder whose VAE the engine uses (`models synth|pull`).
         #[arg(long)]
         models: PathBuf,
@@ -236,10 +249,20 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Avatar(AvatarCmd::Prepare {
             image,
+            video,
+            max_seconds,
+            executor,
             models,
             mtcnn,
             out,
-        }) => avatar_prepare(&image, &models, mtcnn.as_deref(), &out),
+        }) => {
+            let input = match (image, video) {
+                (Some(p), None) => AvatarInput::Image(p),
+                (None, Some(p)) => AvatarInput::Video(p, max_seconds),
+                _ => anyhow::bail!("give one of --image and --video"),
+            };
+            avatar_prepare(&input, executor, &models, mtcnn.as_deref(), &out)
+        }
         Cmd::Engine(EngineCmd::Build {
             models,
             mode,
@@ -403,49 +426,72 @@ fn read_png(path: &std::path::Path) -> anyhow::Result<(Vec<u8>, usize, usize)> {
     Ok((rgb, w, h))
 }
 
+/// What `avatar prepare` starts from.
+enum AvatarInput {
+    Image(PathBuf),
+    /// A clip and how many of its first seconds to take.
+    Video(PathBuf, f64),
+}
+
 fn avatar_prepare(
-    image: &std::path::Path,
+    input: &AvatarInput,
+    executor: lipstream::config::ExecutorChoice,
     models: &std::path::Path,
     mtcnn: Option<&std::path::Path>,
     out: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use lipstream_engines::models::config::{self, VaeConfig};
     use lipstream_engines::models::mtcnn::{Mtcnn, MtcnnParams};
-    use lipstream_engines::weights::Weights;
 
-    let picture = read_png(image)?;
+    let (source, frames) = match input {
+        AvatarInput::Image(path) => (path, vec![read_png(path)?]),
+        AvatarInput::Video(path, max_seconds) => {
+            if !(max_seconds.is_finite() && *max_seconds > 0.0) {
+                anyhow::bail!("--max-seconds {max_seconds}: give a positive number of seconds");
+            }
+            let clip = lipstream::media::clip::read_at_25fps(path, max_seconds * 1000.0)
+                .map_err(|e| anyhow::anyhow!("--video {}: {e}", path.display()))?;
+            let mut rgb = Vec::new();
+            let frames = clip
+                .iter()
+                .map(|f| {
+                    lipstream_engines::image::to_rgb(&f.planes(), &mut rgb);
+                    (std::mem::take(&mut rgb), f.width, f.height)
+                })
+                .collect();
+            (path, frames)
+        }
+    };
     let mtcnn_dir = mtcnn.map_or_else(|| models.join("mtcnn"), |p| p.to_path_buf());
     let mut detector = Mtcnn::open(&mtcnn_dir, MtcnnParams::default())
         .map_err(|e| anyhow::anyhow!("MTCNN weights in {}: {e}", mtcnn_dir.display()))?;
-    let cfg: VaeConfig = config::read(&models.join("sd-vae/config.json"))?;
-    let w = Weights::open(&models.join("sd-vae/diffusion_pytorch_model.safetensors"))?;
-    let enc = lipstream_engines::models::vae::build_encoder(
-        &w.root(""),
-        &cfg,
-        2,
-        lipstream_engines::models::musetalk::CROP,
-    )?;
-    let bar = indicatif::ProgressBar::new(1);
-    bar.set_message("frames");
+    let mut encoder = lipstream::engine::CropEncoder::open(models, executor.cuda(true)?)?;
+    eprintln!(
+        "{} frame(s) from {}, VAE encoder on the {} executor",
+        frames.len(),
+        source.display(),
+        encoder.executor()
+    );
+    let bar = indicatif::ProgressBar::new(frames.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} frames, {eta} left")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let bundle = lipstream_engines::avatar::prepare(
-        vec![picture],
+        frames,
         &mut detector,
-        |x| {
-            Ok(lipstream_engines::cpu::run(&enc, &[("image", x)])?
-                .remove(0)
-                .1)
-        },
+        |x| encoder.encode(x),
         |n| bar.set_position(n as u64),
     )?;
     bar.finish();
     let meta = std::collections::BTreeMap::from([
-        ("source".to_string(), image.display().to_string()),
+        ("source".to_string(), source.display().to_string()),
         ("models".to_string(), models.display().to_string()),
+        ("executor".to_string(), encoder.executor().to_string()),
     ]);
     bundle.write(out, &meta)?;
     let f = &bundle.frames[0];
     println!(
-        "wrote {} ({} frame {}x{}, face box {:.0},{:.0} - {:.0},{:.0})",
+        "wrote {} ({} frame(s) {}x{}, first face box {:.0},{:.0} - {:.0},{:.0})",
         out.display(),
         bundle.frames.len(),
         f.width,

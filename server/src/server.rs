@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use tokio::net::{TcpListener, UdpSocket};
 
-use crate::config::{ExecutorChoice, LipsyncConfig, ServeConfig};
+use crate::config::{LipsyncConfig, ServeConfig};
 use crate::http::{router, AppState};
 use crate::lipsync::{
     AvatarAssets, AvatarStage, CameraStage, CameraStageConfig, ModelSource, Renderer,
@@ -111,15 +111,7 @@ async fn lipsync_stage(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<StageFactory> {
     let compile = matches!(config.source, ModelSource::Models(_));
-    let cuda = match config.executor {
-        ExecutorChoice::Cpu => false,
-        ExecutorChoice::Auto => lipstream_gpu::device::executor_choice(compile).is_ok(),
-        ExecutorChoice::Cuda => {
-            lipstream_gpu::device::executor_choice(compile)
-                .map_err(|why| anyhow::anyhow!("--executor cuda, but no CUDA here: {why}"))?;
-            true
-        }
-    };
+    let cuda = config.executor.cuda(compile)?;
     let batches = if !config.batches.is_empty() {
         config.batches.clone()
     } else if cuda || matches!(config.source, ModelSource::Engine(_)) {

@@ -185,7 +185,7 @@ impl Checkpoint {
         self.entries.get(key)
     }
 
-    /// Reads one 1-d `U8` entry of a safetensors file as bytes (see `safetensors::write_with_blobs`).
+    /// Reads one `U8` entry of a safetensors file as bytes (see `safetensors::write_with_blobs`).
     pub fn bytes(&self, key: &str) -> Result<Vec<u8>> {
         let entry = self
             .entries

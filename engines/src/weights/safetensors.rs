@@ -130,19 +130,49 @@ pub fn write_with_metadata(
     write_with_blobs(path, tensors, dtype, metadata, &BTreeMap::new())
 }
 
-/// Like `write_with_metadata`, plus raw byte strings stored as 1-d `U8` tensors after the
-/// tensors (compiled kernels in an engine file); `Checkpoint::bytes` reads one back.
+/// Raw bytes stored as a `U8` tensor: 1-d for byte strings (compiled kernels), or with a shape
+/// (8-bit pictures, [N, H, W, 3]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Blob {
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl From<Vec<u8>> for Blob {
+    fn from(bytes: Vec<u8>) -> Self {
+        Blob {
+            shape: vec![bytes.len()],
+            bytes,
+        }
+    }
+}
+
+/// Like `write_with_metadata`, plus blobs stored as `U8` tensors after the tensors (compiled
+/// kernels in an engine file, pictures in an avatar bundle); `Checkpoint::bytes` reads one back.
 pub fn write_with_blobs(
     path: &Path,
     tensors: &BTreeMap<String, crate::Tensor>,
     dtype: DType,
     metadata: &BTreeMap<String, String>,
-    blobs: &BTreeMap<String, Vec<u8>>,
+    blobs: &BTreeMap<String, Blob>,
 ) -> Result<()> {
     if let Some(key) = blobs.keys().find(|k| tensors.contains_key(*k)) {
         return Err(EngineError::format(
             path,
             format!("{key} is both a tensor and a blob"),
+        ));
+    }
+    if let Some((key, b)) = blobs
+        .iter()
+        .find(|(_, b)| b.shape.iter().product::<usize>() != b.bytes.len())
+    {
+        return Err(EngineError::format(
+            path,
+            format!(
+                "{key}: {} bytes are no {:?} U8 tensor",
+                b.bytes.len(),
+                b.shape
+            ),
         ));
     }
     let size = dtype
@@ -165,10 +195,10 @@ pub fn write_with_blobs(
         offset = end;
     }
     for (key, b) in blobs {
-        let end = offset + b.len();
+        let end = offset + b.bytes.len();
         header.insert(
             key.clone(),
-            serde_json::json!({ "dtype": "U8", "shape": [b.len()], "data_offsets": [offset, end] }),
+            serde_json::json!({ "dtype": "U8", "shape": b.shape, "data_offsets": [offset, end] }),
         );
         offset = end;
     }
@@ -187,7 +217,7 @@ pub fn write_with_blobs(
         f.write_all(&dtype.encode(&t.data)).map_err(io)?;
     }
     for b in blobs.values() {
-        f.write_all(b).map_err(io)?;
+        f.write_all(&b.bytes).map_err(io)?;
     }
     f.flush().map_err(io)
 }
@@ -236,11 +266,35 @@ mod tests {
             &BTreeMap::from([("w".to_string(), t.clone())]),
             DType::F16,
             &meta,
-            &BTreeMap::from([("k".to_string(), blob.clone())]),
+            &BTreeMap::from([
+                ("k".to_string(), Blob::from(blob.clone())),
+                (
+                    "pictures".to_string(),
+                    Blob {
+                        shape: vec![1, 2, 2, 3],
+                        bytes: (0..12).collect(),
+                    },
+                ),
+            ]),
         )
         .unwrap();
         let c = Checkpoint::open(&path).unwrap();
         assert_eq!(c.bytes("k").unwrap(), blob);
+        assert_eq!(c.bytes("pictures").unwrap(), (0..12).collect::<Vec<u8>>());
+        assert_eq!(c.entry("pictures").unwrap().shape, vec![1, 2, 2, 3]);
+        let wrong = Blob {
+            shape: vec![2, 2],
+            bytes: vec![1, 2, 3],
+        };
+        let err = write_with_blobs(
+            &dir.join("wrong.safetensors"),
+            &BTreeMap::new(),
+            DType::F32,
+            &meta,
+            &BTreeMap::from([("p".to_string(), wrong)]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("3 bytes are no [2, 2]"), "{err}");
         assert_eq!(c.load("w").unwrap(), t);
         assert!(c.load("k").is_err());
         assert!(c.bytes("w").unwrap_err().to_string().contains("U8"));

@@ -197,7 +197,7 @@ pub fn build(
     let meta = BTreeMap::from([(META_KEY.to_string(), serde_json::to_string(&header)?)]);
     let blobs = images
         .into_iter()
-        .map(|(family, image)| (format!("{KERNELS}{family}"), image))
+        .map(|(family, image)| (format!("{KERNELS}{family}"), image.into()))
         .collect();
     safetensors::write_with_blobs(out, &tensors, DType::F16, &meta, &blobs)
         .with_context(|| format!("writing {}", out.display()))?;
@@ -557,7 +557,7 @@ mod tests {
         let meta = BTreeMap::from([(META_KEY.to_string(), serde_json::to_string(h).unwrap())]);
         let blobs = images()
             .into_iter()
-            .map(|(f, i)| (format!("{KERNELS}{f}"), i))
+            .map(|(f, i)| (format!("{KERNELS}{f}"), i.into()))
             .collect();
         safetensors::write_with_blobs(path, &tensors, DType::F16, &meta, &blobs).unwrap();
     }

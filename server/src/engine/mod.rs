@@ -391,6 +391,57 @@ fn step_profile(rt: &Runtime, ex: &Executor, stage: Stage, batch: usize) -> anyh
     }))
 }
 
+/// The VAE encoder avatar preparation runs on each frame's two crops ([2, 3, 256, 256] in
+/// [-1, 1] to the latent means [2, 4, 32, 32]): on the GPU (fp16, like the engine that will
+/// decode them) or on the CPU reference executor, which takes seconds a frame at full size.
+pub enum CropEncoder {
+    Cpu(Graph),
+    Cuda { rt: Box<Runtime>, ex: Box<Executor> },
+}
+
+impl CropEncoder {
+    /// The encoder of the VAE in `models` (a `models synth|pull` folder).
+    pub fn open(models: &Path, cuda: bool) -> anyhow::Result<Self> {
+        let cfg: VaeConfig = config::read(&models.join("sd-vae/config.json"))?;
+        let w = Weights::open(&models.join("sd-vae/diffusion_pytorch_model.safetensors"))?;
+        let g = vae::build_encoder(&w.root(""), &cfg, 2, CROP)?;
+        if !cuda {
+            return Ok(CropEncoder::Cpu(g));
+        }
+        let mut rt = Runtime::new(Device::open(0).context("opening GPU 0")?)?;
+        let ex = Executor::new(&mut rt, &g, "", Options { tune: true })
+            .context("building the VAE encoder on the GPU")?;
+        rt.finish_building()?;
+        Ok(CropEncoder::Cuda {
+            rt: Box::new(rt),
+            ex: Box::new(ex),
+        })
+    }
+
+    /// Which executor runs it, for logs and the bundle's metadata.
+    pub fn executor(&self) -> &'static str {
+        match self {
+            CropEncoder::Cpu(_) => "cpu",
+            CropEncoder::Cuda { .. } => "cuda",
+        }
+    }
+
+    pub fn encode(&mut self, crops: &Tensor) -> lipstream_engines::Result<Tensor> {
+        let mut out = match self {
+            CropEncoder::Cpu(g) => cpu::run(g, &[("image", crops)])?,
+            CropEncoder::Cuda { rt, ex } => ex
+                .run_f32(rt, &[("image", crops)])
+                .map_err(|e| lipstream_engines::EngineError::Executor(e.to_string()))?,
+        };
+        if out.is_empty() {
+            return Err(lipstream_engines::EngineError::Executor(
+                "the VAE encoder has no output".into(),
+            ));
+        }
+        Ok(out.swap_remove(0).1)
+    }
+}
+
 /// Runs each model at full size on both executors with the same random inputs and reports the
 /// relative L2 error of every output; with `dump`, also writes inputs and both executors'
 /// outputs for `scripts/device/torch_check.py`.

@@ -1,9 +1,11 @@
 //! The media path: codecs, decoded frames and audio, the pipeline stage, the per-session worker.
 
 pub mod audio;
+pub mod clip;
 pub mod codec;
 pub mod frame;
 pub mod hold;
+pub mod mp4;
 pub mod stage;
 pub mod wav;
 pub mod worker;

@@ -1,0 +1,145 @@
+//! Video files read whole for preparation work (`avatar prepare --video`): a `.y4m` (raw 4:2:0)
+//! or an `.mp4` (H.264), told apart by their first bytes, resampled to the pipeline's 25 fps by
+//! presentation time so that a 30 or 60 fps clip plays at its own speed when the avatar loops it.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::media::frame::VideoFrame;
+use crate::media::{mp4, y4m};
+
+/// The pipeline's frame period (25 fps).
+pub const FRAME_MS: f64 = 40.0;
+
+/// The frames of `path` at 25 fps, at most `max_ms` of them from the start.
+pub fn read_at_25fps(path: &Path, max_ms: f64) -> Result<Vec<VideoFrame>, String> {
+    let mut magic = [0u8; 12];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .map_err(|e| format!("cannot open: {e}"))?;
+    let magic = &magic[..n];
+    let (times, frames): (Vec<f64>, Vec<VideoFrame>) = if magic.starts_with(b"YUV4MPEG2") {
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+        let clip = y4m::parse(&bytes)?;
+        // Without an F field the clip is taken to be at the pipeline's rate.
+        let (num, den) = clip.fps.unwrap_or((25, 1));
+        let period_ms = 1000.0 * f64::from(den) / f64::from(num);
+        let times = (0..clip.frames.len())
+            .map(|i| i as f64 * period_ms)
+            .collect();
+        (times, clip.frames)
+    } else if magic.get(4..8) == Some(b"ftyp") {
+        mp4::read(path, max_ms + 1000.0)?
+            .into_iter()
+            .map(|p| (p.ms, p.frame))
+            .unzip()
+    } else {
+        return Err(
+            "neither a YUV4MPEG2 (.y4m) nor an MP4 file: convert it with \
+             `ffmpeg -i IN -c:v libx264 OUT.mp4` (or `-pix_fmt yuv420p OUT.y4m`)"
+                .into(),
+        );
+    };
+    let mut frames: Vec<Option<VideoFrame>> = frames.into_iter().map(Some).collect();
+    let picks = at_rate(&times, FRAME_MS, max_ms);
+    if picks.is_empty() {
+        return Err("the clip has no pictures".into());
+    }
+    // Each source picture is moved out once and cloned only where a slower clip repeats it.
+    let mut out = Vec::with_capacity(picks.len());
+    for (k, &i) in picks.iter().enumerate() {
+        let repeated = picks.get(k + 1) == Some(&i);
+        let frame = if repeated {
+            frames[i].clone()
+        } else {
+            frames[i].take()
+        };
+        out.push(frame.ok_or("a picture was picked twice out of order")?);
+    }
+    if out
+        .iter()
+        .any(|f| (f.width, f.height) != (out[0].width, out[0].height))
+    {
+        return Err("the clip's pictures change size".into());
+    }
+    Ok(out)
+}
+
+/// For output frames at 0, `period_ms`, 2 `period_ms`, .. below `max_ms` and the clip's end:
+/// the index of the source picture showing at each (the last one starting at or before it).
+/// `times_ms` are the source pictures' start times, ascending; the last one lasts as long as
+/// the one before it.
+pub fn at_rate(times_ms: &[f64], period_ms: f64, max_ms: f64) -> Vec<usize> {
+    let Some(&last) = times_ms.last() else {
+        return Vec::new();
+    };
+    let tail = match times_ms {
+        [.., a, b] => b - a,
+        _ => period_ms,
+    };
+    let end_ms = (last + tail).min(max_ms);
+    let mut out = Vec::new();
+    let mut i = 0;
+    // A picture counts as showing from slightly before its time stamp: time stamps in ticks of
+    // 1/30 s do not land exactly on multiples of 40 ms.
+    let eps = 1e-6;
+    let mut k = 0u64;
+    loop {
+        let t = k as f64 * period_ms;
+        if t >= end_ms - eps {
+            break;
+        }
+        while i + 1 < times_ms.len() && times_ms[i + 1] <= t + eps {
+            i += 1;
+        }
+        out.push(i);
+        k += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faster_clips_drop_pictures_slower_ones_repeat_them() {
+        let t30: Vec<f64> = (0..30).map(|i| i as f64 * 1000.0 / 30.0).collect();
+        let p = at_rate(&t30, 40.0, 10_000.0);
+        // One second of 30 fps makes 25 frames, the picture showing at each 40 ms.
+        assert_eq!(p.len(), 25);
+        assert_eq!(&p[..6], &[0, 1, 2, 3, 4, 6]);
+        assert_eq!(p[24], 28);
+
+        let t10: Vec<f64> = (0..5).map(|i| i as f64 * 100.0).collect();
+        assert_eq!(
+            at_rate(&t10, 40.0, 10_000.0),
+            vec![0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4]
+        );
+
+        // Same rate: every picture once; and the limit cuts.
+        let t25: Vec<f64> = (0..50).map(|i| i as f64 * 40.0).collect();
+        assert_eq!(at_rate(&t25, 40.0, 10_000.0), (0..50).collect::<Vec<_>>());
+        assert_eq!(at_rate(&t25, 40.0, 400.0), (0..10).collect::<Vec<_>>());
+        assert_eq!(at_rate(&[0.0], 40.0, 1000.0), vec![0]);
+        assert!(at_rate(&[], 40.0, 1000.0).is_empty());
+    }
+
+    #[test]
+    fn files_that_are_no_video_say_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("lipstream-clip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join("x.png");
+        std::fs::write(&png, b"\x89PNG\r\n\x1a\n....").unwrap();
+        let e = read_at_25fps(&png, 1000.0).unwrap_err();
+        assert!(e.contains("ffmpeg"), "{e}");
+        let fake = dir.join("x.mp4");
+        std::fs::write(&fake, b"\0\0\0\x18ftypisom\0\0\0\0").unwrap();
+        let e = read_at_25fps(&fake, 1000.0).unwrap_err();
+        assert!(e.contains("MP4") || e.contains("video track"), "{e}");
+        assert!(read_at_25fps(&dir.join("missing.mp4"), 1000.0)
+            .unwrap_err()
+            .contains("cannot open"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
