@@ -112,7 +112,7 @@ impl AvcConfig {
 /// The profiles openh264 decodes: 8-bit 4:2:0 ones.
 fn profile_supported(profile: u8) -> Result<(), String> {
     match profile {
-        66 | 77 | 88 | 100 => Ok(()),
+        66 | 77 | 100 => Ok(()),
         110 => Err("High 10".into()),
         122 => Err("High 4:2:2".into()),
         244 => Err("High 4:4:4".into()),
