@@ -82,6 +82,22 @@ fn cpu_server(mode: [&str; 2], batches: &str, budget_ms: &str) -> common::Server
     ])
 }
 
+/// `lipstream avatar prepare` on the CPU with the tiny model and the real MTCNN; `input` is
+/// `--image FILE` or `--video FILE` and more flags.
+fn prepare(input: &[&str], out: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lipstream"))
+        .args(["avatar", "prepare", "--executor", "cpu"])
+        .args(input)
+        .arg("--models")
+        .arg(fixtures().join("tiny"))
+        .arg("--mtcnn")
+        .arg(fixtures().join("mtcnn"))
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("run avatar prepare")
+}
+
 /// Mean absolute luma difference inside and outside the face box's blend region.
 fn region_diffs(a: &VideoFrame, b: &VideoFrame, face: [f32; 4]) -> (f64, f64) {
     let [x0, y0, x1, y1] = face;
@@ -247,22 +263,11 @@ fn frames_without_a_face_pass_through_untouched_and_are_counted() {
 #[test]
 fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
     let _turn = one_at_a_time();
-    let models = fixtures().join("tiny");
-    let mtcnn = fixtures().join("mtcnn");
     let dir = std::env::temp_dir().join(format!("lipstream-avatar-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bundle = dir.join("astronaut.safetensors");
-    let prepared = std::process::Command::new(env!("CARGO_BIN_EXE_lipstream"))
-        .args(["avatar", "prepare", "--image"])
-        .arg(fixtures().join("mtcnn/astronaut.png"))
-        .arg("--models")
-        .arg(&models)
-        .arg("--mtcnn")
-        .arg(&mtcnn)
-        .arg("--out")
-        .arg(&bundle)
-        .output()
-        .expect("run avatar prepare");
+    let photo = fixtures().join("mtcnn/astronaut.png");
+    let prepared = prepare(&["--image", photo.to_str().unwrap()], &bundle);
     assert!(prepared.status.success(), "{prepared:?}");
     let server = cpu_server(["--avatar", bundle.to_str().unwrap()], "1", "3000");
     let report = publish(&PublishOptions {
@@ -319,7 +324,7 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
     let base = VideoFrame::from_rgb(&rgb, w, h).expect("picture");
     let face = [181.05, 62.16, 267.75, 172.05 + 10.0];
     let mut changed = 0;
-    for picture in pictures {
+    for (_, picture) in pictures {
         assert_eq!((picture.width, picture.height), (base.width, base.height));
         let (inside, outside) = region_diffs(picture, &base, face);
         assert!(
@@ -335,6 +340,93 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Avatar mode keeps the mouth with its sound: the publisher speaks in bursts (1 s of voice,
+/// 2 s of silence) with a click every second: on each burst's start, as it ends, and in the
+/// silence. Every sound after silence opens the mouth (a lone click for one frame), and that
+/// frame reaches the viewer when the click does, within a frame.
+#[test]
+fn avatar_mode_shows_speech_starting_with_its_sound() {
+    let _turn = one_at_a_time();
+    let dir = std::env::temp_dir().join(format!("lipstream-avatar-av-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = dir.join("astronaut.safetensors");
+    let photo = fixtures().join("mtcnn/astronaut.png");
+    let prepared = prepare(&["--image", photo.to_str().unwrap()], &bundle);
+    assert!(prepared.status.success(), "{prepared:?}");
+    let server = cpu_server(["--avatar", bundle.to_str().unwrap()], "1", "3000");
+    let mut pcm = tone_pcm(220.0, AUDIO_RATE);
+    pcm.resize(3 * AUDIO_RATE as usize, 0);
+    let report = publish(&PublishOptions {
+        base_url: server.base_url.clone(),
+        width: 64,
+        height: 48,
+        fps: 5,
+        // A frame renders once 1080 ms of audio past it has come (see `cpu_server`): the
+        // last burst's start needs that much after it.
+        duration: Duration::from_millis(9_500),
+        linger: Duration::from_millis(5000),
+        audio: AudioSignal::Speech {
+            pcm: Arc::new(pcm),
+            click_period_ms: Some(1000),
+        },
+        keep_pictures: true,
+        ..Default::default()
+    })
+    .expect("publish");
+    let figures = SessionFigures::of(&report, 9.5);
+    let mut audio: Vec<f64> = figures.audio_latency_ms.iter().map(|(_, l)| *l).collect();
+    audio.sort_by(f64::total_cmp);
+    assert!(audio.len() >= 6, "clicks come back: {audio:?}");
+    let audio_ms = audio[audio.len() / 2];
+
+    let (rgb, w, h) = astronaut_rgb();
+    let base = VideoFrame::from_rgb(&rgb, w, h).expect("picture");
+    let face = [181.05, 62.16, 267.75, 172.05 + 10.0];
+    let diffs: Vec<(f64, f64)> = report
+        .received
+        .unstamped_pictures
+        .iter()
+        .map(|(at, p)| (*at, region_diffs(p, &base, face).0))
+        .collect();
+    let mut offsets = Vec::new();
+    let first = report.clicks_sent_ms.first().copied().unwrap_or(0.0);
+    let mut measured = 0;
+    // Click 0 starts the stream too, and clicks 1, 4, 7 come as a burst ends: no silence
+    // before them. The last second's frames never render (their lookahead never comes).
+    for (k, sent) in report.clicks_sent_ms.iter().enumerate() {
+        if k == 0 || k % 3 == 1 || sent - first > 9_500.0 - 1_200.0 {
+            continue;
+        }
+        measured += 1;
+        let due = sent + audio_ms;
+        let near: Vec<usize> = (1..diffs.len())
+            .filter(|&i| (due - 120.0..due + 200.0).contains(&diffs[i].0))
+            .collect();
+        eprintln!(
+            "click {k} sent at {sent:.0} ms, due back at {due:.0}: frames {:?}",
+            near.iter()
+                .map(|&i| format!("{:+.0} ms: {:.1}", diffs[i].0 - due, diffs[i].1))
+                .collect::<Vec<_>>()
+        );
+        // The first frame with its mouth changed, after one untouched (codec noise aside: the
+        // encoder's first seconds are coarser).
+        if let Some(&i) = near.iter().find(|&&i| diffs[i].1 > diffs[i - 1].1 + 4.0) {
+            offsets.push(audio_ms - (diffs[i].0 - sent));
+        }
+    }
+    eprintln!("audio latency {audio_ms:.0} ms; audio minus video at each click: {offsets:?}");
+    assert!(measured >= 4, "{} clicks sent", report.clicks_sent_ms.len());
+    assert_eq!(
+        offsets.len(),
+        measured,
+        "every sound after silence opens the mouth: {offsets:?}"
+    );
+    for o in &offsets {
+        assert!(o.abs() <= 40.0, "A/V offset {o:.1} ms: {offsets:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `avatar prepare --video` on a real H.264 clip (High profile, B-frames, 30 fps, the picture
 /// panning): 25 fps frames whose face boxes follow the pan smoothly; served, the avatar plays
 /// the clip back and forth. Bad inputs are refused with a reason.
@@ -344,19 +436,6 @@ fn a_prepared_clip_follows_its_face_and_the_avatar_plays_it_back_and_forth() {
     let dir = std::env::temp_dir().join(format!("lipstream-clip-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bundle = dir.join("clip.safetensors");
-    let prepare = |input: &[&str], out: &Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_lipstream"))
-            .args(["avatar", "prepare", "--executor", "cpu"])
-            .args(input)
-            .arg("--models")
-            .arg(fixtures().join("tiny"))
-            .arg("--mtcnn")
-            .arg(fixtures().join("mtcnn"))
-            .arg("--out")
-            .arg(out)
-            .output()
-            .expect("run avatar prepare")
-    };
     let clip = fixtures().join("clip/talk.mp4");
     let made = prepare(&["--video", clip.to_str().unwrap()], &bundle);
     assert!(made.status.success(), "{made:?}");
@@ -440,7 +519,7 @@ fn a_prepared_clip_follows_its_face_and_the_avatar_plays_it_back_and_forth() {
         .collect();
     let nearest: Vec<usize> = pictures
         .iter()
-        .map(|p| {
+        .map(|(_, p)| {
             let diff = |f: &VideoFrame| -> f64 {
                 p.y.iter()
                     .zip(&f.y)

@@ -63,8 +63,9 @@ pub struct Received {
     pub frames_undecodable: u32,
     /// Returned pictures by frame id, when the session keeps them.
     pub pictures: Vec<(u32, crate::media::frame::VideoFrame)>,
-    /// Returned pictures without a stamp (an avatar the server made), when the session keeps them.
-    pub unstamped_pictures: Vec<crate::media::frame::VideoFrame>,
+    /// Returned pictures without a stamp (an avatar the server made) and when each was decoded,
+    /// on the stamp clock (ms), when the session keeps them.
+    pub unstamped_pictures: Vec<(f64, crate::media::frame::VideoFrame)>,
 }
 
 impl Received {
@@ -229,7 +230,9 @@ impl Peer {
                     None => {
                         self.received.frames_unstamped += 1;
                         if self.keep_pictures {
-                            self.received.unstamped_pictures.push(frame);
+                            self.received
+                                .unstamped_pictures
+                                .push((stamp_clock_ms(now), frame));
                         }
                     }
                 }
