@@ -101,13 +101,9 @@ pub fn prepare(
     for (i, (rgb, width, height)) in frames.into_iter().enumerate() {
         let faces = detector.detect(&rgb, width, height)?;
         let Crop::Face(face, mask) = tracker.update(Some(&faces), width, height) else {
-            return Err(EngineError::Input {
-                name: format!(
-                    "avatar frame {i} (at {:.2} s): no face found (MTCNN score >= 0.9)",
-                    i as f64 * 0.04
-                ),
-                expected: vec![height, width, 3],
-                got: vec![],
+            return Err(EngineError::NoFace {
+                frame: i,
+                seconds: i as f64 * 0.04,
             });
         };
         let reference = crop_rgb(&rgb, width, height, &face, CROP);

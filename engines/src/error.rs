@@ -47,6 +47,11 @@ pub enum EngineError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    /// A picture given to make an avatar from shows no face the detector trusts.
+    #[error(
+        "avatar frame {frame} (at {seconds:.2} s): no face found (MTCNN score >= 0.9); every frame needs the face in view"
+    )]
+    NoFace { frame: usize, seconds: f64 },
     /// A model run on another executor (the CUDA engine) failed.
     #[error("executor: {0}")]
     Executor(String),

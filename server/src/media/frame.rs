@@ -84,6 +84,44 @@ impl VideoFrame {
         }
     }
 
+    /// The picture turned `quarter_turns` times a quarter counter-clockwise (a video's display
+    /// matrix: phones store portrait clips on their side).
+    pub fn turned_counter_clockwise(&self, quarter_turns: u8) -> VideoFrame {
+        let (w, h) = (self.width, self.height);
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let turn = |plane: &[u8], w: usize, h: usize| -> Vec<u8> {
+            let at = |x: usize, y: usize| plane.get(y * w + x).copied().unwrap_or(0);
+            match quarter_turns % 4 {
+                0 => plane.to_vec(),
+                // The top row becomes the left column, read from the bottom up.
+                1 => (0..w)
+                    .flat_map(|y| (0..h).map(move |x| (x, y)))
+                    .map(|(x, y)| at(w - 1 - y, x))
+                    .collect(),
+                2 => (0..h)
+                    .flat_map(|y| (0..w).map(move |x| (x, y)))
+                    .map(|(x, y)| at(w - 1 - x, h - 1 - y))
+                    .collect(),
+                _ => (0..w)
+                    .flat_map(|y| (0..h).map(move |x| (x, y)))
+                    .map(|(x, y)| at(y, h - 1 - x))
+                    .collect(),
+            }
+        };
+        let (width, height) = if quarter_turns % 2 == 1 {
+            (h, w)
+        } else {
+            (w, h)
+        };
+        VideoFrame {
+            width,
+            height,
+            y: turn(&self.y, w, h),
+            u: turn(&self.u, cw, ch),
+            v: turn(&self.v, cw, ch),
+        }
+    }
+
     /// Copies a picture out of any strided YUV source (e.g. the decoder's buffers).
     pub fn from_yuv(src: &impl YUVSource) -> Self {
         let (width, height) = src.dimensions();
@@ -131,5 +169,40 @@ impl YUVSource for VideoFrame {
 
     fn v(&self) -> &[u8] {
         &self.v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarter_turns_move_every_plane_and_swap_the_size() {
+        // 4x2, every byte its own: luma 0..8, chroma 2x1 per plane.
+        let f = VideoFrame {
+            width: 4,
+            height: 2,
+            y: (0..8).collect(),
+            u: vec![100, 101],
+            v: vec![200, 201],
+        };
+        let ccw = f.turned_counter_clockwise(1);
+        assert_eq!((ccw.width, ccw.height), (2, 4));
+        // The top row (0 1 2 3) becomes the left column, read from the bottom up.
+        assert_eq!(ccw.y, vec![3, 7, 2, 6, 1, 5, 0, 4]);
+        assert_eq!(
+            (ccw.u.clone(), ccw.v.clone()),
+            (vec![101, 100], vec![201, 200])
+        );
+        assert_eq!(ccw.turned_counter_clockwise(3), f);
+        let half = f.turned_counter_clockwise(2);
+        assert_eq!(half.y, vec![7, 6, 5, 4, 3, 2, 1, 0]);
+        assert_eq!(half.turned_counter_clockwise(2), f);
+        assert_eq!(f.turned_counter_clockwise(4), f);
+        assert_eq!(
+            ccw.turned_counter_clockwise(1),
+            half,
+            "two quarters are a half"
+        );
     }
 }

@@ -4,7 +4,9 @@
 //! length-prefixed NAL units it frames are ours, turned into the Annex B stream openh264 decodes.
 //!
 //! Decoding runs in the file's decode order and lets the decoder reorder B-frames itself; the
-//! k-th picture out is the one with the k-th earliest presentation time.
+//! k-th picture out is the one with the k-th earliest presentation time. Pictures come out as
+//! they are shown: a track's display matrix (a phone's portrait clip is stored on its side) is
+//! applied.
 
 use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
@@ -159,6 +161,10 @@ pub fn read(path: &Path, max_ms: f64) -> Result<Vec<Picture>, String> {
     };
     let config = AvcConfig::parse(avcc)?;
     profile_supported(config.profile)?;
+    let turns = match &track.tkhd {
+        Some(t) => quarter_turns(&t.matrix)?,
+        None => 0,
+    };
     let ticks_per_s = track
         .timescale
         .map(|t| t.0)
@@ -176,7 +182,30 @@ pub fn read(path: &Path, max_ms: f64) -> Result<Vec<Picture>, String> {
             pts: s.start_composition.0,
         })
         .collect();
-    decode(&file, &config, &samples, ticks_per_s, max_ms)
+    let mut pictures = decode(&file, &config, &samples, ticks_per_s, max_ms)?;
+    if turns != 0 {
+        for p in &mut pictures {
+            p.frame = p.frame.turned_counter_clockwise(turns);
+        }
+    }
+    Ok(pictures)
+}
+
+/// The quarter turns counter-clockwise that a track's display matrix asks for (phones store
+/// portrait video on its side and say so here).
+fn quarter_turns(m: &mp4parse::Matrix) -> Result<u8, String> {
+    // 16.16 fixed point: 1.0 is 0x10000.
+    const ONE: i32 = 1 << 16;
+    match (m.a, m.b, m.c, m.d) {
+        (ONE, 0, 0, ONE) => Ok(0),
+        (0, b, c, 0) if b == -ONE && c == ONE => Ok(1),
+        (a, 0, 0, d) if a == -ONE && d == -ONE => Ok(2),
+        (0, b, c, 0) if b == ONE && c == -ONE => Ok(3),
+        (a, b, c, d) => Err(format!(
+            "the video's display matrix ({a}, {b}, {c}, {d} in 16.16) mirrors or scales it: \
+             re-encode it with `ffmpeg -i IN -c:v libx264 OUT.mp4`, which applies it"
+        )),
+    }
 }
 
 fn decode(
@@ -345,6 +374,43 @@ mod tests {
         let first = read(&fixture().join("talk.mp4"), 500.0).unwrap();
         assert_eq!(first.len(), 15);
         assert!(first.iter().zip(&pictures).all(|(a, b)| a.frame == b.frame));
+    }
+
+    /// A phone's portrait clip, stored on its side: turned upright as ffmpeg turns it.
+    #[test]
+    fn a_clip_stored_on_its_side_comes_out_upright() {
+        use sha2::{Digest, Sha256};
+        let golden: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
+        let want = golden["portrait"]["luma_sha256"].as_array().unwrap();
+        let pictures = read(&fixture().join("portrait.mp4"), 60_000.0).unwrap();
+        assert_eq!(pictures.len(), want.len());
+        for (k, (p, want)) in pictures.iter().zip(want).enumerate() {
+            assert_eq!((p.frame.width, p.frame.height), (288, 336), "upright");
+            assert_eq!(
+                hex::encode(Sha256::digest(&p.frame.y)),
+                want.as_str().unwrap(),
+                "picture {k}"
+            );
+        }
+        let m = |a, b, c, d| mp4parse::Matrix {
+            a,
+            b,
+            u: 0,
+            c,
+            d,
+            v: 0,
+            x: 0,
+            y: 0,
+            w: 1 << 30,
+        };
+        let one = 1 << 16;
+        assert_eq!(quarter_turns(&m(one, 0, 0, one)), Ok(0));
+        assert_eq!(quarter_turns(&m(0, -one, one, 0)), Ok(1));
+        assert_eq!(quarter_turns(&m(-one, 0, 0, -one)), Ok(2));
+        assert_eq!(quarter_turns(&m(0, one, -one, 0)), Ok(3));
+        let mirrored = quarter_turns(&m(-one, 0, 0, one)).unwrap_err();
+        assert!(mirrored.contains("mirrors"), "{mirrored}");
     }
 
     #[test]
