@@ -98,6 +98,23 @@ fn prepare(input: &[&str], out: &Path) -> std::process::Output {
         .expect("run avatar prepare")
 }
 
+/// The astronaut photo's face crop as `avatar prepare` finds it (MuseTalk 1.5: 10 px below the
+/// chin).
+const ASTRONAUT_FACE: [f32; 4] = [181.05, 62.16, 267.75, 172.05 + 10.0];
+
+/// An avatar bundle of the astronaut photo in a fresh folder (named after `tag`), served on the
+/// CPU with a 3 s frame budget: the folder and the server.
+fn astronaut_avatar_server(tag: &str) -> (PathBuf, common::Server) {
+    let dir = std::env::temp_dir().join(format!("lipstream-avatar-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = dir.join("astronaut.safetensors");
+    let photo = fixtures().join("mtcnn/astronaut.png");
+    let prepared = prepare(&["--image", photo.to_str().unwrap()], &bundle);
+    assert!(prepared.status.success(), "{prepared:?}");
+    let server = cpu_server(["--avatar", bundle.to_str().unwrap()], "1", "3000");
+    (dir, server)
+}
+
 /// Mean absolute luma difference inside and outside the face box's blend region.
 fn region_diffs(a: &VideoFrame, b: &VideoFrame, face: [f32; 4]) -> (f64, f64) {
     let [x0, y0, x1, y1] = face;
@@ -263,13 +280,7 @@ fn frames_without_a_face_pass_through_untouched_and_are_counted() {
 #[test]
 fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
     let _turn = one_at_a_time();
-    let dir = std::env::temp_dir().join(format!("lipstream-avatar-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bundle = dir.join("astronaut.safetensors");
-    let photo = fixtures().join("mtcnn/astronaut.png");
-    let prepared = prepare(&["--image", photo.to_str().unwrap()], &bundle);
-    assert!(prepared.status.success(), "{prepared:?}");
-    let server = cpu_server(["--avatar", bundle.to_str().unwrap()], "1", "3000");
+    let (dir, server) = astronaut_avatar_server("e2e");
     let report = publish(&PublishOptions {
         base_url: server.base_url.clone(),
         // The publisher's own video is not shown in avatar mode: keep it small.
@@ -322,7 +333,7 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
     // The photo as prepared (the avatar's own frame), for pixel comparisons.
     let (rgb, w, h) = astronaut_rgb();
     let base = VideoFrame::from_rgb(&rgb, w, h).expect("picture");
-    let face = [181.05, 62.16, 267.75, 172.05 + 10.0];
+    let face = ASTRONAUT_FACE;
     let mut changed = 0;
     for (_, picture) in pictures {
         assert_eq!((picture.width, picture.height), (base.width, base.height));
@@ -347,13 +358,7 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
 #[test]
 fn avatar_mode_shows_speech_starting_with_its_sound() {
     let _turn = one_at_a_time();
-    let dir = std::env::temp_dir().join(format!("lipstream-avatar-av-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bundle = dir.join("astronaut.safetensors");
-    let photo = fixtures().join("mtcnn/astronaut.png");
-    let prepared = prepare(&["--image", photo.to_str().unwrap()], &bundle);
-    assert!(prepared.status.success(), "{prepared:?}");
-    let server = cpu_server(["--avatar", bundle.to_str().unwrap()], "1", "3000");
+    let (dir, server) = astronaut_avatar_server("av");
     let mut pcm = tone_pcm(220.0, AUDIO_RATE);
     pcm.resize(3 * AUDIO_RATE as usize, 0);
     let report = publish(&PublishOptions {
@@ -381,7 +386,7 @@ fn avatar_mode_shows_speech_starting_with_its_sound() {
 
     let (rgb, w, h) = astronaut_rgb();
     let base = VideoFrame::from_rgb(&rgb, w, h).expect("picture");
-    let face = [181.05, 62.16, 267.75, 172.05 + 10.0];
+    let face = ASTRONAUT_FACE;
     let diffs: Vec<(f64, f64)> = report
         .received
         .unstamped_pictures
