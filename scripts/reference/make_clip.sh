@@ -19,6 +19,9 @@ ffmpeg -hide_banner -loglevel error -y -loop 1 -framerate 30 -i tests/fixtures/m
   -c:v libx264 -profile:v high -preset medium -crf 26 -bf 3 -g 12 /tmp/lipstream-stored.mp4
 ffmpeg -hide_banner -loglevel error -y -display_rotation:v:0 90 -i /tmp/lipstream-stored.mp4 \
   -c copy -movflags +faststart "$out/portrait.mp4"
+# HEVC, which lipstream does not read (the tests check the message).
+ffmpeg -hide_banner -loglevel error -y -i "$out/talk.mp4" -t 0.12 -vf scale=64:64 -c:v libx265 \
+  -x265-params log-level=error -tag:v hvc1 "$out/hevc.mp4"
 lumas() { # FILE W H: the sha256 of each decoded picture's luma plane, as a JSON list
   ffmpeg -hide_banner -loglevel error -i "$1" -f rawvideo -pix_fmt yuv420p - | W=$2 H=$3 python3 -c '
 import hashlib, json, os, sys
@@ -31,4 +34,4 @@ cat >"$out/golden.json" <<JSON
 {"width": 320, "height": 320, "fps": 30, "luma_sha256": $(lumas "$out/talk.mp4" 320 320),
  "portrait": {"width": 288, "height": 336, "luma_sha256": $(lumas "$out/portrait.mp4" 288 336)}}
 JSON
-echo "wrote $out/talk.mp4, $out/portrait.mp4 and $out/golden.json"
+echo "wrote $out/talk.mp4, $out/portrait.mp4, $out/hevc.mp4 and $out/golden.json"

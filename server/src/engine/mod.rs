@@ -408,9 +408,11 @@ impl CropEncoder {
         if !cuda {
             return Ok(CropEncoder::Cpu(g));
         }
-        let mut rt = Runtime::new(Device::open(0).context("opening GPU 0")?)?;
+        let hint = "(--executor cpu runs it on the CPU)";
+        let mut rt =
+            Runtime::new(Device::open(0).with_context(|| format!("opening GPU 0 {hint}"))?)?;
         let ex = Executor::new(&mut rt, &g, "", Options { tune: true })
-            .context("building the VAE encoder on the GPU")?;
+            .with_context(|| format!("building the VAE encoder on the GPU {hint}"))?;
         rt.finish_building()?;
         Ok(CropEncoder::Cuda {
             rt: Box::new(rt),

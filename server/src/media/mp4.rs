@@ -147,9 +147,17 @@ pub fn read(path: &Path, max_ms: f64) -> Result<Vec<Picture>, String> {
         .iter()
         .find(|t| t.track_type == TrackType::Video)
         .ok_or("the file has no video track")?;
-    let Some(SampleEntry::Video(entry)) = track.stsd.as_ref().and_then(|s| s.descriptions.first())
-    else {
-        return Err("the video track has no sample description".into());
+    let entry = match track.stsd.as_ref().and_then(|s| s.descriptions.first()) {
+        Some(SampleEntry::Video(entry)) => entry,
+        // The parser names the codecs it knows; HEVC (what phones often record) is not one.
+        Some(_) => {
+            return Err(
+                "the video is in a codec lipstream does not read (only H.264; HEVC, as phones \
+                 often record, is not): re-encode it with `ffmpeg -i IN -c:v libx264 OUT.mp4`"
+                    .into(),
+            )
+        }
+        None => return Err("the video track has no sample description".into()),
     };
     let avcc = match (&entry.codec_type, &entry.codec_specific) {
         (CodecType::H264, VideoCodecSpecific::AVCConfig(b)) => b,
@@ -445,6 +453,13 @@ mod tests {
             let _ = try_read(&b);
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn other_codecs_say_how_to_re_encode() {
+        // scripts/reference/make_clip.sh: 3 pictures of HEVC, as an iPhone records.
+        let err = read(&fixture().join("hevc.mp4"), 60_000.0).unwrap_err();
+        assert!(err.contains("HEVC") && err.contains("libx264"), "{err}");
     }
 
     #[test]
