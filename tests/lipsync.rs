@@ -502,7 +502,7 @@ fn a_prepared_clip_follows_its_face_and_the_avatar_plays_it_back_and_forth() {
 
     // Silence: no inference, the clip itself plays (and the CPU stays free for the timing).
     let server = cpu_server(["--avatar", bundle.to_str().unwrap()], "1", "200");
-    let report = publish(&PublishOptions {
+    let options = PublishOptions {
         base_url: server.base_url.clone(),
         width: 64,
         height: 48,
@@ -514,8 +514,32 @@ fn a_prepared_clip_follows_its_face_and_the_avatar_plays_it_back_and_forth() {
         },
         keep_pictures: true,
         ..Default::default()
-    })
-    .expect("publish");
+    };
+    let publisher = std::thread::spawn(move || publish(&options));
+    // A WHEP viewer of the session sees the avatar too, with its sound.
+    assert!(
+        server.wait_until(Duration::from_secs(5), |s| s.metric("lipstream_sessions")
+            == 1.0)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let watched = lipstream::client::view(
+        &server.base_url,
+        &server.only_session_id(),
+        None,
+        [127, 0, 0, 1].into(),
+        Duration::from_secs(3),
+    )
+    .expect("view");
+    let report = publisher
+        .join()
+        .expect("publisher thread")
+        .expect("publish");
+    eprintln!(
+        "viewer: {} avatar frames, {} audio packets in 3 s",
+        watched.frames_unstamped, watched.audio_packets
+    );
+    assert!(watched.frames_unstamped >= 50, "the viewer sees the avatar");
+    assert!(watched.audio_packets >= 100, "and hears it");
     let pictures = &report.received.unstamped_pictures;
     let frames: Vec<VideoFrame> = b
         .frames

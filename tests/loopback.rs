@@ -28,7 +28,7 @@ fn ten_seconds_of_video_come_back_in_order_to_the_publisher_and_a_viewer() {
     );
     let (_, health) = server.get("/healthz");
     assert!(health.contains("\"sessions\":1"), "{health}");
-    let session = only_session_id(&server);
+    let session = server.only_session_id();
     std::thread::sleep(Duration::from_secs(1));
     let watched = view(
         &server.base_url,
@@ -109,17 +109,6 @@ fn ten_seconds_of_video_come_back_in_order_to_the_publisher_and_a_viewer() {
     assert_eq!(server.metric("lipstream_viewers"), 0.0);
     // Loopback has room: the estimator probes up and the encoder follows it.
     assert!(server.metric("lipstream_video_bitrate_changes_total") >= 1.0);
-}
-
-/// The only open session's id, from `GET /sessions` (the publisher thread owns its Location).
-fn only_session_id(server: &common::Server) -> String {
-    let (status, body) = server.get("/sessions");
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-    v["sessions"][0]["id"]
-        .as_str()
-        .expect("a session id")
-        .to_string()
 }
 
 #[test]

@@ -63,6 +63,17 @@ impl Server {
         (status, resp.body_mut().read_to_string().expect("body"))
     }
 
+    /// The only open session's id, from `GET /sessions` (a publisher thread owns its Location).
+    pub fn only_session_id(&self) -> String {
+        let (status, body) = self.get("/sessions");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        v["sessions"][0]["id"]
+            .as_str()
+            .expect("a session id")
+            .to_string()
+    }
+
     /// A metric's value from /metrics (first sample whose name matches exactly).
     pub fn metric(&self, name: &str) -> f64 {
         let (_, text) = self.get("/metrics");
