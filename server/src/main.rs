@@ -684,9 +684,8 @@ fn read_media(spec: &str) -> anyhow::Result<Media> {
             if m.picture.is_some() || m.clip.is_some() {
                 return Err(video_twice());
             }
-            let bytes = std::fs::read(item).map_err(|e| anyhow!("--media {item}: {e}"))?;
-            let c =
-                lipstream::media::y4m::parse(&bytes).map_err(|e| anyhow!("--media {item}: {e}"))?;
+            let c = lipstream::media::y4m::open(std::path::Path::new(item))
+                .map_err(|e| anyhow!("--media {item}: {e}"))?;
             if c.frames[0].width < 256 {
                 bail!("--media {item}: at least 256 pixels wide, for the frame stamp");
             }

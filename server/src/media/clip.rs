@@ -19,15 +19,21 @@ pub fn read_at_25fps(path: &Path, max_ms: f64) -> Result<Vec<VideoFrame>, String
         .map_err(|e| format!("cannot open: {e}"))?;
     let magic = &magic[..n];
     let (times, frames): (Vec<f64>, Vec<VideoFrame>) = if magic.starts_with(b"YUV4MPEG2") {
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-        let clip = y4m::parse(&bytes)?;
+        let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+        let mut clip = y4m::Reader::new(std::io::BufReader::new(file))?;
         // Without an F field the clip is taken to be at the pipeline's rate.
         let (num, den) = clip.fps.unwrap_or((25, 1));
         let period_ms = 1000.0 * f64::from(den) / f64::from(num);
-        let times = (0..clip.frames.len())
-            .map(|i| i as f64 * period_ms)
-            .collect();
-        (times, clip.frames)
+        // Only the pictures that show before `max_ms` are read: raw video is large.
+        let mut frames = Vec::new();
+        while (frames.len() as f64) * period_ms < max_ms {
+            match clip.next_frame()? {
+                Some(f) => frames.push(f),
+                None => break,
+            }
+        }
+        let times = (0..frames.len()).map(|i| i as f64 * period_ms).collect();
+        (times, frames)
     } else if magic.get(4..8) == Some(b"ftyp") {
         mp4::read(path, max_ms + 1000.0)?
             .into_iter()
@@ -123,6 +129,29 @@ mod tests {
         assert_eq!(at_rate(&t25, 40.0, 400.0), (0..10).collect::<Vec<_>>());
         assert_eq!(at_rate(&[0.0], 40.0, 1000.0), vec![0]);
         assert!(at_rate(&[], 40.0, 1000.0).is_empty());
+    }
+
+    #[test]
+    fn a_y4m_clip_is_read_only_as_far_as_it_is_taken() {
+        let dir = std::env::temp_dir().join(format!("lipstream-y4m-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("clip.y4m");
+        // 50 frames at 50 fps (1 s), each frame's luma its index; the last one damaged.
+        let mut b = b"YUV4MPEG2 W4 H2 F50:1\n".to_vec();
+        for i in 0..50u8 {
+            b.extend_from_slice(b"FRAME\n");
+            b.extend(std::iter::repeat_n(i, 8));
+            b.extend([128u8; 4]);
+        }
+        b.truncate(b.len() - 3);
+        std::fs::write(&path, &b).unwrap();
+        // 0.4 s at 25 fps: every other picture, and the damaged end is never reached.
+        let frames = read_at_25fps(&path, 400.0).unwrap();
+        let lumas: Vec<u8> = frames.iter().map(|f| f.y[0]).collect();
+        assert_eq!(lumas, vec![0, 2, 4, 6, 8, 10, 12, 14, 16, 18]);
+        let err = read_at_25fps(&path, 10_000.0).unwrap_err();
+        assert!(err.contains("frame 49: truncated"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -18,82 +18,151 @@ pub struct Clip {
 
 /// Parses a whole `.y4m` file (the first `MAX_FRAMES` frames).
 pub fn parse(bytes: &[u8]) -> Result<Clip, String> {
-    let header_end = bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or("no YUV4MPEG2 header line")?;
-    let header = std::str::from_utf8(&bytes[..header_end]).map_err(|_| "header is not text")?;
-    let mut fields = header.split(' ');
-    if fields.next() != Some("YUV4MPEG2") {
-        return Err("not a YUV4MPEG2 file (it must start with `YUV4MPEG2 `)".into());
-    }
-    let (mut width, mut height, mut fps) = (0usize, 0usize, None);
-    for f in fields.filter(|f| !f.is_empty()) {
-        // The tag is the first byte; a field starting with anything else is refused below.
-        let (Some(tag), Some(value)) = (f.get(..1), f.get(1..)) else {
-            return Err(format!("bad header field {f:?}"));
-        };
-        match tag {
-            "W" => width = value.parse().map_err(|_| format!("bad width {value:?}"))?,
-            "H" => height = value.parse().map_err(|_| format!("bad height {value:?}"))?,
-            "F" => {
-                let (n, d) = value
-                    .split_once(':')
-                    .ok_or_else(|| format!("bad frame rate {value:?}"))?;
-                let n: u32 = n.parse().map_err(|_| format!("bad frame rate {value:?}"))?;
-                let d: u32 = d.parse().map_err(|_| format!("bad frame rate {value:?}"))?;
-                if n > 0 && d > 0 {
-                    fps = Some((n, d));
-                }
-            }
-            "C" if !value.starts_with("420") => {
-                return Err(format!(
-                "colour space C{value}: only 4:2:0 clips are read (convert with -pix_fmt yuv420p)"
-            ))
-            }
-            // Interlacing, aspect, comments and 4:2:0 siting variants do not change the bytes.
-            _ => {}
-        }
-    }
-    if width == 0 || height == 0 || width % 2 != 0 || height % 2 != 0 {
-        return Err(format!(
-            "frame size {width}x{height}: needs an even, non-zero width and height"
-        ));
-    }
-    if width > MAX_SIDE || height > MAX_SIDE {
-        return Err(format!(
-            "frame size {width}x{height}: at most {MAX_SIDE} pixels a side"
-        ));
-    }
-    let (luma, chroma) = (width * height, (width / 2) * (height / 2));
+    first_frames(bytes)
+}
+
+/// Reads a `.y4m` file's first `MAX_FRAMES` frames (and no more of the file).
+pub fn open(path: &std::path::Path) -> Result<Clip, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    first_frames(std::io::BufReader::new(file))
+}
+
+fn first_frames(input: impl std::io::BufRead) -> Result<Clip, String> {
+    let mut reader = Reader::new(input)?;
     let mut frames = Vec::new();
-    let mut at = header_end + 1;
-    while at < bytes.len() && frames.len() < MAX_FRAMES {
-        let line_end = bytes[at..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map(|p| at + p)
-            .ok_or_else(|| format!("frame {}: no FRAME line", frames.len()))?;
-        if !bytes[at..line_end].starts_with(b"FRAME") {
-            return Err(format!("frame {}: expected a FRAME line", frames.len()));
+    while frames.len() < MAX_FRAMES {
+        match reader.next_frame()? {
+            Some(f) => frames.push(f),
+            None => break,
         }
-        let data = line_end + 1;
-        let planes = bytes
-            .get(data..data + luma + 2 * chroma)
-            .ok_or_else(|| format!("frame {}: truncated", frames.len()))?;
-        frames.push(VideoFrame {
-            width,
-            height,
-            y: planes[..luma].to_vec(),
-            u: planes[luma..luma + chroma].to_vec(),
-            v: planes[luma + chroma..].to_vec(),
-        });
-        at = data + luma + 2 * chroma;
     }
     if frames.is_empty() {
         return Err("no frames".into());
     }
-    Ok(Clip { frames, fps })
+    Ok(Clip {
+        frames,
+        fps: reader.fps,
+    })
+}
+
+/// Longest header or FRAME line read: real ones are tens of bytes.
+const MAX_LINE: u64 = 4096;
+
+/// A clip read frame by frame from a stream (a file of any length holds one frame in memory at
+/// a time).
+pub struct Reader<R> {
+    input: R,
+    pub width: usize,
+    pub height: usize,
+    pub fps: Option<(u32, u32)>,
+    frames_read: usize,
+}
+
+impl<R: std::io::BufRead> Reader<R> {
+    /// Reads and checks the header line.
+    pub fn new(mut input: R) -> Result<Self, String> {
+        let header = read_line(&mut input)?.ok_or("no YUV4MPEG2 header line")?;
+        let header = std::str::from_utf8(&header).map_err(|_| "header is not text")?;
+        let mut fields = header.split(' ');
+        if fields.next() != Some("YUV4MPEG2") {
+            return Err("not a YUV4MPEG2 file (it must start with `YUV4MPEG2 `)".into());
+        }
+        let (mut width, mut height, mut fps) = (0usize, 0usize, None);
+        for f in fields.filter(|f| !f.is_empty()) {
+            // The tag is the first byte; a field starting with anything else is refused below.
+            let (Some(tag), Some(value)) = (f.get(..1), f.get(1..)) else {
+                return Err(format!("bad header field {f:?}"));
+            };
+            match tag {
+                "W" => width = value.parse().map_err(|_| format!("bad width {value:?}"))?,
+                "H" => height = value.parse().map_err(|_| format!("bad height {value:?}"))?,
+                "F" => {
+                    let (n, d) = value
+                        .split_once(':')
+                        .ok_or_else(|| format!("bad frame rate {value:?}"))?;
+                    let n: u32 = n.parse().map_err(|_| format!("bad frame rate {value:?}"))?;
+                    let d: u32 = d.parse().map_err(|_| format!("bad frame rate {value:?}"))?;
+                    if n > 0 && d > 0 {
+                        fps = Some((n, d));
+                    }
+                }
+                "C" if !value.starts_with("420") => {
+                    return Err(format!(
+                    "colour space C{value}: only 4:2:0 clips are read (convert with -pix_fmt yuv420p)"
+                ))
+                }
+                // Interlacing, aspect, comments and 4:2:0 siting variants do not change the bytes.
+                _ => {}
+            }
+        }
+        if width == 0 || height == 0 || width % 2 != 0 || height % 2 != 0 {
+            return Err(format!(
+                "frame size {width}x{height}: needs an even, non-zero width and height"
+            ));
+        }
+        if width > MAX_SIDE || height > MAX_SIDE {
+            return Err(format!(
+                "frame size {width}x{height}: at most {MAX_SIDE} pixels a side"
+            ));
+        }
+        Ok(Reader {
+            input,
+            width,
+            height,
+            fps,
+            frames_read: 0,
+        })
+    }
+
+    /// The next frame, or `None` at the end of the clip.
+    pub fn next_frame(&mut self) -> Result<Option<VideoFrame>, String> {
+        let n = self.frames_read;
+        let Some(line) = read_line(&mut self.input)? else {
+            return Ok(None);
+        };
+        if !line.starts_with(b"FRAME") {
+            return Err(format!("frame {n}: expected a FRAME line"));
+        }
+        let (luma, chroma) = (
+            self.width * self.height,
+            (self.width / 2) * (self.height / 2),
+        );
+        let mut planes = vec![0u8; luma + 2 * chroma];
+        self.input
+            .read_exact(&mut planes)
+            .map_err(|_| format!("frame {n}: truncated"))?;
+        let v = planes.split_off(luma + chroma);
+        let u = planes.split_off(luma);
+        self.frames_read += 1;
+        Ok(Some(VideoFrame {
+            width: self.width,
+            height: self.height,
+            y: planes,
+            u,
+            v,
+        }))
+    }
+}
+
+/// One line without its newline; `None` at the end of the input; an error for a line that
+/// does not end (within `MAX_LINE` bytes).
+fn read_line<B: std::io::BufRead>(input: &mut B) -> Result<Option<Vec<u8>>, String> {
+    use std::io::{BufRead, Read};
+    let mut line = Vec::new();
+    input
+        .by_ref()
+        .take(MAX_LINE)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if line.is_empty() {
+        return Ok(None);
+    }
+    if line.pop() != Some(b'\n') {
+        return Err(format!(
+            "a header or FRAME line without its end (at most {MAX_LINE} bytes)"
+        ));
+    }
+    Ok(Some(line))
 }
 
 #[cfg(test)]
