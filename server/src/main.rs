@@ -450,9 +450,10 @@ fn avatar_prepare(
             }
             let clip = lipstream::media::clip::read_at_25fps(path, max_seconds * 1000.0)
                 .map_err(|e| anyhow::anyhow!("--video {}: {e}", path.display()))?;
+            // Each decoded picture is let go once it is RGB: a clip is large either way.
             let mut rgb = Vec::new();
             let frames = clip
-                .iter()
+                .into_iter()
                 .map(|f| {
                     lipstream_engines::image::to_rgb(&f.planes(), &mut rgb);
                     (std::mem::take(&mut rgb), f.width, f.height)
