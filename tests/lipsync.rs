@@ -433,8 +433,9 @@ fn avatar_mode_shows_speech_starting_with_its_sound() {
 }
 
 /// `avatar prepare --video` on a real H.264 clip (High profile, B-frames, 30 fps, the picture
-/// panning): 25 fps frames whose face boxes follow the pan smoothly; served, the avatar plays
-/// the clip back and forth. Bad inputs are refused with a reason.
+/// panning): 25 fps frames whose face boxes follow the pan smoothly; served to a publisher that
+/// sends audio only, the avatar plays the clip back and forth, to it and to a WHEP viewer. Bad
+/// inputs are refused with a reason.
 #[test]
 fn a_prepared_clip_follows_its_face_and_the_avatar_plays_it_back_and_forth() {
     let _turn = one_at_a_time();
@@ -501,13 +502,12 @@ fn a_prepared_clip_follows_its_face_and_the_avatar_plays_it_back_and_forth() {
     }
 
     // Silence: no inference, the clip itself plays (and the CPU stays free for the timing).
+    // The publisher sends audio only: no video frame at all.
     let server = cpu_server(["--avatar", bundle.to_str().unwrap()], "1", "200");
     let options = PublishOptions {
         base_url: server.base_url.clone(),
-        width: 64,
-        height: 48,
-        fps: 5,
         duration: Duration::from_secs(5),
+        video_pause: Some((Duration::ZERO, Duration::from_secs(5))),
         audio: AudioSignal::Speech {
             pcm: Arc::new(vec![0; AUDIO_RATE as usize]),
             click_period_ms: None,
@@ -534,6 +534,7 @@ fn a_prepared_clip_follows_its_face_and_the_avatar_plays_it_back_and_forth() {
         .join()
         .expect("publisher thread")
         .expect("publish");
+    assert_eq!(report.frames_sent, 0, "audio only");
     eprintln!(
         "viewer: {} avatar frames, {} audio packets in 3 s",
         watched.frames_unstamped, watched.audio_packets
