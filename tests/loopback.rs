@@ -36,6 +36,7 @@ fn ten_seconds_of_video_come_back_in_order_to_the_publisher_and_a_viewer() {
         None,
         [127, 0, 0, 1].into(),
         Duration::from_secs(5),
+        false,
     )
     .expect("view");
 

@@ -95,7 +95,8 @@ pub(crate) struct Peer {
     local: SocketAddr,
     buf: Vec<u8>,
     pub audio_mid: Mid,
-    pub video_mid: Mid,
+    /// None when the offer had no video (an audio-only publisher).
+    pub video_mid: Option<Mid>,
     pub connected_at: Option<Instant>,
     started: Instant,
     h264_in: H264Decoder,
@@ -109,9 +110,11 @@ pub(crate) struct Peer {
 
 impl Peer {
     /// Offers audio + video in `direction` to `endpoint` (a WHIP or WHEP URL) and applies the answer.
+    /// Offers audio, and video when `video`, in `direction`, and connects.
     pub fn open(
         endpoint: &str,
         direction: Direction,
+        video: bool,
         token: Option<&str>,
         bind_ip: IpAddr,
     ) -> Result<Peer, ClientError> {
@@ -130,7 +133,8 @@ impl Peer {
 
         let mut change = rtc.sdp_api();
         let audio_mid = change.add_media(MediaKind::Audio, direction, None, None, None);
-        let video_mid = change.add_media(MediaKind::Video, direction, None, None, None);
+        let video_mid =
+            video.then(|| change.add_media(MediaKind::Video, direction, None, None, None));
         let (offer, pending) = change
             .apply()
             .ok_or_else(|| ClientError::Sdp("no offer to make".into()))?;
@@ -189,7 +193,7 @@ impl Peer {
                 return Err(ClientError::Sdp("ICE disconnected".into()));
             }
             Event::KeyframeRequest(_) => self.received.keyframe_requests += 1,
-            Event::MediaData(d) if d.mid == self.video_mid => {
+            Event::MediaData(d) if Some(d.mid) == self.video_mid => {
                 let frame = match self.h264_in.decode(&d.data) {
                     Ok(Some(frame)) => frame,
                     Ok(None) => return Ok(()),
@@ -200,7 +204,8 @@ impl Peer {
                         let due = self
                             .keyframe_requested
                             .is_none_or(|t| now - t > Duration::from_millis(300));
-                        if let (true, Some(mut w)) = (due, self.rtc.writer(self.video_mid)) {
+                        let writer = self.video_mid.and_then(|m| self.rtc.writer(m));
+                        if let (true, Some(mut w)) = (due, writer) {
                             let _ = w.request_keyframe(None, KeyframeRequestKind::Pli);
                             self.keyframe_requested = Some(now);
                         }

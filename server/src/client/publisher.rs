@@ -65,6 +65,9 @@ pub struct PublishOptions {
     /// Stop sending video for a while (start after connecting, length), as a camera switched
     /// off would; the whole duration: an audio-only publisher on a video track.
     pub video_pause: Option<(Duration, Duration)>,
+    /// Offer no video at all (an agent's audio-only WHIP session): nothing is sent or comes
+    /// back on a video track.
+    pub audio_only: bool,
     /// Frame ids sent with the moving test pattern instead of `background`: the face leaves the
     /// picture and comes back.
     pub background_gap: Option<std::ops::Range<u32>>,
@@ -93,6 +96,7 @@ impl Default for PublishOptions {
             audio_pause: None,
             video_jump: None,
             video_pause: None,
+            audio_only: false,
             background_gap: None,
             clip: None,
         }
@@ -127,6 +131,7 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport, ClientError> {
     let mut peer = Peer::open(
         &url,
         Direction::SendRecv,
+        !options.audio_only,
         options.token.as_deref(),
         options.bind_ip,
     )?;
@@ -206,10 +211,11 @@ fn run(
         let sending = now < end_send;
         let nv = *next_video.get_or_insert(connected);
         let na = *next_audio.get_or_insert(connected);
-        let video_paused = options.video_pause.is_some_and(|(from, len)| {
-            let t = now.saturating_duration_since(connected);
-            t >= from && t < from + len
-        });
+        let video_paused = options.audio_only
+            || options.video_pause.is_some_and(|(from, len)| {
+                let t = now.saturating_duration_since(connected);
+                t >= from && t < from + len
+            });
         if sending && video_paused && now >= nv {
             // The camera's clock runs on while it sends nothing.
             video_slots += 1;
@@ -250,7 +256,7 @@ fn run(
                 .map_or(0, |(_, ticks)| ticks);
             let rtp = MediaTime::from_90khz(video_slots * 90_000 / u64::from(fps) + jump);
             video_slots += 1;
-            if let Some(w) = peer.rtc.writer(peer.video_mid) {
+            if let Some(w) = peer.video_mid.and_then(|m| peer.rtc.writer(m)) {
                 if let Some(pt) = pick_video_pt(w.payload_params()) {
                     w.write(pt, now, rtp, data)?;
                 }
