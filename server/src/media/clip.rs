@@ -11,56 +11,79 @@ use crate::media::{mp4, y4m};
 /// The pipeline's frame period (25 fps).
 pub const FRAME_MS: f64 = 40.0;
 
-/// The frames of `path` at 25 fps, at most `max_ms` of them from the start.
+/// Clips are read for at most this long (ten minutes).
+pub const MAX_MS: f64 = 600_000.0;
+
+/// The frames of `path` at 25 fps, at most `max_ms` (and `MAX_MS`) of them from the start.
 pub fn read_at_25fps(path: &Path, max_ms: f64) -> Result<Vec<VideoFrame>, String> {
+    let max_ms = max_ms.clamp(0.0, MAX_MS);
     let mut magic = [0u8; 12];
     let n = std::fs::File::open(path)
         .and_then(|mut f| f.read(&mut magic))
         .map_err(|e| format!("cannot open: {e}"))?;
     let magic = &magic[..n];
-    let (times, frames): (Vec<f64>, Vec<VideoFrame>) = if magic.starts_with(b"YUV4MPEG2") {
-        let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-        let mut clip = y4m::Reader::new(std::io::BufReader::new(file))?;
-        // Without an F field the clip is taken to be at the pipeline's rate.
-        let (num, den) = clip.fps.unwrap_or((25, 1));
-        let period_ms = 1000.0 * f64::from(den) / f64::from(num);
-        // Only the pictures that show before `max_ms` are read: raw video is large.
-        let mut frames = Vec::new();
-        while (frames.len() as f64) * period_ms < max_ms {
-            match clip.next_frame()? {
-                Some(f) => frames.push(f),
-                None => break,
+    // Each source picture that shows is kept once (and cloned only where a slower clip repeats
+    // it); the others are let go as soon as they are read.
+    let (picks, pictures): (Vec<usize>, Vec<(usize, VideoFrame)>) =
+        if magic.starts_with(b"YUV4MPEG2") {
+            let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+            let mut clip = y4m::Reader::new(std::io::BufReader::new(file))?;
+            // Without an F field the clip is taken to be at the pipeline's rate.
+            let (num, den) = clip.fps.unwrap_or((25, 1));
+            let period_ms = 1000.0 * f64::from(den) / f64::from(num);
+            // Only the pictures that show before `max_ms` are read: raw video is large. Their
+            // times are known before reading them; a clip that ends sooner ends the picks.
+            let wanted = (max_ms / period_ms).ceil() as usize;
+            let times: Vec<f64> = (0..wanted).map(|i| i as f64 * period_ms).collect();
+            let mut picks = at_rate(&times, FRAME_MS, max_ms);
+            let mut pictures = Vec::new();
+            for i in 0..wanted {
+                match clip.next_frame()? {
+                    Some(f) if picks.binary_search(&i).is_ok() => pictures.push((i, f)),
+                    Some(_) => {}
+                    None => {
+                        let shorter: Vec<f64> = times[..i].to_vec();
+                        picks = at_rate(&shorter, FRAME_MS, max_ms);
+                        break;
+                    }
+                }
             }
-        }
-        let times = (0..frames.len()).map(|i| i as f64 * period_ms).collect();
-        (times, frames)
-    } else if magic.get(4..8) == Some(b"ftyp") {
-        mp4::read(path, max_ms + 1000.0)?
-            .into_iter()
-            .map(|p| (p.ms, p.frame))
-            .unzip()
-    } else {
-        return Err(
-            "neither a YUV4MPEG2 (.y4m) nor an MP4 file: convert it with \
-             `ffmpeg -i IN -c:v libx264 OUT.mp4` (or `-pix_fmt yuv420p OUT.y4m`)"
-                .into(),
-        );
-    };
-    let mut frames: Vec<Option<VideoFrame>> = frames.into_iter().map(Some).collect();
-    let picks = at_rate(&times, FRAME_MS, max_ms);
+            (picks, pictures)
+        } else if magic.get(4..8) == Some(b"ftyp") {
+            let mut picks = Vec::new();
+            let pictures = mp4::read_kept(path, max_ms, |times| {
+                picks = at_rate(times, FRAME_MS, max_ms);
+                let mut keep = vec![false; times.len()];
+                for &i in &picks {
+                    keep[i] = true;
+                }
+                keep
+            })?;
+            (
+                picks,
+                pictures.into_iter().map(|p| (p.index, p.frame)).collect(),
+            )
+        } else {
+            return Err(
+                "neither a YUV4MPEG2 (.y4m) nor an MP4 file: convert it with \
+                 `ffmpeg -i IN -c:v libx264 OUT.mp4` (or `-pix_fmt yuv420p OUT.y4m`)"
+                    .into(),
+            );
+        };
     if picks.is_empty() {
         return Err("the clip has no pictures".into());
     }
-    // Each source picture is moved out once and cloned only where a slower clip repeats it.
+    let mut pictures: std::collections::BTreeMap<usize, VideoFrame> =
+        pictures.into_iter().collect();
     let mut out = Vec::with_capacity(picks.len());
     for (k, &i) in picks.iter().enumerate() {
         let repeated = picks.get(k + 1) == Some(&i);
         let frame = if repeated {
-            frames[i].clone()
+            pictures.get(&i).cloned()
         } else {
-            frames[i].take()
+            pictures.remove(&i)
         };
-        out.push(frame.ok_or("a picture was picked twice out of order")?);
+        out.push(frame.ok_or_else(|| format!("picture {i} of the clip was not decoded"))?);
     }
     if out
         .iter()
@@ -152,6 +175,19 @@ mod tests {
         let err = read_at_25fps(&path, 10_000.0).unwrap_err();
         assert!(err.contains("frame 49: truncated"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_mp4_clip_at_30_fps_keeps_the_pictures_that_show_at_25() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/clip/talk.mp4");
+        let all = mp4::read(&path, 60_000.0).unwrap();
+        let times: Vec<f64> = all.iter().map(|p| p.ms).collect();
+        let picks = at_rate(&times, FRAME_MS, 60_000.0);
+        let frames = read_at_25fps(&path, 60_000.0).unwrap();
+        assert_eq!(frames.len(), 30);
+        for (f, &i) in frames.iter().zip(&picks) {
+            assert!(*f == all[i].frame, "frame for picture {i}");
+        }
     }
 
     #[test]

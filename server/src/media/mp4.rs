@@ -20,9 +20,11 @@ use openh264::OpenH264API;
 
 use crate::media::frame::VideoFrame;
 
-/// One decoded picture and when it shows, in ms from the clip's first picture.
+/// One decoded picture, its place in presentation order and when it shows, in ms from the
+/// clip's first picture.
 #[derive(Debug)]
 pub struct Picture {
+    pub index: usize,
     pub ms: f64,
     pub frame: VideoFrame,
 }
@@ -137,6 +139,17 @@ struct Sample {
 
 /// Decodes the pictures of `path`'s first video track that show before `max_ms`.
 pub fn read(path: &Path, max_ms: f64) -> Result<Vec<Picture>, String> {
+    read_kept(path, max_ms, |times| vec![true; times.len()])
+}
+
+/// Like `read`, keeping only the pictures `keep` marks, given every picture's time (ms, in
+/// presentation order): the others are decoded (later ones may refer to them) and let go, so
+/// a 60 fps clip taken at 25 fps holds 25 pictures a second, not 60.
+pub fn read_kept(
+    path: &Path,
+    max_ms: f64,
+    keep: impl FnOnce(&[f64]) -> Vec<bool>,
+) -> Result<Vec<Picture>, String> {
     let mut file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let context = mp4parse::read_mp4(&mut BufReader::new(&mut file))
         .map_err(|e| format!("not a readable MP4 file: {e:?}"))?;
@@ -190,7 +203,7 @@ pub fn read(path: &Path, max_ms: f64) -> Result<Vec<Picture>, String> {
             pts: s.start_composition.0,
         })
         .collect();
-    let mut pictures = decode(&file, &config, &samples, ticks_per_s, max_ms)?;
+    let mut pictures = decode(&file, &config, &samples, ticks_per_s, max_ms, keep)?;
     if turns != 0 {
         for p in &mut pictures {
             p.frame = p.frame.turned_counter_clockwise(turns);
@@ -222,6 +235,7 @@ fn decode(
     samples: &[Sample],
     ticks_per_s: u64,
     max_ms: f64,
+    keep: impl FnOnce(&[f64]) -> Vec<bool>,
 ) -> Result<Vec<Picture>, String> {
     let first_pts = samples
         .iter()
@@ -237,6 +251,21 @@ fn decode(
     let samples = &samples[..=last];
     let mut times: Vec<f64> = samples.iter().map(|s| ms(s.pts)).collect();
     times.sort_by(f64::total_cmp);
+    let shown = times.iter().filter(|&&t| t < max_ms).count();
+    let kept = keep(&times[..shown]);
+    // The k-th picture out of the decoder is the k-th in presentation order.
+    let mut out = 0usize;
+    let mut pictures = Vec::new();
+    let mut take = |yuv: &openh264::decoder::DecodedYUV<'_>| {
+        if kept.get(out).copied().unwrap_or(false) {
+            pictures.push(Picture {
+                index: out,
+                ms: times[out],
+                frame: VideoFrame::from_yuv(yuv),
+            });
+        }
+        out += 1;
+    };
 
     // No flushing after each unit: that would hand out a picture before a later B-frame that
     // shows earlier has been decoded.
@@ -245,7 +274,6 @@ fn decode(
         DecoderConfig::new().flush_after_decode(Flush::NoFlush),
     )
     .map_err(|e| format!("H.264 decoder: {e}"))?;
-    let mut frames = Vec::with_capacity(samples.len());
     let mut unit = config.annex_b();
     let mut buf = Vec::new();
     for (i, s) in samples.iter().enumerate() {
@@ -262,7 +290,7 @@ fn decode(
             .sample_to_annex_b(&buf, &mut unit)
             .map_err(|e| format!("sample {i}: {e}"))?;
         match decoder.decode(&unit) {
-            Ok(Some(yuv)) => frames.push(VideoFrame::from_yuv(&yuv)),
+            Ok(Some(yuv)) => take(&yuv),
             Ok(None) => {}
             Err(e) => return Err(format!("sample {i}: the H.264 decoder refused it: {e}")),
         }
@@ -271,20 +299,14 @@ fn decode(
     let rest = decoder
         .flush_remaining()
         .map_err(|e| format!("H.264 decoder at the end of the clip: {e}"))?;
-    frames.extend(rest.iter().map(VideoFrame::from_yuv));
-    if frames.len() != times.len() {
+    rest.iter().for_each(&mut take);
+    if out != times.len() {
         return Err(format!(
-            "{} samples decoded to {} pictures (interlaced or damaged video?)",
-            times.len(),
-            frames.len()
+            "{} samples decoded to {out} pictures (interlaced or damaged video?)",
+            times.len()
         ));
     }
-    Ok(frames
-        .into_iter()
-        .zip(times)
-        .filter(|(_, ms)| *ms < max_ms)
-        .map(|(frame, ms)| Picture { ms, frame })
-        .collect())
+    Ok(pictures)
 }
 
 #[cfg(test)]
