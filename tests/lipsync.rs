@@ -102,11 +102,17 @@ fn prepare(input: &[&str], out: &Path) -> std::process::Output {
 /// chin).
 const ASTRONAUT_FACE: [f32; 4] = [181.05, 62.16, 267.75, 172.05 + 10.0];
 
+/// A fresh folder of this test process's, named after `tag`.
+fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lipstream-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// An avatar bundle of the astronaut photo in a fresh folder (named after `tag`), served on the
 /// CPU with a 3 s frame budget: the folder and the server.
 fn astronaut_avatar_server(tag: &str) -> (PathBuf, common::Server) {
-    let dir = std::env::temp_dir().join(format!("lipstream-avatar-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir(&format!("avatar-{tag}"));
     let bundle = dir.join("astronaut.safetensors");
     let photo = fixtures().join("mtcnn/astronaut.png");
     let prepared = prepare(&["--image", photo.to_str().unwrap()], &bundle);
@@ -439,8 +445,7 @@ fn avatar_mode_shows_speech_starting_with_its_sound() {
 #[test]
 fn a_prepared_clip_follows_its_face_and_the_avatar_plays_it_back_and_forth() {
     let _turn = one_at_a_time();
-    let dir = std::env::temp_dir().join(format!("lipstream-clip-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("clip-e2e");
     let bundle = dir.join("clip.safetensors");
     let clip = fixtures().join("clip/talk.mp4");
     let made = prepare(&["--video", clip.to_str().unwrap()], &bundle);

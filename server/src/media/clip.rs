@@ -14,9 +14,15 @@ pub const FRAME_MS: f64 = 40.0;
 /// Clips are read for at most this long (ten minutes).
 pub const MAX_MS: f64 = 600_000.0;
 
-/// The frames of `path` at 25 fps, at most `max_ms` (and `MAX_MS`) of them from the start.
+/// The frames of `path` at 25 fps, the first `max_ms` of them (0 < `max_ms` <= `MAX_MS`).
 pub fn read_at_25fps(path: &Path, max_ms: f64) -> Result<Vec<VideoFrame>, String> {
-    let max_ms = max_ms.clamp(0.0, MAX_MS);
+    if !(max_ms > 0.0 && max_ms <= MAX_MS) {
+        return Err(format!(
+            "{} s: give a positive number of seconds, at most {} (every frame is kept whole)",
+            max_ms / 1000.0,
+            MAX_MS / 1000.0
+        ));
+    }
     let mut magic = [0u8; 12];
     let n = std::fs::File::open(path)
         .and_then(|mut f| f.read(&mut magic))
@@ -32,23 +38,21 @@ pub fn read_at_25fps(path: &Path, max_ms: f64) -> Result<Vec<VideoFrame>, String
             let (num, den) = clip.fps.unwrap_or((25, 1));
             let period_ms = 1000.0 * f64::from(den) / f64::from(num);
             // Only the pictures that show before `max_ms` are read: raw video is large. Their
-            // times are known before reading them; a clip that ends sooner ends the picks.
+            // times are known before reading them.
             let wanted = (max_ms / period_ms).ceil() as usize;
             let times: Vec<f64> = (0..wanted).map(|i| i as f64 * period_ms).collect();
-            let mut picks = at_rate(&times, FRAME_MS, max_ms);
+            let picks = at_rate(&times, FRAME_MS, max_ms);
             let mut pictures = Vec::new();
-            for i in 0..wanted {
-                match clip.next_frame()? {
-                    Some(f) if picks.binary_search(&i).is_ok() => pictures.push((i, f)),
-                    Some(_) => {}
-                    None => {
-                        let shorter: Vec<f64> = times[..i].to_vec();
-                        picks = at_rate(&shorter, FRAME_MS, max_ms);
-                        break;
-                    }
+            let mut read = 0;
+            while read < wanted {
+                let Some(f) = clip.next_frame()? else { break };
+                if picks.binary_search(&read).is_ok() {
+                    pictures.push((read, f));
                 }
+                read += 1;
             }
-            (picks, pictures)
+            // A clip that ends sooner only shortens the picks: they begin like a longer one's.
+            (at_rate(&times[..read], FRAME_MS, max_ms), pictures)
         } else if magic.get(4..8) == Some(b"ftyp") {
             let mut picks = Vec::new();
             let pictures = mp4::read_kept(path, max_ms, |times| {
