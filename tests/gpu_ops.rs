@@ -15,7 +15,7 @@ use lipstream_engines::weights::{Checkpoint, Weights};
 use lipstream_engines::{cpu, Graph, Op, Tensor, ValueId};
 use lipstream_gpu::device::{libraries, Device};
 use lipstream_gpu::plan::{self, Step};
-use lipstream_gpu::{Executor, Options, Runtime};
+use lipstream_gpu::{Executor, FuseConv, Options, Runtime};
 
 fn runtime() -> Option<Runtime> {
     let libs = libraries();
@@ -42,29 +42,48 @@ fn random(shape: &[usize], seed: u32, scale: f32) -> Tensor {
     Tensor::new(shape.to_vec(), data)
 }
 
-/// Runs `g` on both executors (CUDA eagerly, then from a captured graph) and compares.
-fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], tol: f64) {
+/// Runs `g` on both executors (CUDA eagerly, then from a captured graph) and compares, with
+/// convolution epilogues on our kernel and then on cuDNN's fused call wherever it runs; returns
+/// how many convolutions the second build fused.
+fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], tol: f64) -> usize {
     let want = cpu::run(g, inputs).unwrap();
-    let mut ex = Executor::new(rt, g, name, Options { tune: false })
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    for captured in [false, true] {
-        if captured {
-            ex.capture(rt)
-                .unwrap_or_else(|e| panic!("{name}: capture: {e}"));
+    let fused_opts = Options {
+        fuse: FuseConv::Always,
+        ..Options::HEURISTIC
+    };
+    let mut fused = 0;
+    for (opts, how) in [(Options::HEURISTIC, "plain"), (fused_opts, "fused")] {
+        let mut ex =
+            Executor::new(rt, g, name, opts).unwrap_or_else(|e| panic!("{name} ({how}): {e}"));
+        if how == "fused" {
+            fused = ex.fused_convs().0;
+            if fused == 0 {
+                continue;
+            }
         }
-        let got = ex
-            .run_f32(rt, inputs)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        for ((n, a), (_, b)) in got.iter().zip(&want) {
-            assert_eq!(a.shape, b.shape, "{name}/{n}");
-            let err = a.rel_l2(b);
-            println!(
-                "{name:<44} {n:<16} {} rel L2 {err:.2e}",
-                if captured { "graph" } else { "eager" }
-            );
-            assert!(err <= tol, "{name}/{n}: relative L2 {err:.3e} > {tol:e}");
+        for captured in [false, true] {
+            if captured {
+                ex.capture(rt)
+                    .unwrap_or_else(|e| panic!("{name}: capture: {e}"));
+            }
+            let got = ex
+                .run_f32(rt, inputs)
+                .unwrap_or_else(|e| panic!("{name} ({how}): {e}"));
+            for ((n, a), (_, b)) in got.iter().zip(&want) {
+                assert_eq!(a.shape, b.shape, "{name}/{n}");
+                let err = a.rel_l2(b);
+                println!(
+                    "{name:<44} {n:<16} {how} {} rel L2 {err:.2e}",
+                    if captured { "graph" } else { "eager" }
+                );
+                assert!(
+                    err <= tol,
+                    "{name}/{n} ({how}): relative L2 {err:.3e} > {tol:e}"
+                );
+            }
         }
     }
+    fused
 }
 
 fn konst(g: &mut Graph, name: &str, shape: &[usize], seed: u32, scale: f32) -> ValueId {
@@ -185,7 +204,12 @@ fn fused_epilogues_and_layouts_match() {
     let s = g.push("silu", Op::Silu, &[m]).unwrap();
     g.output("y", s);
     g.output("residual", r);
-    compare(&mut rt, "resnet-like block", &g, &[("x", &xt)], 5e-3);
+    let fused = compare(&mut rt, "resnet-like block", &g, &[("x", &xt)], 5e-3);
+    // The time embedding makes conv 1's bias per image (not cuDNN's), the others take it.
+    assert!(
+        fused >= 3,
+        "cuDNN's fused call ran for {fused} convolutions"
+    );
 
     // Group norms that take their sums from the producing convolution's epilogue: 4 and 8
     // channels per group, after a bias, after a bias + residual, and one whose input is also
@@ -522,7 +546,7 @@ fn tiny_models_match_the_cpu_executor_and_pytorch() {
         &[("sample", &sample), ("encoder_hidden_states", &ctx)],
         1e-2,
     );
-    let mut ex = Executor::new(&mut rt, &g, "unet", Options { tune: true }).unwrap();
+    let mut ex = Executor::new(&mut rt, &g, "unet", Options::TUNED).unwrap();
     ex.capture(&rt).unwrap();
     let got = ex
         .run_f32(
@@ -553,7 +577,7 @@ fn tiny_models_match_the_cpu_executor_and_pytorch() {
         &[("latent", &golden("vae.latent"))],
         1e-2,
     );
-    let ex = Executor::new(&mut rt, &dec, "dec", Options { tune: false }).unwrap();
+    let ex = Executor::new(&mut rt, &dec, "dec", Options::HEURISTIC).unwrap();
     let got = ex
         .run_f32(&mut rt, &[("latent", &golden("vae.latent"))])
         .unwrap();
@@ -587,7 +611,7 @@ fn staged_batches_queue_back_to_back_and_read_their_own_outputs() {
         y = conv(&mut g, y, 64, 64, 3, 1, [1; 4], 300 + 10 * i);
     }
     g.output("y", y);
-    let mut ex = Executor::new(&mut rt, &g, "staged", Options { tune: false }).unwrap();
+    let mut ex = Executor::new(&mut rt, &g, "staged", Options::HEURISTIC).unwrap();
     ex.capture(&rt).unwrap();
     let inputs = [
         random(&[4, 64, 128, 128], 1, 1.0),
@@ -948,4 +972,124 @@ fn face_crop_and_blend_match_the_cpu_reference() {
     assert!(err.contains("frame 1"), "{err}");
     // SAFETY (test): as above.
     assert!(unsafe { faces.crop(&image, &s, size, ptr(&reference), 0) }.is_err());
+}
+
+/// Whisper's stem — conv1d, GELU, stride-2 conv1d, GELU, to tokens — lowers to channels-last
+/// convolutions: the one permute left is the mel input's, the tokens come out stored already.
+#[test]
+fn whisper_stem_lowers_channels_last_with_one_permute() {
+    let mut g = Graph::new();
+    let x = g.input("mel", &[1, 80, 3000]);
+    let w1 = konst(&mut g, "w1", &[384, 80, 3], 1, 0.1);
+    let b1 = konst(&mut g, "b1", &[384], 2, 0.1);
+    let h = g
+        .push(
+            "conv1",
+            Op::Conv1d {
+                stride: 1,
+                padding: 1,
+            },
+            &[x, w1, b1],
+        )
+        .unwrap();
+    let h = g.push("gelu1", Op::Gelu, &[h]).unwrap();
+    let w2 = konst(&mut g, "w2", &[384, 384, 3], 3, 0.1);
+    let b2 = konst(&mut g, "b2", &[384], 4, 0.1);
+    let h = g
+        .push(
+            "conv2",
+            Op::Conv1d {
+                stride: 2,
+                padding: 1,
+            },
+            &[h, w2, b2],
+        )
+        .unwrap();
+    let h = g.push("gelu2", Op::Gelu, &[h]).unwrap();
+    let t = g
+        .push(
+            "tokens",
+            Op::Permute {
+                perm: vec![0, 2, 1],
+            },
+            &[h],
+        )
+        .unwrap();
+    g.output("tokens", t);
+    let p = plan::lower(&g, "").unwrap();
+    let permutes = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Permute { .. }))
+        .count();
+    let nhwc = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Conv { shape, .. } if shape.nhwc))
+        .count();
+    assert_eq!(
+        (nhwc, permutes),
+        (2, 1),
+        "{:#?}",
+        p.steps.iter().map(|s| s.describe()).collect::<Vec<_>>()
+    );
+}
+
+/// A transformer block's two attentions at MuseTalk's widths: the self-attention's q, k and v
+/// come from one GEMM, the cross-attention's k and v from another (the fused kernel reads them
+/// at the packed row stride); on a GPU both match the CPU executor, biases and all.
+#[test]
+fn attention_projections_pack_into_one_gemm() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 64, 320]);
+    let ctx = g.input("ctx", &[2, 50, 384]);
+    let lin = |g: &mut Graph, name: &str, x: ValueId, k: usize, bias: bool, seed: u32| {
+        let w = konst(
+            g,
+            &format!("{name}.w"),
+            &[320, k],
+            seed,
+            1.0 / (k as f32).sqrt(),
+        );
+        let mut ins = vec![x, w];
+        if bias {
+            ins.push(konst(g, &format!("{name}.b"), &[320], seed + 1, 0.5));
+        }
+        g.push(name, Op::Linear, &ins).unwrap()
+    };
+    let q = lin(&mut g, "q", x, 320, false, 1);
+    let k = lin(&mut g, "k", x, 320, false, 3);
+    let v = lin(&mut g, "v", x, 320, true, 5);
+    let a = g
+        .push("attn1", Op::Attention { heads: 8 }, &[q, k, v])
+        .unwrap();
+    let q2 = lin(&mut g, "q2", a, 320, false, 7);
+    let k2 = lin(&mut g, "k2", ctx, 384, true, 9);
+    let v2 = lin(&mut g, "v2", ctx, 384, false, 11);
+    let o = g
+        .push("attn2", Op::Attention { heads: 8 }, &[q2, k2, v2])
+        .unwrap();
+    g.output("o", o);
+    let p = plan::lower(&g, "").unwrap();
+    let shapes: Vec<String> = p.steps.iter().map(|s| s.describe()).collect();
+    let linears = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Gemm { .. }))
+        .count();
+    assert_eq!(linears, 3, "{shapes:#?}");
+    assert!(shapes.iter().any(|s| s.ends_with(" qkv")), "{shapes:#?}");
+    assert!(shapes.iter().any(|s| s.ends_with(" kv")), "{shapes:#?}");
+    let Some(mut rt) = runtime() else { return };
+    let (xt, ct) = (
+        random(&[2, 64, 320], 20, 1.0),
+        random(&[2, 50, 384], 21, 1.0),
+    );
+    compare(
+        &mut rt,
+        "packed projections",
+        &g,
+        &[("x", &xt), ("ctx", &ct)],
+        5e-3,
+    );
 }

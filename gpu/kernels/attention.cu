@@ -114,8 +114,8 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
 template <int D>
 __device__ void flash_attention(const __half* __restrict__ q, const __half* __restrict__ k,
                                 const __half* __restrict__ v, __half* __restrict__ o, int lq,
-                                int lk, int heads, float scale_log2, int splits,
-                                float* __restrict__ part) {
+                                int lk, int heads, int ldq, int ldkv, float scale_log2,
+                                int splits, float* __restrict__ part) {
   constexpr int DP = (D + 15) / 16 * 16;
   // K and V tiles row-major [key][DP + 8] (the padding keeps both fragment reads conflict-free),
   // double-buffered where two stages fit in the 48 KB of static shared memory (all but D 160):
@@ -132,10 +132,12 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   const int tiles = (lk + FA_KEYS - 1) / FA_KEYS, per_split = (tiles + splits - 1) / splits;
   const int key_begin = split * per_split * FA_KEYS;
   const int key_end = min(lk, key_begin + per_split * FA_KEYS);
+  // o's rows hold the heads side by side; q's and k/v's rows may be wider (ldq, ldkv): one
+  // projection GEMM wrote q, k and v (or k and v) side by side in each token's row.
   const long ld = (long)heads * D;
-  const __half* qb = q + (long)image * lq * ld + head * D;
-  const __half* kb = k + (long)image * lk * ld + head * D;
-  const __half* vb = v + (long)image * lk * ld + head * D;
+  const __half* qb = q + (long)image * lq * ldq + head * D;
+  const __half* kb = k + (long)image * lk * ldkv + head * D;
+  const __half* vb = v + (long)image * lk * ldkv + head * D;
   __half* ob = o + (long)image * lq * ld + head * D;
   const int row0 = blockIdx.x * (blockDim.x / 2) + warp * 16;  // 16 rows per warp
 
@@ -156,7 +158,7 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
       const int row = row0 + g + (r & 1) * 8;
       const int col = c * 16 + (r >> 1) * 8 + 2 * t;
       unsigned val = 0;
-      if (row < lq && col < D) val = *reinterpret_cast<const unsigned*>(qb + row * ld + col);
+      if (row < lq && col < D) val = *reinterpret_cast<const unsigned*>(qb + (long)row * ldq + col);
       qa[c][r] = val;
     }
   }
@@ -174,7 +176,7 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
     for (int i = threadIdx.x; i < CHUNKS; i += blockDim.x) {
       const int key = i / (D / 8), col = (i % (D / 8)) * 8;
       const bool in = key0 + key < key_end;
-      const long at = in ? (long)(key0 + key) * ld + col : 0;
+      const long at = in ? (long)(key0 + key) * ldkv + col : 0;
       cp_async16(ks[st] + key * KS + col, kb + at, in ? 16 : 0);
       cp_async16(vs[st] + key * KS + col, vb + at, in ? 16 : 0);
     }
@@ -305,8 +307,8 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
 #define FLASH(D)                                                                             \
   extern "C" __global__ void __launch_bounds__(FA_MAX_WARPS * 32) flash_attention_##D(          \
       const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk,          \
-      int heads, float scale_log2, int splits, float* part) {                                \
-    flash_attention<D>(q, k, v, o, lq, lk, heads, scale_log2, splits, part);                 \
+      int heads, int ldq, int ldkv, float scale_log2, int splits, float* part) {             \
+    flash_attention<D>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);      \
   }
 FLASH(40)
 FLASH(64)

@@ -126,7 +126,8 @@ extern "C" __global__ void bias_residual_nhwc_f16x8(uint4* __restrict__ y, const
   }
 }
 
-// The same epilogue, also summing the result per group for the GroupNorm that reads it next:
+// The same epilogue, also summing the result per group for the GroupNorm that reads it next
+// (with neither bias nor residual, the sums alone: y is read, not written):
 // block b of image n writes partial[(n * gridDim.x + b) * groups + g] = (sum, sum of squares)
 // of what it wrote (of the fp16 values the norm will read). groups <= 64, group width >= 4, so
 // a thread's eight channels span at most two groups; it sums in registers and adds to the
@@ -169,7 +170,8 @@ extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y,
       if (first[j]) { sum0 += o.x + o.y; sq0 += o.x * o.x + o.y * o.y; }
       else { sum1 += o.x + o.y; sq1 += o.x * o.x + o.y * o.y; }
     }
-    y[base + v] = yv;
+    // Without bias and residual (cuDNN's fused call added them) only the sums are wanted.
+    if (bias || res) y[base + v] = yv;
   }
   if (v0 < v1) {
     atomicAdd(&s_sum[g0], sum0);

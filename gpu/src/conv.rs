@@ -62,6 +62,31 @@ pub struct ConvPlan {
     /// Workspace the algorithm needs.
     pub workspace_bytes: usize,
     pub shape: ConvShape,
+    /// Set when the bias (and residual) ride on cuDNN's fused call instead of an epilogue kernel.
+    pub fused: Option<FusedCall>,
+}
+
+/// cuDNN's y = conv(x, w) + z + bias in one call (`cudnnConvolutionBiasActivationForward` with
+/// the identity activation): its own algorithm, as only some algorithms take the fused epilogue.
+pub struct FusedCall {
+    bias: sys::cudnnTensorDescriptor_t,
+    act: sys::cudnnActivationDescriptor_t,
+    pub algo: sys::cudnnConvolutionFwdAlgo_t,
+    pub math: sys::cudnnMathType_t,
+    pub workspace_bytes: usize,
+}
+
+// SAFETY: as for ConvPlan.
+unsafe impl Send for FusedCall {}
+
+impl Drop for FusedCall {
+    fn drop(&mut self) {
+        // SAFETY: created in `Conv::fused`, destroyed once here; teardown errors are ignored.
+        unsafe {
+            let _ = result::destroy_tensor_descriptor(self.bias);
+            let _ = sys::cudnnDestroyActivationDescriptor(self.act);
+        }
+    }
 }
 
 // SAFETY: cuDNN handles and descriptors are used from the executor's one thread at a time.
@@ -114,6 +139,7 @@ impl Conv {
             math: sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
             workspace_bytes: 0,
             shape: s,
+            fused: None,
         };
         // SAFETY: every descriptor was created above and is owned by `plan` (destroyed on drop).
         unsafe {
@@ -284,6 +310,135 @@ impl Conv {
             )
         }
         .map_err(cudnn_err)
+    }
+}
+
+impl Conv {
+    /// Sets `plan` up for the fused bias (+ residual) call with `algo`, or `None` when this
+    /// cuDNN has no workspace answer for it (the algorithm cannot take the shape). Whether the
+    /// call itself runs is only known by trying it (`forward_fused`).
+    pub fn fused(
+        &self,
+        plan: &ConvPlan,
+        algo: sys::cudnnConvolutionFwdAlgo_t,
+        math: sys::cudnnMathType_t,
+    ) -> Result<Option<FusedCall>, GpuError> {
+        let s = plan.shape;
+        let format = if s.nhwc {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        };
+        let mut call = FusedCall {
+            bias: result::create_tensor_descriptor().map_err(cudnn_err)?,
+            act: result::create_activation_descriptor().map_err(cudnn_err)?,
+            algo,
+            math,
+            workspace_bytes: 0,
+        };
+        // SAFETY: the descriptors were just created and are owned by `call` (destroyed on drop);
+        // plan's descriptors are live.
+        unsafe {
+            result::set_tensor4d_descriptor(
+                call.bias,
+                format,
+                sys::cudnnDataType_t::CUDNN_DATA_HALF,
+                [1, s.o as c_int, 1, 1],
+            )
+            .map_err(cudnn_err)?;
+            result::set_activation_descriptor(
+                call.act,
+                sys::cudnnActivationMode_t::CUDNN_ACTIVATION_IDENTITY,
+                sys::cudnnNanPropagation_t::CUDNN_NOT_PROPAGATE_NAN,
+                0.0,
+            )
+            .map_err(cudnn_err)?;
+            result::set_convolution_math_type(plan.conv, math).map_err(cudnn_err)?;
+            let ws = result::get_convolution_forward_workspace_size(
+                self.handle,
+                plan.x,
+                plan.w,
+                plan.conv,
+                plan.y,
+                algo,
+            );
+            // The plain algorithm's math type stays the descriptor's until a fused call is kept.
+            result::set_convolution_math_type(plan.conv, plan.math).map_err(cudnn_err)?;
+            match ws {
+                Ok(bytes) => {
+                    call.workspace_bytes = bytes;
+                    Ok(Some(call))
+                }
+                Err(_) => Ok(None),
+            }
+        }
+    }
+
+    /// Keeps `call` for `plan`: its launches go through `forward_fused` from now on.
+    pub fn keep_fused(&self, plan: &mut ConvPlan, call: FusedCall) -> Result<(), GpuError> {
+        // SAFETY: the descriptor is live (owned by `plan`).
+        unsafe { result::set_convolution_math_type(plan.conv, call.math) }.map_err(cudnn_err)?;
+        plan.fused = Some(call);
+        Ok(())
+    }
+
+    /// y = conv(x, w) + bias (+ residual) through `call` (the plan's descriptors with the
+    /// call's algorithm); `residual` 0 for none.
+    ///
+    /// # Safety
+    /// x, w, y, residual must hold the plan's shapes, bias `o` halves, the workspace
+    /// `call.workspace_bytes`; the plan's math type must be the call's (`keep_fused`, or set by
+    /// the caller while trying it).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_fused(
+        &self,
+        plan: &ConvPlan,
+        call: &FusedCall,
+        x: Ptr,
+        w: Ptr,
+        bias: Ptr,
+        residual: Ptr,
+        y: Ptr,
+        workspace: Ptr,
+    ) -> Result<(), GpuError> {
+        let one = 1f32;
+        // No residual: alpha2 0 and z = y, which cuDNN then does not read.
+        let (alpha2, z) = if residual == 0 {
+            (0f32, y)
+        } else {
+            (1f32, residual)
+        };
+        // SAFETY: per the caller's contract; alphas are f32 as cuDNN wants for fp32 compute.
+        unsafe {
+            sys::cudnnConvolutionBiasActivationForward(
+                self.handle,
+                &one as *const f32 as *const c_void,
+                plan.x,
+                x as *const c_void,
+                plan.w,
+                w as *const c_void,
+                plan.conv,
+                call.algo,
+                workspace as *mut c_void,
+                call.workspace_bytes,
+                &alpha2 as *const f32 as *const c_void,
+                plan.y,
+                z as *const c_void,
+                call.bias,
+                bias as *const c_void,
+                call.act,
+                plan.y,
+                y as *mut c_void,
+            )
+        }
+        .result()
+        .map_err(cudnn_err)
+    }
+
+    /// Sets the plan's math type (to try a fused call's algorithm before keeping it).
+    pub fn set_math(&self, plan: &ConvPlan, math: sys::cudnnMathType_t) -> Result<(), GpuError> {
+        // SAFETY: the descriptor is live (owned by `plan`).
+        unsafe { result::set_convolution_math_type(plan.conv, math) }.map_err(cudnn_err)
     }
 }
 

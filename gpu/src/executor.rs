@@ -39,6 +39,49 @@ const TUNE_WORKSPACE_BYTES: usize = 256 << 20;
 pub struct Options {
     /// Time every cuDNN algorithm per convolution shape (engine build); else use heuristics.
     pub tune: bool,
+    /// Whether a convolution's bias (and residual) ride on cuDNN's fused call.
+    pub fuse: FuseConv,
+}
+
+impl Options {
+    /// Engine build: every choice timed.
+    pub const TUNED: Options = Options {
+        tune: true,
+        fuse: FuseConv::Timed,
+    };
+    /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
+    pub const HEURISTIC: Options = Options {
+        tune: false,
+        fuse: FuseConv::Never,
+    };
+}
+
+/// Where a convolution's bias, residual and group-norm sums are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FuseConv {
+    /// Our epilogue kernel after the plain cuDNN call (the sums need it, or a read-only pass).
+    Never,
+    /// cuDNN's fused call wherever cuDNN runs it (numerics tests).
+    Always,
+    /// Whichever of the two was faster when timed on the real buffers (`tune`); decisions
+    /// already in the runtime (an engine file's) are kept.
+    Timed,
+}
+
+/// The epilogue a convolution needs, which decides whether fusing it pays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct FuseKey {
+    pub shape: ConvShape,
+    pub residual: bool,
+    pub stats: bool,
+}
+
+/// A timed fusion decision: the fused call's algorithm when it won, and both times.
+#[derive(Clone, Copy, Debug)]
+pub struct Fusion {
+    pub fused: Option<Tuned>,
+    pub fused_ms: f32,
+    pub plain_ms: f32,
 }
 
 /// A convolution algorithm chosen by timing.
@@ -87,6 +130,34 @@ impl Tuned {
     }
 }
 
+/// What an engine build timed, to replay without timing again: each convolution shape's
+/// algorithm and each fusion decision.
+#[derive(Clone, Debug, Default)]
+pub struct Tuning {
+    pub convs: Vec<(ConvShape, Tuned)>,
+    pub fusions: Vec<(FuseKey, Fusion)>,
+}
+
+impl Tuning {
+    pub fn is_empty(&self) -> bool {
+        self.convs.is_empty() && self.fusions.is_empty()
+    }
+
+    /// What `rt` has timed so far.
+    pub fn of(rt: &Runtime) -> Tuning {
+        Tuning {
+            convs: rt.tuned.iter().map(|(k, v)| (*k, *v)).collect(),
+            fusions: rt.fusions.iter().map(|(k, v)| (*k, *v)).collect(),
+        }
+    }
+
+    /// Makes `rt` use these choices.
+    pub fn apply(&self, rt: &mut Runtime) {
+        rt.tuned.extend(self.convs.iter().copied());
+        rt.fusions.extend(self.fusions.iter().copied());
+    }
+}
+
 /// What one GPU's graphs share.
 pub struct Runtime {
     pub device: Device,
@@ -98,6 +169,8 @@ pub struct Runtime {
     pub weight_bytes: usize,
     /// Convolution algorithm per shape: (algorithm, workspace bytes, measured ms).
     pub tuned: HashMap<ConvShape, Tuned>,
+    /// Whether each convolution-with-bias kind takes cuDNN's fused call.
+    pub fusions: HashMap<FuseKey, Fusion>,
     workspace: Option<CudaSlice<u8>>,
     workspace_bytes: usize,
     /// The most workspace any prepared convolution needs.
@@ -122,6 +195,7 @@ impl Runtime {
             weights: HashMap::new(),
             weight_bytes: 0,
             tuned: HashMap::new(),
+            fusions: HashMap::new(),
             workspace: None,
             workspace_bytes: 0,
             workspace_need: 0,
@@ -146,7 +220,17 @@ impl Runtime {
                     out
                 }
                 WeightForm::ChannelsLast | WeightForm::PaddedOut(_) => {
-                    let (o, c, h, wd) = (t.shape[0], t.shape[1], t.shape[2], t.shape[3]);
+                    // A 1-d filter [O, C, K] is a one-row 2-d one.
+                    let (o, c, h, wd) = match t.shape[..] {
+                        [o, c, k] => (o, c, 1, k),
+                        [o, c, h, w] => (o, c, h, w),
+                        _ => {
+                            return Err(GpuError::Shape {
+                                kernel: "upload",
+                                reason: format!("{:?} filter {:?}", w.form, t.shape),
+                            })
+                        }
+                    };
                     let rows = match w.form {
                         WeightForm::PaddedOut(o8) => o8,
                         _ => o,
@@ -242,6 +326,29 @@ fn record_external(ev: &CudaEvent, stream: &CudaStream) -> Result<(), GpuError> 
     Ok(())
 }
 
+/// Mean milliseconds of `run` over 10 launches after 3 warm-ups, timed with CUDA events.
+fn time_gpu(
+    stream: &Arc<CudaStream>,
+    mut run: impl FnMut() -> Result<(), GpuError>,
+) -> Result<f32, GpuError> {
+    const RUNS: usize = 10;
+    let f = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (a, b) = (
+        stream.context().new_event(f)?,
+        stream.context().new_event(f)?,
+    );
+    for _ in 0..3 {
+        run()?;
+    }
+    a.record(stream)?;
+    for _ in 0..RUNS {
+        run()?;
+    }
+    b.record(stream)?;
+    b.synchronize()?;
+    Ok(a.elapsed_ms(&b)? / RUNS as f32)
+}
+
 /// A prepared library call for a step.
 enum Prepared {
     None,
@@ -292,7 +399,15 @@ impl Executor {
         let mut need_ws = 0;
         for step in &ex.plan.steps {
             prepared.push(match step {
-                Step::Conv { shape, x, w, y, .. } => {
+                Step::Conv {
+                    shape,
+                    x,
+                    w,
+                    y,
+                    bias,
+                    residual,
+                    stats,
+                } => {
                     let mut p = rt.conv.plan(*shape)?;
                     if let Some(t) = rt.tuned.get(shape) {
                         rt.conv
@@ -324,6 +439,34 @@ impl Executor {
                         );
                     }
                     need_ws = need_ws.max(p.workspace_bytes);
+                    // cuDNN's bias is one per output channel: a per-image one (the UNet's time
+                    // embedding at B > 1) stays on our epilogue.
+                    let fusable = matches!(bias, Some((_, stride)) if *stride == 0 || shape.n == 1);
+                    if fusable && opts.fuse != FuseConv::Never {
+                        let key = FuseKey {
+                            shape: *shape,
+                            residual: residual.is_some(),
+                            stats: stats.is_some(),
+                        };
+                        let decided = rt.fusions.get(&key).copied();
+                        let fusion = match decided {
+                            Some(f) if opts.fuse == FuseConv::Timed => Some(f),
+                            _ if opts.fuse == FuseConv::Timed && !opts.tune => None,
+                            _ => {
+                                let f = ex.time_fusion(rt, &p, step, opts.fuse)?;
+                                if opts.fuse == FuseConv::Timed {
+                                    rt.fusions.insert(key, f);
+                                }
+                                Some(f)
+                            }
+                        };
+                        if let Some(t) = fusion.and_then(|f| f.fused) {
+                            if let Some(call) = rt.conv.fused(&p, t.algo, t.math)? {
+                                need_ws = need_ws.max(call.workspace_bytes);
+                                rt.conv.keep_fused(&mut p, call)?;
+                            }
+                        }
+                    }
                     Prepared::Conv(p)
                 }
                 Step::Gemm {
@@ -361,6 +504,147 @@ impl Executor {
         Ok(ex)
     }
 
+    /// A convolution step's epilogue kernel: bias, residual and group-norm sums, or — after
+    /// the fused call (`fused`) — the sums alone, read without writing y back. Nothing to do
+    /// launches nothing.
+    ///
+    /// # Safety
+    /// `step` is one of this executor's convolutions, its operands placed.
+    unsafe fn conv_epilogue(&self, rt: &Runtime, step: &Step, fused: bool) -> Result<(), GpuError> {
+        let Step::Conv {
+            shape,
+            y,
+            bias,
+            residual,
+            stats,
+            ..
+        } = step
+        else {
+            return Ok(());
+        };
+        let (bias, residual) = if fused {
+            (None, None)
+        } else {
+            (*bias, *residual)
+        };
+        if bias.is_none() && residual.is_none() && stats.is_none() {
+            return Ok(());
+        }
+        let p = |l: Loc| self.ptr(rt, l);
+        let (ho, wo) = shape.out_hw();
+        let n = shape.n * shape.o * ho * wo;
+        let (b, stride) = bias.map_or((0, 0), |(l, st)| (p(l), st));
+        let inner = if shape.nhwc { 1 } else { ho * wo };
+        // SAFETY: per the caller's contract, the plan sized y, bias, residual and the sums'
+        // scratch for this shape.
+        unsafe {
+            rt.kernels.elementwise.bias_residual(
+                rt.stream(),
+                p(*y),
+                b,
+                residual.map_or(0, p),
+                n,
+                shape.o * ho * wo,
+                stride,
+                inner,
+                shape.o,
+                stats.map(|(l, g)| (p(l), g)),
+            )
+        }
+    }
+
+    /// Times convolution `step` both ways on its real buffers — the plain call (its tuned
+    /// algorithm) and our epilogue, against cuDNN's fused call (each algorithm that takes it)
+    /// and the read-only sums — and says which to keep. `Always` keeps any fused call cuDNN
+    /// runs. Runs on the stream outside any capture; y and the sums are scratch until then.
+    fn time_fusion(
+        &self,
+        rt: &mut Runtime,
+        plan: &ConvPlan,
+        step: &Step,
+        fuse: FuseConv,
+    ) -> Result<Fusion, GpuError> {
+        use cudnnConvolutionFwdAlgo_t as A;
+        let Step::Conv {
+            x,
+            w,
+            y,
+            bias,
+            residual,
+            ..
+        } = step
+        else {
+            return Err(GpuError::Capture(
+                "fusion timing of a step that is no convolution".into(),
+            ));
+        };
+        rt.reserve_workspace(TUNE_WORKSPACE_BYTES)?;
+        let ws = rt.workspace_ptr();
+        let p = |l: Loc| self.ptr(rt, l);
+        let (px, pw, py) = (p(*x), p(*w), p(*y));
+        let pb = bias.map_or(0, |(l, _)| p(l));
+        let pr = residual.map_or(0, p);
+        let stream = rt.stream().clone();
+        // SAFETY: the operands are the step's own (placed, sized by the plan); y and the sums'
+        // scratch hold nothing yet; the workspace holds TUNE_WORKSPACE_BYTES.
+        let plain_ms = time_gpu(&stream, || unsafe {
+            rt.conv.forward(plan, px, pw, py, ws)?;
+            self.conv_epilogue(rt, step, false)
+        })?;
+        let mut best: Option<(Tuned, f32)> = None;
+        let mut candidates = vec![(plan.algo, plan.math)];
+        for algo in [
+            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        ] {
+            if !candidates.iter().any(|c| c.0 == algo) {
+                candidates.push((algo, cudnnMathType_t::CUDNN_TENSOR_OP_MATH));
+            }
+        }
+        for (algo, math) in candidates {
+            let Some(call) = rt.conv.fused(plan, algo, math)? else {
+                continue;
+            };
+            if call.workspace_bytes > TUNE_WORKSPACE_BYTES {
+                continue;
+            }
+            rt.conv.set_math(plan, math)?;
+            // SAFETY: as above.
+            let run = || unsafe {
+                rt.conv.forward_fused(plan, &call, px, pw, pb, pr, py, ws)?;
+                self.conv_epilogue(rt, step, true)
+            };
+            // cuDNN refuses an algorithm that cannot fuse with a status, not a fault: try once.
+            let ms = match run() {
+                Ok(()) => time_gpu(&stream, run)?,
+                Err(_) => f32::INFINITY,
+            };
+            if ms.is_finite() && best.is_none_or(|(_, b)| ms < b) {
+                best = Some((
+                    Tuned {
+                        algo,
+                        math,
+                        workspace_bytes: call.workspace_bytes,
+                        ms,
+                    },
+                    ms,
+                ));
+            }
+        }
+        rt.conv.set_math(plan, plan.math)?;
+        let fused_ms = best.map_or(f32::INFINITY, |(_, ms)| ms);
+        // A fused call must win clearly: the timings carry a few percent of noise.
+        let keep = match fuse {
+            FuseConv::Always => best.is_some(),
+            _ => fused_ms < 0.97 * plain_ms,
+        };
+        Ok(Fusion {
+            fused: best.filter(|_| keep).map(|(t, _)| t),
+            fused_ms,
+            plain_ms,
+        })
+    }
+
     /// The device address of an operand.
     fn ptr(&self, rt: &Runtime, loc: Loc) -> Ptr {
         match loc {
@@ -382,6 +666,15 @@ impl Executor {
     /// Steps, for reports.
     pub fn steps(&self) -> &[Step] {
         &self.plan.steps
+    }
+
+    /// How many convolutions run on cuDNN's fused bias (+ residual) call, of how many.
+    pub fn fused_convs(&self) -> (usize, usize) {
+        let convs = self.prepared.iter().filter_map(|p| match p {
+            Prepared::Conv(c) => Some(c.fused.is_some()),
+            _ => None,
+        });
+        convs.fold((0, 0), |(f, n), fused| (f + fused as usize, n + 1))
     }
 
     fn binding<'a>(list: &'a [Binding], name: &str) -> Result<&'a Binding, GpuError> {
@@ -690,37 +983,35 @@ impl Executor {
             match (step, &self.prepared[i]) {
                 (
                     Step::Conv {
-                        shape,
                         x,
                         w,
                         y,
                         bias,
                         residual,
-                        stats,
+                        ..
                     },
                     Prepared::Conv(plan),
                 ) => {
-                    unsafe { rt.conv.forward(plan, p(*x), p(*w), p(*y), ws) }?;
-                    lap("conv")?;
-                    if bias.is_some() || residual.is_some() || stats.is_some() {
-                        let (ho, wo) = shape.out_hw();
-                        let n = shape.n * shape.o * ho * wo;
-                        let (b, stride) = bias.map_or((0, 0), |(l, st)| (p(l), st));
-                        let inner = if shape.nhwc { 1 } else { ho * wo };
+                    if let Some(call) = &plan.fused {
+                        let b = bias.map_or(0, |(l, _)| p(l));
                         unsafe {
-                            k.elementwise.bias_residual(
-                                s,
-                                p(*y),
+                            rt.conv.forward_fused(
+                                plan,
+                                call,
+                                p(*x),
+                                p(*w),
                                 b,
                                 residual.map_or(0, p),
-                                n,
-                                shape.o * ho * wo,
-                                stride,
-                                inner,
-                                shape.o,
-                                stats.map(|(l, g)| (p(l), g)),
+                                p(*y),
+                                ws,
                             )
                         }?;
+                        lap("conv")?;
+                        unsafe { self.conv_epilogue(rt, step, true) }?;
+                    } else {
+                        unsafe { rt.conv.forward(plan, p(*x), p(*w), p(*y), ws) }?;
+                        lap("conv")?;
+                        unsafe { self.conv_epilogue(rt, step, false) }?;
                     }
                 }
                 (
@@ -743,6 +1034,8 @@ impl Executor {
                         lk,
                         heads,
                         d,
+                        ldq,
+                        ldkv,
                         splits,
                         part,
                     },
@@ -756,6 +1049,7 @@ impl Executor {
                         *lk,
                         *heads,
                         *d,
+                        (*ldq, *ldkv),
                         (*splits, p(*part)),
                     )
                 }?,

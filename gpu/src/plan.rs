@@ -31,7 +31,8 @@ use crate::kernels::group_norm::{GroupNorm, GroupNormShape};
 pub enum Layout {
     /// Row-major in the graph's shape.
     Plain,
-    /// A 4-d [N,C,H,W] value stored as [N,H,W,C].
+    /// Channels last: a 4-d [N,C,H,W] value stored as [N,H,W,C], a 3-d [N,C,W] one (whisper's
+    /// 1-d convolutions) as [N,W,C].
     Nhwc,
 }
 
@@ -130,6 +131,10 @@ pub enum Step {
         lk: usize,
         heads: usize,
         d: usize,
+        /// Row strides of q and of k/v, in elements: wider than heads*d when one projection
+        /// GEMM wrote them side by side.
+        ldq: usize,
+        ldkv: usize,
         /// Key splits and their fp32 scratch (`Loc::None` with one split).
         splits: usize,
         part: Loc,
@@ -276,8 +281,19 @@ impl Step {
                 heads,
                 d,
                 splits,
+                ldq,
+                ldkv,
                 ..
-            } => format!("attention {batch}x{heads} q{lq} k{lk} d{d} split{splits}"),
+            } => {
+                let packed = if *ldq > heads * d {
+                    " qkv"
+                } else if *ldkv > heads * d {
+                    " kv"
+                } else {
+                    ""
+                };
+                format!("attention {batch}x{heads} q{lq} k{lk} d{d} split{splits}{packed}")
+            }
             Step::Permute { dims, .. } => format!("permute {dims:?}"),
             Step::Upsample { nhwc, .. } => format!("upsample {nhwc:?}"),
             other => other.name().to_string(),
@@ -347,6 +363,49 @@ struct Lower<'g> {
     /// The conv / linear step that produced a value, for epilogue fusions.
     producer: HashMap<usize, usize>,
     prefix: String,
+    /// Attention projections computed by one GEMM: each member linear's group and column.
+    packed: HashMap<usize, (usize, usize)>,
+    groups: Vec<Vec<usize>>,
+    /// Row stride of values that are column slices of a packed projection's output.
+    row_stride: HashMap<usize, usize>,
+}
+
+/// The linear layers feeding one fused attention that can run as one GEMM: q, k and v of a
+/// self-attention (one input), or k and v of a cross-attention. Each member is used by the
+/// attention alone, reads the same input with the same width, and its output width keeps
+/// 16-byte rows.
+fn projection_groups(g: &Graph, uses: &[usize]) -> Vec<Vec<usize>> {
+    let linear = |v: ValueId| -> Option<(usize, ValueId, usize)> {
+        let i = v.0 as usize;
+        let n = &g.nodes[i];
+        let weight_const = n.inputs.get(1).is_some_and(|w| g.const_value(*w).is_some());
+        let bias_const = n.inputs.get(2).is_none_or(|b| g.const_value(*b).is_some());
+        (matches!(n.op, Op::Linear) && weight_const && bias_const && uses[i] == 1)
+            .then(|| (i, n.inputs[0], g.shape(n.inputs[1])[1]))
+    };
+    let mut groups = Vec::new();
+    for n in &g.nodes {
+        let Op::Attention { heads } = n.op else {
+            continue;
+        };
+        let (qs, ks) = (g.shape(n.inputs[0]), g.shape(n.inputs[1]));
+        let d = qs[2] / heads;
+        if !crate::kernels::attention::flash_supports(d, n.shape[2] / heads) || ks[2] != qs[2] {
+            continue;
+        }
+        let [q, k, v] = [0, 1, 2].map(|j| linear(n.inputs[j]));
+        let (Some(k), Some(v)) = (k, v) else {
+            continue;
+        };
+        if k.1 != v.1 || k.2 != v.2 || !qs[2].is_multiple_of(8) {
+            continue;
+        }
+        match q {
+            Some(q) if q.1 == k.1 && q.2 == k.2 => groups.push(vec![q.0, k.0, v.0]),
+            _ => groups.push(vec![k.0, v.0]),
+        }
+    }
+    groups
 }
 
 fn unsupported(node: &str, op: &'static str, reason: impl Into<String>) -> GpuError {
@@ -365,26 +424,40 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-/// Semantic axis -> storage axis of an NHWC value.
-const NHWC_AXIS: [usize; 4] = [0, 3, 1, 2];
+/// The semantic axis held by each storage axis of a value in `layout`.
+fn storage_order(rank: usize, layout: Layout) -> Vec<usize> {
+    match layout {
+        Layout::Nhwc if rank >= 3 => {
+            let mut v: Vec<usize> = (0..rank).filter(|&a| a != 1).collect();
+            v.push(1);
+            v
+        }
+        _ => (0..rank).collect(),
+    }
+}
+
+/// The storage axis of semantic axis `axis`.
+fn storage_axis(rank: usize, layout: Layout, axis: usize) -> usize {
+    storage_order(rank, layout)
+        .iter()
+        .position(|&a| a == axis)
+        .unwrap_or(axis)
+}
 
 /// Storage dims of a value in `layout`.
 fn storage_dims(shape: &[usize], layout: Layout) -> Vec<usize> {
-    match layout {
-        Layout::Plain => shape.to_vec(),
-        Layout::Nhwc => vec![shape[0], shape[2], shape[3], shape[1]],
-    }
+    storage_order(shape.len(), layout)
+        .iter()
+        .map(|&a| shape[a])
+        .collect()
 }
 
 /// Element strides of each semantic axis of a value stored in `layout`.
 fn semantic_strides(shape: &[usize], layout: Layout) -> Vec<usize> {
-    match layout {
-        Layout::Plain => strides(shape),
-        Layout::Nhwc => {
-            let (c, h, w) = (shape[1], shape[2], shape[3]);
-            vec![h * w * c, 1, w * c, c]
-        }
-    }
+    let st = strides(&storage_dims(shape, layout));
+    (0..shape.len())
+        .map(|a| st[storage_axis(shape.len(), layout, a)])
+        .collect()
 }
 
 impl<'g> Lower<'g> {
@@ -428,7 +501,7 @@ impl<'g> Lower<'g> {
         };
         let ok = match form {
             WeightForm::Plain => true,
-            WeightForm::ChannelsLast => t.shape.len() == 4,
+            WeightForm::ChannelsLast => t.shape.len() == 4 || t.shape.len() == 3,
             WeightForm::PaddedOut(o) => {
                 (t.shape.len() == 4 || t.shape.len() == 1) && o >= t.shape[0]
             }
@@ -488,13 +561,11 @@ impl<'g> Lower<'g> {
             return Ok(loc);
         }
         let s = &val.shape;
-        let (dims, st) = match want {
-            Layout::Nhwc => (
-                vec![s[0], s[2], s[3], s[1]],
-                vec![s[1] * s[2] * s[3], s[3], 1, s[2] * s[3]],
-            ),
-            Layout::Plain => (s.clone(), semantic_strides(s, Layout::Nhwc)),
-        };
+        // Walk the wanted storage order, reading each axis at its stride where it is now.
+        let now = semantic_strides(s, val.layout);
+        let order = storage_order(s.len(), want);
+        let dims = storage_dims(s, want);
+        let st = order.iter().map(|&a| now[a]).collect();
         let y = self.act(s);
         self.push(Step::Permute {
             x: val.loc,
@@ -504,6 +575,66 @@ impl<'g> Lower<'g> {
         });
         self.converted.insert((i, want), y);
         Ok(y)
+    }
+
+    /// A packed projection group's GEMM, at its first member: the members' weights (and
+    /// biases, zero where one has none) stacked, one output row per token holding every
+    /// member's columns; each member's value is its column slice (`row_stride`).
+    fn lower_packed(&mut self, i: usize) -> Result<(), GpuError> {
+        let (gi, _) = self.packed[&i];
+        if self.vals[i].is_some() {
+            return Ok(());
+        }
+        let g = self.g;
+        let members = self.groups[gi].clone();
+        let first = &g.nodes[members[0]];
+        let x = self.operand(first.inputs[0], Layout::Plain)?;
+        let k = g.shape(first.inputs[1])[1];
+        let widths: Vec<usize> = members
+            .iter()
+            .map(|&m| g.shape(g.nodes[m].inputs[1])[0])
+            .collect();
+        let total: usize = widths.iter().sum();
+        let tensor = |v: Option<&ValueId>, n: usize| -> Vec<f32> {
+            v.and_then(|v| g.const_value(*v))
+                .map_or_else(|| vec![0.0; n], |t| t.data.clone())
+        };
+        let mut w = Vec::with_capacity(total * k);
+        let mut b = Vec::with_capacity(total);
+        let any_bias = members.iter().any(|&m| g.nodes[m].inputs.len() > 2);
+        for (&m, &n) in members.iter().zip(&widths) {
+            w.extend(tensor(g.nodes[m].inputs.get(1), n * k));
+            b.extend(tensor(g.nodes[m].inputs.get(2), n));
+        }
+        let names: Vec<&str> = members.iter().map(|&m| g.nodes[m].name.as_str()).collect();
+        let key = format!("{}{}:packed:{total}x{k}", self.prefix, names.join("+"));
+        let mut derived = |key: String, shape: Vec<usize>, data: Vec<f32>| {
+            self.weights.push(WeightUse {
+                key,
+                tensor: Arc::new(Tensor::new(shape, data)),
+                form: WeightForm::Plain,
+            });
+            Loc::Weight(self.weights.len() - 1, 0)
+        };
+        let wl = derived(format!("{key}:w"), vec![total, k], w);
+        let bias = any_bias.then(|| derived(format!("{key}:b"), vec![total], b));
+        let rows = numel(&g.nodes[i].shape) / widths[0];
+        let y = self.buffer(2 * rows * total);
+        self.push(Step::Gemm {
+            gemm: Gemm::linear(rows, k, total),
+            a: x,
+            b: wl,
+            bias,
+            residual: None,
+            c: y,
+        });
+        let mut col = 0;
+        for (&m, &n) in members.iter().zip(&widths) {
+            self.set(m, y.at(col), Layout::Plain);
+            self.row_stride.insert(m, total);
+            col += n;
+        }
+        Ok(())
     }
 
     fn const_tensor(&self, v: ValueId) -> Option<&Arc<Tensor>> {
@@ -713,8 +844,18 @@ impl<'g> Lower<'g> {
             Op::Conv1d { stride, padding } => {
                 let xs = g.shape(ins[0]).to_vec();
                 let ws = g.shape(ins[1]).to_vec();
-                let x = self.operand(ins[0], Layout::Plain)?;
-                let w = self.weight(ins[1], WeightForm::Plain)?;
+                // Channels last, as one-row NHWC images: cuDNN's NCHW fp16 path transposes around
+                // its tensor-core kernels (measured on an H100: 66 us for whisper's first conv),
+                // and the tokens that follow are then already in row order.
+                let nhwc = xs[1].is_multiple_of(8) && ws[0].is_multiple_of(8);
+                let layout = if nhwc { Layout::Nhwc } else { Layout::Plain };
+                let x = self.operand(ins[0], layout)?;
+                let form = if nhwc {
+                    WeightForm::ChannelsLast
+                } else {
+                    WeightForm::Plain
+                };
+                let w = self.weight(ins[1], form)?;
                 let bias = match ins.get(2) {
                     Some(b) => Some((self.weight(*b, WeightForm::Plain)?, 0)),
                     None => None,
@@ -730,7 +871,7 @@ impl<'g> Lower<'g> {
                     stride: [1, *stride],
                     pad: [0, *padding],
                     groups: 1,
-                    nhwc: false,
+                    nhwc,
                 };
                 let y = self.act(&out);
                 self.push(Step::Conv {
@@ -742,8 +883,9 @@ impl<'g> Lower<'g> {
                     residual: None,
                     stats: None,
                 });
-                self.set(i, y, Layout::Plain);
+                self.set(i, y, layout);
             }
+            Op::Linear if self.packed.contains_key(&i) => return self.lower_packed(i),
             Op::Linear => {
                 let ws = g.shape(ins[1]).to_vec();
                 let x = self.operand(ins[0], Layout::Plain)?;
@@ -854,6 +996,13 @@ impl<'g> Lower<'g> {
                 let q = self.operand(ins[0], Layout::Plain)?;
                 let k = self.operand(ins[1], Layout::Plain)?;
                 let v = self.operand(ins[2], Layout::Plain)?;
+                let stride = |v: ValueId, width: usize| {
+                    self.row_stride
+                        .get(&(v.0 as usize))
+                        .copied()
+                        .unwrap_or(width)
+                };
+                let (ldq, ldkv) = (stride(ins[0], h * d), stride(ins[1], h * d));
                 if fused {
                     let o = self.act(&out);
                     let splits = crate::kernels::attention::flash_splits(batch, lq, lk, h);
@@ -874,6 +1023,8 @@ impl<'g> Lower<'g> {
                         lk,
                         heads: h,
                         d,
+                        ldq,
+                        ldkv,
                         splits,
                         part,
                     });
@@ -1052,10 +1203,7 @@ impl<'g> Lower<'g> {
                     .iter()
                     .find(|v| v.shape == out)
                     .map_or(Layout::Plain, |v| v.layout);
-                let order: Vec<usize> = match layout {
-                    Layout::Plain => (0..out.len()).collect(),
-                    Layout::Nhwc => vec![0, 2, 3, 1],
-                };
+                let order = storage_order(out.len(), layout);
                 let broadcast = |v: &Val| -> Vec<usize> {
                     let st = semantic_strides(&v.shape, v.layout);
                     let pad = out.len() - v.shape.len();
@@ -1090,11 +1238,7 @@ impl<'g> Lower<'g> {
                 } else {
                     Layout::Plain
                 };
-                let sa = if layout == Layout::Nhwc {
-                    NHWC_AXIS[*axis]
-                } else {
-                    *axis
-                };
+                let sa = storage_axis(out.len(), layout, *axis);
                 let od = storage_dims(&out, layout);
                 let inner: usize = od[sa + 1..].iter().product();
                 let rows: usize = od[..sa].iter().product();
@@ -1117,11 +1261,7 @@ impl<'g> Lower<'g> {
             }
             Op::Slice { axis, start, end } => {
                 let xv = self.val(ins[0])?;
-                let sa = if xv.layout == Layout::Nhwc {
-                    NHWC_AXIS[*axis]
-                } else {
-                    *axis
-                };
+                let sa = storage_axis(xv.shape.len(), xv.layout, *axis);
                 let xd = storage_dims(&xv.shape, xv.layout);
                 let inner: usize = xd[sa + 1..].iter().product();
                 let rows: usize = xd[..sa].iter().product();
@@ -1154,7 +1294,8 @@ impl<'g> Lower<'g> {
             }
             Op::Permute { perm } => {
                 let xv = self.val(ins[0])?;
-                if xv.layout == Layout::Nhwc && perm == &[0, 2, 3, 1] {
+                if xv.layout == Layout::Nhwc && perm == &storage_order(perm.len(), Layout::Nhwc) {
+                    // Channels last to the front of the storage: the tokens are stored already.
                     self.set(i, xv.loc, Layout::Plain);
                 } else if xv.layout == Layout::Plain && xv.shape.len() == 4 && perm == &[0, 3, 1, 2]
                 {
@@ -1206,7 +1347,16 @@ pub fn lower(graph: &Graph, prefix: &str) -> Result<Plan, GpuError> {
         uses,
         producer: HashMap::new(),
         prefix: prefix.to_string(),
+        packed: HashMap::new(),
+        groups: Vec::new(),
+        row_stride: HashMap::new(),
     };
+    l.groups = projection_groups(graph, &l.uses);
+    for (gi, members) in l.groups.iter().enumerate() {
+        for (col, &m) in members.iter().enumerate() {
+            l.packed.insert(m, (gi, col));
+        }
+    }
     for i in 0..graph.nodes.len() {
         l.lower(i)?;
     }

@@ -323,7 +323,11 @@ fn main() -> anyhow::Result<()> {
                     let src = lipstream::engine::Sources::from_engine(path, &header)?;
                     (src, file::tuned(&header)?, header.batches.clone())
                 }
-                None => (sources(models.as_deref())?, Vec::new(), batches),
+                None => (
+                    sources(models.as_deref())?,
+                    lipstream_gpu::Tuning::default(),
+                    batches,
+                ),
             };
             let opts = lipstream::engine::BenchOptions {
                 batches,

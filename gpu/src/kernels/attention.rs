@@ -105,6 +105,7 @@ impl Attention {
         lk: usize,
         heads: usize,
         d: usize,
+        (ldq, ldkv): (usize, usize),
         (splits, part): (usize, Ptr),
     ) -> Result<(), GpuError> {
         let Some((_, func)) = self.flash.iter().find(|(hd, _)| *hd == d) else {
@@ -121,6 +122,13 @@ impl Attention {
             return Err(super::shape_err(
                 "flash_attention",
                 format!("{splits} key splits of {tiles} tiles (scratch {part:#x})"),
+            ));
+        }
+        if ldq < heads * d || ldkv < heads * d || !ldq.is_multiple_of(8) || !ldkv.is_multiple_of(8)
+        {
+            return Err(super::shape_err(
+                "flash_attention",
+                format!("row strides {ldq}/{ldkv} for {heads} heads of {d} (whole 16-byte rows)"),
             ));
         }
         if [q, k, v, o].iter().any(|p| !p.is_multiple_of(16)) || lk == 0 {
@@ -152,11 +160,13 @@ impl Attention {
             Arg::I(lq as i32),
             Arg::I(lk as i32),
             Arg::I(heads as i32),
+            Arg::I(ldq as i32),
+            Arg::I(ldkv as i32),
             Arg::F(scale_log2),
             Arg::I(splits as i32),
             Arg::P(part),
         ];
-        // SAFETY: (const half* x3, half*, int, int, int, float, int, float*) as the kernel
+        // SAFETY: (const half* x3, half*, int x5, float, int, float*) as the kernel
         // declares; one block per 16 x warps queries of one (head, image, key split), rows past
         // lq and keys past lk are never read or written, every split's run of keys is non-empty
         // (checked above); the caller vouches for the operands' sizes and the scratch's,

@@ -19,7 +19,7 @@ use lipstream_engines::presets::ModelSet;
 use lipstream_engines::weights::{safetensors, Checkpoint, DType, Weights};
 use lipstream_gpu::conv::ConvShape;
 use lipstream_gpu::device::Device;
-use lipstream_gpu::executor::Tuned;
+use lipstream_gpu::executor::{FuseKey, Fusion, Tuned, Tuning};
 use lipstream_gpu::{Executor, Options, Runtime};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -60,6 +60,16 @@ pub struct TunedConv {
     pub ms: f32,
 }
 
+/// Whether a convolution kind takes cuDNN's fused bias (+ residual) call, as timed at build.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FusedConv {
+    pub key: FuseKey,
+    /// The fused call's algorithm and math type (cuDNN codes) when it won.
+    pub fused: Option<(u32, u32, usize)>,
+    pub fused_ms: f32,
+    pub plain_ms: f32,
+}
+
 /// One batch profile.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Profile {
@@ -87,6 +97,9 @@ pub struct Header {
     pub cudnn: usize,
     pub cublaslt: usize,
     pub convs: Vec<TunedConv>,
+    /// Files built before fusion decisions existed have none: every epilogue is our kernel.
+    #[serde(default)]
+    pub fusions: Vec<FusedConv>,
     pub profiles: Vec<Profile>,
     pub kernels: Vec<KernelImage>,
     pub build_s: f64,
@@ -135,7 +148,7 @@ pub fn build(
     for &b in batches {
         bar.set_message(format!("{} B={b}", stage.name()));
         let g = src.graph(stage, b)?;
-        let ex = Executor::new(&mut rt, &g, "", Options { tune: true })
+        let ex = Executor::new(&mut rt, &g, "", Options::TUNED)
             .with_context(|| format!("building {} B={b}", stage.name()))?;
         profiles.push(Profile {
             batch: b,
@@ -146,7 +159,7 @@ pub fn build(
     }
     bar.set_message("whisper 30 s window");
     let g = src.graph(Stage::Whisper, 1)?;
-    Executor::new(&mut rt, &g, "", Options { tune: true })?;
+    Executor::new(&mut rt, &g, "", Options::TUNED)?;
     let images = rt.device.all_kernel_images()?;
     bar.inc(1);
     bar.set_message("writing weights");
@@ -171,6 +184,23 @@ pub fn build(
         })
         .collect();
     convs.sort_by_key(|c| (c.shape.n, c.shape.c, c.shape.h, c.shape.o, c.shape.kh));
+    let mut fusions: Vec<FusedConv> = rt
+        .fusions
+        .iter()
+        .map(|(key, f)| FusedConv {
+            key: *key,
+            fused: f.fused.map(|t| {
+                let (algo, math) = t.codes();
+                (algo, math, t.workspace_bytes)
+            }),
+            fused_ms: f.fused_ms,
+            plain_ms: f.plain_ms,
+        })
+        .collect();
+    fusions.sort_by_key(|f| {
+        let s = f.key.shape;
+        (s.n, s.c, s.h, s.o, s.kh, f.key.residual, f.key.stats)
+    });
     let header = Header {
         format: FORMAT.into(),
         stage: stage.name().into(),
@@ -186,6 +216,7 @@ pub fn build(
         cudnn: versions.cudnn,
         cublaslt: versions.cublaslt,
         convs,
+        fusions,
         profiles,
         kernels: kernel_list(&images)?,
         build_s: started.elapsed().as_secs_f64(),
@@ -387,17 +418,40 @@ impl Sources {
     }
 }
 
-/// The timed algorithms of a header, as the runtime keeps them.
-pub fn tuned(header: &Header) -> anyhow::Result<Vec<(ConvShape, Tuned)>> {
-    header
+/// The timed algorithms and fusion decisions of a header, as the runtime keeps them.
+pub fn tuned(header: &Header) -> anyhow::Result<Tuning> {
+    let unknown = |algo, math| format!("unknown cuDNN algorithm {algo} / math {math}");
+    let convs = header
         .convs
         .iter()
         .map(|c| {
             Tuned::from_codes(c.algo, c.math, c.workspace_bytes, c.ms)
                 .map(|t| (c.shape, t))
-                .with_context(|| format!("unknown cuDNN algorithm {} / math {}", c.algo, c.math))
+                .with_context(|| unknown(c.algo, c.math))
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    let fusions = header
+        .fusions
+        .iter()
+        .map(|f| {
+            let fused = match f.fused {
+                Some((algo, math, ws)) => Some(
+                    Tuned::from_codes(algo, math, ws, f.fused_ms)
+                        .with_context(|| unknown(algo, math))?,
+                ),
+                None => None,
+            };
+            Ok((
+                f.key,
+                Fusion {
+                    fused,
+                    fused_ms: f.fused_ms,
+                    plain_ms: f.plain_ms,
+                },
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Tuning { convs, fusions })
 }
 
 /// Loads, of `paths` (one engine file per GPU model), the one built for GPU `gpu` (refusing
@@ -487,8 +541,10 @@ pub fn describe(path: &Path) -> anyhow::Result<String> {
     );
     let weights = || c.keys().filter(|k| !k.starts_with(KERNELS));
     s += &format!(
-        "  {} tuned convolutions; {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
+        "  {} tuned convolutions ({} of {} bias kinds on cuDNN's fused call); {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
         h.convs.len(),
+        h.fusions.iter().filter(|f| f.fused.is_some()).count(),
+        h.fusions.len(),
         weights().count(),
         weights().filter_map(|k| c.entry(k)).map(|e| e.bytes).sum::<u64>() as f64 / (1 << 20) as f64,
         bytes as f64 / (1 << 20) as f64,
@@ -537,6 +593,7 @@ mod tests {
             cudnn: 91400,
             cublaslt: 130100,
             convs: vec![],
+            fusions: vec![],
             profiles: vec![],
             kernels: kernel_list(&images()).unwrap(),
             build_s: 0.0,

@@ -17,7 +17,7 @@ use lipstream_engines::presets::{ModelSet, Preset};
 use lipstream_engines::weights::Weights;
 use lipstream_engines::{cpu, Graph, Tensor};
 use lipstream_gpu::device::Device;
-use lipstream_gpu::{Executor, Options, Runtime};
+use lipstream_gpu::{Executor, FuseConv, Options, Runtime, Tuning};
 use serde_json::{json, Value};
 
 pub mod file;
@@ -163,16 +163,14 @@ pub fn executors(
     src: &Sources,
     stage: Stage,
     batches: &[usize],
-    preload: &[(
-        lipstream_gpu::conv::ConvShape,
-        lipstream_gpu::executor::Tuned,
-    )],
+    preload: &Tuning,
     graphs: bool,
 ) -> anyhow::Result<Executors> {
     let mut rt = Runtime::new(device)?;
-    rt.tuned.extend(preload.iter().copied());
+    preload.apply(&mut rt);
     let opts = Options {
         tune: preload.is_empty(),
+        fuse: FuseConv::Timed,
     };
     let mut profiles = Vec::new();
     for &b in batches {
@@ -198,6 +196,29 @@ pub fn executors(
     })
 }
 
+/// Each timed fusion decision: the convolution, its epilogue, both times and the choice.
+fn fusion_report(rt: &Runtime) -> Vec<Value> {
+    let mut v: Vec<_> = rt.fusions.iter().collect();
+    v.sort_by_key(|(k, _)| {
+        (
+            k.shape.n, k.shape.c, k.shape.h, k.shape.o, k.residual, k.stats,
+        )
+    });
+    v.into_iter()
+        .map(|(k, f)| {
+            let s = k.shape;
+            json!({
+                "conv": format!("{}x{}x{}x{} -> {} k{}x{} s{}", s.n, s.c, s.h, s.w, s.o, s.kh, s.kw, s.stride[0]),
+                "residual": k.residual,
+                "stats": k.stats,
+                "plain_ms": f.plain_ms,
+                "fused_ms": if f.fused_ms.is_finite() { json!(f.fused_ms) } else { Value::Null },
+                "fused": f.fused.is_some(),
+            })
+        })
+        .collect()
+}
+
 /// What `bench engine` measures.
 pub struct BenchOptions {
     pub batches: Vec<usize>,
@@ -212,20 +233,13 @@ pub struct BenchOptions {
 
 /// Builds every (stage, batch) executor, captures them, and times each; returns the report.
 /// `preload`: algorithms from an engine file (then nothing is timed at build).
-pub fn bench(
-    src: &Sources,
-    opts: &BenchOptions,
-    preload: &[(
-        lipstream_gpu::conv::ConvShape,
-        lipstream_gpu::executor::Tuned,
-    )],
-) -> anyhow::Result<Value> {
+pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Result<Value> {
     let device = Device::open(0).context("opening GPU 0")?;
     let versions = device.versions()?;
     let (name, sm) = (device.name.clone(), device.sm);
     let mem0 = device.memory_used()?;
     let mut rt = Runtime::new(device)?;
-    rt.tuned.extend(preload.iter().copied());
+    preload.apply(&mut rt);
     let tune = preload.is_empty();
     let started = Instant::now();
     let mut built: Vec<(Stage, usize, Executor, f64)> = Vec::new();
@@ -248,15 +262,24 @@ pub fn bench(
     for &(stage, batch) in &order {
         let t = Instant::now();
         let g = src.graph(stage, batch)?;
-        let ex = Executor::new(&mut rt, &g, "", Options { tune })
-            .with_context(|| format!("building {} B={batch}", stage.name()))?;
+        let ex = Executor::new(
+            &mut rt,
+            &g,
+            "",
+            Options {
+                tune,
+                fuse: FuseConv::Timed,
+            },
+        )
+        .with_context(|| format!("building {} B={batch}", stage.name()))?;
         for (name, t) in inputs_for(&g, 7) {
             let data: Vec<f16> = t.data.iter().map(|&v| f16::from_f32(v)).collect();
             ex.write_input(&mut rt, &name, &data)?;
         }
         let secs = t.elapsed().as_secs_f64();
+        let (fused, convs) = ex.fused_convs();
         eprintln!(
-            "built {} B={batch}: {} steps, arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
+            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
             stage.name(),
             ex.steps().len(),
             ex.arena_bytes as f64 / (1 << 20) as f64,
@@ -343,6 +366,7 @@ pub fn bench(
         "stages": opts.stages.iter().map(|s| s.name()).collect::<Vec<_>>(),
         "batches": opts.batches,
         "conv_shapes_tuned": rt.tuned.len(),
+        "conv_fusions": fusion_report(&rt),
         "build_s": build_s,
         "results": results,
         "profile": profile,
@@ -411,7 +435,7 @@ impl CropEncoder {
         let hint = "(--executor cpu runs it on the CPU)";
         let mut rt =
             Runtime::new(Device::open(0).with_context(|| format!("opening GPU 0 {hint}"))?)?;
-        let ex = Executor::new(&mut rt, &g, "", Options { tune: true })
+        let ex = Executor::new(&mut rt, &g, "", Options::TUNED)
             .with_context(|| format!("building the VAE encoder on the GPU {hint}"))?;
         rt.finish_building()?;
         Ok(CropEncoder::Cuda {
@@ -464,7 +488,7 @@ pub fn check(src: &Sources, batch: usize, dump: Option<&Path>) -> anyhow::Result
         let t = Instant::now();
         let want = cpu::run(&g, &refs)?;
         let cpu_s = t.elapsed().as_secs_f64();
-        let mut ex = Executor::new(&mut rt, &g, "", Options { tune: true })?;
+        let mut ex = Executor::new(&mut rt, &g, "", Options::TUNED)?;
         ex.capture(&rt)?;
         let got = ex.run_f32(&mut rt, &refs)?;
         let mut worst = 0f64;

@@ -615,10 +615,7 @@ struct WhisperJob {
 /// the windows of all sessions that wait together run as one batch.
 fn start_whisper_thread(
     src: Sources,
-    tuned: Vec<(
-        lipstream_gpu::conv::ConvShape,
-        lipstream_gpu::executor::Tuned,
-    )>,
+    tuned: lipstream_gpu::Tuning,
     gpu: usize,
     images: BTreeMap<String, Vec<u8>>,
 ) -> anyhow::Result<Sender<WhisperJob>> {
@@ -963,9 +960,15 @@ fn cuda_backend(config: &RendererConfig) -> anyhow::Result<Built> {
                 "building the CUDA executor from {} (timing convolutions; `lipstream engine build` saves this)",
                 dir.display()
             );
-            let ex =
-                crate::engine::executors(device, &src, config.mode, &config.profiles, &[], true)?;
-            let tuned = ex.rt.tuned.iter().map(|(k, v)| (*k, *v)).collect();
+            let ex = crate::engine::executors(
+                device,
+                &src,
+                config.mode,
+                &config.profiles,
+                &lipstream_gpu::Tuning::default(),
+                true,
+            )?;
+            let tuned = lipstream_gpu::Tuning::of(&ex.rt);
             let images = ex.rt.device.kernel_images();
             let whisper = start_whisper_thread(src, tuned, config.gpu, images)?;
             (ex, config.profiles.clone(), whisper)
