@@ -354,6 +354,125 @@ fn fused_epilogues_and_layouts_match() {
     compare(&mut rt, "transformer plumbing", &g, &[("x", &xt)], 5e-3);
 }
 
+/// An upsample, a 3x3 convolution of it and the group norm + resnet that read the result, as in
+/// the VAE decoder's up blocks: the graph the small-image lowering changes most.
+fn upsampling_block(n: usize, c: usize, o: usize, hw: usize) -> Graph {
+    let mut g = Graph::new();
+    let x = g.input("x", &[n, c, hw, hw]);
+    let up = g.push("up", Op::UpsampleNearest2x, &[x]).unwrap();
+    let u = conv(&mut g, up, c, o, 3, 1, [1; 4], 40);
+    let gm = konst(&mut g, "g", &[o], 41, 1.0);
+    let bt = konst(&mut g, "b", &[o], 42, 0.5);
+    let nrm = g
+        .push(
+            "gn",
+            Op::GroupNorm {
+                groups: 32,
+                eps: 1e-6,
+                silu: true,
+            },
+            &[u, gm, bt],
+        )
+        .unwrap();
+    let h = conv(&mut g, nrm, o, o, 3, 1, [1; 4], 43);
+    let r = g.push("res", Op::Add, &[u, h]).unwrap();
+    g.output("y", r);
+    g
+}
+
+/// Runs everywhere: a 3x3 convolution of a nearest 2x upsample equals the 2x2 convolution of the
+/// small image with `subpixel_filters` (padding 1, four parities side by side) read back at
+/// (i + py, j + px), on the CPU executor in f32; and such a pair lowers to that convolution and
+/// one interleave that also sums the groups for the norm after it, with no upsampled image.
+#[test]
+fn upsampling_convolutions_run_on_the_small_image() {
+    let (n, c, o, hw) = (2, 16, 24, 5);
+    let x = random(&[n, c, hw, hw], 50, 1.0);
+    let w = random(&[o, c, 3, 3], 51, 0.3);
+    let b = random(&[o], 52, 0.5);
+    let mut g = Graph::new();
+    let xi = g.input("x", &[n, c, hw, hw]);
+    let up = g.push("up", Op::UpsampleNearest2x, &[xi]).unwrap();
+    let (wc, bc) = (g.constant("w", w.clone()), g.constant("b", b.clone()));
+    let conv3 = Op::Conv2d {
+        stride: [1, 1],
+        padding: [1; 4],
+        groups: 1,
+    };
+    let y = g.push("conv", conv3.clone(), &[up, wc, bc]).unwrap();
+    g.output("y", y);
+    let want = cpu::run(&g, &[("x", &x)]).unwrap().remove(0).1;
+
+    let mut small = Graph::new();
+    let xi = small.input("x", &[n, c, hw, hw]);
+    let w4 = small.constant("w4", plan::subpixel_filters(&w));
+    let t = small.push("conv2x2", conv3, &[xi, w4]).unwrap();
+    small.output("t", t);
+    let t = cpu::run(&small, &[("x", &x)]).unwrap().remove(0).1;
+    assert_eq!(t.shape, vec![n, 4 * o, hw + 1, hw + 1]);
+    let (h2, s1) = (2 * hw, hw + 1);
+    let mut got = vec![0.0f32; n * o * h2 * h2];
+    for img in 0..n {
+        for oc in 0..o {
+            for oy in 0..h2 {
+                for ox in 0..h2 {
+                    let (py, px) = (oy % 2, ox % 2);
+                    let ch = (2 * py + px) * o + oc;
+                    let src = ((img * 4 * o + ch) * s1 + oy / 2 + py) * s1 + ox / 2 + px;
+                    got[((img * o + oc) * h2 + oy) * h2 + ox] = t.data[src] + b.data[oc];
+                }
+            }
+        }
+    }
+    let err = Tensor::new(want.shape.clone(), got).rel_l2(&want);
+    assert!(
+        err < 1e-5,
+        "small-image convolution differs: rel L2 {err:e}"
+    );
+
+    // 128 channels: four per group, which the interleave can sum.
+    let g = upsampling_block(2, 128, 128, 8);
+    let p = plan::lower(&g, "").unwrap();
+    let upsamples = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Upsample { .. }))
+        .count();
+    let subpixel = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Subpixel { stats: Some(_), .. }))
+        .count();
+    let small_conv = p.steps.iter().any(|s| {
+        matches!(s, Step::Conv { shape, .. }
+            if shape.kh == 2 && shape.o == 4 * 128 && shape.h == 8 && shape.pad == [1, 1])
+    });
+    assert_eq!(
+        (upsamples, subpixel, small_conv),
+        (0, 1, true),
+        "{:#?}",
+        p.steps.iter().map(|s| s.describe()).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn upsampling_convolutions_match() {
+    let Some(mut rt) = runtime() else { return };
+    // Group sums in the interleave (4 and 8 channels per group), without (3 per group), a batch,
+    // an odd side.
+    for (n, c, o, hw) in [(1, 128, 128, 16), (3, 64, 96, 7), (2, 256, 256, 8)] {
+        let g = upsampling_block(n, c, o, hw);
+        let xt = random(&[n, c, hw, hw], 60 + n as u32, 1.0);
+        compare(
+            &mut rt,
+            &format!("upsample + conv {n}x{c}x{hw}x{hw} -> {o}"),
+            &g,
+            &[("x", &xt)],
+            5e-3,
+        );
+    }
+}
+
 #[test]
 fn norms_attention_and_linears_match() {
     let Some(mut rt) = runtime() else { return };
@@ -1035,41 +1154,50 @@ fn whisper_stem_lowers_channels_last_with_one_permute() {
     );
 }
 
-/// A transformer block's two attentions at MuseTalk's widths: the self-attention's q, k and v
-/// come from one GEMM, the cross-attention's k and v from another (the fused kernel reads them
-/// at the packed row stride); on a GPU both match the CPU executor, biases and all.
+/// A transformer block's two attentions at MuseTalk's widths, then a wider block's
+/// cross-attention over the same context: the self-attention's q, k and v come from one GEMM,
+/// both cross-attentions' k and v from another (the fused kernel reads them at the packed row
+/// stride); on a GPU everything matches the CPU executor, biases and all.
 #[test]
 fn attention_projections_pack_into_one_gemm() {
     let mut g = Graph::new();
     let x = g.input("x", &[2, 64, 320]);
     let ctx = g.input("ctx", &[2, 50, 384]);
-    let lin = |g: &mut Graph, name: &str, x: ValueId, k: usize, bias: bool, seed: u32| {
+    let x3 = g.input("x3", &[2, 16, 640]);
+    let lin = |g: &mut Graph, name: &str, x: ValueId, k: usize, n: usize, bias: bool, seed: u32| {
         let w = konst(
             g,
             &format!("{name}.w"),
-            &[320, k],
+            &[n, k],
             seed,
             1.0 / (k as f32).sqrt(),
         );
         let mut ins = vec![x, w];
         if bias {
-            ins.push(konst(g, &format!("{name}.b"), &[320], seed + 1, 0.5));
+            ins.push(konst(g, &format!("{name}.b"), &[n], seed + 1, 0.5));
         }
         g.push(name, Op::Linear, &ins).unwrap()
     };
-    let q = lin(&mut g, "q", x, 320, false, 1);
-    let k = lin(&mut g, "k", x, 320, false, 3);
-    let v = lin(&mut g, "v", x, 320, true, 5);
+    let q = lin(&mut g, "q", x, 320, 320, false, 1);
+    let k = lin(&mut g, "k", x, 320, 320, false, 3);
+    let v = lin(&mut g, "v", x, 320, 320, true, 5);
     let a = g
         .push("attn1", Op::Attention { heads: 8 }, &[q, k, v])
         .unwrap();
-    let q2 = lin(&mut g, "q2", a, 320, false, 7);
-    let k2 = lin(&mut g, "k2", ctx, 384, true, 9);
-    let v2 = lin(&mut g, "v2", ctx, 384, false, 11);
+    let q2 = lin(&mut g, "q2", a, 320, 320, false, 7);
+    let k2 = lin(&mut g, "k2", ctx, 384, 320, true, 9);
+    let v2 = lin(&mut g, "v2", ctx, 384, 320, false, 11);
     let o = g
         .push("attn2", Op::Attention { heads: 8 }, &[q2, k2, v2])
         .unwrap();
+    let q3 = lin(&mut g, "q3", x3, 640, 640, false, 13);
+    let k3 = lin(&mut g, "k3", ctx, 384, 640, false, 15);
+    let v3 = lin(&mut g, "v3", ctx, 384, 640, true, 17);
+    let o3 = g
+        .push("attn3", Op::Attention { heads: 8 }, &[q3, k3, v3])
+        .unwrap();
     g.output("o", o);
+    g.output("o3", o3);
     let p = plan::lower(&g, "").unwrap();
     let shapes: Vec<String> = p.steps.iter().map(|s| s.describe()).collect();
     let linears = p
@@ -1077,19 +1205,25 @@ fn attention_projections_pack_into_one_gemm() {
         .iter()
         .filter(|s| matches!(s, Step::Gemm { .. }))
         .count();
-    assert_eq!(linears, 3, "{shapes:#?}");
+    assert_eq!(linears, 4, "{shapes:#?}");
     assert!(shapes.iter().any(|s| s.ends_with(" qkv")), "{shapes:#?}");
-    assert!(shapes.iter().any(|s| s.ends_with(" kv")), "{shapes:#?}");
+    let kv = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Attention { ldkv, .. } if *ldkv == 2 * (320 + 640)))
+        .count();
+    assert_eq!(kv, 2, "{shapes:#?}");
     let Some(mut rt) = runtime() else { return };
-    let (xt, ct) = (
+    let (xt, ct, x3t) = (
         random(&[2, 64, 320], 20, 1.0),
         random(&[2, 50, 384], 21, 1.0),
+        random(&[2, 16, 640], 22, 1.0),
     );
     compare(
         &mut rt,
         "packed projections",
         &g,
-        &[("x", &xt), ("ctx", &ct)],
+        &[("x", &xt), ("ctx", &ct), ("x3", &x3t)],
         5e-3,
     );
 }

@@ -126,24 +126,62 @@ extern "C" __global__ void bias_residual_nhwc_f16x8(uint4* __restrict__ y, const
   }
 }
 
-// The same epilogue, also summing the result per group for the GroupNorm that reads it next
-// (with neither bias nor residual, the sums alone: y is read, not written):
-// block b of image n writes partial[(n * gridDim.x + b) * groups + g] = (sum, sum of squares)
-// of what it wrote (of the fp16 values the norm will read). groups <= 64, group width >= 4, so
-// a thread's eight channels span at most two groups; it sums in registers and adds to the
-// block's shared sums once.
+// A block's per-group (sum, sum of squares) of the values its threads write, for the GroupNorm
+// that reads them next: block b of image n writes partial[(n * gridDim.x + b) * groups + g].
+// groups <= 64, group width >= 4, so a thread's eight channels from c0 span at most two groups;
+// it sums in registers and adds to the block's shared sums once.
+struct GroupSums {
+  float* s_sum;
+  float* s_sq;
+  int g0;
+  bool first[4];
+  float sum0 = 0.f, sq0 = 0.f, sum1 = 0.f, sq1 = 0.f;
+
+  // Every thread of the block constructs it (it clears the shared sums and syncs).
+  __device__ GroupSums(float* sum, float* sq, int groups, int c0, int cg) : s_sum(sum), s_sq(sq), g0(c0 / cg) {
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) { s_sum[g] = 0.f; s_sq[g] = 0.f; }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) first[j] = (c0 + 2 * j) / cg == g0;
+  }
+
+  // Eight fp16 values as the norm will read them.
+  __device__ void add(const __half2* h) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 o = __half22float2(h[j]);
+      if (first[j]) { sum0 += o.x + o.y; sq0 += o.x * o.x + o.y * o.y; }
+      else { sum1 += o.x + o.y; sq1 += o.x * o.x + o.y * o.y; }
+    }
+  }
+
+  // Every thread of the block calls it; `active`: the thread summed anything.
+  __device__ void store(float2* partial, int groups, bool active) {
+    if (active) {
+      atomicAdd(&s_sum[g0], sum0);
+      atomicAdd(&s_sq[g0], sq0);
+      if (!first[3]) {
+        atomicAdd(&s_sum[g0 + 1], sum1);
+        atomicAdd(&s_sq[g0 + 1], sq1);
+      }
+    }
+    __syncthreads();
+    for (int g = threadIdx.x; g < groups; g += blockDim.x)
+      partial[((long)blockIdx.y * gridDim.x + blockIdx.x) * groups + g] = make_float2(s_sum[g], s_sq[g]);
+  }
+};
+
+// The same epilogue, also summing the result per group (GroupSums) for the GroupNorm that reads
+// it next (with neither bias nor residual, the sums alone: y is read, not written).
 extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y, const __half* __restrict__ bias,
                                                           const uint4* __restrict__ res, int image8, int c,
                                                           int bias_stride, float2* __restrict__ partial, int groups,
                                                           int per_block) {
   __shared__ float s_sum[64], s_sq[64];
-  for (int g = threadIdx.x; g < groups; g += blockDim.x) { s_sum[g] = 0.f; s_sq[g] = 0.f; }
-  __syncthreads();
   const int v0 = blockIdx.x * per_block + threadIdx.x;
   const int v1 = min(image8, (blockIdx.x + 1) * per_block);
   const int c0 = (threadIdx.x % (c / 8)) * 8;
-  const int cg = c / groups;
-  const int g0 = c0 / cg;
+  GroupSums sums(s_sum, s_sq, groups, c0, c / groups);
   float2 b[4] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
   if (bias) {
     const uint4 bv = *reinterpret_cast<const uint4*>(bias + (long)blockIdx.y * bias_stride + c0);
@@ -151,10 +189,6 @@ extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y,
 #pragma unroll
     for (int j = 0; j < 4; ++j) b[j] = __half22float2(bh[j]);
   }
-  bool first[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) first[j] = (c0 + 2 * j) / cg == g0;
-  float sum0 = 0.f, sq0 = 0.f, sum1 = 0.f, sq1 = 0.f;
   const long base = (long)blockIdx.y * image8;
   for (int v = v0; v < v1; v += blockDim.x) {
     uint4 yv = y[base + v];
@@ -166,24 +200,54 @@ extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y,
     for (int j = 0; j < 4; ++j) {
       const float2 a = __half22float2(yh[j]), r = __half22float2(rh[j]);
       yh[j] = __floats2half2_rn(a.x + b[j].x + r.x, a.y + b[j].y + r.y);
-      const float2 o = __half22float2(yh[j]);
-      if (first[j]) { sum0 += o.x + o.y; sq0 += o.x * o.x + o.y * o.y; }
-      else { sum1 += o.x + o.y; sq1 += o.x * o.x + o.y * o.y; }
     }
+    sums.add(yh);
     // Without bias and residual (cuDNN's fused call added them) only the sums are wanted.
     if (bias || res) y[base + v] = yv;
   }
-  if (v0 < v1) {
-    atomicAdd(&s_sum[g0], sum0);
-    atomicAdd(&s_sq[g0], sq0);
-    if (!first[3]) {
-      atomicAdd(&s_sum[g0 + 1], sum1);
-      atomicAdd(&s_sq[g0 + 1], sq1);
-    }
+  sums.store(partial, groups, v0 < v1);
+}
+
+// The second half of an upsample + 3x3 convolution run on the small image (plan.rs,
+// subpixel_filters): t [n, h+1, w+1, 4c] holds the four parities' 2x2 convolutions, parity
+// (py, px) at channels (2py + px) * c; output pixel (2i + py, 2j + px) is t's pixel (i + py, j + px)
+// in that slice. y [n, 2h, 2w, c] gets it plus the bias, eight channels per thread over the
+// epilogues' grid, and with `partial` also the group sums (GroupSums).
+extern "C" __global__ void subpixel_nhwc_f16x8(const uint4* __restrict__ t, uint4* __restrict__ y,
+                                               const __half* __restrict__ bias, int h, int w, int c,
+                                               float2* __restrict__ partial, int groups, int per_block) {
+  __shared__ float s_sum[64], s_sq[64];
+  const int c8 = c / 8;
+  const int image8 = 4 * h * w * c8;
+  const int v0 = blockIdx.x * per_block + threadIdx.x;
+  const int v1 = min(image8, (blockIdx.x + 1) * per_block);
+  const int ch = threadIdx.x % c8;
+  GroupSums sums(s_sum, s_sq, partial ? groups : 0, ch * 8, partial ? c / groups : 8);
+  float2 b[4] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
+  if (bias) {
+    const uint4 bv = *reinterpret_cast<const uint4*>(bias + ch * 8);
+    const __half2* bh = reinterpret_cast<const __half2*>(&bv);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = __half22float2(bh[j]);
   }
-  __syncthreads();
-  for (int g = threadIdx.x; g < groups; g += blockDim.x)
-    partial[((long)blockIdx.y * gridDim.x + blockIdx.x) * groups + g] = make_float2(s_sum[g], s_sq[g]);
+  const uint4* src = t + (long)blockIdx.y * (h + 1) * (w + 1) * 4 * c8;
+  uint4* dst = y + (long)blockIdx.y * image8;
+  for (int v = v0; v < v1; v += blockDim.x) {
+    const int p = v / c8;
+    const int ox = p % (2 * w), oy = p / (2 * w);
+    const int py = oy & 1, px = ox & 1;
+    const int pixel = ((oy >> 1) + py) * (w + 1) + (ox >> 1) + px;
+    uint4 tv = src[(long)pixel * 4 * c8 + (2 * py + px) * c8 + ch];
+    __half2* th = reinterpret_cast<__half2*>(&tv);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 a = __half22float2(th[j]);
+      th[j] = __floats2half2_rn(a.x + b[j].x, a.y + b[j].y);
+    }
+    if (partial) sums.add(th);
+    dst[v] = tv;
+  }
+  if (partial) sums.store(partial, groups, v0 < v1);
 }
 
 // Nearest 2x upsampling of NHWC images, eight channels per thread (c8 = C / 8).

@@ -1149,6 +1149,25 @@ impl Executor {
                     unsafe { k.elementwise.upsample2x_nhwc(s, p(*x), p(*y), *nhwc) }?
                 }
                 (
+                    Step::Subpixel {
+                        x,
+                        y,
+                        bias,
+                        nhwc,
+                        stats,
+                    },
+                    _,
+                ) => unsafe {
+                    k.elementwise.subpixel(
+                        s,
+                        p(*x),
+                        p(*y),
+                        bias.map_or(0, p),
+                        *nhwc,
+                        stats.map(|(l, g)| (p(l), g)),
+                    )
+                }?,
+                (
                     Step::Permute {
                         x,
                         y,

@@ -13,7 +13,7 @@
 //! Memory: every activation is a buffer whose lifetime is the span of steps that touch it;
 //! `arena::place` packs them into one allocation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use lipstream_engines::graph::{Graph, Op, ValueId};
@@ -93,6 +93,17 @@ pub enum Step {
         y: Loc,
         nhwc: [usize; 4],
         pad: [usize; 4],
+    },
+    /// A nearest 2x upsample + 3x3 convolution computed on the small image (`subpixel_filters`):
+    /// x holds the 2x2 convolution's [n, h+1, w+1, 4c] output, y gets the [n, 2h, 2w, c] image
+    /// with the bias added (and group sums for the norm reading y, as a conv epilogue's).
+    Subpixel {
+        x: Loc,
+        y: Loc,
+        bias: Option<Loc>,
+        /// The small image's n, h, w and the output's channels.
+        nhwc: [usize; 4],
+        stats: Option<(Loc, usize)>,
     },
     /// c = alpha * a · op(b) (+ bias) (+ residual): linear layers and attention's products.
     Gemm {
@@ -233,6 +244,14 @@ impl Step {
                 bias.unwrap_or(Loc::None),
                 residual.unwrap_or(Loc::None),
             ],
+            Step::Subpixel {
+                x, y, bias, stats, ..
+            } => vec![
+                *x,
+                *y,
+                bias.unwrap_or(Loc::None),
+                stats.map_or(Loc::None, |s| s.0),
+            ],
             Step::Softmax { x, .. } => vec![*x],
             Step::Attention {
                 q, k, v, o, part, ..
@@ -296,6 +315,11 @@ impl Step {
             }
             Step::Permute { dims, .. } => format!("permute {dims:?}"),
             Step::Upsample { nhwc, .. } => format!("upsample {nhwc:?}"),
+            Step::Subpixel {
+                nhwc: [n, h, w, c], ..
+            } => {
+                format!("subpixel {n}x{h}x{w} -> {}x{}x{c}", 2 * h, 2 * w)
+            }
             other => other.name().to_string(),
         }
     }
@@ -316,6 +340,7 @@ impl Step {
             Step::Binary { .. } => "binary",
             Step::Geglu { .. } => "geglu",
             Step::Upsample { .. } => "upsample",
+            Step::Subpixel { .. } => "subpixel",
             Step::Permute { .. } => "permute",
             Step::CopyRows { .. } => "copy",
         }
@@ -368,10 +393,14 @@ struct Lower<'g> {
     groups: Vec<Vec<usize>>,
     /// Row stride of values that are column slices of a packed projection's output.
     row_stride: HashMap<usize, usize>,
+    /// Convolutions that run on the small image, each with the upsample it absorbs.
+    subpixel: HashMap<usize, usize>,
+    /// Those upsamples: never materialized.
+    absorbed: HashSet<usize>,
 }
 
-/// The linear layers feeding one fused attention that can run as one GEMM: q, k and v of a
-/// self-attention (one input), or k and v of a cross-attention. Each member is used by the
+/// The linear layers feeding fused attentions that can run as one GEMM: q, k and v of a
+/// self-attention (one input), or k and v of every cross-attention over one context. Each member is used by the
 /// attention alone, reads the same input with the same width, and its output width keeps
 /// 16-byte rows.
 fn projection_groups(g: &Graph, uses: &[usize]) -> Vec<Vec<usize>> {
@@ -383,7 +412,8 @@ fn projection_groups(g: &Graph, uses: &[usize]) -> Vec<Vec<usize>> {
         (matches!(n.op, Op::Linear) && weight_const && bias_const && uses[i] == 1)
             .then(|| (i, n.inputs[0], g.shape(n.inputs[1])[1]))
     };
-    let mut groups = Vec::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut kv_groups: HashMap<(ValueId, usize), usize> = HashMap::new();
     for n in &g.nodes {
         let Op::Attention { heads } = n.op else {
             continue;
@@ -402,10 +432,91 @@ fn projection_groups(g: &Graph, uses: &[usize]) -> Vec<Vec<usize>> {
         }
         match q {
             Some(q) if q.1 == k.1 && q.2 == k.2 => groups.push(vec![q.0, k.0, v.0]),
-            _ => groups.push(vec![k.0, v.0]),
+            // Cross-attentions reading one context (the UNet's 16 over the audio prompt) share
+            // one GEMM for all their keys and values.
+            _ => match kv_groups.get(&(k.1, k.2)) {
+                Some(&gi) => groups[gi].extend([k.0, v.0]),
+                None => {
+                    kv_groups.insert((k.1, k.2), groups.len());
+                    groups.push(vec![k.0, v.0]);
+                }
+            },
         }
     }
     groups
+}
+
+/// The 3x3 convolutions (stride 1, padding 1, one group, constant filters, whole 8-channel
+/// vectors in and out) whose input is a nearest 2x upsample read by nothing else: conv node ->
+/// upsample node. They run on the small image (`subpixel_filters`).
+fn subpixel_pairs(g: &Graph, uses: &[usize]) -> HashMap<usize, usize> {
+    let mut pairs = HashMap::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        let Op::Conv2d {
+            stride: [1, 1],
+            padding: [1, 1, 1, 1],
+            groups: 1,
+        } = n.op
+        else {
+            continue;
+        };
+        let up = n.inputs[0].0 as usize;
+        let ws = g.shape(n.inputs[1]);
+        let consts = n.inputs[1..].iter().all(|v| g.const_value(*v).is_some());
+        if matches!(g.nodes[up].op, Op::UpsampleNearest2x)
+            && uses[up] == 1
+            && consts
+            && ws.len() == 4
+            && ws[2] == 3
+            && ws[3] == 3
+            && ws[0].is_multiple_of(8)
+            && ws[1].is_multiple_of(8)
+        {
+            pairs.insert(i, up);
+        }
+    }
+    pairs
+}
+
+/// A 3x3 convolution (padding 1) of a nearest 2x upsampled image, as one 2x2 convolution
+/// (padding 1) of the image itself. An output pixel of parity (py, px) sees only two distinct
+/// input rows and columns through its 3x3 window: rows i-1, i for py = 0 (taps 0 | 1+2), rows
+/// i, i+1 for py = 1 (taps 0+1 | 2), likewise columns. So filter `w` [O, C, 3, 3] becomes
+/// [4O, C, 2, 2], parity (py, px) at outputs (2py + px)·O.., and the small convolution's output at
+/// (i + py, j + px) is the big one's at (2i + py, 2j + px): 16/36 of the multiply-adds, and the
+/// upsampled image is never written.
+pub fn subpixel_filters(w: &Tensor) -> Tensor {
+    let (o, c) = (w.shape[0], w.shape[1]);
+    // Which 3x3 taps fold into 2x2 tap `a` for parity `p`.
+    let taps = |p: usize, a: usize| -> &'static [usize] {
+        match (p, a) {
+            (0, 0) => &[0],
+            (0, _) => &[1, 2],
+            (_, 0) => &[0, 1],
+            _ => &[2],
+        }
+    };
+    let mut out = vec![0.0f32; 4 * o * c * 4];
+    for (py, px) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+        for oc in 0..o {
+            let dst_o = (2 * py + px) * o + oc;
+            for ic in 0..c {
+                let src = &w.data[(oc * c + ic) * 9..][..9];
+                for a in 0..2 {
+                    for b in 0..2 {
+                        let mut acc = 0.0f64;
+                        for &dy in taps(py, a) {
+                            for &dx in taps(px, b) {
+                                acc += src[dy * 3 + dx] as f64;
+                            }
+                        }
+                        out[((dst_o * c + ic) * 2 + a) * 2 + b] = acc as f32;
+                    }
+                }
+            }
+        }
+    }
+    Tensor::new(vec![4 * o, c, 2, 2], out)
 }
 
 fn unsupported(node: &str, op: &'static str, reason: impl Into<String>) -> GpuError {
@@ -607,7 +718,11 @@ impl<'g> Lower<'g> {
             b.extend(tensor(g.nodes[m].inputs.get(2), n));
         }
         let names: Vec<&str> = members.iter().map(|&m| g.nodes[m].name.as_str()).collect();
-        let key = format!("{}{}:packed:{total}x{k}", self.prefix, names.join("+"));
+        let names = match names.as_slice() {
+            [first, .., last] if names.len() > 3 => format!("{first}+{}+{last}", names.len() - 2),
+            _ => names.join("+"),
+        };
+        let key = format!("{}{names}:packed:{total}x{k}", self.prefix);
         let mut derived = |key: String, shape: Vec<usize>, data: Vec<f32>| {
             self.weights.push(WeightUse {
                 key,
@@ -634,6 +749,70 @@ impl<'g> Lower<'g> {
             self.row_stride.insert(m, total);
             col += n;
         }
+        Ok(())
+    }
+
+    /// Conv node `i` over an absorbed upsample: the 2x2 convolution on the small image into a
+    /// scratch buffer, then the interleave (+ bias) into the value.
+    fn lower_subpixel(&mut self, i: usize) -> Result<(), GpuError> {
+        let g = self.g;
+        let node = &g.nodes[i];
+        let up = self.subpixel[&i];
+        let small = g.nodes[up].inputs[0];
+        let xs = g.shape(small).to_vec();
+        let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
+        let o = g.shape(node.inputs[1])[0];
+        let x = self.operand(small, Layout::Nhwc)?;
+        let Some(filters) = g.const_value(node.inputs[1]) else {
+            return Err(unsupported(
+                &node.name,
+                "conv2d",
+                "filters must be constants",
+            ));
+        };
+        self.weights.push(WeightUse {
+            key: format!("{}{}:subpixel:{}x{c}", self.prefix, node.name, 4 * o),
+            tensor: Arc::new(subpixel_filters(filters)),
+            form: WeightForm::ChannelsLast,
+        });
+        let wl = Loc::Weight(self.weights.len() - 1, 0);
+        let bias = match node.inputs.get(2) {
+            Some(b) => Some(self.weight(*b, WeightForm::Plain)?),
+            None => None,
+        };
+        let shape = ConvShape {
+            n,
+            c,
+            h,
+            w,
+            o: 4 * o,
+            kh: 2,
+            kw: 2,
+            stride: [1, 1],
+            pad: [1, 1],
+            groups: 1,
+            nhwc: true,
+        };
+        let t = self.buffer(2 * n * (h + 1) * (w + 1) * 4 * o);
+        self.push(Step::Conv {
+            shape,
+            x,
+            w: wl,
+            y: t,
+            bias: None,
+            residual: None,
+            stats: None,
+        });
+        let y = self.act(&node.shape);
+        let s = self.push(Step::Subpixel {
+            x: t,
+            y,
+            bias,
+            nhwc: [n, h, w, o],
+            stats: None,
+        });
+        self.producer.insert(i, s);
+        self.set(i, y, Layout::Nhwc);
         Ok(())
     }
 
@@ -733,6 +912,9 @@ impl<'g> Lower<'g> {
             Op::Input => {
                 let loc = self.act(&out);
                 self.set(i, loc, Layout::Plain);
+            }
+            Op::Conv2d { .. } if self.subpixel.contains_key(&i) => {
+                return self.lower_subpixel(i);
             }
             Op::Conv2d {
                 stride,
@@ -927,17 +1109,17 @@ impl<'g> Lower<'g> {
                 let beta = self.weight(ins[2], WeightForm::Plain)?;
                 // When a convolution's epilogue wrote x, it sums x's groups on the way.
                 let producer = self.producer.get(&(ins[0].0 as usize)).copied();
+                let fits = Elementwise::epilogue_stats_fit(shape.c, shape.groups);
                 let fusable = match producer.map(|s| &self.steps[s]) {
                     Some(Step::Conv {
                         shape: cs,
                         bias: Some(_),
                         stats: None,
                         ..
-                    }) => {
-                        cs.nhwc
-                            && Elementwise::epilogue_stats_fit(shape.c, shape.groups)
-                            && cs.o == shape.c
-                    }
+                    }) => cs.nhwc && fits && cs.o == shape.c,
+                    Some(Step::Subpixel {
+                        nhwc, stats: None, ..
+                    }) => fits && nhwc[3] == shape.c,
                     _ => false,
                 };
                 if fusable {
@@ -946,7 +1128,9 @@ impl<'g> Lower<'g> {
                 }
                 let scratch = self.buffer(shape.scratch_bytes());
                 if let (true, Some(s)) = (fusable, producer) {
-                    if let Step::Conv { stats, .. } = &mut self.steps[s] {
+                    if let Step::Conv { stats, .. } | Step::Subpixel { stats, .. } =
+                        &mut self.steps[s]
+                    {
                         *stats = Some((scratch, shape.groups));
                     }
                 }
@@ -1277,6 +1461,7 @@ impl<'g> Lower<'g> {
                 });
                 self.set(i, y, xv.layout);
             }
+            Op::UpsampleNearest2x if self.absorbed.contains(&i) => {}
             Op::UpsampleNearest2x => {
                 let xs = g.shape(ins[0]).to_vec();
                 let x = self.operand(ins[0], Layout::Nhwc)?;
@@ -1350,8 +1535,12 @@ pub fn lower(graph: &Graph, prefix: &str) -> Result<Plan, GpuError> {
         packed: HashMap::new(),
         groups: Vec::new(),
         row_stride: HashMap::new(),
+        subpixel: HashMap::new(),
+        absorbed: HashSet::new(),
     };
     l.groups = projection_groups(graph, &l.uses);
+    l.subpixel = subpixel_pairs(graph, &l.uses);
+    l.absorbed = l.subpixel.values().copied().collect();
     for (gi, members) in l.groups.iter().enumerate() {
         for (col, &m) in members.iter().enumerate() {
             l.packed.insert(m, (gi, col));

@@ -1,5 +1,6 @@
 //! Elementwise fp16 kernels: GEGLU, unary ops, adds (same-shape and broadcasting), the
-//! convolution bias/residual epilogue, nearest 2x upsampling of NHWC images.
+//! convolution bias/residual epilogue, nearest 2x upsampling of NHWC images and the interleave of
+//! an upsampling convolution run on the small image.
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
@@ -37,6 +38,7 @@ pub struct Elementwise {
     bias_residual_stats8: CudaFunction,
     upsample_nhwc: CudaFunction,
     upsample_nhwc8: CudaFunction,
+    subpixel8: CudaFunction,
 }
 
 /// Whether every address is 16-byte aligned (0, "none", counts as aligned).
@@ -65,6 +67,7 @@ impl Elementwise {
             bias_residual_stats8: m.load_function("bias_residual_stats_nhwc_f16x8")?,
             upsample_nhwc: m.load_function("upsample2x_nhwc_f16")?,
             upsample_nhwc8: m.load_function("upsample2x_nhwc_f16x8")?,
+            subpixel8: m.load_function("subpixel_nhwc_f16x8")?,
         })
     }
 
@@ -321,5 +324,64 @@ impl Elementwise {
         ];
         // SAFETY: matches upsample2x_nhwc_f16 (const half*, half*, long, 3 int).
         unsafe { launch(stream, &self.upsample_nhwc, elems(4 * n * h * w * c), &args) }
+    }
+
+    /// The interleave of an upsample + 3x3 convolution run on the small image (`plan::Step::Subpixel`):
+    /// t [n, h+1, w+1, 4c] -> y [n, 2h, 2w, c] plus `bias` [c] (0: none). With `stats` =
+    /// (partial, groups) it also writes the epilogue's group sums of y (`epilogue_blocks(4hwc,
+    /// c, n)` blocks per image).
+    ///
+    /// # Safety
+    /// t, y and bias must hold those shapes, partial its sums.
+    pub unsafe fn subpixel(
+        &self,
+        stream: &CudaStream,
+        t: Ptr,
+        y: Ptr,
+        bias: Ptr,
+        nhwc: [usize; 4],
+        stats: Option<(Ptr, usize)>,
+    ) -> Result<(), GpuError> {
+        let [n, h, w, c] = nhwc;
+        let image8 = 4 * h * w * c / 8;
+        if n == 0 || h == 0 || w == 0 || !c.is_multiple_of(8) || !aligned16(&[t, y, bias]) {
+            return Err(shape_err(
+                "subpixel",
+                format!("{nhwc:?} needs whole aligned 8-channel vectors"),
+            ));
+        }
+        if (h + 1) * (w + 1) * 4 * c / 8 > i32::MAX as usize || n > 65535 {
+            return Err(shape_err("subpixel", format!("{nhwc:?} is too large")));
+        }
+        let (partial, groups) = stats.unwrap_or((0, 0));
+        if stats.is_some() && (!Self::epilogue_stats_fit(c, groups) || partial % 8 != 0) {
+            return Err(shape_err(
+                "subpixel_stats",
+                format!("{c} channels in {groups} groups"),
+            ));
+        }
+        let (threads, per_block, blocks) = super::vector_grid(image8, c / 8, n);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, n as u32, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [
+            Arg::P(t),
+            Arg::P(y),
+            Arg::P(bias),
+            Arg::I(h as i32),
+            Arg::I(w as i32),
+            Arg::I(c as i32),
+            Arg::P(partial),
+            Arg::I(groups as i32),
+            Arg::I(per_block as i32),
+        ];
+        // SAFETY: matches subpixel_nhwc_f16x8 (const uint4*, uint4*, const half*, 3 int,
+        // float2*, 2 int); whole aligned 8-wide vectors (checked), extents within int (checked),
+        // grid y covers the n images; threads and per_block are multiples of c / 8
+        // (vector_grid); partial, when given, holds blocks * groups float2s per image (the
+        // caller's contract) and groups fit the kernel's shared arrays (checked).
+        unsafe { launch(stream, &self.subpixel8, cfg, &args) }
     }
 }
