@@ -205,9 +205,10 @@ fn fused_epilogues_and_layouts_match() {
     g.output("y", s);
     g.output("residual", r);
     let fused = compare(&mut rt, "resnet-like block", &g, &[("x", &xt)], 5e-3);
-    // The time embedding makes conv 1's bias per image (not cuDNN's), the others take it.
+    // The time embedding makes conv 1's bias per image (not cuDNN's), the upsampling conv adds
+    // its bias in the interleave; the two residual convolutions take cuDNN's fused call.
     assert!(
-        fused >= 3,
+        fused >= 2,
         "cuDNN's fused call ran for {fused} convolutions"
     );
 
@@ -458,9 +459,9 @@ fn upsampling_convolutions_run_on_the_small_image() {
 #[test]
 fn upsampling_convolutions_match() {
     let Some(mut rt) = runtime() else { return };
-    // Group sums in the interleave (4 and 8 channels per group), without (3 per group), a batch,
+    // Group sums in the interleave (4 and 8 channels per group), without (2 per group), a batch,
     // an odd side.
-    for (n, c, o, hw) in [(1, 128, 128, 16), (3, 64, 96, 7), (2, 256, 256, 8)] {
+    for (n, c, o, hw) in [(1, 128, 128, 16), (3, 96, 64, 7), (2, 256, 256, 8)] {
         let g = upsampling_block(n, c, o, hw);
         let xt = random(&[n, c, hw, hw], 60 + n as u32, 1.0);
         compare(
