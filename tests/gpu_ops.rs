@@ -15,7 +15,7 @@ use lipstream_engines::weights::{Checkpoint, Weights};
 use lipstream_engines::{cpu, Graph, Op, Tensor, ValueId};
 use lipstream_gpu::device::{libraries, Device};
 use lipstream_gpu::plan::{self, Step};
-use lipstream_gpu::{Executor, FuseConv, Options, Runtime};
+use lipstream_gpu::{ConvAsGemm, Executor, FuseConv, Options, Runtime};
 
 fn runtime() -> Option<Runtime> {
     let libs = libraries();
@@ -43,16 +43,26 @@ fn random(shape: &[usize], seed: u32, scale: f32) -> Tensor {
 }
 
 /// Runs `g` on both executors (CUDA eagerly, then from a captured graph) and compares, with
-/// convolution epilogues on our kernel and then on cuDNN's fused call wherever it runs; returns
-/// how many convolutions the second build fused.
+/// convolution epilogues on our kernel, then on cuDNN's fused call wherever it runs, then with
+/// every convolution the lowering takes as im2col + cuBLASLt GEMM; returns how many
+/// convolutions the second build fused.
 fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], tol: f64) -> usize {
     let want = cpu::run(g, inputs).unwrap();
     let fused_opts = Options {
         fuse: FuseConv::Always,
         ..Options::HEURISTIC
     };
+    let gemm_opts = Options {
+        gemm: ConvAsGemm::Always,
+        ..Options::HEURISTIC
+    };
     let mut fused = 0;
-    for (opts, how) in [(Options::HEURISTIC, "plain"), (fused_opts, "fused")] {
+    let builds = [
+        (Options::HEURISTIC, "plain"),
+        (fused_opts, "fused"),
+        (gemm_opts, "gemm"),
+    ];
+    for (opts, how) in builds {
         let mut ex =
             Executor::new(rt, g, name, opts).unwrap_or_else(|e| panic!("{name} ({how}): {e}"));
         if how == "fused" {
@@ -60,6 +70,9 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
             if fused == 0 {
                 continue;
             }
+        }
+        if how == "gemm" && ex.gemm_convs().0 == 0 {
+            continue;
         }
         for captured in [false, true] {
             if captured {
@@ -125,8 +138,11 @@ fn convolutions_match() {
     let Some(mut rt) = runtime() else { return };
     // (input shape, out channels, kernel, stride, padding): UNet conv_in, a 3x3 at 320, the
     // stride-2 downsampler, a 1x1 shortcut, the VAE's 3x3 at 256x256, its asymmetric stride-2
-    // pads, conv_in on RGB and conv_out to RGB.
-    let cases: [(&[usize], usize, usize, usize, [usize; 4]); 10] = [
+    // pads, conv_in on RGB and conv_out to RGB; the UNet's innermost 3x3s (filter-bound at
+    // B=1, where the lowering to im2col + GEMM pays) and its stride-2 one onto them.
+    let cases: [(&[usize], usize, usize, usize, [usize; 4]); 12] = [
+        (&[1, 1280, 4, 4], 1280, 3, 1, [1; 4]),
+        (&[2, 640, 8, 8], 1280, 3, 2, [1; 4]),
         (&[1, 8, 32, 32], 320, 3, 1, [1; 4]),
         (&[2, 320, 32, 32], 320, 3, 1, [1; 4]),
         (&[2, 320, 32, 32], 320, 3, 2, [1; 4]),

@@ -71,3 +71,22 @@ extern "C" __global__ void pad_nhwc_f16(const __half* __restrict__ x, __half* __
   y[idx] = (ix >= 0 && ix < w && iy >= 0 && iy < h) ? x[(((long)r * h + iy) * w + ix) * c + ch]
                                                     : __float2half(0.f);
 }
+
+// A convolution's patches as the rows of one GEMM's left operand (a convolution lowered to
+// im2col + cuBLASLt): row (img, oy, ox) of `cols` holds the kh x kw window of x in the filter's
+// [o, kh, kw, c] order, zeros where the window leaves the image. 8 channels (16 bytes) per
+// thread, c8 = c / 8, k8 = kh * kw * c8; block row blockIdx.y is one row of cols.
+extern "C" __global__ void im2col_nhwc_f16x8(const uint4* __restrict__ x, uint4* __restrict__ cols,
+                                             int h, int w, int c8, int ho, int wo, int kw, int k8,
+                                             int sh, int sw, int ph, int pw) {
+  const int row = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= k8) return;
+  const int hw = ho * wo, img = row / hw, r = row - img * hw;
+  const int oy = r / wo, ox = r - oy * wo;
+  const int tap = i / c8, ch = i - tap * c8;
+  const int ky = tap / kw, kx = tap - ky * kw;
+  const int iy = oy * sh - ph + ky, ix = ox * sw - pw + kx;
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if (ix >= 0 && ix < w && iy >= 0 && iy < h) v = x[(((long)img * h + iy) * w + ix) * c8 + ch];
+  cols[(long)row * k8 + i] = v;
+}

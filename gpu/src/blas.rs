@@ -324,6 +324,25 @@ impl Blas {
     }
 }
 
+impl GemmPlan {
+    /// How many algorithms the heuristic proposed for the plan (`pick` takes one of them).
+    pub fn candidates(&self) -> usize {
+        self.candidates.len()
+    }
+
+    /// Uses the heuristic's `i`-th proposal (an engine file's record of a timed choice: the
+    /// same GPU and cuBLASLt propose the same list); false when there is no such proposal.
+    pub fn pick(&mut self, i: usize) -> bool {
+        match self.candidates.get(i) {
+            Some(a) => {
+                self.algo = *a;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 impl Drop for GemmPlan {
     fn drop(&mut self) {
         // SAFETY: created in `plan`, destroyed once here; errors on teardown are ignored.

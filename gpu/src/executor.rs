@@ -21,11 +21,12 @@ use lipstream_engines::graph::Graph;
 use lipstream_engines::tensor::Tensor;
 
 use crate::arena;
-use crate::blas::{Blas, GemmPlan};
+use crate::blas::{Blas, Gemm, GemmPlan};
 use crate::conv::{Conv, ConvPlan, ConvShape};
 use crate::device::Device;
 use crate::error::GpuError;
 use crate::kernels::image::{Faces, Image};
+use crate::kernels::layout::Layout;
 use crate::kernels::{Kernels, Ptr};
 use crate::plan::{self, Binding, Loc, Plan, Step, WeightForm, WeightUse};
 
@@ -41,6 +42,8 @@ pub struct Options {
     pub tune: bool,
     /// Whether a convolution's bias (and residual) ride on cuDNN's fused call.
     pub fuse: FuseConv,
+    /// Whether a convolution runs as im2col + one cuBLASLt GEMM instead of cuDNN.
+    pub gemm: ConvAsGemm,
 }
 
 impl Options {
@@ -48,12 +51,54 @@ impl Options {
     pub const TUNED: Options = Options {
         tune: true,
         fuse: FuseConv::Timed,
+        gemm: ConvAsGemm::Timed,
     };
     /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
     pub const HEURISTIC: Options = Options {
         tune: false,
         fuse: FuseConv::Never,
+        gemm: ConvAsGemm::Never,
     };
+}
+
+/// Whether a channels-last convolution is lowered to im2col + one cuBLASLt GEMM (its bias and
+/// residual in the GEMM's epilogue). At small images and many channels (the UNet's 4x4 and 8x8
+/// stages at B=1) a convolution only streams its filter, and cuBLASLt's GEMM kernels stream it
+/// faster than cuDNN's convolutions do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvAsGemm {
+    /// Always cuDNN.
+    Never,
+    /// Every convolution the lowering takes (numerics tests).
+    Always,
+    /// Whichever of cuDNN (as chosen, its epilogue included) and each of cuBLASLt's proposed
+    /// algorithms was fastest when timed on the real buffers (`tune`); decisions already in the
+    /// runtime (an engine file's) are kept.
+    Timed,
+}
+
+/// Patch matrices above this stay on cuDNN: large images are compute-bound, where cuDNN's
+/// implicit GEMM wins without the patch round trip through memory.
+const IM2COL_MAX_BYTES: usize = 32 << 20;
+
+/// What decides a convolution's lowering: its shape and its epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct GemmKey {
+    pub shape: ConvShape,
+    /// One bias per output channel (or none), which the GEMM's epilogue adds; a per-image bias
+    /// stays on our epilogue kernel.
+    pub channel_bias: bool,
+    pub residual: bool,
+    pub stats: bool,
+}
+
+/// A timed lowering decision: cuBLASLt's proposal (its index in the heuristic's list, which the
+/// same GPU and cuBLASLt reproduce) when the GEMM won, and both times.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub struct GemmConv {
+    pub algo: Option<usize>,
+    pub gemm_ms: f32,
+    pub cudnn_ms: f32,
 }
 
 /// Where a convolution's bias, residual and group-norm sums are computed.
@@ -136,11 +181,12 @@ impl Tuned {
 pub struct Tuning {
     pub convs: Vec<(ConvShape, Tuned)>,
     pub fusions: Vec<(FuseKey, Fusion)>,
+    pub gemm_convs: Vec<(GemmKey, GemmConv)>,
 }
 
 impl Tuning {
     pub fn is_empty(&self) -> bool {
-        self.convs.is_empty() && self.fusions.is_empty()
+        self.convs.is_empty() && self.fusions.is_empty() && self.gemm_convs.is_empty()
     }
 
     /// What `rt` has timed so far.
@@ -148,6 +194,7 @@ impl Tuning {
         Tuning {
             convs: rt.tuned.iter().map(|(k, v)| (*k, *v)).collect(),
             fusions: rt.fusions.iter().map(|(k, v)| (*k, *v)).collect(),
+            gemm_convs: rt.gemm_convs.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 
@@ -155,6 +202,7 @@ impl Tuning {
     pub fn apply(&self, rt: &mut Runtime) {
         rt.tuned.extend(self.convs.iter().copied());
         rt.fusions.extend(self.fusions.iter().copied());
+        rt.gemm_convs.extend(self.gemm_convs.iter().copied());
     }
 }
 
@@ -171,6 +219,8 @@ pub struct Runtime {
     pub tuned: HashMap<ConvShape, Tuned>,
     /// Whether each convolution-with-bias kind takes cuDNN's fused call.
     pub fusions: HashMap<FuseKey, Fusion>,
+    /// Whether each convolution kind runs as im2col + GEMM.
+    pub gemm_convs: HashMap<GemmKey, GemmConv>,
     workspace: Option<CudaSlice<u8>>,
     workspace_bytes: usize,
     /// The most workspace any prepared convolution needs.
@@ -196,6 +246,7 @@ impl Runtime {
             weight_bytes: 0,
             tuned: HashMap::new(),
             fusions: HashMap::new(),
+            gemm_convs: HashMap::new(),
             workspace: None,
             workspace_bytes: 0,
             workspace_need: 0,
@@ -357,10 +408,28 @@ fn time_gpu(
     Ok(a.elapsed_ms(&b)? / (RUNS * REPLAYS) as f32)
 }
 
+/// A 1x1, stride-1, unpadded convolution: channels-last, its input is already the GEMM's
+/// left operand.
+fn pointwise(s: &ConvShape) -> bool {
+    s.kh == 1 && s.kw == 1 && s.stride == [1, 1] && s.pad == [0, 0]
+}
+
+/// Whether convolution `s` may run as im2col + GEMM.
+fn lowerable(s: &ConvShape) -> bool {
+    let flat = s.nhwc && s.groups == 1 && s.c.is_multiple_of(8);
+    flat && (pointwise(s) || Layout::im2col_fits(s) && Layout::im2col_bytes(s) <= IM2COL_MAX_BYTES)
+}
+
 /// A prepared library call for a step.
 enum Prepared {
     None,
     Conv(ConvPlan),
+    /// A convolution lowered to im2col (none for a pointwise one) + GEMM; `in_gemm`: its bias
+    /// and residual ride on the GEMM.
+    ConvGemm {
+        plan: GemmPlan,
+        in_gemm: bool,
+    },
     Gemm(GemmPlan),
 }
 
@@ -475,7 +544,13 @@ impl Executor {
                             }
                         }
                     }
-                    Prepared::Conv(p)
+                    match ex.lower_conv(rt, &p, step, opts)? {
+                        Some((plan, in_gemm, cols_bytes)) => {
+                            need_ws = need_ws.max(cols_bytes);
+                            Prepared::ConvGemm { plan, in_gemm }
+                        }
+                        None => Prepared::Conv(p),
+                    }
                 }
                 Step::Gemm {
                     gemm,
@@ -558,6 +633,225 @@ impl Executor {
                 shape.o,
                 stats.map(|(l, g)| (p(l), g)),
             )
+        }
+    }
+
+    /// Convolution `step` as im2col + GEMM when `opts` and its timing say so: the GEMM's plan,
+    /// whether the bias and residual ride on it, and the workspace the patches take.
+    fn lower_conv(
+        &self,
+        rt: &mut Runtime,
+        conv: &ConvPlan,
+        step: &Step,
+        opts: Options,
+    ) -> Result<Option<(GemmPlan, bool, usize)>, GpuError> {
+        let Step::Conv {
+            shape,
+            bias,
+            residual,
+            stats,
+            ..
+        } = step
+        else {
+            return Ok(None);
+        };
+        if opts.gemm == ConvAsGemm::Never || !lowerable(shape) {
+            return Ok(None);
+        }
+        let cols_bytes = if pointwise(shape) {
+            0
+        } else {
+            Layout::im2col_bytes(shape)
+        };
+        let key = GemmKey {
+            shape: *shape,
+            channel_bias: bias.is_none_or(|(_, stride)| stride == 0 || shape.n == 1),
+            residual: residual.is_some(),
+            stats: stats.is_some(),
+        };
+        let algo = match rt.gemm_convs.get(&key).copied() {
+            Some(d) if opts.gemm == ConvAsGemm::Timed => d.algo,
+            _ if opts.gemm == ConvAsGemm::Timed && !opts.tune => None,
+            _ => {
+                let d = self.time_gemm(rt, conv, step, &key, opts.gemm)?;
+                if opts.gemm == ConvAsGemm::Timed {
+                    rt.gemm_convs.insert(key, d);
+                }
+                d.algo
+            }
+        };
+        let Some(i) = algo else {
+            return Ok(None);
+        };
+        let mut plan = self.conv_gemm_plan(rt, step, &key)?;
+        // Another cuBLASLt may propose a shorter list (engine files refuse other versions, so
+        // this is a fallback, not a path): cuDNN then.
+        Ok(plan.pick(i).then_some((plan, key.channel_bias, cols_bytes)))
+    }
+
+    /// The GEMM of a lowered convolution: patches [n * ho * wo, kh * kw * c] · filterᵀ, with the
+    /// channel bias and the residual in its epilogue when `key` says they fit there.
+    fn conv_gemm_plan(
+        &self,
+        rt: &Runtime,
+        step: &Step,
+        key: &GemmKey,
+    ) -> Result<GemmPlan, GpuError> {
+        let Step::Conv {
+            shape,
+            bias,
+            residual,
+            ..
+        } = step
+        else {
+            return Err(GpuError::Capture(
+                "a GEMM plan for a step that is no convolution".into(),
+            ));
+        };
+        let (ho, wo) = shape.out_hw();
+        let g = Gemm::linear(shape.n * ho * wo, shape.kh * shape.kw * shape.c, shape.o);
+        let b = bias
+            .filter(|_| key.channel_bias)
+            .map(|(l, _)| self.ptr(rt, l));
+        rt.blas.plan(g, b, key.channel_bias && residual.is_some())
+    }
+
+    /// Times convolution `step` on cuDNN as prepared (its epilogue included) against im2col +
+    /// each of cuBLASLt's proposed algorithms on its real buffers, and says which to keep.
+    /// `Always` keeps the fastest GEMM. y and the sums are scratch until the step runs.
+    fn time_gemm(
+        &self,
+        rt: &mut Runtime,
+        conv: &ConvPlan,
+        step: &Step,
+        key: &GemmKey,
+        mode: ConvAsGemm,
+    ) -> Result<GemmConv, GpuError> {
+        rt.reserve_workspace(TUNE_WORKSPACE_BYTES.max(IM2COL_MAX_BYTES))?;
+        let ws = rt.workspace_ptr();
+        let stream = rt.stream().clone();
+        let rt = &*rt;
+        // SAFETY: the step's own operands, placed and sized by the plan; the workspace holds
+        // more than the patches and the cuDNN algorithm ask. Each way runs eagerly once before
+        // its capture, so that what it loads lazily is loaded.
+        let cudnn = || unsafe { self.run_conv(rt, step, conv, ws, &mut |_| Ok(())) };
+        cudnn()?;
+        let cudnn_ms = time_gpu(&stream, cudnn)?;
+        let mut plan = self.conv_gemm_plan(rt, step, key)?;
+        let mut best: Option<(usize, f32)> = None;
+        for i in 0..plan.candidates() {
+            plan.pick(i);
+            // SAFETY: as above.
+            let run = || unsafe {
+                self.run_conv_gemm(rt, step, &plan, key.channel_bias, ws, &mut |_| Ok(()))
+            };
+            let ms = match run() {
+                Ok(()) => time_gpu(&stream, run).unwrap_or(f32::INFINITY),
+                Err(_) => f32::INFINITY,
+            };
+            if ms.is_finite() && best.is_none_or(|(_, b)| ms < b) {
+                best = Some((i, ms));
+            }
+        }
+        let gemm_ms = best.map_or(f32::INFINITY, |(_, ms)| ms);
+        // The GEMM must win clearly: the timings carry a few percent of noise.
+        let keep = match mode {
+            ConvAsGemm::Always => best.is_some(),
+            _ => gemm_ms < 0.97 * cudnn_ms,
+        };
+        Ok(GemmConv {
+            algo: best.filter(|_| keep).map(|(i, _)| i),
+            gemm_ms,
+            cudnn_ms,
+        })
+    }
+
+    /// Runs convolution `step` on cuDNN (its fused call when the plan keeps one), then its
+    /// epilogue; `lap` marks the boundary.
+    ///
+    /// # Safety
+    /// `step` is one of this executor's convolutions, its operands placed; `ws` holds the
+    /// plan's workspace.
+    unsafe fn run_conv(
+        &self,
+        rt: &Runtime,
+        step: &Step,
+        plan: &ConvPlan,
+        ws: Ptr,
+        lap: &mut dyn FnMut(&'static str) -> Result<(), GpuError>,
+    ) -> Result<(), GpuError> {
+        let Step::Conv {
+            x,
+            w,
+            y,
+            bias,
+            residual,
+            ..
+        } = step
+        else {
+            return Ok(());
+        };
+        let p = |l: Loc| self.ptr(rt, l);
+        // SAFETY: per the caller's contract.
+        unsafe {
+            if let Some(call) = &plan.fused {
+                let b = bias.map_or(0, |(l, _)| p(l));
+                rt.conv.forward_fused(
+                    plan,
+                    call,
+                    p(*x),
+                    p(*w),
+                    b,
+                    residual.map_or(0, p),
+                    p(*y),
+                    ws,
+                )?;
+            } else {
+                rt.conv.forward(plan, p(*x), p(*w), p(*y), ws)?;
+            }
+            lap("conv")?;
+            self.conv_epilogue(rt, step, plan.fused.is_some())
+        }
+    }
+
+    /// Runs convolution `step` as im2col into `ws` (a pointwise one reads x as it is) + the
+    /// GEMM, then what is left of its epilogue; `lap` marks the boundary.
+    ///
+    /// # Safety
+    /// As for `run_conv`; `ws` holds the patches (`Layout::im2col_bytes`).
+    unsafe fn run_conv_gemm(
+        &self,
+        rt: &Runtime,
+        step: &Step,
+        plan: &GemmPlan,
+        in_gemm: bool,
+        ws: Ptr,
+        lap: &mut dyn FnMut(&'static str) -> Result<(), GpuError>,
+    ) -> Result<(), GpuError> {
+        let Step::Conv {
+            shape,
+            x,
+            w,
+            y,
+            residual,
+            ..
+        } = step
+        else {
+            return Ok(());
+        };
+        let p = |l: Loc| self.ptr(rt, l);
+        // SAFETY: per the caller's contract; the plan was made for this shape.
+        unsafe {
+            let a = if pointwise(shape) {
+                p(*x)
+            } else {
+                rt.kernels.layout.im2col(rt.stream(), p(*x), ws, shape)?;
+                ws
+            };
+            let r = if in_gemm { residual.map_or(0, p) } else { 0 };
+            rt.blas.gemm(plan, a, p(*w), r, p(*y))?;
+            lap("conv")?;
+            self.conv_epilogue(rt, step, in_gemm)
         }
     }
 
@@ -690,6 +984,10 @@ impl Executor {
                     Some(f) => format!("{:?} fused", f.algo),
                     None => format!("{:?}", c.algo),
                 },
+                Prepared::ConvGemm { in_gemm, .. } => match in_gemm {
+                    true => "im2col + cuBLASLt, bias in the GEMM".into(),
+                    false => "im2col + cuBLASLt".into(),
+                },
                 _ => String::new(),
             })
             .collect()
@@ -697,11 +995,20 @@ impl Executor {
 
     /// How many convolutions run on cuDNN's fused bias (+ residual) call, of how many.
     pub fn fused_convs(&self) -> (usize, usize) {
-        let convs = self.prepared.iter().filter_map(|p| match p {
-            Prepared::Conv(c) => Some(c.fused.is_some()),
-            _ => None,
-        });
-        convs.fold((0, 0), |(f, n), fused| (f + fused as usize, n + 1))
+        self.count_convs(|p| matches!(p, Prepared::Conv(c) if c.fused.is_some()))
+    }
+
+    /// How many convolutions run as im2col + cuBLASLt GEMM, of how many.
+    pub fn gemm_convs(&self) -> (usize, usize) {
+        self.count_convs(|p| matches!(p, Prepared::ConvGemm { .. }))
+    }
+
+    fn count_convs(&self, pick: impl Fn(&Prepared) -> bool) -> (usize, usize) {
+        let convs = self
+            .prepared
+            .iter()
+            .filter(|p| matches!(p, Prepared::Conv(_) | Prepared::ConvGemm { .. }));
+        convs.fold((0, 0), |(f, n), p| (f + pick(p) as usize, n + 1))
     }
 
     fn binding<'a>(list: &'a [Binding], name: &str) -> Result<&'a Binding, GpuError> {
@@ -1008,38 +1315,11 @@ impl Executor {
             // passed with it, the arena holds every buffer at its placed offset for the step's
             // lifetime, and weights stay uploaded for the runtime's life.
             match (step, &self.prepared[i]) {
-                (
-                    Step::Conv {
-                        x,
-                        w,
-                        y,
-                        bias,
-                        residual,
-                        ..
-                    },
-                    Prepared::Conv(plan),
-                ) => {
-                    if let Some(call) = &plan.fused {
-                        let b = bias.map_or(0, |(l, _)| p(l));
-                        unsafe {
-                            rt.conv.forward_fused(
-                                plan,
-                                call,
-                                p(*x),
-                                p(*w),
-                                b,
-                                residual.map_or(0, p),
-                                p(*y),
-                                ws,
-                            )
-                        }?;
-                        lap("conv")?;
-                        unsafe { self.conv_epilogue(rt, step, true) }?;
-                    } else {
-                        unsafe { rt.conv.forward(plan, p(*x), p(*w), p(*y), ws) }?;
-                        lap("conv")?;
-                        unsafe { self.conv_epilogue(rt, step, false) }?;
-                    }
+                (Step::Conv { .. }, Prepared::Conv(plan)) => {
+                    unsafe { self.run_conv(rt, step, plan, ws, &mut lap) }?
+                }
+                (Step::Conv { .. }, Prepared::ConvGemm { plan, in_gemm }) => {
+                    unsafe { self.run_conv_gemm(rt, step, plan, *in_gemm, ws, &mut lap) }?
                 }
                 (
                     Step::Gemm {

@@ -19,4 +19,4 @@ pub mod plan;
 
 pub use device::Device;
 pub use error::GpuError;
-pub use executor::{Executor, FuseConv, Options, Runtime, Staging, Tuning};
+pub use executor::{ConvAsGemm, Executor, FuseConv, Options, Runtime, Staging, Tuning};

@@ -1,8 +1,10 @@
-//! Data movement: permutes (layout changes), strided row copies (concat, slice), NHWC padding.
+//! Data movement: permutes (layout changes), strided row copies (concat, slice), NHWC padding,
+//! convolution patches (im2col) for convolutions lowered to one GEMM.
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
 use super::{elems, launch, rank5, Arg, Ptr};
+use crate::conv::ConvShape;
 use crate::device::Device;
 use crate::error::GpuError;
 
@@ -15,6 +17,7 @@ pub struct Layout {
     copy_rows: CudaFunction,
     pad_nhwc: CudaFunction,
     pad_nhwc_x8: CudaFunction,
+    im2col: CudaFunction,
 }
 
 impl Layout {
@@ -26,6 +29,7 @@ impl Layout {
             copy_rows: m.load_function("copy_rows_f16")?,
             pad_nhwc: m.load_function("pad_nhwc_f16")?,
             pad_nhwc_x8: m.load_function("pad_nhwc_f16x8")?,
+            im2col: m.load_function("im2col_nhwc_f16x8")?,
         })
     }
 
@@ -135,5 +139,67 @@ impl Layout {
         );
         // SAFETY: matches pad_nhwc_f16 (const half*, half*, 8 int).
         unsafe { launch(stream, &self.pad_nhwc, elems(n * ho * wo * c), &args) }
+    }
+
+    /// Whether `im2col` takes convolution `s`: channels-last, ungrouped, whole 8-channel
+    /// vectors, at most one grid row per patch row.
+    pub fn im2col_fits(s: &ConvShape) -> bool {
+        let (ho, wo) = s.out_hw();
+        s.nhwc && s.groups == 1 && s.c.is_multiple_of(8) && s.n * ho * wo <= u16::MAX as usize
+    }
+
+    /// Bytes of convolution `s`'s patch matrix: [n * ho * wo, kh * kw * c] halves.
+    pub fn im2col_bytes(s: &ConvShape) -> usize {
+        let (ho, wo) = s.out_hw();
+        2 * s.n * ho * wo * s.kh * s.kw * s.c
+    }
+
+    /// cols [n * ho * wo, kh * kw * c] = the patches of x [n, h, w, c] under convolution `s`,
+    /// in its [o, kh, kw, c] filter's order: cols · filterᵀ is the convolution.
+    ///
+    /// # Safety
+    /// x must hold `s`'s input, cols `im2col_bytes(s)`.
+    pub unsafe fn im2col(
+        &self,
+        stream: &CudaStream,
+        x: Ptr,
+        cols: Ptr,
+        s: &ConvShape,
+    ) -> Result<(), GpuError> {
+        if !Self::im2col_fits(s) || !x.is_multiple_of(16) || !cols.is_multiple_of(16) {
+            return Err(GpuError::Shape {
+                kernel: "im2col",
+                reason: format!("{s:?} (x {x:#x}, cols {cols:#x})"),
+            });
+        }
+        let (ho, wo) = s.out_hw();
+        let c8 = s.c / 8;
+        let k8 = s.kh * s.kw * c8;
+        let mut args = vec![Arg::P(x), Arg::P(cols)];
+        args.extend(
+            [
+                s.h,
+                s.w,
+                c8,
+                ho,
+                wo,
+                s.kw,
+                k8,
+                s.stride[0],
+                s.stride[1],
+                s.pad[0],
+                s.pad[1],
+            ]
+            .map(|v| Arg::I(v as i32)),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (k8.div_ceil(256) as u32, (s.n * ho * wo) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches im2col_nhwc_f16x8 (const uint4*, uint4*, 11 int); 16-byte aligned and
+        // whole 8-channel vectors (checked), one block row per patch row (within the grid's y
+        // limit, checked), threads past k8 return; sizes per the caller's contract.
+        unsafe { launch(stream, &self.im2col, cfg, &args) }
     }
 }

@@ -19,7 +19,7 @@ use lipstream_engines::presets::ModelSet;
 use lipstream_engines::weights::{safetensors, Checkpoint, DType, Weights};
 use lipstream_gpu::conv::ConvShape;
 use lipstream_gpu::device::Device;
-use lipstream_gpu::executor::{FuseKey, Fusion, Tuned, Tuning};
+use lipstream_gpu::executor::{FuseKey, Fusion, GemmConv, GemmKey, Tuned, Tuning};
 use lipstream_gpu::{Executor, Options, Runtime};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -100,6 +100,9 @@ pub struct Header {
     /// Files built before fusion decisions existed have none: every epilogue is our kernel.
     #[serde(default)]
     pub fusions: Vec<FusedConv>,
+    /// Files built before convolutions could run as im2col + GEMM have none: all on cuDNN.
+    #[serde(default)]
+    pub gemm_convs: Vec<(GemmKey, GemmConv)>,
     pub profiles: Vec<Profile>,
     pub kernels: Vec<KernelImage>,
     pub build_s: f64,
@@ -201,6 +204,12 @@ pub fn build(
         let s = f.key.shape;
         (s.n, s.c, s.h, s.o, s.kh, f.key.residual, f.key.stats)
     });
+    let mut gemm_convs: Vec<(GemmKey, GemmConv)> =
+        rt.gemm_convs.iter().map(|(k, g)| (*k, *g)).collect();
+    gemm_convs.sort_by_key(|(k, _)| {
+        let s = k.shape;
+        (s.n, s.c, s.h, s.o, s.kh, k.residual, k.stats)
+    });
     let header = Header {
         format: FORMAT.into(),
         stage: stage.name().into(),
@@ -217,6 +226,7 @@ pub fn build(
         cublaslt: versions.cublaslt,
         convs,
         fusions,
+        gemm_convs,
         profiles,
         kernels: kernel_list(&images)?,
         build_s: started.elapsed().as_secs_f64(),
@@ -451,7 +461,11 @@ pub fn tuned(header: &Header) -> anyhow::Result<Tuning> {
             ))
         })
         .collect::<anyhow::Result<_>>()?;
-    Ok(Tuning { convs, fusions })
+    Ok(Tuning {
+        convs,
+        fusions,
+        gemm_convs: header.gemm_convs.clone(),
+    })
 }
 
 /// Loads, of `paths` (one engine file per GPU model), the one built for GPU `gpu` (refusing
@@ -541,10 +555,12 @@ pub fn describe(path: &Path) -> anyhow::Result<String> {
     );
     let weights = || c.keys().filter(|k| !k.starts_with(KERNELS));
     s += &format!(
-        "  {} tuned convolutions ({} of {} bias kinds on cuDNN's fused call); {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
+        "  {} tuned convolutions ({} of {} bias kinds on cuDNN's fused call, {} of {} kinds as im2col + cuBLASLt GEMM); {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
         h.convs.len(),
         h.fusions.iter().filter(|f| f.fused.is_some()).count(),
         h.fusions.len(),
+        h.gemm_convs.iter().filter(|(_, g)| g.algo.is_some()).count(),
+        h.gemm_convs.len(),
         weights().count(),
         weights().filter_map(|k| c.entry(k)).map(|e| e.bytes).sum::<u64>() as f64 / (1 << 20) as f64,
         bytes as f64 / (1 << 20) as f64,
@@ -594,6 +610,7 @@ mod tests {
             cublaslt: 130100,
             convs: vec![],
             fusions: vec![],
+            gemm_convs: vec![],
             profiles: vec![],
             kernels: kernel_list(&images()).unwrap(),
             build_s: 0.0,

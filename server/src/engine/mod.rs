@@ -17,7 +17,7 @@ use lipstream_engines::presets::{ModelSet, Preset};
 use lipstream_engines::weights::Weights;
 use lipstream_engines::{cpu, Graph, Tensor};
 use lipstream_gpu::device::Device;
-use lipstream_gpu::{Executor, FuseConv, Options, Runtime, Tuning};
+use lipstream_gpu::{ConvAsGemm, Executor, FuseConv, Options, Runtime, Tuning};
 use serde_json::{json, Value};
 
 pub mod file;
@@ -171,6 +171,7 @@ pub fn executors(
     let opts = Options {
         tune: preload.is_empty(),
         fuse: FuseConv::Timed,
+        gemm: ConvAsGemm::Timed,
     };
     let mut profiles = Vec::new();
     for &b in batches {
@@ -214,6 +215,30 @@ fn fusion_report(rt: &Runtime) -> Vec<Value> {
                 "plain_ms": f.plain_ms,
                 "fused_ms": if f.fused_ms.is_finite() { json!(f.fused_ms) } else { Value::Null },
                 "fused": f.fused.is_some(),
+            })
+        })
+        .collect()
+}
+
+/// Each timed lowering decision: the convolution, its epilogue, cuDNN's and the best GEMM's
+/// time and the choice.
+fn gemm_report(rt: &Runtime) -> Vec<Value> {
+    let mut v: Vec<_> = rt.gemm_convs.iter().collect();
+    v.sort_by_key(|(k, _)| {
+        (
+            k.shape.n, k.shape.c, k.shape.h, k.shape.o, k.residual, k.stats,
+        )
+    });
+    v.into_iter()
+        .map(|(k, g)| {
+            let s = k.shape;
+            json!({
+                "conv": format!("{}x{}x{}x{} -> {} k{}x{} s{}", s.n, s.c, s.h, s.w, s.o, s.kh, s.kw, s.stride[0]),
+                "residual": k.residual,
+                "stats": k.stats,
+                "cudnn_ms": g.cudnn_ms,
+                "gemm_ms": if g.gemm_ms.is_finite() { json!(g.gemm_ms) } else { Value::Null },
+                "gemm": g.algo.is_some(),
             })
         })
         .collect()
@@ -269,6 +294,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
             Options {
                 tune,
                 fuse: FuseConv::Timed,
+                gemm: ConvAsGemm::Timed,
             },
         )
         .with_context(|| format!("building {} B={batch}", stage.name()))?;
@@ -278,8 +304,9 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         }
         let secs = t.elapsed().as_secs_f64();
         let (fused, convs) = ex.fused_convs();
+        let (gemms, _) = ex.gemm_convs();
         eprintln!(
-            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
+            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
             stage.name(),
             ex.steps().len(),
             ex.arena_bytes as f64 / (1 << 20) as f64,
@@ -367,6 +394,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         "batches": opts.batches,
         "conv_shapes_tuned": rt.tuned.len(),
         "conv_fusions": fusion_report(&rt),
+        "conv_gemms": gemm_report(&rt),
         "build_s": build_s,
         "results": results,
         "profile": profile,
