@@ -186,6 +186,10 @@ enum BenchCmd {
         /// Also print a per-op-kind time breakdown of every stage's smallest and largest profile.
         #[arg(long)]
         profile: bool,
+        /// Every convolution on cuDNN (no im2col + cuBLASLt lowering), to measure what the
+        /// lowering buys on this GPU. Ignored with --engine (the file's choices are replayed).
+        #[arg(long)]
+        cudnn_only: bool,
         /// Write the JSON report here too.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -309,6 +313,7 @@ fn main() -> anyhow::Result<()> {
             runs,
             no_graphs,
             profile,
+            cudnn_only,
             out,
         }) => {
             let (src, preload, batches) = match &engine {
@@ -335,6 +340,7 @@ fn main() -> anyhow::Result<()> {
                 runs,
                 graphs: !no_graphs,
                 profile,
+                conv_gemm: !cudnn_only,
             };
             let report = lipstream::engine::bench(&src, &opts, &preload)?;
             let text = serde_json::to_string_pretty(&report)?;

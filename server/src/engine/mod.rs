@@ -254,6 +254,8 @@ pub struct BenchOptions {
     pub graphs: bool,
     /// Per-op-kind time breakdown of every stage's smallest and largest profile.
     pub profile: bool,
+    /// Let convolutions run as im2col + GEMM where timing says so (else all on cuDNN).
+    pub conv_gemm: bool,
 }
 
 /// Builds every (stage, batch) executor, captures them, and times each; returns the report.
@@ -294,7 +296,11 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
             Options {
                 tune,
                 fuse: FuseConv::Timed,
-                gemm: ConvAsGemm::Timed,
+                gemm: if opts.conv_gemm {
+                    ConvAsGemm::Timed
+                } else {
+                    ConvAsGemm::Never
+                },
             },
         )
         .with_context(|| format!("building {} B={batch}", stage.name()))?;
