@@ -230,10 +230,10 @@ fn fused_epilogues_and_layouts_match() {
 
     // Group norms that take their sums from the producing convolution's epilogue: 4 and 8
     // channels per group, after a bias, after a bias + residual, and one whose input is also
-    // read elsewhere.
-    let xt2 = random(&[2, 64, 32, 32], 2, 1.0);
+    // read elsewhere (groups too large for the one-launch norm, which sums its own input).
+    let xt2 = random(&[1, 64, 96, 96], 2, 1.0);
     let mut g = Graph::new();
-    let x = g.input("x", &[2, 64, 32, 32]);
+    let x = g.input("x", &[1, 64, 96, 96]);
     let a = conv(&mut g, x, 64, 128, 3, 1, [1; 4], 30);
     let gm = konst(&mut g, "g1", &[128], 31, 1.0);
     let bt = konst(&mut g, "b1", &[128], 32, 0.5);
@@ -447,8 +447,9 @@ fn upsampling_convolutions_run_on_the_small_image() {
         "small-image convolution differs: rel L2 {err:e}"
     );
 
-    // 128 channels: four per group, which the interleave can sum.
-    let g = upsampling_block(2, 128, 128, 8);
+    // 128 channels: four per group, which the interleave can sum (at an image whose groups
+    // are too large for the one-launch norm, which sums its own input).
+    let g = upsampling_block(2, 128, 128, 48);
     let p = plan::lower(&g, "").unwrap();
     let upsamples = p
         .steps
@@ -462,7 +463,7 @@ fn upsampling_convolutions_run_on_the_small_image() {
         .count();
     let small_conv = p.steps.iter().any(|s| {
         matches!(s, Step::Conv { shape, .. }
-            if shape.kh == 2 && shape.o == 4 * 128 && shape.h == 8 && shape.pad == [1, 1])
+            if shape.kh == 2 && shape.o == 4 * 128 && shape.h == 48 && shape.pad == [1, 1])
     });
     assert_eq!(
         (upsamples, subpixel, small_conv),
@@ -498,8 +499,13 @@ fn norms_attention_and_linears_match() {
         (vec![1, 128, 256, 256], 32, false),
         (vec![2, 2560, 8, 8], 32, true),
         (vec![1, 512, 32, 32], 32, false),
-        // Fewer than 8 channels per vector: the two-channel apply kernel.
+        // Fewer than 8 channels per vector: the two-channel one-launch kernel, and the
+        // two-channel apply kernel of a group too large for one launch.
         (vec![2, 12, 16, 16], 2, true),
+        (vec![1, 12, 64, 64], 2, false),
+        // One launch at 8 channels a group, and just past its limit (2 x 16384 elements).
+        (vec![2, 256, 32, 32], 32, true),
+        (vec![2, 512, 32, 64], 32, false),
     ]
     .into_iter()
     .enumerate()
@@ -528,6 +534,33 @@ fn norms_attention_and_linears_match() {
         compare(
             &mut rt,
             &format!("group_norm {shape:?} silu={silu}"),
+            &g,
+            &[("x", &xt)],
+            5e-3,
+        );
+    }
+    // Layer norms: eight columns per load (the UNet's widest rows, whisper's), and a width that
+    // takes the two-byte path; offset means, as activations have.
+    for (i, shape) in [[2, 64, 1280], [1, 1500, 384], [3, 5, 30]]
+        .into_iter()
+        .enumerate()
+    {
+        let cols = shape[2];
+        let mut g = Graph::new();
+        let x = g.input("x", &shape);
+        let gm = konst(&mut g, "g", &[cols], 60 + i as u32, 1.0);
+        let bt = konst(&mut g, "b", &[cols], 70 + i as u32, 0.5);
+        let y = g
+            .push("ln", Op::LayerNorm { eps: 1e-5 }, &[x, gm, bt])
+            .unwrap();
+        g.output("y", y);
+        let mut xt = random(&shape, 80 + i as u32, 2.0);
+        xt.data
+            .iter_mut()
+            .for_each(|v| *v = f16::from_f32(*v + 3.0).to_f32());
+        compare(
+            &mut rt,
+            &format!("layer_norm {shape:?}"),
             &g,
             &[("x", &xt)],
             5e-3,
@@ -900,13 +933,27 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
     // Only the input and output change layout (the token permutes are free); each multi-head
     // attention (two per transformer) makes q, k, v head-major and its output token-major.
     assert_eq!(permutes, 2 + 2 * 4 * transformers);
-    let fused_norms = p
+    // The tiny UNet's groups are all small: each norm is one launch that sums its own input,
+    // and no convolution computes sums for it.
+    let norms: Vec<_> = p
         .steps
         .iter()
-        .filter(|s| matches!(s, Step::GroupNorm { shape, .. } if shape.fused_chunks > 0))
-        .count();
-    println!("{fused_norms} group norms take their sums from a convolution epilogue");
-    assert!(fused_norms > 0);
+        .filter_map(|s| match s {
+            Step::GroupNorm { shape, .. } => Some(shape),
+            _ => None,
+        })
+        .collect();
+    let one_launch = norms.iter().filter(|s| s.one_launch()).count();
+    println!(
+        "{one_launch} of {} group norms run as one launch",
+        norms.len()
+    );
+    assert!(!norms.is_empty());
+    assert_eq!(one_launch, norms.len());
+    assert!(!p
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Conv { stats: Some(_), .. })));
     let (_, arena) = lipstream_gpu::arena::place(&p.lifetimes, 256);
     let total: usize = p.buffers.iter().sum();
     println!("arena {arena} bytes for {total} bytes of buffers");

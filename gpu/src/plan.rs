@@ -1121,7 +1121,7 @@ impl<'g> Lower<'g> {
                         nhwc, stats: None, ..
                     }) => fits && nhwc[3] == shape.c,
                     _ => false,
-                };
+                } && !shape.one_launch();
                 if fusable {
                     shape.fused_chunks =
                         Elementwise::epilogue_blocks(shape.hw * shape.c, shape.c, shape.n);

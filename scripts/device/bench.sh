@@ -2,16 +2,22 @@
 # Runs on the GPU machine (device tool, carry [".device", ".whl"]): our engine benchmark and the
 # PyTorch anchor (shared/anchors/torch_musetalk_bench.py, channels-last) in the same call, then a
 # side-by-side table. BATCHES / RUNS / ANCHOR_BATCHES / ANCHOR_MODES (empty: no anchor) / MEMORY override the
-# defaults.
+# defaults. BASELINE=path/to/an/older/lipstream: the same benchmark with that binary first, on the
+# same warm card, and a change table.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 out=${OUT:-/tmp}
+status=0
 batches=${BATCHES:-1,2,4,8,16}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+if [ -n "${BASELINE:-}" ]; then
+  "$BASELINE" bench engine --batches "$batches" --runs "${RUNS:-50}" \
+    --out "$out/baseline_engine.json" > /dev/null 2> "$out/baseline_engine.log" || status=1
+fi
 ./.device/bin/lipstream bench engine --batches "$batches" --runs "${RUNS:-50}" --profile \
   --out "$out/lipstream_engine.json" > /dev/null 2> "$out/lipstream_engine.log"
-status=$?
+[ $? -eq 0 ] || status=1
 tail -40 "$out/lipstream_engine.log"
 # MEMORY=1: the avatar engine alone, for its device memory (every profile, graphs captured).
 if [ "${MEMORY:-0}" = 1 ]; then
@@ -28,4 +34,7 @@ if [ -n "${ANCHOR_MODES-graph,compile}" ] && [ -f "$anchor" ] && ls .whl/*.whl >
 fi
 python3 scripts/device/compare.py "$out/lipstream_engine.json" "$out/torch_musetalk.json" \
   "$out/lipstream_avatar_memory.json" | tee "$out/summary.txt"
+if [ -f "$out/baseline_engine.json" ]; then
+  python3 scripts/device/ab.py "$out/baseline_engine.json" "$out/lipstream_engine.json" | tee -a "$out/summary.txt"
+fi
 exit "$status"

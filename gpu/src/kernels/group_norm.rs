@@ -14,6 +14,13 @@ const STATS_THREADS: usize = 256;
 const TARGET_BLOCKS: usize = 1056;
 /// Fewer pixels than this per block leaves most of its threads idle.
 const MIN_CHUNK_PIXELS: usize = 16;
+/// A group of at most this many elements is normalised by one block in one launch (read twice,
+/// the second time from L2): below it, the three launches of the split form cost more than the
+/// re-read. The UNet's groups (32x32 x 10 channels = 10240 at most) all fit; the VAE's 64x64 and
+/// larger images do not, and keep the whole GPU busy the split way.
+const SMALL_GROUP_ELEMS: usize = 16384;
+/// Threads of a one-launch block: enough loads in flight to hide L2 latency for a whole group.
+const SMALL_THREADS: usize = 512;
 
 /// One GroupNorm's shape and the scratch it needs.
 #[derive(Clone, Copy, Debug)]
@@ -30,6 +37,12 @@ pub struct GroupNormShape {
 }
 
 impl GroupNormShape {
+    /// Whether the norm runs as one launch of one block per (group, image); such a norm sums its
+    /// input itself, so its producer need not.
+    pub fn one_launch(&self) -> bool {
+        self.fused_chunks == 0 && self.hw * (self.c / self.groups.max(1)) <= SMALL_GROUP_ELEMS
+    }
+
     /// Pixel chunks per image for the statistics pass.
     pub fn chunks(&self) -> usize {
         if self.fused_chunks > 0 {
@@ -71,6 +84,8 @@ pub struct GroupNorm {
     finalize: CudaFunction,
     apply: CudaFunction,
     apply8: CudaFunction,
+    small2: CudaFunction,
+    small8: CudaFunction,
 }
 
 impl GroupNorm {
@@ -81,6 +96,8 @@ impl GroupNorm {
             finalize: m.load_function("group_norm_nhwc_finalize")?,
             apply: m.load_function("group_norm_nhwc_apply_f16")?,
             apply8: m.load_function("group_norm_nhwc_apply_f16x8")?,
+            small2: m.load_function("group_norm_nhwc_small_f16x2")?,
+            small8: m.load_function("group_norm_nhwc_small_f16x8")?,
         })
     }
 
@@ -105,6 +122,10 @@ impl GroupNorm {
         s: &GroupNormShape,
     ) -> Result<(), GpuError> {
         s.check()?;
+        if s.one_launch() {
+            // SAFETY: per the caller's contract.
+            return unsafe { self.launch_small(stream, x, gamma, beta, y, s) };
+        }
         let chunks = s.chunks();
         let chunk = s.hw.div_ceil(chunks);
         let partial = scratch;
@@ -204,6 +225,57 @@ impl GroupNorm {
                     Arg::L(s.hw as i64),
                     i(s.c),
                     i(s.groups),
+                    i(usize::from(s.silu)),
+                ],
+            )
+        }
+    }
+
+    /// The one-launch form (`s.one_launch()`).
+    ///
+    /// # Safety
+    /// As for `launch`.
+    unsafe fn launch_small(
+        &self,
+        stream: &CudaStream,
+        x: Ptr,
+        gamma: Ptr,
+        beta: Ptr,
+        y: Ptr,
+        s: &GroupNormShape,
+    ) -> Result<(), GpuError> {
+        let cg = s.c / s.groups;
+        let wide = cg.is_multiple_of(8) && super::elementwise::aligned16(&[x, y]);
+        let v = if wide { 8 } else { 2 };
+        if !wide && (x % 4 != 0 || y % 4 != 0) {
+            return Err(shape_err("group_norm", "x or y not 4-byte aligned".into()));
+        }
+        let units = s.hw * cg / v;
+        let threads = units.next_multiple_of(32).min(SMALL_THREADS);
+        let i = |v: usize| Arg::I(v as i32);
+        // SAFETY: matches group_norm_nhwc_small_f16x{2,8} (const half*, 2 const half*, half*, 3
+        // int, float, int); one block per (group, image), at most 1024 threads (32 warps, the
+        // reduction's shared arrays); 16-byte loads only where the group width is a multiple of
+        // 8 and x and y are 16-byte aligned (so is every row: c = groups * width), else 4-byte
+        // loads on an even width (checked) at 4-byte aligned addresses.
+        unsafe {
+            launch(
+                stream,
+                if wide { &self.small8 } else { &self.small2 },
+                LaunchConfig {
+                    grid_dim: (s.groups as u32, s.n as u32, 1),
+                    block_dim: (threads as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &[
+                    Arg::P(x),
+                    Arg::P(gamma),
+                    Arg::P(beta),
+                    Arg::P(y),
+                    i(s.hw),
+                    i(s.c),
+                    i(s.groups),
+                    Arg::F(s.eps),
                     i(usize::from(s.silu)),
                 ],
             )

@@ -12,6 +12,7 @@ const ROWS_PER_BLOCK: u32 = 8;
 /// The compiled kernel.
 pub struct LayerNorm {
     func: CudaFunction,
+    func8: CudaFunction,
 }
 
 impl LayerNorm {
@@ -19,6 +20,7 @@ impl LayerNorm {
         let module = super::compile(device, "layer_norm", SRC)?;
         Ok(LayerNorm {
             func: module.load_function("layer_norm_f16")?,
+            func8: module.load_function("layer_norm_f16x8")?,
         })
     }
 
@@ -37,6 +39,22 @@ impl LayerNorm {
         cols: usize,
         eps: f32,
     ) -> Result<(), GpuError> {
+        let cfg = grid(rows * 32, 32 * ROWS_PER_BLOCK);
+        if cols.is_multiple_of(8) && super::elementwise::aligned16(&[x, gamma, beta, y]) {
+            let args = [
+                Arg::P(x),
+                Arg::P(gamma),
+                Arg::P(beta),
+                Arg::P(y),
+                Arg::I(rows as i32),
+                Arg::I((cols / 8) as i32),
+                Arg::F(eps),
+            ];
+            // SAFETY: matches layer_norm_f16x8 (3 const uint4*, uint4*, int, int, float); whole
+            // 8-column vectors at 16-byte aligned addresses (checked); one warp per row,
+            // surplus warps return.
+            return unsafe { launch(stream, &self.func8, cfg, &args) };
+        }
         let args = [
             Arg::P(x),
             Arg::P(gamma),
@@ -48,13 +66,6 @@ impl LayerNorm {
         ];
         // SAFETY: matches layer_norm_f16 (3 const half*, half*, int, int, float); one warp per
         // row, surplus warps return.
-        unsafe {
-            launch(
-                stream,
-                &self.func,
-                grid(rows * 32, 32 * ROWS_PER_BLOCK),
-                &args,
-            )
-        }
+        unsafe { launch(stream, &self.func, cfg, &args) }
     }
 }
