@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool, carry [".device"]): `avatar prepare --video` on the
+# Runs on the GPU machine (device tool, carry [".device/pack.tar.xz"]): `avatar prepare --video` on the
 # fixture clip (H.264 High, B-frames, 30 fps) with the tiny model, once with the VAE encoder on
 # the GPU and once on the CPU reference executor, and compares the two bundles (same frames and
 # boxes; latents within fp16's error). Then, when BENCH=1, the engine benchmark without the
 # anchor (per-frame times on this GPU). Logs and the verdict under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/device/unpack.sh
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 out=${OUT:-/tmp}
 bin=./.device/bin/lipstream

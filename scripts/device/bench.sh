@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool, carry [".device", ".whl"]): our engine benchmark and the
+# Runs on the GPU machine (device tool, carry [".device/pack.tar.xz", ".whl"]): our engine benchmark and the
 # PyTorch anchor (shared/anchors/torch_musetalk_bench.py, channels-last) in the same call, then a
 # side-by-side table. BATCHES / RUNS / ANCHOR_BATCHES / ANCHOR_MODES (empty: no anchor) / MEMORY override the
 # defaults. BASELINE=path/to/an/older/lipstream: the same benchmark with that binary first, on the
 # same warm card, and a change table.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/device/unpack.sh
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 out=${OUT:-/tmp}
 status=0

@@ -21,6 +21,12 @@ done
 if [ -d ../shared/anchors ]; then
   mkdir -p .device/anchors && cp ../shared/anchors/*.py .device/anchors/
 fi
-# The device tool carries at most 64 MiB: debug info stays here.
+# The device tool carries at most 64 MiB, the checkout's tracked files included: debug info
+# stays here, and what the device needs travels as one xz archive (~13 MiB instead of ~45):
+# carry [".device/pack.tar.xz"]; the device scripts unpack it (scripts/device/unpack.sh).
 strip .device/bin/lipstream .device/bin/gpu_ops .device/bin/gpu_faces
 ls -la .device/bin
+extra=$(cd .device && ls -d anchors base avatar*.safetensors 2>/dev/null | sed 's|^|.device/|' || true)
+tar cf - .device/bin $extra | xz -T0 -6 > .device/pack.tar.xz.part
+mv .device/pack.tar.xz.part .device/pack.tar.xz
+echo "carry .device/pack.tar.xz ($(du -h .device/pack.tar.xz | cut -f1)): bin${extra:+, }$(echo $extra | sed 's|\.device/||g; s| |, |g')"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on a multi-GPU machine (device tool, kind nvidia-h200-x2, carry [".device"]): does one
+# Runs on a multi-GPU machine (device tool, kind nvidia-h200-x2, carry [".device/pack.tar.xz"]): does one
 # lipstream server use two GPUs as well as one? Builds the full-size random-weight engine once
 # (GPU 0; the GPUs are the same model), then
 #   1. serves it on GPU 0 alone and ramps (`bench sessions --ramp`) to N, the largest session
@@ -12,6 +12,7 @@
 # BATCHES (1,2,4,8,16), GPUS (0,1), RAMP_BUDGET (300), RAMP_DURATION (8).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/device/unpack.sh
 mode=${MODE:-avatar}
 gpus=${GPUS:-0,1}
 source scripts/device/serve_lib.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool, carry [".device"]): builds the full-size random-weight
+# Runs on the GPU machine (device tool, carry [".device/pack.tar.xz"]): builds the full-size random-weight
 # engine for MODE (camera or avatar), serves it, and drives `lipstream bench sessions` at each
 # load of SESSIONS. Camera: every session publishes the astronaut photo (a real face for MTCNN)
 # and a click train. Avatar: the server shows AVATAR (default .device/avatar.safetensors, made
@@ -14,6 +14,7 @@
 # The server and engine setup is scripts/device/serve_lib.sh, shared with multi_gpu.sh.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/device/unpack.sh
 mode=${MODE:-camera}
 source scripts/device/serve_lib.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"

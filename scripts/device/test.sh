@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool, carry [".device"]): doctor, every CUDA-vs-CPU op and
+# Runs on the GPU machine (device tool, carry [".device/pack.tar.xz"]): doctor, every CUDA-vs-CPU op and
 # tiny-model test, the camera face path against the CPU's, then the full-size check of the CUDA
 # executor against the CPU executor.
 # Writes the full logs under $OUT and ends with a short table.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/device/unpack.sh
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 export LIPSTREAM_FIXTURES=$PWD/tests/fixtures/tiny
 out=${OUT:-/tmp}

@@ -247,7 +247,8 @@ impl GroupNorm {
         let cg = s.c / s.groups;
         let wide = cg.is_multiple_of(8) && super::elementwise::aligned16(&[x, y]);
         let v = if wide { 8 } else { 2 };
-        if !wide && (x % 4 != 0 || y % 4 != 0) {
+        let aligned4 = x.is_multiple_of(4) && y.is_multiple_of(4);
+        if !(wide || aligned4) {
             return Err(shape_err("group_norm", "x or y not 4-byte aligned".into()));
         }
         let units = s.hw * cg / v;

@@ -39,33 +39,23 @@ impl LayerNorm {
         cols: usize,
         eps: f32,
     ) -> Result<(), GpuError> {
-        let cfg = grid(rows * 32, 32 * ROWS_PER_BLOCK);
-        if cols.is_multiple_of(8) && super::elementwise::aligned16(&[x, gamma, beta, y]) {
-            let args = [
-                Arg::P(x),
-                Arg::P(gamma),
-                Arg::P(beta),
-                Arg::P(y),
-                Arg::I(rows as i32),
-                Arg::I((cols / 8) as i32),
-                Arg::F(eps),
-            ];
-            // SAFETY: matches layer_norm_f16x8 (3 const uint4*, uint4*, int, int, float); whole
-            // 8-column vectors at 16-byte aligned addresses (checked); one warp per row,
-            // surplus warps return.
-            return unsafe { launch(stream, &self.func8, cfg, &args) };
-        }
+        let wide = cols.is_multiple_of(8) && super::elementwise::aligned16(&[x, gamma, beta, y]);
+        let (func, width) = match wide {
+            true => (&self.func8, cols / 8),
+            false => (&self.func, cols),
+        };
         let args = [
             Arg::P(x),
             Arg::P(gamma),
             Arg::P(beta),
             Arg::P(y),
             Arg::I(rows as i32),
-            Arg::I(cols as i32),
+            Arg::I(width as i32),
             Arg::F(eps),
         ];
-        // SAFETY: matches layer_norm_f16 (3 const half*, half*, int, int, float); one warp per
-        // row, surplus warps return.
-        unsafe { launch(stream, &self.func, cfg, &args) }
+        // SAFETY: matches layer_norm_f16 and layer_norm_f16x8 (3 const half* or uint4*, half*
+        // or uint4*, int, int, float), the latter given whole 8-column vectors at 16-byte
+        // aligned addresses (checked); one warp per row, surplus warps return.
+        unsafe { launch(stream, func, grid(rows * 32, 32 * ROWS_PER_BLOCK), &args) }
     }
 }
