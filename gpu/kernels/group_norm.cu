@@ -146,11 +146,17 @@ __device__ void group_norm_small(const __half* __restrict__ x, const __half* __r
   const int g = blockIdx.x, n = blockIdx.y, cg = c / groups, per_px = cg / V;
   const long off = (long)n * hw * c + (long)g * cg;
   const int units = hw * per_px;
+  // Unit u: pixel u / per_px, channels [j, j + V) of the group; its element offset in x and y.
+  const auto at = [&](int u, int& j) {
+    const int p = u / per_px;
+    j = (u - p * per_px) * V;
+    return off + (long)p * c + j;
+  };
   float sum = 0.f, sq = 0.f;
 #pragma unroll 4
   for (int u = threadIdx.x; u < units; u += blockDim.x) {
-    const int p = u / per_px, j = (u - p * per_px) * V;
-    const __half* e = x + off + (long)p * c + j;
+    int j;
+    const __half* e = x + at(u, j);
     float f[V];
     if (V == 8) {
       const uint4 raw = *reinterpret_cast<const uint4*>(e);
@@ -192,15 +198,15 @@ __device__ void group_norm_small(const __half* __restrict__ x, const __half* __r
   const float rstd = rsqrtf(fmaxf(sq / count - mean * mean, 0.f) + eps);
 #pragma unroll 4
   for (int u = threadIdx.x; u < units; u += blockDim.x) {
-    const int p = u / per_px, j = (u - p * per_px) * V;
-    const long at = off + (long)p * c + j;
+    int j;
+    const long i = at(u, j);
     const int ch = g * cg + j;
     uint4 raw;
     __half* h = reinterpret_cast<__half*>(&raw);
     if (V == 8) {
-      raw = *reinterpret_cast<const uint4*>(x + at);
+      raw = *reinterpret_cast<const uint4*>(x + i);
     } else {
-      *reinterpret_cast<__half2*>(h) = *reinterpret_cast<const __half2*>(x + at);
+      *reinterpret_cast<__half2*>(h) = *reinterpret_cast<const __half2*>(x + i);
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -210,9 +216,9 @@ __device__ void group_norm_small(const __half* __restrict__ x, const __half* __r
       h[k] = __float2half(v);
     }
     if (V == 8) {
-      *reinterpret_cast<uint4*>(y + at) = raw;
+      *reinterpret_cast<uint4*>(y + i) = raw;
     } else {
-      *reinterpret_cast<__half2*>(y + at) = *reinterpret_cast<const __half2*>(h);
+      *reinterpret_cast<__half2*>(y + i) = *reinterpret_cast<const __half2*>(h);
     }
   }
 }

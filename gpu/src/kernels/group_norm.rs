@@ -54,8 +54,12 @@ impl GroupNormShape {
             .max(1)
     }
 
-    /// Bytes of scratch: partial (sum, sum of squares) per chunk and group, then (mean, 1/std).
+    /// Bytes of scratch: partial (sum, sum of squares) per chunk and group, then (mean, 1/std);
+    /// none for the one-launch form, which keeps its sums in the block.
     pub fn scratch_bytes(&self) -> usize {
+        if self.one_launch() {
+            return 0;
+        }
         8 * self.n * self.groups * (self.chunks() + 1)
     }
 
