@@ -15,7 +15,7 @@ use lipstream_engines::weights::{Checkpoint, Weights};
 use lipstream_engines::{cpu, Graph, Op, Tensor, ValueId};
 use lipstream_gpu::device::{libraries, Device};
 use lipstream_gpu::plan::{self, Step};
-use lipstream_gpu::{ConvAsGemm, Executor, FuseConv, Options, Runtime};
+use lipstream_gpu::{ConvAsGemm, ConvGraphs, Executor, FuseConv, Options, Runtime};
 
 fn runtime() -> Option<Runtime> {
     let libs = libraries();
@@ -44,7 +44,8 @@ fn random(shape: &[usize], seed: u32, scale: f32) -> Tensor {
 
 /// Runs `g` on both executors (CUDA eagerly, then from a captured graph) and compares, with
 /// convolution epilogues on our kernel, then on cuDNN's fused call wherever it runs, then with
-/// every convolution the lowering takes as im2col + cuBLASLt GEMM; returns how many
+/// every convolution the lowering takes as im2col + cuBLASLt GEMM, then on cuDNN's graph-API
+/// engines wherever one runs; returns how many
 /// convolutions the second build fused.
 fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], tol: f64) -> usize {
     let want = cpu::run(g, inputs).unwrap();
@@ -56,11 +57,16 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         gemm: ConvAsGemm::Always,
         ..Options::HEURISTIC
     };
+    let graph_opts = Options {
+        graphs: ConvGraphs::Always,
+        ..Options::HEURISTIC
+    };
     let mut fused = 0;
     let builds = [
         (Options::HEURISTIC, "plain"),
         (fused_opts, "fused"),
         (gemm_opts, "gemm"),
+        (graph_opts, "graph"),
     ];
     for (opts, how) in builds {
         let mut ex =
@@ -72,6 +78,9 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
             }
         }
         if how == "gemm" && ex.gemm_convs().0 == 0 {
+            continue;
+        }
+        if how == "graph" && ex.graph_convs().0 == 0 {
             continue;
         }
         for captured in [false, true] {

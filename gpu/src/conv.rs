@@ -64,6 +64,9 @@ pub struct ConvPlan {
     pub shape: ConvShape,
     /// Set when the bias (and residual) ride on cuDNN's fused call instead of an epilogue kernel.
     pub fused: Option<FusedCall>,
+    /// Set when the convolution runs through the graph API's timed engine instead (`conv_graph`);
+    /// it takes precedence over `fused`.
+    pub graph: Option<crate::conv_graph::GraphCall>,
 }
 
 /// cuDNN's y = conv(x, w) + z + bias in one call (`cudnnConvolutionBiasActivationForward` with
@@ -110,6 +113,11 @@ impl Conv {
         })
     }
 
+    /// The raw handle, for the graph API's calls (`conv_graph`), on this handle's stream.
+    pub fn handle(&self) -> sys::cudnnHandle_t {
+        self.handle
+    }
+
     /// Descriptors for `s`, with cuDNN's heuristic algorithm.
     pub fn plan(&self, s: ConvShape) -> Result<ConvPlan, GpuError> {
         let bad = |reason: String| GpuError::Shape {
@@ -140,6 +148,7 @@ impl Conv {
             workspace_bytes: 0,
             shape: s,
             fused: None,
+            graph: None,
         };
         // SAFETY: every descriptor was created above and is owned by `plan` (destroyed on drop).
         unsafe {

@@ -23,6 +23,7 @@ use lipstream_engines::tensor::Tensor;
 use crate::arena;
 use crate::blas::{Blas, Gemm, GemmPlan};
 use crate::conv::{Conv, ConvPlan, ConvShape};
+use crate::conv_graph::{ConvGraph, EngineChoice, GraphArgs, GraphCall, GraphKey, GraphPlan};
 use crate::device::Device;
 use crate::error::GpuError;
 use crate::kernels::image::{Faces, Image};
@@ -44,6 +45,8 @@ pub struct Options {
     pub fuse: FuseConv,
     /// Whether a convolution runs as im2col + one cuBLASLt GEMM instead of cuDNN.
     pub gemm: ConvAsGemm,
+    /// Whether a convolution runs on an engine of cuDNN's graph API instead of its legacy call.
+    pub graphs: ConvGraphs,
 }
 
 impl Options {
@@ -52,12 +55,14 @@ impl Options {
         tune: true,
         fuse: FuseConv::Timed,
         gemm: ConvAsGemm::Timed,
+        graphs: ConvGraphs::Timed,
     };
     /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
     pub const HEURISTIC: Options = Options {
         tune: false,
         fuse: FuseConv::Never,
         gemm: ConvAsGemm::Never,
+        graphs: ConvGraphs::Never,
     };
 }
 
@@ -99,6 +104,43 @@ pub struct GemmConv {
     pub algo: Option<usize>,
     pub gemm_ms: f32,
     pub cudnn_ms: f32,
+}
+
+/// Whether a channels-last convolution runs on an engine of cuDNN's graph API, with the knob
+/// settings (tile size, split-K, ...) that timed fastest. The legacy call picks the kernel of an
+/// algorithm itself, and at one image it picks poorly: on an H100 the VAE's 256x256 and the
+/// UNet's 32x32 convolutions ran 28-44 % faster on the graph API's best configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvGraphs {
+    /// Always the legacy call.
+    Never,
+    /// The first configuration cuDNN's heuristics propose that runs (numerics tests).
+    Always,
+    /// Whichever of the legacy call (as prepared) and the proposed configurations was fastest
+    /// when timed on the real buffers (`tune`); decisions already in the runtime are kept.
+    Timed,
+}
+
+/// Most configurations timed per convolution: the heuristics list the likely winners first.
+const GRAPH_CHOICES_MAX: usize = 32;
+
+/// What decides a graph-API convolution: its shape and its epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct GraphConvKey {
+    pub shape: ConvShape,
+    /// The bias rides on the graph (one per channel, no residual); else our epilogue adds it.
+    pub bias_in_graph: bool,
+    pub residual: bool,
+    pub stats: bool,
+}
+
+/// A timed graph-API decision: the engine configuration when it won, and both times.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct GraphConv {
+    pub choice: Option<EngineChoice>,
+    /// The best configuration's time; none when no configuration ran.
+    pub graph_ms: Option<f32>,
+    pub legacy_ms: f32,
 }
 
 /// Where a convolution's bias, residual and group-norm sums are computed.
@@ -182,11 +224,15 @@ pub struct Tuning {
     pub convs: Vec<(ConvShape, Tuned)>,
     pub fusions: Vec<(FuseKey, Fusion)>,
     pub gemm_convs: Vec<(GemmKey, GemmConv)>,
+    pub graph_convs: Vec<(GraphConvKey, GraphConv)>,
 }
 
 impl Tuning {
     pub fn is_empty(&self) -> bool {
-        self.convs.is_empty() && self.fusions.is_empty() && self.gemm_convs.is_empty()
+        self.convs.is_empty()
+            && self.fusions.is_empty()
+            && self.gemm_convs.is_empty()
+            && self.graph_convs.is_empty()
     }
 
     /// What `rt` has timed so far.
@@ -195,6 +241,11 @@ impl Tuning {
             convs: rt.tuned.iter().map(|(k, v)| (*k, *v)).collect(),
             fusions: rt.fusions.iter().map(|(k, v)| (*k, *v)).collect(),
             gemm_convs: rt.gemm_convs.iter().map(|(k, v)| (*k, *v)).collect(),
+            graph_convs: rt
+                .graph_convs
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
         }
     }
 
@@ -203,6 +254,7 @@ impl Tuning {
         rt.tuned.extend(self.convs.iter().copied());
         rt.fusions.extend(self.fusions.iter().copied());
         rt.gemm_convs.extend(self.gemm_convs.iter().copied());
+        rt.graph_convs.extend(self.graph_convs.iter().cloned());
     }
 }
 
@@ -221,6 +273,8 @@ pub struct Runtime {
     pub fusions: HashMap<FuseKey, Fusion>,
     /// Whether each convolution kind runs as im2col + GEMM.
     pub gemm_convs: HashMap<GemmKey, GemmConv>,
+    /// Whether each convolution kind runs on a graph-API engine, and which.
+    pub graph_convs: HashMap<GraphConvKey, GraphConv>,
     workspace: Option<CudaSlice<u8>>,
     workspace_bytes: usize,
     /// The most workspace any prepared convolution needs.
@@ -247,6 +301,7 @@ impl Runtime {
             tuned: HashMap::new(),
             fusions: HashMap::new(),
             gemm_convs: HashMap::new(),
+            graph_convs: HashMap::new(),
             workspace: None,
             workspace_bytes: 0,
             workspace_need: 0,
@@ -544,6 +599,9 @@ impl Executor {
                             }
                         }
                     }
+                    if opts.graphs != ConvGraphs::Never {
+                        need_ws = need_ws.max(ex.choose_graph(rt, &mut p, step, opts)?);
+                    }
                     match ex.lower_conv(rt, &p, step, opts)? {
                         Some((plan, in_gemm, cols_bytes)) => {
                             need_ws = need_ws.max(cols_bytes);
@@ -794,6 +852,11 @@ impl Executor {
         let p = |l: Loc| self.ptr(rt, l);
         // SAFETY: per the caller's contract.
         unsafe {
+            if let Some(call) = &plan.graph {
+                self.run_graph(rt, step, &call.plan, ws)?;
+                lap("conv")?;
+                return self.conv_epilogue(rt, step, call.graph.key.bias);
+            }
             if let Some(call) = &plan.fused {
                 let b = bias.map_or(0, |(l, _)| p(l));
                 rt.conv.forward_fused(
@@ -812,6 +875,170 @@ impl Executor {
             lap("conv")?;
             self.conv_epilogue(rt, step, plan.fused.is_some())
         }
+    }
+
+    /// Runs convolution `step` on graph-API plan `plan` (the bias too when its graph adds one).
+    ///
+    /// # Safety
+    /// As for `run_conv`; `ws` holds the plan's workspace.
+    unsafe fn run_graph(
+        &self,
+        rt: &Runtime,
+        step: &Step,
+        plan: &GraphPlan,
+        ws: Ptr,
+    ) -> Result<(), GpuError> {
+        let Step::Conv { x, w, y, bias, .. } = step else {
+            return Ok(());
+        };
+        let p = |l: Loc| self.ptr(rt, l);
+        let args = GraphArgs {
+            x: p(*x),
+            w: p(*w),
+            bias: bias.map_or(0, |(l, _)| p(l)),
+            residual: 0,
+            y: p(*y),
+            workspace: ws,
+        };
+        // SAFETY: per the caller's contract; the plan's graph was made for this step's shape.
+        unsafe { plan.execute(rt.conv.handle(), &args) }
+    }
+
+    /// The graph-API key of convolution `step`: its bias rides on the graph when it is one per
+    /// channel and no residual follows (the graph API runs a residual only on engines it
+    /// compiles at run time, which lost everywhere).
+    fn graph_key(step: &Step) -> Option<GraphConvKey> {
+        let Step::Conv {
+            shape,
+            bias,
+            residual,
+            stats,
+            ..
+        } = step
+        else {
+            return None;
+        };
+        if !shape.nhwc || shape.groups != 1 {
+            return None;
+        }
+        let channel_bias = matches!(bias, Some((_, stride)) if *stride == 0 || shape.n == 1);
+        Some(GraphConvKey {
+            shape: *shape,
+            bias_in_graph: channel_bias && residual.is_none(),
+            residual: residual.is_some(),
+            stats: stats.is_some(),
+        })
+    }
+
+    /// Decides (or replays the decision) whether convolution `step` runs on a graph-API
+    /// engine, and keeps that call on `p` when it does; returns the workspace it needs.
+    fn choose_graph(
+        &self,
+        rt: &mut Runtime,
+        p: &mut ConvPlan,
+        step: &Step,
+        opts: Options,
+    ) -> Result<usize, GpuError> {
+        let Some(key) = Self::graph_key(step) else {
+            return Ok(0);
+        };
+        let choice = match rt.graph_convs.get(&key) {
+            Some(d) if opts.graphs == ConvGraphs::Timed => d.choice.clone(),
+            _ if opts.graphs == ConvGraphs::Timed && !opts.tune => None,
+            _ => {
+                let d = self.time_graph(rt, p, step, &key, opts.graphs)?;
+                let choice = d.choice.clone();
+                if opts.graphs == ConvGraphs::Timed {
+                    rt.graph_convs.insert(key, d);
+                }
+                choice
+            }
+        };
+        let Some(choice) = choice else {
+            return Ok(0);
+        };
+        let graph = ConvGraph::new(
+            rt.conv.handle(),
+            GraphKey {
+                shape: key.shape,
+                bias: key.bias_in_graph,
+                residual: false,
+            },
+        )?;
+        let plan = graph.plan(rt.conv.handle(), &choice)?;
+        let ws = plan.workspace_bytes;
+        p.graph = Some(GraphCall { graph, plan });
+        Ok(ws)
+    }
+
+    /// Times convolution `step` as prepared on the legacy call (its epilogue included) against
+    /// each configuration cuDNN's heuristics propose for its graph (with what is left of the
+    /// epilogue), and says which to keep. `Always` keeps the first configuration that runs.
+    /// Runs on the stream outside any capture; y and the sums are scratch until then.
+    fn time_graph(
+        &self,
+        rt: &mut Runtime,
+        p: &ConvPlan,
+        step: &Step,
+        key: &GraphConvKey,
+        mode: ConvGraphs,
+    ) -> Result<GraphConv, GpuError> {
+        rt.reserve_workspace(TUNE_WORKSPACE_BYTES)?;
+        let ws = rt.workspace_ptr();
+        let stream = rt.stream().clone();
+        let rt = &*rt;
+        // SAFETY: the operands are the step's own (placed, sized by the plan); y and the sums'
+        // scratch hold nothing yet; the workspace holds TUNE_WORKSPACE_BYTES. Each way runs once
+        // eagerly first, so that what it loads lazily is loaded before its capture.
+        let legacy = || unsafe { self.run_conv(rt, step, p, ws, &mut |_| Ok(())) };
+        legacy()?;
+        let legacy_ms = time_gpu(&stream, legacy)?;
+        let graph = ConvGraph::new(
+            rt.conv.handle(),
+            GraphKey {
+                shape: key.shape,
+                bias: key.bias_in_graph,
+                residual: false,
+            },
+        )?;
+        // A graph cuDNN proposes nothing for is as good as no proposal.
+        let choices = graph.choices().unwrap_or_default();
+        let mut best: Option<(EngineChoice, f32)> = None;
+        for choice in choices.into_iter().take(GRAPH_CHOICES_MAX) {
+            let Ok(plan) = graph.plan(rt.conv.handle(), &choice) else {
+                continue;
+            };
+            if plan.workspace_bytes > TUNE_WORKSPACE_BYTES {
+                continue;
+            }
+            // SAFETY: as above.
+            let run = || unsafe {
+                self.run_graph(rt, step, &plan, ws)?;
+                self.conv_epilogue(rt, step, key.bias_in_graph)
+            };
+            let ms = match run() {
+                // A plan cuDNN cannot capture is as good as refused: executors are graphs.
+                Ok(()) => time_gpu(&stream, run).unwrap_or(f32::INFINITY),
+                Err(_) => f32::INFINITY,
+            };
+            if ms.is_finite() && best.as_ref().is_none_or(|(_, b)| ms < *b) {
+                best = Some((choice, ms));
+            }
+            if mode == ConvGraphs::Always && best.is_some() {
+                break;
+            }
+        }
+        let graph_ms = best.as_ref().map(|(_, ms)| *ms);
+        // A configuration must win clearly: the timings carry a few percent of noise.
+        let keep = match mode {
+            ConvGraphs::Always => best.is_some(),
+            _ => graph_ms.is_some_and(|g| g < 0.97 * legacy_ms),
+        };
+        Ok(GraphConv {
+            choice: best.filter(|_| keep).map(|(c, _)| c),
+            graph_ms,
+            legacy_ms,
+        })
     }
 
     /// Runs convolution `step` as im2col into `ws` (a pointwise one reads x as it is) + the
@@ -980,9 +1207,18 @@ impl Executor {
         self.prepared
             .iter()
             .map(|p| match p {
-                Prepared::Conv(c) => match &c.fused {
-                    Some(f) => format!("{:?} fused", f.algo),
-                    None => format!("{:?}", c.algo),
+                Prepared::Conv(c) => match (&c.graph, &c.fused) {
+                    (Some(g), _) => format!(
+                        "graph engine {}{}",
+                        g.plan.choice.engine,
+                        if g.graph.key.bias {
+                            ", bias in the graph"
+                        } else {
+                            ""
+                        }
+                    ),
+                    (None, Some(f)) => format!("{:?} fused", f.algo),
+                    (None, None) => format!("{:?}", c.algo),
                 },
                 Prepared::ConvGemm { in_gemm, .. } => match in_gemm {
                     true => "im2col + cuBLASLt, bias in the GEMM".into(),
@@ -995,7 +1231,14 @@ impl Executor {
 
     /// How many convolutions run on cuDNN's fused bias (+ residual) call, of how many.
     pub fn fused_convs(&self) -> (usize, usize) {
-        self.count_convs(|p| matches!(p, Prepared::Conv(c) if c.fused.is_some()))
+        self.count_convs(
+            |p| matches!(p, Prepared::Conv(c) if c.fused.is_some() && c.graph.is_none()),
+        )
+    }
+
+    /// How many convolutions run on a graph-API engine, of how many.
+    pub fn graph_convs(&self) -> (usize, usize) {
+        self.count_convs(|p| matches!(p, Prepared::Conv(c) if c.graph.is_some()))
     }
 
     /// How many convolutions run as im2col + cuBLASLt GEMM, of how many.

@@ -11,6 +11,7 @@
 pub mod arena;
 pub mod blas;
 pub mod conv;
+pub mod conv_graph;
 pub mod device;
 pub mod error;
 pub mod executor;
@@ -19,4 +20,4 @@ pub mod plan;
 
 pub use device::Device;
 pub use error::GpuError;
-pub use executor::{ConvAsGemm, Executor, FuseConv, Options, Runtime, Staging, Tuning};
+pub use executor::{ConvAsGemm, ConvGraphs, Executor, FuseConv, Options, Runtime, Staging, Tuning};

@@ -190,6 +190,10 @@ enum BenchCmd {
         /// lowering buys on this GPU. Ignored with --engine (the file's choices are replayed).
         #[arg(long)]
         cudnn_only: bool,
+        /// Every cuDNN convolution on its legacy call (no graph-API engine), to measure what
+        /// the graph API's engines buy on this GPU. Ignored with --engine.
+        #[arg(long)]
+        legacy_convs: bool,
         /// Write the JSON report here too.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -314,6 +318,7 @@ fn main() -> anyhow::Result<()> {
             no_graphs,
             profile,
             cudnn_only,
+            legacy_convs,
             out,
         }) => {
             let (src, preload, batches) = match &engine {
@@ -341,6 +346,7 @@ fn main() -> anyhow::Result<()> {
                 graphs: !no_graphs,
                 profile,
                 conv_gemm: !cudnn_only,
+                conv_graphs: !legacy_convs,
             };
             let report = lipstream::engine::bench(&src, &opts, &preload)?;
             let text = serde_json::to_string_pretty(&report)?;

@@ -19,7 +19,9 @@ use lipstream_engines::presets::ModelSet;
 use lipstream_engines::weights::{safetensors, Checkpoint, DType, Weights};
 use lipstream_gpu::conv::ConvShape;
 use lipstream_gpu::device::Device;
-use lipstream_gpu::executor::{FuseKey, Fusion, GemmConv, GemmKey, Tuned, Tuning};
+use lipstream_gpu::executor::{
+    FuseKey, Fusion, GemmConv, GemmKey, GraphConv, GraphConvKey, Tuned, Tuning,
+};
 use lipstream_gpu::{Executor, Options, Runtime};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -103,6 +105,9 @@ pub struct Header {
     /// Files built before convolutions could run as im2col + GEMM have none: all on cuDNN.
     #[serde(default)]
     pub gemm_convs: Vec<(GemmKey, GemmConv)>,
+    /// Files built before convolutions could run on graph-API engines have none: all legacy.
+    #[serde(default)]
+    pub graph_convs: Vec<(GraphConvKey, GraphConv)>,
     pub profiles: Vec<Profile>,
     pub kernels: Vec<KernelImage>,
     pub build_s: f64,
@@ -210,6 +215,24 @@ pub fn build(
         let s = k.shape;
         (s.n, s.c, s.h, s.o, s.kh, k.residual, k.stats)
     });
+    let mut graph_convs: Vec<(GraphConvKey, GraphConv)> = rt
+        .graph_convs
+        .iter()
+        .map(|(k, g)| (*k, g.clone()))
+        .collect();
+    graph_convs.sort_by_key(|(k, _)| {
+        let s = k.shape;
+        (
+            s.n,
+            s.c,
+            s.h,
+            s.o,
+            s.kh,
+            k.bias_in_graph,
+            k.residual,
+            k.stats,
+        )
+    });
     let header = Header {
         format: FORMAT.into(),
         stage: stage.name().into(),
@@ -227,6 +250,7 @@ pub fn build(
         convs,
         fusions,
         gemm_convs,
+        graph_convs,
         profiles,
         kernels: kernel_list(&images)?,
         build_s: started.elapsed().as_secs_f64(),
@@ -465,6 +489,7 @@ pub fn tuned(header: &Header) -> anyhow::Result<Tuning> {
         convs,
         fusions,
         gemm_convs: header.gemm_convs.clone(),
+        graph_convs: header.graph_convs.clone(),
     })
 }
 
@@ -555,12 +580,14 @@ pub fn describe(path: &Path) -> anyhow::Result<String> {
     );
     let weights = || c.keys().filter(|k| !k.starts_with(KERNELS));
     s += &format!(
-        "  {} tuned convolutions ({} of {} bias kinds on cuDNN's fused call, {} of {} kinds as im2col + cuBLASLt GEMM); {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
+        "  {} tuned convolutions ({} of {} bias kinds on cuDNN's fused call, {} of {} kinds as im2col + cuBLASLt GEMM, {} of {} on graph-API engines); {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
         h.convs.len(),
         h.fusions.iter().filter(|f| f.fused.is_some()).count(),
         h.fusions.len(),
         h.gemm_convs.iter().filter(|(_, g)| g.algo.is_some()).count(),
         h.gemm_convs.len(),
+        h.graph_convs.iter().filter(|(_, g)| g.choice.is_some()).count(),
+        h.graph_convs.len(),
         weights().count(),
         weights().filter_map(|k| c.entry(k)).map(|e| e.bytes).sum::<u64>() as f64 / (1 << 20) as f64,
         bytes as f64 / (1 << 20) as f64,
@@ -611,6 +638,7 @@ mod tests {
             convs: vec![],
             fusions: vec![],
             gemm_convs: vec![],
+            graph_convs: vec![],
             profiles: vec![],
             kernels: kernel_list(&images()).unwrap(),
             build_s: 0.0,

@@ -17,7 +17,7 @@ use lipstream_engines::presets::{ModelSet, Preset};
 use lipstream_engines::weights::Weights;
 use lipstream_engines::{cpu, Graph, Tensor};
 use lipstream_gpu::device::Device;
-use lipstream_gpu::{ConvAsGemm, Executor, FuseConv, Options, Runtime, Tuning};
+use lipstream_gpu::{ConvAsGemm, ConvGraphs, Executor, FuseConv, Options, Runtime, Tuning};
 use serde_json::{json, Value};
 
 pub mod file;
@@ -172,6 +172,7 @@ pub fn executors(
         tune: preload.is_empty(),
         fuse: FuseConv::Timed,
         gemm: ConvAsGemm::Timed,
+        graphs: ConvGraphs::Timed,
     };
     let mut profiles = Vec::new();
     for &b in batches {
@@ -220,6 +221,31 @@ fn fusion_report(rt: &Runtime) -> Vec<Value> {
         .collect()
 }
 
+/// Each timed graph-API decision: the convolution, its epilogue, the legacy call's and the best
+/// graph configuration's time, and the choice.
+fn graph_report(rt: &Runtime) -> Vec<Value> {
+    let mut v: Vec<_> = rt.graph_convs.iter().collect();
+    v.sort_by_key(|(k, _)| {
+        (
+            k.shape.n, k.shape.c, k.shape.h, k.shape.o, k.residual, k.stats,
+        )
+    });
+    v.into_iter()
+        .map(|(k, g)| {
+            let s = k.shape;
+            json!({
+                "conv": format!("{}x{}x{}x{} -> {} k{}x{} s{}", s.n, s.c, s.h, s.w, s.o, s.kh, s.kw, s.stride[0]),
+                "bias_in_graph": k.bias_in_graph,
+                "residual": k.residual,
+                "stats": k.stats,
+                "legacy_ms": g.legacy_ms,
+                "graph_ms": g.graph_ms,
+                "graph": g.choice.as_ref().map(|c| json!({"engine": c.engine, "knobs": c.knobs})),
+            })
+        })
+        .collect()
+}
+
 /// Each timed lowering decision: the convolution, its epilogue, cuDNN's and the best GEMM's
 /// time and the choice.
 fn gemm_report(rt: &Runtime) -> Vec<Value> {
@@ -256,6 +282,8 @@ pub struct BenchOptions {
     pub profile: bool,
     /// Let convolutions run as im2col + GEMM where timing says so (else all on cuDNN).
     pub conv_gemm: bool,
+    /// Let convolutions run on cuDNN graph-API engines where timing says so.
+    pub conv_graphs: bool,
 }
 
 /// Builds every (stage, batch) executor, captures them, and times each; returns the report.
@@ -300,6 +328,11 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
                     ConvAsGemm::Timed
                 } else {
                     ConvAsGemm::Never
+                },
+                graphs: if opts.conv_graphs {
+                    ConvGraphs::Timed
+                } else {
+                    ConvGraphs::Never
                 },
             },
         )
@@ -400,6 +433,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         "batches": opts.batches,
         "conv_shapes_tuned": rt.tuned.len(),
         "conv_fusions": fusion_report(&rt),
+        "conv_graphs": graph_report(&rt),
         "conv_gemms": gemm_report(&rt),
         "build_s": build_s,
         "results": results,
