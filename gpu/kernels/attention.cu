@@ -36,12 +36,14 @@ __device__ void softmax_row(__half2* __restrict__ r, int pairs, int lane) {
 }
 
 extern "C" __global__ void softmax_rows_f16x2_1024(__half2* __restrict__ x, long rows, int cols) {
+  LS_PDL_ENTER();
   const long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   if (row >= rows) return;
   softmax_row<16>(x + row * (cols / 2), cols / 2, threadIdx.x & 31);
 }
 
 extern "C" __global__ void softmax_rows_f16x2_1536(__half2* __restrict__ x, long rows, int cols) {
+  LS_PDL_ENTER();
   const long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   if (row >= rows) return;
   softmax_row<24>(x + row * (cols / 2), cols / 2, threadIdx.x & 31);
@@ -49,6 +51,7 @@ extern "C" __global__ void softmax_rows_f16x2_1536(__half2* __restrict__ x, long
 
 // Any width, three passes over the row (odd widths).
 extern "C" __global__ void softmax_rows_f16(__half* __restrict__ x, long rows, int cols) {
+  LS_PDL_ENTER();
   const long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
@@ -308,6 +311,7 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   extern "C" __global__ void __launch_bounds__(FA_MAX_WARPS * 32) flash_attention_##D(          \
       const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk,          \
       int heads, int ldq, int ldkv, float scale_log2, int splits, float* part) {             \
+    LS_PDL_ENTER();                                                                          \
     flash_attention<D>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);      \
   }
 FLASH(40)
@@ -321,6 +325,7 @@ FLASH(160)
 extern "C" __global__ void flash_attention_join(const float* __restrict__ part,
                                                 __half* __restrict__ o, int batch, int lq,
                                                 int heads, int d, int splits, float scale_log2) {
+  LS_PDL_ENTER();
   const long ld = (long)heads * d;
   const long pairs = (long)batch * lq * ld / 2;
   const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;

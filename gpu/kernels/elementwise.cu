@@ -5,6 +5,7 @@ __device__ __forceinline__ float gelu_erf(float v) { return 0.5f * v * (1.f + er
 
 // y[r, i] = x[r, i] * gelu(x[r, d + i]) for rows of width 2d (diffusers GEGLU).
 extern "C" __global__ void geglu_f16(const __half* __restrict__ x, __half* __restrict__ y, long rows, int d) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= rows * d) return;
   long r = idx / d;
@@ -16,6 +17,7 @@ extern "C" __global__ void geglu_f16(const __half* __restrict__ x, __half* __res
 
 // GEGLU eight outputs per thread (d % 8 == 0, 16-byte aligned): grid y indexes the row.
 extern "C" __global__ void geglu_f16x8(const __half* __restrict__ x, __half* __restrict__ y, int d) {
+  LS_PDL_ENTER();
   const int v = blockIdx.x * blockDim.x + threadIdx.x;
   if (v * 8 >= d) return;
   const long row = blockIdx.y;
@@ -36,6 +38,7 @@ extern "C" __global__ void geglu_f16x8(const __half* __restrict__ x, __half* __r
 // Unary ops: 0 exact GELU, 1 SiLU, 2 x * a + b, 3 clamp(x, a, b).
 extern "C" __global__ void unary_f16(const __half* __restrict__ x, __half* __restrict__ y, long n,
                                      int mode, float a, float b) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n) return;
   float v = __half2float(x[idx]);
@@ -51,6 +54,7 @@ extern "C" __global__ void unary_f16(const __half* __restrict__ x, __half* __res
 // y = a + b on equal shapes, two elements per thread (n even, pointers 4-byte aligned).
 extern "C" __global__ void add_f16x2(const __half2* __restrict__ a, const __half2* __restrict__ b,
                                      __half2* __restrict__ y, long n2) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n2) return;
   const float2 x = __half22float2(a[idx]), z = __half22float2(b[idx]);
@@ -64,6 +68,7 @@ extern "C" __global__ void binary_f16(const __half* __restrict__ a, const __half
                                       int d1, int d2, int d3, int d4,
                                       long a0, long a1, long a2, long a3, long a4,
                                       long b0, long b1, long b2, long b3, long b4) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n) return;
   long r = idx;
@@ -82,6 +87,7 @@ extern "C" __global__ void binary_f16(const __half* __restrict__ a, const __half
 extern "C" __global__ void bias_residual_f16(__half* __restrict__ y, const __half* __restrict__ bias,
                                              const __half* __restrict__ res, long n, long image,
                                              long bias_stride, long inner, long period) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n) return;
   float v = __half2float(y[idx]);
@@ -99,6 +105,7 @@ extern "C" __global__ void bias_residual_f16(__half* __restrict__ y, const __hal
 extern "C" __global__ void bias_residual_nhwc_f16x8(uint4* __restrict__ y, const __half* __restrict__ bias,
                                                     const uint4* __restrict__ res, int image8, int c,
                                                     int bias_stride, int per_block) {
+  LS_PDL_ENTER();
   const int v0 = blockIdx.x * per_block + threadIdx.x;
   const int v1 = min(image8, (blockIdx.x + 1) * per_block);
   if (v0 >= v1) return;
@@ -177,6 +184,7 @@ extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y,
                                                           const uint4* __restrict__ res, int image8, int c,
                                                           int bias_stride, float2* __restrict__ partial, int groups,
                                                           int per_block) {
+  LS_PDL_ENTER();
   __shared__ float s_sum[64], s_sq[64];
   const int v0 = blockIdx.x * per_block + threadIdx.x;
   const int v1 = min(image8, (blockIdx.x + 1) * per_block);
@@ -216,6 +224,7 @@ extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y,
 extern "C" __global__ void subpixel_nhwc_f16x8(const uint4* __restrict__ t, uint4* __restrict__ y,
                                                const __half* __restrict__ bias, int h, int w, int c,
                                                float2* __restrict__ partial, int groups, int per_block) {
+  LS_PDL_ENTER();
   __shared__ float s_sum[64], s_sq[64];
   const int c8 = c / 8;
   const int image8 = 4 * h * w * c8;
@@ -253,6 +262,7 @@ extern "C" __global__ void subpixel_nhwc_f16x8(const uint4* __restrict__ t, uint
 // Nearest 2x upsampling of NHWC images, eight channels per thread (c8 = C / 8).
 extern "C" __global__ void upsample2x_nhwc_f16x8(const uint4* __restrict__ x, uint4* __restrict__ y,
                                                  int h, int w, int c8) {
+  LS_PDL_ENTER();
   const int v = blockIdx.x * blockDim.x + threadIdx.x;
   const int per_image = 4 * h * w * c8;
   if (v >= per_image) return;
@@ -265,6 +275,7 @@ extern "C" __global__ void upsample2x_nhwc_f16x8(const uint4* __restrict__ x, ui
 // Nearest 2x upsampling of NHWC images: x [n, h, w, c] -> y [n, 2h, 2w, c].
 extern "C" __global__ void upsample2x_nhwc_f16(const __half* __restrict__ x, __half* __restrict__ y,
                                                long n, int h, int w, int c) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n * 4 * h * w * c) return;
   long r = idx;

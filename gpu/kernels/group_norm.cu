@@ -8,6 +8,7 @@
 // group for the whole loop and a warp reads whole pixel rows.
 extern "C" __global__ void group_norm_nhwc_stats_f16(const __half* __restrict__ x, float2* __restrict__ partial,
                                                      int hw, int c, int groups, int chunk, int vec8) {
+  LS_PDL_ENTER();
   __shared__ float s_sum[1024], s_sq[1024];
   const int n = blockIdx.y, s = blockIdx.x;
   const int p0 = s * chunk, p1 = min(hw, p0 + chunk);
@@ -53,6 +54,7 @@ extern "C" __global__ void group_norm_nhwc_stats_f16(const __half* __restrict__ 
 // so the partial sums load in parallel instead of one dependent load after another.
 extern "C" __global__ void group_norm_nhwc_finalize(const float2* __restrict__ partial, float2* __restrict__ stats,
                                                     int n, int groups, int chunks, float count, float eps) {
+  LS_PDL_ENTER();
   const int t = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   if (t >= n * groups) return;
@@ -82,6 +84,7 @@ extern "C" __global__ void group_norm_nhwc_apply_f16x8(const uint4* __restrict__
                                                        const __half* __restrict__ gamma, const __half* __restrict__ beta,
                                                        uint4* __restrict__ y, int image8, int c, int groups, int silu,
                                                        int per_block) {
+  LS_PDL_ENTER();
   const int v0 = blockIdx.x * per_block + threadIdx.x;
   const int v1 = min(image8, (blockIdx.x + 1) * per_block);
   if (v0 >= v1) return;
@@ -118,6 +121,7 @@ extern "C" __global__ void group_norm_nhwc_apply_f16x8(const uint4* __restrict__
 extern "C" __global__ void group_norm_nhwc_apply_f16(const __half2* __restrict__ x, const float2* __restrict__ stats,
                                                      const __half* __restrict__ gamma, const __half* __restrict__ beta,
                                                      __half2* __restrict__ y, long n2, long hw, int c, int groups, int silu) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n2) return;
   const int ch = (int)((idx * 2) % c);
@@ -226,11 +230,13 @@ __device__ void group_norm_small(const __half* __restrict__ x, const __half* __r
 extern "C" __global__ void group_norm_nhwc_small_f16x8(const __half* __restrict__ x, const __half* __restrict__ gamma,
                                                        const __half* __restrict__ beta, __half* __restrict__ y, int hw,
                                                        int c, int groups, float eps, int silu) {
+  LS_PDL_ENTER();
   group_norm_small<8>(x, gamma, beta, y, hw, c, groups, eps, silu);
 }
 
 extern "C" __global__ void group_norm_nhwc_small_f16x2(const __half* __restrict__ x, const __half* __restrict__ gamma,
                                                        const __half* __restrict__ beta, __half* __restrict__ y, int hw,
                                                        int c, int groups, float eps, int silu) {
+  LS_PDL_ENTER();
   group_norm_small<2>(x, gamma, beta, y, hw, c, groups, eps, silu);
 }

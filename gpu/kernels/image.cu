@@ -49,6 +49,7 @@ __device__ __forceinline__ float sample_rect(const Rect& r, int n_w, int n_h, fl
 // the same with its lower half black (-1), MuseTalk's masked input. Thread per output pixel.
 extern "C" __global__ void crop_faces_f16(unsigned char* __restrict__ regions, const FaceJob* __restrict__ jobs,
                                           int size, __half* __restrict__ reference, __half* __restrict__ masked) {
+  LS_PDL_ENTER();
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= size * size) return;
   const FaceJob j = jobs[blockIdx.y];
@@ -92,6 +93,7 @@ __device__ __forceinline__ float face_at(const __half* f, int size, int c, float
 // blockIdx.z: 0 luma, 1 chroma (U and V); thread per pixel of that plane's rectangle.
 extern "C" __global__ void blend_faces_f16(unsigned char* __restrict__ regions, const FaceJob* __restrict__ jobs,
                                            const __half* __restrict__ faces, int size) {
+  LS_PDL_ENTER();
   const FaceJob j = jobs[blockIdx.y];
   const int chroma = blockIdx.z;
   const Rect r = plane_rect(j, regions, chroma);

@@ -4,6 +4,7 @@
 extern "C" __global__ void layer_norm_f16(
     const __half* __restrict__ x, const __half* __restrict__ gamma, const __half* __restrict__ beta,
     __half* __restrict__ y, int rows, int cols, float eps) {
+  LS_PDL_ENTER();
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
@@ -32,6 +33,7 @@ extern "C" __global__ void layer_norm_f16(
 extern "C" __global__ void layer_norm_f16x8(
     const uint4* __restrict__ x, const uint4* __restrict__ gamma, const uint4* __restrict__ beta,
     uint4* __restrict__ y, int rows, int cols8, float eps) {
+  LS_PDL_ENTER();
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;

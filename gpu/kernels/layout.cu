@@ -7,6 +7,7 @@
 extern "C" __global__ void permute_f16(const __half* __restrict__ x, __half* __restrict__ y, long n,
                                        int d1, int d2, int d3, int d4,
                                        long s0, long s1, long s2, long s3, long s4) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n) return;
   long r = idx;
@@ -23,6 +24,7 @@ extern "C" __global__ void permute_f16(const __half* __restrict__ x, __half* __r
 extern "C" __global__ void permute_f16x8(const __half* __restrict__ x, __half* __restrict__ y, long n8,
                                          int d1, int d2, int d3, int d4v,
                                          long s0, long s1, long s2, long s3) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n8) return;
   long r = idx;
@@ -37,6 +39,7 @@ extern "C" __global__ void permute_f16x8(const __half* __restrict__ x, __half* _
 // y[r * ys + c] = x[r * xs + c] for r < rows, c < cols (pointers already at their offsets).
 extern "C" __global__ void copy_rows_f16(const __half* __restrict__ x, __half* __restrict__ y,
                                          long rows, long cols, long xs, long ys) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= rows * cols) return;
   const long r = idx / cols, c = idx % cols;
@@ -48,6 +51,7 @@ extern "C" __global__ void copy_rows_f16(const __half* __restrict__ x, __half* _
 extern "C" __global__ void pad_nhwc_f16x8(const uint4* __restrict__ x, uint4* __restrict__ y,
                                           int h, int w, int c8, int ho, int wo, int top,
                                           int left) {
+  LS_PDL_ENTER();
   const int row = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= wo * c8) return;
   const int img = row / ho, oy = row - img * ho;
@@ -61,6 +65,7 @@ extern "C" __global__ void pad_nhwc_f16x8(const uint4* __restrict__ x, uint4* __
 // Zero padding of NHWC images: x [n, h, w, c] -> y [n, ho, wo, c] with x placed at (top, left).
 extern "C" __global__ void pad_nhwc_f16(const __half* __restrict__ x, __half* __restrict__ y,
                                         int n, int h, int w, int c, int ho, int wo, int top, int left) {
+  LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (long)n * ho * wo * c) return;
   long r = idx;
@@ -79,6 +84,7 @@ extern "C" __global__ void pad_nhwc_f16(const __half* __restrict__ x, __half* __
 extern "C" __global__ void im2col_nhwc_f16x8(const uint4* __restrict__ x, uint4* __restrict__ cols,
                                              int h, int w, int c8, int ho, int wo, int kw, int k8,
                                              int sh, int sw, int ph, int pw) {
+  LS_PDL_ENTER();
   const int row = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= k8) return;
   const int hw = ho * wo, img = row / hw, r = row - img * hw;

@@ -8,7 +8,10 @@ use super::{grid, launch, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
-pub(crate) const SRC: &str = include_str!("../../kernels/attention.cu");
+pub(crate) const SRC: &str = concat!(
+    include_str!("../../kernels/pdl.cuh"),
+    include_str!("../../kernels/attention.cu")
+);
 const WARPS_PER_BLOCK: u32 = 8;
 /// The widest row the attention lowering sends here (whisper's 1500 keys fit).
 pub const MAX_COLS: usize = 1536;

@@ -8,7 +8,10 @@ use super::{elems, launch, rank5, shape_err, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
-pub(crate) const SRC: &str = include_str!("../../kernels/elementwise.cu");
+pub(crate) const SRC: &str = concat!(
+    include_str!("../../kernels/pdl.cuh"),
+    include_str!("../../kernels/elementwise.cu")
+);
 
 /// The unary ops of `unary_f16`.
 #[derive(Clone, Copy, Debug, PartialEq)]

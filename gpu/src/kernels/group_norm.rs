@@ -7,7 +7,10 @@ use super::{elems, grid, launch, shape_err, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
-pub(crate) const SRC: &str = include_str!("../../kernels/group_norm.cu");
+pub(crate) const SRC: &str = concat!(
+    include_str!("../../kernels/pdl.cuh"),
+    include_str!("../../kernels/group_norm.cu")
+);
 const STATS_THREADS: usize = 256;
 /// Aim for eight blocks per SM (of 132 on an H100) across the images of a batch: the pass is
 /// bound by memory bandwidth, which needs the occupancy.

@@ -18,7 +18,10 @@ use super::{launch, shape_err, Arg, Ptr, THREADS};
 use crate::device::Device;
 use crate::error::GpuError;
 
-pub(crate) const SRC: &str = include_str!("../../kernels/image.cu");
+pub(crate) const SRC: &str = concat!(
+    include_str!("../../kernels/pdl.cuh"),
+    include_str!("../../kernels/image.cu")
+);
 
 /// Words of one frame's `FaceJob` (image.cu).
 const JOB_WORDS: usize = 18;

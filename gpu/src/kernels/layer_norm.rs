@@ -6,7 +6,10 @@ use super::{grid, launch, Arg, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
-pub(crate) const SRC: &str = include_str!("../../kernels/layer_norm.cu");
+pub(crate) const SRC: &str = concat!(
+    include_str!("../../kernels/pdl.cuh"),
+    include_str!("../../kernels/layer_norm.cu")
+);
 const ROWS_PER_BLOCK: u32 = 8;
 
 /// The compiled kernel.

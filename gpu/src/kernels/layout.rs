@@ -8,7 +8,10 @@ use crate::conv::ConvShape;
 use crate::device::Device;
 use crate::error::GpuError;
 
-pub(crate) const SRC: &str = include_str!("../../kernels/layout.cu");
+pub(crate) const SRC: &str = concat!(
+    include_str!("../../kernels/pdl.cuh"),
+    include_str!("../../kernels/layout.cu")
+);
 
 /// The compiled kernels.
 pub struct Layout {

@@ -14,10 +14,10 @@ pub mod image;
 pub mod layer_norm;
 pub mod layout;
 
-use std::ffi::{c_char, CStr, CString};
-use std::sync::Arc;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
 use crate::device::Device;
@@ -176,17 +176,79 @@ pub(crate) fn elems(n: usize) -> LaunchConfig {
     grid(n, THREADS)
 }
 
-/// Launches `func` with `args`.
+/// Whether launches on `stream` use programmatic dependent launch: only with `LIPSTREAM_PDL=1`,
+/// and only on sm_90 and later (where every kernel's `LS_PDL_ENTER` waits for the grid before
+/// it). Off by default until a benchmark on the GPU machine shows what it buys: the op sweep
+/// and face tests pass with it on an H100 (2026-12-06), its speed is not measured yet.
+fn programmatic(stream: &CudaStream) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("LIPSTREAM_PDL").is_ok_and(|v| v == "1"));
+    on && stream
+        .context()
+        .compute_capability()
+        .is_ok_and(|(major, _)| major >= 9)
+}
+
+/// Launches `func` with `args`, as a programmatic dependent launch where asked for: the
+/// kernel may then be scheduled while the one before it finishes (it waits for that one's
+/// results itself, `gpu/kernels/pdl.cuh`); inside a capture this becomes a programmatic edge of
+/// the CUDA graph.
 ///
 /// # Safety
 /// `args` must match the kernel's parameter list in order and type, and every address must hold
-/// what the kernel reads or writes for the given sizes.
+/// what the kernel reads or writes for the given sizes. The kernel starts with `LS_PDL_ENTER`.
 pub(crate) unsafe fn launch(
     stream: &CudaStream,
     func: &CudaFunction,
     cfg: LaunchConfig,
     args: &[Arg],
 ) -> Result<(), GpuError> {
+    if programmatic(stream) {
+        // Each parameter in an 8-byte slot: the driver reads 4 bytes for an int or a float,
+        // the low ones on this little-endian machine.
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::P(p) => p,
+                Arg::L(v) => v as u64,
+                Arg::I(v) => v as u32 as u64,
+                Arg::F(v) => v.to_bits() as u64,
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        // SAFETY: an all-zero attribute is a valid value of the C struct; id and value set next.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: `params` points at one slot per kernel parameter (the caller's contract
+        // matches them to the kernel), alive for the call; the function belongs to the
+        // stream's context.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                func.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()?;
+        return Ok(());
+    }
     let mut l = stream.launch_builder(func);
     for a in args {
         match a {
@@ -226,6 +288,30 @@ pub(crate) fn rank5(dims: &[usize], strides: &[usize]) -> Result<([i64; 5], [i64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel launched as a programmatic dependent launch that touched memory before waiting
+    /// for the grid before it would race with it: every kernel must begin with LS_PDL_ENTER.
+    #[test]
+    fn every_kernel_waits_for_the_one_before_it_first() {
+        for (family, src) in SOURCES {
+            let mut rest = src;
+            let mut kernels = 0;
+            while let Some(at) = rest.find("__global__") {
+                let body = &rest[at..];
+                let open = body.find('{').expect("a kernel has a body");
+                let first =
+                    body[open + 1..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+                assert!(
+                    first.starts_with("LS_PDL_ENTER();"),
+                    "{family}: a kernel starts with {:?}",
+                    &first[..first.len().min(60)]
+                );
+                kernels += 1;
+                rest = &body[open..];
+            }
+            assert!(kernels > 0, "{family} has no kernel");
+        }
+    }
 
     #[test]
     fn vector_blocks_keep_one_channel_vector_per_thread_and_cover_the_image() {
