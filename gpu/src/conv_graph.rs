@@ -1,4 +1,4 @@
-//! Convolutions through cuDNN's graph (backend) API: y = conv(x, w) (+ bias) (+ residual), on
+//! Convolutions through cuDNN's graph (backend) API: y = conv(x, w) (+ bias), on
 //! the engines and knob settings (tile sizes, split-K, ...) cuDNN's heuristics propose, each
 //! timed on the real buffers at engine build. The legacy call picks its kernel itself per
 //! algorithm, which at one image a batch leaves the big convolutions at half the speed the
@@ -182,15 +182,15 @@ fn pointwise(
 const X: i64 = 1;
 const W: i64 = 2;
 const BIAS: i64 = 3;
-const RESIDUAL: i64 = 4;
-const Y: i64 = 5;
+const Y: i64 = 4;
 
-/// One convolution graph: the shape and what rides on the output.
+/// One convolution graph: the shape and whether the bias rides on the output. (A residual
+/// would too, but only on engines cuDNN compiles at run time, which lost everywhere on an H100:
+/// the residual stays on the legacy fused call or our epilogue.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct GraphKey {
     pub shape: ConvShape,
     pub bias: bool,
-    pub residual: bool,
 }
 
 /// An engine and its knob settings: (knob type as cuDNN numbers it, value).
@@ -220,7 +220,6 @@ pub struct GraphCall {
 pub struct GraphPlan {
     pub choice: EngineChoice,
     pub workspace_bytes: usize,
-    residual: bool,
     bias: bool,
     plan: Desc,
 }
@@ -242,7 +241,7 @@ impl ConvGraph {
         let x = tensor(X, [s.n, s.c, s.h, s.w], HALF, false)?;
         let w = tensor(W, [s.o, s.c, s.kh, s.kw], HALF, false)?;
         let y = tensor(Y, out, HALF, false)?;
-        let epilogue = key.bias || key.residual;
+        let epilogue = key.bias;
         let c = tensor(101, out, FLOAT, true)?;
         let conv = Desc::new(Kind::CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)?;
         let two = |a: usize, b: usize| [a as i64, b as i64];
@@ -306,27 +305,15 @@ impl ConvGraph {
         )?;
         let mut ops = vec![op.finalize()?];
         let mut keep = vec![x, w, conv];
-        use sys::cudnnPointwiseMode_t as M;
-        match (key.bias, key.residual) {
-            (false, false) => {}
-            (true, false) => {
-                let b = tensor(BIAS, [1, s.o, 1, 1], HALF, false)?;
-                ops.push(pointwise(M::CUDNN_POINTWISE_ADD, &c, Some(&b), &y)?);
-                keep.push(b);
-            }
-            (false, true) => {
-                let r = tensor(RESIDUAL, out, HALF, false)?;
-                ops.push(pointwise(M::CUDNN_POINTWISE_ADD, &c, Some(&r), &y)?);
-                keep.push(r);
-            }
-            (true, true) => {
-                let b = tensor(BIAS, [1, s.o, 1, 1], HALF, false)?;
-                let r = tensor(RESIDUAL, out, HALF, false)?;
-                let c2 = tensor(102, out, FLOAT, true)?;
-                ops.push(pointwise(M::CUDNN_POINTWISE_ADD, &c, Some(&b), &c2)?);
-                ops.push(pointwise(M::CUDNN_POINTWISE_ADD, &c2, Some(&r), &y)?);
-                keep.extend([b, r, c2]);
-            }
+        if key.bias {
+            let b = tensor(BIAS, [1, s.o, 1, 1], HALF, false)?;
+            ops.push(pointwise(
+                sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_ADD,
+                &c,
+                Some(&b),
+                &y,
+            )?);
+            keep.push(b);
         }
         let graph = Desc::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
         let refs: Vec<&Desc> = ops.iter().collect();
@@ -482,7 +469,6 @@ impl ConvGraph {
         Ok(GraphPlan {
             choice: choice.clone(),
             workspace_bytes: ws.max(0) as usize,
-            residual: self.key.residual,
             bias: self.key.bias,
             plan,
         })
@@ -536,9 +522,8 @@ fn get_descs(d: &Desc, name: Attr, kind: Kind, max: usize) -> Result<Vec<Desc>, 
 pub struct GraphArgs {
     pub x: Ptr,
     pub w: Ptr,
-    /// Ignored unless the graph adds a bias (or a residual).
+    /// Ignored unless the graph adds the bias.
     pub bias: Ptr,
-    pub residual: Ptr,
     pub y: Ptr,
     pub workspace: Ptr,
 }
@@ -559,10 +544,6 @@ impl GraphPlan {
         if self.bias {
             uids.push(BIAS);
             ptrs.push(a.bias);
-        }
-        if self.residual {
-            uids.push(RESIDUAL);
-            ptrs.push(a.residual);
         }
         let ptrs: Vec<*mut c_void> = ptrs.iter().map(|&p| p as *mut c_void).collect();
         let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;

@@ -896,7 +896,6 @@ impl Executor {
             x: p(*x),
             w: p(*w),
             bias: bias.map_or(0, |(l, _)| p(l)),
-            residual: 0,
             y: p(*y),
             workspace: ws,
         };
@@ -962,7 +961,6 @@ impl Executor {
             GraphKey {
                 shape: key.shape,
                 bias: key.bias_in_graph,
-                residual: false,
             },
         )?;
         let plan = graph.plan(rt.conv.handle(), &choice)?;
@@ -998,7 +996,6 @@ impl Executor {
             GraphKey {
                 shape: key.shape,
                 bias: key.bias_in_graph,
-                residual: false,
             },
         )?;
         // A graph cuDNN proposes nothing for is as good as no proposal.
