@@ -463,6 +463,12 @@ fn time_gpu(
     Ok(a.elapsed_ms(&b)? / (RUNS * REPLAYS) as f32)
 }
 
+/// Whether a convolution's bias (when it has one) is one per output channel, as the libraries'
+/// epilogues take it: a bias per image (the UNet's time embedding at B > 1) is not.
+fn channel_bias(shape: &ConvShape, bias: &Option<(Loc, usize)>) -> bool {
+    bias.is_none_or(|(_, stride)| stride == 0 || shape.n == 1)
+}
+
 /// A 1x1, stride-1, unpadded convolution: channels-last, its input is already the GEMM's
 /// left operand.
 fn pointwise(s: &ConvShape) -> bool {
@@ -573,7 +579,7 @@ impl Executor {
                     need_ws = need_ws.max(p.workspace_bytes);
                     // cuDNN's bias is one per output channel: a per-image one (the UNet's time
                     // embedding at B > 1) stays on our epilogue.
-                    let fusable = matches!(bias, Some((_, stride)) if *stride == 0 || shape.n == 1);
+                    let fusable = bias.is_some() && channel_bias(shape, bias);
                     if fusable && opts.fuse != FuseConv::Never {
                         let key = FuseKey {
                             shape: *shape,
@@ -723,7 +729,7 @@ impl Executor {
         };
         let key = GemmKey {
             shape: *shape,
-            channel_bias: bias.is_none_or(|(_, stride)| stride == 0 || shape.n == 1),
+            channel_bias: channel_bias(shape, bias),
             residual: residual.is_some(),
             stats: stats.is_some(),
         };
@@ -920,10 +926,9 @@ impl Executor {
         if !shape.nhwc || shape.groups != 1 {
             return None;
         }
-        let channel_bias = matches!(bias, Some((_, stride)) if *stride == 0 || shape.n == 1);
         Some(GraphConvKey {
             shape: *shape,
-            bias_in_graph: channel_bias && residual.is_none(),
+            bias_in_graph: bias.is_some() && channel_bias(shape, bias) && residual.is_none(),
             residual: residual.is_some(),
             stats: stats.is_some(),
         })
@@ -945,12 +950,14 @@ impl Executor {
             Some(d) if opts.graphs == ConvGraphs::Timed => d.choice.clone(),
             _ if opts.graphs == ConvGraphs::Timed && !opts.tune => None,
             _ => {
-                let d = self.time_graph(rt, p, step, &key, opts.graphs)?;
-                let choice = d.choice.clone();
+                let (d, call) = self.time_graph(rt, p, step, &key, opts.graphs)?;
                 if opts.graphs == ConvGraphs::Timed {
                     rt.graph_convs.insert(key, d);
                 }
-                choice
+                // The timed winner's plan is kept as it is.
+                let ws = call.as_ref().map_or(0, |c| c.plan.workspace_bytes);
+                p.graph = call;
+                return Ok(ws);
             }
         };
         let Some(choice) = choice else {
@@ -971,8 +978,9 @@ impl Executor {
 
     /// Times convolution `step` as prepared on the legacy call (its epilogue included) against
     /// each configuration cuDNN's heuristics propose for its graph (with what is left of the
-    /// epilogue), and says which to keep. `Always` keeps the first configuration that runs.
-    /// Runs on the stream outside any capture; y and the sums are scratch until then.
+    /// epilogue), and says which to keep, with the kept configuration's call. `Always` keeps
+    /// the first configuration that runs. Runs on the stream outside any capture; y and the
+    /// sums are scratch until then.
     fn time_graph(
         &self,
         rt: &mut Runtime,
@@ -980,7 +988,7 @@ impl Executor {
         step: &Step,
         key: &GraphConvKey,
         mode: ConvGraphs,
-    ) -> Result<GraphConv, GpuError> {
+    ) -> Result<(GraphConv, Option<GraphCall>), GpuError> {
         rt.reserve_workspace(TUNE_WORKSPACE_BYTES)?;
         let ws = rt.workspace_ptr();
         let stream = rt.stream().clone();
@@ -1000,7 +1008,7 @@ impl Executor {
         )?;
         // A graph cuDNN proposes nothing for is as good as no proposal.
         let choices = graph.choices().unwrap_or_default();
-        let mut best: Option<(EngineChoice, f32)> = None;
+        let mut best: Option<(GraphPlan, f32)> = None;
         for choice in choices.into_iter().take(GRAPH_CHOICES_MAX) {
             let Ok(plan) = graph.plan(rt.conv.handle(), &choice) else {
                 continue;
@@ -1019,7 +1027,7 @@ impl Executor {
                 Err(_) => f32::INFINITY,
             };
             if ms.is_finite() && best.as_ref().is_none_or(|(_, b)| ms < *b) {
-                best = Some((choice, ms));
+                best = Some((plan, ms));
             }
             if mode == ConvGraphs::Always && best.is_some() {
                 break;
@@ -1031,11 +1039,13 @@ impl Executor {
             ConvGraphs::Always => best.is_some(),
             _ => graph_ms.is_some_and(|g| g < 0.97 * legacy_ms),
         };
-        Ok(GraphConv {
-            choice: best.filter(|_| keep).map(|(c, _)| c),
+        let plan = best.filter(|_| keep).map(|(plan, _)| plan);
+        let decision = GraphConv {
+            choice: plan.as_ref().map(|p| p.choice.clone()),
             graph_ms,
             legacy_ms,
-        })
+        };
+        Ok((decision, plan.map(|plan| GraphCall { graph, plan })))
     }
 
     /// Runs convolution `step` as im2col into `ws` (a pointwise one reads x as it is) + the
