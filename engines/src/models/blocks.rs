@@ -131,6 +131,14 @@ pub fn resnet(
     groups: usize,
     eps: f32,
 ) -> Result<ValueId> {
+    // The shortcut comes first so that the residual sum can ride on conv2, the last step:
+    // an executor fusing the sum into its producer then also has conv2's epilogue take the
+    // group sums of the next norm, instead of that norm reading the sum once more for them.
+    let shortcut = if cin != cout {
+        conv2d(g, &vb.pp("conv_shortcut"), x, cin, cout, 1, 1, 0)?
+    } else {
+        x
+    };
     let h = group_norm(g, &vb.pp("norm1"), x, cin, groups, eps, true)?;
     let mut h = conv2d(g, &vb.pp("conv1"), h, cin, cout, 3, 1, 1)?;
     if let Some((t, tdim)) = temb {
@@ -148,11 +156,6 @@ pub fn resnet(
     }
     let h = group_norm(g, &vb.pp("norm2"), h, cout, groups, eps, true)?;
     let h = conv2d(g, &vb.pp("conv2"), h, cout, cout, 3, 1, 1)?;
-    let shortcut = if cin != cout {
-        conv2d(g, &vb.pp("conv_shortcut"), x, cin, cout, 1, 1, 0)?
-    } else {
-        x
-    };
     g.push(&vb.key("residual"), Op::Add, &[shortcut, h])
 }
 
