@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool, carry [".device/pack.tar.xz", ".whl"]): our engine benchmark and the
 # PyTorch anchor (shared/anchors/torch_musetalk_bench.py, channels-last) in the same call, then a
-# side-by-side table. BATCHES / RUNS / ANCHOR_BATCHES / ANCHOR_MODES (empty: no anchor) / MEMORY override the
-# defaults. BASELINE=path/to/an/older/lipstream: the same benchmark with that binary first, on the
+# side-by-side table. BATCHES / STAGES / RUNS / ANCHOR_BATCHES / ANCHOR_MODES (empty: no anchor) / MEMORY
+# override the defaults. BASELINE=path/to/an/older/lipstream: the same benchmark with that binary first, on the
 # same warm card, and a change table.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,12 +11,13 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRAR
 out=${OUT:-/tmp}
 status=0
 batches=${BATCHES:-1,2,4,8,16}
+stages=${STAGES:-avatar,camera,unet,vae-decode,vae-encode,whisper}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 if [ -n "${BASELINE:-}" ]; then
-  "$BASELINE" bench engine --batches "$batches" --runs "${RUNS:-50}" \
+  "$BASELINE" bench engine --batches "$batches" --stages "$stages" --runs "${RUNS:-50}" \
     --out "$out/baseline_engine.json" > /dev/null 2> "$out/baseline_engine.log" || status=1
 fi
-./.device/bin/lipstream bench engine --batches "$batches" --runs "${RUNS:-50}" --profile \
+./.device/bin/lipstream bench engine --batches "$batches" --stages "$stages" --runs "${RUNS:-50}" --profile \
   --out "$out/lipstream_engine.json" > /dev/null 2> "$out/lipstream_engine.log"
 [ $? -eq 0 ] || status=1
 tail -40 "$out/lipstream_engine.log"
