@@ -22,11 +22,13 @@ const FEW_IN_MAX_WEIGHTS: usize = 6144;
 const FEW_OUT_MAX_WEIGHTS: usize = 9216;
 /// Threads per block of the few-output kernel.
 const FEW_OUT_THREADS: u32 = 256;
+/// Pixels of a row one lane group of the few-output kernel takes (`FEW_OUT_PIXELS`).
+const FEW_OUT_PIXELS: usize = 8;
 
 /// Which small-channel kernel runs a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SmallConv {
-    /// At most 8 input channels, outputs in whole 8-channel vectors.
+    /// Three input channels (RGB), outputs in whole 8-channel vectors.
     FewIn,
     /// Eight stored output channels, of which the first `real` have non-zero filters.
     FewOut { real: usize },
@@ -43,11 +45,11 @@ impl SmallConv {
             && s.kw == 3
             && s.stride == [1, 1]
             && s.pad == [1, 1]
-            && s.h * s.w <= i32::MAX as usize / s.o.max(8);
+            && s.n * s.h * s.w <= i32::MAX as usize / s.o.max(8);
         if !three {
             return None;
         }
-        if s.c <= 8 && s.o.is_multiple_of(8) && 9 * s.c * s.o <= FEW_IN_MAX_WEIGHTS {
+        if s.c == 3 && s.o.is_multiple_of(8) && 9 * s.c * s.o <= FEW_IN_MAX_WEIGHTS {
             return Some(SmallConv::FewIn);
         }
         let c8 = s.c / 8;
@@ -141,14 +143,13 @@ impl ConvSmall {
                     Arg::P(y),
                     Arg::I(h),
                     Arg::I(wd),
-                    Arg::I(s.c as i32),
                     Arg::I(s.o as i32),
                     Arg::P(partial),
                     Arg::I(groups as i32),
                     Arg::I(per_block as i32),
                 ];
-                // SAFETY: matches conv3x3_few_in_nhwc_f16x8 (3 const pointers, uint4*, 4 int,
-                // float2*, 2 int); the filter fits its shared array and the output is whole
+                // SAFETY: matches conv3x3_few_in_nhwc_f16x8 (3 const pointers, uint4*, 3 int,
+                // float2*, 2 int); x has 3 channels, the filter fits its shared array and the output is whole
                 // aligned vectors (`SmallConv::of`, checked above); threads and per_block are
                 // multiples of o / 8 (vector_grid); grid y covers the n images; partial holds
                 // the epilogue's sums (the caller's contract) for groups the kernel's shared
@@ -162,10 +163,10 @@ impl ConvSmall {
                         "x or y is not 16-byte aligned".into(),
                     ));
                 }
-                let pixels = s.n * s.h * s.w;
+                let strips = s.n * s.h * s.w.div_ceil(FEW_OUT_PIXELS);
                 let lanes = (s.c / 8).min(32);
                 let per_block = FEW_OUT_THREADS as usize / lanes;
-                let blocks = pixels.div_ceil(per_block).clamp(1, VECTOR_BLOCKS);
+                let blocks = strips.div_ceil(per_block).clamp(1, VECTOR_BLOCKS);
                 let cfg = LaunchConfig {
                     grid_dim: (blocks as u32, 1, 1),
                     block_dim: (FEW_OUT_THREADS, 1, 1),
@@ -176,7 +177,7 @@ impl ConvSmall {
                     Arg::P(w),
                     Arg::P(bias),
                     Arg::P(y),
-                    Arg::L(pixels as i64),
+                    Arg::I(s.n as i32),
                     Arg::I(h),
                     Arg::I(wd),
                     Arg::I(s.c as i32),
@@ -187,7 +188,7 @@ impl ConvSmall {
                     &self.few_out8
                 };
                 // SAFETY: matches conv3x3_few_out{4,8}_nhwc_f16 (const uint4*, const half*,
-                // const half*, uint4*, long, 3 int); c / 8 lanes a pixel divide the warp or are
+                // const half*, uint4*, 4 int); c / 8 lanes a pixel divide the warp or are
                 // whole warps and the filter's first 4 or 8 rows fit the shared array
                 // (`SmallConv::of`, checked above); x and y aligned (checked); the filter's
                 // rows beyond `real` are zero (the caller's contract), so computing 4 or 8
@@ -244,5 +245,7 @@ mod tests {
         assert_eq!(SmallConv::of(&nchw, 3, false), None);
         // 48 input channels: six vectors a pixel do not split a warp evenly.
         assert_eq!(SmallConv::of(&shape(1, 48, 64, 8), 3, false), None);
+        // Only RGB in: the few-input kernel is written for three channels.
+        assert_eq!(SmallConv::of(&shape(1, 4, 64, 128), 128, false), None);
     }
 }
