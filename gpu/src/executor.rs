@@ -26,7 +26,6 @@ use crate::conv::{Conv, ConvPlan, ConvShape};
 use crate::conv_graph::{ConvGraph, EngineChoice, GraphArgs, GraphCall, GraphKey, GraphPlan};
 use crate::device::Device;
 use crate::error::GpuError;
-use crate::kernels::conv_small::SmallConv;
 use crate::kernels::image::{Faces, Image};
 use crate::kernels::layout::Layout;
 use crate::kernels::{Kernels, Ptr};
@@ -482,7 +481,7 @@ fn lowerable(s: &ConvShape) -> bool {
     flat && (pointwise(s) || Layout::im2col_fits(s) && Layout::im2col_bytes(s) <= IM2COL_MAX_BYTES)
 }
 
-/// A prepared library call (or our own kernel) for a step.
+/// A prepared library call for a step.
 enum Prepared {
     None,
     Conv(ConvPlan),
@@ -493,8 +492,6 @@ enum Prepared {
         in_gemm: bool,
     },
     Gemm(GemmPlan),
-    /// A convolution with a few input or output channels, on our own kernel.
-    ConvSmall(SmallConv),
 }
 
 /// One graph at fixed shapes, ready to run.
@@ -539,12 +536,6 @@ impl Executor {
         let mut prepared = Vec::with_capacity(ex.plan.steps.len());
         let mut need_ws = 0;
         for step in &ex.plan.steps {
-            // Our small-channel kernels beat the libraries by their construction (no channel
-            // padding to compute), so they take every convolution they can without timing.
-            if let Some(kind) = ex.small_conv(step) {
-                prepared.push(Prepared::ConvSmall(kind));
-                continue;
-            }
             prepared.push(match step {
                 Step::Conv {
                     shape,
@@ -707,27 +698,6 @@ impl Executor {
                 stats.map(|(l, g)| (p(l), g)),
             )
         }
-    }
-
-    /// The small-channel kernel that runs convolution `step`, if one takes it: no residual, a
-    /// bias per channel, and a constant filter whose real (non-zero) output rows it knows.
-    fn small_conv(&self, step: &Step) -> Option<SmallConv> {
-        let Step::Conv {
-            shape,
-            w: Loc::Weight(wi, 0),
-            bias,
-            residual: None,
-            stats,
-            ..
-        } = step
-        else {
-            return None;
-        };
-        let real_out = *self.plan.weights.get(*wi)?.tensor.shape.first()?;
-        if !channel_bias(shape, bias) || real_out > shape.o {
-            return None;
-        }
-        SmallConv::of(shape, real_out, stats.is_some())
     }
 
     /// Convolution `step` as im2col + GEMM when `opts` and its timing say so: the GEMM's plan,
@@ -1261,7 +1231,6 @@ impl Executor {
                     true => "im2col + cuBLASLt, bias in the GEMM".into(),
                     false => "im2col + cuBLASLt".into(),
                 },
-                Prepared::ConvSmall(kind) => format!("small-channel kernel {kind:?}"),
                 _ => String::new(),
             })
             .collect()
@@ -1279,23 +1248,16 @@ impl Executor {
         self.count_convs(|p| matches!(p, Prepared::Conv(c) if c.graph.is_some()))
     }
 
-    /// How many convolutions run on a small-channel kernel of ours, of how many.
-    pub fn small_convs(&self) -> (usize, usize) {
-        self.count_convs(|p| matches!(p, Prepared::ConvSmall(_)))
-    }
-
     /// How many convolutions run as im2col + cuBLASLt GEMM, of how many.
     pub fn gemm_convs(&self) -> (usize, usize) {
         self.count_convs(|p| matches!(p, Prepared::ConvGemm { .. }))
     }
 
     fn count_convs(&self, pick: impl Fn(&Prepared) -> bool) -> (usize, usize) {
-        let convs = self.prepared.iter().filter(|p| {
-            matches!(
-                p,
-                Prepared::Conv(_) | Prepared::ConvGemm { .. } | Prepared::ConvSmall(_)
-            )
-        });
+        let convs = self
+            .prepared
+            .iter()
+            .filter(|p| matches!(p, Prepared::Conv(_) | Prepared::ConvGemm { .. }));
         convs.fold((0, 0), |(f, n), p| (f + pick(p) as usize, n + 1))
     }
 
@@ -1609,29 +1571,6 @@ impl Executor {
                 (Step::Conv { .. }, Prepared::ConvGemm { plan, in_gemm }) => {
                     unsafe { self.run_conv_gemm(rt, step, plan, *in_gemm, ws, &mut lap) }?
                 }
-                (
-                    Step::Conv {
-                        shape,
-                        x,
-                        w,
-                        y,
-                        bias,
-                        stats,
-                        ..
-                    },
-                    Prepared::ConvSmall(kind),
-                ) => unsafe {
-                    k.conv_small.forward(
-                        s,
-                        *kind,
-                        shape,
-                        p(*x),
-                        p(*w),
-                        bias.map_or(0, |(l, _)| p(l)),
-                        p(*y),
-                        stats.map(|(l, g)| (p(l), g)),
-                    )
-                }?,
                 (
                     Step::Gemm {
                         a, b, residual, c, ..

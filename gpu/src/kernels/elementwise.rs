@@ -10,7 +10,6 @@ use crate::error::GpuError;
 
 pub(crate) const SRC: &str = concat!(
     include_str!("../../kernels/pdl.cuh"),
-    include_str!("../../kernels/group_sums.cuh"),
     include_str!("../../kernels/elementwise.cu")
 );
 

@@ -8,7 +8,6 @@
 //! the shape arguments it can; the executor guarantees that the addresses hold those shapes.
 
 pub mod attention;
-pub mod conv_small;
 pub mod elementwise;
 pub mod group_norm;
 pub mod image;
@@ -36,7 +35,6 @@ const THREADS: u32 = 256;
 /// on its own by the pipeline that uses it.)
 pub struct Kernels {
     pub attention: attention::Attention,
-    pub conv_small: conv_small::ConvSmall,
     pub elementwise: elementwise::Elementwise,
     pub group_norm: group_norm::GroupNorm,
     pub layer_norm: layer_norm::LayerNorm,
@@ -47,7 +45,6 @@ impl Kernels {
     pub fn load(device: &Device) -> Result<Self, GpuError> {
         Ok(Kernels {
             attention: attention::Attention::load(device)?,
-            conv_small: conv_small::ConvSmall::load(device)?,
             elementwise: elementwise::Elementwise::load(device)?,
             group_norm: group_norm::GroupNorm::load(device)?,
             layer_norm: layer_norm::LayerNorm::load(device)?,
@@ -57,9 +54,8 @@ impl Kernels {
 }
 
 /// Every kernel family's name and CUDA source: what an engine file carries compiled.
-pub const SOURCES: [(&str, &str); 7] = [
+pub const SOURCES: [(&str, &str); 6] = [
     ("attention", attention::SRC),
-    ("conv_small", conv_small::SRC),
     ("elementwise", elementwise::SRC),
     ("group_norm", group_norm::SRC),
     ("image", image::SRC),
@@ -173,7 +169,7 @@ pub(crate) fn vector_grid(image8: usize, c8: usize, n: usize) -> (usize, usize, 
 }
 
 /// Eight blocks per SM of an H100 (132 SMs): enough in flight for memory-bound passes.
-pub(crate) const VECTOR_BLOCKS: usize = 1056;
+const VECTOR_BLOCKS: usize = 1056;
 
 /// A one-thread-per-element launch.
 pub(crate) fn elems(n: usize) -> LaunchConfig {

@@ -344,9 +344,8 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         let secs = t.elapsed().as_secs_f64();
         let (fused, convs) = ex.fused_convs();
         let (gemms, _) = ex.gemm_convs();
-        let (small, _) = ex.small_convs();
         eprintln!(
-            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM, {small} on small-channel kernels), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
+            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
             stage.name(),
             ex.steps().len(),
             ex.arena_bytes as f64 / (1 << 20) as f64,
