@@ -102,7 +102,9 @@ pub struct GemmKey {
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct GemmConv {
     pub algo: Option<usize>,
-    pub gemm_ms: f32,
+    /// The best proposal's time; none when no proposal ran (an engine file's JSON header has no
+    /// infinity to write instead).
+    pub gemm_ms: Option<f32>,
     pub cudnn_ms: f32,
 }
 
@@ -817,11 +819,11 @@ impl Executor {
                 best = Some((i, ms));
             }
         }
-        let gemm_ms = best.map_or(f32::INFINITY, |(_, ms)| ms);
+        let gemm_ms = best.map(|(_, ms)| ms);
         // The GEMM must win clearly: the timings carry a few percent of noise.
         let keep = match mode {
             ConvAsGemm::Always => best.is_some(),
-            _ => gemm_ms < 0.97 * cudnn_ms,
+            _ => gemm_ms.is_some_and(|ms| ms < 0.97 * cudnn_ms),
         };
         Ok(GemmConv {
             algo: best.filter(|_| keep).map(|(i, _)| i),

@@ -696,6 +696,47 @@ mod tests {
         assert_eq!(mismatch(&h100, &here(&h100)), None);
     }
 
+    /// A lowering decision where no cuBLASLt proposal ran has no GEMM time; the header must
+    /// still write and read it (JSON has no infinity), and read the plain numbers of files
+    /// written before.
+    #[test]
+    fn a_lowering_decision_without_a_gemm_time_survives_the_header() {
+        let set = Preset::Tiny.configs();
+        let mut h = header(&set);
+        let shape = ConvShape {
+            n: 1,
+            c: 1280,
+            h: 4,
+            w: 4,
+            o: 1280,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            pad: [1, 1],
+            groups: 1,
+            nhwc: true,
+        };
+        let key = GemmKey {
+            shape,
+            channel_bias: true,
+            residual: false,
+            stats: false,
+        };
+        let untimed = GemmConv {
+            algo: None,
+            gemm_ms: None,
+            cudnn_ms: 0.05,
+        };
+        h.gemm_convs = vec![(key, untimed)];
+        let text = serde_json::to_string(&h).unwrap();
+        let back: Header = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.gemm_convs[0].1.gemm_ms, None);
+        let older = text.replace("\"gemm_ms\":null", "\"gemm_ms\":0.25");
+        assert_ne!(older, text);
+        let back: Header = serde_json::from_str(&older).unwrap();
+        assert_eq!(back.gemm_convs[0].1.gemm_ms, Some(0.25));
+    }
+
     #[test]
     fn engine_files_round_trip_and_refuse_damage() {
         let dir = std::env::temp_dir().join(format!("lipstream-engine-{}", std::process::id()));
