@@ -178,8 +178,9 @@ pub(crate) fn elems(n: usize) -> LaunchConfig {
 
 /// Whether launches on `stream` use programmatic dependent launch: only with `LIPSTREAM_PDL=1`,
 /// and only on sm_90 and later (where every kernel's `LS_PDL_ENTER` waits for the grid before
-/// it). Off by default until a benchmark on the GPU machine shows what it buys: the op sweep
-/// and face tests pass with it on an H100 (2026-12-06), its speed is not measured yet.
+/// it). Off by default: the op sweep and face tests pass with it on an H100, but it changed no
+/// frame time there (bench/results/2026-12-06_h100_shortcut_first/pdl/): half of a frame's
+/// launches are cuDNN's and cuBLASLt's, which take no part.
 fn programmatic(stream: &CudaStream) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     let on = *ON.get_or_init(|| std::env::var("LIPSTREAM_PDL").is_ok_and(|v| v == "1"));
