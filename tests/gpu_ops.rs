@@ -180,6 +180,37 @@ fn convolutions_match() {
     }
 }
 
+/// Convolutions to 3 and 4 channels (padded to 8), as the VAE's and the UNet's conv_out, at a
+/// row width that ends in a partial 16-pixel tile. With LIPSTREAM_MMA_CONV_OUT=1 (an experiment,
+/// scripts/device/test.sh EXPERIMENTS=1) they run on our tensor-core kernel, which is checked.
+#[test]
+fn output_convolutions_match() {
+    let Some(mut rt) = runtime() else { return };
+    let cases: [(&[usize], usize); 4] = [
+        (&[1, 128, 33, 33], 3),
+        (&[2, 128, 64, 64], 3),
+        (&[2, 320, 16, 16], 4),
+        (&[1, 256, 8, 40], 3),
+    ];
+    for (i, (shape, o)) in cases.iter().enumerate() {
+        let mut g = Graph::new();
+        let x = g.input("x", shape);
+        let y = conv(&mut g, x, shape[1], *o, 3, 1, [1; 4], 90 + 2 * i as u32);
+        g.output("y", y);
+        let ex = Executor::new(&mut rt, &g, "out", Options::HEURISTIC).unwrap();
+        let on = lipstream_gpu::kernels::conv_out::wanted();
+        assert_eq!(ex.mma_convs(), (on as usize, 1), "{shape:?} -> {o}");
+        let xt = random(shape, 100 + i as u32, 1.0);
+        compare(
+            &mut rt,
+            &format!("conv_out {shape:?}->{o}{}", if on { " (mma)" } else { "" }),
+            &g,
+            &[("x", &xt)],
+            5e-3,
+        );
+    }
+}
+
 #[test]
 fn fused_epilogues_and_layouts_match() {
     let Some(mut rt) = runtime() else { return };
@@ -577,6 +608,8 @@ fn norms_attention_and_linears_match() {
     }
     for (i, (q, kv, heads)) in [
         ([2, 1024, 320], [2, 1024, 320], 8),
+        // The same at 16 images: with LIPSTREAM_FLASH_WIDE=1, blocks of eight warps.
+        ([16, 1024, 320], [16, 1024, 320], 8),
         ([2, 1024, 320], [2, 50, 320], 8),
         ([1, 64, 1280], [1, 50, 1280], 8),
         ([2, 256, 640], [2, 256, 640], 8),

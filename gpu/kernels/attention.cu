@@ -307,17 +307,23 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   }
 }
 
-#define FLASH(D)                                                                             \
-  extern "C" __global__ void __launch_bounds__(FA_MAX_WARPS * 32) flash_attention_##D(          \
+#define FLASH(D, WARPS, NAME)                                                                \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                               \
       const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk,          \
       int heads, int ldq, int ldkv, float scale_log2, int splits, float* part) {             \
     LS_PDL_ENTER();                                                                          \
     flash_attention<D>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);      \
   }
-FLASH(40)
-FLASH(64)
-FLASH(80)
-FLASH(160)
+FLASH(40, FA_MAX_WARPS, flash_attention_40)
+FLASH(64, FA_MAX_WARPS, flash_attention_64)
+FLASH(80, FA_MAX_WARPS, flash_attention_80)
+FLASH(160, FA_MAX_WARPS, flash_attention_160)
+// Head dim 40 (the UNet's 32x32 self-attention) in blocks of FA_WIDE_WARPS warps: at 83
+// registers a thread, twice the queries share each key tile a block copies at the same
+// occupancy (the wider heads' registers would halve it). An experiment until measured
+// (LIPSTREAM_FLASH_WIDE=1, kernels/attention.rs).
+#define FA_WIDE_WARPS 8
+FLASH(40, FA_WIDE_WARPS, flash_attention_40_wide)
 
 // Joins the key splits of flash_attention: o = sum_s 2^((m_s - M) c) acc_s / sum_s 2^((m_s - M) c)
 // l_s with M the largest m_s and c = scale_log2. One thread per pair of output columns; `part`

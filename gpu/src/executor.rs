@@ -26,6 +26,7 @@ use crate::conv::{Conv, ConvPlan, ConvShape};
 use crate::conv_graph::{ConvGraph, EngineChoice, GraphArgs, GraphCall, GraphKey, GraphPlan};
 use crate::device::Device;
 use crate::error::GpuError;
+use crate::kernels::conv_out;
 use crate::kernels::image::{Faces, Image};
 use crate::kernels::layout::Layout;
 use crate::kernels::{Kernels, Ptr};
@@ -494,6 +495,9 @@ enum Prepared {
         in_gemm: bool,
     },
     Gemm(GemmPlan),
+    /// A convolution to 8 (padded) outputs on our tensor-core kernel (an experiment,
+    /// `kernels::conv_out`).
+    ConvOut,
 }
 
 /// One graph at fixed shapes, ready to run.
@@ -538,6 +542,10 @@ impl Executor {
         let mut prepared = Vec::with_capacity(ex.plan.steps.len());
         let mut need_ws = 0;
         for step in &ex.plan.steps {
+            if conv_out::wanted() && Self::mma_conv_out(step) {
+                prepared.push(Prepared::ConvOut);
+                continue;
+            }
             prepared.push(match step {
                 Step::Conv {
                     shape,
@@ -700,6 +708,18 @@ impl Executor {
                 stats.map(|(l, g)| (p(l), g)),
             )
         }
+    }
+
+    /// Whether convolution `step` can run on our tensor-core kernel to 8 outputs: its shape
+    /// fits, no residual or group sums, a bias (if any) one per channel.
+    fn mma_conv_out(step: &Step) -> bool {
+        matches!(step, Step::Conv {
+            shape,
+            bias,
+            residual: None,
+            stats: None,
+            ..
+        } if conv_out::fits(shape) && channel_bias(shape, bias))
     }
 
     /// Convolution `step` as im2col + GEMM when `opts` and its timing say so: the GEMM's plan,
@@ -1233,6 +1253,7 @@ impl Executor {
                     true => "im2col + cuBLASLt, bias in the GEMM".into(),
                     false => "im2col + cuBLASLt".into(),
                 },
+                Prepared::ConvOut => "tensor-core kernel to 8 outputs".into(),
                 _ => String::new(),
             })
             .collect()
@@ -1250,16 +1271,23 @@ impl Executor {
         self.count_convs(|p| matches!(p, Prepared::Conv(c) if c.graph.is_some()))
     }
 
+    /// How many convolutions run on our tensor-core kernel to 8 outputs, of how many.
+    pub fn mma_convs(&self) -> (usize, usize) {
+        self.count_convs(|p| matches!(p, Prepared::ConvOut))
+    }
+
     /// How many convolutions run as im2col + cuBLASLt GEMM, of how many.
     pub fn gemm_convs(&self) -> (usize, usize) {
         self.count_convs(|p| matches!(p, Prepared::ConvGemm { .. }))
     }
 
     fn count_convs(&self, pick: impl Fn(&Prepared) -> bool) -> (usize, usize) {
-        let convs = self
-            .prepared
-            .iter()
-            .filter(|p| matches!(p, Prepared::Conv(_) | Prepared::ConvGemm { .. }));
+        let convs = self.prepared.iter().filter(|p| {
+            matches!(
+                p,
+                Prepared::Conv(_) | Prepared::ConvGemm { .. } | Prepared::ConvOut
+            )
+        });
         convs.fold((0, 0), |(f, n), p| (f + pick(p) as usize, n + 1))
     }
 
@@ -1573,6 +1601,20 @@ impl Executor {
                 (Step::Conv { .. }, Prepared::ConvGemm { plan, in_gemm }) => {
                     unsafe { self.run_conv_gemm(rt, step, plan, *in_gemm, ws, &mut lap) }?
                 }
+                (
+                    Step::Conv {
+                        shape,
+                        x,
+                        w,
+                        y,
+                        bias,
+                        ..
+                    },
+                    Prepared::ConvOut,
+                ) => unsafe {
+                    k.conv_out
+                        .forward(s, shape, p(*x), p(*w), bias.map_or(0, |(l, _)| p(l)), p(*y))
+                }?,
                 (
                     Step::Gemm {
                         a, b, residual, c, ..

@@ -8,6 +8,7 @@
 //! the shape arguments it can; the executor guarantees that the addresses hold those shapes.
 
 pub mod attention;
+pub mod conv_out;
 pub mod elementwise;
 pub mod group_norm;
 pub mod image;
@@ -35,6 +36,7 @@ const THREADS: u32 = 256;
 /// on its own by the pipeline that uses it.)
 pub struct Kernels {
     pub attention: attention::Attention,
+    pub conv_out: conv_out::ConvOut,
     pub elementwise: elementwise::Elementwise,
     pub group_norm: group_norm::GroupNorm,
     pub layer_norm: layer_norm::LayerNorm,
@@ -45,6 +47,7 @@ impl Kernels {
     pub fn load(device: &Device) -> Result<Self, GpuError> {
         Ok(Kernels {
             attention: attention::Attention::load(device)?,
+            conv_out: conv_out::ConvOut::load(device)?,
             elementwise: elementwise::Elementwise::load(device)?,
             group_norm: group_norm::GroupNorm::load(device)?,
             layer_norm: layer_norm::LayerNorm::load(device)?,
@@ -54,8 +57,9 @@ impl Kernels {
 }
 
 /// Every kernel family's name and CUDA source: what an engine file carries compiled.
-pub const SOURCES: [(&str, &str); 6] = [
+pub const SOURCES: [(&str, &str); 7] = [
     ("attention", attention::SRC),
+    ("conv_out", conv_out::SRC),
     ("elementwise", elementwise::SRC),
     ("group_norm", group_norm::SRC),
     ("image", image::SRC),
@@ -183,11 +187,34 @@ pub(crate) fn elems(n: usize) -> LaunchConfig {
 /// launches are cuDNN's and cuBLASLt's, which take no part.
 fn programmatic(stream: &CudaStream) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("LIPSTREAM_PDL").is_ok_and(|v| v == "1"));
-    on && stream
-        .context()
-        .compute_capability()
-        .is_ok_and(|(major, _)| major >= 9)
+    switched_on("LIPSTREAM_PDL", &ON)
+        && stream
+            .context()
+            .compute_capability()
+            .is_ok_and(|(major, _)| major >= 9)
+}
+
+/// Every experiment's environment variable (`switched_on`).
+pub const EXPERIMENTS: [&str; 3] = [
+    "LIPSTREAM_PDL",
+    "LIPSTREAM_FLASH_WIDE",
+    "LIPSTREAM_MMA_CONV_OUT",
+];
+
+/// The experiments this process runs with, for reports.
+pub fn experiments_on() -> Vec<&'static str> {
+    EXPERIMENTS
+        .into_iter()
+        .filter(|v| std::env::var(v).is_ok_and(|x| x == "1"))
+        .collect()
+}
+
+/// Whether the experiment behind environment variable `var` is on (`var=1`), read once per
+/// process into `cell`. Experiments are kernel choices not yet measured to pay on the GPU
+/// machine: off by default, and scripts/device/env_ab.sh times one engine file without and with
+/// one; scripts/device/test.sh (EXPERIMENTS=1) runs the op sweep with all of them on.
+pub(crate) fn switched_on(var: &'static str, cell: &'static OnceLock<bool>) -> bool {
+    *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == "1"))
 }
 
 /// Launches `func` with `args`, as a programmatic dependent launch where asked for: the

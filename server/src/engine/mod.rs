@@ -344,8 +344,9 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         let secs = t.elapsed().as_secs_f64();
         let (fused, convs) = ex.fused_convs();
         let (gemms, _) = ex.gemm_convs();
+        let (mma, _) = ex.mma_convs();
         eprintln!(
-            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
+            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM, {mma} on the tensor-core kernel to 8 outputs), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
             stage.name(),
             ex.steps().len(),
             ex.arena_bytes as f64 / (1 << 20) as f64,
@@ -423,6 +424,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         "cublaslt": versions.cublaslt,
         "weights": src.origin,
         "graphs": opts.graphs,
+        "experiments": lipstream_gpu::kernels::experiments_on(),
         "runs": opts.runs,
         "weight_mib": rt.weight_bytes as f64 / (1 << 20) as f64,
         // Everything this engine holds on the device after capture: weights, the shared arena,

@@ -1,0 +1,68 @@
+// 3x3 convolutions (stride 1, padding 1, NHWC fp16) to 8 output channels: the VAE's conv_out to
+// RGB and the UNet's to its 4 latent channels, both padded to 8. A library convolution tiles
+// the output channels 64 wide or more, so here most of its work is padding (cuDNN ran the VAE's
+// at 4x the time its input read needs); this kernel maps them onto the tensor cores' smallest
+// shape instead: mma.sync m16n8k16, 16 pixels of a row x 8 outputs x 16 channels a step, fp32
+// sums.
+//
+// One warp per 16 pixels of a row. The 16 k-slots of a step need not be 16 consecutive
+// channels, only the same channels in A (pixels x channels) and B (channels x outputs): lane t
+// loads channels 8k..8k+7 (k = t, t + 4, ...) of its pixels and of its output's filter as one
+// 16-byte vector, which feeds two steps, channels 8k..8k+3 as slots (2t, 2t+1, 2t+8, 2t+9) of
+// the first and 8k+4..8k+7 of the second.
+#include <cuda_fp16.h>
+
+__device__ __forceinline__ void conv_out_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                             unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// x [rows = n * h, wd, c] (c a multiple of 32), w [8][3][3][c], bias [8] or null,
+// y [rows, wd, 8]; `tiles` = rows * ceil(wd / 16) warps, 4 a block.
+extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_nhwc_f16(const __half* __restrict__ x,
+                                                                       const __half* __restrict__ w,
+                                                                       const __half* __restrict__ bias,
+                                                                       __half* __restrict__ y, int tiles, int h,
+                                                                       int wd, int c) {
+  LS_PDL_ENTER();
+  const int tile = blockIdx.x * 4 + threadIdx.x / 32;
+  if (tile >= tiles) return;  // the whole warp: no barrier follows
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int tiles_row = (wd + 15) / 16;
+  const long row = tile / tiles_row;
+  const int x0 = (tile % tiles_row) * 16, py = (int)(row % h);
+  const int xa = x0 + g, xb = x0 + g + 8;  // this lane's two pixels (A rows g and g + 8)
+  const int c8 = c / 8;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int dy = 0; dy < 3; ++dy) {
+    const int yy = py + dy - 1;
+    if (yy < 0 || yy >= h) continue;  // the same for the whole warp
+    const uint4* src = reinterpret_cast<const uint4*>(x + (row + dy - 1) * wd * (long)c);
+#pragma unroll
+    for (int dx = 0; dx < 3; ++dx) {
+      const int ca = xa + dx - 1, cb = xb + dx - 1;
+      const bool va = ca >= 0 && ca < wd, vb = cb >= 0 && cb < wd;
+      const uint4* pa = src + (long)ca * c8;
+      const uint4* pb = src + (long)cb * c8;
+      const uint4* wt = reinterpret_cast<const uint4*>(w + ((long)g * 9 + dy * 3 + dx) * c);
+      for (int k = t; k < c8; k += 4) {
+        const uint4 av = va ? pa[k] : zero;
+        const uint4 bv = vb ? pb[k] : zero;
+        const uint4 wv = wt[k];
+        conv_out_mma(acc, av.x, bv.x, av.y, bv.y, wv.x, wv.y);
+        conv_out_mma(acc, av.z, bv.z, av.w, bv.w, wv.z, wv.w);
+      }
+    }
+  }
+  // C rows g and g + 8 (pixels xa, xb), columns 2t, 2t + 1 (outputs).
+  const float b0 = bias ? __half2float(bias[2 * t]) : 0.f;
+  const float b1 = bias ? __half2float(bias[2 * t + 1]) : 0.f;
+  __half2* out = reinterpret_cast<__half2*>(y + row * wd * 8L);
+  if (xa < wd) out[xa * 4 + t] = __floats2half2_rn(acc[0] + b0, acc[1] + b1);
+  if (xb < wd) out[xb * 4 + t] = __floats2half2_rn(acc[2] + b0, acc[3] + b1);
+}

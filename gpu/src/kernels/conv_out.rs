@@ -1,0 +1,145 @@
+//! 3x3 convolutions to 8 (padded) output channels on the tensor cores' smallest shape (the
+//! VAE's conv_out to RGB and the UNet's to its latents), where a library convolution computes
+//! mostly channel padding. An experiment (`LIPSTREAM_MMA_CONV_OUT=1`, off by default): it has
+//! not yet run on the GPU machine.
+
+use std::sync::OnceLock;
+
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
+
+use super::elementwise::aligned16;
+use super::{launch, shape_err, switched_on, Arg, Ptr};
+use crate::conv::ConvShape;
+use crate::device::Device;
+use crate::error::GpuError;
+
+pub(crate) const SRC: &str = concat!(
+    include_str!("../../kernels/pdl.cuh"),
+    include_str!("../../kernels/conv_out.cu")
+);
+
+/// Warps per block (`__launch_bounds__(128)`); each takes 16 pixels of a row.
+const WARPS: usize = 4;
+const TILE_PIXELS: usize = 16;
+
+/// Whether `LIPSTREAM_MMA_CONV_OUT=1` asks for this kernel wherever it fits.
+pub fn wanted() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    switched_on("LIPSTREAM_MMA_CONV_OUT", &ON)
+}
+
+/// Whether the kernel computes convolution `s`: 3x3, stride 1, padding 1, one group,
+/// channels-last, eight (padded) outputs, input channels a multiple of 32.
+pub fn fits(s: &ConvShape) -> bool {
+    s.nhwc
+        && s.groups == 1
+        && (s.kh, s.kw) == (3, 3)
+        && s.stride == [1, 1]
+        && s.pad == [1, 1]
+        && s.o == 8
+        && s.c > 0
+        && s.c.is_multiple_of(32)
+        && tiles(s) <= i32::MAX as usize
+        && s.h * s.w * s.c <= i32::MAX as usize
+}
+
+fn tiles(s: &ConvShape) -> usize {
+    s.n * s.h * s.w.div_ceil(TILE_PIXELS)
+}
+
+/// The compiled kernel.
+pub struct ConvOut {
+    func: CudaFunction,
+}
+
+impl ConvOut {
+    pub fn load(device: &Device) -> Result<Self, GpuError> {
+        let m = super::compile(device, "conv_out", SRC)?;
+        Ok(ConvOut {
+            func: m.load_function("conv3x3_out8_nhwc_f16")?,
+        })
+    }
+
+    /// y [n, h, w, 8] = conv3x3(x [n, h, w, c], w [8, 3, 3, c]) + bias [8] (`bias` may be 0).
+    ///
+    /// # Safety
+    /// x, w, bias and y must hold those shapes.
+    pub unsafe fn forward(
+        &self,
+        stream: &CudaStream,
+        s: &ConvShape,
+        x: Ptr,
+        w: Ptr,
+        bias: Ptr,
+        y: Ptr,
+    ) -> Result<(), GpuError> {
+        if !fits(s) || !aligned16(&[x, w]) || !y.is_multiple_of(4) {
+            return Err(shape_err(
+                "conv3x3_out8",
+                format!("{s:?} (x {x:#x} and w 16-byte aligned, y {y:#x} 4-byte)"),
+            ));
+        }
+        let tiles = tiles(s);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles.div_ceil(WARPS) as u32, 1, 1),
+            block_dim: (32 * WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [
+            Arg::P(x),
+            Arg::P(w),
+            Arg::P(bias),
+            Arg::P(y),
+            Arg::I(tiles as i32),
+            Arg::I(s.h as i32),
+            Arg::I(s.w as i32),
+            Arg::I(s.c as i32),
+        ];
+        // SAFETY: matches conv3x3_out8_nhwc_f16 (3 const half*, half*, 4 int); one warp per 16
+        // pixels of a row, warps past `tiles` return, pixels past the row's end are neither read
+        // nor written; c is a multiple of 32, so every lane runs the same MMA steps (`fits`,
+        // checked); x and w are read as aligned 16-byte vectors, y written as half2 (checked);
+        // the caller vouches for the sizes.
+        unsafe { launch(stream, &self.func, cfg, &args) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(n: usize, c: usize, hw: usize, o: usize) -> ConvShape {
+        ConvShape {
+            n,
+            c,
+            h: hw,
+            w: hw,
+            o,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            pad: [1, 1],
+            groups: 1,
+            nhwc: true,
+        }
+    }
+
+    #[test]
+    fn the_models_output_convolutions_fit_and_others_do_not() {
+        // The VAE's conv_out (128 -> 3, padded to 8) and the UNet's (320 -> 4).
+        assert!(fits(&shape(16, 128, 256, 8)));
+        assert!(fits(&shape(1, 320, 32, 8)));
+        // Wider outputs, channel counts the lanes cannot split evenly, other geometry.
+        assert!(!fits(&shape(1, 128, 256, 16)));
+        assert!(!fits(&shape(1, 48, 64, 8)));
+        assert!(!fits(&shape(1, 8, 64, 8)));
+        let mut strided = shape(1, 128, 64, 8);
+        strided.stride = [2, 2];
+        assert!(!fits(&strided));
+        let mut nchw = shape(1, 128, 64, 8);
+        nchw.nhwc = false;
+        assert!(!fits(&nchw));
+        // 16 pixels a warp: a 33-wide row is three tiles.
+        assert_eq!(tiles(&shape(2, 128, 33, 8)), 2 * 33 * 3);
+    }
+}
