@@ -1,32 +1,37 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool, carry [".device/pack.tar.xz"]): what one environment
-# variable of the engine changes, on one engine file. Builds the full-size random-weight camera
-# engine once (its choices then hold for both sides), then times STAGES with VAR=A and VAR=B
-# alternately, ROUNDS times each, so drift of the card's clocks lands on both sides alike.
-#   VAR=LIPSTREAM_PDL A=0 B=1 ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
-# Writes every report under $OUT and ends with a change table per round (A first, then B).
+# Runs on the GPU machine (device tool, carry [".device/pack.tar.xz"]): what experiments (the
+# engine's environment switches, gpu/src/kernels `EXPERIMENTS`) change, on one engine file.
+# Builds the full-size random-weight camera engine once (its timed choices then hold for every
+# side), then times STAGES with every experiment off and with one of VARS set to 1, alternately,
+# ROUNDS times each, so drift of the card's clocks lands on both sides alike.
+#   VARS=LIPSTREAM_FLASH_WIDE,LIPSTREAM_MMA_CONV_OUT ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
+# Writes every report under $OUT and ends with one change table per experiment and round.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/device/unpack.sh
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 out=${OUT:-/tmp}
 bin=./.device/bin/lipstream
-var=${VAR:-LIPSTREAM_PDL} a=${A:-0} b=${B:-1}
 engine=/tmp/ab.engine
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+# Every side starts from all experiments off.
+for v in LIPSTREAM_PDL LIPSTREAM_FLASH_WIDE LIPSTREAM_MMA_CONV_OUT; do unset "$v"; done
 t0=$(date +%s)
 $bin engine build --mode camera --batches "${BATCHES:-1,16}" --out "$engine" > "$out/engine_build.log" 2>&1 \
   || { tail -20 "$out/engine_build.log"; exit 1; }
 echo "engine build: $(( $(date +%s) - t0 )) s"
 status=0
-for r in $(seq 1 "${ROUNDS:-2}"); do
-  for side in a b; do
-    value=$a; [ $side = b ] && value=$b
-    env "$var=$value" $bin bench engine --engine "$engine" --stages "${STAGES:-avatar,camera}" \
-      --runs "${RUNS:-50}" --out "$out/${side}_$r.json" > /dev/null 2> "$out/${side}_$r.log" \
-      || { status=1; tail -5 "$out/${side}_$r.log"; }
+bench() { # bench NAME [VAR=1]: one timing of the engine file, the report under $out/NAME.json
+  env ${2:+"$2"} $bin bench engine --engine "$engine" --stages "${STAGES:-avatar,camera}" \
+    --runs "${RUNS:-50}" --profile --out "$out/$1.json" > /dev/null 2> "$out/$1.log" \
+    || { status=1; tail -5 "$out/$1.log"; }
+}
+for var in $(echo "${VARS:-LIPSTREAM_PDL}" | tr , ' '); do
+  for r in $(seq 1 "${ROUNDS:-2}"); do
+    bench "${var}_off_$r"
+    bench "${var}_on_$r" "$var=1"
+    echo "$var, round $r: off -> on"
+    python3 scripts/device/ab.py "$out/${var}_off_$r.json" "$out/${var}_on_$r.json" | grep -v per_frame
   done
-  echo "round $r: $var=$a -> $var=$b"
-  python3 scripts/device/ab.py "$out/a_$r.json" "$out/b_$r.json" | grep -v per_frame
 done
 exit "$status"
