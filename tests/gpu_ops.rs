@@ -198,7 +198,7 @@ fn output_convolutions_match() {
         let y = conv(&mut g, x, shape[1], *o, 3, 1, [1; 4], 90 + 2 * i as u32);
         g.output("y", y);
         let ex = Executor::new(&mut rt, &g, "out", Options::HEURISTIC).unwrap();
-        let on = lipstream_gpu::kernels::conv_out::wanted();
+        let on = lipstream_gpu::kernels::Experiment::MmaConvOut.on();
         assert_eq!(ex.mma_convs(), (on as usize, 1), "{shape:?} -> {o}");
         let xt = random(shape, 100 + i as u32, 1.0);
         compare(

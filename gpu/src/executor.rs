@@ -29,7 +29,7 @@ use crate::error::GpuError;
 use crate::kernels::conv_out;
 use crate::kernels::image::{Faces, Image};
 use crate::kernels::layout::Layout;
-use crate::kernels::{Kernels, Ptr};
+use crate::kernels::{Experiment, Kernels, Ptr};
 use crate::plan::{self, Binding, Loc, Plan, Step, WeightForm, WeightUse};
 
 /// Arena offsets are multiples of this (cuDNN and vector loads like aligned operands).
@@ -542,7 +542,7 @@ impl Executor {
         let mut prepared = Vec::with_capacity(ex.plan.steps.len());
         let mut need_ws = 0;
         for step in &ex.plan.steps {
-            if conv_out::wanted() && Self::mma_conv_out(step) {
+            if Experiment::MmaConvOut.on() && Self::mma_conv_out(step) {
                 prepared.push(Prepared::ConvOut);
                 continue;
             }

@@ -2,8 +2,6 @@
 //! whisper's 64), and, for the rest (the VAE's single 512-wide head), the row softmax between
 //! two batched cuBLASLt GEMMs (see `plan`: scores = q kᵀ / sqrt(d), out = p v).
 
-use std::sync::OnceLock;
-
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
 use super::{grid, launch, Arg, Ptr};
@@ -60,7 +58,7 @@ pub fn flash_splits(batch: usize, lq: usize, lk: usize, heads: usize) -> usize {
 
 /// Whether the fused kernel may run in blocks of `FLASH_WIDE_WARPS` warps: head dim 40, keys
 /// not split, and a grid still of `FLASH_WIDE_MIN_BLOCKS` blocks. It does only with the
-/// experiment `LIPSTREAM_FLASH_WIDE=1` (`super::switched_on`): not yet run on the GPU machine.
+/// experiment `LIPSTREAM_FLASH_WIDE=1` (`super::Experiment`): not yet run on the GPU machine.
 pub fn flash_wide(batch: usize, lq: usize, heads: usize, d: usize, splits: usize) -> bool {
     d == 40
         && splits == 1
@@ -164,8 +162,7 @@ impl Attention {
         // Four warps share each key tile they load. (Fewer warps per block for grids smaller
         // than two blocks per SM measured slower on an H100: every block reloads the keys.)
         // Eight at head dim 40 where the grid stays large, as an experiment.
-        static WIDE: OnceLock<bool> = OnceLock::new();
-        let wide = super::switched_on("LIPSTREAM_FLASH_WIDE", &WIDE);
+        let wide = super::Experiment::FlashWide.on();
         let (warps, func) = if wide && flash_wide(batch, lq, heads, d, splits) {
             (FLASH_WIDE_WARPS, &self.flash_40_wide)
         } else {

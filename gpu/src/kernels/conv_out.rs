@@ -3,12 +3,10 @@
 //! mostly channel padding. An experiment (`LIPSTREAM_MMA_CONV_OUT=1`, off by default): it has
 //! not yet run on the GPU machine.
 
-use std::sync::OnceLock;
-
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
 use super::elementwise::aligned16;
-use super::{launch, shape_err, switched_on, Arg, Ptr};
+use super::{launch, shape_err, Arg, Ptr};
 use crate::conv::ConvShape;
 use crate::device::Device;
 use crate::error::GpuError;
@@ -21,12 +19,6 @@ pub(crate) const SRC: &str = concat!(
 /// Warps per block (`__launch_bounds__(128)`); each takes 16 pixels of a row.
 const WARPS: usize = 4;
 const TILE_PIXELS: usize = 16;
-
-/// Whether `LIPSTREAM_MMA_CONV_OUT=1` asks for this kernel wherever it fits.
-pub fn wanted() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    switched_on("LIPSTREAM_MMA_CONV_OUT", &ON)
-}
 
 /// Whether the kernel computes convolution `s`: 3x3, stride 1, padding 1, one group,
 /// channels-last, eight (padded) outputs, input channels a multiple of 32.

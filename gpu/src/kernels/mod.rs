@@ -186,35 +186,57 @@ pub(crate) fn elems(n: usize) -> LaunchConfig {
 /// frame time there (bench/results/2026-12-06_h100_shortcut_first/pdl/): half of a frame's
 /// launches are cuDNN's and cuBLASLt's, which take no part.
 fn programmatic(stream: &CudaStream) -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    switched_on("LIPSTREAM_PDL", &ON)
+    Experiment::Pdl.on()
         && stream
             .context()
             .compute_capability()
             .is_ok_and(|(major, _)| major >= 9)
 }
 
-/// Every experiment's environment variable (`switched_on`).
-pub const EXPERIMENTS: [&str; 3] = [
-    "LIPSTREAM_PDL",
-    "LIPSTREAM_FLASH_WIDE",
-    "LIPSTREAM_MMA_CONV_OUT",
-];
+/// Kernel choices not yet measured to pay on the GPU machine: off by default, each switched on
+/// by its environment variable set to 1 (read once per process). scripts/device/env_ab.sh times
+/// one engine file without and with each; scripts/device/test.sh (EXPERIMENTS=1) runs the op
+/// sweep with all of them on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Experiment {
+    /// Programmatic dependent launches (`programmatic`).
+    Pdl,
+    /// Eight-warp attention blocks at head dim 40 (`attention::flash_wide`).
+    FlashWide,
+    /// Convolutions to 8 outputs on our tensor-core kernel (`conv_out`).
+    MmaConvOut,
+}
+
+impl Experiment {
+    pub const ALL: [Experiment; 3] = [
+        Experiment::Pdl,
+        Experiment::FlashWide,
+        Experiment::MmaConvOut,
+    ];
+
+    /// Its environment variable.
+    pub fn var(self) -> &'static str {
+        match self {
+            Experiment::Pdl => "LIPSTREAM_PDL",
+            Experiment::FlashWide => "LIPSTREAM_FLASH_WIDE",
+            Experiment::MmaConvOut => "LIPSTREAM_MMA_CONV_OUT",
+        }
+    }
+
+    /// Whether this process runs with it.
+    pub fn on(self) -> bool {
+        static ON: [OnceLock<bool>; 3] = [const { OnceLock::new() }; 3];
+        *ON[self as usize].get_or_init(|| std::env::var(self.var()).is_ok_and(|v| v == "1"))
+    }
+}
 
 /// The experiments this process runs with, for reports.
 pub fn experiments_on() -> Vec<&'static str> {
-    EXPERIMENTS
+    Experiment::ALL
         .into_iter()
-        .filter(|v| std::env::var(v).is_ok_and(|x| x == "1"))
+        .filter(|e| e.on())
+        .map(Experiment::var)
         .collect()
-}
-
-/// Whether the experiment behind environment variable `var` is on (`var=1`), read once per
-/// process into `cell`. Experiments are kernel choices not yet measured to pay on the GPU
-/// machine: off by default, and scripts/device/env_ab.sh times one engine file without and with
-/// one; scripts/device/test.sh (EXPERIMENTS=1) runs the op sweep with all of them on.
-pub(crate) fn switched_on(var: &'static str, cell: &'static OnceLock<bool>) -> bool {
-    *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == "1"))
 }
 
 /// Launches `func` with `args`, as a programmatic dependent launch where asked for: the
