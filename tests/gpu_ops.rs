@@ -536,6 +536,11 @@ fn norms_attention_and_linears_match() {
     let Some(mut rt) = runtime() else { return };
     for (i, (shape, groups, silu)) in [
         (vec![2, 320, 32, 32], 32, true),
+        // One image: with LIPSTREAM_GN_CLUSTERS=1 each group splits over a cluster of 4 blocks
+        // (256 pixels of 10 channels a block; 16 of 40); the 4x4 image keeps one block a group.
+        (vec![1, 320, 32, 32], 32, true),
+        (vec![1, 1280, 8, 8], 32, false),
+        (vec![1, 1280, 4, 4], 32, true),
         (vec![1, 128, 256, 256], 32, false),
         (vec![2, 2560, 8, 8], 32, true),
         (vec![1, 512, 32, 32], 32, false),
@@ -608,7 +613,7 @@ fn norms_attention_and_linears_match() {
     }
     for (i, (q, kv, heads)) in [
         ([2, 1024, 320], [2, 1024, 320], 8),
-        // The same at 16 images: with LIPSTREAM_FLASH_WIDE=1, blocks of eight warps.
+        // The same at 16 images.
         ([16, 1024, 320], [16, 1024, 320], 8),
         ([2, 1024, 320], [2, 50, 320], 8),
         ([1, 64, 1280], [1, 50, 1280], 8),

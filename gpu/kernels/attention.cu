@@ -318,12 +318,6 @@ FLASH(40, FA_MAX_WARPS, flash_attention_40)
 FLASH(64, FA_MAX_WARPS, flash_attention_64)
 FLASH(80, FA_MAX_WARPS, flash_attention_80)
 FLASH(160, FA_MAX_WARPS, flash_attention_160)
-// Head dim 40 (the UNet's 32x32 self-attention) in blocks of FA_WIDE_WARPS warps: at 83
-// registers a thread, twice the queries share each key tile a block copies at the same
-// occupancy (the wider heads' registers would halve it). An experiment until measured
-// (LIPSTREAM_FLASH_WIDE=1, kernels/attention.rs).
-#define FA_WIDE_WARPS 8
-FLASH(40, FA_WIDE_WARPS, flash_attention_40_wide)
 
 // Joins the key splits of flash_attention: o = sum_s 2^((m_s - M) c) acc_s / sum_s 2^((m_s - M) c)
 // l_s with M the largest m_s and c = scale_log2. One thread per pair of output columns; `part`

@@ -137,20 +137,52 @@ extern "C" __global__ void group_norm_nhwc_apply_f16(const __half2* __restrict__
   y[idx] = __floats2half2_rn(v.x, v.y);
 }
 
-// A whole GroupNorm in one launch, one block per (group, image), for groups small enough that
-// one block reads them twice (the second time from L2) faster than three launches cost: the
-// UNet's 4x4 .. 32x32 images at every batch. x is read V channels at a time (V = 8: uint4, the
-// group width a multiple of 8 and rows 16-byte aligned; V = 2: half2); the block sums the group,
-// then normalises it (then SiLU). Statistics in fp32.
+// Thread-block clusters (sm_90): the blocks of one group sum their parts, then each reads the
+// others' partial sums from their shared memory. `cluster_done` tells the others this block has
+// read theirs; `cluster_leave` waits until all have, since a block's shared memory must outlive
+// every read of it.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_done() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_leave() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ float2 cluster_load(const float2* p, unsigned rank) {
+  const unsigned local = (unsigned)__cvta_generic_to_shared(p);
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+  float2 v;
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
+  return v;
+}
+#else
+__device__ __forceinline__ void cluster_sync() {}
+__device__ __forceinline__ void cluster_done() {}
+__device__ __forceinline__ void cluster_leave() {}
+__device__ __forceinline__ float2 cluster_load(const float2* p, unsigned) { return *p; }
+#endif
+
+// A whole GroupNorm in one launch, `parts` blocks per (group, image), for groups small enough
+// that one block reads its part twice (the second time from L2) faster than three launches
+// cost: the UNet's 4x4 .. 32x32 images at every batch. With one part a block per group; with
+// more (a cluster of `parts` blocks, where one image a batch would leave most SMs idle), block
+// `part` takes pixels [part * hw / parts, (part + 1) * hw / parts) and the cluster shares its
+// sums. x is read V channels at a time (V = 8: uint4, the group width a multiple of 8 and rows
+// 16-byte aligned; V = 2: half2); the block sums the group, then normalises it (then SiLU).
+// Statistics in fp32.
 template <int V>
 __device__ void group_norm_small(const __half* __restrict__ x, const __half* __restrict__ gamma,
                                  const __half* __restrict__ beta, __half* __restrict__ y, int hw,
-                                 int c, int groups, float eps, int silu) {
+                                 int c, int groups, float eps, int silu, int parts) {
   __shared__ float s_sum[32], s_sq[32];
-  const int g = blockIdx.x, n = blockIdx.y, cg = c / groups, per_px = cg / V;
-  const long off = (long)n * hw * c + (long)g * cg;
-  const int units = hw * per_px;
-  // Unit u: pixel u / per_px, channels [j, j + V) of the group; its element offset in x and y.
+  __shared__ float2 s_part;
+  const int g = blockIdx.x / parts, part = blockIdx.x - g * parts, n = blockIdx.y;
+  const int cg = c / groups, per_px = cg / V;
+  const int p0 = (int)((long)hw * part / parts), p1 = (int)((long)hw * (part + 1) / parts);
+  const long off = ((long)n * hw + p0) * c + (long)g * cg;
+  const int units = (p1 - p0) * per_px;
+  // Unit u: pixel p0 + u / per_px, channels [j, j + V) of the group; its element offset in x and y.
   const auto at = [&](int u, int& j) {
     const int p = u / per_px;
     j = (u - p * per_px) * V;
@@ -198,6 +230,18 @@ __device__ void group_norm_small(const __half* __restrict__ x, const __half* __r
     sum += __shfl_xor_sync(0xffffffff, sum, o);
     sq += __shfl_xor_sync(0xffffffff, sq, o);
   }
+  if (parts > 1) {
+    if (threadIdx.x == 0) s_part = make_float2(sum, sq);
+    cluster_sync();
+    const float2 t = lane < parts ? cluster_load(&s_part, lane) : make_float2(0.f, 0.f);
+    cluster_done();
+    sum = t.x;
+    sq = t.y;
+    for (int o = 16; o > 0; o >>= 1) {
+      sum += __shfl_xor_sync(0xffffffff, sum, o);
+      sq += __shfl_xor_sync(0xffffffff, sq, o);
+    }
+  }
   const float count = (float)hw * cg, mean = sum / count;
   const float rstd = rsqrtf(fmaxf(sq / count - mean * mean, 0.f) + eps);
 #pragma unroll 4
@@ -225,18 +269,19 @@ __device__ void group_norm_small(const __half* __restrict__ x, const __half* __r
       *reinterpret_cast<__half2*>(y + i) = *reinterpret_cast<const __half2*>(h);
     }
   }
+  if (parts > 1) cluster_leave();
 }
 
 extern "C" __global__ void group_norm_nhwc_small_f16x8(const __half* __restrict__ x, const __half* __restrict__ gamma,
                                                        const __half* __restrict__ beta, __half* __restrict__ y, int hw,
-                                                       int c, int groups, float eps, int silu) {
+                                                       int c, int groups, float eps, int silu, int parts) {
   LS_PDL_ENTER();
-  group_norm_small<8>(x, gamma, beta, y, hw, c, groups, eps, silu);
+  group_norm_small<8>(x, gamma, beta, y, hw, c, groups, eps, silu, parts);
 }
 
 extern "C" __global__ void group_norm_nhwc_small_f16x2(const __half* __restrict__ x, const __half* __restrict__ gamma,
                                                        const __half* __restrict__ beta, __half* __restrict__ y, int hw,
-                                                       int c, int groups, float eps, int silu) {
+                                                       int c, int groups, float eps, int silu, int parts) {
   LS_PDL_ENTER();
-  group_norm_small<2>(x, gamma, beta, y, hw, c, groups, eps, silu);
+  group_norm_small<2>(x, gamma, beta, y, hw, c, groups, eps, silu, parts);
 }

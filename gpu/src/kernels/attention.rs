@@ -21,11 +21,6 @@ pub const FLASH_HEAD_DIMS: [usize; 4] = [40, 64, 80, 160];
 /// Queries per warp of the fused kernel, and warps per block.
 const FLASH_WARP_QUERIES: usize = 16;
 const FLASH_WARPS: usize = 4;
-/// Warps per block of `flash_attention_40_wide` (`FA_WIDE_WARPS`), and the fewest blocks a grid
-/// of it must still have (about eight a SM: fewer, and its tail wave idles more of the GPU than
-/// the shared key tiles save).
-const FLASH_WIDE_WARPS: usize = 8;
-const FLASH_WIDE_MIN_BLOCKS: usize = 1024;
 
 /// Whether the fused kernel runs attention with head dim `d` (values as wide as keys).
 pub fn flash_supports(d: usize, dv: usize) -> bool {
@@ -56,16 +51,6 @@ pub fn flash_splits(batch: usize, lq: usize, lk: usize, heads: usize) -> usize {
     tiles.div_ceil(tiles.div_ceil(want))
 }
 
-/// Whether the fused kernel may run in blocks of `FLASH_WIDE_WARPS` warps: head dim 40, keys
-/// not split, and a grid still of `FLASH_WIDE_MIN_BLOCKS` blocks. It does only with the
-/// experiment `LIPSTREAM_FLASH_WIDE=1` (`super::Experiment`): not yet run on the GPU machine.
-pub fn flash_wide(batch: usize, lq: usize, heads: usize, d: usize, splits: usize) -> bool {
-    d == 40
-        && splits == 1
-        && lq.div_ceil(FLASH_WIDE_WARPS * FLASH_WARP_QUERIES) * heads * batch
-            >= FLASH_WIDE_MIN_BLOCKS
-}
-
 /// fp32 scratch bytes the fused kernel's key splits leave for the join: each split's
 /// unnormalised output and its rows' (max, sum).
 pub fn flash_scratch_bytes(
@@ -87,7 +72,6 @@ pub struct Attention {
     upto1024: CudaFunction,
     upto1536: CudaFunction,
     flash: Vec<(usize, CudaFunction)>,
-    flash_40_wide: CudaFunction,
     join: CudaFunction,
 }
 
@@ -103,7 +87,6 @@ impl Attention {
             upto1024: module.load_function("softmax_rows_f16x2_1024")?,
             upto1536: module.load_function("softmax_rows_f16x2_1536")?,
             flash,
-            flash_40_wide: module.load_function("flash_attention_40_wide")?,
             join: module.load_function("flash_attention_join")?,
         })
     }
@@ -160,14 +143,10 @@ impl Attention {
             ));
         }
         // Four warps share each key tile they load. (Fewer warps per block for grids smaller
-        // than two blocks per SM measured slower on an H100: every block reloads the keys.)
-        // Eight at head dim 40 where the grid stays large, as an experiment.
-        let wide = super::Experiment::FlashWide.on();
-        let (warps, func) = if wide && flash_wide(batch, lq, heads, d, splits) {
-            (FLASH_WIDE_WARPS, &self.flash_40_wide)
-        } else {
-            (FLASH_WARPS, func)
-        };
+        // than two blocks per SM measured slower on an H100: every block reloads the keys.
+        // Eight warps at head dim 40 for the UNet's 32x32 self-attention at 16 images measured
+        // no faster, 2026-12-06.)
+        let warps = FLASH_WARPS;
         let cfg = LaunchConfig {
             grid_dim: (
                 lq.div_ceil(warps * FLASH_WARP_QUERIES) as u32,
@@ -265,16 +244,6 @@ impl Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_large_grids_of_head_dim_40_take_wide_blocks() {
-        // The UNet's 32x32 self-attention at 16 images; at 8 images the grid would be half.
-        assert!(flash_wide(16, 1024, 8, 40, 1));
-        assert!(!flash_wide(8, 1024, 8, 40, 1));
-        assert!(!flash_wide(16, 1024, 8, 40, 2));
-        assert!(!flash_wide(16, 256, 8, 80, 1));
-        assert!(!flash_wide(16, 1024, 8, 64, 1));
-    }
 
     #[test]
     fn key_splits_fill_small_grids_and_are_never_empty() {

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
-use super::{elems, grid, launch, shape_err, Arg, Ptr};
+use super::{elems, grid, launch, launch_clustered, shape_err, Arg, Experiment, Ptr};
 use crate::device::Device;
 use crate::error::GpuError;
 
@@ -24,6 +24,11 @@ const MIN_CHUNK_PIXELS: usize = 16;
 const SMALL_GROUP_ELEMS: usize = 16384;
 /// Threads of a one-launch block: enough loads in flight to hide L2 latency for a whole group.
 const SMALL_THREADS: usize = 512;
+/// Blocks the one-launch form aims for when it may split groups over clusters: one a group at
+/// one image a batch (32 groups) leaves three quarters of an H100's 132 SMs idle.
+const CLUSTER_TARGET_BLOCKS: usize = 128;
+/// Fewest pixels a block of a split group takes.
+const MIN_PART_PIXELS: usize = 16;
 
 /// One GroupNorm's shape and the scratch it needs.
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +49,20 @@ impl GroupNormShape {
     /// input itself, so its producer need not.
     pub fn one_launch(&self) -> bool {
         self.fused_chunks == 0 && self.hw * (self.c / self.groups.max(1)) <= SMALL_GROUP_ELEMS
+    }
+
+    /// Blocks (a cluster, at most 8) per (group, image) of the one-launch form on a GPU with
+    /// clusters: doubled while the grid stays under CLUSTER_TARGET_BLOCKS and each block keeps
+    /// MIN_PART_PIXELS pixels.
+    pub fn parts(&self) -> usize {
+        let mut k = 1;
+        while k < 8
+            && self.n * self.groups * k < CLUSTER_TARGET_BLOCKS
+            && self.hw / (2 * k) >= MIN_PART_PIXELS
+        {
+            k *= 2;
+        }
+        k
     }
 
     /// Pixel chunks per image for the statistics pass.
@@ -258,23 +277,30 @@ impl GroupNorm {
         if !(wide || aligned4) {
             return Err(shape_err("group_norm", "x or y not 4-byte aligned".into()));
         }
-        let units = s.hw * cg / v;
+        let parts = if Experiment::GnClusters.on() && super::sm90(stream) {
+            s.parts()
+        } else {
+            1
+        };
+        let units = s.hw.div_ceil(parts) * cg / v;
         let threads = units.next_multiple_of(32).min(SMALL_THREADS);
         let i = |v: usize| Arg::I(v as i32);
         // SAFETY: matches group_norm_nhwc_small_f16x{2,8} (const half*, 2 const half*, half*, 3
-        // int, float, int); one block per (group, image), at most 1024 threads (32 warps, the
+        // int, float, 2 int); `parts` blocks per (group, image), a cluster when more than one
+        // (at most 8, on sm_90, dividing the grid's x), at most 1024 threads (32 warps, the
         // reduction's shared arrays); 16-byte loads only where the group width is a multiple of
         // 8 and x and y are 16-byte aligned (so is every row: c = groups * width), else 4-byte
         // loads on an even width (checked) at 4-byte aligned addresses.
         unsafe {
-            launch(
+            launch_clustered(
                 stream,
                 if wide { &self.small8 } else { &self.small2 },
                 LaunchConfig {
-                    grid_dim: (s.groups as u32, s.n as u32, 1),
+                    grid_dim: ((s.groups * parts) as u32, s.n as u32, 1),
                     block_dim: (threads as u32, 1, 1),
                     shared_mem_bytes: 0,
                 },
+                parts as u32,
                 &[
                     Arg::P(x),
                     Arg::P(gamma),
@@ -285,6 +311,7 @@ impl GroupNorm {
                     i(s.groups),
                     Arg::F(s.eps),
                     i(usize::from(s.silu)),
+                    i(parts),
                 ],
             )
         }

@@ -186,11 +186,7 @@ pub(crate) fn elems(n: usize) -> LaunchConfig {
 /// frame time there (bench/results/2026-12-06_h100_shortcut_first/pdl/): half of a frame's
 /// launches are cuDNN's and cuBLASLt's, which take no part.
 fn programmatic(stream: &CudaStream) -> bool {
-    Experiment::Pdl.on()
-        && stream
-            .context()
-            .compute_capability()
-            .is_ok_and(|(major, _)| major >= 9)
+    Experiment::Pdl.on() && sm90(stream)
 }
 
 /// Kernel choices not yet measured to pay on the GPU machine: off by default, each switched on
@@ -201,25 +197,26 @@ fn programmatic(stream: &CudaStream) -> bool {
 pub enum Experiment {
     /// Programmatic dependent launches (`programmatic`).
     Pdl,
-    /// Eight-warp attention blocks at head dim 40 (`attention::flash_wide`).
-    FlashWide,
     /// Convolutions to 8 outputs on our tensor-core kernel (`conv_out`).
     MmaConvOut,
+    /// One-launch group norms split over a cluster of blocks per group where the batch is too
+    /// small to fill the GPU (`group_norm::GroupNormShape::parts`).
+    GnClusters,
 }
 
 impl Experiment {
     pub const ALL: [Experiment; 3] = [
         Experiment::Pdl,
-        Experiment::FlashWide,
         Experiment::MmaConvOut,
+        Experiment::GnClusters,
     ];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
         match self {
             Experiment::Pdl => "LIPSTREAM_PDL",
-            Experiment::FlashWide => "LIPSTREAM_FLASH_WIDE",
             Experiment::MmaConvOut => "LIPSTREAM_MMA_CONV_OUT",
+            Experiment::GnClusters => "LIPSTREAM_GN_CLUSTERS",
         }
     }
 
@@ -253,7 +250,32 @@ pub(crate) unsafe fn launch(
     cfg: LaunchConfig,
     args: &[Arg],
 ) -> Result<(), GpuError> {
-    if programmatic(stream) {
+    // SAFETY: forwarded to the caller.
+    unsafe { launch_clustered(stream, func, cfg, 1, args) }
+}
+
+/// Whether the stream's GPU is sm_90 or later (thread-block clusters, programmatic launches).
+pub(crate) fn sm90(stream: &CudaStream) -> bool {
+    stream
+        .context()
+        .compute_capability()
+        .is_ok_and(|(major, _)| major >= 9)
+}
+
+/// `launch`, in clusters of `cluster` consecutive blocks along x (1: no clusters; more needs
+/// `sm90(stream)` and a grid x that `cluster` divides, at most 8).
+///
+/// # Safety
+/// As for `launch`.
+pub(crate) unsafe fn launch_clustered(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    cluster: u32,
+    args: &[Arg],
+) -> Result<(), GpuError> {
+    let pdl = programmatic(stream);
+    if pdl || cluster > 1 {
         // Each parameter in an 8-byte slot: the driver reads 4 bytes for an int or a float,
         // the low ones on this little-endian machine.
         let mut slots: Vec<u64> = args
@@ -269,10 +291,24 @@ pub(crate) unsafe fn launch(
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
-        // SAFETY: an all-zero attribute is a valid value of the C struct; id and value set next.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs = Vec::with_capacity(2);
+        if pdl {
+            // SAFETY: an all-zero attribute is a valid value of the C struct; id and value set
+            // next.
+            let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            a.value.programmaticStreamSerializationAllowed = 1;
+            attrs.push(a);
+        }
+        if cluster > 1 {
+            // SAFETY: as above.
+            let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            a.value.clusterDim.x = cluster;
+            a.value.clusterDim.y = 1;
+            a.value.clusterDim.z = 1;
+            attrs.push(a);
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -282,12 +318,12 @@ pub(crate) unsafe fn launch(
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: attrs.len() as u32,
         };
         // SAFETY: `params` points at one slot per kernel parameter (the caller's contract
-        // matches them to the kernel), alive for the call; the function belongs to the
-        // stream's context.
+        // matches them to the kernel), alive for the call, as are the attributes; the function
+        // belongs to the stream's context.
         unsafe {
             sys::cuLaunchKernelEx(
                 &config,
