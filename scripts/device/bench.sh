@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool, carry [".device/pack.tar.xz", ".whl"]): our engine benchmark and the
 # PyTorch anchor (shared/anchors/torch_musetalk_bench.py, channels-last) in the same call, then a
-# side-by-side table. BATCHES / STAGES / RUNS / ANCHOR_BATCHES / ANCHOR_MODES (empty: no anchor) / MEMORY
+# side-by-side table ($OUT/summary.txt; reports and logs as one archive, $OUT/bench.tgz, since the
+# device returns at most 8 files). BATCHES / STAGES / RUNS / ANCHOR_BATCHES / ANCHOR_MODES (empty: no anchor) / MEMORY
 # override the defaults. BASELINE=path/to/an/older/lipstream: the same benchmark with that binary first, on the
 # same warm card, and a change table.
 set -uo pipefail
@@ -39,4 +40,6 @@ python3 scripts/device/compare.py "$out/lipstream_engine.json" "$out/torch_muset
 if [ -f "$out/baseline_engine.json" ]; then
   python3 scripts/device/ab.py "$out/baseline_engine.json" "$out/lipstream_engine.json" | tee -a "$out/summary.txt"
 fi
+files=$(cd "$out" && ls -d baseline_engine.* lipstream_engine.* lipstream_avatar_memory.* torch_musetalk.json torch.log 2>/dev/null)
+[ -z "$files" ] || { tar -C "$out" -czf "$out/bench.tgz" $files && (cd "$out" && rm -rf $files); }
 exit "$status"

@@ -5,12 +5,14 @@
 # side), then times STAGES with every experiment off and with one of VARS set to 1, alternately,
 # ROUNDS times each, so drift of the card's clocks lands on both sides alike.
 #   VARS=LIPSTREAM_GN_CLUSTERS,LIPSTREAM_MMA_CONV_OUT ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
-# Writes every report under $OUT and ends with one change table per experiment and round.
+# Writes the change tables (one per experiment and round) to $OUT/summary.txt and the reports
+# and logs as one archive, $OUT/env_ab.tgz (the device returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/device/unpack.sh
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-out=${OUT:-/tmp}
+out=${OUT:-/tmp/env_ab}
+mkdir -p "$out"
 bin=./.device/bin/lipstream
 engine=/tmp/ab.engine
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -30,8 +32,11 @@ for var in $(echo "${VARS:-LIPSTREAM_PDL}" | tr , ' '); do
   for r in $(seq 1 "${ROUNDS:-2}"); do
     bench "${var}_off_$r"
     bench "${var}_on_$r" "$var=1"
-    echo "$var, round $r: off -> on"
-    python3 scripts/device/ab.py "$out/${var}_off_$r.json" "$out/${var}_on_$r.json" | grep -v per_frame
+    { echo "$var, round $r: off -> on"
+      python3 scripts/device/ab.py "$out/${var}_off_$r.json" "$out/${var}_on_$r.json" | grep -v per_frame
+    } | tee -a "$out/summary.txt"
   done
 done
+files=$(cd "$out" && ls -d * | grep -v -e '^gpu.txt$' -e '^summary.txt$' -e '^env_ab.tgz$')
+tar -C "$out" -czf "$out/env_ab.tgz" $files && (cd "$out" && rm -rf $files)
 exit "$status"

@@ -2,7 +2,8 @@
 # the full-size engine build, a `lipstream serve` on given GPUs, and its /metrics. Expects to
 # run from the repository root.
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-out=${OUT:-/tmp}
+out=${OUT:-/tmp/lipstream_device}
+mkdir -p "$out"
 bin=./.device/bin/lipstream
 # Camera: every session publishes the astronaut photo (a real face for MTCNN) and a click train.
 # Avatar: the server shows AVATAR; each session speaks a tone with a click train over it.
