@@ -536,7 +536,7 @@ fn norms_attention_and_linears_match() {
     let Some(mut rt) = runtime() else { return };
     for (i, (shape, groups, silu)) in [
         (vec![2, 320, 32, 32], 32, true),
-        // One image: with LIPSTREAM_GN_CLUSTERS=1 each group splits over a cluster of 4 blocks
+        // One image: on sm_90 each group splits over a cluster of 4 blocks
         // (256 pixels of 10 channels a block; 16 of 40); the 4x4 image keeps one block a group.
         (vec![1, 320, 32, 32], 32, true),
         (vec![1, 1280, 8, 8], 32, false),

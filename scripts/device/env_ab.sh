@@ -4,7 +4,7 @@
 # Builds the full-size random-weight camera engine once (its timed choices then hold for every
 # side), then times STAGES with every experiment off and with one of VARS set to 1, alternately,
 # ROUNDS times each, so drift of the card's clocks lands on both sides alike.
-#   VARS=LIPSTREAM_GN_CLUSTERS,LIPSTREAM_MMA_CONV_OUT ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
+#   VARS=LIPSTREAM_PDL,LIPSTREAM_MMA_CONV_OUT ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
 # Writes the change tables (one per experiment and round) to $OUT/summary.txt and the reports
 # and logs as one archive, $OUT/env_ab.tgz (the device returns at most 8 files).
 set -uo pipefail
@@ -17,7 +17,7 @@ bin=./.device/bin/lipstream
 engine=/tmp/ab.engine
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 # Every side starts from all experiments off.
-for v in LIPSTREAM_PDL LIPSTREAM_MMA_CONV_OUT LIPSTREAM_GN_CLUSTERS; do unset "$v"; done
+for v in LIPSTREAM_PDL LIPSTREAM_MMA_CONV_OUT; do unset "$v"; done
 t0=$(date +%s)
 $bin engine build --mode camera --batches "${BATCHES:-1,16}" --out "$engine" > "$out/engine_build.log" 2>&1 \
   || { tail -20 "$out/engine_build.log"; exit 1; }

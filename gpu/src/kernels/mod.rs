@@ -199,30 +199,22 @@ pub enum Experiment {
     Pdl,
     /// Convolutions to 8 outputs on our tensor-core kernel (`conv_out`).
     MmaConvOut,
-    /// One-launch group norms split over a cluster of blocks per group where the batch is too
-    /// small to fill the GPU (`group_norm::GroupNormShape::parts`).
-    GnClusters,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 3] = [
-        Experiment::Pdl,
-        Experiment::MmaConvOut,
-        Experiment::GnClusters,
-    ];
+    pub const ALL: [Experiment; 2] = [Experiment::Pdl, Experiment::MmaConvOut];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
         match self {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::MmaConvOut => "LIPSTREAM_MMA_CONV_OUT",
-            Experiment::GnClusters => "LIPSTREAM_GN_CLUSTERS",
         }
     }
 
     /// Whether this process runs with it.
     pub fn on(self) -> bool {
-        static ON: [OnceLock<bool>; 3] = [const { OnceLock::new() }; 3];
+        static ON: [OnceLock<bool>; 2] = [const { OnceLock::new() }; 2];
         *ON[self as usize].get_or_init(|| std::env::var(self.var()).is_ok_and(|v| v == "1"))
     }
 }
