@@ -9,7 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/device/unpack.sh
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-out=${OUT:-/tmp}
+out=${OUT:-/tmp/bench}
+mkdir -p "$out"
 status=0
 batches=${BATCHES:-1,2,4,8,16}
 stages=${STAGES:-avatar,camera,unet,vae-decode,vae-encode,whisper}
@@ -40,6 +41,5 @@ python3 scripts/device/compare.py "$out/lipstream_engine.json" "$out/torch_muset
 if [ -f "$out/baseline_engine.json" ]; then
   python3 scripts/device/ab.py "$out/baseline_engine.json" "$out/lipstream_engine.json" | tee -a "$out/summary.txt"
 fi
-files=$(cd "$out" && ls -d baseline_engine.* lipstream_engine.* lipstream_avatar_memory.* torch_musetalk.json torch.log 2>/dev/null)
-[ -z "$files" ] || { tar -C "$out" -czf "$out/bench.tgz" $files && (cd "$out" && rm -rf $files); }
+archive_reports "$out" bench.tgz
 exit "$status"

@@ -37,6 +37,5 @@ for var in $(echo "${VARS:-LIPSTREAM_PDL}" | tr , ' '); do
     } | tee -a "$out/summary.txt"
   done
 done
-files=$(cd "$out" && ls -d * | grep -v -e '^gpu.txt$' -e '^summary.txt$' -e '^env_ab.tgz$')
-tar -C "$out" -czf "$out/env_ab.tgz" $files && (cd "$out" && rm -rf $files)
+archive_reports "$out" env_ab.tgz
 exit "$status"

@@ -58,7 +58,5 @@ if aud:
 PY
 grep -E "ERROR|WARN" "$out/serve.log" | sed 's/\x1b\[[0-9;]*m//g' | sort | uniq -c | sort -rn | head -10
 kill "$smi" 2>/dev/null
-# The device returns at most 8 files: everything but the GPU's name travels as one archive.
-files=$(cd "$out" && ls -d * | grep -v -e '^gpu.txt$' -e '^sessions.tgz$')
-tar -C "$out" -czf "$out/sessions.tgz" $files && (cd "$out" && rm -rf $files)
+archive_reports "$out" sessions.tgz
 exit "$status"

@@ -214,7 +214,8 @@ impl Experiment {
 
     /// Whether this process runs with it.
     pub fn on(self) -> bool {
-        static ON: [OnceLock<bool>; 2] = [const { OnceLock::new() }; 2];
+        static ON: [OnceLock<bool>; Experiment::ALL.len()] =
+            [const { OnceLock::new() }; Experiment::ALL.len()];
         *ON[self as usize].get_or_init(|| std::env::var(self.var()).is_ok_and(|v| v == "1"))
     }
 }
