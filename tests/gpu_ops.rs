@@ -211,6 +211,100 @@ fn output_convolutions_match() {
     }
 }
 
+/// Convolutions and linears of at most 64 rows, as the UNet's 4x4 and 8x8 stages at one image:
+/// with LIPSTREAM_SKINNY=1 (an experiment, scripts/device/test.sh EXPERIMENTS=1) each runs on
+/// the split-K kernel, with its bias and residual, which is checked; without, on the libraries.
+#[test]
+fn skinny_gemms_match() {
+    let Some(mut rt) = runtime() else { return };
+    let on = lipstream_gpu::kernels::Experiment::Skinny.on();
+    // (input, out channels, kernel, stride, padding, residual): 16 rows (the 4x4 stage, a
+    // stride-2 one onto it), 25 (the 2x2 convolution of an upsample at 4x4), 64 (8x8, 2560
+    // channels in), and one the kernel does not take (256 rows).
+    let convs: [(&[usize], usize, usize, usize, [usize; 4], bool, bool); 6] = [
+        (&[1, 1280, 4, 4], 1280, 3, 1, [1; 4], false, true),
+        (&[1, 1280, 4, 4], 1280, 3, 1, [1; 4], true, true),
+        (&[1, 640, 8, 8], 1280, 3, 2, [1; 4], false, true),
+        (&[1, 256, 4, 4], 512, 2, 1, [1; 4], false, true),
+        (&[1, 2560, 8, 8], 1280, 3, 1, [1; 4], true, true),
+        (&[1, 320, 16, 16], 320, 3, 1, [1; 4], false, false),
+    ];
+    for (i, (shape, o, k, stride, pad, residual, takes)) in convs.iter().enumerate() {
+        let mut g = Graph::new();
+        let x = g.input("x", shape);
+        let mut y = conv(
+            &mut g,
+            x,
+            shape[1],
+            *o,
+            *k,
+            *stride,
+            *pad,
+            400 + 10 * i as u32,
+        );
+        let mut inputs = vec![("x", random(shape, 500 + i as u32, 1.0))];
+        if *residual {
+            let out = g.shape(y).to_vec();
+            let r = g.input("r", &out);
+            y = g.push("add", Op::Add, &[y, r]).unwrap();
+            inputs.push(("r", random(&out, 520 + i as u32, 1.0)));
+        }
+        g.output("y", y);
+        let ex = Executor::new(&mut rt, &g, "skinny", Options::HEURISTIC).unwrap();
+        let want = usize::from(on && *takes);
+        assert_eq!(ex.skinny_steps(), want, "{shape:?} -> {o} k{k}");
+        let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (*n, t)).collect();
+        compare(
+            &mut rt,
+            &format!("skinny conv {shape:?}->{o} k{k} s{stride} res={residual}"),
+            &g,
+            &refs,
+            5e-3,
+        );
+    }
+    // (tokens, in, out, bias, residual): 64 tokens (8x8) into the feed-forward and out of it,
+    // 16 (4x4), 50 (the audio prompt's keys and values).
+    let linears: [([usize; 3], usize, bool, bool); 4] = [
+        ([1, 64, 1280], 1280, true, true),
+        ([1, 64, 1280], 10240, true, false),
+        ([1, 16, 5120], 1280, true, true),
+        ([1, 50, 384], 640, false, false),
+    ];
+    for (i, (x, n, bias, residual)) in linears.into_iter().enumerate() {
+        let mut g = Graph::new();
+        let xi = g.input("x", &x);
+        let w = konst(
+            &mut g,
+            "w",
+            &[n, x[2]],
+            600 + i as u32,
+            1.0 / (x[2] as f32).sqrt(),
+        );
+        let mut ins = vec![xi, w];
+        if bias {
+            ins.push(konst(&mut g, "b", &[n], 610 + i as u32, 0.5));
+        }
+        let mut y = g.push("linear", Op::Linear, &ins).unwrap();
+        let mut inputs = vec![("x", random(&x, 620 + i as u32, 1.0))];
+        if residual {
+            let r = g.input("r", &[x[0], x[1], n]);
+            y = g.push("add", Op::Add, &[y, r]).unwrap();
+            inputs.push(("r", random(&[x[0], x[1], n], 630 + i as u32, 1.0)));
+        }
+        g.output("y", y);
+        let ex = Executor::new(&mut rt, &g, "skinny", Options::HEURISTIC).unwrap();
+        assert_eq!(ex.skinny_steps(), usize::from(on), "linear {x:?} -> {n}");
+        let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (*n, t)).collect();
+        compare(
+            &mut rt,
+            &format!("skinny linear {x:?}->{n} bias={bias} res={residual}"),
+            &g,
+            &refs,
+            5e-3,
+        );
+    }
+}
+
 #[test]
 fn fused_epilogues_and_layouts_match() {
     let Some(mut rt) = runtime() else { return };
