@@ -121,14 +121,27 @@ impl SkinnyGemm {
     /// (`blocks_per_sm`), no slice under MIN_SLICE, and the slices' fp32 sums (slices · m · n · 4
     /// bytes) under a quarter of the weights' bytes (n · k · 2).
     pub fn split(&self, sms: usize) -> (usize, usize) {
+        let (per_sm, grain) = match self.form() {
+            Form::Registers => (blocks_per_sm(self.m), CHUNK),
+            Form::Staged => (STAGED_BLOCKS_PER_SM, STAGED_K),
+        };
         let tiles = self.n / TILE_COLS;
-        let wanted = (blocks_per_sm(self.m) * sms.max(1)).div_ceil(tiles.max(1));
+        let wanted = (per_sm * sms.max(1)).div_ceil(tiles.max(1));
         let slices = wanted
             .min(self.k / (8 * self.m.max(1)))
             .min(self.k / MIN_SLICE)
             .max(1);
-        let ks = self.k.div_ceil(slices).next_multiple_of(CHUNK);
+        let ks = self.k.div_ceil(slices).next_multiple_of(grain);
         (self.k.div_ceil(ks), ks)
+    }
+
+    /// The staged form wherever k is whole 64-k stages.
+    pub fn form(&self) -> Form {
+        if self.k.is_multiple_of(STAGED_K) {
+            Form::Staged
+        } else {
+            Form::Registers
+        }
     }
 
     /// Bytes of the runtime's buffer it needs: the counters, then [m, n] fp32 sums.
@@ -137,11 +150,32 @@ impl SkinnyGemm {
     }
 }
 
-/// The compiled kernels (16, 32 and 64 rows) and the GPU's SM count.
+/// How a block brings its tiles in: straight into registers (two chunks of 32 k ahead), or
+/// through shared memory by cp.async, STAGES stages of 64 k (k a multiple of 64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    Registers,
+    Staged,
+}
+
+/// Stages of the staged form (as compiled: `SK_STAGED(.., NS)` in the source).
+const STAGES: usize = 4;
+/// Bytes of one staged row: 64 k plus 8 of padding, as halves.
+const STAGED_ROW_BYTES: usize = 144;
+const STAGED_K: usize = 64;
+/// Blocks per SM the staged form's split aims for: three of the 64-row kernel's fit an H100's
+/// shared memory.
+const STAGED_BLOCKS_PER_SM: usize = 3;
+
+/// Dynamic shared memory of the staged form for `rows` (16, 32 or 64) rows.
+fn staged_smem_bytes(rows: usize) -> usize {
+    STAGES * (TILE_COLS + rows) * STAGED_ROW_BYTES
+}
+
+/// The compiled kernels (16, 32 and 64 rows, each form) and the GPU's SM count.
 pub struct Skinny {
-    m16: CudaFunction,
-    m32: CudaFunction,
-    m64: CudaFunction,
+    registers: [CudaFunction; 3],
+    staged: [CudaFunction; 3],
     sms: usize,
 }
 
@@ -151,10 +185,25 @@ impl Skinny {
         let sms = device
             .ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let load = |name: &str| m.load_function(name);
+        let staged = [
+            load("skinny_staged_m16")?,
+            load("skinny_staged_m32")?,
+            load("skinny_staged_m64")?,
+        ];
+        for (f, rows) in staged.iter().zip([16, 32, 64]) {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                staged_smem_bytes(rows) as i32,
+            )?;
+        }
         Ok(Skinny {
-            m16: m.load_function("skinny_gemm_m16")?,
-            m32: m.load_function("skinny_gemm_m32")?,
-            m64: m.load_function("skinny_gemm_m64")?,
+            registers: [
+                load("skinny_gemm_m16")?,
+                load("skinny_gemm_m32")?,
+                load("skinny_gemm_m64")?,
+            ],
+            staged,
             sms: sms.max(1) as usize,
         })
     }
@@ -185,16 +234,28 @@ impl Skinny {
                 format!("{g:?} (a {a:#x}, w {w:#x}, scratch {scratch:#x} 16-byte aligned; bias {bias:#x}, residual {residual:#x}, d {d:#x} 8-byte)"),
             ));
         }
-        let (func, warps_n) = match g.m {
-            0..=16 => (&self.m16, 1),
-            17..=32 => (&self.m32, 1),
-            _ => (&self.m64, 2),
+        let form = g.form();
+        let size = match g.m {
+            0..=16 => 0,
+            17..=32 => 1,
+            _ => 2,
         };
         let (slices, ks) = g.split(self.sms);
-        let cfg = LaunchConfig {
-            grid_dim: ((g.n / TILE_COLS) as u32, slices as u32, 1),
-            block_dim: (32 * (warps_n * WARPS_K) as u32, 1, 1),
-            shared_mem_bytes: 0,
+        let cfg = match form {
+            Form::Registers => LaunchConfig {
+                grid_dim: ((g.n / TILE_COLS) as u32, slices as u32, 1),
+                block_dim: (32 * (if size == 2 { 2 } else { 1 } * WARPS_K) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            Form::Staged => LaunchConfig {
+                grid_dim: ((g.n / TILE_COLS) as u32, slices as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: staged_smem_bytes(16 << size) as u32,
+            },
+        };
+        let func = match form {
+            Form::Registers => &self.registers[size],
+            Form::Staged => &self.staged[size],
         };
         // The image geometry, all zero for a plain matrix.
         let (lda, conv, geo) = match g.rows {
@@ -234,7 +295,10 @@ impl Skinny {
             Arg::I(conv),
         ];
         args.extend(geo.iter().map(|&v| Arg::I(v as i32)));
-        // SAFETY: matches skinny_gemm_m{16,32,64} (5 half pointers, float*, unsigned*, 18 int);
+        // SAFETY: matches skinny_gemm_m{16,32,64} and skinny_staged_m{16,32,64} (5 half pointers,
+        // float*, unsigned*, 18 int), the staged ones given their dynamic shared memory (its
+        // limit raised at load); slices are whole 32-k chunks (64-k stages for the staged
+        // form, whose k `form` checked);
         // `fits` (checked) bounds every index to 32 bits, the rows to the kernel's tile and
         // the columns to whole tiles; the vectors read and written are aligned (checked); the
         // scratch holds the counters and [m, n] sums (caller), which the kernel leaves zero.
