@@ -29,7 +29,6 @@ use crate::error::GpuError;
 use crate::kernels::conv_out;
 use crate::kernels::image::{Faces, Image};
 use crate::kernels::layout::Layout;
-use crate::kernels::skinny_gemm::SkinnyGemm;
 use crate::kernels::{Experiment, Kernels, Ptr};
 use crate::plan::{self, Binding, Loc, Plan, Step, WeightForm, WeightUse};
 
@@ -281,9 +280,6 @@ pub struct Runtime {
     pub graph_convs: HashMap<GraphConvKey, GraphConv>,
     workspace: Option<CudaSlice<u8>>,
     workspace_bytes: usize,
-    /// The split-K kernel's counters and fp32 sums, zero between its launches.
-    skinny: Option<CudaSlice<u8>>,
-    skinny_bytes: usize,
     /// The most workspace any prepared convolution needs.
     workspace_need: usize,
     /// One arena for every executor: batch profiles replay one at a time on the one stream, so
@@ -311,8 +307,6 @@ impl Runtime {
             graph_convs: HashMap::new(),
             workspace: None,
             workspace_bytes: 0,
-            skinny: None,
-            skinny_bytes: 0,
             workspace_need: 0,
             arena: None,
             arena_bytes: 0,
@@ -385,24 +379,6 @@ impl Runtime {
         Ok(())
     }
 
-    /// Makes the split-K kernel's buffer at least `bytes` large, zeroed (same caveat as the
-    /// workspace).
-    fn reserve_skinny(&mut self, bytes: usize) -> Result<(), GpuError> {
-        if self.skinny.is_none() || bytes > self.skinny_bytes {
-            self.skinny = None;
-            self.skinny = Some(self.stream().alloc_zeros::<u8>(bytes.max(1))?);
-            self.skinny_bytes = bytes.max(1);
-        }
-        Ok(())
-    }
-
-    fn skinny_ptr(&self) -> Ptr {
-        match &self.skinny {
-            Some(b) => b.device_ptr(self.stream()).0,
-            None => 0,
-        }
-    }
-
     /// Makes the shared arena at least `bytes` large (same caveat as the workspace).
     fn reserve_arena(&mut self, bytes: usize) -> Result<(), GpuError> {
         if self.arena.is_none() || bytes > self.arena_bytes {
@@ -422,7 +398,7 @@ impl Runtime {
 
     /// Bytes of the shared arena and workspace.
     pub fn scratch_bytes(&self) -> usize {
-        self.arena_bytes + self.workspace_bytes + self.skinny_bytes
+        self.arena_bytes + self.workspace_bytes
     }
 
     /// Shrinks the convolution workspace from the tuning size to what the chosen algorithms
@@ -522,9 +498,6 @@ enum Prepared {
     /// A convolution to 8 (padded) outputs on our tensor-core kernel (an experiment,
     /// `kernels::conv_out`).
     ConvOut,
-    /// A linear or convolution of at most 64 rows on our split-K kernel (an experiment,
-    /// `kernels::skinny_gemm`).
-    Skinny(SkinnyGemm),
 }
 
 /// One graph at fixed shapes, ready to run.
@@ -571,11 +544,6 @@ impl Executor {
         for step in &ex.plan.steps {
             if Experiment::MmaConvOut.on() && Self::mma_conv_out(step) {
                 prepared.push(Prepared::ConvOut);
-                continue;
-            }
-            if let Some(g) = Self::skinny(step).filter(|_| Experiment::Skinny.on()) {
-                rt.reserve_skinny(g.scratch_bytes())?;
-                prepared.push(Prepared::Skinny(g));
                 continue;
             }
             prepared.push(match step {
@@ -752,31 +720,6 @@ impl Executor {
             stats: None,
             ..
         } if conv_out::fits(shape) && channel_bias(shape, bias))
-    }
-
-    /// The split-K kernel's shape for `step` when it takes it: a channels-last convolution (its
-    /// bias one per channel) or an unbatched `nn.Linear`-form GEMM, of at most 64 rows.
-    fn skinny(step: &Step) -> Option<SkinnyGemm> {
-        let g = match step {
-            Step::Conv { shape, bias, .. } if channel_bias(shape, bias) => SkinnyGemm::conv(shape),
-            Step::Gemm { gemm, .. }
-                if gemm.batch == 1
-                    && gemm.b_trans
-                    && gemm.alpha == 1.0
-                    && (gemm.ldb == 0 || gemm.ldb == gemm.k) =>
-            {
-                let or = |ld: usize, packed: usize| if ld == 0 { packed } else { ld };
-                SkinnyGemm::linear(
-                    gemm.m,
-                    gemm.k,
-                    gemm.n,
-                    or(gemm.lda, gemm.k),
-                    or(gemm.ldc, gemm.n),
-                )
-            }
-            _ => return None,
-        };
-        g.fits().then_some(g)
     }
 
     /// Convolution `step` as im2col + GEMM when `opts` and its timing say so: the GEMM's plan,
@@ -1311,7 +1254,6 @@ impl Executor {
                     false => "im2col + cuBLASLt".into(),
                 },
                 Prepared::ConvOut => "tensor-core kernel to 8 outputs".into(),
-                Prepared::Skinny(_) => "split-K kernel".into(),
                 _ => String::new(),
             })
             .collect()
@@ -1332,14 +1274,6 @@ impl Executor {
     /// How many convolutions run on our tensor-core kernel to 8 outputs, of how many.
     pub fn mma_convs(&self) -> (usize, usize) {
         self.count_convs(|p| matches!(p, Prepared::ConvOut))
-    }
-
-    /// How many steps (convolutions and linears) run on the split-K kernel.
-    pub fn skinny_steps(&self) -> usize {
-        self.prepared
-            .iter()
-            .filter(|p| matches!(p, Prepared::Skinny(_)))
-            .count()
     }
 
     /// How many convolutions run as im2col + cuBLASLt GEMM, of how many.
@@ -1688,57 +1622,9 @@ impl Executor {
                             p(*y),
                         )
                     }?;
+                    // The profile's "conv" is the kernel; nothing is left for the epilogue.
                     lap("conv")?
                 }
-                (
-                    Step::Conv {
-                        x,
-                        w,
-                        y,
-                        bias,
-                        residual,
-                        ..
-                    },
-                    Prepared::Skinny(g),
-                ) => {
-                    unsafe {
-                        k.skinny.run(
-                            s,
-                            g,
-                            p(*x),
-                            p(*w),
-                            bias.map_or(0, |(l, _)| p(l)),
-                            residual.map_or(0, p),
-                            p(*y),
-                            rt.skinny_ptr(),
-                        )
-                    }?;
-                    lap("conv")?;
-                    // The group-norm sums, when the step has them (bias and residual are in).
-                    unsafe { self.conv_epilogue(rt, step, true) }?
-                }
-                (
-                    Step::Gemm {
-                        a,
-                        b,
-                        bias,
-                        residual,
-                        c,
-                        ..
-                    },
-                    Prepared::Skinny(g),
-                ) => unsafe {
-                    k.skinny.run(
-                        s,
-                        g,
-                        p(*a),
-                        p(*b),
-                        bias.map_or(0, p),
-                        residual.map_or(0, p),
-                        p(*c),
-                        rt.skinny_ptr(),
-                    )
-                }?,
                 (
                     Step::Gemm {
                         a, b, residual, c, ..

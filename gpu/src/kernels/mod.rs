@@ -14,7 +14,6 @@ pub mod group_norm;
 pub mod image;
 pub mod layer_norm;
 pub mod layout;
-pub mod skinny_gemm;
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::{Arc, OnceLock};
@@ -42,7 +41,6 @@ pub struct Kernels {
     pub group_norm: group_norm::GroupNorm,
     pub layer_norm: layer_norm::LayerNorm,
     pub layout: layout::Layout,
-    pub skinny: skinny_gemm::Skinny,
 }
 
 impl Kernels {
@@ -54,13 +52,12 @@ impl Kernels {
             group_norm: group_norm::GroupNorm::load(device)?,
             layer_norm: layer_norm::LayerNorm::load(device)?,
             layout: layout::Layout::load(device)?,
-            skinny: skinny_gemm::Skinny::load(device)?,
         })
     }
 }
 
 /// Every kernel family's name and CUDA source: what an engine file carries compiled.
-pub const SOURCES: [(&str, &str); 8] = [
+pub const SOURCES: [(&str, &str); 7] = [
     ("attention", attention::SRC),
     ("conv_out", conv_out::SRC),
     ("elementwise", elementwise::SRC),
@@ -68,7 +65,6 @@ pub const SOURCES: [(&str, &str); 8] = [
     ("image", image::SRC),
     ("layer_norm", layer_norm::SRC),
     ("layout", layout::SRC),
-    ("skinny_gemm", skinny_gemm::SRC),
 ];
 
 /// The GPU architectures the kernels are written for: tensor-core `mma.sync m16n8k16` needs
@@ -203,19 +199,16 @@ pub enum Experiment {
     Pdl,
     /// Convolutions to 8 outputs on our tensor-core kernel (`conv_out`).
     MmaConvOut,
-    /// Linears and convolutions of at most 64 rows on our split-K kernel (`skinny_gemm`).
-    Skinny,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 3] = [Experiment::Pdl, Experiment::MmaConvOut, Experiment::Skinny];
+    pub const ALL: [Experiment; 2] = [Experiment::Pdl, Experiment::MmaConvOut];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
         match self {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::MmaConvOut => "LIPSTREAM_MMA_CONV_OUT",
-            Experiment::Skinny => "LIPSTREAM_SKINNY",
         }
     }
 
