@@ -211,6 +211,67 @@ fn output_convolutions_match() {
     }
 }
 
+/// Group norm + SiLU into a 3x3 convolution, as the resnets' at the UNet's small stages: with
+/// LIPSTREAM_NORM_COLS=1 (an experiment, scripts/device/test.sh EXPERIMENTS=1) the norm writes
+/// the convolution's im2col patches itself wherever the convolution runs as im2col + GEMM and
+/// reads nothing else of the norm, which is checked, and must match the CPU executor.
+#[test]
+fn norms_writing_convolution_patches_match() {
+    let Some(mut rt) = runtime() else { return };
+    let on = lipstream_gpu::kernels::Experiment::NormCols.on();
+    // (input, out channels, kernel, norm also an output): 16-byte vectors (40 channels a
+    // group), 4-byte ones (10 and 20), two images, a 1x1 convolution (no patches), a norm the
+    // graph also returns (it must be written).
+    let cases: [(&[usize], usize, usize, bool); 6] = [
+        (&[1, 1280, 4, 4], 1280, 3, false),
+        (&[1, 320, 16, 16], 320, 3, false),
+        (&[2, 640, 8, 8], 640, 3, false),
+        (&[1, 2560, 8, 8], 1280, 3, false),
+        (&[1, 640, 8, 8], 320, 1, false),
+        (&[1, 1280, 4, 4], 1280, 3, true),
+    ];
+    let gemm = Options {
+        gemm: ConvAsGemm::Always,
+        ..Options::HEURISTIC
+    };
+    for (i, (shape, o, k, norm_out)) in cases.iter().enumerate() {
+        let c = shape[1];
+        let mut g = Graph::new();
+        let x = g.input("x", shape);
+        let gm = konst(&mut g, "gamma", &[c], 700 + i as u32, 1.0);
+        let bt = konst(&mut g, "beta", &[c], 710 + i as u32, 0.5);
+        let h = g
+            .push(
+                "norm",
+                Op::GroupNorm {
+                    groups: 32,
+                    eps: 1e-5,
+                    silu: true,
+                },
+                &[x, gm, bt],
+            )
+            .unwrap();
+        let pad = [k / 2; 4];
+        let y = conv(&mut g, h, c, *o, *k, 1, pad, 720 + 10 * i as u32);
+        g.output("y", y);
+        if *norm_out {
+            g.output("h", h);
+        }
+        let ex = Executor::new(&mut rt, &g, "norm_cols", gemm).unwrap();
+        let lowered = ex.gemm_convs().0 == 1;
+        let want = usize::from(on && lowered && *k == 3 && !norm_out);
+        assert_eq!(ex.norms_to_cols(), want, "{shape:?} -> {o} k{k}");
+        let xt = random(shape, 730 + i as u32, 1.0);
+        compare(
+            &mut rt,
+            &format!("norm -> conv {shape:?}->{o} k{k} out={norm_out}"),
+            &g,
+            &[("x", &xt)],
+            5e-3,
+        );
+    }
+}
+
 #[test]
 fn fused_epilogues_and_layouts_match() {
     let Some(mut rt) = runtime() else { return };

@@ -171,10 +171,17 @@ __device__ __forceinline__ float2 cluster_load(const float2* p, unsigned) { retu
 // sums. x is read V channels at a time (V = 8: uint4, the group width a multiple of 8 and rows
 // 16-byte aligned; V = 2: half2); the block sums the group, then normalises it (then SiLU).
 // Statistics in fp32.
+//
+// With `cols` (not null) the result goes nowhere else but into the patch matrix of the kxk,
+// stride-1, padding-(k-1)/2 convolution that reads it (the layout layout.cu's im2col writes:
+// row (image, oy, ox), column (ky, kx, channel)): each value lands in the up to k*k rows whose
+// window covers its pixel, and each pixel's thread writes the zeros of the taps its own
+// window takes from outside the image. The im2col launch before the convolution's GEMM goes.
 template <int V>
 __device__ void group_norm_small(const __half* __restrict__ x, const __half* __restrict__ gamma,
                                  const __half* __restrict__ beta, __half* __restrict__ y, int hw,
-                                 int c, int groups, float eps, int silu, int parts) {
+                                 int c, int groups, float eps, int silu, int parts, __half* __restrict__ cols,
+                                 int wd, int kk) {
   __shared__ float s_sum[32], s_sq[32];
   __shared__ float2 s_part;
   const int g = blockIdx.x / parts, part = blockIdx.x - g * parts, n = blockIdx.y;
@@ -244,6 +251,8 @@ __device__ void group_norm_small(const __half* __restrict__ x, const __half* __r
   }
   const float count = (float)hw * cg, mean = sum / count;
   const float rstd = rsqrtf(fmaxf(sq / count - mean * mean, 0.f) + eps);
+  const int ht = cols ? hw / wd : 0, pad = kk / 2;
+  const long krow = (long)kk * kk * c;
 #pragma unroll 4
   for (int u = threadIdx.x; u < units; u += blockDim.x) {
     int j;
@@ -263,7 +272,35 @@ __device__ void group_norm_small(const __half* __restrict__ x, const __half* __r
       if (silu) v = __fdividef(v, 1.f + __expf(-v));
       h[k] = __float2half(v);
     }
-    if (V == 8) {
+    if (cols) {
+      const int q = p0 + (u / per_px), py = q / wd, px = q - py * wd;
+      __half* img = cols + (long)n * hw * krow + ch;
+      for (int ky = 0; ky < kk; ++ky) {
+        for (int kx = 0; kx < kk; ++kx) {
+          const long tap = (long)(ky * kk + kx) * c;
+          // This value, in the row of the output pixel whose window has it at (ky, kx).
+          const int oy = py - ky + pad, ox = px - kx + pad;
+          if (oy >= 0 && oy < ht && ox >= 0 && ox < wd) {
+            __half* dst = img + (long)(oy * wd + ox) * krow + tap;
+            if (V == 8) {
+              *reinterpret_cast<uint4*>(dst) = raw;
+            } else {
+              *reinterpret_cast<__half2*>(dst) = *reinterpret_cast<const __half2*>(h);
+            }
+          }
+          // Zeros where this pixel's own window leaves the image.
+          const int iy = py + ky - pad, ix = px + kx - pad;
+          if (iy < 0 || iy >= ht || ix < 0 || ix >= wd) {
+            __half* dst = img + (long)q * krow + tap;
+            if (V == 8) {
+              *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+            } else {
+              *reinterpret_cast<__half2*>(dst) = __float2half2_rn(0.f);
+            }
+          }
+        }
+      }
+    } else if (V == 8) {
       *reinterpret_cast<uint4*>(y + i) = raw;
     } else {
       *reinterpret_cast<__half2*>(y + i) = *reinterpret_cast<const __half2*>(h);
@@ -274,14 +311,16 @@ __device__ void group_norm_small(const __half* __restrict__ x, const __half* __r
 
 extern "C" __global__ void group_norm_nhwc_small_f16x8(const __half* __restrict__ x, const __half* __restrict__ gamma,
                                                        const __half* __restrict__ beta, __half* __restrict__ y, int hw,
-                                                       int c, int groups, float eps, int silu, int parts) {
+                                                       int c, int groups, float eps, int silu, int parts,
+                                                       __half* __restrict__ cols, int wd, int kk) {
   LS_PDL_ENTER();
-  group_norm_small<8>(x, gamma, beta, y, hw, c, groups, eps, silu, parts);
+  group_norm_small<8>(x, gamma, beta, y, hw, c, groups, eps, silu, parts, cols, wd, kk);
 }
 
 extern "C" __global__ void group_norm_nhwc_small_f16x2(const __half* __restrict__ x, const __half* __restrict__ gamma,
                                                        const __half* __restrict__ beta, __half* __restrict__ y, int hw,
-                                                       int c, int groups, float eps, int silu, int parts) {
+                                                       int c, int groups, float eps, int silu, int parts,
+                                                       __half* __restrict__ cols, int wd, int kk) {
   LS_PDL_ENTER();
-  group_norm_small<2>(x, gamma, beta, y, hw, c, groups, eps, silu, parts);
+  group_norm_small<2>(x, gamma, beta, y, hw, c, groups, eps, silu, parts, cols, wd, kk);
 }

@@ -27,6 +27,7 @@ use crate::conv_graph::{ConvGraph, EngineChoice, GraphArgs, GraphCall, GraphKey,
 use crate::device::Device;
 use crate::error::GpuError;
 use crate::kernels::conv_out;
+use crate::kernels::group_norm::GroupNorm;
 use crate::kernels::image::{Faces, Image};
 use crate::kernels::layout::Layout;
 use crate::kernels::{Experiment, Kernels, Ptr};
@@ -493,6 +494,15 @@ enum Prepared {
     ConvGemm {
         plan: GemmPlan,
         in_gemm: bool,
+        /// The group norm before it wrote the patches already (`Prepared::NormToCols`).
+        cols_ready: bool,
+    },
+    /// A one-launch group norm that writes the next step's (a convolution lowered to GEMM)
+    /// patch matrix instead of its own output, which nothing else reads (an experiment,
+    /// `LIPSTREAM_NORM_COLS=1`): the image width and the convolution's kernel size.
+    NormToCols {
+        w: usize,
+        k: usize,
     },
     Gemm(GemmPlan),
     /// A convolution to 8 (padded) outputs on our tensor-core kernel (an experiment,
@@ -621,7 +631,11 @@ impl Executor {
                     match ex.lower_conv(rt, &p, step, opts)? {
                         Some((plan, in_gemm, cols_bytes)) => {
                             need_ws = need_ws.max(cols_bytes);
-                            Prepared::ConvGemm { plan, in_gemm }
+                            Prepared::ConvGemm {
+                                plan,
+                                in_gemm,
+                                cols_ready: false,
+                            }
                         }
                         None => Prepared::Conv(p),
                     }
@@ -657,8 +671,64 @@ impl Executor {
         }
         rt.reserve_workspace(need_ws)?;
         rt.workspace_need = rt.workspace_need.max(need_ws);
+        if Experiment::NormCols.on() {
+            ex.norms_into_cols(&mut prepared);
+        }
         ex.prepared = prepared;
         Ok(ex)
+    }
+
+    /// Lets each one-launch group norm whose only reader is the next step, a k x k "same"
+    /// convolution lowered to im2col + GEMM, write that convolution's patches itself: one
+    /// launch less per such pair (the resnets' norm -> SiLU -> conv at the UNet's small stages,
+    /// B=1). Both run back to back on the workspace, which holds the patches.
+    fn norms_into_cols(&self, prepared: &mut [Prepared]) {
+        let steps = &self.plan.steps;
+        for i in 1..steps.len() {
+            let (Step::Conv { shape, x, .. }, Step::GroupNorm { shape: norm, y, .. }) =
+                (&steps[i], &steps[i - 1])
+            else {
+                continue;
+            };
+            let same = shape.nhwc
+                && shape.groups == 1
+                && shape.kh == shape.kw
+                && shape.stride == [1, 1]
+                && shape.pad == [shape.kh / 2, shape.kw / 2]
+                && !pointwise(shape)
+                && (shape.n, shape.h * shape.w, shape.c) == (norm.n, norm.hw, norm.c)
+                && GroupNorm::fits_cols(norm, shape.w, shape.kh);
+            let Loc::Arena(buffer, 0) = *y else {
+                continue;
+            };
+            if !same || x != y || !matches!(prepared[i], Prepared::ConvGemm { .. }) {
+                continue;
+            }
+            let ours = |l: &Loc| matches!(l, Loc::Arena(b, _) if *b == buffer);
+            let others = steps
+                .iter()
+                .enumerate()
+                .any(|(j, s)| j != i && j != i - 1 && s.locs().iter().any(ours))
+                || self.plan.outputs.iter().any(|o| ours(&o.loc));
+            if others {
+                continue;
+            }
+            if let Prepared::ConvGemm { cols_ready, .. } = &mut prepared[i] {
+                *cols_ready = true;
+            }
+            prepared[i - 1] = Prepared::NormToCols {
+                w: shape.w,
+                k: shape.kh,
+            };
+        }
+    }
+
+    /// How many group norms write a convolution's patches (`Prepared::NormToCols`).
+    pub fn norms_to_cols(&self) -> usize {
+        self.prepared
+            .iter()
+            .filter(|p| matches!(p, Prepared::NormToCols { .. }))
+            .count()
     }
 
     /// A convolution step's epilogue kernel: bias, residual and group-norm sums, or — after
@@ -829,7 +899,15 @@ impl Executor {
             plan.pick(i);
             // SAFETY: as above.
             let run = || unsafe {
-                self.run_conv_gemm(rt, step, &plan, key.channel_bias, ws, &mut |_| Ok(()))
+                self.run_conv_gemm(
+                    rt,
+                    step,
+                    &plan,
+                    key.channel_bias,
+                    false,
+                    ws,
+                    &mut |_| Ok(()),
+                )
             };
             let ms = match run() {
                 Ok(()) => time_gpu(&stream, run).unwrap_or(f32::INFINITY),
@@ -1075,12 +1153,14 @@ impl Executor {
     ///
     /// # Safety
     /// As for `run_conv`; `ws` holds the patches (`Layout::im2col_bytes`).
+    #[allow(clippy::too_many_arguments)]
     unsafe fn run_conv_gemm(
         &self,
         rt: &Runtime,
         step: &Step,
         plan: &GemmPlan,
         in_gemm: bool,
+        cols_ready: bool,
         ws: Ptr,
         lap: &mut dyn FnMut(&'static str) -> Result<(), GpuError>,
     ) -> Result<(), GpuError> {
@@ -1101,7 +1181,9 @@ impl Executor {
             let a = if pointwise(shape) {
                 p(*x)
             } else {
-                rt.kernels.layout.im2col(rt.stream(), p(*x), ws, shape)?;
+                if !cols_ready {
+                    rt.kernels.layout.im2col(rt.stream(), p(*x), ws, shape)?;
+                }
                 ws
             };
             let r = if in_gemm { residual.map_or(0, p) } else { 0 };
@@ -1598,9 +1680,38 @@ impl Executor {
                 (Step::Conv { .. }, Prepared::Conv(plan)) => {
                     unsafe { self.run_conv(rt, step, plan, ws, &mut lap) }?
                 }
-                (Step::Conv { .. }, Prepared::ConvGemm { plan, in_gemm }) => {
-                    unsafe { self.run_conv_gemm(rt, step, plan, *in_gemm, ws, &mut lap) }?
-                }
+                (
+                    Step::Conv { .. },
+                    Prepared::ConvGemm {
+                        plan,
+                        in_gemm,
+                        cols_ready,
+                    },
+                ) => unsafe {
+                    self.run_conv_gemm(rt, step, plan, *in_gemm, *cols_ready, ws, &mut lap)
+                }?,
+                (
+                    Step::GroupNorm {
+                        shape,
+                        x,
+                        gamma,
+                        beta,
+                        ..
+                    },
+                    Prepared::NormToCols { w, k: kernel },
+                ) => unsafe {
+                    // The workspace is the next step's patch matrix (`norms_into_cols`).
+                    k.group_norm.launch_to_cols(
+                        s,
+                        p(*x),
+                        p(*gamma),
+                        p(*beta),
+                        ws,
+                        shape,
+                        *w,
+                        *kernel,
+                    )
+                }?,
                 (
                     Step::Conv {
                         shape,

@@ -150,7 +150,7 @@ impl GroupNorm {
         s.check()?;
         if s.one_launch() {
             // SAFETY: per the caller's contract.
-            return unsafe { self.launch_small(stream, x, gamma, beta, y, s) };
+            return unsafe { self.launch_small(stream, x, gamma, beta, y, s, None) };
         }
         let chunks = s.chunks();
         let chunk = s.hw.div_ceil(chunks);
@@ -257,10 +257,54 @@ impl GroupNorm {
         }
     }
 
-    /// The one-launch form (`s.one_launch()`).
+    /// The norm (one-launch form) written straight into the patch matrix of the k x k,
+    /// stride-1, padding-(k-1)/2 convolution of the [n, hw / w, w, c] result (`Layout::im2col`'s
+    /// layout, zeros included), instead of into y: the convolution's GEMM reads `cols` without
+    /// an im2col launch of its own.
     ///
     /// # Safety
-    /// As for `launch`.
+    /// As for `launch`, with cols holding n * hw * k * k * c elements (16-byte aligned) in
+    /// place of y.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn launch_to_cols(
+        &self,
+        stream: &CudaStream,
+        x: Ptr,
+        gamma: Ptr,
+        beta: Ptr,
+        cols: Ptr,
+        s: &GroupNormShape,
+        w: usize,
+        k: usize,
+    ) -> Result<(), GpuError> {
+        s.check()?;
+        if !Self::fits_cols(s, w, k) || !cols.is_multiple_of(16) {
+            return Err(shape_err(
+                "group_norm",
+                format!(
+                    "{s:?} into the patches of a {k}x{k} convolution at width {w} (cols {cols:#x})"
+                ),
+            ));
+        }
+        // SAFETY: per the caller's contract; the kernel writes nothing to y with cols set.
+        unsafe { self.launch_small(stream, x, gamma, beta, cols, s, Some((cols, w, k))) }
+    }
+
+    /// Whether `launch_to_cols` takes the norm `s` of an image `w` wide for a k x k convolution:
+    /// the one-launch form, an odd k, whole rows.
+    pub fn fits_cols(s: &GroupNormShape, w: usize, k: usize) -> bool {
+        s.one_launch()
+            && k % 2 == 1
+            && w > 0
+            && s.hw.is_multiple_of(w)
+            && s.n * s.hw * k * k * s.c <= i32::MAX as usize
+    }
+
+    /// The one-launch form (`s.one_launch()`), into y or, with `cols` = (address, image width,
+    /// kernel size), into a convolution's patches.
+    ///
+    /// # Safety
+    /// As for `launch` (and `launch_to_cols` with `cols`).
     unsafe fn launch_small(
         &self,
         stream: &CudaStream,
@@ -269,6 +313,7 @@ impl GroupNorm {
         beta: Ptr,
         y: Ptr,
         s: &GroupNormShape,
+        cols: Option<(Ptr, usize, usize)>,
     ) -> Result<(), GpuError> {
         let cg = s.c / s.groups;
         let wide = cg.is_multiple_of(8) && super::elementwise::aligned16(&[x, y]);
@@ -283,8 +328,9 @@ impl GroupNorm {
         let units = s.hw.div_ceil(parts) * cg / v;
         let threads = units.next_multiple_of(32).min(SMALL_THREADS);
         let i = |v: usize| Arg::I(v as i32);
+        let (cols, w, k) = cols.unwrap_or((0, 1, 0));
         // SAFETY: matches group_norm_nhwc_small_f16x{2,8} (const half*, 2 const half*, half*, 3
-        // int, float, 2 int); `parts` blocks per (group, image), a cluster when more than one
+        // int, float, 2 int, half*, 2 int); `parts` blocks per (group, image), a cluster when more than one
         // (at most 8, on sm_90, dividing the grid's x), at most 1024 threads (32 warps, the
         // reduction's shared arrays); 16-byte loads only where the group width is a multiple of
         // 8 and x and y are 16-byte aligned (so is every row: c = groups * width), else 4-byte
@@ -310,6 +356,9 @@ impl GroupNorm {
                     Arg::F(s.eps),
                     i(usize::from(s.silu)),
                     i(parts),
+                    Arg::P(cols),
+                    i(w),
+                    i(k),
                 ],
             )
         }

@@ -199,16 +199,23 @@ pub enum Experiment {
     Pdl,
     /// Convolutions to 8 outputs on our tensor-core kernel (`conv_out`).
     MmaConvOut,
+    /// Group norms that write the next convolution's im2col patches (`group_norm`).
+    NormCols,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 2] = [Experiment::Pdl, Experiment::MmaConvOut];
+    pub const ALL: [Experiment; 3] = [
+        Experiment::Pdl,
+        Experiment::MmaConvOut,
+        Experiment::NormCols,
+    ];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
         match self {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::MmaConvOut => "LIPSTREAM_MMA_CONV_OUT",
+            Experiment::NormCols => "LIPSTREAM_NORM_COLS",
         }
     }
 
