@@ -697,6 +697,10 @@ impl Executor {
                 && shape.pad == [shape.kh / 2, shape.kw / 2]
                 && !pointwise(shape)
                 && (shape.n, shape.h * shape.w, shape.c) == (norm.n, norm.hw, norm.c)
+                // 16-byte vectors only: scattered as 4-byte ones (groups of 10-30 channels,
+                // the 16x16 and 32x32 stages) the patches cost the norm more than the im2col
+                // launch saved (H100, 2026-12-06).
+                && (norm.c / norm.groups.max(1)).is_multiple_of(8)
                 && GroupNorm::fits_cols(norm, shape.w, shape.kh);
             let Loc::Arena(buffer, 0) = *y else {
                 continue;
