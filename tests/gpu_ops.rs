@@ -219,9 +219,10 @@ fn output_convolutions_match() {
 fn norms_writing_convolution_patches_match() {
     let Some(mut rt) = runtime() else { return };
     let on = lipstream_gpu::kernels::Experiment::NormCols.on();
-    // (input, out channels, kernel, norm also an output): 16-byte vectors (40 channels a
-    // group), 4-byte ones (10 and 20), two images, a 1x1 convolution (no patches), a norm the
-    // graph also returns (it must be written).
+    // (input, out channels, kernel, norm also an output): 16-byte vectors (40 and 80 channels
+    // a group: taken), 4-byte ones (10 and 20, two images: left to im2col, where the scatter
+    // cost more than it saved), a 1x1 convolution (no patches), a norm the graph also returns
+    // (it must be written).
     let cases: [(&[usize], usize, usize, bool); 6] = [
         (&[1, 1280, 4, 4], 1280, 3, false),
         (&[1, 320, 16, 16], 320, 3, false),

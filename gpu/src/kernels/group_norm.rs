@@ -330,8 +330,9 @@ impl GroupNorm {
         let i = |v: usize| Arg::I(v as i32);
         let (cols, w, k) = cols.unwrap_or((0, 1, 0));
         // SAFETY: matches group_norm_nhwc_small_f16x{2,8} (const half*, 2 const half*, half*, 3
-        // int, float, 2 int, half*, 2 int); `parts` blocks per (group, image), a cluster when more than one
-        // (at most 8, on sm_90, dividing the grid's x), at most 1024 threads (32 warps, the
+        // int, float, 2 int, half*, 2 int); `parts` blocks per (group, image), a cluster when
+        // more than one (at most 8, on sm_90, dividing the grid's x); with cols, the caller's
+        // patch matrix in place of y (`launch_to_cols`); at most 1024 threads (32 warps, the
         // reduction's shared arrays); 16-byte loads only where the group width is a multiple of
         // 8 and x and y are 16-byte aligned (so is every row: c = groups * width), else 4-byte
         // loads on an even width (checked) at 4-byte aligned addresses.
