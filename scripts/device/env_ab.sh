@@ -17,7 +17,7 @@ bin=./.device/bin/lipstream
 engine=/tmp/ab.engine
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 # Every side starts from all experiments off.
-for v in LIPSTREAM_PDL LIPSTREAM_MMA_CONV_OUT LIPSTREAM_NORM_COLS; do unset "$v"; done
+for v in $(experiment_vars); do unset "$v"; done
 t0=$(date +%s)
 $bin engine build --mode camera --batches "${BATCHES:-1,16}" --out "$engine" > "$out/engine_build.log" 2>&1 \
   || { tail -20 "$out/engine_build.log"; exit 1; }

@@ -16,7 +16,7 @@ status=${PIPESTATUS[0]}
 # EXPERIMENTS=1: the op sweep again with every experimental kernel choice on (gpu/src/kernels:
 # `Experiment`), which are off by default until measured.
 if [ "${EXPERIMENTS:-0}" = 1 ]; then
-  LIPSTREAM_PDL=1 LIPSTREAM_MMA_CONV_OUT=1 LIPSTREAM_NORM_COLS=1 ./.device/bin/gpu_ops --nocapture --test-threads=1 \
+  env $(experiment_vars | sed 's/$/=1/') ./.device/bin/gpu_ops --nocapture --test-threads=1 \
     > "$out/gpu_ops_experiments.txt" 2>&1 || status=1
   grep -E "mma|norm -> conv|test result|panicked" "$out/gpu_ops_experiments.txt" | tail -20
 fi

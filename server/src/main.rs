@@ -764,4 +764,10 @@ fn doctor() {
         ),
         (Err(why), Err(_)) => println!("executor: CPU reference executor ({why})"),
     }
+    // Kernel choices not yet measured to pay, each off unless its variable is 1. The device
+    // scripts read this list (scripts/device/env_ab.sh, test.sh EXPERIMENTS=1).
+    for e in lipstream_gpu::kernels::Experiment::ALL {
+        let state = if e.on() { "on" } else { "off" };
+        println!("experiment {}: {state} ({})", e.var(), e.about());
+    }
 }

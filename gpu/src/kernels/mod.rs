@@ -219,6 +219,17 @@ impl Experiment {
         }
     }
 
+    /// What it changes, in a line (`lipstream doctor`).
+    pub fn about(self) -> &'static str {
+        match self {
+            Experiment::Pdl => "programmatic dependent launches of our kernels (sm_90)",
+            Experiment::MmaConvOut => "convolutions to 8 outputs on our tensor-core kernel",
+            Experiment::NormCols => {
+                "group norms write the next convolution's im2col patches (16-byte groups)"
+            }
+        }
+    }
+
     /// Whether this process runs with it.
     pub fn on(self) -> bool {
         static ON: [OnceLock<bool>; Experiment::ALL.len()] =
