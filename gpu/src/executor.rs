@@ -494,8 +494,6 @@ enum Prepared {
     ConvGemm {
         plan: GemmPlan,
         in_gemm: bool,
-        /// The group norm before it wrote the patches already (`Prepared::NormToCols`).
-        cols_ready: bool,
     },
     /// A one-launch group norm that writes the next step's (a convolution lowered to GEMM)
     /// patch matrix instead of its own output, which nothing else reads (an experiment,
@@ -631,11 +629,7 @@ impl Executor {
                     match ex.lower_conv(rt, &p, step, opts)? {
                         Some((plan, in_gemm, cols_bytes)) => {
                             need_ws = need_ws.max(cols_bytes);
-                            Prepared::ConvGemm {
-                                plan,
-                                in_gemm,
-                                cols_ready: false,
-                            }
+                            Prepared::ConvGemm { plan, in_gemm }
                         }
                         None => Prepared::Conv(p),
                     }
@@ -684,6 +678,17 @@ impl Executor {
     /// B=1). Both run back to back on the workspace, which holds the patches.
     fn norms_into_cols(&self, prepared: &mut [Prepared]) {
         let steps = &self.plan.steps;
+        // Steps (and graph outputs) touching each arena buffer.
+        let mut touches: HashMap<usize, usize> = HashMap::new();
+        let locs = steps
+            .iter()
+            .flat_map(Step::locs)
+            .chain(self.plan.outputs.iter().map(|o| o.loc));
+        for l in locs {
+            if let Loc::Arena(b, _) = l {
+                *touches.entry(b).or_default() += 1;
+            }
+        }
         for i in 1..steps.len() {
             let (Step::Conv { shape, x, .. }, Step::GroupNorm { shape: norm, y, .. }) =
                 (&steps[i], &steps[i - 1])
@@ -705,20 +710,10 @@ impl Executor {
             let Loc::Arena(buffer, 0) = *y else {
                 continue;
             };
-            if !same || x != y || !matches!(prepared[i], Prepared::ConvGemm { .. }) {
+            // The norm writes y and the convolution reads it: nothing else may.
+            let only_pair = touches.get(&buffer) == Some(&2);
+            if !same || x != y || !only_pair || !matches!(prepared[i], Prepared::ConvGemm { .. }) {
                 continue;
-            }
-            let ours = |l: &Loc| matches!(l, Loc::Arena(b, _) if *b == buffer);
-            let others = steps
-                .iter()
-                .enumerate()
-                .any(|(j, s)| j != i && j != i - 1 && s.locs().iter().any(ours))
-                || self.plan.outputs.iter().any(|o| ours(&o.loc));
-            if others {
-                continue;
-            }
-            if let Prepared::ConvGemm { cols_ready, .. } = &mut prepared[i] {
-                *cols_ready = true;
             }
             prepared[i - 1] = Prepared::NormToCols {
                 w: shape.w,
@@ -1684,16 +1679,14 @@ impl Executor {
                 (Step::Conv { .. }, Prepared::Conv(plan)) => {
                     unsafe { self.run_conv(rt, step, plan, ws, &mut lap) }?
                 }
-                (
-                    Step::Conv { .. },
-                    Prepared::ConvGemm {
-                        plan,
-                        in_gemm,
-                        cols_ready,
-                    },
-                ) => unsafe {
-                    self.run_conv_gemm(rt, step, plan, *in_gemm, *cols_ready, ws, &mut lap)
-                }?,
+                (Step::Conv { .. }, Prepared::ConvGemm { plan, in_gemm }) => {
+                    // The norm before it wrote the patches already (`norms_into_cols`).
+                    let cols_ready =
+                        i > 0 && matches!(self.prepared[i - 1], Prepared::NormToCols { .. });
+                    unsafe {
+                        self.run_conv_gemm(rt, step, plan, *in_gemm, cols_ready, ws, &mut lap)
+                    }?
+                }
                 (
                     Step::GroupNorm {
                         shape,

@@ -286,8 +286,8 @@ impl GroupNorm {
                 ),
             ));
         }
-        // SAFETY: per the caller's contract; the kernel writes nothing to y with cols set.
-        unsafe { self.launch_small(stream, x, gamma, beta, cols, s, Some((cols, w, k))) }
+        // SAFETY: per the caller's contract: cols takes y's place.
+        unsafe { self.launch_small(stream, x, gamma, beta, cols, s, Some((w, k))) }
     }
 
     /// Whether `launch_to_cols` takes the norm `s` of an image `w` wide for a k x k convolution:
@@ -300,8 +300,8 @@ impl GroupNorm {
             && s.n * s.hw * k * k * s.c <= i32::MAX as usize
     }
 
-    /// The one-launch form (`s.one_launch()`), into y or, with `cols` = (address, image width,
-    /// kernel size), into a convolution's patches.
+    /// The one-launch form (`s.one_launch()`), into y: the normalised image or, with `cols` =
+    /// (image width, kernel size), a convolution's patches.
     ///
     /// # Safety
     /// As for `launch` (and `launch_to_cols` with `cols`).
@@ -313,7 +313,7 @@ impl GroupNorm {
         beta: Ptr,
         y: Ptr,
         s: &GroupNormShape,
-        cols: Option<(Ptr, usize, usize)>,
+        cols: Option<(usize, usize)>,
     ) -> Result<(), GpuError> {
         let cg = s.c / s.groups;
         let wide = cg.is_multiple_of(8) && super::elementwise::aligned16(&[x, y]);
@@ -328,7 +328,10 @@ impl GroupNorm {
         let units = s.hw.div_ceil(parts) * cg / v;
         let threads = units.next_multiple_of(32).min(SMALL_THREADS);
         let i = |v: usize| Arg::I(v as i32);
-        let (cols, w, k) = cols.unwrap_or((0, 1, 0));
+        let (cols, (w, k)) = match cols {
+            Some(geometry) => (y, geometry),
+            None => (0, (1, 0)),
+        };
         // SAFETY: matches group_norm_nhwc_small_f16x{2,8} (const half*, 2 const half*, half*, 3
         // int, float, 2 int, half*, 2 int); `parts` blocks per (group, image), a cluster when
         // more than one (at most 8, on sm_90, dividing the grid's x); with cols, the caller's
