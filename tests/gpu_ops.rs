@@ -505,6 +505,32 @@ fn upsampling_block(n: usize, c: usize, o: usize, hw: usize) -> Graph {
 /// (i + py, j + px), on the CPU executor in f32; and such a pair lowers to that convolution and
 /// one interleave that also sums the groups for the norm after it, with no upsampled image.
 #[test]
+fn concatenations_match() {
+    let Some(mut rt) = runtime() else { return };
+    // Channel concatenations of convolution outputs (channels-last rows): three parts of whole
+    // 16-byte vectors (one launch), widths of 3 and 5 channels (row copies), and five parts
+    // (more than one launch takes).
+    let xt = random(&[2, 8, 6, 6], 40, 1.0);
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 8, 6, 6]);
+    let widths = [16, 8, 24, 3, 5];
+    let outs: Vec<_> = widths
+        .iter()
+        .enumerate()
+        .map(|(i, &o)| conv(&mut g, x, 8, o, 3, 1, [1; 4], 41 + i as u32))
+        .collect();
+    let three = g.push("cat3", Op::Concat { axis: 1 }, &outs[..3]).unwrap();
+    let odd = g
+        .push("cat_odd", Op::Concat { axis: 1 }, &outs[3..])
+        .unwrap();
+    let five = g.push("cat5", Op::Concat { axis: 1 }, &outs).unwrap();
+    g.output("three", three);
+    g.output("odd", odd);
+    g.output("five", five);
+    compare(&mut rt, "concatenations", &g, &[("x", &xt)], 5e-3);
+}
+
+#[test]
 fn upsampling_convolutions_run_on_the_small_image() {
     let (n, c, o, hw) = (2, 16, 24, 5);
     let x = random(&[n, c, hw, hw], 50, 1.0);
@@ -1065,6 +1091,22 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
         .steps
         .iter()
         .any(|s| matches!(s, Step::Conv { stats: Some(_), .. })));
+    // Each skip concatenation is one step that reads both parts in place.
+    let concats = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Concat { .. }))
+        .count();
+    let concat_steps: Vec<usize> = p
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Concat { parts, .. } => Some(parts.len()),
+            _ => None,
+        })
+        .collect();
+    assert!(concats > 0);
+    assert_eq!(concat_steps, vec![2; concats]);
     let (_, arena) = lipstream_gpu::arena::place(&p.lifetimes, 256);
     let total: usize = p.buffers.iter().sum();
     println!("arena {arena} bytes for {total} bytes of buffers");

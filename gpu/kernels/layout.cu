@@ -46,6 +46,32 @@ extern "C" __global__ void copy_rows_f16(const __half* __restrict__ x, __half* _
   y[r * ys + c] = x[r * xs + c];
 }
 
+// Rows of up to four inputs side by side (a concatenation on the innermost storage axis, or one
+// strided copy): y[r * ys + at_i + c] = x_i[r * xs_i + c] for c < at_{i+1} - at_i, 8 halves
+// (16 bytes) a thread, every width, start and stride counted in such vectors. One launch for a
+// whole concatenation instead of one per input; n = rows * cols stays below 2^31 vectors.
+extern "C" __global__ void concat_rows_f16x8(uint4* __restrict__ y, long ys, int rows, int cols,
+                                             const uint4* __restrict__ x0, long xs0,
+                                             const uint4* __restrict__ x1, long xs1, int at1,
+                                             const uint4* __restrict__ x2, long xs2, int at2,
+                                             const uint4* __restrict__ x3, long xs3, int at3) {
+  LS_PDL_ENTER();
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= rows * cols) return;
+  const int r = idx / cols, c = idx - r * cols;
+  uint4 v;
+  if (c < at1) {
+    v = x0[r * xs0 + c];
+  } else if (c < at2) {
+    v = x1[r * xs1 + (c - at1)];
+  } else if (c < at3) {
+    v = x2[r * xs2 + (c - at2)];
+  } else {
+    v = x3[r * xs3 + (c - at3)];
+  }
+  y[r * ys + c] = v;
+}
+
 // Zero padding of NHWC images, 8 channels (16 bytes) per thread, c8 = c / 8: block row
 // blockIdx.y is one output row (image * ho + oy), so only the column needs a division.
 extern "C" __global__ void pad_nhwc_f16x8(const uint4* __restrict__ x, uint4* __restrict__ y,

@@ -29,7 +29,7 @@ use crate::error::GpuError;
 use crate::kernels::conv_out;
 use crate::kernels::group_norm::GroupNorm;
 use crate::kernels::image::{Faces, Image};
-use crate::kernels::layout::Layout;
+use crate::kernels::layout::{Layout, RowsPart};
 use crate::kernels::{Experiment, Kernels, Ptr};
 use crate::plan::{self, Binding, Loc, Plan, Step, WeightForm, WeightUse};
 
@@ -1879,6 +1879,17 @@ impl Executor {
                     },
                     _,
                 ) => unsafe { k.layout.copy_rows(s, p(*x), p(*y), *rows, *cols, *xs, *ys) }?,
+                (Step::Concat { parts, y, rows, ys }, _) => {
+                    let parts: Vec<RowsPart> = parts
+                        .iter()
+                        .map(|c| RowsPart {
+                            x: p(c.x),
+                            cols: c.cols,
+                            xs: c.xs,
+                        })
+                        .collect();
+                    unsafe { k.layout.concat_rows(s, &parts, p(*y), *rows, *ys) }?
+                }
                 (step, _) => {
                     return Err(GpuError::Capture(format!(
                         "step {i} ({}) has no prepared call",

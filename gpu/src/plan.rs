@@ -202,6 +202,22 @@ pub enum Step {
         xs: usize,
         ys: usize,
     },
+    /// A concatenation on the innermost storage axis: the parts' rows side by side in y, rows
+    /// `ys` apart, in one launch (`Layout::concat_rows`).
+    Concat {
+        parts: Vec<ConcatPart>,
+        y: Loc,
+        rows: usize,
+        ys: usize,
+    },
+}
+
+/// One input of `Step::Concat`: `cols` elements of each row, rows `xs` apart.
+#[derive(Clone, Copy, Debug)]
+pub struct ConcatPart {
+    pub x: Loc,
+    pub cols: usize,
+    pub xs: usize,
 }
 
 impl Step {
@@ -252,6 +268,7 @@ impl Step {
                 bias.unwrap_or(Loc::None),
                 stats.map_or(Loc::None, |s| s.0),
             ],
+            Step::Concat { parts, y, .. } => parts.iter().map(|p| p.x).chain([*y]).collect(),
             Step::Softmax { x, .. } => vec![*x],
             Step::Attention {
                 q, k, v, o, part, ..
@@ -320,6 +337,10 @@ impl Step {
             } => {
                 format!("subpixel {n}x{h}x{w} -> {}x{}x{c}", 2 * h, 2 * w)
             }
+            Step::Concat { parts, rows, .. } => {
+                let cols: Vec<String> = parts.iter().map(|p| p.cols.to_string()).collect();
+                format!("concat {rows}x[{}]", cols.join("+"))
+            }
             other => other.name().to_string(),
         }
     }
@@ -343,6 +364,7 @@ impl Step {
             Step::Subpixel { .. } => "subpixel",
             Step::Permute { .. } => "permute",
             Step::CopyRows { .. } => "copy",
+            Step::Concat { .. } => "concat",
         }
     }
 }
@@ -1427,20 +1449,18 @@ impl<'g> Lower<'g> {
                 let inner: usize = od[sa + 1..].iter().product();
                 let rows: usize = od[..sa].iter().product();
                 let y = self.act(&out);
-                let mut at = 0;
+                let mut parts = Vec::with_capacity(ins.len());
                 for (v, val) in ins.iter().zip(&vals) {
                     let x = self.operand(*v, layout)?;
-                    let len = storage_dims(&val.shape, layout)[sa];
-                    self.push(Step::CopyRows {
-                        x,
-                        y: y.at(at * inner),
-                        rows,
-                        cols: len * inner,
-                        xs: len * inner,
-                        ys: od[sa] * inner,
-                    });
-                    at += len;
+                    let cols = storage_dims(&val.shape, layout)[sa] * inner;
+                    parts.push(ConcatPart { x, cols, xs: cols });
                 }
+                self.push(Step::Concat {
+                    parts,
+                    y,
+                    rows,
+                    ys: od[sa] * inner,
+                });
                 self.set(i, y, layout);
             }
             Op::Slice { axis, start, end } => {

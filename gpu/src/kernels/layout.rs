@@ -13,11 +13,38 @@ pub(crate) const SRC: &str = concat!(
     include_str!("../../kernels/layout.cu")
 );
 
+/// Most inputs `Layout::concat_rows` joins in one launch.
+const CONCAT_PARTS: usize = 4;
+
+/// One input of a row concatenation: `cols` elements of each row, rows `xs` elements apart.
+#[derive(Clone, Copy, Debug)]
+pub struct RowsPart {
+    pub x: Ptr,
+    pub cols: usize,
+    pub xs: usize,
+}
+
+/// Whether rows copy as 16-byte vectors: every address, width and stride a multiple of 8
+/// halves, and the vector count small enough for the kernel's int indices.
+fn vector_rows(parts: &[RowsPart], y: Ptr, rows: usize, ys: usize) -> bool {
+    let cols: usize = parts.iter().map(|p| p.cols).sum();
+    !parts.is_empty()
+        && ys % 8 == 0
+        && cols <= ys
+        && rows
+            .checked_mul(cols / 8)
+            .is_some_and(|n| n < i32::MAX as usize)
+        && parts.iter().all(|p| p.cols % 8 == 0 && p.xs % 8 == 0)
+        && super::elementwise::aligned16(&[y])
+        && parts.iter().all(|p| super::elementwise::aligned16(&[p.x]))
+}
+
 /// The compiled kernels.
 pub struct Layout {
     permute: CudaFunction,
     permute8: CudaFunction,
     copy_rows: CudaFunction,
+    concat_rows: CudaFunction,
     pad_nhwc: CudaFunction,
     pad_nhwc_x8: CudaFunction,
     im2col: CudaFunction,
@@ -30,6 +57,7 @@ impl Layout {
             permute: m.load_function("permute_f16")?,
             permute8: m.load_function("permute_f16x8")?,
             copy_rows: m.load_function("copy_rows_f16")?,
+            concat_rows: m.load_function("concat_rows_f16x8")?,
             pad_nhwc: m.load_function("pad_nhwc_f16")?,
             pad_nhwc_x8: m.load_function("pad_nhwc_f16x8")?,
             im2col: m.load_function("im2col_nhwc_f16x8")?,
@@ -86,6 +114,11 @@ impl Layout {
         xs: usize,
         ys: usize,
     ) -> Result<(), GpuError> {
+        let part = [RowsPart { x, cols, xs }];
+        if vector_rows(&part, y, rows, ys) {
+            // SAFETY: per this function's contract; alignment checked above.
+            return unsafe { self.concat_rows_x8(stream, &part, y, rows, ys) };
+        }
         let args = [
             Arg::P(x),
             Arg::P(y),
@@ -96,6 +129,85 @@ impl Layout {
         ];
         // SAFETY: matches copy_rows_f16 (const half*, half*, 4 long).
         unsafe { launch(stream, &self.copy_rows, elems(rows * cols), &args) }
+    }
+
+    /// The parts' rows side by side: y[r * ys + at + c] = part.x[r * part.xs + c] for c <
+    /// part.cols, each part starting where the one before it ends (at = the widths before it).
+    /// One launch when every width and stride keeps 16-byte vectors and there are at most
+    /// four parts (every concatenation of the models), else one row copy per part.
+    ///
+    /// # Safety
+    /// Each part's x must hold its rows at its stride, y the rows at ys.
+    pub unsafe fn concat_rows(
+        &self,
+        stream: &CudaStream,
+        parts: &[RowsPart],
+        y: Ptr,
+        rows: usize,
+        ys: usize,
+    ) -> Result<(), GpuError> {
+        if parts.len() <= CONCAT_PARTS && vector_rows(parts, y, rows, ys) {
+            // SAFETY: per this function's contract; alignment and part count checked above.
+            return unsafe { self.concat_rows_x8(stream, parts, y, rows, ys) };
+        }
+        let mut at = 0;
+        for part in parts {
+            // SAFETY: per this function's contract; part i's columns start `at` into y's rows.
+            unsafe {
+                self.copy_rows(
+                    stream,
+                    part.x,
+                    y + 2 * at as u64,
+                    rows,
+                    part.cols,
+                    part.xs,
+                    ys,
+                )
+            }?;
+            at += part.cols;
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// As for `concat_rows`, with `vector_rows` true and at most CONCAT_PARTS parts.
+    unsafe fn concat_rows_x8(
+        &self,
+        stream: &CudaStream,
+        parts: &[RowsPart],
+        y: Ptr,
+        rows: usize,
+        ys: usize,
+    ) -> Result<(), GpuError> {
+        let cols: usize = parts.iter().map(|p| p.cols / 8).sum();
+        let mut args = vec![
+            Arg::P(y),
+            Arg::L((ys / 8) as i64),
+            Arg::I(rows as i32),
+            Arg::I(cols as i32),
+        ];
+        let last = *parts
+            .last()
+            .ok_or_else(|| GpuError::Capture("a concatenation of nothing".into()))?;
+        let mut at = 0;
+        for i in 0..CONCAT_PARTS {
+            // Slots past the last part repeat it, starting past every column: never taken.
+            let (p, start) = match parts.get(i) {
+                Some(p) => (*p, at),
+                None => (last, cols),
+            };
+            args.push(Arg::P(p.x));
+            args.push(Arg::L((p.xs / 8) as i64));
+            if i > 0 {
+                args.push(Arg::I(start as i32));
+            }
+            at += p.cols / 8;
+        }
+        // SAFETY: matches concat_rows_f16x8 (half4*, long, 2 int, then (ptr, long) and three
+        // (ptr, long, int)); every part's base, width and stride is a multiple of 16 bytes
+        // (vector_rows), and rows * cols fits an int, so every uint4 access is aligned and inside
+        // the rows the caller vouches for.
+        unsafe { launch(stream, &self.concat_rows, elems(rows * cols), &args) }
     }
 
     /// x [n, h, w, c] -> y [n, h + top + bottom, w + left + right, c], zeros around.
