@@ -29,12 +29,12 @@ pub struct RowsPart {
 fn vector_rows(parts: &[RowsPart], y: Ptr, rows: usize, ys: usize) -> bool {
     let cols: usize = parts.iter().map(|p| p.cols).sum();
     !parts.is_empty()
-        && ys % 8 == 0
+        && ys.is_multiple_of(8)
         && cols <= ys
         && rows
             .checked_mul(cols / 8)
             .is_some_and(|n| n < i32::MAX as usize)
-        && parts.iter().all(|p| p.cols % 8 == 0 && p.xs % 8 == 0)
+        && parts.iter().all(|p| p.cols.is_multiple_of(8) && p.xs.is_multiple_of(8))
         && super::elementwise::aligned16(&[y])
         && parts.iter().all(|p| super::elementwise::aligned16(&[p.x]))
 }
