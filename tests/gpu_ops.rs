@@ -15,7 +15,7 @@ use lipstream_engines::weights::{Checkpoint, Weights};
 use lipstream_engines::{cpu, Graph, Op, Tensor, ValueId};
 use lipstream_gpu::device::{libraries, Device};
 use lipstream_gpu::plan::{self, Step};
-use lipstream_gpu::{ConvAsGemm, ConvGraphs, Executor, FuseConv, Options, Runtime};
+use lipstream_gpu::{ConvAsGemm, ConvGraphs, ConvOutMma, Executor, FuseConv, Options, Runtime};
 
 fn runtime() -> Option<Runtime> {
     let libs = libraries();
@@ -61,12 +61,17 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         graphs: ConvGraphs::Always,
         ..Options::HEURISTIC
     };
+    let mma_opts = Options {
+        mma: ConvOutMma::Always,
+        ..Options::HEURISTIC
+    };
     let mut fused = 0;
     let builds = [
         (Options::HEURISTIC, "plain"),
         (fused_opts, "fused"),
         (gemm_opts, "gemm"),
         (graph_opts, "graph"),
+        (mma_opts, "mma"),
     ];
     for (opts, how) in builds {
         let mut ex =
@@ -81,6 +86,9 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
             continue;
         }
         if how == "graph" && ex.graph_convs().0 == 0 {
+            continue;
+        }
+        if how == "mma" && ex.mma_convs().0 == 0 {
             continue;
         }
         for captured in [false, true] {
@@ -181,8 +189,8 @@ fn convolutions_match() {
 }
 
 /// Convolutions to 3 and 4 channels (padded to 8), as the VAE's and the UNet's conv_out, at a
-/// row width that ends in a partial 16-pixel tile. With LIPSTREAM_MMA_CONV_OUT=1 (an experiment,
-/// scripts/device/test.sh EXPERIMENTS=1) they run on our tensor-core kernel, which is checked.
+/// row width that ends in a partial 16-pixel tile, on the library path and on our tensor-core
+/// kernel (which the engine build picks per kind when it times faster).
 #[test]
 fn output_convolutions_match() {
     let Some(mut rt) = runtime() else { return };
@@ -197,13 +205,18 @@ fn output_convolutions_match() {
         let x = g.input("x", shape);
         let y = conv(&mut g, x, shape[1], *o, 3, 1, [1; 4], 90 + 2 * i as u32);
         g.output("y", y);
-        let ex = Executor::new(&mut rt, &g, "out", Options::HEURISTIC).unwrap();
-        let on = lipstream_gpu::kernels::Experiment::MmaConvOut.on();
-        assert_eq!(ex.mma_convs(), (on as usize, 1), "{shape:?} -> {o}");
+        for (mma, want) in [(ConvOutMma::Never, 0), (ConvOutMma::Always, 1)] {
+            let opts = Options {
+                mma,
+                ..Options::HEURISTIC
+            };
+            let ex = Executor::new(&mut rt, &g, "out", opts).unwrap();
+            assert_eq!(ex.mma_convs(), (want, 1), "{shape:?} -> {o} ({mma:?})");
+        }
         let xt = random(shape, 100 + i as u32, 1.0);
         compare(
             &mut rt,
-            &format!("conv_out {shape:?}->{o}{}", if on { " (mma)" } else { "" }),
+            &format!("conv_out {shape:?}->{o}"),
             &g,
             &[("x", &xt)],
             5e-3,

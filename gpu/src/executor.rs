@@ -49,6 +49,8 @@ pub struct Options {
     pub gemm: ConvAsGemm,
     /// Whether a convolution runs on an engine of cuDNN's graph API instead of its legacy call.
     pub graphs: ConvGraphs,
+    /// Whether a convolution to 8 outputs runs on our tensor-core kernel instead.
+    pub mma: ConvOutMma,
 }
 
 impl Options {
@@ -58,6 +60,7 @@ impl Options {
         fuse: FuseConv::Timed,
         gemm: ConvAsGemm::Timed,
         graphs: ConvGraphs::Timed,
+        mma: ConvOutMma::Timed,
     };
     /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
     pub const HEURISTIC: Options = Options {
@@ -65,7 +68,38 @@ impl Options {
         fuse: FuseConv::Never,
         gemm: ConvAsGemm::Never,
         graphs: ConvGraphs::Never,
+        mma: ConvOutMma::Never,
     };
+}
+
+/// Whether a 3x3 convolution to 8 (padded) outputs (the VAE's conv_out to RGB, the UNet's to its
+/// latents) runs on our tensor-core kernel (`kernels::conv_out`) instead of the library path
+/// chosen for it, which spends most of its work on channel padding. Which wins depends on the
+/// batch: on an H100 the kernel lost at one image and won at 16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvOutMma {
+    /// Always the library path.
+    Never,
+    /// Every convolution the kernel fits (numerics tests).
+    Always,
+    /// Whichever of the two was faster when timed on the real buffers (`tune`); decisions
+    /// already in the runtime (an engine file's) are kept.
+    Timed,
+}
+
+/// What decides a convolution to 8 outputs: its shape and whether a channel bias is added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct MmaKey {
+    pub shape: ConvShape,
+    pub bias: bool,
+}
+
+/// A timed decision: whether our kernel runs, and both times.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MmaConv {
+    pub mma: bool,
+    pub mma_ms: f32,
+    pub library_ms: f32,
 }
 
 /// Whether a channels-last convolution is lowered to im2col + one cuBLASLt GEMM (its bias and
@@ -229,6 +263,7 @@ pub struct Tuning {
     pub fusions: Vec<(FuseKey, Fusion)>,
     pub gemm_convs: Vec<(GemmKey, GemmConv)>,
     pub graph_convs: Vec<(GraphConvKey, GraphConv)>,
+    pub mma_convs: Vec<(MmaKey, MmaConv)>,
 }
 
 impl Tuning {
@@ -237,6 +272,7 @@ impl Tuning {
             && self.fusions.is_empty()
             && self.gemm_convs.is_empty()
             && self.graph_convs.is_empty()
+            && self.mma_convs.is_empty()
     }
 
     /// What `rt` has timed so far.
@@ -250,6 +286,7 @@ impl Tuning {
                 .iter()
                 .map(|(k, v)| (*k, v.clone()))
                 .collect(),
+            mma_convs: rt.mma_convs.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 
@@ -259,6 +296,7 @@ impl Tuning {
         rt.fusions.extend(self.fusions.iter().copied());
         rt.gemm_convs.extend(self.gemm_convs.iter().copied());
         rt.graph_convs.extend(self.graph_convs.iter().cloned());
+        rt.mma_convs.extend(self.mma_convs.iter().copied());
     }
 }
 
@@ -279,6 +317,8 @@ pub struct Runtime {
     pub gemm_convs: HashMap<GemmKey, GemmConv>,
     /// Whether each convolution kind runs on a graph-API engine, and which.
     pub graph_convs: HashMap<GraphConvKey, GraphConv>,
+    /// Whether each convolution kind to 8 outputs runs on our tensor-core kernel.
+    pub mma_convs: HashMap<MmaKey, MmaConv>,
     workspace: Option<CudaSlice<u8>>,
     workspace_bytes: usize,
     /// The most workspace any prepared convolution needs.
@@ -306,6 +346,7 @@ impl Runtime {
             fusions: HashMap::new(),
             gemm_convs: HashMap::new(),
             graph_convs: HashMap::new(),
+            mma_convs: HashMap::new(),
             workspace: None,
             workspace_bytes: 0,
             workspace_need: 0,
@@ -550,11 +591,7 @@ impl Executor {
         let mut prepared = Vec::with_capacity(ex.plan.steps.len());
         let mut need_ws = 0;
         for step in &ex.plan.steps {
-            if Experiment::MmaConvOut.on() && Self::mma_conv_out(step) {
-                prepared.push(Prepared::ConvOut);
-                continue;
-            }
-            prepared.push(match step {
+            let library = match step {
                 Step::Conv {
                     shape,
                     x,
@@ -661,6 +698,11 @@ impl Executor {
                     Prepared::Gemm(plan)
                 }
                 _ => Prepared::None,
+            };
+            prepared.push(if Self::mma_conv_out(step) {
+                ex.choose_conv_out(rt, step, library, opts)?
+            } else {
+                library
             });
         }
         rt.reserve_workspace(need_ws)?;
@@ -789,6 +831,101 @@ impl Executor {
             stats: None,
             ..
         } if conv_out::fits(shape) && channel_bias(shape, bias))
+    }
+
+    /// `library` (convolution `step` as prepared for cuDNN or cuBLASLt), or our tensor-core
+    /// kernel to 8 outputs, as `opts` and its timing say.
+    fn choose_conv_out(
+        &self,
+        rt: &mut Runtime,
+        step: &Step,
+        library: Prepared,
+        opts: Options,
+    ) -> Result<Prepared, GpuError> {
+        let Step::Conv { shape, bias, .. } = step else {
+            return Ok(library);
+        };
+        let key = MmaKey {
+            shape: *shape,
+            bias: bias.is_some(),
+        };
+        let mma = match opts.mma {
+            ConvOutMma::Never => false,
+            ConvOutMma::Always => true,
+            ConvOutMma::Timed => match rt.mma_convs.get(&key) {
+                Some(d) => d.mma,
+                None if !opts.tune => false,
+                None => {
+                    let d = self.time_conv_out(rt, step, &library)?;
+                    rt.mma_convs.insert(key, d);
+                    d.mma
+                }
+            },
+        };
+        Ok(if mma { Prepared::ConvOut } else { library })
+    }
+
+    /// Times convolution `step` as `library` prepared it (its epilogue included) against our
+    /// tensor-core kernel, on its real buffers. y is scratch until the step runs.
+    fn time_conv_out(
+        &self,
+        rt: &mut Runtime,
+        step: &Step,
+        library: &Prepared,
+    ) -> Result<MmaConv, GpuError> {
+        let Step::Conv {
+            shape,
+            x,
+            w,
+            y,
+            bias,
+            ..
+        } = step
+        else {
+            return Err(GpuError::Capture(
+                "timing the tensor-core kernel for a step that is no convolution".into(),
+            ));
+        };
+        rt.reserve_workspace(TUNE_WORKSPACE_BYTES.max(IM2COL_MAX_BYTES))?;
+        let ws = rt.workspace_ptr();
+        let stream = rt.stream().clone();
+        let rt = &*rt;
+        let p = |l: Loc| self.ptr(rt, l);
+        // SAFETY: the step's own operands, placed and sized by the plan for `shape`; the
+        // workspace holds more than any library path asks. Each way runs eagerly once before
+        // its capture, so that what it loads lazily is loaded.
+        let lib = || unsafe {
+            match library {
+                Prepared::Conv(plan) => self.run_conv(rt, step, plan, ws, &mut |_| Ok(())),
+                Prepared::ConvGemm { plan, in_gemm } => {
+                    self.run_conv_gemm(rt, step, plan, *in_gemm, false, ws, &mut |_| Ok(()))
+                }
+                _ => Err(GpuError::Capture(
+                    "a convolution prepared for no library".into(),
+                )),
+            }
+        };
+        lib()?;
+        let library_ms = time_gpu(&stream, lib)?;
+        // SAFETY: as above; the kernel fits `shape` (`mma_conv_out`).
+        let mma = || unsafe {
+            rt.kernels.conv_out.forward(
+                &stream,
+                shape,
+                p(*x),
+                p(*w),
+                bias.map_or(0, |(l, _)| p(l)),
+                p(*y),
+            )
+        };
+        mma()?;
+        let mma_ms = time_gpu(&stream, mma)?;
+        // Ours must win clearly: the timings carry a few percent of noise.
+        Ok(MmaConv {
+            mma: mma_ms < 0.97 * library_ms,
+            mma_ms,
+            library_ms,
+        })
     }
 
     /// Convolution `step` as im2col + GEMM when `opts` and its timing say so: the GEMM's plan,

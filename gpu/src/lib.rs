@@ -20,4 +20,7 @@ pub mod plan;
 
 pub use device::Device;
 pub use error::GpuError;
-pub use executor::{ConvAsGemm, ConvGraphs, Executor, FuseConv, Options, Runtime, Staging, Tuning};
+pub use executor::{
+    ConvAsGemm, ConvGraphs, ConvOutMma, Executor, FuseConv, MmaConv, MmaKey, Options, Runtime,
+    Staging, Tuning,
+};

@@ -4,7 +4,7 @@
 # Builds the full-size random-weight camera engine once (its timed choices then hold for every
 # side), then times STAGES with every experiment off and with one of VARS set to 1, alternately,
 # ROUNDS times each, so drift of the card's clocks lands on both sides alike.
-#   VARS=LIPSTREAM_PDL,LIPSTREAM_MMA_CONV_OUT ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
+#   VARS=LIPSTREAM_PDL,LIPSTREAM_NORM_COLS ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
 # Writes the change tables (one per experiment and round) to $OUT/summary.txt and the reports
 # and logs as one archive, $OUT/env_ab.tgz (the device returns at most 8 files).
 set -uo pipefail

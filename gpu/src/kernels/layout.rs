@@ -34,7 +34,9 @@ fn vector_rows(parts: &[RowsPart], y: Ptr, rows: usize, ys: usize) -> bool {
         && rows
             .checked_mul(cols / 8)
             .is_some_and(|n| n < i32::MAX as usize)
-        && parts.iter().all(|p| p.cols.is_multiple_of(8) && p.xs.is_multiple_of(8))
+        && parts
+            .iter()
+            .all(|p| p.cols.is_multiple_of(8) && p.xs.is_multiple_of(8))
         && super::elementwise::aligned16(&[y])
         && parts.iter().all(|p| super::elementwise::aligned16(&[p.x]))
 }

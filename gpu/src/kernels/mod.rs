@@ -197,24 +197,17 @@ fn programmatic(stream: &CudaStream) -> bool {
 pub enum Experiment {
     /// Programmatic dependent launches (`programmatic`).
     Pdl,
-    /// Convolutions to 8 outputs on our tensor-core kernel (`conv_out`).
-    MmaConvOut,
     /// Group norms that write the next convolution's im2col patches (`group_norm`).
     NormCols,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 3] = [
-        Experiment::Pdl,
-        Experiment::MmaConvOut,
-        Experiment::NormCols,
-    ];
+    pub const ALL: [Experiment; 2] = [Experiment::Pdl, Experiment::NormCols];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
         match self {
             Experiment::Pdl => "LIPSTREAM_PDL",
-            Experiment::MmaConvOut => "LIPSTREAM_MMA_CONV_OUT",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
         }
     }
@@ -223,7 +216,6 @@ impl Experiment {
     pub fn about(self) -> &'static str {
         match self {
             Experiment::Pdl => "programmatic dependent launches of our kernels (sm_90)",
-            Experiment::MmaConvOut => "convolutions to 8 outputs on our tensor-core kernel",
             Experiment::NormCols => {
                 "group norms write the next convolution's im2col patches (16-byte groups)"
             }

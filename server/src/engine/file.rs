@@ -20,7 +20,7 @@ use lipstream_engines::weights::{safetensors, Checkpoint, DType, Weights};
 use lipstream_gpu::conv::ConvShape;
 use lipstream_gpu::device::Device;
 use lipstream_gpu::executor::{
-    FuseKey, Fusion, GemmConv, GemmKey, GraphConv, GraphConvKey, Tuned, Tuning,
+    FuseKey, Fusion, GemmConv, GemmKey, GraphConv, GraphConvKey, MmaConv, MmaKey, Tuned, Tuning,
 };
 use lipstream_gpu::{Executor, Options, Runtime};
 use serde::{Deserialize, Serialize};
@@ -108,6 +108,10 @@ pub struct Header {
     /// Files built before convolutions could run on graph-API engines have none: all legacy.
     #[serde(default)]
     pub graph_convs: Vec<(GraphConvKey, GraphConv)>,
+    /// Files built before convolutions to 8 outputs could run on our tensor-core kernel have
+    /// none: all on the library path.
+    #[serde(default)]
+    pub mma_convs: Vec<(MmaKey, MmaConv)>,
     pub profiles: Vec<Profile>,
     pub kernels: Vec<KernelImage>,
     pub build_s: f64,
@@ -233,6 +237,12 @@ pub fn build(
             k.stats,
         )
     });
+    let mut mma_convs: Vec<(MmaKey, MmaConv)> =
+        rt.mma_convs.iter().map(|(k, m)| (*k, *m)).collect();
+    mma_convs.sort_by_key(|(k, _)| {
+        let s = k.shape;
+        (s.n, s.c, s.h, s.w, k.bias)
+    });
     let header = Header {
         format: FORMAT.into(),
         stage: stage.name().into(),
@@ -251,6 +261,7 @@ pub fn build(
         fusions,
         gemm_convs,
         graph_convs,
+        mma_convs,
         profiles,
         kernels: kernel_list(&images)?,
         build_s: started.elapsed().as_secs_f64(),
@@ -490,6 +501,7 @@ pub fn tuned(header: &Header) -> anyhow::Result<Tuning> {
         fusions,
         gemm_convs: header.gemm_convs.clone(),
         graph_convs: header.graph_convs.clone(),
+        mma_convs: header.mma_convs.clone(),
     })
 }
 
@@ -580,7 +592,7 @@ pub fn describe(path: &Path) -> anyhow::Result<String> {
     );
     let weights = || c.keys().filter(|k| !k.starts_with(KERNELS));
     s += &format!(
-        "  {} tuned convolutions ({} of {} bias kinds on cuDNN's fused call, {} of {} kinds as im2col + cuBLASLt GEMM, {} of {} on graph-API engines); {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
+        "  {} tuned convolutions ({} of {} bias kinds on cuDNN's fused call, {} of {} kinds as im2col + cuBLASLt GEMM, {} of {} on graph-API engines, {} of {} to 8 outputs on our tensor-core kernel); {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
         h.convs.len(),
         h.fusions.iter().filter(|f| f.fused.is_some()).count(),
         h.fusions.len(),
@@ -588,6 +600,8 @@ pub fn describe(path: &Path) -> anyhow::Result<String> {
         h.gemm_convs.len(),
         h.graph_convs.iter().filter(|(_, g)| g.choice.is_some()).count(),
         h.graph_convs.len(),
+        h.mma_convs.iter().filter(|(_, m)| m.mma).count(),
+        h.mma_convs.len(),
         weights().count(),
         weights().filter_map(|k| c.entry(k)).map(|e| e.bytes).sum::<u64>() as f64 / (1 << 20) as f64,
         bytes as f64 / (1 << 20) as f64,
@@ -639,6 +653,7 @@ mod tests {
             fusions: vec![],
             gemm_convs: vec![],
             graph_convs: vec![],
+            mma_convs: vec![],
             profiles: vec![],
             kernels: kernel_list(&images()).unwrap(),
             build_s: 0.0,

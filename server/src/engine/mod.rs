@@ -17,7 +17,9 @@ use lipstream_engines::presets::{ModelSet, Preset};
 use lipstream_engines::weights::Weights;
 use lipstream_engines::{cpu, Graph, Tensor};
 use lipstream_gpu::device::Device;
-use lipstream_gpu::{ConvAsGemm, ConvGraphs, Executor, FuseConv, Options, Runtime, Tuning};
+use lipstream_gpu::{
+    ConvAsGemm, ConvGraphs, ConvOutMma, Executor, FuseConv, Options, Runtime, Tuning,
+};
 use serde_json::{json, Value};
 
 pub mod file;
@@ -173,6 +175,7 @@ pub fn executors(
         fuse: FuseConv::Timed,
         gemm: ConvAsGemm::Timed,
         graphs: ConvGraphs::Timed,
+        mma: ConvOutMma::Timed,
     };
     let mut profiles = Vec::new();
     for &b in batches {
@@ -270,6 +273,23 @@ fn gemm_report(rt: &Runtime) -> Vec<Value> {
         .collect()
 }
 
+fn mma_report(rt: &Runtime) -> Vec<Value> {
+    let mut v: Vec<_> = rt.mma_convs.iter().collect();
+    v.sort_by_key(|(k, _)| (k.shape.n, k.shape.c, k.shape.h, k.shape.w, k.bias));
+    v.into_iter()
+        .map(|(k, m)| {
+            let s = k.shape;
+            json!({
+                "conv": format!("{}x{}x{}x{} -> {} k{}x{}", s.n, s.c, s.h, s.w, s.o, s.kh, s.kw),
+                "bias": k.bias,
+                "library_ms": m.library_ms,
+                "mma_ms": m.mma_ms,
+                "mma": m.mma,
+            })
+        })
+        .collect()
+}
+
 /// What `bench engine` measures.
 pub struct BenchOptions {
     pub batches: Vec<usize>,
@@ -334,6 +354,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
                 } else {
                     ConvGraphs::Never
                 },
+                mma: ConvOutMma::Timed,
             },
         )
         .with_context(|| format!("building {} B={batch}", stage.name()))?;
@@ -437,6 +458,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         "conv_fusions": fusion_report(&rt),
         "conv_graphs": graph_report(&rt),
         "conv_gemms": gemm_report(&rt),
+        "conv_mma": mma_report(&rt),
         "build_s": build_s,
         "results": results,
         "profile": profile,
