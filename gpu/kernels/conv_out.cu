@@ -5,11 +5,14 @@
 // shape instead: mma.sync m16n8k16, 16 pixels of a row x 8 outputs x 16 channels a step, fp32
 // sums.
 //
-// One warp per 16 pixels of a row. The 16 k-slots of a step need not be 16 consecutive
-// channels, only the same channels in A (pixels x channels) and B (channels x outputs): lane t
-// loads channels 8k..8k+7 (k = t, t + 4, ...) of its pixels and of its output's filter as one
-// 16-byte vector, which feeds two steps, channels 8k..8k+3 as slots (2t, 2t+1, 2t+8, 2t+9) of
-// the first and 8k+4..8k+7 of the second.
+// One warp per 16 pixels of two output rows of one image, so each input row it loads serves
+// both output rows it lies under (4 rows read for 2 written, not 6): the loads are what bound
+// this kernel, not the MMAs. The 16 k-slots of a step need not be 16 consecutive channels, only
+// the same channels in A (pixels x channels) and B (channels x outputs): lane t loads channels
+// 8k..8k+7 (k = t, t + 4, ...) of its pixels and of its output's filter as one 16-byte vector,
+// which feeds two steps, channels 8k..8k+3 as slots (2t, 2t+1, 2t+8, 2t+9) of the first and
+// 8k+4..8k+7 of the second. The three column taps' loads of a k are issued together, so a warp
+// has many loads in flight instead of one tap's at a time.
 #include <cuda_fp16.h>
 
 __device__ __forceinline__ void conv_out_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -21,8 +24,8 @@ __device__ __forceinline__ void conv_out_mma(float* c, unsigned a0, unsigned a1,
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// x [rows = n * h, wd, c] (c a multiple of 32), w [8][3][3][c], bias [8] or null,
-// y [rows, wd, 8]; `tiles` = rows * ceil(wd / 16) warps, 4 a block.
+// x [n, h, wd, c] (c a multiple of 32), w [8][3][3][c], bias [8] or null, y [n, h, wd, 8];
+// `tiles` = n * ceil(h / 2) * ceil(wd / 16) warps, 4 a block.
 extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_nhwc_f16(const __half* __restrict__ x,
                                                                        const __half* __restrict__ w,
                                                                        const __half* __restrict__ bias,
@@ -32,37 +35,57 @@ extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_nhwc_f16(const __
   const int tile = blockIdx.x * 4 + threadIdx.x / 32;
   if (tile >= tiles) return;  // the whole warp: no barrier follows
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int tiles_row = (wd + 15) / 16;
-  const long row = tile / tiles_row;
-  const int x0 = (tile % tiles_row) * 16, py = (int)(row % h);
-  const int xa = x0 + g, xb = x0 + g + 8;  // this lane's two pixels (A rows g and g + 8)
+  const int tiles_row = (wd + 15) / 16, pairs = (h + 1) / 2;
+  const int x0 = (tile % tiles_row) * 16, rest = tile / tiles_row;
+  const long image_row = (long)(rest / pairs) * h;  // the image's first row
+  const int py0 = (rest % pairs) * 2;               // this warp's first output row
+  const bool second = py0 + 1 < h;                  // an odd image height leaves it out
+  const int xa = x0 + g, xb = x0 + g + 8;           // this lane's two pixels (A rows g and g + 8)
   const int c8 = c / 8;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int dy = 0; dy < 3; ++dy) {
-    const int yy = py + dy - 1;
-    if (yy < 0 || yy >= h) continue;  // the same for the whole warp
-    const uint4* src = reinterpret_cast<const uint4*>(x + (row + dy - 1) * wd * (long)c);
+  bool va[3], vb[3];
 #pragma unroll
-    for (int dx = 0; dx < 3; ++dx) {
-      const int ca = xa + dx - 1, cb = xb + dx - 1;
-      const bool va = ca >= 0 && ca < wd, vb = cb >= 0 && cb < wd;
-      const uint4* pa = src + (long)ca * c8;
-      const uint4* pb = src + (long)cb * c8;
-      const uint4* wt = reinterpret_cast<const uint4*>(w + ((long)g * 9 + dy * 3 + dx) * c);
-      for (int k = t; k < c8; k += 4) {
-        const uint4 av = va ? pa[k] : zero;
-        const uint4 bv = vb ? pb[k] : zero;
-        const uint4 wv = wt[k];
-        conv_out_mma(acc, av.x, bv.x, av.y, bv.y, wv.x, wv.y);
-        conv_out_mma(acc, av.z, bv.z, av.w, bv.w, wv.z, wv.w);
+  for (int dx = 0; dx < 3; ++dx) {
+    va[dx] = xa + dx - 1 >= 0 && xa + dx - 1 < wd;
+    vb[dx] = xb + dx - 1 >= 0 && xb + dx - 1 < wd;
+  }
+  // Filter of output g: tap (dy, dx) at w + (g * 9 + dy * 3 + dx) * c.
+  const uint4* wg = reinterpret_cast<const uint4*>(w + (long)g * 9 * c);
+  for (int i = 0; i < 4; ++i) {  // input rows py0 - 1 .. py0 + 2
+    const int yy = py0 + i - 1;
+    if (yy < 0 || yy >= h) continue;  // the same for the whole warp
+    // Output row j sees this input row through filter row i - j.
+    const bool use0 = i <= 2, use1 = second && i >= 1;
+    const uint4* src = reinterpret_cast<const uint4*>(x + (image_row + yy) * wd * (long)c);
+    for (int k = t; k < c8; k += 4) {
+      uint4 av[3], bv[3];
+#pragma unroll
+      for (int dx = 0; dx < 3; ++dx) {
+        av[dx] = va[dx] ? src[(long)(xa + dx - 1) * c8 + k] : zero;
+        bv[dx] = vb[dx] ? src[(long)(xb + dx - 1) * c8 + k] : zero;
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        if (!(j == 0 ? use0 : use1)) continue;
+        const uint4* wt = wg + (long)(i - j) * 3 * c8 + k;
+#pragma unroll
+        for (int dx = 0; dx < 3; ++dx) {
+          const uint4 wv = wt[(long)dx * c8];
+          conv_out_mma(acc[j], av[dx].x, bv[dx].x, av[dx].y, bv[dx].y, wv.x, wv.y);
+          conv_out_mma(acc[j], av[dx].z, bv[dx].z, av[dx].w, bv[dx].w, wv.z, wv.w);
+        }
       }
     }
   }
   // C rows g and g + 8 (pixels xa, xb), columns 2t, 2t + 1 (outputs).
   const float b0 = bias ? __half2float(bias[2 * t]) : 0.f;
   const float b1 = bias ? __half2float(bias[2 * t + 1]) : 0.f;
-  __half2* out = reinterpret_cast<__half2*>(y + row * wd * 8L);
-  if (xa < wd) out[xa * 4 + t] = __floats2half2_rn(acc[0] + b0, acc[1] + b1);
-  if (xb < wd) out[xb * 4 + t] = __floats2half2_rn(acc[2] + b0, acc[3] + b1);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (j == 1 && !second) break;
+    __half2* out = reinterpret_cast<__half2*>(y + (image_row + py0 + j) * wd * 8L);
+    if (xa < wd) out[xa * 4 + t] = __floats2half2_rn(acc[j][0] + b0, acc[j][1] + b1);
+    if (xb < wd) out[xb * 4 + t] = __floats2half2_rn(acc[j][2] + b0, acc[j][3] + b1);
+  }
 }

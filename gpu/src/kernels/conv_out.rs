@@ -16,9 +16,10 @@ pub(crate) const SRC: &str = concat!(
     include_str!("../../kernels/conv_out.cu")
 );
 
-/// Warps per block (`__launch_bounds__(128)`); each takes 16 pixels of a row.
+/// Warps per block (`__launch_bounds__(128)`); each takes 16 pixels of two rows.
 const WARPS: usize = 4;
 const TILE_PIXELS: usize = 16;
+const TILE_ROWS: usize = 2;
 
 /// Whether the kernel computes convolution `s`: 3x3, stride 1, padding 1, one group,
 /// channels-last, eight (padded) outputs, input channels a multiple of 32.
@@ -36,7 +37,7 @@ pub fn fits(s: &ConvShape) -> bool {
 }
 
 fn tiles(s: &ConvShape) -> usize {
-    s.n * s.h * s.w.div_ceil(TILE_PIXELS)
+    s.n * s.h.div_ceil(TILE_ROWS) * s.w.div_ceil(TILE_PIXELS)
 }
 
 /// The compiled kernel.
@@ -88,8 +89,8 @@ impl ConvOut {
             Arg::I(s.c as i32),
         ];
         // SAFETY: matches conv3x3_out8_nhwc_f16 (3 const half*, half*, 4 int); one warp per 16
-        // pixels of a row, warps past `tiles` return, pixels past the row's end are neither read
-        // nor written; c is a multiple of 32, so every lane runs the same MMA steps (`fits`,
+        // pixels of two rows of one image, warps past `tiles` return, rows past the image's
+        // end and pixels past the row's end are neither read nor written; c is a multiple of 32, so every lane runs the same MMA steps (`fits`,
         // checked); x and w are read as aligned 16-byte vectors, y written as half2 (checked);
         // the caller vouches for the sizes.
         unsafe { launch(stream, &self.func, cfg, &args) }
