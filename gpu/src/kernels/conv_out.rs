@@ -132,7 +132,8 @@ mod tests {
         let mut nchw = shape(1, 128, 64, 8);
         nchw.nhwc = false;
         assert!(!fits(&nchw));
-        // 16 pixels a warp: a 33-wide row is three tiles.
-        assert_eq!(tiles(&shape(2, 128, 33, 8)), 2 * 33 * 3);
+        // 16 pixels of two rows a warp: a 33 x 33 image is 17 row pairs (the last one row) of
+        // three tiles.
+        assert_eq!(tiles(&shape(2, 128, 33, 8)), 2 * 17 * 3);
     }
 }
