@@ -61,8 +61,8 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         graphs: ConvGraphs::Always,
         ..Options::HEURISTIC
     };
-    let mma_opts = Options {
-        mma: ConvOutMma::Always,
+    let mma_opts = |rows| Options {
+        mma: ConvOutMma::Always { rows },
         ..Options::HEURISTIC
     };
     let mut fused = 0;
@@ -71,7 +71,8 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         (fused_opts, "fused"),
         (gemm_opts, "gemm"),
         (graph_opts, "graph"),
-        (mma_opts, "mma"),
+        (mma_opts(1), "mma1"),
+        (mma_opts(2), "mma2"),
     ];
     for (opts, how) in builds {
         let mut ex =
@@ -88,7 +89,7 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         if how == "graph" && ex.graph_convs().0 == 0 {
             continue;
         }
-        if how == "mma" && ex.mma_convs().0 == 0 {
+        if how.starts_with("mma") && ex.mma_convs().0 == 0 {
             continue;
         }
         for captured in [false, true] {
@@ -205,7 +206,11 @@ fn output_convolutions_match() {
         let x = g.input("x", shape);
         let y = conv(&mut g, x, shape[1], *o, 3, 1, [1; 4], 90 + 2 * i as u32);
         g.output("y", y);
-        for (mma, want) in [(ConvOutMma::Never, 0), (ConvOutMma::Always, 1)] {
+        for (mma, want) in [
+            (ConvOutMma::Never, 0),
+            (ConvOutMma::Always { rows: 1 }, 1),
+            (ConvOutMma::Always { rows: 2 }, 1),
+        ] {
             let opts = Options {
                 mma,
                 ..Options::HEURISTIC

@@ -5,9 +5,10 @@
 // shape instead: mma.sync m16n8k16, 16 pixels of a row x 8 outputs x 16 channels a step, fp32
 // sums.
 //
-// One warp per 16 pixels of two output rows of one image, so each input row it loads serves
-// both output rows it lies under (4 rows read for 2 written, not 6): the loads are what bound
-// this kernel, not the MMAs. The 16 k-slots of a step need not be 16 consecutive channels, only
+// One warp per 16 pixels of `rows` (1 or 2) output rows of one image. With two, each input row
+// it loads serves both output rows it lies under (4 rows read for 2 written, not 6): at large
+// images the loads are what bound this kernel, not the MMAs; at small ones one row a warp keeps
+// more warps in flight, so the engine build times both. The 16 k-slots of a step need not be 16 consecutive channels, only
 // the same channels in A (pixels x channels) and B (channels x outputs): lane t loads channels
 // 8k..8k+7 (k = t, t + 4, ...) of its pixels and of its output's filter as one 16-byte vector,
 // which feeds two steps, channels 8k..8k+3 as slots (2t, 2t+1, 2t+8, 2t+9) of the first and
@@ -25,21 +26,21 @@ __device__ __forceinline__ void conv_out_mma(float* c, unsigned a0, unsigned a1,
 }
 
 // x [n, h, wd, c] (c a multiple of 32), w [8][3][3][c], bias [8] or null, y [n, h, wd, 8];
-// `tiles` = n * ceil(h / 2) * ceil(wd / 16) warps, 4 a block.
+// `tiles` = n * ceil(h / rows) * ceil(wd / 16) warps, 4 a block.
 extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_nhwc_f16(const __half* __restrict__ x,
                                                                        const __half* __restrict__ w,
                                                                        const __half* __restrict__ bias,
                                                                        __half* __restrict__ y, int tiles, int h,
-                                                                       int wd, int c) {
+                                                                       int wd, int c, int rows) {
   LS_PDL_ENTER();
   const int tile = blockIdx.x * 4 + threadIdx.x / 32;
   if (tile >= tiles) return;  // the whole warp: no barrier follows
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int tiles_row = (wd + 15) / 16, pairs = (h + 1) / 2;
+  const int tiles_row = (wd + 15) / 16, groups = (h + rows - 1) / rows;
   const int x0 = (tile % tiles_row) * 16, rest = tile / tiles_row;
-  const long image_row = (long)(rest / pairs) * h;  // the image's first row
-  const int py0 = (rest % pairs) * 2;               // this warp's first output row
-  const bool second = py0 + 1 < h;                  // an odd image height leaves it out
+  const long image_row = (long)(rest / groups) * h;  // the image's first row
+  const int py0 = (rest % groups) * rows;            // this warp's first output row
+  const bool second = rows == 2 && py0 + 1 < h;      // an odd image height leaves it out
   const int xa = x0 + g, xb = x0 + g + 8;           // this lane's two pixels (A rows g and g + 8)
   const int c8 = c / 8;
   float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -52,7 +53,7 @@ extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_nhwc_f16(const __
   }
   // Filter of output g: tap (dy, dx) at w + (g * 9 + dy * 3 + dx) * c.
   const uint4* wg = reinterpret_cast<const uint4*>(w + (long)g * 9 * c);
-  for (int i = 0; i < 4; ++i) {  // input rows py0 - 1 .. py0 + 2
+  for (int i = 0; i < rows + 2; ++i) {  // input rows py0 - 1 .. py0 + rows
     const int yy = py0 + i - 1;
     if (yy < 0 || yy >= h) continue;  // the same for the whole warp
     // Output row j sees this input row through filter row i - j.

@@ -80,8 +80,8 @@ impl Options {
 pub enum ConvOutMma {
     /// Always the library path.
     Never,
-    /// Every convolution the kernel fits (numerics tests).
-    Always,
+    /// Every convolution the kernel fits, each warp taking `rows` output rows (numerics tests).
+    Always { rows: usize },
     /// Whichever of the two was faster when timed on the real buffers (`tune`); decisions
     /// already in the runtime (an engine file's) are kept.
     Timed,
@@ -94,12 +94,20 @@ pub struct MmaKey {
     pub bias: bool,
 }
 
-/// A timed decision: whether our kernel runs, and both times.
+/// A timed decision: whether our kernel runs, with how many output rows a warp (the faster of
+/// `conv_out::TILE_ROWS`), and both times.
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct MmaConv {
     pub mma: bool,
+    #[serde(default = "one_row")]
+    pub rows: usize,
     pub mma_ms: f32,
     pub library_ms: f32,
+}
+
+/// Decisions recorded before a warp could take two rows were timed with one.
+fn one_row() -> usize {
+    1
 }
 
 /// Whether a channels-last convolution is lowered to im2col + one cuBLASLt GEMM (its bias and
@@ -544,9 +552,11 @@ enum Prepared {
         k: usize,
     },
     Gemm(GemmPlan),
-    /// A convolution to 8 (padded) outputs on our tensor-core kernel (an experiment,
-    /// `kernels::conv_out`).
-    ConvOut,
+    /// A convolution to 8 (padded) outputs on our tensor-core kernel (`kernels::conv_out`),
+    /// each warp taking `rows` output rows.
+    ConvOut {
+        rows: usize,
+    },
 }
 
 /// One graph at fixed shapes, ready to run.
@@ -849,20 +859,23 @@ impl Executor {
             shape: *shape,
             bias: bias.is_some(),
         };
-        let mma = match opts.mma {
-            ConvOutMma::Never => false,
-            ConvOutMma::Always => true,
+        let rows = match opts.mma {
+            ConvOutMma::Never => None,
+            ConvOutMma::Always { rows } => Some(rows),
             ConvOutMma::Timed => match rt.mma_convs.get(&key) {
-                Some(d) => d.mma,
-                None if !opts.tune => false,
+                Some(d) => d.mma.then_some(d.rows),
+                None if !opts.tune => None,
                 None => {
                     let d = self.time_conv_out(rt, step, &library)?;
                     rt.mma_convs.insert(key, d);
-                    d.mma
+                    d.mma.then_some(d.rows)
                 }
             },
         };
-        Ok(if mma { Prepared::ConvOut } else { library })
+        Ok(match rows {
+            Some(rows) => Prepared::ConvOut { rows },
+            None => library,
+        })
     }
 
     /// Times convolution `step` as `library` prepared it (its epilogue included) against our
@@ -907,23 +920,31 @@ impl Executor {
         };
         lib()?;
         let library_ms = time_gpu(&stream, lib)?;
-        // SAFETY: as above; the kernel fits `shape` (`mma_conv_out`).
-        let mma = || unsafe {
-            rt.kernels.conv_out.forward(
-                &stream,
-                shape,
-                p(*x),
-                p(*w),
-                bias.map_or(0, |(l, _)| p(l)),
-                p(*y),
-            )
-        };
-        mma()?;
-        let mma_ms = time_gpu(&stream, mma)?;
+        let mut best = (conv_out::TILE_ROWS[0], f32::INFINITY);
+        for rows in conv_out::TILE_ROWS {
+            // SAFETY: as above; the kernel fits `shape` (`mma_conv_out`).
+            let mma = || unsafe {
+                rt.kernels.conv_out.forward(
+                    &stream,
+                    shape,
+                    p(*x),
+                    p(*w),
+                    bias.map_or(0, |(l, _)| p(l)),
+                    p(*y),
+                    rows,
+                )
+            };
+            mma()?;
+            let ms = time_gpu(&stream, mma)?;
+            if ms < best.1 {
+                best = (rows, ms);
+            }
+        }
         // Ours must win clearly: the timings carry a few percent of noise.
         Ok(MmaConv {
-            mma: mma_ms < 0.97 * library_ms,
-            mma_ms,
+            mma: best.1 < 0.97 * library_ms,
+            rows: best.0,
+            mma_ms: best.1,
             library_ms,
         })
     }
@@ -1471,7 +1492,9 @@ impl Executor {
                     true => "im2col + cuBLASLt, bias in the GEMM".into(),
                     false => "im2col + cuBLASLt".into(),
                 },
-                Prepared::ConvOut => "tensor-core kernel to 8 outputs".into(),
+                Prepared::ConvOut { rows } => {
+                    format!("tensor-core kernel to 8 outputs, {rows} rows a warp")
+                }
                 _ => String::new(),
             })
             .collect()
@@ -1491,7 +1514,7 @@ impl Executor {
 
     /// How many convolutions run on our tensor-core kernel to 8 outputs, of how many.
     pub fn mma_convs(&self) -> (usize, usize) {
-        self.count_convs(|p| matches!(p, Prepared::ConvOut))
+        self.count_convs(|p| matches!(p, Prepared::ConvOut { .. }))
     }
 
     /// How many convolutions run as im2col + cuBLASLt GEMM, of how many.
@@ -1503,7 +1526,7 @@ impl Executor {
         let convs = self.prepared.iter().filter(|p| {
             matches!(
                 p,
-                Prepared::Conv(_) | Prepared::ConvGemm { .. } | Prepared::ConvOut
+                Prepared::Conv(_) | Prepared::ConvGemm { .. } | Prepared::ConvOut { .. }
             )
         });
         convs.fold((0, 0), |(f, n), p| (f + pick(p) as usize, n + 1))
@@ -1855,7 +1878,7 @@ impl Executor {
                         bias,
                         ..
                     },
-                    Prepared::ConvOut,
+                    Prepared::ConvOut { rows },
                 ) => {
                     unsafe {
                         k.conv_out.forward(
@@ -1865,6 +1888,7 @@ impl Executor {
                             p(*w),
                             bias.map_or(0, |(l, _)| p(l)),
                             p(*y),
+                            *rows,
                         )
                     }?;
                     // The profile's "conv" is the kernel; nothing is left for the epilogue.

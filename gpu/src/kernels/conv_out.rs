@@ -16,10 +16,11 @@ pub(crate) const SRC: &str = concat!(
     include_str!("../../kernels/conv_out.cu")
 );
 
-/// Warps per block (`__launch_bounds__(128)`); each takes 16 pixels of two rows.
+/// Warps per block (`__launch_bounds__(128)`); each takes 16 pixels of one or two rows.
 const WARPS: usize = 4;
 const TILE_PIXELS: usize = 16;
-const TILE_ROWS: usize = 2;
+/// Output rows a warp may take (`forward`'s `rows`).
+pub const TILE_ROWS: [usize; 2] = [1, 2];
 
 /// Whether the kernel computes convolution `s`: 3x3, stride 1, padding 1, one group,
 /// channels-last, eight (padded) outputs, input channels a multiple of 32.
@@ -32,12 +33,12 @@ pub fn fits(s: &ConvShape) -> bool {
         && s.o == 8
         && s.c > 0
         && s.c.is_multiple_of(32)
-        && tiles(s) <= i32::MAX as usize
+        && tiles(s, 1) <= i32::MAX as usize
         && s.h * s.w * s.c <= i32::MAX as usize
 }
 
-fn tiles(s: &ConvShape) -> usize {
-    s.n * s.h.div_ceil(TILE_ROWS) * s.w.div_ceil(TILE_PIXELS)
+fn tiles(s: &ConvShape, rows: usize) -> usize {
+    s.n * s.h.div_ceil(rows) * s.w.div_ceil(TILE_PIXELS)
 }
 
 /// The compiled kernel.
@@ -53,10 +54,12 @@ impl ConvOut {
         })
     }
 
-    /// y [n, h, w, 8] = conv3x3(x [n, h, w, c], w [8, 3, 3, c]) + bias [8] (`bias` may be 0).
+    /// y [n, h, w, 8] = conv3x3(x [n, h, w, c], w [8, 3, 3, c]) + bias [8] (`bias` may be 0),
+    /// each warp taking `rows` (one of TILE_ROWS) output rows.
     ///
     /// # Safety
     /// x, w, bias and y must hold those shapes.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn forward(
         &self,
         stream: &CudaStream,
@@ -65,14 +68,17 @@ impl ConvOut {
         w: Ptr,
         bias: Ptr,
         y: Ptr,
+        rows: usize,
     ) -> Result<(), GpuError> {
-        if !fits(s) || !aligned16(&[x, w]) || !y.is_multiple_of(4) {
+        if !fits(s) || !aligned16(&[x, w]) || !y.is_multiple_of(4) || !TILE_ROWS.contains(&rows) {
             return Err(shape_err(
                 "conv3x3_out8",
-                format!("{s:?} (x {x:#x} and w 16-byte aligned, y {y:#x} 4-byte)"),
+                format!(
+                    "{s:?}, {rows} rows a warp (x {x:#x} and w 16-byte aligned, y {y:#x} 4-byte)"
+                ),
             ));
         }
-        let tiles = tiles(s);
+        let tiles = tiles(s, rows);
         let cfg = LaunchConfig {
             grid_dim: (tiles.div_ceil(WARPS) as u32, 1, 1),
             block_dim: (32 * WARPS as u32, 1, 1),
@@ -87,9 +93,10 @@ impl ConvOut {
             Arg::I(s.h as i32),
             Arg::I(s.w as i32),
             Arg::I(s.c as i32),
+            Arg::I(rows as i32),
         ];
-        // SAFETY: matches conv3x3_out8_nhwc_f16 (3 const half*, half*, 4 int); one warp per 16
-        // pixels of two rows of one image, warps past `tiles` return, rows past the image's
+        // SAFETY: matches conv3x3_out8_nhwc_f16 (3 const half*, half*, 5 int); one warp per 16
+        // pixels of `rows` rows of one image, warps past `tiles` return, rows past the image's
         // end and pixels past the row's end are neither read nor written; c is a multiple of 32, so every lane runs the same MMA steps (`fits`,
         // checked); x and w are read as aligned 16-byte vectors, y written as half2 (checked);
         // the caller vouches for the sizes.
@@ -132,8 +139,9 @@ mod tests {
         let mut nchw = shape(1, 128, 64, 8);
         nchw.nhwc = false;
         assert!(!fits(&nchw));
-        // 16 pixels of two rows a warp: a 33 x 33 image is 17 row pairs (the last one row) of
-        // three tiles.
-        assert_eq!(tiles(&shape(2, 128, 33, 8)), 2 * 17 * 3);
+        // 16 pixels of one or two rows a warp: a 33 x 33 image is 33 rows, or 17 row pairs (the
+        // last one row), of three tiles.
+        assert_eq!(tiles(&shape(2, 128, 33, 8), 1), 2 * 33 * 3);
+        assert_eq!(tiles(&shape(2, 128, 33, 8), 2), 2 * 17 * 3);
     }
 }

@@ -285,6 +285,7 @@ fn mma_report(rt: &Runtime) -> Vec<Value> {
                 "library_ms": m.library_ms,
                 "mma_ms": m.mma_ms,
                 "mma": m.mma,
+                "rows": m.rows,
             })
         })
         .collect()
