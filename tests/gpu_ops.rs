@@ -15,7 +15,7 @@ use lipstream_engines::weights::{Checkpoint, Weights};
 use lipstream_engines::{cpu, Graph, Op, Tensor, ValueId};
 use lipstream_gpu::device::{libraries, Device};
 use lipstream_gpu::plan::{self, Step};
-use lipstream_gpu::{ConvAsGemm, ConvGraphs, ConvOutMma, Executor, FuseConv, Options, Runtime};
+use lipstream_gpu::{ConvAsGemm, ConvGraphs, Executor, FuseConv, Options, Runtime, ThinConvs};
 
 fn runtime() -> Option<Runtime> {
     let libs = libraries();
@@ -62,7 +62,7 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         ..Options::HEURISTIC
     };
     let mma_opts = |rows| Options {
-        mma: ConvOutMma::Always { rows },
+        mma: ThinConvs::Always { rows },
         ..Options::HEURISTIC
     };
     let mut fused = 0;
@@ -189,17 +189,22 @@ fn convolutions_match() {
     }
 }
 
-/// Convolutions to 3 and 4 channels (padded to 8), as the VAE's and the UNet's conv_out, at a
-/// row width that ends in a partial 16-pixel tile, on the library path and on our tensor-core
-/// kernel (which the engine build picks per kind when it times faster).
+/// Thin convolutions on the library path and on our tensor-core kernels (which the engine build
+/// picks per kind when they time faster): to 3 and 4 channels (padded to 8), as the VAE's and the
+/// UNet's conv_out, and from 1 to 3 channels, as the VAE encoder's conv_in on RGB, at row widths
+/// that end in a partial 16-pixel tile and an odd image height.
 #[test]
-fn output_convolutions_match() {
+fn thin_convolutions_match() {
     let Some(mut rt) = runtime() else { return };
-    let cases: [(&[usize], usize); 4] = [
+    let cases: [(&[usize], usize); 8] = [
         (&[1, 128, 33, 33], 3),
         (&[2, 128, 64, 64], 3),
         (&[2, 320, 16, 16], 4),
         (&[1, 256, 8, 40], 3),
+        (&[2, 3, 33, 33], 128),
+        (&[1, 3, 64, 64], 128),
+        (&[2, 1, 17, 20], 8),
+        (&[1, 2, 9, 40], 24),
     ];
     for (i, (shape, o)) in cases.iter().enumerate() {
         let mut g = Graph::new();
@@ -207,21 +212,21 @@ fn output_convolutions_match() {
         let y = conv(&mut g, x, shape[1], *o, 3, 1, [1; 4], 90 + 2 * i as u32);
         g.output("y", y);
         for (mma, want) in [
-            (ConvOutMma::Never, 0),
-            (ConvOutMma::Always { rows: 1 }, 1),
-            (ConvOutMma::Always { rows: 2 }, 1),
+            (ThinConvs::Never, 0),
+            (ThinConvs::Always { rows: 1 }, 1),
+            (ThinConvs::Always { rows: 2 }, 1),
         ] {
             let opts = Options {
                 mma,
                 ..Options::HEURISTIC
             };
-            let ex = Executor::new(&mut rt, &g, "out", opts).unwrap();
+            let ex = Executor::new(&mut rt, &g, "thin", opts).unwrap();
             assert_eq!(ex.mma_convs(), (want, 1), "{shape:?} -> {o} ({mma:?})");
         }
         let xt = random(shape, 100 + i as u32, 1.0);
         compare(
             &mut rt,
-            &format!("conv_out {shape:?}->{o}"),
+            &format!("thin conv {shape:?}->{o}"),
             &g,
             &[("x", &xt)],
             5e-3,

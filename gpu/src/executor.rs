@@ -26,10 +26,10 @@ use crate::conv::{Conv, ConvPlan, ConvShape};
 use crate::conv_graph::{ConvGraph, EngineChoice, GraphArgs, GraphCall, GraphKey, GraphPlan};
 use crate::device::Device;
 use crate::error::GpuError;
-use crate::kernels::conv_out;
 use crate::kernels::group_norm::GroupNorm;
 use crate::kernels::image::{Faces, Image};
 use crate::kernels::layout::{Layout, RowsPart};
+use crate::kernels::{conv_in, conv_out};
 use crate::kernels::{Experiment, Kernels, Ptr};
 use crate::plan::{self, Binding, Loc, Plan, Step, WeightForm, WeightUse};
 
@@ -49,8 +49,8 @@ pub struct Options {
     pub gemm: ConvAsGemm,
     /// Whether a convolution runs on an engine of cuDNN's graph API instead of its legacy call.
     pub graphs: ConvGraphs,
-    /// Whether a convolution to 8 outputs runs on our tensor-core kernel instead.
-    pub mma: ConvOutMma,
+    /// Whether a thin convolution (to 8 outputs, from at most 3 inputs) runs on our kernel for it.
+    pub mma: ThinConvs,
 }
 
 impl Options {
@@ -60,7 +60,7 @@ impl Options {
         fuse: FuseConv::Timed,
         gemm: ConvAsGemm::Timed,
         graphs: ConvGraphs::Timed,
-        mma: ConvOutMma::Timed,
+        mma: ThinConvs::Timed,
     };
     /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
     pub const HEURISTIC: Options = Options {
@@ -68,26 +68,28 @@ impl Options {
         fuse: FuseConv::Never,
         gemm: ConvAsGemm::Never,
         graphs: ConvGraphs::Never,
-        mma: ConvOutMma::Never,
+        mma: ThinConvs::Never,
     };
 }
 
-/// Whether a 3x3 convolution to 8 (padded) outputs (the VAE's conv_out to RGB, the UNet's to its
-/// latents) runs on our tensor-core kernel (`kernels::conv_out`) instead of the library path
-/// chosen for it, which spends most of its work on channel padding. Which wins depends on the
-/// batch: on an H100 the kernel lost at one image and won at 16.
+/// Whether a thin 3x3 convolution runs on our tensor-core kernel for its kind instead of the
+/// library path chosen for it, which spends most of its work on channel padding: to 8 (padded)
+/// outputs (the VAE's conv_out to RGB, the UNet's to its latents; `kernels::conv_out`), or from
+/// at most 3 inputs (the VAE encoder's conv_in on RGB; `kernels::conv_in`). Which wins depends
+/// on the batch: on an H100 the conv_out kernel lost at one 32x32 image and won at 16.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConvOutMma {
+pub enum ThinConvs {
     /// Always the library path.
     Never,
-    /// Every convolution the kernel fits, each warp taking `rows` output rows (numerics tests).
+    /// Every convolution a kernel fits, the conv_out kernel's warps taking `rows` output rows
+    /// each (numerics tests).
     Always { rows: usize },
     /// Whichever of the two was faster when timed on the real buffers (`tune`); decisions
     /// already in the runtime (an engine file's) are kept.
     Timed,
 }
 
-/// What decides a convolution to 8 outputs: its shape and whether a channel bias is added.
+/// What decides a thin convolution: its shape and whether a channel bias is added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct MmaKey {
     pub shape: ConvShape,
@@ -325,7 +327,7 @@ pub struct Runtime {
     pub gemm_convs: HashMap<GemmKey, GemmConv>,
     /// Whether each convolution kind runs on a graph-API engine, and which.
     pub graph_convs: HashMap<GraphConvKey, GraphConv>,
-    /// Whether each convolution kind to 8 outputs runs on our tensor-core kernel.
+    /// Whether each thin convolution kind runs on our tensor-core kernel for it.
     pub mma_convs: HashMap<MmaKey, MmaConv>,
     workspace: Option<CudaSlice<u8>>,
     workspace_bytes: usize,
@@ -552,11 +554,21 @@ enum Prepared {
         k: usize,
     },
     Gemm(GemmPlan),
-    /// A convolution to 8 (padded) outputs on our tensor-core kernel (`kernels::conv_out`),
-    /// each warp taking `rows` output rows.
-    ConvOut {
+    /// A thin convolution on our tensor-core kernel for its kind (the conv_out one's warps
+    /// taking `rows` output rows each).
+    Thin {
+        kernel: Thin,
         rows: usize,
     },
+}
+
+/// Our tensor-core kernels for thin convolutions (`ThinConvs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Thin {
+    /// To 8 (padded) outputs: `kernels::conv_out`.
+    Out,
+    /// From at most 3 inputs: `kernels::conv_in`.
+    In,
 }
 
 /// One graph at fixed shapes, ready to run.
@@ -709,10 +721,9 @@ impl Executor {
                 }
                 _ => Prepared::None,
             };
-            prepared.push(if Self::mma_conv_out(step) {
-                ex.choose_conv_out(rt, step, library, opts)?
-            } else {
-                library
+            prepared.push(match Self::thin_kernel(step) {
+                Some(kernel) => ex.choose_thin(rt, step, kernel, library, opts)?,
+                None => library,
             });
         }
         rt.reserve_workspace(need_ws)?;
@@ -831,24 +842,80 @@ impl Executor {
         }
     }
 
-    /// Whether convolution `step` can run on our tensor-core kernel to 8 outputs: its shape
-    /// fits, no residual or group sums, a bias (if any) one per channel.
-    fn mma_conv_out(step: &Step) -> bool {
-        matches!(step, Step::Conv {
+    /// Which of our thin-convolution kernels can run convolution `step`: its shape fits, no
+    /// residual or group sums, a bias (if any) one per channel.
+    fn thin_kernel(step: &Step) -> Option<Thin> {
+        let Step::Conv {
             shape,
             bias,
             residual: None,
             stats: None,
             ..
-        } if conv_out::fits(shape) && channel_bias(shape, bias))
+        } = step
+        else {
+            return None;
+        };
+        if !channel_bias(shape, bias) {
+            None
+        } else if conv_out::fits(shape) {
+            Some(Thin::Out)
+        } else if conv_in::fits(shape) {
+            Some(Thin::In)
+        } else {
+            None
+        }
+    }
+
+    /// Runs thin convolution `step` on `kernel`.
+    ///
+    /// # Safety
+    /// `step` is one of this executor's convolutions that `kernel` fits, its operands placed.
+    unsafe fn run_thin(
+        &self,
+        rt: &Runtime,
+        stream: &CudaStream,
+        step: &Step,
+        kernel: Thin,
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        let Step::Conv {
+            shape,
+            x,
+            w,
+            y,
+            bias,
+            ..
+        } = step
+        else {
+            return Err(GpuError::Capture(
+                "a thin-convolution kernel for a step that is no convolution".into(),
+            ));
+        };
+        let p = |l: Loc| self.ptr(rt, l);
+        let b = bias.map_or(0, |(l, _)| p(l));
+        // SAFETY: per the caller's contract; the plan sized x, w, bias and y for `shape`.
+        unsafe {
+            match kernel {
+                Thin::Out => {
+                    rt.kernels
+                        .conv_out
+                        .forward(stream, shape, p(*x), p(*w), b, p(*y), rows)
+                }
+                Thin::In => rt
+                    .kernels
+                    .conv_in
+                    .forward(stream, shape, p(*x), p(*w), b, p(*y)),
+            }
+        }
     }
 
     /// `library` (convolution `step` as prepared for cuDNN or cuBLASLt), or our tensor-core
-    /// kernel to 8 outputs, as `opts` and its timing say.
-    fn choose_conv_out(
+    /// kernel `kernel` for it, as `opts` and its timing say.
+    fn choose_thin(
         &self,
         rt: &mut Runtime,
         step: &Step,
+        kernel: Thin,
         library: Prepared,
         opts: Options,
     ) -> Result<Prepared, GpuError> {
@@ -860,53 +927,41 @@ impl Executor {
             bias: bias.is_some(),
         };
         let rows = match opts.mma {
-            ConvOutMma::Never => None,
-            ConvOutMma::Always { rows } => Some(rows),
-            ConvOutMma::Timed => match rt.mma_convs.get(&key) {
+            ThinConvs::Never => None,
+            ThinConvs::Always { rows } => Some(rows),
+            ThinConvs::Timed => match rt.mma_convs.get(&key) {
                 Some(d) => d.mma.then_some(d.rows),
                 None if !opts.tune => None,
                 None => {
-                    let d = self.time_conv_out(rt, step, &library)?;
+                    let d = self.time_thin(rt, step, kernel, &library)?;
                     rt.mma_convs.insert(key, d);
                     d.mma.then_some(d.rows)
                 }
             },
         };
         Ok(match rows {
-            Some(rows) => Prepared::ConvOut { rows },
+            Some(rows) => Prepared::Thin { kernel, rows },
             None => library,
         })
     }
 
     /// Times convolution `step` as `library` prepared it (its epilogue included) against our
-    /// tensor-core kernel, on its real buffers. y is scratch until the step runs.
-    fn time_conv_out(
+    /// tensor-core kernel `kernel` (the conv_out one with one and with two rows a warp), on its
+    /// real buffers. y is scratch until the step runs.
+    fn time_thin(
         &self,
         rt: &mut Runtime,
         step: &Step,
+        kernel: Thin,
         library: &Prepared,
     ) -> Result<MmaConv, GpuError> {
-        let Step::Conv {
-            shape,
-            x,
-            w,
-            y,
-            bias,
-            ..
-        } = step
-        else {
-            return Err(GpuError::Capture(
-                "timing the tensor-core kernel for a step that is no convolution".into(),
-            ));
-        };
         rt.reserve_workspace(TUNE_WORKSPACE_BYTES.max(IM2COL_MAX_BYTES))?;
         let ws = rt.workspace_ptr();
         let stream = rt.stream().clone();
         let rt = &*rt;
-        let p = |l: Loc| self.ptr(rt, l);
-        // SAFETY: the step's own operands, placed and sized by the plan for `shape`; the
-        // workspace holds more than any library path asks. Each way runs eagerly once before
-        // its capture, so that what it loads lazily is loaded.
+        // SAFETY: the step's own operands, placed and sized by the plan; the workspace holds
+        // more than any library path asks. Each way runs eagerly once before its capture, so
+        // that what it loads lazily is loaded.
         let lib = || unsafe {
             match library {
                 Prepared::Conv(plan) => self.run_conv(rt, step, plan, ws, &mut |_| Ok(())),
@@ -920,24 +975,18 @@ impl Executor {
         };
         lib()?;
         let library_ms = time_gpu(&stream, lib)?;
-        let mut best = (conv_out::TILE_ROWS[0], f32::INFINITY);
-        for rows in conv_out::TILE_ROWS {
-            // SAFETY: as above; the kernel fits `shape` (`mma_conv_out`).
-            let mma = || unsafe {
-                rt.kernels.conv_out.forward(
-                    &stream,
-                    shape,
-                    p(*x),
-                    p(*w),
-                    bias.map_or(0, |(l, _)| p(l)),
-                    p(*y),
-                    rows,
-                )
-            };
-            mma()?;
-            let ms = time_gpu(&stream, mma)?;
+        let rows: &[usize] = match kernel {
+            Thin::Out => &conv_out::TILE_ROWS,
+            Thin::In => &[1],
+        };
+        let mut best = (1, f32::INFINITY);
+        for &r in rows {
+            // SAFETY: as above; `kernel` fits the step (`thin_kernel`).
+            let run = || unsafe { self.run_thin(rt, &stream, step, kernel, r) };
+            run()?;
+            let ms = time_gpu(&stream, run)?;
             if ms < best.1 {
-                best = (rows, ms);
+                best = (r, ms);
             }
         }
         // Ours must win clearly: the timings carry a few percent of noise.
@@ -1492,9 +1541,13 @@ impl Executor {
                     true => "im2col + cuBLASLt, bias in the GEMM".into(),
                     false => "im2col + cuBLASLt".into(),
                 },
-                Prepared::ConvOut { rows } => {
-                    format!("tensor-core kernel to 8 outputs, {rows} rows a warp")
-                }
+                Prepared::Thin {
+                    kernel: Thin::Out,
+                    rows,
+                } => format!("tensor-core kernel to 8 outputs, {rows} rows a warp"),
+                Prepared::Thin {
+                    kernel: Thin::In, ..
+                } => "tensor-core kernel from 3 inputs".into(),
                 _ => String::new(),
             })
             .collect()
@@ -1512,9 +1565,9 @@ impl Executor {
         self.count_convs(|p| matches!(p, Prepared::Conv(c) if c.graph.is_some()))
     }
 
-    /// How many convolutions run on our tensor-core kernel to 8 outputs, of how many.
+    /// How many convolutions run on our thin-convolution tensor-core kernels, of how many.
     pub fn mma_convs(&self) -> (usize, usize) {
-        self.count_convs(|p| matches!(p, Prepared::ConvOut { .. }))
+        self.count_convs(|p| matches!(p, Prepared::Thin { .. }))
     }
 
     /// How many convolutions run as im2col + cuBLASLt GEMM, of how many.
@@ -1526,7 +1579,7 @@ impl Executor {
         let convs = self.prepared.iter().filter(|p| {
             matches!(
                 p,
-                Prepared::Conv(_) | Prepared::ConvGemm { .. } | Prepared::ConvOut { .. }
+                Prepared::Conv(_) | Prepared::ConvGemm { .. } | Prepared::Thin { .. }
             )
         });
         convs.fold((0, 0), |(f, n), p| (f + pick(p) as usize, n + 1))
@@ -1869,28 +1922,8 @@ impl Executor {
                         *kernel,
                     )
                 }?,
-                (
-                    Step::Conv {
-                        shape,
-                        x,
-                        w,
-                        y,
-                        bias,
-                        ..
-                    },
-                    Prepared::ConvOut { rows },
-                ) => {
-                    unsafe {
-                        k.conv_out.forward(
-                            s,
-                            shape,
-                            p(*x),
-                            p(*w),
-                            bias.map_or(0, |(l, _)| p(l)),
-                            p(*y),
-                            *rows,
-                        )
-                    }?;
+                (Step::Conv { .. }, Prepared::Thin { kernel, rows }) => {
+                    unsafe { self.run_thin(rt, s, step, *kernel, *rows) }?;
                     // The profile's "conv" is the kernel; nothing is left for the epilogue.
                     lap("conv")?
                 }

@@ -21,6 +21,6 @@ pub mod plan;
 pub use device::Device;
 pub use error::GpuError;
 pub use executor::{
-    ConvAsGemm, ConvGraphs, ConvOutMma, Executor, FuseConv, MmaConv, MmaKey, Options, Runtime,
-    Staging, Tuning,
+    ConvAsGemm, ConvGraphs, Executor, FuseConv, MmaConv, MmaKey, Options, Runtime, Staging,
+    ThinConvs, Tuning,
 };

@@ -1,7 +1,7 @@
 //! 3x3 convolutions to 8 (padded) output channels on the tensor cores' smallest shape (the
 //! VAE's conv_out to RGB and the UNet's to its latents), where a library convolution computes
 //! mostly channel padding. The engine build times it against the library path per convolution
-//! kind and batch (`ConvOutMma`): on an H100 it lost at one image and won at 16.
+//! kind and batch (`ThinConvs`): on an H100 it lost at one image and won at 16.
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 

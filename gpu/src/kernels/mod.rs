@@ -8,6 +8,7 @@
 //! the shape arguments it can; the executor guarantees that the addresses hold those shapes.
 
 pub mod attention;
+pub mod conv_in;
 pub mod conv_out;
 pub mod elementwise;
 pub mod group_norm;
@@ -36,6 +37,7 @@ const THREADS: u32 = 256;
 /// on its own by the pipeline that uses it.)
 pub struct Kernels {
     pub attention: attention::Attention,
+    pub conv_in: conv_in::ConvIn,
     pub conv_out: conv_out::ConvOut,
     pub elementwise: elementwise::Elementwise,
     pub group_norm: group_norm::GroupNorm,
@@ -47,6 +49,7 @@ impl Kernels {
     pub fn load(device: &Device) -> Result<Self, GpuError> {
         Ok(Kernels {
             attention: attention::Attention::load(device)?,
+            conv_in: conv_in::ConvIn::load(device)?,
             conv_out: conv_out::ConvOut::load(device)?,
             elementwise: elementwise::Elementwise::load(device)?,
             group_norm: group_norm::GroupNorm::load(device)?,
@@ -57,8 +60,9 @@ impl Kernels {
 }
 
 /// Every kernel family's name and CUDA source: what an engine file carries compiled.
-pub const SOURCES: [(&str, &str); 7] = [
+pub const SOURCES: [(&str, &str); 8] = [
     ("attention", attention::SRC),
+    ("conv_in", conv_in::SRC),
     ("conv_out", conv_out::SRC),
     ("elementwise", elementwise::SRC),
     ("group_norm", group_norm::SRC),

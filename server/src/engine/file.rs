@@ -108,8 +108,8 @@ pub struct Header {
     /// Files built before convolutions could run on graph-API engines have none: all legacy.
     #[serde(default)]
     pub graph_convs: Vec<(GraphConvKey, GraphConv)>,
-    /// Files built before convolutions to 8 outputs could run on our tensor-core kernel have
-    /// none: all on the library path.
+    /// Files built before thin convolutions could run on our tensor-core kernels have none: all
+    /// on the library path.
     #[serde(default)]
     pub mma_convs: Vec<(MmaKey, MmaConv)>,
     pub profiles: Vec<Profile>,
@@ -592,7 +592,7 @@ pub fn describe(path: &Path) -> anyhow::Result<String> {
     );
     let weights = || c.keys().filter(|k| !k.starts_with(KERNELS));
     s += &format!(
-        "  {} tuned convolutions ({} of {} bias kinds on cuDNN's fused call, {} of {} kinds as im2col + cuBLASLt GEMM, {} of {} on graph-API engines, {} of {} to 8 outputs on our tensor-core kernel); {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
+        "  {} tuned convolutions ({} of {} bias kinds on cuDNN's fused call, {} of {} kinds as im2col + cuBLASLt GEMM, {} of {} on graph-API engines, {} of {} thin kinds on our tensor-core kernels); {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
         h.convs.len(),
         h.fusions.iter().filter(|f| f.fused.is_some()).count(),
         h.fusions.len(),

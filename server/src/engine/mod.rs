@@ -18,7 +18,7 @@ use lipstream_engines::weights::Weights;
 use lipstream_engines::{cpu, Graph, Tensor};
 use lipstream_gpu::device::Device;
 use lipstream_gpu::{
-    ConvAsGemm, ConvGraphs, ConvOutMma, Executor, FuseConv, Options, Runtime, Tuning,
+    ConvAsGemm, ConvGraphs, Executor, FuseConv, Options, Runtime, ThinConvs, Tuning,
 };
 use serde_json::{json, Value};
 
@@ -175,7 +175,7 @@ pub fn executors(
         fuse: FuseConv::Timed,
         gemm: ConvAsGemm::Timed,
         graphs: ConvGraphs::Timed,
-        mma: ConvOutMma::Timed,
+        mma: ThinConvs::Timed,
     };
     let mut profiles = Vec::new();
     for &b in batches {
@@ -355,7 +355,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
                 } else {
                     ConvGraphs::Never
                 },
-                mma: ConvOutMma::Timed,
+                mma: ThinConvs::Timed,
             },
         )
         .with_context(|| format!("building {} B={batch}", stage.name()))?;
@@ -368,7 +368,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         let (gemms, _) = ex.gemm_convs();
         let (mma, _) = ex.mma_convs();
         eprintln!(
-            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM, {mma} on the tensor-core kernel to 8 outputs), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
+            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM, {mma} thin ones on our tensor-core kernels), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
             stage.name(),
             ex.steps().len(),
             ex.arena_bytes as f64 / (1 << 20) as f64,
