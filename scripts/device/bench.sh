@@ -16,7 +16,7 @@ batches=${BATCHES:-1,2,4,8,16}
 stages=${STAGES:-avatar,camera,unet,vae-decode,vae-encode,whisper}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 if [ -n "${BASELINE:-}" ]; then
-  "$BASELINE" bench engine --batches "$batches" --stages "$stages" --runs "${RUNS:-50}" \
+  "$BASELINE" bench engine --batches "$batches" --stages "$stages" --runs "${RUNS:-50}" --profile \
     --out "$out/baseline_engine.json" > /dev/null 2> "$out/baseline_engine.log" || status=1
 fi
 ./.device/bin/lipstream bench engine --batches "$batches" --stages "$stages" --runs "${RUNS:-50}" --profile \
