@@ -205,7 +205,7 @@ impl Layout {
             }
             at += p.cols / 8;
         }
-        // SAFETY: matches concat_rows_f16x8 (half4*, long, 2 int, then (ptr, long) and three
+        // SAFETY: matches concat_rows_f16x8 (uint4*, long, 2 int, then (ptr, long) and three
         // (ptr, long, int)); every part's base, width and stride is a multiple of 16 bytes
         // (vector_rows), and rows * cols fits an int, so every uint4 access is aligned and inside
         // the rows the caller vouches for.
@@ -318,5 +318,40 @@ impl Layout {
         // whole 8-channel vectors (checked), one block row per patch row (within the grid's y
         // limit, checked), threads past k8 return; sizes per the caller's contract.
         unsafe { launch(stream, &self.im2col, cfg, &args) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(x: Ptr, cols: usize) -> RowsPart {
+        RowsPart { x, cols, xs: cols }
+    }
+
+    #[test]
+    fn rows_copy_as_vectors_only_when_every_part_keeps_16_byte_alignment() {
+        // A skip concatenation: 1280 + 640 channels into rows of 1920.
+        let parts = [part(0x1000, 1280), part(0x9000, 640)];
+        assert!(vector_rows(&parts, 0x20000, 1024, 1920));
+        // A width, a stride or an address off the 8-half grid takes the row copies.
+        assert!(!vector_rows(
+            &[part(0x1000, 3), part(0x9000, 5)],
+            0x20000,
+            64,
+            8
+        ));
+        let strided = RowsPart {
+            x: 0x1000,
+            cols: 8,
+            xs: 12,
+        };
+        assert!(!vector_rows(&[strided], 0x20000, 64, 8));
+        assert!(!vector_rows(&[part(0x1008, 8)], 0x20000, 64, 8));
+        assert!(!vector_rows(&[part(0x1000, 8)], 0x20004, 64, 8));
+        // Parts wider than y's rows, nothing to copy, more vectors than an int counts.
+        assert!(!vector_rows(&[part(0x1000, 16)], 0x20000, 64, 8));
+        assert!(!vector_rows(&[], 0x20000, 64, 8));
+        assert!(!vector_rows(&[part(0x1000, 16)], 0x20000, 1 << 31, 16));
     }
 }
