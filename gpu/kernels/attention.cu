@@ -79,14 +79,6 @@ extern "C" __global__ void softmax_rows_f16(__half* __restrict__ x, long rows, i
 #define FA_MAX_WARPS 4
 #define FA_KEYS 64
 
-__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // 16 bytes global -> shared without passing through registers; src_bytes 0 zero-fills.
 __device__ __forceinline__ void cp_async16(__half* smem, const __half* gmem, int src_bytes) {
   const unsigned s = (unsigned)__cvta_generic_to_shared(smem);

@@ -15,14 +15,6 @@
 
 #define CONV_IN_KS 40
 
-__device__ __forceinline__ void conv_in_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // x [n, h, wd, cin] (cin 1..3), w [o][3][3][cin], bias [o] or null, y [n, h, wd, o] (o a
 // multiple of 8); `tiles` = n * h * ceil(wd / 16); dynamic shared memory o * (CONV_IN_KS + 1)
 // halves.
@@ -84,7 +76,7 @@ extern "C" __global__ void __launch_bounds__(128) conv3x3_in_nhwc_f16(const __ha
       for (int s = 0; s < 2; ++s) {
         const unsigned b0 = *reinterpret_cast<const unsigned*>(bcol + 16 * s);
         const unsigned b1 = *reinterpret_cast<const unsigned*>(bcol + 16 * s + 8);
-        conv_in_mma(c, a[s], b0, b1);
+        mma16816(c, a[s], b0, b1);
       }
       // C rows g and g + 8 (pixels pa, pb), columns 2t, 2t + 1 of this 8-output tile.
       const int oc = nt * 8 + 2 * t;

@@ -16,15 +16,6 @@
 // has many loads in flight instead of one tap's at a time.
 #include <cuda_fp16.h>
 
-__device__ __forceinline__ void conv_out_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                             unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // x [n, h, wd, c] (c a multiple of 32), w [8][3][3][c], bias [8] or null, y [n, h, wd, 8];
 // `tiles` = n * ceil(h / rows) * ceil(wd / 16) warps, 4 a block.
 extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_nhwc_f16(const __half* __restrict__ x,
@@ -73,8 +64,8 @@ extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_nhwc_f16(const __
 #pragma unroll
         for (int dx = 0; dx < 3; ++dx) {
           const uint4 wv = wt[(long)dx * c8];
-          conv_out_mma(acc[j], av[dx].x, bv[dx].x, av[dx].y, bv[dx].y, wv.x, wv.y);
-          conv_out_mma(acc[j], av[dx].z, bv[dx].z, av[dx].w, bv[dx].w, wv.z, wv.w);
+          mma16816(acc[j], av[dx].x, bv[dx].x, av[dx].y, bv[dx].y, wv.x, wv.y);
+          mma16816(acc[j], av[dx].z, bv[dx].z, av[dx].w, bv[dx].w, wv.z, wv.w);
         }
       }
     }

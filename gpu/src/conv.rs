@@ -38,6 +38,34 @@ impl ConvShape {
             (self.w + 2 * self.pad[1] - self.kw) / self.stride[1] + 1,
         )
     }
+
+    /// A channels-last 3x3 convolution, stride 1, padding 1, one group: the shape our
+    /// thin-convolution kernels (`kernels::conv_in`, `kernels::conv_out`) take.
+    pub fn same_3x3(&self) -> bool {
+        self.nhwc
+            && self.groups == 1
+            && (self.kh, self.kw) == (3, 3)
+            && self.stride == [1, 1]
+            && self.pad == [1, 1]
+    }
+
+    /// Such a convolution of n square hw x hw images, c channels to o (tests).
+    #[cfg(test)]
+    pub(crate) fn same_3x3_square(n: usize, c: usize, hw: usize, o: usize) -> ConvShape {
+        ConvShape {
+            n,
+            c,
+            h: hw,
+            w: hw,
+            o,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            pad: [1, 1],
+            groups: 1,
+            nhwc: true,
+        }
+    }
 }
 
 fn cudnn_err(e: result::CudnnError) -> GpuError {

@@ -10,6 +10,7 @@ use crate::error::GpuError;
 
 pub(crate) const SRC: &str = concat!(
     include_str!("../../kernels/pdl.cuh"),
+    include_str!("../../kernels/mma.cuh"),
     include_str!("../../kernels/attention.cu")
 );
 const WARPS_PER_BLOCK: u32 = 8;

@@ -15,6 +15,7 @@ use crate::error::GpuError;
 
 pub(crate) const SRC: &str = concat!(
     include_str!("../../kernels/pdl.cuh"),
+    include_str!("../../kernels/mma.cuh"),
     include_str!("../../kernels/conv_in.cu")
 );
 
@@ -32,11 +33,7 @@ const MAX_BLOCKS: usize = 4096;
 /// Whether the kernel computes convolution `s`: 3x3, stride 1, padding 1, one group,
 /// channels-last, 1 to 3 input channels, outputs a multiple of 8 up to MAX_OUTPUTS.
 pub fn fits(s: &ConvShape) -> bool {
-    s.nhwc
-        && s.groups == 1
-        && (s.kh, s.kw) == (3, 3)
-        && s.stride == [1, 1]
-        && s.pad == [1, 1]
+    s.same_3x3()
         && (1..=3).contains(&s.c)
         && s.o > 0
         && s.o.is_multiple_of(8)
@@ -111,19 +108,7 @@ mod tests {
     use super::*;
 
     fn shape(n: usize, c: usize, hw: usize, o: usize) -> ConvShape {
-        ConvShape {
-            n,
-            c,
-            h: hw,
-            w: hw,
-            o,
-            kh: 3,
-            kw: 3,
-            stride: [1, 1],
-            pad: [1, 1],
-            groups: 1,
-            nhwc: true,
-        }
+        ConvShape::same_3x3_square(n, c, hw, o)
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::error::GpuError;
 
 pub(crate) const SRC: &str = concat!(
     include_str!("../../kernels/pdl.cuh"),
+    include_str!("../../kernels/mma.cuh"),
     include_str!("../../kernels/conv_out.cu")
 );
 
@@ -25,11 +26,7 @@ pub const TILE_ROWS: [usize; 2] = [1, 2];
 /// Whether the kernel computes convolution `s`: 3x3, stride 1, padding 1, one group,
 /// channels-last, eight (padded) outputs, input channels a multiple of 32.
 pub fn fits(s: &ConvShape) -> bool {
-    s.nhwc
-        && s.groups == 1
-        && (s.kh, s.kw) == (3, 3)
-        && s.stride == [1, 1]
-        && s.pad == [1, 1]
+    s.same_3x3()
         && s.o == 8
         && s.c > 0
         && s.c.is_multiple_of(32)
@@ -109,19 +106,7 @@ mod tests {
     use super::*;
 
     fn shape(n: usize, c: usize, hw: usize, o: usize) -> ConvShape {
-        ConvShape {
-            n,
-            c,
-            h: hw,
-            w: hw,
-            o,
-            kh: 3,
-            kw: 3,
-            stride: [1, 1],
-            pad: [1, 1],
-            groups: 1,
-            nhwc: true,
-        }
+        ConvShape::same_3x3_square(n, c, hw, o)
     }
 
     #[test]
