@@ -186,31 +186,79 @@ fn convolutions_match() {
             &[("x", &xt)],
             5e-3,
         );
+        if pad[0] != pad[2] {
+            // compare's "graph" build ran the convolution padding itself where cuDNN has an
+            // engine for it: which it did is worth a line in the log.
+            let graph_opts = Options {
+                graphs: ConvGraphs::Always,
+                ..Options::HEURISTIC
+            };
+            let ex = Executor::new(&mut rt, &g, "pad", graph_opts).unwrap();
+            println!(
+                "conv2d {shape:?}->{o} {pad:?}: pads itself on a graph-API engine: {}",
+                ex.padding_convs().0 == 1
+            );
+        }
     }
+}
+
+/// The VAE encoder's downsamplers pad (0, 1) and convolve with stride 2, as a pad step and a
+/// convolution: the convolution knows its pad step's input (`PadInput`), which lives through
+/// the convolution's step, so that a graph-API convolution padding itself can read it.
+#[test]
+fn a_padded_convolution_knows_its_unpadded_input() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 128, 16, 16]);
+    let a = conv(&mut g, x, 128, 128, 3, 1, [1; 4], 1);
+    let y = conv(&mut g, a, 128, 128, 3, 2, [0, 0, 1, 1], 2);
+    g.output("y", y);
+    let p = plan::lower(&g, "").unwrap();
+    let pads: Vec<usize> = (0..p.steps.len())
+        .filter(|&s| plan::PadInput::of(&p.steps, s).is_some())
+        .collect();
+    assert_eq!(pads.len(), 1, "one convolution reads a pad step's output");
+    let s = pads[0];
+    assert!(matches!(p.steps[s - 1], Step::Pad { .. }));
+    let input = plan::PadInput::of(&p.steps, s).unwrap();
+    assert_eq!((input.nhwc, input.pad), ([2, 16, 16, 128], [0, 0, 1, 1]));
+    let Step::Conv { shape, .. } = &p.steps[s] else {
+        panic!("step {s} is the convolution");
+    };
+    let own = input.conv_shape(shape);
+    assert_eq!((own.h, own.w, own.pad, own.post_pad()), (16, 16, [0, 0], [1, 1]));
+    assert_eq!(own.out_hw(), (8, 8));
+    assert_eq!(own.out_hw(), shape.out_hw());
+    // The first convolution's output, the pad's input, must outlive the padded convolution.
+    let plan::Loc::Arena(b, _) = input.x else {
+        panic!("the pad reads an arena buffer");
+    };
+    assert_eq!(p.lifetimes[b].last, s);
 }
 
 /// Thin convolutions on the library path and on our tensor-core kernels (which the engine build
 /// picks per kind when they time faster): to 3 and 4 channels (padded to 8), as the VAE's and the
 /// UNet's conv_out, and from 1 to 3 channels, as the VAE encoder's conv_in on RGB, at row widths
-/// that end in a partial 16-pixel tile and an odd image height.
+/// that end in a partial 16-pixel tile and an odd image height; from RGB also with a group norm
+/// after it, whose sums the convolution step leaves.
 #[test]
 fn thin_convolutions_match() {
-    let Some(mut rt) = runtime() else { return };
     let cases: [(&[usize], usize); 8] = [
         (&[1, 128, 33, 33], 3),
         (&[2, 128, 64, 64], 3),
         (&[2, 320, 16, 16], 4),
         (&[1, 256, 8, 40], 3),
-        (&[2, 3, 33, 33], 128),
-        (&[1, 3, 64, 64], 128),
+        (&[2, 3, 65, 67], 128),
+        (&[1, 3, 70, 75], 128),
         (&[2, 1, 17, 20], 8),
         (&[1, 2, 9, 40], 24),
     ];
-    for (i, (shape, o)) in cases.iter().enumerate() {
-        let mut g = Graph::new();
-        let x = g.input("x", shape);
-        let y = conv(&mut g, x, shape[1], *o, 3, 1, [1; 4], 90 + 2 * i as u32);
-        g.output("y", y);
+    let graphs: Vec<Graph> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (shape, o))| thin_graph(i as u32, shape, *o))
+        .collect();
+    let Some(mut rt) = runtime() else { return };
+    for (i, ((shape, o), g)) in cases.iter().zip(&graphs).enumerate() {
         for (mma, want) in [
             (ThinConvs::Never, 0),
             (ThinConvs::Always { rows: 1 }, 1),
@@ -220,18 +268,53 @@ fn thin_convolutions_match() {
                 mma,
                 ..Options::HEURISTIC
             };
-            let ex = Executor::new(&mut rt, &g, "thin", opts).unwrap();
+            let ex = Executor::new(&mut rt, g, "thin", opts).unwrap();
             assert_eq!(ex.mma_convs(), (want, 1), "{shape:?} -> {o} ({mma:?})");
         }
         let xt = random(shape, 100 + i as u32, 1.0);
         compare(
             &mut rt,
             &format!("thin conv {shape:?}->{o}"),
-            &g,
+            g,
             &[("x", &xt)],
             5e-3,
         );
     }
+}
+
+/// Case `i` of `thin_convolutions_match`: one 3x3 convolution of `shape` to `o` channels. From
+/// RGB to 32-channel groups it is the VAE encoder's conv_in, and the resnet norm after it is
+/// returned too: the convolution step then also leaves the norm's sums (checked here, so that
+/// the kernels are tested with them; the images are large enough for the norm's two-pass form,
+/// which takes its sums from the convolution).
+fn thin_graph(i: u32, shape: &[usize], o: usize) -> Graph {
+    let mut g = Graph::new();
+    let x = g.input("x", shape);
+    let y = conv(&mut g, x, shape[1], o, 3, 1, [1; 4], 90 + 2 * i);
+    g.output("y", y);
+    if shape[1] <= 3 && o.is_multiple_of(32) {
+        let gm = konst(&mut g, "gamma", &[o], 60 + i, 1.0);
+        let bt = konst(&mut g, "beta", &[o], 70 + i, 0.5);
+        let h = g
+            .push(
+                "norm",
+                Op::GroupNorm {
+                    groups: 32,
+                    eps: 1e-6,
+                    silu: true,
+                },
+                &[y, gm, bt],
+            )
+            .unwrap();
+        g.output("h", h);
+        let p = plan::lower(&g, "thin").unwrap();
+        let sums = p
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Conv { stats: Some(_), .. }));
+        assert!(sums, "{shape:?} -> {o}: the norm's sums ride on the convolution");
+    }
+    g
 }
 
 /// Group norm + SiLU into a 3x3 convolution, as the resnets' at the UNet's small stages: with

@@ -23,20 +23,46 @@ pub struct ConvShape {
     pub kh: usize,
     pub kw: usize,
     pub stride: [usize; 2],
-    /// Symmetric padding (height, width); asymmetric padding is a separate pad step.
+    /// Padding before the image (top, left), and as much after it plus `pad_end`.
     pub pad: [usize; 2],
     pub groups: usize,
     /// Channels-last activations and a [o, kh, kw, c] filter; otherwise NCHW and [o, c, kh, kw].
     pub nhwc: bool,
+    /// Padding after the image (bottom, right) beyond `pad`: the VAE encoder's downsampling
+    /// convolutions pad (0, 1) per axis. The legacy cuDNN call pads symmetrically only, so steps
+    /// carry such padding as a pad step; only a graph-API convolution that absorbs that step
+    /// (`Executor`) has a shape with `pad_end`. Engine files from before it have none.
+    #[serde(default)]
+    pub pad_end: [usize; 2],
 }
 
 impl ConvShape {
     /// Output height and width.
     pub fn out_hw(&self) -> (usize, usize) {
         (
-            (self.h + 2 * self.pad[0] - self.kh) / self.stride[0] + 1,
-            (self.w + 2 * self.pad[1] - self.kw) / self.stride[1] + 1,
+            (self.h + 2 * self.pad[0] + self.pad_end[0] - self.kh) / self.stride[0] + 1,
+            (self.w + 2 * self.pad[1] + self.pad_end[1] - self.kw) / self.stride[1] + 1,
         )
+    }
+
+    /// "n x c x h x w -> o kKxK sS", and the padding when it is asymmetric, for reports.
+    pub fn label(&self) -> String {
+        let mut l = format!(
+            "{}x{}x{}x{} -> {} k{}x{} s{}",
+            self.n, self.c, self.h, self.w, self.o, self.kh, self.kw, self.stride[0]
+        );
+        if self.pad_end != [0, 0] {
+            l += &format!(" pad {:?}/{:?}", self.pad, self.post_pad());
+        }
+        l
+    }
+
+    /// Padding after the image (bottom, right).
+    pub fn post_pad(&self) -> [usize; 2] {
+        [
+            self.pad[0] + self.pad_end[0],
+            self.pad[1] + self.pad_end[1],
+        ]
     }
 
     /// A channels-last 3x3 convolution, stride 1, padding 1, one group: the shape our
@@ -47,6 +73,7 @@ impl ConvShape {
             && (self.kh, self.kw) == (3, 3)
             && self.stride == [1, 1]
             && self.pad == [1, 1]
+            && self.pad_end == [0, 0]
     }
 
     /// Such a convolution of n square hw x hw images, c channels to o (tests).
@@ -64,6 +91,7 @@ impl ConvShape {
             pad: [1, 1],
             groups: 1,
             nhwc: true,
+            pad_end: [0, 0],
         }
     }
 }
@@ -156,6 +184,13 @@ impl Conv {
             return Err(bad(format!(
                 "{} -> {} channels in {} groups",
                 s.c, s.o, s.groups
+            )));
+        }
+        if s.pad_end != [0, 0] {
+            return Err(bad(format!(
+                "padding {:?} before and {:?} after: the legacy call pads symmetrically",
+                s.pad,
+                s.post_pad()
             )));
         }
         let (ho, wo) = s.out_hw();

@@ -270,16 +270,16 @@ impl ConvGraph {
             Ty::CUDNN_TYPE_INT64,
             &two(s.stride[0], s.stride[1]),
         )?;
-        let pad = two(s.pad[0], s.pad[1]);
+        let post = s.post_pad();
         conv.set(
             Attr::CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS,
             Ty::CUDNN_TYPE_INT64,
-            &pad,
+            &two(s.pad[0], s.pad[1]),
         )?;
         conv.set(
             Attr::CUDNN_ATTR_CONVOLUTION_POST_PADDINGS,
             Ty::CUDNN_TYPE_INT64,
-            &pad,
+            &two(post[0], post[1]),
         )?;
         let conv = conv.finalize()?;
         let op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)?;

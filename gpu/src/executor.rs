@@ -31,7 +31,7 @@ use crate::kernels::image::{Faces, Image};
 use crate::kernels::layout::{Layout, RowsPart};
 use crate::kernels::{conv_in, conv_out};
 use crate::kernels::{Experiment, Kernels, Ptr};
-use crate::plan::{self, Binding, Loc, Plan, Step, WeightForm, WeightUse};
+use crate::plan::{self, Binding, Loc, Plan, Step, WeightForm, WeightUse, PadInput};
 
 /// Arena offsets are multiples of this (cuDNN and vector loads like aligned operands).
 const ALIGN: usize = 256;
@@ -560,6 +560,14 @@ enum Prepared {
         kernel: Thin,
         rows: usize,
     },
+    /// A convolution on a graph-API engine that pads its input itself: it reads `x`, what
+    /// its pad step (`PadInput`) would have padded.
+    PaddingConv {
+        call: GraphCall,
+        x: Loc,
+    },
+    /// A pad step its convolution does itself: nothing runs.
+    Absorbed,
 }
 
 /// Our tensor-core kernels for thin convolutions (`ThinConvs`).
@@ -726,6 +734,7 @@ impl Executor {
                 None => library,
             });
         }
+        need_ws = need_ws.max(ex.absorb_pads(rt, &mut prepared, opts)?);
         rt.reserve_workspace(need_ws)?;
         rt.workspace_need = rt.workspace_need.max(need_ws);
         if Experiment::NormCols.on() {
@@ -733,6 +742,123 @@ impl Executor {
         }
         ex.prepared = prepared;
         Ok(ex)
+    }
+
+    /// Lets each convolution whose input its pad step wrote (`PadInput`: the VAE encoder's
+    /// downsamplers, padded 0 before and 1 after) read the unpadded input on a graph-API
+    /// engine that takes the padding itself, where the build times that at least 3 % faster
+    /// than the pad copy and the convolution as prepared; the pad step then runs nothing.
+    /// Returns the workspace the kept plans need.
+    fn absorb_pads(
+        &self,
+        rt: &mut Runtime,
+        prepared: &mut [Prepared],
+        opts: Options,
+    ) -> Result<usize, GpuError> {
+        if opts.graphs == ConvGraphs::Never {
+            return Ok(0);
+        }
+        let mut need_ws = 0;
+        for s in 1..self.plan.steps.len() {
+            let step = &self.plan.steps[s];
+            let (Some(input), Some(mut key)) =
+                (PadInput::of(&self.plan.steps, s), Self::graph_key(step))
+            else {
+                continue;
+            };
+            key.shape = input.conv_shape(&key.shape);
+            let call = match rt.graph_convs.get(&key) {
+                Some(d) if opts.graphs == ConvGraphs::Timed => match &d.choice {
+                    Some(choice) => {
+                        let graph = ConvGraph::new(
+                            rt.conv.handle(),
+                            GraphKey {
+                                shape: key.shape,
+                                bias: key.bias_in_graph,
+                            },
+                        )?;
+                        let plan = graph.plan(rt.conv.handle(), choice)?;
+                        Some(GraphCall { graph, plan })
+                    }
+                    None => None,
+                },
+                _ if opts.graphs == ConvGraphs::Timed && !opts.tune => None,
+                _ => {
+                    let pad_step = &self.plan.steps[s - 1];
+                    let as_prepared = &prepared[s];
+                    // SAFETY: both steps' own operands, placed and sized by the plan; the
+                    // padded buffer and y are scratch until the steps run; the workspace holds
+                    // what the prepared convolution asks (TUNE_WORKSPACE_BYTES at least).
+                    let padded = |rt: &Runtime, ws: Ptr| unsafe {
+                        self.run_pad(rt, pad_step)?;
+                        self.run_conv_prepared(rt, step, as_prepared, ws)
+                    };
+                    let (d, call) =
+                        self.time_graph_against(rt, step, input.x, &key, opts.graphs, &padded)?;
+                    if opts.graphs == ConvGraphs::Timed {
+                        rt.graph_convs.insert(key, d);
+                    }
+                    call
+                }
+            };
+            if let Some(call) = call {
+                need_ws = need_ws.max(call.plan.workspace_bytes);
+                prepared[s - 1] = Prepared::Absorbed;
+                prepared[s] = Prepared::PaddingConv { call, x: input.x };
+            }
+        }
+        Ok(need_ws)
+    }
+
+    /// Runs pad step `step`.
+    ///
+    /// # Safety
+    /// `step` is one of this executor's steps, its operands placed.
+    unsafe fn run_pad(&self, rt: &Runtime, step: &Step) -> Result<(), GpuError> {
+        let Step::Pad { x, y, nhwc, pad } = step else {
+            return Ok(());
+        };
+        // SAFETY: per the caller's contract, the plan sized x and y for nhwc and pad.
+        unsafe {
+            rt.kernels.layout.pad_nhwc(
+                rt.stream(),
+                self.ptr(rt, *x),
+                self.ptr(rt, *y),
+                *nhwc,
+                *pad,
+            )
+        }
+    }
+
+    /// Runs convolution `step` as `prepared` for a library or our kernel, its epilogue
+    /// included (for timings: nothing marks the boundary).
+    ///
+    /// # Safety
+    /// `step` is one of this executor's convolutions, its operands placed; `ws` holds what
+    /// `prepared` needs.
+    unsafe fn run_conv_prepared(
+        &self,
+        rt: &Runtime,
+        step: &Step,
+        prepared: &Prepared,
+        ws: Ptr,
+    ) -> Result<(), GpuError> {
+        // SAFETY: per the caller's contract.
+        unsafe {
+            match prepared {
+                Prepared::Conv(plan) => self.run_conv(rt, step, plan, ws, &mut |_| Ok(())),
+                Prepared::ConvGemm { plan, in_gemm } => {
+                    self.run_conv_gemm(rt, step, plan, *in_gemm, false, ws, &mut |_| Ok(()))
+                }
+                Prepared::Thin { kernel, rows } => {
+                    self.run_thin(rt, rt.stream(), step, *kernel, *rows)?;
+                    self.conv_epilogue(rt, step, true)
+                }
+                _ => Err(GpuError::Capture(
+                    "a convolution prepared for no library or kernel".into(),
+                )),
+            }
+        }
     }
 
     /// Lets each one-launch group norm whose only reader is the next step, a k x k "same"
@@ -843,13 +969,12 @@ impl Executor {
     }
 
     /// Which of our thin-convolution kernels can run convolution `step`: its shape fits, no
-    /// residual or group sums, a bias (if any) one per channel.
+    /// residual, a bias (if any) one per channel. Group-norm sums stay on the epilogue kernel.
     fn thin_kernel(step: &Step) -> Option<Thin> {
         let Step::Conv {
             shape,
             bias,
             residual: None,
-            stats: None,
             ..
         } = step
         else {
@@ -963,17 +1088,7 @@ impl Executor {
         // SAFETY: the step's own operands, placed and sized by the plan; the workspace holds
         // more than any library path asks. Each way runs eagerly once before its capture, so
         // that what it loads lazily is loaded.
-        let lib = || unsafe {
-            match library {
-                Prepared::Conv(plan) => self.run_conv(rt, step, plan, ws, &mut |_| Ok(())),
-                Prepared::ConvGemm { plan, in_gemm } => {
-                    self.run_conv_gemm(rt, step, plan, *in_gemm, false, ws, &mut |_| Ok(()))
-                }
-                _ => Err(GpuError::Capture(
-                    "a convolution prepared for no library".into(),
-                )),
-            }
-        };
+        let lib = || unsafe { self.run_conv_prepared(rt, step, library, ws) };
         lib()?;
         let library_ms = time_gpu(&stream, lib)?;
         let rows: &[usize] = match kernel {
@@ -983,7 +1098,10 @@ impl Executor {
         let mut best = (1, f32::INFINITY);
         for &r in rows {
             // SAFETY: as above; `kernel` fits the step (`thin_kernel`).
-            let run = || unsafe { self.run_thin(rt, &stream, step, kernel, r) };
+            let run = || unsafe {
+                self.run_thin(rt, &stream, step, kernel, r)?;
+                self.conv_epilogue(rt, step, true)
+            };
             run()?;
             let ms = time_gpu(&stream, run)?;
             if ms < best.1 {
@@ -1166,7 +1284,7 @@ impl Executor {
         // SAFETY: per the caller's contract.
         unsafe {
             if let Some(call) = &plan.graph {
-                self.run_graph(rt, step, &call.plan, ws)?;
+                self.run_graph(rt, step, *x, &call.plan, ws)?;
                 lap("conv")?;
                 return self.conv_epilogue(rt, step, call.graph.key.bias);
             }
@@ -1190,23 +1308,25 @@ impl Executor {
         }
     }
 
-    /// Runs convolution `step` on graph-API plan `plan` (the bias too when its graph adds one).
+    /// Runs convolution `step` on graph-API plan `plan` (the bias too when its graph adds one),
+    /// reading input `x`: the step's own, or its pad step's when the plan pads (`PadInput`).
     ///
     /// # Safety
-    /// As for `run_conv`; `ws` holds the plan's workspace.
+    /// As for `run_conv`; `ws` holds the plan's workspace; x holds the plan's input shape.
     unsafe fn run_graph(
         &self,
         rt: &Runtime,
         step: &Step,
+        x: Loc,
         plan: &GraphPlan,
         ws: Ptr,
     ) -> Result<(), GpuError> {
-        let Step::Conv { x, w, y, bias, .. } = step else {
+        let Step::Conv { w, y, bias, .. } = step else {
             return Ok(());
         };
         let p = |l: Loc| self.ptr(rt, l);
         let args = GraphArgs {
-            x: p(*x),
+            x: p(x),
             w: p(*w),
             bias: bias.map_or(0, |(l, _)| p(l)),
             y: p(*y),
@@ -1296,14 +1416,33 @@ impl Executor {
         key: &GraphConvKey,
         mode: ConvGraphs,
     ) -> Result<(GraphConv, Option<GraphCall>), GpuError> {
+        let Step::Conv { x, .. } = step else {
+            return Err(GpuError::Capture("a graph-API plan for no convolution".into()));
+        };
+        // SAFETY: the operands are the step's own (placed, sized by the plan); y and the sums'
+        // scratch hold nothing yet; the workspace holds TUNE_WORKSPACE_BYTES.
+        let legacy = |rt: &Runtime, ws: Ptr| unsafe { self.run_conv(rt, step, p, ws, &mut |_| Ok(())) };
+        self.time_graph_against(rt, step, *x, key, mode, &legacy)
+    }
+
+    /// `time_graph` for graph `key` reading input `x`, against `baseline` (how the step runs
+    /// otherwise, given the workspace).
+    fn time_graph_against(
+        &self,
+        rt: &mut Runtime,
+        step: &Step,
+        x: Loc,
+        key: &GraphConvKey,
+        mode: ConvGraphs,
+        baseline: &dyn Fn(&Runtime, Ptr) -> Result<(), GpuError>,
+    ) -> Result<(GraphConv, Option<GraphCall>), GpuError> {
         rt.reserve_workspace(TUNE_WORKSPACE_BYTES)?;
         let ws = rt.workspace_ptr();
         let stream = rt.stream().clone();
         let rt = &*rt;
-        // SAFETY: the operands are the step's own (placed, sized by the plan); y and the sums'
-        // scratch hold nothing yet; the workspace holds TUNE_WORKSPACE_BYTES. Each way runs once
-        // eagerly first, so that what it loads lazily is loaded before its capture.
-        let legacy = || unsafe { self.run_conv(rt, step, p, ws, &mut |_| Ok(())) };
+        // Each way runs once eagerly first, so that what it loads lazily is loaded before its
+        // capture.
+        let legacy = || baseline(rt, ws);
         legacy()?;
         let legacy_ms = time_gpu(&stream, legacy)?;
         let graph = ConvGraph::new(
@@ -1323,9 +1462,11 @@ impl Executor {
             if plan.workspace_bytes > TUNE_WORKSPACE_BYTES {
                 continue;
             }
-            // SAFETY: as above.
+            // SAFETY: the operands are the step's own and x, placed and sized by the plan; y
+            // and the sums' scratch hold nothing yet; the workspace holds
+            // TUNE_WORKSPACE_BYTES, more than the plan asks (checked above).
             let run = || unsafe {
-                self.run_graph(rt, step, &plan, ws)?;
+                self.run_graph(rt, step, x, &plan, ws)?;
                 self.conv_epilogue(rt, step, key.bias_in_graph)
             };
             let ms = match run() {
@@ -1549,6 +1690,18 @@ impl Executor {
                 Prepared::Thin {
                     kernel: Thin::In, ..
                 } => "tensor-core kernel from 3 inputs".into(),
+                Prepared::PaddingConv { call, .. } => format!(
+                    "graph engine {}, padding {:?} before and {:?} after{}",
+                    call.plan.choice.engine,
+                    call.graph.key.shape.pad,
+                    call.graph.key.shape.post_pad(),
+                    if call.graph.key.bias {
+                        ", bias in the graph"
+                    } else {
+                        ""
+                    }
+                ),
+                Prepared::Absorbed => "done by the convolution".into(),
                 _ => String::new(),
             })
             .collect()
@@ -1563,7 +1716,15 @@ impl Executor {
 
     /// How many convolutions run on a graph-API engine, of how many.
     pub fn graph_convs(&self) -> (usize, usize) {
-        self.count_convs(|p| matches!(p, Prepared::Conv(c) if c.graph.is_some()))
+        self.count_convs(|p| {
+            matches!(p, Prepared::Conv(c) if c.graph.is_some())
+                || matches!(p, Prepared::PaddingConv { .. })
+        })
+    }
+
+    /// How many convolutions pad their input themselves (on a graph-API engine), of how many.
+    pub fn padding_convs(&self) -> (usize, usize) {
+        self.count_convs(|p| matches!(p, Prepared::PaddingConv { .. }))
     }
 
     /// How many convolutions run on our thin-convolution tensor-core kernels, of how many.
@@ -1580,7 +1741,10 @@ impl Executor {
         let convs = self.prepared.iter().filter(|p| {
             matches!(
                 p,
-                Prepared::Conv(_) | Prepared::ConvGemm { .. } | Prepared::Thin { .. }
+                Prepared::Conv(_)
+                    | Prepared::ConvGemm { .. }
+                    | Prepared::Thin { .. }
+                    | Prepared::PaddingConv { .. }
             )
         });
         convs.fold((0, 0), |(f, n), p| (f + pick(p) as usize, n + 1))
@@ -1923,10 +2087,17 @@ impl Executor {
                         *kernel,
                     )
                 }?,
+                (Step::Conv { .. }, Prepared::PaddingConv { call, x }) => {
+                    unsafe { self.run_graph(rt, step, *x, &call.plan, ws) }?;
+                    lap("conv")?;
+                    unsafe { self.conv_epilogue(rt, step, call.graph.key.bias) }?
+                }
+                (Step::Pad { .. }, Prepared::Absorbed) => {}
                 (Step::Conv { .. }, Prepared::Thin { kernel, rows }) => {
                     unsafe { self.run_thin(rt, s, step, *kernel, *rows) }?;
-                    // The profile's "conv" is the kernel; nothing is left for the epilogue.
-                    lap("conv")?
+                    lap("conv")?;
+                    // The kernel adds the bias; group-norm sums, if any, are left.
+                    unsafe { self.conv_epilogue(rt, step, true) }?
                 }
                 (
                     Step::Gemm {

@@ -421,6 +421,50 @@ struct Lower<'g> {
     absorbed: HashSet<usize>,
 }
 
+/// A convolution's input as its pad step had it: the step before the convolution padded x
+/// (zeros around, at least as many after the image as before it) into the buffer the
+/// convolution reads. A graph-API convolution can take that padding itself and read x, which
+/// therefore lives through the convolution's step too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PadInput {
+    pub x: Loc,
+    /// x's shape, [n, h, w, c].
+    pub nhwc: [usize; 4],
+    /// Zeros (top, left, bottom, right).
+    pub pad: [usize; 4],
+}
+
+impl PadInput {
+    /// The pad step feeding convolution step `s`, if the step before it is one.
+    pub fn of(steps: &[Step], s: usize) -> Option<PadInput> {
+        let (Some(Step::Pad { x, y, nhwc, pad }), Some(Step::Conv { x: cx, shape, .. })) =
+            (s.checked_sub(1).and_then(|p| steps.get(p)), steps.get(s))
+        else {
+            return None;
+        };
+        (cx == y && shape.pad == [0, 0] && pad[2] >= pad[0] && pad[3] >= pad[1]).then_some(
+            PadInput {
+                x: *x,
+                nhwc: *nhwc,
+                pad: *pad,
+            },
+        )
+    }
+
+    /// Convolution `shape` (of the padded image) as one of x that pads it itself.
+    pub fn conv_shape(&self, shape: &ConvShape) -> ConvShape {
+        let [_, h, w, _] = self.nhwc;
+        let [top, left, bottom, right] = self.pad;
+        ConvShape {
+            h,
+            w,
+            pad: [top, left],
+            pad_end: [bottom - top, right - left],
+            ..*shape
+        }
+    }
+}
+
 /// The linear layers feeding fused attentions that can run as one GEMM: q, k and v of a
 /// self-attention (one input), or k and v of every cross-attention over one context. Each member is used by the
 /// attention alone, reads the same input with the same width, and its output width keeps
@@ -814,6 +858,7 @@ impl<'g> Lower<'g> {
             pad: [1, 1],
             groups: 1,
             nhwc: true,
+            pad_end: [0, 0],
         };
         let t = self.buffer(2 * n * (h + 1) * (w + 1) * 4 * o);
         self.push(Step::Conv {
@@ -1013,6 +1058,7 @@ impl<'g> Lower<'g> {
                     pad,
                     groups: *groups,
                     nhwc: true,
+                    pad_end: [0, 0],
                 };
                 let (ho, wo) = shape.out_hw();
                 // A padded convolution writes a wider buffer that one row copy slices; its
@@ -1076,6 +1122,7 @@ impl<'g> Lower<'g> {
                     pad: [0, *padding],
                     groups: 1,
                     nhwc,
+                    pad_end: [0, 0],
                 };
                 let y = self.act(&out);
                 self.push(Step::Conv {
@@ -1608,7 +1655,9 @@ pub fn lower(graph: &Graph, prefix: &str) -> Result<Plan, GpuError> {
         })
         .collect();
     for (s, step) in l.steps.iter().enumerate() {
-        for loc in step.locs() {
+        // A convolution may read its pad step's input instead (`PadInput`).
+        let unpadded = PadInput::of(&l.steps, s).map(|p| p.x);
+        for loc in step.locs().into_iter().chain(unpadded) {
             if let Loc::Arena(b, _) = loc {
                 lifetimes[b].first = lifetimes[b].first.min(s);
                 lifetimes[b].last = lifetimes[b].last.max(s);

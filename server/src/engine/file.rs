@@ -730,6 +730,7 @@ mod tests {
             pad: [1, 1],
             groups: 1,
             nhwc: true,
+            pad_end: [0, 0],
         };
         let key = GemmKey {
             shape,

@@ -211,9 +211,8 @@ fn fusion_report(rt: &Runtime) -> Vec<Value> {
     });
     v.into_iter()
         .map(|(k, f)| {
-            let s = k.shape;
             json!({
-                "conv": format!("{}x{}x{}x{} -> {} k{}x{} s{}", s.n, s.c, s.h, s.w, s.o, s.kh, s.kw, s.stride[0]),
+                "conv": k.shape.label(),
                 "residual": k.residual,
                 "stats": k.stats,
                 "plain_ms": f.plain_ms,
@@ -235,9 +234,8 @@ fn graph_report(rt: &Runtime) -> Vec<Value> {
     });
     v.into_iter()
         .map(|(k, g)| {
-            let s = k.shape;
             json!({
-                "conv": format!("{}x{}x{}x{} -> {} k{}x{} s{}", s.n, s.c, s.h, s.w, s.o, s.kh, s.kw, s.stride[0]),
+                "conv": k.shape.label(),
                 "bias_in_graph": k.bias_in_graph,
                 "residual": k.residual,
                 "stats": k.stats,
@@ -260,9 +258,8 @@ fn gemm_report(rt: &Runtime) -> Vec<Value> {
     });
     v.into_iter()
         .map(|(k, g)| {
-            let s = k.shape;
             json!({
-                "conv": format!("{}x{}x{}x{} -> {} k{}x{} s{}", s.n, s.c, s.h, s.w, s.o, s.kh, s.kw, s.stride[0]),
+                "conv": k.shape.label(),
                 "residual": k.residual,
                 "stats": k.stats,
                 "cudnn_ms": g.cudnn_ms,
@@ -278,9 +275,8 @@ fn mma_report(rt: &Runtime) -> Vec<Value> {
     v.sort_by_key(|(k, _)| (k.shape.n, k.shape.c, k.shape.h, k.shape.w, k.bias));
     v.into_iter()
         .map(|(k, m)| {
-            let s = k.shape;
             json!({
-                "conv": format!("{}x{}x{}x{} -> {} k{}x{}", s.n, s.c, s.h, s.w, s.o, s.kh, s.kw),
+                "conv": k.shape.label(),
                 "bias": k.bias,
                 "library_ms": m.library_ms,
                 "mma_ms": m.mma_ms,
