@@ -225,7 +225,10 @@ fn a_padded_convolution_knows_its_unpadded_input() {
         panic!("step {s} is the convolution");
     };
     let own = input.conv_shape(shape);
-    assert_eq!((own.h, own.w, own.pad, own.post_pad()), (16, 16, [0, 0], [1, 1]));
+    assert_eq!(
+        (own.h, own.w, own.pad, own.post_pad()),
+        (16, 16, [0, 0], [1, 1])
+    );
     assert_eq!(own.out_hw(), (8, 8));
     assert_eq!(own.out_hw(), shape.out_hw());
     // The first convolution's output, the pad's input, must outlive the padded convolution.
@@ -312,7 +315,10 @@ fn thin_graph(i: u32, shape: &[usize], o: usize) -> Graph {
             .steps
             .iter()
             .any(|s| matches!(s, Step::Conv { stats: Some(_), .. }));
-        assert!(sums, "{shape:?} -> {o}: the norm's sums ride on the convolution");
+        assert!(
+            sums,
+            "{shape:?} -> {o}: the norm's sums ride on the convolution"
+        );
     }
     g
 }

@@ -59,10 +59,7 @@ impl ConvShape {
 
     /// Padding after the image (bottom, right).
     pub fn post_pad(&self) -> [usize; 2] {
-        [
-            self.pad[0] + self.pad_end[0],
-            self.pad[1] + self.pad_end[1],
-        ]
+        [self.pad[0] + self.pad_end[0], self.pad[1] + self.pad_end[1]]
     }
 
     /// A channels-last 3x3 convolution, stride 1, padding 1, one group: the shape our

@@ -31,7 +31,7 @@ use crate::kernels::image::{Faces, Image};
 use crate::kernels::layout::{Layout, RowsPart};
 use crate::kernels::{conv_in, conv_out};
 use crate::kernels::{Experiment, Kernels, Ptr};
-use crate::plan::{self, Binding, Loc, Plan, Step, WeightForm, WeightUse, PadInput};
+use crate::plan::{self, Binding, Loc, PadInput, Plan, Step, WeightForm, WeightUse};
 
 /// Arena offsets are multiples of this (cuDNN and vector loads like aligned operands).
 const ALIGN: usize = 256;
@@ -820,13 +820,9 @@ impl Executor {
         };
         // SAFETY: per the caller's contract, the plan sized x and y for nhwc and pad.
         unsafe {
-            rt.kernels.layout.pad_nhwc(
-                rt.stream(),
-                self.ptr(rt, *x),
-                self.ptr(rt, *y),
-                *nhwc,
-                *pad,
-            )
+            rt.kernels
+                .layout
+                .pad_nhwc(rt.stream(), self.ptr(rt, *x), self.ptr(rt, *y), *nhwc, *pad)
         }
     }
 
@@ -1417,11 +1413,14 @@ impl Executor {
         mode: ConvGraphs,
     ) -> Result<(GraphConv, Option<GraphCall>), GpuError> {
         let Step::Conv { x, .. } = step else {
-            return Err(GpuError::Capture("a graph-API plan for no convolution".into()));
+            return Err(GpuError::Capture(
+                "a graph-API plan for no convolution".into(),
+            ));
         };
         // SAFETY: the operands are the step's own (placed, sized by the plan); y and the sums'
         // scratch hold nothing yet; the workspace holds TUNE_WORKSPACE_BYTES.
-        let legacy = |rt: &Runtime, ws: Ptr| unsafe { self.run_conv(rt, step, p, ws, &mut |_| Ok(())) };
+        let legacy =
+            |rt: &Runtime, ws: Ptr| unsafe { self.run_conv(rt, step, p, ws, &mut |_| Ok(())) };
         self.time_graph_against(rt, step, *x, key, mode, &legacy)
     }
 
