@@ -7,7 +7,8 @@
 # alternately, ROUNDS times. The baseline must read the file: it ignores decisions it does not
 # know and runs its own path there, which is the comparison wanted.
 #   BASELINE=.device/base/lipstream ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=30
-# Writes the change tables to $OUT/summary.txt and the reports and logs as $OUT/binary_ab.tgz.
+# Writes the change tables to $OUT/summary.txt and the reports (with per-step profiles) and logs
+# as $OUT/binary_ab.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/device/unpack.sh
@@ -24,7 +25,7 @@ echo "engine build: $(( $(date +%s) - t0 )) s"
 status=0
 bench() { # bench BINARY NAME: one timing of the engine file, the report under $out/NAME.json
   "$1" bench engine --engine "$engine" --stages "${STAGES:-avatar,camera}" --runs "${RUNS:-30}" \
-    --out "$out/$2.json" > /dev/null 2> "$out/$2.log" || { status=1; tail -5 "$out/$2.log"; }
+    --profile --out "$out/$2.json" > /dev/null 2> "$out/$2.log" || { status=1; tail -5 "$out/$2.log"; }
 }
 for r in $(seq 1 "${ROUNDS:-2}"); do
   bench "$base" "base_$r"
