@@ -106,7 +106,7 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
   return *reinterpret_cast<unsigned*>(&h);
 }
 
-template <int D, int MT>
+template <int D>
 __device__ void flash_attention(const __half* __restrict__ q, const __half* __restrict__ k,
                                 const __half* __restrict__ v, __half* __restrict__ o, int lq,
                                 int lk, int heads, int ldq, int ldkv, float scale_log2,
@@ -134,9 +134,7 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   const __half* kb = k + (long)image * lk * ldkv + head * D;
   const __half* vb = v + (long)image * lk * ldkv + head * D;
   __half* ob = o + (long)image * lq * ld + head * D;
-  // MT runs of 16 query rows per warp: each K and V fragment read from shared memory feeds MT
-  // products.
-  const int row0 = (blockIdx.x * (blockDim.x / 32) + warp) * 16 * MT;
+  const int row0 = blockIdx.x * (blockDim.x / 2) + warp * 16;  // 16 rows per warp
 
   // The K tiles' padding columns (D..DP) are never copied into: zero, so the products over DP
   // see only q's zero padding times zero. (The copies below never touch them; the first
@@ -146,33 +144,24 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
     ks[st][(r / (KS - D)) * KS + D + r % (KS - D)] = __float2half(0.f);
   }
 
-  // This warp's query rows as MMA A fragments, one per 16 rows and 16 columns of the head.
-  unsigned qa[MT][DP / 16][4];
+  // This warp's 16 query rows as MMA A fragments, one per 16 columns of the head.
+  unsigned qa[DP / 16][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+  for (int c = 0; c < DP / 16; ++c) {
 #pragma unroll
-    for (int c = 0; c < DP / 16; ++c) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int row = row0 + 16 * mt + g + (r & 1) * 8;
-        const int col = c * 16 + (r >> 1) * 8 + 2 * t;
-        unsigned val = 0;
-        if (row < lq && col < D) val = *reinterpret_cast<const unsigned*>(qb + (long)row * ldq + col);
-        qa[mt][c][r] = val;
-      }
+    for (int r = 0; r < 4; ++r) {
+      const int row = row0 + g + (r & 1) * 8;
+      const int col = c * 16 + (r >> 1) * 8 + 2 * t;
+      unsigned val = 0;
+      if (row < lq && col < D) val = *reinterpret_cast<const unsigned*>(qb + (long)row * ldq + col);
+      qa[c][r] = val;
     }
   }
 
-  float acc[MT][D / 8][4];
-  // Per run: rows g (m0, l0) and g + 8 (m1, l1).
-  float m0[MT], m1[MT], l0[MT], l1[MT];
+  float acc[D / 8][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
-    m0[mt] = m1[mt] = -1e30f;
-    l0[mt] = l1[mt] = 0.f;
-  }
+  for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  float m0 = -1e30f, m1 = -1e30f, l0 = 0.f, l1 = 0.f;
 
   // Tile `tile` of this split's keys into stage `st`: 16-byte copies, keys past the split's end
   // zero-filled (their scores are masked; zero V rows keep 0 x garbage out of the sums).
@@ -205,83 +194,68 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
     const __half* kt = ks[st];
     const __half* vt = vs[st];
 
-    // Scores for 16 queries x 64 keys a run: 8 tiles of 8 keys.
-    float s[MT][FA_KEYS / 8][4];
+    // Scores for 16 queries x 64 keys: 8 tiles of 8 keys.
+    float s[FA_KEYS / 8][4];
 #pragma unroll
     for (int n = 0; n < FA_KEYS / 8; ++n) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
       for (int c = 0; c < DP / 16; ++c) {
         const __half* kr = kt + (n * 8 + g) * KS + c * 16 + 2 * t;
-        const unsigned b0 = *reinterpret_cast<const unsigned*>(kr);
-        const unsigned b1 = *reinterpret_cast<const unsigned*>(kr + 8);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) mma16816(s[mt][n], qa[mt][c], b0, b1);
+        mma16816(s[n], qa[c], *reinterpret_cast<const unsigned*>(kr),
+                 *reinterpret_cast<const unsigned*>(kr + 8));
       }
     }
-    // Keys past the split's end only in its last tile.
-    const bool partial = key0 + FA_KEYS > key_end;
+    // Online softmax; rows g (values 0, 1) and g + 8 (values 2, 3) of this warp's 16.
+    float mx0 = m0, mx1 = m1;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      // Online softmax; rows g (values 0, 1) and g + 8 (values 2, 3) of the run's 16.
-      float mx0 = m0[mt], mx1 = m1[mt];
+    for (int n = 0; n < FA_KEYS / 8; ++n) {
 #pragma unroll
-      for (int n = 0; n < FA_KEYS / 8; ++n) {
-        if (partial) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = key0 + n * 8 + 2 * t + (e & 1);
-            if (key >= key_end) s[mt][n][e] = -1e30f;
-          }
-        }
-        mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + n * 8 + 2 * t + (e & 1);
+        if (key >= key_end) s[n][e] = -1e30f;
       }
+      mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+    }
 #pragma unroll
-      for (int off = 1; off < 4; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, off));
-      }
-      const float c0 = exp2f((m0[mt] - mx0) * scale_log2), c1 = exp2f((m1[mt] - mx1) * scale_log2);
-      m0[mt] = mx0;
-      m1[mt] = mx1;
-      l0[mt] *= c0;
-      l1[mt] *= c1;
+    for (int off = 1; off < 4; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, off));
+    }
+    const float c0 = exp2f((m0 - mx0) * scale_log2), c1 = exp2f((m1 - mx1) * scale_log2);
+    m0 = mx0;
+    m1 = mx1;
+    l0 *= c0;
+    l1 *= c1;
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        acc[mt][j][0] *= c0;
-        acc[mt][j][1] *= c0;
-        acc[mt][j][2] *= c1;
-        acc[mt][j][3] *= c1;
-      }
+    for (int j = 0; j < D / 8; ++j) {
+      acc[j][0] *= c0;
+      acc[j][1] *= c0;
+      acc[j][2] *= c1;
+      acc[j][3] *= c1;
+    }
 #pragma unroll
-      for (int n = 0; n < FA_KEYS / 8; ++n) {
-        s[mt][n][0] = exp2f((s[mt][n][0] - mx0) * scale_log2);
-        s[mt][n][1] = exp2f((s[mt][n][1] - mx0) * scale_log2);
-        s[mt][n][2] = exp2f((s[mt][n][2] - mx1) * scale_log2);
-        s[mt][n][3] = exp2f((s[mt][n][3] - mx1) * scale_log2);
-        l0[mt] += s[mt][n][0] + s[mt][n][1];
-        l1[mt] += s[mt][n][2] + s[mt][n][3];
-      }
+    for (int n = 0; n < FA_KEYS / 8; ++n) {
+      s[n][0] = exp2f((s[n][0] - m0) * scale_log2);
+      s[n][1] = exp2f((s[n][1] - m0) * scale_log2);
+      s[n][2] = exp2f((s[n][2] - m1) * scale_log2);
+      s[n][3] = exp2f((s[n][3] - m1) * scale_log2);
+      l0 += s[n][0] + s[n][1];
+      l1 += s[n][2] + s[n][3];
     }
     // acc += p v, 16 keys at a time; p's A fragment is two adjacent score tiles.
 #pragma unroll
     for (int c = 0; c < FA_KEYS / 16; ++c) {
-      unsigned pa[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        pa[mt][0] = pack_half2(s[mt][2 * c][0], s[mt][2 * c][1]);
-        pa[mt][1] = pack_half2(s[mt][2 * c][2], s[mt][2 * c][3]);
-        pa[mt][2] = pack_half2(s[mt][2 * c + 1][0], s[mt][2 * c + 1][1]);
-        pa[mt][3] = pack_half2(s[mt][2 * c + 1][2], s[mt][2 * c + 1][3]);
-      }
+      const unsigned pa[4] = {pack_half2(s[2 * c][0], s[2 * c][1]),
+                              pack_half2(s[2 * c][2], s[2 * c][3]),
+                              pack_half2(s[2 * c + 1][0], s[2 * c + 1][1]),
+                              pack_half2(s[2 * c + 1][2], s[2 * c + 1][3])};
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
         unsigned b0, b1;
         ldmatrix_x2_trans(b0, b1, vt + (c * 16 + (lane & 15)) * KS + j * 8);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) mma16816(acc[mt][j], pa[mt], b0, b1);
+        mma16816(acc[j], pa, b0, b1);
       }
     }
     // Every warp is done with stage st before a later load overwrites it.
@@ -289,60 +263,53 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   }
 
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    float a0 = l0[mt], a1 = l1[mt];
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      a0 += __shfl_xor_sync(0xffffffff, a0, off);
-      a1 += __shfl_xor_sync(0xffffffff, a1, off);
-    }
-    const int r0 = row0 + 16 * mt + g, r1 = r0 + 8;
-    if (splits > 1) {
-      // part: o [splits, B, lq, heads*D] then (max, sum) [splits, B, heads, lq, 2], fp32.
-      const long nb = gridDim.z / splits;
-      const long at = (long)split * nb + image;
-      float* po = part + at * lq * ld + head * D;
-      float* pml = part + (long)splits * nb * lq * ld + (at * heads + head) * lq * 2;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        const int col = j * 8 + 2 * t;
-        if (r0 < lq) *reinterpret_cast<float2*>(po + r0 * ld + col) = make_float2(acc[mt][j][0], acc[mt][j][1]);
-        if (r1 < lq) *reinterpret_cast<float2*>(po + r1 * ld + col) = make_float2(acc[mt][j][2], acc[mt][j][3]);
-      }
-      if (t == 0) {
-        if (r0 < lq) *reinterpret_cast<float2*>(pml + r0 * 2) = make_float2(m0[mt], a0);
-        if (r1 < lq) *reinterpret_cast<float2*>(pml + r1 * 2) = make_float2(m1[mt], a1);
-      }
-      continue;
-    }
-    const float i0 = 1.f / a0, i1 = 1.f / a1;
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffff, l0, off);
+    l1 += __shfl_xor_sync(0xffffffff, l1, off);
+  }
+  const int r0 = row0 + g, r1 = row0 + g + 8;
+  if (splits > 1) {
+    // part: o [splits, B, lq, heads*D] then (max, sum) [splits, B, heads, lq, 2], fp32.
+    const long nb = gridDim.z / splits;
+    const long at = (long)split * nb + image;
+    float* po = part + at * lq * ld + head * D;
+    float* pml = part + (long)splits * nb * lq * ld + (at * heads + head) * lq * 2;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       const int col = j * 8 + 2 * t;
-      if (r0 < lq)
-        *reinterpret_cast<__half2*>(ob + r0 * ld + col) =
-            __floats2half2_rn(acc[mt][j][0] * i0, acc[mt][j][1] * i0);
-      if (r1 < lq)
-        *reinterpret_cast<__half2*>(ob + r1 * ld + col) =
-            __floats2half2_rn(acc[mt][j][2] * i1, acc[mt][j][3] * i1);
+      if (r0 < lq) *reinterpret_cast<float2*>(po + r0 * ld + col) = make_float2(acc[j][0], acc[j][1]);
+      if (r1 < lq) *reinterpret_cast<float2*>(po + r1 * ld + col) = make_float2(acc[j][2], acc[j][3]);
     }
+    if (t == 0) {
+      if (r0 < lq) *reinterpret_cast<float2*>(pml + r0 * 2) = make_float2(m0, l0);
+      if (r1 < lq) *reinterpret_cast<float2*>(pml + r1 * 2) = make_float2(m1, l1);
+    }
+    return;
+  }
+  const float i0 = 1.f / l0, i1 = 1.f / l1;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const int col = j * 8 + 2 * t;
+    if (r0 < lq)
+      *reinterpret_cast<__half2*>(ob + r0 * ld + col) =
+          __floats2half2_rn(acc[j][0] * i0, acc[j][1] * i0);
+    if (r1 < lq)
+      *reinterpret_cast<__half2*>(ob + r1 * ld + col) =
+          __floats2half2_rn(acc[j][2] * i1, acc[j][3] * i1);
   }
 }
 
-#define FLASH(D, MT, NAME)                                                                   \
-  extern "C" __global__ void __launch_bounds__(FA_MAX_WARPS * 32) NAME(                        \
+#define FLASH(D, WARPS, NAME)                                                                \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                               \
       const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk,          \
       int heads, int ldq, int ldkv, float scale_log2, int splits, float* part) {             \
     LS_PDL_ENTER();                                                                          \
-    flash_attention<D, MT>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);  \
+    flash_attention<D>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);      \
   }
-FLASH(40, 1, flash_attention_40)
-FLASH(64, 1, flash_attention_64)
-FLASH(80, 1, flash_attention_80)
-FLASH(160, 1, flash_attention_160)
-// 32 query rows a warp (an experiment, LIPSTREAM_FLASH_M32): each K and V fragment feeds two
-// products, for half the shared-memory reads, at 179 registers instead of 80.
-FLASH(40, 2, flash_attention_40_m32)
+FLASH(40, FA_MAX_WARPS, flash_attention_40)
+FLASH(64, FA_MAX_WARPS, flash_attention_64)
+FLASH(80, FA_MAX_WARPS, flash_attention_80)
+FLASH(160, FA_MAX_WARPS, flash_attention_160)
 
 // Joins the key splits of flash_attention: o = sum_s 2^((m_s - M) c) acc_s / sum_s 2^((m_s - M) c)
 // l_s with M the largest m_s and c = scale_log2. One thread per pair of output columns; `part`

@@ -19,18 +19,9 @@ pub const MAX_COLS: usize = 1536;
 
 /// Head dims the fused kernel is instantiated for.
 pub const FLASH_HEAD_DIMS: [usize; 4] = [40, 64, 80, 160];
-/// Warps per block of the fused kernel.
+/// Queries per warp of the fused kernel, and warps per block.
+const FLASH_WARP_QUERIES: usize = 16;
 const FLASH_WARPS: usize = 4;
-
-/// Queries per warp of the fused kernel at head dim `d`: 16, or 32 at 40 with the experiment
-/// `LIPSTREAM_FLASH_M32` (`flash_attention_40_m32`).
-fn flash_warp_queries(d: usize) -> usize {
-    if d == 40 && super::Experiment::FlashM32.on() {
-        32
-    } else {
-        16
-    }
-}
 
 /// Whether the fused kernel runs attention with head dim `d` (values as wide as keys).
 pub fn flash_supports(d: usize, dv: usize) -> bool {
@@ -49,8 +40,8 @@ const FLASH_MIN_SPLIT_TILES: usize = 2;
 
 /// Into how many runs of key tiles the fused kernel splits each (image, head), every run
 /// non-empty: 1 when the grid is large enough already.
-pub fn flash_splits(batch: usize, lq: usize, lk: usize, heads: usize, d: usize) -> usize {
-    let blocks = lq.div_ceil(FLASH_WARPS * flash_warp_queries(d)) * heads * batch;
+pub fn flash_splits(batch: usize, lq: usize, lk: usize, heads: usize) -> usize {
+    let blocks = lq.div_ceil(FLASH_WARPS * FLASH_WARP_QUERIES) * heads * batch;
     let tiles = lk.div_ceil(FLASH_KEYS);
     let want = FLASH_MIN_BLOCKS
         .div_ceil(blocks.max(1))
@@ -82,7 +73,6 @@ pub struct Attention {
     upto1024: CudaFunction,
     upto1536: CudaFunction,
     flash: Vec<(usize, CudaFunction)>,
-    flash_40_m32: CudaFunction,
     join: CudaFunction,
 }
 
@@ -98,7 +88,6 @@ impl Attention {
             upto1024: module.load_function("softmax_rows_f16x2_1024")?,
             upto1536: module.load_function("softmax_rows_f16x2_1536")?,
             flash,
-            flash_40_m32: module.load_function("flash_attention_40_m32")?,
             join: module.load_function("flash_attention_join")?,
         })
     }
@@ -159,11 +148,9 @@ impl Attention {
         // Eight warps at head dim 40 for the UNet's 32x32 self-attention at 16 images measured
         // no faster, 2026-12-06.)
         let warps = FLASH_WARPS;
-        let rows = flash_warp_queries(d);
-        let func = if rows == 32 { &self.flash_40_m32 } else { func };
         let cfg = LaunchConfig {
             grid_dim: (
-                lq.div_ceil(warps * rows) as u32,
+                lq.div_ceil(warps * FLASH_WARP_QUERIES) as u32,
                 heads as u32,
                 (batch * splits) as u32,
             ),
@@ -186,7 +173,7 @@ impl Attention {
             Arg::P(part),
         ];
         // SAFETY: (const half* x3, half*, int x5, float, int, float*) as the kernel
-        // declares; one block per `rows` x warps queries of one (head, image, key split), rows past
+        // declares; one block per 16 x warps queries of one (head, image, key split), rows past
         // lq and keys past lk are never read or written, every split's run of keys is non-empty
         // (checked above); the caller vouches for the operands' sizes and the scratch's,
         // alignment checked above (head offsets are multiples of d, itself a multiple of 8).
@@ -263,14 +250,14 @@ mod tests {
     fn key_splits_fill_small_grids_and_are_never_empty() {
         // Whisper's window, the UNet's 32x32 self-attention alone and at 16 images, its
         // cross-attention (50 keys: one tile, nothing to split).
-        assert_eq!(flash_splits(1, 1500, 1500, 6, 64), 4);
-        assert_eq!(flash_splits(1, 1024, 1024, 8, 40), 4);
-        assert_eq!(flash_splits(16, 1024, 1024, 8, 40), 1);
-        assert_eq!(flash_splits(1, 1024, 50, 8, 40), 1);
+        assert_eq!(flash_splits(1, 1500, 1500, 6), 4);
+        assert_eq!(flash_splits(1, 1024, 1024, 8), 4);
+        assert_eq!(flash_splits(16, 1024, 1024, 8), 1);
+        assert_eq!(flash_splits(1, 1024, 50, 8), 1);
         for batch in [1, 2, 16] {
             for lq in [1, 64, 300, 1500] {
                 for lk in [1, 49, 64, 65, 200, 1000, 1500, 4096] {
-                    let s = flash_splits(batch, lq, lk, 6, 64);
+                    let s = flash_splits(batch, lq, lk, 6);
                     let tiles = lk.div_ceil(FLASH_KEYS);
                     assert!((1..=FLASH_MAX_SPLITS).contains(&s));
                     // The last split starts before the last tile.

@@ -203,19 +203,16 @@ pub enum Experiment {
     Pdl,
     /// Group norms that write the next convolution's im2col patches (`group_norm`).
     NormCols,
-    /// The fused attention at head dim 40 takes 32 query rows a warp, not 16 (`attention`).
-    FlashM32,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 3] = [Experiment::Pdl, Experiment::NormCols, Experiment::FlashM32];
+    pub const ALL: [Experiment; 2] = [Experiment::Pdl, Experiment::NormCols];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
         match self {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
-            Experiment::FlashM32 => "LIPSTREAM_FLASH_M32",
         }
     }
 
@@ -226,7 +223,6 @@ impl Experiment {
             Experiment::NormCols => {
                 "group norms write the next convolution's im2col patches (16-byte groups)"
             }
-            Experiment::FlashM32 => "fused attention at head dim 40: 32 query rows a warp",
         }
     }
 
