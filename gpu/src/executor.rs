@@ -1050,6 +1050,7 @@ impl Executor {
         let rows = match opts.mma {
             ThinConvs::Never => None,
             ThinConvs::Always { rows } => Some(rows),
+            ThinConvs::Timed if kernel == Thin::In && !Experiment::ConvIn.on() => None,
             ThinConvs::Timed => match rt.mma_convs.get(&key) {
                 Some(d) => d.mma.then_some(d.rows),
                 None if !opts.tune => None,

@@ -2,7 +2,9 @@
 //! tensor cores, each pixel's whole window one 32-slot row of an im2col matrix held in
 //! registers. A library convolution pads such thin inputs and ran at about four times the time
 //! its output write needs on an H100. The engine build times it against the library path per
-//! convolution kind and batch (`ThinConvs`), as it does the thin-output kernel (`conv_out`).
+//! convolution kind and batch (`ThinConvs`), as it does the thin-output kernel (`conv_out`) —
+//! only with `LIPSTREAM_CONV_IN=1` for now: it was written without a GPU at hand, and the op
+//! sweep (`thin_convolutions_match`, which runs it regardless) has yet to check it on one.
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 

@@ -203,16 +203,21 @@ pub enum Experiment {
     Pdl,
     /// Group norms that write the next convolution's im2col patches (`group_norm`).
     NormCols,
+    /// Thin convolutions from at most 3 inputs may run on our tensor-core kernel (`conv_in`)
+    /// where the engine build times it faster. Written without a GPU at hand: it stays out of
+    /// engines until the op sweep has checked it on one.
+    ConvIn,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 2] = [Experiment::Pdl, Experiment::NormCols];
+    pub const ALL: [Experiment; 3] = [Experiment::Pdl, Experiment::NormCols, Experiment::ConvIn];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
         match self {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
+            Experiment::ConvIn => "LIPSTREAM_CONV_IN",
         }
     }
 
@@ -222,6 +227,9 @@ impl Experiment {
             Experiment::Pdl => "programmatic dependent launches of our kernels (sm_90)",
             Experiment::NormCols => {
                 "group norms write the next convolution's im2col patches (16-byte groups)"
+            }
+            Experiment::ConvIn => {
+                "convolutions from 3 inputs may take our tensor-core kernel (timed at build)"
             }
         }
     }
