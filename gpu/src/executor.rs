@@ -748,14 +748,18 @@ impl Executor {
     /// downsamplers, padded 0 before and 1 after) read the unpadded input on a graph-API
     /// engine that takes the padding itself, where the build times that at least 3 % faster
     /// than the pad copy and the convolution as prepared; the pad step then runs nothing.
-    /// Returns the workspace the kept plans need.
+    /// Returns the workspace the kept plans need. Timed builds do so only with the experiment
+    /// `LIPSTREAM_PAD_CONV=1` until the op sweep has checked it on a GPU; `Always` (the op
+    /// sweep) does regardless.
     fn absorb_pads(
         &self,
         rt: &mut Runtime,
         prepared: &mut [Prepared],
         opts: Options,
     ) -> Result<usize, GpuError> {
-        if opts.graphs == ConvGraphs::Never {
+        if opts.graphs == ConvGraphs::Never
+            || (opts.graphs == ConvGraphs::Timed && !Experiment::PadConv.on())
+        {
             return Ok(0);
         }
         let mut need_ws = 0;

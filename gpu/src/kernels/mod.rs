@@ -207,10 +207,19 @@ pub enum Experiment {
     /// where the engine build times it faster. Written without a GPU at hand: it stays out of
     /// engines until the op sweep has checked it on one.
     ConvIn,
+    /// A convolution whose input a pad step wrote may take that padding itself on a graph-API
+    /// engine, where the engine build times it faster (`Executor::absorb_pads`). Written
+    /// without a GPU at hand, like `ConvIn`: the op sweep runs it regardless.
+    PadConv,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 3] = [Experiment::Pdl, Experiment::NormCols, Experiment::ConvIn];
+    pub const ALL: [Experiment; 4] = [
+        Experiment::Pdl,
+        Experiment::NormCols,
+        Experiment::ConvIn,
+        Experiment::PadConv,
+    ];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
@@ -218,6 +227,7 @@ impl Experiment {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::ConvIn => "LIPSTREAM_CONV_IN",
+            Experiment::PadConv => "LIPSTREAM_PAD_CONV",
         }
     }
 
@@ -230,6 +240,9 @@ impl Experiment {
             }
             Experiment::ConvIn => {
                 "convolutions from 3 inputs may take our tensor-core kernel (timed at build)"
+            }
+            Experiment::PadConv => {
+                "convolutions may pad their input themselves on cuDNN graph engines (timed at build)"
             }
         }
     }
