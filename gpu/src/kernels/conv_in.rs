@@ -3,8 +3,10 @@
 //! registers. A library convolution pads such thin inputs and ran at about four times the time
 //! its output write needs on an H100. The engine build times it against the library path per
 //! convolution kind and batch (`ThinConvs`), as it does the thin-output kernel (`conv_out`) —
-//! only with `LIPSTREAM_CONV_IN=1` for now: it was written without a GPU at hand, and the op
-//! sweep (`thin_convolutions_match`, which runs it regardless) has yet to check it on one.
+//! only with `LIPSTREAM_CONV_IN=1` for now. The op sweep (`thin_convolutions_match`, which
+//! runs it regardless) has checked the kernel on an H100; its use in front of a group norm (the
+//! norm's sums then come from the epilogue kernel after it) and its timing in a whole engine
+//! have not run on one yet.
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
