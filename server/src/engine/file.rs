@@ -619,6 +619,7 @@ pub fn describe(path: &Path) -> anyhow::Result<String> {
 mod tests {
     use super::*;
     use lipstream_engines::presets::Preset;
+    use lipstream_gpu::conv_graph::EngineChoice;
 
     /// Stand-ins for cubins (no NVRTC needed): what matters here is that they round-trip intact.
     fn images() -> BTreeMap<String, Vec<u8>> {
@@ -751,6 +752,74 @@ mod tests {
         assert_ne!(older, text);
         let back: Header = serde_json::from_str(&older).unwrap();
         assert_eq!(back.gemm_convs[0].1.gemm_ms, Some(0.25));
+    }
+
+    /// A graph-API convolution that pads its input itself (the VAE encoder's downsamplers: 0
+    /// before, 1 after) is keyed by its unpadded shape with `pad_end`; the header keeps that
+    /// apart from the symmetric key of the same size, and files written before `pad_end` read
+    /// as symmetric padding.
+    #[test]
+    fn a_padding_convolution_decision_survives_the_header() {
+        let set = Preset::Tiny.configs();
+        let mut h = header(&set);
+        let symmetric = ConvShape {
+            n: 32,
+            c: 128,
+            h: 256,
+            w: 256,
+            o: 128,
+            kh: 3,
+            kw: 3,
+            stride: [2, 2],
+            pad: [0, 0],
+            groups: 1,
+            nhwc: true,
+            pad_end: [0, 0],
+        };
+        let padding = ConvShape {
+            pad_end: [1, 1],
+            ..symmetric
+        };
+        assert_eq!(padding.out_hw(), (128, 128));
+        assert_eq!(padding.post_pad(), [1, 1]);
+        assert!(
+            padding.label().ends_with("pad [0, 0]/[1, 1]"),
+            "{}",
+            padding.label()
+        );
+        let key = |shape| GraphConvKey {
+            shape,
+            bias_in_graph: true,
+            residual: false,
+            stats: true,
+        };
+        let decision = |engine| GraphConv {
+            choice: Some(EngineChoice {
+                engine,
+                knobs: vec![(1, 2)],
+            }),
+            graph_ms: Some(0.3),
+            legacy_ms: 0.5,
+        };
+        h.graph_convs = vec![(key(symmetric), decision(7)), (key(padding), decision(9))];
+        let text = serde_json::to_string(&h).unwrap();
+        let back: Header = serde_json::from_str(&text).unwrap();
+        let engine_of = |h: &Header, k: GraphConvKey| {
+            h.graph_convs
+                .iter()
+                .find(|(kk, _)| *kk == k)
+                .and_then(|(_, d)| d.choice.as_ref().map(|c| c.engine))
+        };
+        assert_eq!(engine_of(&back, key(symmetric)), Some(7));
+        assert_eq!(engine_of(&back, key(padding)), Some(9));
+        // Written before: no pad_end anywhere.
+        h.graph_convs = vec![(key(symmetric), decision(7))];
+        let older = serde_json::to_string(&h)
+            .unwrap()
+            .replace(",\"pad_end\":[0,0]", "");
+        assert!(!older.contains("pad_end"));
+        let back: Header = serde_json::from_str(&older).unwrap();
+        assert_eq!(engine_of(&back, key(symmetric)), Some(7));
     }
 
     #[test]
