@@ -1439,7 +1439,9 @@ impl Executor {
         mode: ConvGraphs,
         baseline: &dyn Fn(&Runtime, Ptr) -> Result<(), GpuError>,
     ) -> Result<(GraphConv, Option<GraphCall>), GpuError> {
-        rt.reserve_workspace(TUNE_WORKSPACE_BYTES)?;
+        // The baseline may be a convolution lowered to im2col + GEMM, its patches in the
+        // workspace.
+        rt.reserve_workspace(TUNE_WORKSPACE_BYTES.max(IM2COL_MAX_BYTES))?;
         let ws = rt.workspace_ptr();
         let stream = rt.stream().clone();
         let rt = &*rt;
@@ -2144,9 +2146,7 @@ impl Executor {
                 (Step::Softmax { x, rows, cols }, _) => {
                     unsafe { k.attention.softmax(s, p(*x), *rows, *cols) }?
                 }
-                (Step::Pad { x, y, nhwc, pad }, _) => {
-                    unsafe { k.layout.pad_nhwc(s, p(*x), p(*y), *nhwc, *pad) }?
-                }
+                (Step::Pad { .. }, _) => unsafe { self.run_pad(rt, step) }?,
                 (
                     Step::GroupNorm {
                         shape,
