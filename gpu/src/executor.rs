@@ -182,6 +182,26 @@ pub struct GraphConvKey {
     pub stats: bool,
 }
 
+impl GraphConvKey {
+    /// The operation graph of this key (its shape, the bias when it rides on the graph).
+    fn graph(&self, rt: &Runtime) -> Result<ConvGraph, GpuError> {
+        ConvGraph::new(
+            rt.conv.handle(),
+            GraphKey {
+                shape: self.shape,
+                bias: self.bias_in_graph,
+            },
+        )
+    }
+
+    /// The call an engine file's decision `choice` names for this key.
+    fn call(&self, rt: &Runtime, choice: &EngineChoice) -> Result<GraphCall, GpuError> {
+        let graph = self.graph(rt)?;
+        let plan = graph.plan(rt.conv.handle(), choice)?;
+        Ok(GraphCall { graph, plan })
+    }
+}
+
 /// A timed graph-API decision: the engine configuration when it won, and both times.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct GraphConv {
@@ -773,17 +793,7 @@ impl Executor {
             key.shape = input.conv_shape(&key.shape);
             let call = match rt.graph_convs.get(&key) {
                 Some(d) if opts.graphs == ConvGraphs::Timed => match &d.choice {
-                    Some(choice) => {
-                        let graph = ConvGraph::new(
-                            rt.conv.handle(),
-                            GraphKey {
-                                shape: key.shape,
-                                bias: key.bias_in_graph,
-                            },
-                        )?;
-                        let plan = graph.plan(rt.conv.handle(), choice)?;
-                        Some(GraphCall { graph, plan })
-                    }
+                    Some(choice) => Some(key.call(rt, choice)?),
                     None => None,
                 },
                 _ if opts.graphs == ConvGraphs::Timed && !opts.tune => None,
@@ -1284,9 +1294,7 @@ impl Executor {
         // SAFETY: per the caller's contract.
         unsafe {
             if let Some(call) = &plan.graph {
-                self.run_graph(rt, step, *x, &call.plan, ws)?;
-                lap("conv")?;
-                return self.conv_epilogue(rt, step, call.graph.key.bias);
+                return self.run_graph_call(rt, step, *x, call, ws, lap);
             }
             if let Some(call) = &plan.fused {
                 let b = bias.map_or(0, |(l, _)| p(l));
@@ -1305,6 +1313,28 @@ impl Executor {
             }
             lap("conv")?;
             self.conv_epilogue(rt, step, plan.fused.is_some())
+        }
+    }
+
+    /// Runs convolution `step` on graph-API call `call`, reading `x` (`run_graph`), then what
+    /// is left of its epilogue; `lap` marks the boundary.
+    ///
+    /// # Safety
+    /// As for `run_graph`.
+    unsafe fn run_graph_call(
+        &self,
+        rt: &Runtime,
+        step: &Step,
+        x: Loc,
+        call: &GraphCall,
+        ws: Ptr,
+        lap: &mut dyn FnMut(&'static str) -> Result<(), GpuError>,
+    ) -> Result<(), GpuError> {
+        // SAFETY: per the caller's contract.
+        unsafe {
+            self.run_graph(rt, step, x, &call.plan, ws)?;
+            lap("conv")?;
+            self.conv_epilogue(rt, step, call.graph.key.bias)
         }
     }
 
@@ -1390,16 +1420,9 @@ impl Executor {
         let Some(choice) = choice else {
             return Ok(0);
         };
-        let graph = ConvGraph::new(
-            rt.conv.handle(),
-            GraphKey {
-                shape: key.shape,
-                bias: key.bias_in_graph,
-            },
-        )?;
-        let plan = graph.plan(rt.conv.handle(), &choice)?;
-        let ws = plan.workspace_bytes;
-        p.graph = Some(GraphCall { graph, plan });
+        let call = key.call(rt, &choice)?;
+        let ws = call.plan.workspace_bytes;
+        p.graph = Some(call);
         Ok(ws)
     }
 
@@ -1450,13 +1473,7 @@ impl Executor {
         let legacy = || baseline(rt, ws);
         legacy()?;
         let legacy_ms = time_gpu(&stream, legacy)?;
-        let graph = ConvGraph::new(
-            rt.conv.handle(),
-            GraphKey {
-                shape: key.shape,
-                bias: key.bias_in_graph,
-            },
-        )?;
+        let graph = key.graph(rt)?;
         // A graph cuDNN proposes nothing for is as good as no proposal.
         let choices = graph.choices().unwrap_or_default();
         let mut best: Option<(GraphPlan, f32)> = None;
@@ -2093,9 +2110,7 @@ impl Executor {
                     )
                 }?,
                 (Step::Conv { .. }, Prepared::PaddingConv { call, x }) => {
-                    unsafe { self.run_graph(rt, step, *x, &call.plan, ws) }?;
-                    lap("conv")?;
-                    unsafe { self.conv_epilogue(rt, step, call.graph.key.bias) }?
+                    unsafe { self.run_graph_call(rt, step, *x, call, ws, &mut lap) }?
                 }
                 (Step::Pad { .. }, Prepared::Absorbed) => {}
                 (Step::Conv { .. }, Prepared::Thin { kernel, rows }) => {
