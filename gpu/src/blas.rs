@@ -115,6 +115,17 @@ impl Blas {
         })
     }
 
+    /// Trades this handle's workspace for `other` (same size): GEMMs captured after the trade
+    /// use `other`'s memory, so two captured replays of one executor can run at once.
+    pub fn swap_workspace(&mut self, other: &mut CudaSlice<u8>) {
+        std::mem::swap(&mut self.workspace, other);
+    }
+
+    /// A fresh workspace of this handle's size, on `stream`.
+    pub fn new_workspace(stream: &Arc<CudaStream>) -> Result<CudaSlice<u8>, GpuError> {
+        Ok(stream.alloc_zeros::<u8>(WORKSPACE_BYTES)?)
+    }
+
     /// Plans `g` (+ bias [n], fixed now) (+ a residual given at run time).
     pub fn plan(&self, g: Gemm, bias: Option<Ptr>, residual: bool) -> Result<GemmPlan, GpuError> {
         let f16 = sys::cudaDataType_t::CUDA_R_16F;

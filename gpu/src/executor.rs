@@ -490,6 +490,47 @@ impl Runtime {
             None => 0,
         }
     }
+
+    /// A second set of the memory a replay writes (arena, convolution and cuBLASLt
+    /// workspaces), the arena a copy of the current one (so inputs match). Call after
+    /// `finish_building`. Captured between two `swap_scratch` calls, an executor's graph
+    /// touches only this set: it may replay on another stream at the same time as the graph
+    /// captured on the first set.
+    pub fn second_scratch(&self) -> Result<Scratch, GpuError> {
+        let s = self.stream();
+        let arena = match &self.arena {
+            Some(a) => {
+                let mut b = s.alloc_zeros::<f16>(a.len())?;
+                s.memcpy_dtod(a, &mut b)?;
+                Some(b)
+            }
+            None => None,
+        };
+        let workspace = match self.workspace_bytes {
+            0 => None,
+            n => Some(s.alloc_zeros::<u8>(n)?),
+        };
+        Ok(Scratch {
+            arena,
+            workspace,
+            blas: Blas::new_workspace(s)?,
+        })
+    }
+
+    /// Trades the runtime's scratch memory for `other`'s (see `second_scratch`); a second
+    /// call trades it back. Sizes stay those of the first set.
+    pub fn swap_scratch(&mut self, other: &mut Scratch) {
+        std::mem::swap(&mut self.arena, &mut other.arena);
+        std::mem::swap(&mut self.workspace, &mut other.workspace);
+        self.blas.swap_workspace(&mut other.blas);
+    }
+}
+
+/// The memory one replay writes, apart from a runtime's own (`Runtime::second_scratch`).
+pub struct Scratch {
+    arena: Option<CudaSlice<f16>>,
+    workspace: Option<CudaSlice<u8>>,
+    blas: CudaSlice<u8>,
 }
 
 /// Records `ev` on `stream` so that, inside a capture, it becomes a real event-record node of
@@ -2006,6 +2047,13 @@ impl Executor {
     /// Warms up, then captures every step into one CUDA graph.
     pub fn capture(&mut self, rt: &Runtime) -> Result<(), GpuError> {
         self.graph = None;
+        self.graph = Some(self.capture_graph(rt)?);
+        Ok(())
+    }
+
+    /// Warms up, then captures every step into a CUDA graph on the runtime's current scratch
+    /// memory, and returns it (the executor's own graph stays as it is).
+    pub fn capture_graph(&self, rt: &Runtime) -> Result<CudaGraph, GpuError> {
         self.run_steps(rt, None)?;
         rt.stream().synchronize()?;
         let stream = rt.stream();
@@ -2016,8 +2064,7 @@ impl Executor {
         let graph =
             graph?.ok_or_else(|| GpuError::Capture("the capture recorded nothing".into()))?;
         graph.upload()?;
-        self.graph = Some(graph);
-        Ok(())
+        Ok(graph)
     }
 
     /// Times every step as the GPU runs it inside a CUDA graph (timing events captured between
@@ -2307,6 +2354,63 @@ impl Executor {
         }
         ms.sort_by(f64::total_cmp);
         Ok(ms[ms.len() / 2])
+    }
+
+    /// Milliseconds a replay of this executor's graph and of `other` (the same executor
+    /// captured on a second scratch set, `Runtime::second_scratch`) take per replay when the
+    /// two run at once on two streams, `runs` of each after warm-ups; and, as the baseline
+    /// from the same call, per replay of the executor's graph back to back on one stream.
+    pub fn time_two_streams(
+        &self,
+        rt: &Runtime,
+        other: &CudaGraph,
+        runs: usize,
+    ) -> Result<(f64, f64), GpuError> {
+        let graph = self
+            .graph
+            .as_ref()
+            .ok_or_else(|| GpuError::Capture("two-stream timing needs a captured graph".into()))?;
+        let s1 = rt.stream();
+        let s2 = s1.fork()?;
+        let f = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ev = || s1.context().new_event(f);
+        let runs = runs.max(1);
+        let launch = |g: &CudaGraph, s: &CudaStream| -> Result<(), GpuError> {
+            // SAFETY: the graph is instantiated and uploaded, the stream live; a graph may
+            // replay on any stream of its context.
+            unsafe { sys::cuGraphLaunch(g.cu_graph_exec(), s.cu_stream()) }.result()?;
+            Ok(())
+        };
+        // One stream, back to back: 2 x runs replays.
+        let (a, b) = (ev()?, ev()?);
+        for _ in 0..3 {
+            launch(graph, s1)?;
+        }
+        a.record(s1)?;
+        for _ in 0..2 * runs {
+            launch(graph, s1)?;
+        }
+        b.record(s1)?;
+        b.synchronize()?;
+        let one = a.elapsed_ms(&b)? as f64 / (2 * runs) as f64;
+        // Two streams: `runs` replays on each, started together.
+        let (a, b, done2) = (ev()?, ev()?, ev()?);
+        for _ in 0..3 {
+            launch(other, &s2)?;
+        }
+        s2.join(s1)?;
+        a.record(s1)?;
+        s2.wait(&a)?;
+        for _ in 0..runs {
+            launch(graph, s1)?;
+            launch(other, &s2)?;
+        }
+        done2.record(&s2)?;
+        s1.wait(&done2)?;
+        b.record(s1)?;
+        b.synchronize()?;
+        let two = a.elapsed_ms(&b)? as f64 / (2 * runs) as f64;
+        Ok((one, two))
     }
 
     /// Runs on f32 tensors (tests and checks): converts, uploads, runs, reads back.

@@ -194,6 +194,11 @@ enum BenchCmd {
         /// the graph API's engines buy on this GPU. Ignored with --engine.
         #[arg(long)]
         legacy_convs: bool,
+        /// Also time each frame stage with two replays in flight on two streams (a second
+        /// arena and workspaces), against back-to-back replays on one: what a renderer with two
+        /// batches in flight would gain in frames per second.
+        #[arg(long, conflicts_with = "no_graphs")]
+        two_streams: bool,
         /// Write the JSON report here too.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -319,6 +324,7 @@ fn main() -> anyhow::Result<()> {
             profile,
             cudnn_only,
             legacy_convs,
+            two_streams,
             out,
         }) => {
             let (src, preload, batches) = match &engine {
@@ -347,6 +353,7 @@ fn main() -> anyhow::Result<()> {
                 profile,
                 conv_gemm: !cudnn_only,
                 conv_graphs: !legacy_convs,
+                two_streams,
             };
             let report = lipstream::engine::bench(&src, &opts, &preload)?;
             let text = serde_json::to_string_pretty(&report)?;

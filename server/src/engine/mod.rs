@@ -301,6 +301,8 @@ pub struct BenchOptions {
     pub conv_gemm: bool,
     /// Let convolutions run on cuDNN graph-API engines where timing says so.
     pub conv_graphs: bool,
+    /// Also time each frame stage with two replays in flight on two streams.
+    pub two_streams: bool,
 }
 
 /// Builds every (stage, batch) executor, captures them, and times each; returns the report.
@@ -420,6 +422,9 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
             ms / *batch as f64
         );
     }
+    if opts.two_streams && opts.graphs {
+        two_streams(&mut rt, &built, opts.runs, &mut results)?;
+    }
     let mut profile = Vec::new();
     if opts.profile {
         for &stage in &opts.stages {
@@ -460,6 +465,57 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         "results": results,
         "profile": profile,
     }))
+}
+
+/// Each frame stage's replays per frame, back to back on one stream and two at a time on two
+/// streams (each executor captured again on a second arena and workspaces), into `results`.
+fn two_streams(
+    rt: &mut Runtime,
+    built: &[(Stage, usize, Executor, f64)],
+    runs: usize,
+    results: &mut serde_json::Map<String, Value>,
+) -> anyhow::Result<()> {
+    let frames: Vec<&(Stage, usize, Executor, f64)> = built
+        .iter()
+        .filter(|(s, ..)| matches!(s, Stage::Avatar | Stage::Camera))
+        .collect();
+    let mut second = rt
+        .second_scratch()
+        .context("a second arena and workspaces")?;
+    rt.swap_scratch(&mut second);
+    let captured: anyhow::Result<Vec<_>> = frames
+        .iter()
+        .map(|(stage, batch, ex, _)| {
+            ex.capture_graph(rt)
+                .with_context(|| format!("capturing {} B={batch} again", stage.name()))
+        })
+        .collect();
+    rt.swap_scratch(&mut second);
+    for ((stage, batch, ex, _), other) in frames.iter().zip(captured?) {
+        let (one, two) = ex.time_two_streams(rt, &other, runs)?;
+        let b = *batch as f64;
+        eprintln!(
+            "{:<14} B={batch:<3} one stream {:.3} ms/frame, two streams {:.3} ms/frame ({:+.1} %)",
+            stage.name(),
+            one / b,
+            two / b,
+            (two / one - 1.0) * 100.0
+        );
+        let entry = results
+            .entry(format!("B{batch}"))
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .context("report entry")?;
+        entry.insert(
+            format!("{}_one_stream_per_frame_ms", stage.name()),
+            json!(one / b),
+        );
+        entry.insert(
+            format!("{}_two_streams_per_frame_ms", stage.name()),
+            json!(two / b),
+        );
+    }
+    Ok(())
 }
 
 /// Per-kind and slowest-step GPU times of one replay (events captured between the steps).
