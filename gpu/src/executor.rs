@@ -809,18 +809,15 @@ impl Executor {
     /// downsamplers, padded 0 before and 1 after) read the unpadded input on a graph-API
     /// engine that takes the padding itself, where the build times that at least 3 % faster
     /// than the pad copy and the convolution as prepared; the pad step then runs nothing.
-    /// Returns the workspace the kept plans need. Timed builds do so only with the experiment
-    /// `LIPSTREAM_PAD_CONV=1` until the op sweep has checked it on a GPU; `Always` (the op
-    /// sweep) does regardless.
+    /// Returns the workspace the kept plans need. On an H100 every VAE-encoder downsampler
+    /// takes it (a camera frame 1.0-1.5 % faster, bench/results/2026-12-06_h100_pad_conv).
     fn absorb_pads(
         &self,
         rt: &mut Runtime,
         prepared: &mut [Prepared],
         opts: Options,
     ) -> Result<usize, GpuError> {
-        if opts.graphs == ConvGraphs::Never
-            || (opts.graphs == ConvGraphs::Timed && !Experiment::PadConv.on())
-        {
+        if opts.graphs == ConvGraphs::Never {
             return Ok(0);
         }
         let mut need_ws = 0;
@@ -1105,7 +1102,6 @@ impl Executor {
         let rows = match opts.mma {
             ThinConvs::Never => None,
             ThinConvs::Always { rows } => Some(rows),
-            ThinConvs::Timed if kernel == Thin::In && !Experiment::ConvIn.on() => None,
             ThinConvs::Timed => match rt.mma_convs.get(&key) {
                 Some(d) => d.mma.then_some(d.rows),
                 None if !opts.tune => None,

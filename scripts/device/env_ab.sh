@@ -5,9 +5,9 @@
 # side), then times STAGES with every experiment off and with one of VARS set to 1, alternately,
 # ROUNDS times each, so drift of the card's clocks lands on both sides alike.
 #   VARS=LIPSTREAM_PDL,LIPSTREAM_NORM_COLS ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
-# An experiment the build decides by timing (LIPSTREAM_CONV_IN, LIPSTREAM_PAD_CONV) must be on
-# during the build too, so that the engine file holds its decision:
-# BUILD_VARS=LIPSTREAM_CONV_IN,LIPSTREAM_PAD_CONV. The off side then ignores those decisions.
+# An experiment the build decides by timing must be on during the build too, so that the engine
+# file holds its decision: BUILD_VARS=LIPSTREAM_X,LIPSTREAM_Y. The off side then ignores those
+# decisions.
 # Writes the change tables (one per experiment and round) to $OUT/summary.txt and the reports
 # and logs as one archive, $OUT/env_ab.tgz (the device returns at most 8 files).
 set -uo pipefail

@@ -2,11 +2,11 @@
 //! tensor cores, each pixel's whole window one 32-slot row of an im2col matrix held in
 //! registers. A library convolution pads such thin inputs and ran at about four times the time
 //! its output write needs on an H100. The engine build times it against the library path per
-//! convolution kind and batch (`ThinConvs`), as it does the thin-output kernel (`conv_out`) —
-//! only with `LIPSTREAM_CONV_IN=1` for now. The op sweep (`thin_convolutions_match`, which
-//! runs it regardless) has checked the kernel on an H100; its use in front of a group norm (the
-//! norm's sums then come from the epilogue kernel after it) and its timing in a whole engine
-//! have not run on one yet.
+//! convolution kind and batch (`ThinConvs`), as it does the thin-output kernel (`conv_out`),
+//! the epilogue kernel's group-norm sums after it counted on both sides. The op sweep
+//! (`thin_convolutions_match`) checks it on the GPU, also in front of a group norm. On an H100 it
+//! loses to cuDNN at the VAE encoder's conv_in (0.99 against 0.73 ms for 32 crops, 0.069 against
+//! 0.048 for 2; bench/results/2026-12-06_h100_pad_conv), so engines built there do not take it.
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 

@@ -203,31 +203,16 @@ pub enum Experiment {
     Pdl,
     /// Group norms that write the next convolution's im2col patches (`group_norm`).
     NormCols,
-    /// Thin convolutions from at most 3 inputs may run on our tensor-core kernel (`conv_in`)
-    /// where the engine build times it faster. The kernel passed the op sweep on an H100; with
-    /// the group-norm sums after it, as the VAE encoder has it, it has not run on a GPU yet.
-    ConvIn,
-    /// A convolution whose input a pad step wrote may take that padding itself on a graph-API
-    /// engine, where the engine build times it faster (`Executor::absorb_pads`). Written
-    /// without a GPU at hand, like `ConvIn`: the op sweep runs it regardless.
-    PadConv,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 4] = [
-        Experiment::Pdl,
-        Experiment::NormCols,
-        Experiment::ConvIn,
-        Experiment::PadConv,
-    ];
+    pub const ALL: [Experiment; 2] = [Experiment::Pdl, Experiment::NormCols];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
         match self {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
-            Experiment::ConvIn => "LIPSTREAM_CONV_IN",
-            Experiment::PadConv => "LIPSTREAM_PAD_CONV",
         }
     }
 
@@ -237,12 +222,6 @@ impl Experiment {
             Experiment::Pdl => "programmatic dependent launches of our kernels (sm_90)",
             Experiment::NormCols => {
                 "group norms write the next convolution's im2col patches (16-byte groups)"
-            }
-            Experiment::ConvIn => {
-                "convolutions from 3 inputs may take our tensor-core kernel (timed at build)"
-            }
-            Experiment::PadConv => {
-                "convolutions may pad their input themselves on cuDNN graph engines (timed at build)"
             }
         }
     }
