@@ -82,7 +82,6 @@ fn compare(mode: Stage) {
                 profiles: vec![1, 2, 4],
                 cuda,
                 gpu: 0,
-                lane: 0,
                 frame_budget: Duration::from_millis(200),
             },
             Arc::new(Metrics::new()),

@@ -34,7 +34,7 @@ server=""
 serve() {
   RUST_LOG="${SERVE_LOG:-info}" $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 \
     --engine "$engine" "${serve_mode[@]}" --max-sessions 128 --frame-budget-ms "${BUDGET:-80}" \
-    --audio-hop-frames "${HOP:-2}" --gpus "$1" --renderers-per-gpu "${RENDERERS:-1}" > "$2" 2>&1 &
+    --audio-hop-frames "${HOP:-2}" --gpus "$1" > "$2" 2>&1 &
   server=$!
   for _ in $(seq 1 300); do
     grep -q "lipstream listening" "$2" && return 0

@@ -9,7 +9,7 @@
 # Writes under $OUT: the engine build log, one summary per load, and an archive with the reports,
 # the server log and its /metrics after each load. SESSIONS (1,8,16,24), DURATION (20 s), BUDGET
 # (frame budget, ms), HOP (frames per whisper window), BATCHES (1,2,4,8,16), GPUS (0; 0,1: one
-# renderer per GPU), RENDERERS (1: renderers per GPU), RAMP (1: also a --ramp run; RAMP_BUDGET, RAMP_DURATION), SERVE_LOG
+# renderer per GPU), RAMP (1: also a --ramp run; RAMP_BUDGET, RAMP_DURATION), SERVE_LOG
 # (info,lipstream::lipsync=debug adds one line per frame with the preparation's timings).
 # The server and engine setup is scripts/device/serve_lib.sh, shared with multi_gpu.sh.
 set -uo pipefail

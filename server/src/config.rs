@@ -78,10 +78,6 @@ pub struct ServeArgs {
     /// the most headroom. Default: GPU 0.
     #[arg(long, env = "LIPSTREAM_GPUS", value_delimiter = ',')]
     pub gpus: Vec<usize>,
-    /// Renderers on each GPU. Each has its own stream, arena and copy of the weights, so one's
-    /// memory-bound passes may overlap another's convolutions; sessions are spread over them.
-    #[arg(long, env = "LIPSTREAM_RENDERERS_PER_GPU", default_value_t = 1)]
-    pub renderers_per_gpu: usize,
     /// Video frames per whisper encode: each more saves GPU time and adds 40 ms of latency.
     #[arg(long, env = "LIPSTREAM_AUDIO_HOP_FRAMES", default_value_t = 2)]
     pub audio_hop_frames: usize,
@@ -129,8 +125,6 @@ pub struct LipsyncConfig {
     pub batches: Vec<usize>,
     /// CUDA ordinals, one renderer each (never empty).
     pub gpus: Vec<usize>,
-    /// Renderers on each GPU (at least 1).
-    pub renderers_per_gpu: usize,
     pub audio_hop_frames: usize,
     pub min_face_px: f64,
     /// Avatar mode's prepared avatar (else camera mode).
@@ -175,7 +169,6 @@ struct FileConfig {
     executor: Option<ExecutorChoice>,
     batches: Option<Vec<usize>>,
     gpus: Option<Vec<usize>>,
-    renderers_per_gpu: Option<usize>,
     audio_hop_frames: Option<usize>,
     min_face_px: Option<f64>,
 }
@@ -231,7 +224,6 @@ impl ServeArgs {
                 executor,
                 batches,
                 gpus,
-                renderers_per_gpu,
                 audio_hop_frames,
                 min_face_px,
                 engine
@@ -251,9 +243,6 @@ impl ServeArgs {
         }
         if self.audio_hop_frames == 0 {
             anyhow::bail!("audio_hop_frames must be at least 1");
-        }
-        if self.renderers_per_gpu == 0 {
-            anyhow::bail!("renderers_per_gpu must be at least 1");
         }
         let source = match (&self.models, self.engine.is_empty()) {
             (Some(dir), _) => Some(crate::lipsync::ModelSource::Models(dir.clone())),
@@ -289,7 +278,6 @@ impl ServeArgs {
                         }
                         g
                     },
-                    renderers_per_gpu: self.renderers_per_gpu,
                     audio_hop_frames: self.audio_hop_frames,
                     min_face_px: self.min_face_px,
                     avatar: self.avatar.clone(),
@@ -438,25 +426,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("models") || err.contains("engine"), "{err}");
-        std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn renderers_per_gpu_come_from_the_flag_or_the_file_and_are_at_least_one() {
-        let per_gpu = |c: &ServeConfig| c.lipsync.as_ref().map(|l| l.renderers_per_gpu);
-        let base = ["x", "--engine", "e.engine", "--avatar", "a.safetensors"];
-        assert_eq!(per_gpu(&resolve(&base).unwrap()), Some(1));
-        let two = [&base[..], &["--renderers-per-gpu", "2"]].concat();
-        assert_eq!(per_gpu(&resolve(&two).unwrap()), Some(2));
-        let zero = [&base[..], &["--renderers-per-gpu", "0"]].concat();
-        let err = resolve(&zero).unwrap_err().to_string();
-        assert!(err.contains("renderers_per_gpu"), "{err}");
-        let dir = std::env::temp_dir().join(format!("lipstream-cfg-r-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("serve.toml");
-        std::fs::write(&path, "renderers_per_gpu = 3\n").unwrap();
-        let file = [&base[..], &["--config", path.to_str().unwrap()]].concat();
-        assert_eq!(per_gpu(&resolve(&file).unwrap()), Some(3));
         std::fs::remove_dir_all(&dir).ok();
     }
 

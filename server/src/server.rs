@@ -144,25 +144,20 @@ async fn lipsync_stage(
         tracker: Default::default(),
         min_face_px: config.min_face_px,
     };
-    // `renderers_per_gpu` renderers per GPU (the CPU executor: one for the machine).
-    let gpus: Vec<(usize, usize)> = if cuda || matches!(config.source, ModelSource::Engine(_)) {
-        config
-            .gpus
-            .iter()
-            .flat_map(|&g| (0..config.renderers_per_gpu).map(move |lane| (g, lane)))
-            .collect()
+    // One renderer per GPU (the CPU executor: one for the machine).
+    let gpus = if cuda || matches!(config.source, ModelSource::Engine(_)) {
+        config.gpus.clone()
     } else {
-        vec![(0, 0)]
+        vec![0]
     };
     let mut renderers = Vec::with_capacity(gpus.len());
-    for (gpu, lane) in gpus {
+    for gpu in gpus {
         let renderer_config = RendererConfig {
             source: config.source.clone(),
             mode,
             profiles: batches.clone(),
             cuda,
             gpu,
-            lane,
             frame_budget,
         };
         let renderer_metrics = metrics.clone();
@@ -170,7 +165,7 @@ async fn lipsync_stage(
             tokio::task::spawn_blocking(move || Renderer::start(renderer_config, renderer_metrics))
                 .await
                 .context("the renderer start panicked")?
-                .with_context(|| format!("renderer {lane} of GPU {gpu}"))?;
+                .with_context(|| format!("the renderer for GPU {gpu}"))?;
         renderers.push(renderer);
     }
     tracing::info!(
@@ -200,7 +195,7 @@ async fn lipsync_stage(
             return Box::new(Identity);
         };
         if renderers.len() > 1 {
-            tracing::info!(renderer = pick, load = ?loads[pick], "session placed");
+            tracing::info!(gpu = pick, load = ?loads[pick], "session placed");
         }
         if let Some(assets) = &avatar {
             return match AvatarStage::new(renderer.clone(), assets.clone(), hop, metrics.clone()) {

@@ -53,9 +53,6 @@ pub struct RendererConfig {
     pub cuda: bool,
     /// The GPU (CUDA ordinal) this renderer runs on.
     pub gpu: usize,
-    /// Which of that GPU's renderers this is (0 for the first; metrics label the others
-    /// "GPU.lane").
-    pub lane: usize,
     /// How long a frame may take from submission to its output time: sizes each session's
     /// slots.
     pub frame_budget: Duration,
@@ -770,9 +767,7 @@ impl Renderer {
         let (tx, rx) = std::sync::mpsc::channel();
         let gauge = Arc::new(Gauge::new());
         let loop_gauge = gauge.clone();
-        let device = if use_cuda && config.lane > 0 {
-            format!("{}.{}", config.gpu, config.lane)
-        } else if use_cuda {
+        let device = if use_cuda {
             config.gpu.to_string()
         } else {
             "cpu".to_string()
@@ -1363,7 +1358,6 @@ mod tests {
                 profiles: vec![1, 2],
                 cuda: false,
                 gpu: 0,
-                lane: 0,
                 frame_budget: Duration::from_millis(200),
             },
             Arc::new(Metrics::new()),
