@@ -107,7 +107,7 @@ impl Blas {
             });
         }
         let handle = result::create_handle().map_err(blas_err)?;
-        let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
+        let workspace = Self::new_workspace(&stream)?;
         Ok(Blas {
             handle,
             stream,

@@ -73,9 +73,8 @@ impl ConvShape {
             && self.pad_end == [0, 0]
     }
 
-    /// Such a convolution of n square hw x hw images, c channels to o (tests).
-    #[cfg(test)]
-    pub(crate) fn same_3x3_square(n: usize, c: usize, hw: usize, o: usize) -> ConvShape {
+    /// Such a convolution of n square hw x hw images, c channels to o.
+    pub fn same_3x3_square(n: usize, c: usize, hw: usize, o: usize) -> ConvShape {
         ConvShape {
             n,
             c,

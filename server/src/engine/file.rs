@@ -719,20 +719,7 @@ mod tests {
     fn a_lowering_decision_without_a_gemm_time_survives_the_header() {
         let set = Preset::Tiny.configs();
         let mut h = header(&set);
-        let shape = ConvShape {
-            n: 1,
-            c: 1280,
-            h: 4,
-            w: 4,
-            o: 1280,
-            kh: 3,
-            kw: 3,
-            stride: [1, 1],
-            pad: [1, 1],
-            groups: 1,
-            nhwc: true,
-            pad_end: [0, 0],
-        };
+        let shape = ConvShape::same_3x3_square(1, 1280, 4, 1280);
         let key = GemmKey {
             shape,
             channel_bias: true,
@@ -763,18 +750,9 @@ mod tests {
         let set = Preset::Tiny.configs();
         let mut h = header(&set);
         let symmetric = ConvShape {
-            n: 32,
-            c: 128,
-            h: 256,
-            w: 256,
-            o: 128,
-            kh: 3,
-            kw: 3,
             stride: [2, 2],
             pad: [0, 0],
-            groups: 1,
-            nhwc: true,
-            pad_end: [0, 0],
+            ..ConvShape::same_3x3_square(32, 128, 256, 128)
         };
         let padding = ConvShape {
             pad_end: [1, 1],

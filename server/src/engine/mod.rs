@@ -393,11 +393,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         } else {
             format!("B{batch}")
         };
-        let entry = results
-            .entry(key)
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .context("report entry")?;
+        let entry = report_entry(&mut results, key)?;
         entry.insert(format!("{}_ms", stage.name()), json!(ms));
         if matches!(stage, Stage::Avatar | Stage::Camera) {
             entry.insert(
@@ -467,6 +463,18 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
     }))
 }
 
+/// The results object under `key` (a batch profile's "B<n>", or a stage's own), made on first use.
+fn report_entry(
+    results: &mut serde_json::Map<String, Value>,
+    key: String,
+) -> anyhow::Result<&mut serde_json::Map<String, Value>> {
+    results
+        .entry(key)
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .context("report entry")
+}
+
 /// Each frame stage's replays per frame, back to back on one stream and two at a time on two
 /// streams (each executor captured again on a second arena and workspaces), into `results`.
 fn two_streams(
@@ -501,11 +509,7 @@ fn two_streams(
             two / b,
             (two / one - 1.0) * 100.0
         );
-        let entry = results
-            .entry(format!("B{batch}"))
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .context("report entry")?;
+        let entry = report_entry(results, format!("B{batch}"))?;
         entry.insert(
             format!("{}_one_stream_per_frame_ms", stage.name()),
             json!(one / b),
