@@ -83,6 +83,7 @@ fn compare(mode: Stage) {
                 cuda,
                 gpu: 0,
                 frame_budget: Duration::from_millis(200),
+                whisper_wait: Duration::ZERO,
             },
             Arc::new(Metrics::new()),
         )

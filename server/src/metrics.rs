@@ -51,6 +51,10 @@ pub struct Metrics {
     pub frames_idle: Counter,
     /// Frames per batch the renderer ran.
     pub batch_frames: Histogram,
+    /// Whisper windows per launch of the CUDA whisper thread.
+    pub whisper_windows: Histogram,
+    /// Time the CUDA whisper thread spent on launches (upload, encoder, read-back).
+    pub whisper_seconds: Counter<f64, AtomicU64>,
     /// Frames processed before the audio their stage hears ahead had arrived (it stopped).
     pub frames_audio_short: Counter,
     /// Media the worker could not take because it was behind (bounded queue full).
@@ -87,6 +91,8 @@ impl Metrics {
             frames_rendered: Counter::default(),
             frames_idle: Counter::default(),
             batch_frames: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
+            whisper_windows: Histogram::new(exponential_buckets(1.0, 2.0, 5)),
+            whisper_seconds: Counter::default(),
             frames_audio_short: Counter::default(),
             media_dropped: Family::default(),
             keyframes_requested: Counter::default(),
@@ -188,6 +194,16 @@ impl Metrics {
             "batch_frames",
             "Frames in each batch the renderer ran",
             m.batch_frames.clone(),
+        );
+        registry.register(
+            "whisper_windows",
+            "Whisper windows in each launch of a GPU's whisper encoder",
+            m.whisper_windows.clone(),
+        );
+        registry.register(
+            "whisper_seconds",
+            "Time GPUs' whisper threads spent encoding windows",
+            m.whisper_seconds.clone(),
         );
         registry.register(
             "frames_audio_short",

@@ -159,6 +159,7 @@ async fn lipsync_stage(
             cuda,
             gpu,
             frame_budget,
+            whisper_wait: config.whisper_wait,
         };
         let renderer_metrics = metrics.clone();
         let renderer =

@@ -56,6 +56,8 @@ pub struct RendererConfig {
     /// How long a frame may take from submission to its output time: sizes each session's
     /// slots.
     pub frame_budget: Duration,
+    /// How long a whisper window may wait for others to run with it (the CUDA whisper thread).
+    pub whisper_wait: Duration,
 }
 
 /// Why a frame came back without a face.
@@ -601,7 +603,7 @@ fn whisper_batch(
 }
 
 /// Whisper windows run together on the CUDA whisper thread (besides one alone).
-const WHISPER_BATCHES: [usize; 3] = [2, 4, 8];
+const WHISPER_BATCHES: [usize; 4] = [2, 4, 8, 16];
 
 /// One whisper window to encode, and where the answer goes.
 struct WhisperJob {
@@ -610,15 +612,40 @@ struct WhisperJob {
     reply: SyncSender<anyhow::Result<Tensor>>,
 }
 
+/// `first` and whatever else `rx` has, waiting up to `wait` after `first` for more until there
+/// are `most`: sessions' hops fall at unrelated times, and windows that share a launch cost
+/// less each.
+fn gather<T>(rx: &Receiver<T>, first: T, wait: Duration, most: usize) -> Vec<T> {
+    let mut jobs = vec![first];
+    jobs.extend(rx.try_iter());
+    let until = Instant::now() + wait;
+    while jobs.len() < most {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match rx.recv_timeout(left) {
+            Ok(job) => {
+                jobs.push(job);
+                jobs.extend(rx.try_iter());
+            }
+            Err(_) => break,
+        }
+    }
+    jobs
+}
+
 /// Whisper on its own CUDA stream and thread: a session's window runs beside the frame batch
 /// in flight instead of waiting behind it (a frame's budget is too short for that wait), and
 /// the windows of all sessions that wait together run as one batch.
 fn start_whisper_thread(
     src: Sources,
     tuned: lipstream_gpu::Tuning,
-    gpu: usize,
+    config: &RendererConfig,
     images: BTreeMap<String, Vec<u8>>,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<Sender<WhisperJob>> {
+    let (gpu, wait) = (config.gpu, config.whisper_wait);
     let (tx, rx) = std::sync::mpsc::channel::<WhisperJob>();
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
@@ -651,10 +678,10 @@ fn start_whisper_thread(
                 }
             };
             let mut staging = Vec::new();
+            let most = WHISPER_BATCHES.iter().copied().max().unwrap_or(1);
             // Ends when the renderer (every sender) is gone.
             while let Ok(first) = rx.recv() {
-                let mut jobs = vec![first];
-                jobs.extend(rx.try_iter());
+                let mut jobs = gather(&rx, first, wait, most);
                 while !jobs.is_empty() {
                     let Executors {
                         rt,
@@ -671,11 +698,10 @@ fn start_whisper_thread(
                         chunk.iter().map(|j| (&j.mel, j.rows.clone())).collect();
                     let t = Instant::now();
                     let result = whisper_batch(rt, runner, &mut staging, &inputs);
-                    tracing::debug!(
-                        windows = n,
-                        ms = t.elapsed().as_secs_f64() * 1e3,
-                        "whisper batch"
-                    );
+                    let took = t.elapsed();
+                    metrics.whisper_windows.observe(n as f64);
+                    metrics.whisper_seconds.inc_by(took.as_secs_f64());
+                    tracing::debug!(windows = n, ms = took.as_secs_f64() * 1e3, "whisper batch");
                     match result {
                         Ok(outs) => {
                             for (job, out) in chunk.into_iter().zip(outs) {
@@ -780,7 +806,7 @@ impl Renderer {
             .spawn(move || {
                 let ready = cpu_built
                     .map(|(b, e, p)| (Box::new(b) as Box<dyn Backend>, e, p, None))
-                    .map_or_else(|| cuda_backend(&config), Ok)
+                    .map_or_else(|| cuda_backend(&config, metrics.clone()), Ok)
                     .and_then(|(mut backend, executor, profiles, whisper)| {
                         let audio_dim = audio_dim(backend.as_mut())?;
                         let faces_on_gpu = backend.faces_on_gpu();
@@ -922,7 +948,7 @@ impl Renderer {
 }
 
 /// The CUDA backend: an engine file, or a models folder built (and timed) here.
-fn cuda_backend(config: &RendererConfig) -> anyhow::Result<Built> {
+fn cuda_backend(config: &RendererConfig, metrics: Arc<Metrics>) -> anyhow::Result<Built> {
     let compile = matches!(config.source, ModelSource::Models(_));
     lipstream_gpu::device::executor_choice(compile).map_err(|why| match compile {
         true => anyhow::anyhow!("CUDA is needed: {why}"),
@@ -949,7 +975,7 @@ fn cuda_backend(config: &RendererConfig) -> anyhow::Result<Built> {
             }
             let tuned = crate::engine::file::tuned(&loaded.header)?;
             let images = loaded.executors.rt.device.kernel_images();
-            let whisper = start_whisper_thread(loaded.sources, tuned, config.gpu, images)?;
+            let whisper = start_whisper_thread(loaded.sources, tuned, config, images, metrics)?;
             (loaded.executors, loaded.header.batches.clone(), whisper)
         }
         ModelSource::Models(dir) => {
@@ -970,7 +996,7 @@ fn cuda_backend(config: &RendererConfig) -> anyhow::Result<Built> {
             )?;
             let tuned = lipstream_gpu::Tuning::of(&ex.rt);
             let images = ex.rt.device.kernel_images();
-            let whisper = start_whisper_thread(src, tuned, config.gpu, images)?;
+            let whisper = start_whisper_thread(src, tuned, config, images, metrics)?;
             (ex, config.profiles.clone(), whisper)
         }
     };
@@ -1359,6 +1385,7 @@ mod tests {
                 cuda: false,
                 gpu: 0,
                 frame_budget: Duration::from_millis(200),
+                whisper_wait: Duration::ZERO,
             },
             Arc::new(Metrics::new()),
         )
@@ -1412,6 +1439,29 @@ mod tests {
         assert_eq!((held.len(), slots.free()), (per, 0));
         drop(placed);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn whisper_windows_wait_for_company_only_as_long_as_allowed() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 1..4 {
+            tx.send(i).unwrap();
+        }
+        // No wait: what is queued now, nothing more.
+        assert_eq!(gather(&rx, 0, Duration::ZERO, 8), vec![0, 1, 2, 3]);
+        // A window sent while the first waits joins it; with `most` reached the wait ends
+        // at once (not after its 60 s).
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            tx.send(5).unwrap();
+            tx
+        });
+        let t = Instant::now();
+        assert_eq!(gather(&rx, 4, Duration::from_secs(60), 2), vec![4, 5]);
+        assert!(t.elapsed() < Duration::from_secs(30));
+        // Nothing comes: back after the wait, alone.
+        let _tx = late.join().unwrap();
+        assert_eq!(gather(&rx, 6, Duration::from_millis(20), 8), vec![6]);
     }
 
     #[test]
