@@ -861,6 +861,8 @@ fn norms_attention_and_linears_match() {
         ([2, 1024, 320], 320, true),
         ([1, 50, 384], 320, false),
         ([1, 1500, 384], 1536, true),
+        // 63 outputs: the GELU's one-element-per-thread form.
+        ([1, 7, 24], 9, true),
     ]
     .into_iter()
     .enumerate()
@@ -1420,6 +1422,29 @@ fn face_crop_and_blend_match_the_cpu_reference() {
     assert!(err.contains("frame 1"), "{err}");
     // SAFETY (test): as above.
     assert!(unsafe { faces.crop(&image, &s, size, ptr(&reference), 0) }.is_err());
+}
+
+/// Broadcasting adds like whisper's positional embedding: a last axis of whole 8-element
+/// vectors (one 16-byte load per thread) and one of 12 (an element per thread).
+#[test]
+fn broadcast_adds_match() {
+    let Some(mut rt) = runtime() else { return };
+    for (i, x) in [[2, 40, 48], [2, 5, 12]].into_iter().enumerate() {
+        let mut g = Graph::new();
+        let xi = g.input("x", &x);
+        let pos = konst(&mut g, "pos", &x[1..], 130 + i as u32, 1.0);
+        let y = g.push("pos_add", Op::Add, &[xi, pos]).unwrap();
+        let y = g.push("gelu", Op::Gelu, &[y]).unwrap();
+        g.output("y", y);
+        let xt = random(&x, 140 + i as u32, 1.0);
+        compare(
+            &mut rt,
+            &format!("add {x:?} + {:?}", &x[1..]),
+            &g,
+            &[("x", &xt)],
+            5e-3,
+        );
+    }
 }
 
 /// Whisper's stem — conv1d, GELU, stride-2 conv1d, GELU, to tokens — lowers to channels-last

@@ -36,19 +36,41 @@ extern "C" __global__ void geglu_f16x8(const __half* __restrict__ x, __half* __r
 }
 
 // Unary ops: 0 exact GELU, 1 SiLU, 2 x * a + b, 3 clamp(x, a, b).
+__device__ __forceinline__ float unary_op(float v, int mode, float a, float b) {
+  switch (mode) {
+    case 0: return gelu_erf(v);
+    case 1: return v / (1.f + __expf(-v));
+    case 2: return v * a + b;
+    default: return fminf(fmaxf(v, a), b);
+  }
+}
+
 extern "C" __global__ void unary_f16(const __half* __restrict__ x, __half* __restrict__ y, long n,
                                      int mode, float a, float b) {
   LS_PDL_ENTER();
   long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n) return;
-  float v = __half2float(x[idx]);
-  switch (mode) {
-    case 0: v = gelu_erf(v); break;
-    case 1: v = v / (1.f + __expf(-v)); break;
-    case 2: v = v * a + b; break;
-    default: v = fminf(fmaxf(v, a), b); break;
+  y[idx] = __float2half(unary_op(__half2float(x[idx]), mode, a, b));
+}
+
+// The same, eight elements per thread in one 16-byte load and store (n % 8 == 0, x and y
+// 16-byte aligned): the scalar form's 2-byte accesses ran whisper's GELUs at a third of the
+// memory's speed. x may be y.
+extern "C" __global__ void unary_f16x8(const uint4* x, uint4* y, long n8, int mode, float a,
+                                       float b) {
+  LS_PDL_ENTER();
+  long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n8) return;
+  const uint4 in = x[idx];
+  const __half2* h = reinterpret_cast<const __half2*>(&in);
+  uint4 out;
+  __half2* o = reinterpret_cast<__half2*>(&out);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(h[j]);
+    o[j] = __floats2half2_rn(unary_op(f.x, mode, a, b), unary_op(f.y, mode, a, b));
   }
-  y[idx] = __float2half(v);
+  y[idx] = out;
 }
 
 // y = a + b on equal shapes, two elements per thread (n even, pointers 4-byte aligned).
@@ -79,6 +101,36 @@ extern "C" __global__ void binary_f16(const __half* __restrict__ a, const __half
   const float x = __half2float(a[r * a0 + i1 * a1 + i2 * a2 + i3 * a3 + i4 * a4]);
   const float z = __half2float(b[r * b0 + i1 * b1 + i2 * b2 + i3 * b3 + i4 * b4]);
   y[idx] = __float2half(op == 0 ? x + z : x * z);
+}
+
+// The same, eight elements of the last axis per thread: d4 counts 8-element vectors, every
+// stride but the last (1 for both) is a multiple of 8, and the pointers are 16-byte aligned.
+extern "C" __global__ void binary_f16x8(const __half* __restrict__ a, const __half* __restrict__ b,
+                                        __half* __restrict__ y, long n8, int op,
+                                        int d1, int d2, int d3, int d4,
+                                        long a0, long a1, long a2, long a3,
+                                        long b0, long b1, long b2, long b3) {
+  LS_PDL_ENTER();
+  long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n8) return;
+  long r = idx;
+  const long i4 = (r % d4) * 8; r /= d4;
+  const long i3 = r % d3; r /= d3;
+  const long i2 = r % d2; r /= d2;
+  const long i1 = r % d1; r /= d1;
+  const uint4 av = *reinterpret_cast<const uint4*>(a + r * a0 + i1 * a1 + i2 * a2 + i3 * a3 + i4);
+  const uint4 bv = *reinterpret_cast<const uint4*>(b + r * b0 + i1 * b1 + i2 * b2 + i3 * b3 + i4);
+  const __half2* x = reinterpret_cast<const __half2*>(&av);
+  const __half2* z = reinterpret_cast<const __half2*>(&bv);
+  uint4 out;
+  __half2* o = reinterpret_cast<__half2*>(&out);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 fx = __half22float2(x[j]), fz = __half22float2(z[j]);
+    o[j] = op == 0 ? __floats2half2_rn(fx.x + fz.x, fx.y + fz.y)
+                   : __floats2half2_rn(fx.x * fz.x, fx.y * fz.y);
+  }
+  reinterpret_cast<uint4*>(y)[idx] = out;
 }
 
 // The epilogue of a convolution: y[i] += bias[(i / image) * bias_stride + (i / inner) % period]

@@ -34,8 +34,10 @@ pub struct Elementwise {
     geglu: CudaFunction,
     geglu8: CudaFunction,
     unary: CudaFunction,
+    unary8: CudaFunction,
     add2: CudaFunction,
     binary: CudaFunction,
+    binary8: CudaFunction,
     bias_residual: CudaFunction,
     bias_residual_nhwc8: CudaFunction,
     bias_residual_stats8: CudaFunction,
@@ -63,8 +65,10 @@ impl Elementwise {
             geglu: m.load_function("geglu_f16")?,
             geglu8: m.load_function("geglu_f16x8")?,
             unary: m.load_function("unary_f16")?,
+            unary8: m.load_function("unary_f16x8")?,
             add2: m.load_function("add_f16x2")?,
             binary: m.load_function("binary_f16")?,
+            binary8: m.load_function("binary_f16x8")?,
             bias_residual: m.load_function("bias_residual_f16")?,
             bias_residual_nhwc8: m.load_function("bias_residual_nhwc_f16x8")?,
             bias_residual_stats8: m.load_function("bias_residual_stats_nhwc_f16x8")?,
@@ -121,6 +125,19 @@ impl Elementwise {
             Unary::Affine { scale, shift } => (2, scale, shift),
             Unary::Clamp { min, max } => (3, min, max),
         };
+        if n.is_multiple_of(8) && aligned16(&[x, y]) {
+            let args = [
+                Arg::P(x),
+                Arg::P(y),
+                Arg::L((n / 8) as i64),
+                Arg::I(mode),
+                Arg::F(a),
+                Arg::F(b),
+            ];
+            // SAFETY: matches unary_f16x8 (const uint4*, uint4*, long, int, float, float);
+            // n / 8 whole 16-byte vectors at aligned addresses (checked).
+            return unsafe { launch(stream, &self.unary8, elems(n / 8), &args) };
+        }
         let args = [
             Arg::P(x),
             Arg::P(y),
@@ -169,15 +186,37 @@ impl Elementwise {
         let (d, sa) = rank5(dims, a.1)?;
         let (_, sb) = rank5(dims, b.1)?;
         let n: usize = dims.iter().product();
+        let code = match op {
+            Binary::Add => 0,
+            Binary::Mul => 1,
+        };
+        // Whole 16-byte vectors along a last axis both operands walk densely.
+        let vectors = d[4] % 8 == 0
+            && sa[4] == 1
+            && sb[4] == 1
+            && sa[..4].iter().chain(&sb[..4]).all(|s| s % 8 == 0)
+            && aligned16(&[a.0, b.0, y]);
+        if vectors {
+            let mut args = vec![
+                Arg::P(a.0),
+                Arg::P(b.0),
+                Arg::P(y),
+                Arg::L((n / 8) as i64),
+                Arg::I(code),
+            ];
+            args.extend(d[1..4].iter().map(|&v| Arg::I(v as i32)));
+            args.push(Arg::I((d[4] / 8) as i32));
+            args.extend(sa[..4].iter().chain(&sb[..4]).map(|&v| Arg::L(v)));
+            // SAFETY: matches binary_f16x8 (2 const half*, half*, long, int, 4 int, 8 long);
+            // every vector's address is aligned and in bounds (checked above).
+            return unsafe { launch(stream, &self.binary8, elems(n / 8), &args) };
+        }
         let mut args = vec![
             Arg::P(a.0),
             Arg::P(b.0),
             Arg::P(y),
             Arg::L(n as i64),
-            Arg::I(match op {
-                Binary::Add => 0,
-                Binary::Mul => 1,
-            }),
+            Arg::I(code),
         ];
         args.extend(d[1..].iter().map(|&v| Arg::I(v as i32)));
         args.extend(sa.iter().chain(&sb).map(|&v| Arg::L(v)));

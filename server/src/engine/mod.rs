@@ -326,7 +326,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
             order.extend(
                 opts.batches
                     .iter()
-                    .filter(|&&b| b > 1 && b <= 8 && b.is_power_of_two())
+                    .filter(|b| crate::lipsync::renderer::WHISPER_BATCHES.contains(b))
                     .map(|&b| (stage, b)),
             );
         } else {

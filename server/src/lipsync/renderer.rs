@@ -603,7 +603,7 @@ fn whisper_batch(
 }
 
 /// Whisper windows run together on the CUDA whisper thread (besides one alone).
-const WHISPER_BATCHES: [usize; 4] = [2, 4, 8, 16];
+pub(crate) const WHISPER_BATCHES: [usize; 4] = [2, 4, 8, 16];
 
 /// One whisper window to encode, and where the answer goes.
 struct WhisperJob {
