@@ -170,7 +170,7 @@ async fn lipsync_stage(
         renderers.push(renderer);
     }
     tracing::info!(
-        "lip-sync: {} on {}; whisper every {} frames, so video and audio leave {:.0} ms after they arrive ({:.0} ms lookahead + {} ms frame budget)",
+        "lip-sync: {} on {}; whisper every {} frames (on a GPU, windows wait up to {} ms to run together), so video and audio leave {:.0} ms after they arrive ({:.0} ms lookahead + {} ms frame budget)",
         match &config.avatar {
             Some(p) => format!("avatar mode ({})", p.display()),
             None => "camera mode".into(),
@@ -181,6 +181,7 @@ async fn lipsync_stage(
             .collect::<Vec<_>>()
             .join(" and "),
         config.audio_hop_frames,
+        config.whisper_wait.as_millis(),
         crate::lipsync::AudioFeed::lookahead_ms(config.audio_hop_frames)
             + frame_budget.as_secs_f64() * 1000.0,
         crate::lipsync::AudioFeed::lookahead_ms(config.audio_hop_frames),
