@@ -125,29 +125,24 @@ impl Elementwise {
             Unary::Affine { scale, shift } => (2, scale, shift),
             Unary::Clamp { min, max } => (3, min, max),
         };
-        if n.is_multiple_of(8) && aligned16(&[x, y]) {
-            let args = [
-                Arg::P(x),
-                Arg::P(y),
-                Arg::L((n / 8) as i64),
-                Arg::I(mode),
-                Arg::F(a),
-                Arg::F(b),
-            ];
-            // SAFETY: matches unary_f16x8 (const uint4*, uint4*, long, int, float, float);
-            // n / 8 whole 16-byte vectors at aligned addresses (checked).
-            return unsafe { launch(stream, &self.unary8, elems(n / 8), &args) };
-        }
+        // Eight values per thread in one 16-byte access where the shape and addresses allow.
+        let (kernel, count) = if n.is_multiple_of(8) && aligned16(&[x, y]) {
+            (&self.unary8, n / 8)
+        } else {
+            (&self.unary, n)
+        };
         let args = [
             Arg::P(x),
             Arg::P(y),
-            Arg::L(n as i64),
+            Arg::L(count as i64),
             Arg::I(mode),
             Arg::F(a),
             Arg::F(b),
         ];
-        // SAFETY: matches unary_f16 (const half*, half*, long, int, float, float).
-        unsafe { launch(stream, &self.unary, elems(n), &args) }
+        // SAFETY: matches unary_f16 (const half*, half*, long, int, float, float) and
+        // unary_f16x8 (the same over uint4); the vector form only on n / 8 whole vectors at
+        // aligned addresses (checked).
+        unsafe { launch(stream, kernel, elems(count), &args) }
     }
 
     /// y = a + b over n elements (n even, addresses 4-byte aligned).
@@ -186,42 +181,39 @@ impl Elementwise {
         let (d, sa) = rank5(dims, a.1)?;
         let (_, sb) = rank5(dims, b.1)?;
         let n: usize = dims.iter().product();
-        let code = match op {
-            Binary::Add => 0,
-            Binary::Mul => 1,
-        };
-        // Whole 16-byte vectors along a last axis both operands walk densely.
+        // Whole 16-byte vectors along a last axis both operands walk densely: binary_f16x8
+        // counts that axis in vectors and takes no stride for it (it is 1).
         let vectors = d[4] % 8 == 0
             && sa[4] == 1
             && sb[4] == 1
             && sa[..4].iter().chain(&sb[..4]).all(|s| s % 8 == 0)
             && aligned16(&[a.0, b.0, y]);
-        if vectors {
-            let mut args = vec![
-                Arg::P(a.0),
-                Arg::P(b.0),
-                Arg::P(y),
-                Arg::L((n / 8) as i64),
-                Arg::I(code),
-            ];
-            args.extend(d[1..4].iter().map(|&v| Arg::I(v as i32)));
-            args.push(Arg::I((d[4] / 8) as i32));
-            args.extend(sa[..4].iter().chain(&sb[..4]).map(|&v| Arg::L(v)));
-            // SAFETY: matches binary_f16x8 (2 const half*, half*, long, int, 4 int, 8 long);
-            // every vector's address is aligned and in bounds (checked above).
-            return unsafe { launch(stream, &self.binary8, elems(n / 8), &args) };
-        }
+        let (kernel, count, last, strided) = if vectors {
+            (&self.binary8, n / 8, d[4] / 8, 4)
+        } else {
+            (&self.binary, n, d[4], 5)
+        };
         let mut args = vec![
             Arg::P(a.0),
             Arg::P(b.0),
             Arg::P(y),
-            Arg::L(n as i64),
-            Arg::I(code),
+            Arg::L(count as i64),
+            Arg::I(match op {
+                Binary::Add => 0,
+                Binary::Mul => 1,
+            }),
         ];
-        args.extend(d[1..].iter().map(|&v| Arg::I(v as i32)));
-        args.extend(sa.iter().chain(&sb).map(|&v| Arg::L(v)));
-        // SAFETY: matches binary_f16 (2 const half*, half*, long, int, 4 int, 10 long).
-        unsafe { launch(stream, &self.binary, elems(n), &args) }
+        args.extend(d[1..4].iter().chain([&last]).map(|&v| Arg::I(v as i32)));
+        args.extend(
+            sa[..strided]
+                .iter()
+                .chain(&sb[..strided])
+                .map(|&v| Arg::L(v)),
+        );
+        // SAFETY: matches binary_f16 (2 const half*, half*, long, int, 4 int, 10 long) and
+        // binary_f16x8 (the same with 8 long); the vector form only where every vector is
+        // aligned and whole (checked above).
+        unsafe { launch(stream, kernel, elems(count), &args) }
     }
 
     /// Blocks per image of the NHWC epilogue: the chunks of its group-norm partial sums.
