@@ -112,9 +112,11 @@ async fn lipsync_stage(
 ) -> anyhow::Result<StageFactory> {
     let compile = matches!(config.source, ModelSource::Models(_));
     let cuda = config.executor.cuda(compile)?;
-    let batches = if !config.batches.is_empty() {
+    // An engine file brings its profiles (empty here: all of them; else those of its asked for).
+    let batches = if !config.batches.is_empty() || matches!(config.source, ModelSource::Engine(_))
+    {
         config.batches.clone()
-    } else if cuda || matches!(config.source, ModelSource::Engine(_)) {
+    } else if cuda {
         vec![1, 2, 4, 8, 16]
     } else {
         vec![1, 2]

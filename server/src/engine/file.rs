@@ -428,6 +428,8 @@ pub struct Loaded {
     /// The file that was loaded (of those given, the one for this GPU).
     pub path: std::path::PathBuf,
     pub header: Header,
+    /// The batch profiles made ready: those asked for, else every one the file holds.
+    pub batches: Vec<usize>,
     pub stage: Stage,
     pub sources: Sources,
     pub executors: super::Executors,
@@ -508,7 +510,14 @@ pub fn tuned(header: &Header) -> anyhow::Result<Tuning> {
 /// Loads, of `paths` (one engine file per GPU model), the one built for GPU `gpu` (refusing
 /// every file when none matches its model and library versions), builds every profile with the
 /// stored algorithms and, with `graphs`, captures them.
-pub fn load(paths: &[std::path::PathBuf], gpu: usize, graphs: bool) -> anyhow::Result<Loaded> {
+/// Loads the engine file of `paths` built for GPU `gpu`, with the batch profiles `batches` (empty:
+/// all the file holds; one it does not hold is an error that says how to rebuild).
+pub fn load(
+    paths: &[std::path::PathBuf],
+    gpu: usize,
+    graphs: bool,
+    batches: &[usize],
+) -> anyhow::Result<Loaded> {
     let device = Device::open(gpu).with_context(|| format!("opening GPU {gpu}"))?;
     let headers = paths
         .iter()
@@ -530,6 +539,14 @@ pub fn load(paths: &[std::path::PathBuf], gpu: usize, graphs: bool) -> anyhow::R
         .find_map(|(p, h)| (p == path).then_some(h))
         .context("the picked engine file's header")?;
     let stage = stage_of(&header.stage)?;
+    let batches = chosen_batches(&header.batches, batches).map_err(|b| {
+        anyhow::anyhow!(
+            "{} holds batch profiles {:?}, not {b}: leave --batches out to use them, pick from \
+             them, or rebuild with `lipstream engine build --batches` naming {b}",
+            path.display(),
+            header.batches
+        )
+    })?;
     let images = kernel_images(&path, &header)?;
     tracing::info!(
         "GPU {gpu}: {} ({} kernel families compiled for {}, taken from the file: nothing to compile)",
@@ -543,17 +560,33 @@ pub fn load(paths: &[std::path::PathBuf], gpu: usize, graphs: bool) -> anyhow::R
         device,
         &sources,
         stage,
-        &header.batches,
+        &batches,
         &tuned(&header)?,
         graphs,
     )?;
     Ok(Loaded {
         path,
         header,
+        batches,
         stage,
         sources,
         executors,
     })
+}
+
+/// The profiles to make ready of those a file `holds`: `wanted` sorted and deduplicated (empty:
+/// all); Err names the first wanted profile the file lacks.
+fn chosen_batches(holds: &[usize], wanted: &[usize]) -> Result<Vec<usize>, usize> {
+    if wanted.is_empty() {
+        return Ok(holds.to_vec());
+    }
+    let mut chosen = wanted.to_vec();
+    chosen.sort_unstable();
+    chosen.dedup();
+    match chosen.iter().find(|b| !holds.contains(b)) {
+        Some(&b) => Err(b),
+        None => Ok(chosen),
+    }
 }
 
 /// A one-screen description of an engine file.
@@ -620,6 +653,14 @@ mod tests {
     use super::*;
     use lipstream_engines::presets::Preset;
     use lipstream_gpu::conv_graph::EngineChoice;
+
+    #[test]
+    fn served_batches_are_those_asked_for_of_the_files_own() {
+        let holds = [1, 2, 4, 8, 16, 24];
+        assert_eq!(chosen_batches(&holds, &[]), Ok(holds.to_vec()));
+        assert_eq!(chosen_batches(&holds, &[16, 1, 24, 16]), Ok(vec![1, 16, 24]));
+        assert_eq!(chosen_batches(&holds, &[1, 12, 32]), Err(12));
+    }
 
     /// Stand-ins for cubins (no NVRTC needed): what matters here is that they round-trip intact.
     fn images() -> BTreeMap<String, Vec<u8>> {

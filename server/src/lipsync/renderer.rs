@@ -47,7 +47,8 @@ pub struct RendererConfig {
     pub source: ModelSource,
     /// `Stage::Camera` or `Stage::Avatar`.
     pub mode: Stage,
-    /// Batch profiles for a models folder (an engine file brings its own).
+    /// Batch profiles: those to build from a models folder; of an engine file's, those to use
+    /// (empty: all it holds).
     pub profiles: Vec<usize>,
     /// Use CUDA when it is here (false: always the CPU executor).
     pub cuda: bool,
@@ -964,7 +965,7 @@ fn cuda_backend(config: &RendererConfig, metrics: Arc<Metrics>) -> anyhow::Resul
     })?;
     let (ex, profiles, whisper) = match &config.source {
         ModelSource::Engine(paths) => {
-            let loaded = crate::engine::file::load(paths, config.gpu, true)?;
+            let loaded = crate::engine::file::load(paths, config.gpu, true, &config.profiles)?;
             if loaded.stage != config.mode {
                 bail!(
                     "{} is a {:?} engine; this server runs {:?} mode",
@@ -976,7 +977,7 @@ fn cuda_backend(config: &RendererConfig, metrics: Arc<Metrics>) -> anyhow::Resul
             let tuned = crate::engine::file::tuned(&loaded.header)?;
             let images = loaded.executors.rt.device.kernel_images();
             let whisper = start_whisper_thread(loaded.sources, tuned, config, images, metrics)?;
-            (loaded.executors, loaded.header.batches.clone(), whisper)
+            (loaded.executors, loaded.batches, whisper)
         }
         ModelSource::Models(dir) => {
             let src = Sources::open(dir)?;
