@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool, carry [".device/pack.tar.xz"]): one full-size engine for
 # MODE (avatar), then, for each variant of VARIANTS ("name:serve flags" separated by ";", e.g.
-# "wait0:--whisper-wait-ms 0;wait8:--whisper-wait-ms 8"), a server with those flags driven by
+# "wait0:--whisper-wait-ms 0;wait8:--whisper-wait-ms 8"; leading VAR=value words go to the
+# server's environment, e.g. "prio:LIPSTREAM_FRAME_PRIORITY=1"), a server with those flags driven by
 # `lipstream bench sessions` at each load of SESSIONS (24) for DURATION (12 s), ROUNDS (1) times
 # over, variants alternating within a round: server settings compared under the same loads on
 # the same warm card. Summaries under $OUT (<name>_<N>_<round>.txt) with the renderer's and
@@ -23,7 +24,11 @@ IFS=';' read -r -a variants <<< "${VARIANTS:-wait0:--whisper-wait-ms 0}"
 for round in $(seq 1 "${ROUNDS:-1}"); do
   for v in "${variants[@]}"; do
     name=${v%%:*}
-    SERVE_ARGS=${v#*:} serve 0 "$out/serve_${name}_$round.log" || { status=1; continue; }
+    envs=(); args=()
+    for word in ${v#*:}; do
+      if [ ${#args[@]} -eq 0 ] && [[ $word =~ ^[A-Z_0-9]+= ]]; then envs+=("$word"); else args+=("$word"); fi
+    done
+    SERVE_ENV="${envs[*]}" SERVE_ARGS="${args[*]}" serve 0 "$out/serve_${name}_$round.log" || { status=1; continue; }
     for n in $(echo "${SESSIONS:-24}" | tr , ' '); do
       tag=${name}_${n}_$round
       $bin bench sessions --url http://127.0.0.1:8080 --sessions "$n" --duration "${DURATION:-12}" \

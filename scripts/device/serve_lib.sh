@@ -34,9 +34,10 @@ build_engine() {
 }
 
 server=""
-# serve GPUS LOG: starts the server on those GPUs (and SERVE_ARGS) and waits until it listens.
+# serve GPUS LOG: starts the server on those GPUs (with SERVE_ARGS, and SERVE_ENV's VAR=value
+# words in its environment) and waits until it listens.
 serve() {
-  RUST_LOG="${SERVE_LOG:-info}" $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 \
+  env ${SERVE_ENV:-} RUST_LOG="${SERVE_LOG:-info}" $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 \
     --engine "$engine" "${serve_mode[@]}" --max-sessions 128 --frame-budget-ms "${BUDGET:-80}" \
     --audio-hop-frames "${HOP:-2}" --gpus "$1" ${SERVE_ARGS:-} > "$2" 2>&1 &
   server=$!
