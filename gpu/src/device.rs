@@ -59,19 +59,6 @@ impl Device {
     /// Opens GPU `ordinal`; a missing driver is an error, never a panic. (NVRTC is needed only
     /// to compile kernels an engine file does not bring.)
     pub fn open(ordinal: usize) -> Result<Self, GpuError> {
-        Self::open_with(ordinal, false)
-    }
-
-    /// Opens GPU `ordinal` for the lip-sync renderer's frame batches. With the experiment
-    /// `LIPSTREAM_FRAME_PRIORITY` its stream has the GPU's greatest priority: the block scheduler
-    /// then gives whisper windows (a stream of the least, `open`'s) only the SMs a frame kernel
-    /// leaves free — the tails of its waves and the small kernels of the UNet's low-resolution
-    /// stages — instead of taking turns with frames that have a deadline nearer than theirs.
-    pub fn open_renderer(ordinal: usize) -> Result<Self, GpuError> {
-        Self::open_with(ordinal, crate::kernels::Experiment::FramePriority.on())
-    }
-
-    fn open_with(ordinal: usize, greatest_priority: bool) -> Result<Self, GpuError> {
         if !libraries().driver {
             return Err(GpuError::LibraryMissing {
                 name: "libcuda.so.1 (the NVIDIA driver)",
@@ -83,13 +70,7 @@ impl Device {
         // STREAM_CAPTURE_ISOLATION) guard nothing; turned off before any allocation.
         unsafe { ctx.disable_event_tracking() };
         // A stream of our own: the legacy default stream cannot be captured into a graph.
-        let stream = if greatest_priority {
-            ctx.bind_to_thread()?;
-            let (_, greatest) = cudarc::driver::result::stream::get_priority_range()?;
-            ctx.new_stream_with_priority(greatest)?
-        } else {
-            ctx.new_stream()?
-        };
+        let stream = ctx.new_stream()?;
         Ok(Device {
             name: ctx.name()?,
             sm: ctx.compute_capability()?,

@@ -203,23 +203,16 @@ pub enum Experiment {
     Pdl,
     /// Group norms that write the next convolution's im2col patches (`group_norm`).
     NormCols,
-    /// The lip-sync renderer's stream at the GPU's greatest priority (`Device::open_renderer`).
-    FramePriority,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 3] = [
-        Experiment::Pdl,
-        Experiment::NormCols,
-        Experiment::FramePriority,
-    ];
+    pub const ALL: [Experiment; 2] = [Experiment::Pdl, Experiment::NormCols];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
         match self {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
-            Experiment::FramePriority => "LIPSTREAM_FRAME_PRIORITY",
         }
     }
 
@@ -229,9 +222,6 @@ impl Experiment {
             Experiment::Pdl => "programmatic dependent launches of our kernels (sm_90)",
             Experiment::NormCols => {
                 "group norms write the next convolution's im2col patches (16-byte groups)"
-            }
-            Experiment::FramePriority => {
-                "frame batches on a stream of the greatest priority; whisper windows fill the SMs they leave"
             }
         }
     }

@@ -518,7 +518,7 @@ pub fn load(
     graphs: bool,
     batches: &[usize],
 ) -> anyhow::Result<Loaded> {
-    let device = Device::open_renderer(gpu).with_context(|| format!("opening GPU {gpu}"))?;
+    let device = Device::open(gpu).with_context(|| format!("opening GPU {gpu}"))?;
     let headers = paths
         .iter()
         .map(|p| Ok((p.clone(), read_header(p)?)))

@@ -981,7 +981,7 @@ fn cuda_backend(config: &RendererConfig, metrics: Arc<Metrics>) -> anyhow::Resul
         }
         ModelSource::Models(dir) => {
             let src = Sources::open(dir)?;
-            let device = lipstream_gpu::device::Device::open_renderer(config.gpu)
+            let device = lipstream_gpu::device::Device::open(config.gpu)
                 .with_context(|| format!("opening GPU {}", config.gpu))?;
             tracing::info!(
                 "building the CUDA executor from {} (timing convolutions; `lipstream engine build` saves this)",
