@@ -22,13 +22,13 @@ fi
 engine=/tmp/$mode.engine
 t0=$(date +%s)
 
-# The engine for MODE at BATCHES, built on GPU 0 (the log under $out); REUSE_ENGINE=1 keeps
+# The engine for MODE at BATCHES (default: the mode's own), built on GPU 0 (the log under $out); REUSE_ENGINE=1 keeps
 # one an earlier call on this warm machine built.
 build_engine() {
   if [ "${REUSE_ENGINE:-0}" = 1 ] && [ -f "$engine" ]; then
     echo "engine: reusing $engine"; return 0
   fi
-  $bin engine build --mode "$mode" --batches "${BATCHES:-1,2,4,8,16}" --out "$engine" \
+  $bin engine build --mode "$mode" ${BATCHES:+--batches "$BATCHES"} --out "$engine" \
     > "$out/engine_build.log" 2>&1 || { tail -20 "$out/engine_build.log"; return 1; }
   echo "engine build: $(( $(date +%s) - t0 )) s"
 }

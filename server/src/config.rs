@@ -71,8 +71,8 @@ pub struct ServeArgs {
     /// else the CPU reference executor), cpu, or cuda.
     #[arg(long, env = "LIPSTREAM_EXECUTOR", value_enum, default_value_t = ExecutorChoice::Auto)]
     pub executor: ExecutorChoice,
-    /// Batch sizes the renderer runs (default: 1,2,4,8,16 on CUDA, 1,2 on the CPU; with --engine,
-    /// every profile the file holds, and those given must be among them).
+    /// Batch sizes the renderer runs (default on CUDA: 1,2,4,8,16, and 24 in avatar mode; 1,2 on
+    /// the CPU; with --engine, every profile the file holds, and those given must be among them).
     #[arg(long, env = "LIPSTREAM_BATCHES", value_delimiter = ',')]
     pub batches: Vec<usize>,
     /// GPUs (CUDA ordinals) that render, one renderer each; new sessions go to the one with

@@ -80,8 +80,9 @@ enum EngineCmd {
         models: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = EngineMode::Avatar)]
         mode: EngineMode,
-        /// Batch profiles, comma separated.
-        #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
+        /// Batch profiles, comma separated (default: 1,2,4,8,16,24 for avatar, 1,2,4,8,16 for
+        /// camera).
+        #[arg(long, value_delimiter = ',')]
         batches: Vec<usize>,
         /// The GPU to build on: the engine runs on every GPU of its model (a host with GPUs of
         /// different models needs one engine per model; `serve --engine a.engine,b.engine`).
@@ -287,6 +288,11 @@ fn main() -> anyhow::Result<()> {
             let stage = match mode {
                 EngineMode::Avatar => lipstream::engine::Stage::Avatar,
                 EngineMode::Camera => lipstream::engine::Stage::Camera,
+            };
+            let batches = if batches.is_empty() {
+                stage.default_batches()
+            } else {
+                batches
             };
             lipstream::engine::file::build(&src, stage, &batches, gpu, &out)?;
             print!("{}", lipstream::engine::file::describe(&out)?);

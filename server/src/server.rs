@@ -112,19 +112,19 @@ async fn lipsync_stage(
 ) -> anyhow::Result<StageFactory> {
     let compile = matches!(config.source, ModelSource::Models(_));
     let cuda = config.executor.cuda(compile)?;
+    let mode = if config.avatar.is_some() {
+        crate::engine::Stage::Avatar
+    } else {
+        crate::engine::Stage::Camera
+    };
     // An engine file brings its profiles (empty here: all of them; else those of its asked for).
     let batches = if !config.batches.is_empty() || matches!(config.source, ModelSource::Engine(_))
     {
         config.batches.clone()
     } else if cuda {
-        vec![1, 2, 4, 8, 16]
+        mode.default_batches()
     } else {
         vec![1, 2]
-    };
-    let mode = if config.avatar.is_some() {
-        crate::engine::Stage::Avatar
-    } else {
-        crate::engine::Stage::Camera
     };
     // Fail at start, not at the first session, on files that do not load.
     let avatar = match &config.avatar {
