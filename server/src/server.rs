@@ -118,8 +118,7 @@ async fn lipsync_stage(
         crate::engine::Stage::Camera
     };
     // An engine file brings its profiles (empty here: all of them; else those of its asked for).
-    let batches = if !config.batches.is_empty() || matches!(config.source, ModelSource::Engine(_))
-    {
+    let batches = if !config.batches.is_empty() || matches!(config.source, ModelSource::Engine(_)) {
         config.batches.clone()
     } else if cuda {
         mode.default_batches()

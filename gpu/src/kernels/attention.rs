@@ -103,7 +103,11 @@ impl Attention {
             flash.push((d, 1, module.load_function(&format!("flash_attention_{d}"))?));
         }
         for d in FLASH_X2_HEAD_DIMS {
-            flash.push((d, 2, module.load_function(&format!("flash_attention_{d}_x2"))?));
+            flash.push((
+                d,
+                2,
+                module.load_function(&format!("flash_attention_{d}_x2"))?,
+            ));
         }
         Ok(Attention {
             any: module.load_function("softmax_rows_f16")?,

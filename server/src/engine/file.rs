@@ -556,14 +556,7 @@ pub fn load(
     );
     device.use_kernel_images(images);
     let sources = Sources::from_engine(&path, &header)?;
-    let executors = super::executors(
-        device,
-        &sources,
-        stage,
-        &batches,
-        &tuned(&header)?,
-        graphs,
-    )?;
+    let executors = super::executors(device, &sources, stage, &batches, &tuned(&header)?, graphs)?;
     Ok(Loaded {
         path,
         header,
@@ -658,7 +651,10 @@ mod tests {
     fn served_batches_are_those_asked_for_of_the_files_own() {
         let holds = [1, 2, 4, 8, 16, 24];
         assert_eq!(chosen_batches(&holds, &[]), Ok(holds.to_vec()));
-        assert_eq!(chosen_batches(&holds, &[16, 1, 24, 16]), Ok(vec![1, 16, 24]));
+        assert_eq!(
+            chosen_batches(&holds, &[16, 1, 24, 16]),
+            Ok(vec![1, 16, 24])
+        );
         assert_eq!(chosen_batches(&holds, &[1, 12, 32]), Err(12));
     }
 
