@@ -35,11 +35,15 @@ build_engine() {
 
 server=""
 # serve GPUS LOG: starts the server on those GPUs (with SERVE_ARGS, and SERVE_ENV's VAR=value
-# words in its environment) and waits until it listens.
+# words in its environment) and waits until it listens. BUDGET and HOP set the frame budget and
+# the whisper hop unless SERVE_ARGS names them itself (the server takes each flag once).
 serve() {
+  local defaults=()
+  [[ " ${SERVE_ARGS:-} " == *" --frame-budget-ms "* ]] || defaults+=(--frame-budget-ms "${BUDGET:-80}")
+  [[ " ${SERVE_ARGS:-} " == *" --audio-hop-frames "* ]] || defaults+=(--audio-hop-frames "${HOP:-2}")
   env ${SERVE_ENV:-} RUST_LOG="${SERVE_LOG:-info}" $bin serve --http 127.0.0.1:8080 --udp-port 0 --ice-addrs 127.0.0.1 \
-    --engine "$engine" "${serve_mode[@]}" --max-sessions 128 --frame-budget-ms "${BUDGET:-80}" \
-    --audio-hop-frames "${HOP:-2}" --gpus "$1" ${SERVE_ARGS:-} > "$2" 2>&1 &
+    --engine "$engine" "${serve_mode[@]}" --max-sessions 128 "${defaults[@]}" \
+    --gpus "$1" ${SERVE_ARGS:-} > "$2" 2>&1 &
   server=$!
   for _ in $(seq 1 300); do
     grep -q "lipstream listening" "$2" && return 0
