@@ -508,10 +508,9 @@ pub fn tuned(header: &Header) -> anyhow::Result<Tuning> {
 }
 
 /// Loads, of `paths` (one engine file per GPU model), the one built for GPU `gpu` (refusing
-/// every file when none matches its model and library versions), builds every profile with the
-/// stored algorithms and, with `graphs`, captures them.
-/// Loads the engine file of `paths` built for GPU `gpu`, with the batch profiles `batches` (empty:
-/// all the file holds; one it does not hold is an error that says how to rebuild).
+/// every file when none matches its model and library versions), builds the profiles `batches`
+/// (empty: all the file holds; one it does not hold is an error that says how to rebuild) with
+/// the stored algorithms and, with `graphs`, captures them.
 pub fn load(
     paths: &[std::path::PathBuf],
     gpu: usize,
