@@ -70,10 +70,11 @@ extern "C" __global__ void softmax_rows_f16(__half* __restrict__ x, long rows, i
 // without writing the scores anywhere. q [B, Lq, H*D], k and v [B, Lk, H*D], o [B, Lq, H*D],
 // token-major exactly as the projections write them, so no head-major copies are needed.
 //
-// A block is warps of 16 queries each (the launcher uses 4); it walks the keys in tiles of 64
+// A block is warps of 16 x MT queries each (the launcher uses 4); it walks the keys in tiles of 64
 // held in shared memory, copied asynchronously (cp.async) one tile ahead. Products are m16n8k16
 // tensor-core MMAs with fp32 accumulation (V's fragments read transposed by ldmatrix); the
-// softmax is online (running row max and sum in fp32), and the score accumulators are reused
+// softmax is online (running row max, in log2 units, and sum in fp32; only a split's last
+// tile is masked), and the score accumulators are reused
 // as the second product's A operand without leaving registers. D is the head dim (a multiple
 // of 8), DP it rounded up to the MMA's k of 16 (zero padded).
 #define FA_MAX_WARPS 4
@@ -106,7 +107,7 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
   return *reinterpret_cast<unsigned*>(&h);
 }
 
-template <int D>
+template <int D, int MT>
 __device__ void flash_attention(const __half* __restrict__ q, const __half* __restrict__ k,
                                 const __half* __restrict__ v, __half* __restrict__ o, int lq,
                                 int lk, int heads, int ldq, int ldkv, float scale_log2,
@@ -134,7 +135,10 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   const __half* kb = k + (long)image * lk * ldkv + head * D;
   const __half* vb = v + (long)image * lk * ldkv + head * D;
   __half* ob = o + (long)image * lq * ld + head * D;
-  const int row0 = blockIdx.x * (blockDim.x / 2) + warp * 16;  // 16 rows per warp
+  // Each warp owns MT tiles of 16 query rows: every K and V fragment it reads from shared
+  // memory feeds MT products (two halve the shared-memory reads per product, at the cost of
+  // registers: the head dims up to 80 take two).
+  const int row0 = (blockIdx.x * (blockDim.x / 32) + warp) * 16 * MT;
 
   // The K tiles' padding columns (D..DP) are never copied into: zero, so the products over DP
   // see only q's zero padding times zero. (The copies below never touch them; the first
@@ -144,24 +148,33 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
     ks[st][(r / (KS - D)) * KS + D + r % (KS - D)] = __float2half(0.f);
   }
 
-  // This warp's 16 query rows as MMA A fragments, one per 16 columns of the head.
-  unsigned qa[DP / 16][4];
+  // This warp's query rows as MMA A fragments, one per 16 columns of the head.
+  unsigned qa[MT][DP / 16][4];
 #pragma unroll
-  for (int c = 0; c < DP / 16; ++c) {
+  for (int m = 0; m < MT; ++m) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = row0 + g + (r & 1) * 8;
-      const int col = c * 16 + (r >> 1) * 8 + 2 * t;
-      unsigned val = 0;
-      if (row < lq && col < D) val = *reinterpret_cast<const unsigned*>(qb + (long)row * ldq + col);
-      qa[c][r] = val;
+    for (int c = 0; c < DP / 16; ++c) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int row = row0 + m * 16 + g + (r & 1) * 8;
+        const int col = c * 16 + (r >> 1) * 8 + 2 * t;
+        unsigned val = 0;
+        if (row < lq && col < D) val = *reinterpret_cast<const unsigned*>(qb + (long)row * ldq + col);
+        qa[m][c][r] = val;
+      }
     }
   }
 
-  float acc[D / 8][4];
+  float acc[MT][D / 8][4];
+  // Per tile m: the running max of rows g and g + 8 (in log2 units, scale applied) and sums.
+  float mx[MT][2], l[MT][2];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  float m0 = -1e30f, m1 = -1e30f, l0 = 0.f, l1 = 0.f;
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
+    mx[m][0] = mx[m][1] = -1e30f;
+    l[m][0] = l[m][1] = 0.f;
+  }
 
   // Tile `tile` of this split's keys into stage `st`: 16-byte copies, keys past the split's end
   // zero-filled (their scores are masked; zero V rows keep 0 x garbage out of the sums).
@@ -194,68 +207,88 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
     const __half* kt = ks[st];
     const __half* vt = vs[st];
 
-    // Scores for 16 queries x 64 keys: 8 tiles of 8 keys.
-    float s[FA_KEYS / 8][4];
+    // Scores for 16 MT queries x 64 keys: 8 tiles of 8 keys, each K fragment read once.
+    float s[MT][FA_KEYS / 8][4];
 #pragma unroll
     for (int n = 0; n < FA_KEYS / 8; ++n) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
 #pragma unroll
       for (int c = 0; c < DP / 16; ++c) {
         const __half* kr = kt + (n * 8 + g) * KS + c * 16 + 2 * t;
-        mma16816(s[n], qa[c], *reinterpret_cast<const unsigned*>(kr),
-                 *reinterpret_cast<const unsigned*>(kr + 8));
+        const unsigned b0 = *reinterpret_cast<const unsigned*>(kr);
+        const unsigned b1 = *reinterpret_cast<const unsigned*>(kr + 8);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) mma16816(s[m][n], qa[m][c], b0, b1);
       }
     }
-    // Online softmax; rows g (values 0, 1) and g + 8 (values 2, 3) of this warp's 16.
-    float mx0 = m0, mx1 = m1;
+    // Only the split's last tile can reach past its keys.
+    if (key0 + FA_KEYS > key_end) {
 #pragma unroll
-    for (int n = 0; n < FA_KEYS / 8; ++n) {
+      for (int n = 0; n < FA_KEYS / 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + n * 8 + 2 * t + (e & 1);
-        if (key >= key_end) s[n][e] = -1e30f;
+        for (int e = 0; e < 4; ++e) {
+          if (key0 + n * 8 + 2 * t + (e & 1) >= key_end) {
+#pragma unroll
+            for (int m = 0; m < MT; ++m) s[m][n][e] = -1e30f;
+          }
+        }
       }
-      mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-      mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
     }
 #pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, off));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, off));
-    }
-    const float c0 = exp2f((m0 - mx0) * scale_log2), c1 = exp2f((m1 - mx1) * scale_log2);
-    m0 = mx0;
-    m1 = mx1;
-    l0 *= c0;
-    l1 *= c1;
+    for (int m = 0; m < MT; ++m) {
+      // Online softmax in log2 units: rows g (values 0, 1) and g + 8 (values 2, 3).
+      float m0 = mx[m][0], m1 = mx[m][1];
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      acc[j][0] *= c0;
-      acc[j][1] *= c0;
-      acc[j][2] *= c1;
-      acc[j][3] *= c1;
-    }
+      for (int n = 0; n < FA_KEYS / 8; ++n) {
+        m0 = fmaxf(m0, fmaxf(s[m][n][0], s[m][n][1]) * scale_log2);
+        m1 = fmaxf(m1, fmaxf(s[m][n][2], s[m][n][3]) * scale_log2);
+      }
 #pragma unroll
-    for (int n = 0; n < FA_KEYS / 8; ++n) {
-      s[n][0] = exp2f((s[n][0] - m0) * scale_log2);
-      s[n][1] = exp2f((s[n][1] - m0) * scale_log2);
-      s[n][2] = exp2f((s[n][2] - m1) * scale_log2);
-      s[n][3] = exp2f((s[n][3] - m1) * scale_log2);
-      l0 += s[n][0] + s[n][1];
-      l1 += s[n][2] + s[n][3];
+      for (int off = 1; off < 4; off <<= 1) {
+        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffff, m0, off));
+        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, off));
+      }
+      const float c0 = exp2f(mx[m][0] - m0), c1 = exp2f(mx[m][1] - m1);
+      mx[m][0] = m0;
+      mx[m][1] = m1;
+      l[m][0] *= c0;
+      l[m][1] *= c1;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        acc[m][j][0] *= c0;
+        acc[m][j][1] *= c0;
+        acc[m][j][2] *= c1;
+        acc[m][j][3] *= c1;
+      }
+#pragma unroll
+      for (int n = 0; n < FA_KEYS / 8; ++n) {
+        s[m][n][0] = exp2f(fmaf(s[m][n][0], scale_log2, -m0));
+        s[m][n][1] = exp2f(fmaf(s[m][n][1], scale_log2, -m0));
+        s[m][n][2] = exp2f(fmaf(s[m][n][2], scale_log2, -m1));
+        s[m][n][3] = exp2f(fmaf(s[m][n][3], scale_log2, -m1));
+        l[m][0] += s[m][n][0] + s[m][n][1];
+        l[m][1] += s[m][n][2] + s[m][n][3];
+      }
     }
-    // acc += p v, 16 keys at a time; p's A fragment is two adjacent score tiles.
+    // acc += p v, 16 keys at a time; p's A fragment is two adjacent score tiles, each V
+    // fragment read once for the MT tiles.
 #pragma unroll
     for (int c = 0; c < FA_KEYS / 16; ++c) {
-      const unsigned pa[4] = {pack_half2(s[2 * c][0], s[2 * c][1]),
-                              pack_half2(s[2 * c][2], s[2 * c][3]),
-                              pack_half2(s[2 * c + 1][0], s[2 * c + 1][1]),
-                              pack_half2(s[2 * c + 1][2], s[2 * c + 1][3])};
+      unsigned pa[MT][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        pa[m][0] = pack_half2(s[m][2 * c][0], s[m][2 * c][1]);
+        pa[m][1] = pack_half2(s[m][2 * c][2], s[m][2 * c][3]);
+        pa[m][2] = pack_half2(s[m][2 * c + 1][0], s[m][2 * c + 1][1]);
+        pa[m][3] = pack_half2(s[m][2 * c + 1][2], s[m][2 * c + 1][3]);
+      }
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
         unsigned b0, b1;
         ldmatrix_x2_trans(b0, b1, vt + (c * 16 + (lane & 15)) * KS + j * 8);
-        mma16816(acc[j], pa, b0, b1);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) mma16816(acc[m][j], pa[m], b0, b1);
       }
     }
     // Every warp is done with stage st before a later load overwrites it.
@@ -263,53 +296,61 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   }
 
 #pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffff, l0, off);
-    l1 += __shfl_xor_sync(0xffffffff, l1, off);
-  }
-  const int r0 = row0 + g, r1 = row0 + g + 8;
-  if (splits > 1) {
-    // part: o [splits, B, lq, heads*D] then (max, sum) [splits, B, heads, lq, 2], fp32.
-    const long nb = gridDim.z / splits;
-    const long at = (long)split * nb + image;
-    float* po = part + at * lq * ld + head * D;
-    float* pml = part + (long)splits * nb * lq * ld + (at * heads + head) * lq * 2;
+  for (int m = 0; m < MT; ++m) {
+    float l0 = l[m][0], l1 = l[m][1];
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffff, l0, off);
+      l1 += __shfl_xor_sync(0xffffffff, l1, off);
+    }
+    const int r0 = row0 + m * 16 + g, r1 = r0 + 8;
+    if (splits > 1) {
+      // part: o [splits, B, lq, heads*D] then (max, sum) [splits, B, heads, lq, 2], fp32; the
+      // max in units of the scores (the join scales it).
+      const long nb = gridDim.z / splits;
+      const long at = (long)split * nb + image;
+      float* po = part + at * lq * ld + head * D;
+      float* pml = part + (long)splits * nb * lq * ld + (at * heads + head) * lq * 2;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        const int col = j * 8 + 2 * t;
+        if (r0 < lq) *reinterpret_cast<float2*>(po + r0 * ld + col) = make_float2(acc[m][j][0], acc[m][j][1]);
+        if (r1 < lq) *reinterpret_cast<float2*>(po + r1 * ld + col) = make_float2(acc[m][j][2], acc[m][j][3]);
+      }
+      if (t == 0) {
+        if (r0 < lq) *reinterpret_cast<float2*>(pml + r0 * 2) = make_float2(mx[m][0] / scale_log2, l0);
+        if (r1 < lq) *reinterpret_cast<float2*>(pml + r1 * 2) = make_float2(mx[m][1] / scale_log2, l1);
+      }
+      continue;
+    }
+    const float i0 = 1.f / l0, i1 = 1.f / l1;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       const int col = j * 8 + 2 * t;
-      if (r0 < lq) *reinterpret_cast<float2*>(po + r0 * ld + col) = make_float2(acc[j][0], acc[j][1]);
-      if (r1 < lq) *reinterpret_cast<float2*>(po + r1 * ld + col) = make_float2(acc[j][2], acc[j][3]);
+      if (r0 < lq)
+        *reinterpret_cast<__half2*>(ob + r0 * ld + col) =
+            __floats2half2_rn(acc[m][j][0] * i0, acc[m][j][1] * i0);
+      if (r1 < lq)
+        *reinterpret_cast<__half2*>(ob + r1 * ld + col) =
+            __floats2half2_rn(acc[m][j][2] * i1, acc[m][j][3] * i1);
     }
-    if (t == 0) {
-      if (r0 < lq) *reinterpret_cast<float2*>(pml + r0 * 2) = make_float2(m0, l0);
-      if (r1 < lq) *reinterpret_cast<float2*>(pml + r1 * 2) = make_float2(m1, l1);
-    }
-    return;
-  }
-  const float i0 = 1.f / l0, i1 = 1.f / l1;
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    const int col = j * 8 + 2 * t;
-    if (r0 < lq)
-      *reinterpret_cast<__half2*>(ob + r0 * ld + col) =
-          __floats2half2_rn(acc[j][0] * i0, acc[j][1] * i0);
-    if (r1 < lq)
-      *reinterpret_cast<__half2*>(ob + r1 * ld + col) =
-          __floats2half2_rn(acc[j][2] * i1, acc[j][3] * i1);
   }
 }
 
-#define FLASH(D, WARPS, NAME)                                                                \
+#define FLASH(D, MT, WARPS, NAME)                                                            \
   extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                               \
       const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk,          \
       int heads, int ldq, int ldkv, float scale_log2, int splits, float* part) {             \
     LS_PDL_ENTER();                                                                          \
-    flash_attention<D>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);      \
+    flash_attention<D, MT>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);  \
   }
-FLASH(40, FA_MAX_WARPS, flash_attention_40)
-FLASH(64, FA_MAX_WARPS, flash_attention_64)
-FLASH(80, FA_MAX_WARPS, flash_attention_80)
-FLASH(160, FA_MAX_WARPS, flash_attention_160)
+FLASH(40, 1, FA_MAX_WARPS, flash_attention_40)
+FLASH(64, 1, FA_MAX_WARPS, flash_attention_64)
+FLASH(80, 1, FA_MAX_WARPS, flash_attention_80)
+FLASH(160, 1, FA_MAX_WARPS, flash_attention_160)
+FLASH(40, 2, FA_MAX_WARPS, flash_attention_40_x2)
+FLASH(64, 2, FA_MAX_WARPS, flash_attention_64_x2)
+FLASH(80, 2, FA_MAX_WARPS, flash_attention_80_x2)
 
 // Joins the key splits of flash_attention: o = sum_s 2^((m_s - M) c) acc_s / sum_s 2^((m_s - M) c)
 // l_s with M the largest m_s and c = scale_log2. One thread per pair of output columns; `part`

@@ -1258,7 +1258,7 @@ impl<'g> Lower<'g> {
                 let (ldq, ldkv) = (stride(ins[0], h * d), stride(ins[1], h * d));
                 if fused {
                     let o = self.act(&out);
-                    let splits = crate::kernels::attention::flash_splits(batch, lq, lk, h);
+                    let splits = crate::kernels::attention::flash_splits(batch, lq, lk, h, d);
                     let part = if splits > 1 {
                         self.buffer(crate::kernels::attention::flash_scratch_bytes(
                             batch, lq, h, d, splits,

@@ -19,9 +19,27 @@ pub const MAX_COLS: usize = 1536;
 
 /// Head dims the fused kernel is instantiated for.
 pub const FLASH_HEAD_DIMS: [usize; 4] = [40, 64, 80, 160];
-/// Queries per warp of the fused kernel, and warps per block.
+/// Queries per MMA tile of the fused kernel, and warps per block.
 const FLASH_WARP_QUERIES: usize = 16;
 const FLASH_WARPS: usize = 4;
+/// Head dims with a kernel whose warps own two tiles of 16 queries (`flash_attention_{d}_x2`).
+const FLASH_X2_HEAD_DIMS: [usize; 3] = [40, 64, 80];
+
+/// Tiles of 16 queries each warp of the fused kernel owns at head dim `d`: two (every K and V
+/// fragment read from shared memory then feeds two products) with the experiment
+/// `LIPSTREAM_FLASH_ROWS32` where that kernel exists, else one.
+fn flash_tiles(d: usize) -> usize {
+    if super::Experiment::FlashRows32.on() && FLASH_X2_HEAD_DIMS.contains(&d) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Queries per block of the fused kernel at head dim `d`.
+fn flash_block_queries(d: usize) -> usize {
+    FLASH_WARPS * FLASH_WARP_QUERIES * flash_tiles(d)
+}
 
 /// Whether the fused kernel runs attention with head dim `d` (values as wide as keys).
 pub fn flash_supports(d: usize, dv: usize) -> bool {
@@ -40,8 +58,8 @@ const FLASH_MIN_SPLIT_TILES: usize = 2;
 
 /// Into how many runs of key tiles the fused kernel splits each (image, head), every run
 /// non-empty: 1 when the grid is large enough already.
-pub fn flash_splits(batch: usize, lq: usize, lk: usize, heads: usize) -> usize {
-    let blocks = lq.div_ceil(FLASH_WARPS * FLASH_WARP_QUERIES) * heads * batch;
+pub fn flash_splits(batch: usize, lq: usize, lk: usize, heads: usize, d: usize) -> usize {
+    let blocks = lq.div_ceil(flash_block_queries(d)) * heads * batch;
     let tiles = lk.div_ceil(FLASH_KEYS);
     let want = FLASH_MIN_BLOCKS
         .div_ceil(blocks.max(1))
@@ -72,7 +90,8 @@ pub struct Attention {
     any: CudaFunction,
     upto1024: CudaFunction,
     upto1536: CudaFunction,
-    flash: Vec<(usize, CudaFunction)>,
+    /// (head dim, query tiles per warp, kernel).
+    flash: Vec<(usize, usize, CudaFunction)>,
     join: CudaFunction,
 }
 
@@ -81,7 +100,14 @@ impl Attention {
         let module = super::compile(device, "attention", SRC)?;
         let mut flash = Vec::new();
         for d in FLASH_HEAD_DIMS {
-            flash.push((d, module.load_function(&format!("flash_attention_{d}"))?));
+            flash.push((d, 1, module.load_function(&format!("flash_attention_{d}"))?));
+        }
+        for d in FLASH_X2_HEAD_DIMS {
+            flash.push((
+                d,
+                2,
+                module.load_function(&format!("flash_attention_{d}_x2"))?,
+            ));
         }
         Ok(Attention {
             any: module.load_function("softmax_rows_f16")?,
@@ -112,20 +138,26 @@ impl Attention {
         (ldq, ldkv): (usize, usize),
         (splits, part): (usize, Ptr),
     ) -> Result<(), GpuError> {
-        let Some((_, func)) = self.flash.iter().find(|(hd, _)| *hd == d) else {
+        let tiles = flash_tiles(d);
+        let Some((_, _, func)) = self
+            .flash
+            .iter()
+            .find(|(hd, mt, _)| *hd == d && *mt == tiles)
+        else {
             return Err(super::shape_err(
                 "flash_attention",
                 format!("head dim {d} (built for {FLASH_HEAD_DIMS:?})"),
             ));
         };
-        let tiles = lk.div_ceil(FLASH_KEYS);
+        let key_tiles = lk.div_ceil(FLASH_KEYS);
         if splits == 0
             || (splits > 1
-                && (!part.is_multiple_of(8) || (splits - 1) * tiles.div_ceil(splits) >= tiles))
+                && (!part.is_multiple_of(8)
+                    || (splits - 1) * key_tiles.div_ceil(splits) >= key_tiles))
         {
             return Err(super::shape_err(
                 "flash_attention",
-                format!("{splits} key splits of {tiles} tiles (scratch {part:#x})"),
+                format!("{splits} key splits of {key_tiles} tiles (scratch {part:#x})"),
             ));
         }
         if ldq < heads * d || ldkv < heads * d || !ldq.is_multiple_of(8) || !ldkv.is_multiple_of(8)
@@ -150,7 +182,7 @@ impl Attention {
         let warps = FLASH_WARPS;
         let cfg = LaunchConfig {
             grid_dim: (
-                lq.div_ceil(warps * FLASH_WARP_QUERIES) as u32,
+                lq.div_ceil(warps * FLASH_WARP_QUERIES * tiles) as u32,
                 heads as u32,
                 (batch * splits) as u32,
             ),
@@ -173,7 +205,8 @@ impl Attention {
             Arg::P(part),
         ];
         // SAFETY: (const half* x3, half*, int x5, float, int, float*) as the kernel
-        // declares; one block per 16 x warps queries of one (head, image, key split), rows past
+        // declares; one block per 16 x tiles x warps queries of one (head, image, key split),
+        // the kernel of that many tiles a warp (found above), rows past
         // lq and keys past lk are never read or written, every split's run of keys is non-empty
         // (checked above); the caller vouches for the operands' sizes and the scratch's,
         // alignment checked above (head offsets are multiples of d, itself a multiple of 8).
@@ -250,14 +283,14 @@ mod tests {
     fn key_splits_fill_small_grids_and_are_never_empty() {
         // Whisper's window, the UNet's 32x32 self-attention alone and at 16 images, its
         // cross-attention (50 keys: one tile, nothing to split).
-        assert_eq!(flash_splits(1, 1500, 1500, 6), 4);
-        assert_eq!(flash_splits(1, 1024, 1024, 8), 4);
-        assert_eq!(flash_splits(16, 1024, 1024, 8), 1);
-        assert_eq!(flash_splits(1, 1024, 50, 8), 1);
+        assert_eq!(flash_splits(1, 1500, 1500, 6, 64), 4);
+        assert_eq!(flash_splits(1, 1024, 1024, 8, 40), 4);
+        assert_eq!(flash_splits(16, 1024, 1024, 8, 40), 1);
+        assert_eq!(flash_splits(1, 1024, 50, 8, 40), 1);
         for batch in [1, 2, 16] {
             for lq in [1, 64, 300, 1500] {
                 for lk in [1, 49, 64, 65, 200, 1000, 1500, 4096] {
-                    let s = flash_splits(batch, lq, lk, 6);
+                    let s = flash_splits(batch, lq, lk, 6, 64);
                     let tiles = lk.div_ceil(FLASH_KEYS);
                     assert!((1..=FLASH_MAX_SPLITS).contains(&s));
                     // The last split starts before the last tile.

@@ -203,16 +203,23 @@ pub enum Experiment {
     Pdl,
     /// Group norms that write the next convolution's im2col patches (`group_norm`).
     NormCols,
+    /// Fused attention warps that own 32 queries instead of 16 (`attention`).
+    FlashRows32,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 2] = [Experiment::Pdl, Experiment::NormCols];
+    pub const ALL: [Experiment; 3] = [
+        Experiment::Pdl,
+        Experiment::NormCols,
+        Experiment::FlashRows32,
+    ];
 
     /// Its environment variable.
     pub fn var(self) -> &'static str {
         match self {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
+            Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
         }
     }
 
@@ -222,6 +229,9 @@ impl Experiment {
             Experiment::Pdl => "programmatic dependent launches of our kernels (sm_90)",
             Experiment::NormCols => {
                 "group norms write the next convolution's im2col patches (16-byte groups)"
+            }
+            Experiment::FlashRows32 => {
+                "fused attention warps own 32 queries (head dims 40, 64, 80): K and V read half as often"
             }
         }
     }
