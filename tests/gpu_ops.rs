@@ -1015,6 +1015,32 @@ fn tiny_models_match_the_cpu_executor_and_pytorch() {
         &[("input_features", &golden("whisper.input_features"))],
         1e-2,
     );
+    // The encoder the server runs: two windows (the second quieter), the rows a hop reads
+    // gathered on the device from each window's first row, one past the last start.
+    let served = whisper::build_rows(
+        &weights.root("model.encoder"),
+        &cfg,
+        2,
+        whisper::SERVED_ROWS,
+    )
+    .unwrap();
+    let one = golden("whisper.input_features");
+    let mut shape = one.shape.clone();
+    shape[0] = 2;
+    let data = one
+        .data
+        .iter()
+        .copied()
+        .chain(one.data.iter().map(|v| 0.5 * v - 0.5));
+    let mel = Tensor::new(shape, data.collect());
+    let first = Tensor::new(vec![2], vec![37.0, 1490.0]);
+    compare(
+        &mut rt,
+        "tiny whisper, served rows",
+        &served,
+        &[("input_features", &mel), (whisper::FIRST_ROW, &first)],
+        1e-2,
+    );
 }
 
 /// Two batches queued back to back through pinned staging buffers (upload, replay, download,

@@ -163,3 +163,45 @@ fn bad_checkpoints_are_errors_that_name_the_cause() {
         .to_string();
     assert!(err.contains("encoder."), "{err}");
 }
+
+/// The encoder the server runs (the last layer on a hop's rows alone) gives exactly the full
+/// encoder's hidden states at those rows, for each window of a batch: rows inside the window
+/// and a first row past the last start, which clamps to the window's end.
+#[test]
+fn served_whisper_rows_are_the_full_encoders_rows() {
+    let set = Preset::Tiny.configs();
+    let w = Weights::synth(5);
+    let root = w.root("model.encoder");
+    let rows = 12;
+    let full = whisper::build(&root, &set.whisper, 2).unwrap();
+    let served = whisper::build_rows(&root, &set.whisper, 2, rows).unwrap();
+    let mel = ramp(&[2, set.whisper.num_mel_bins, whisper::MEL_FRAMES]);
+    let t = whisper::MEL_FRAMES / 2;
+    let first = Tensor::new(vec![2], vec![37.0, (t + 40) as f32]);
+    let want = cpu::run(&full, &[("input_features", &mel)]).unwrap();
+    let got = cpu::run(
+        &served,
+        &[("input_features", &mel), (whisper::FIRST_ROW, &first)],
+    )
+    .unwrap();
+    assert_eq!(got.len(), set.whisper.encoder_layers + 1);
+    for ((name, g), (wname, f)) in got.iter().zip(&want) {
+        assert_eq!(name, wname);
+        let d = f.shape[2];
+        assert_eq!(g.shape, vec![2, rows, d]);
+        for (b, start) in [(0, 37), (1, t - rows)] {
+            let a = &g.data[b * rows * d..(b + 1) * rows * d];
+            let e = &f.data[(b * t + start) * d..(b * t + start + rows) * d];
+            let err = a
+                .iter()
+                .zip(e)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            let scale = e.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            assert!(
+                err <= 1e-5 * scale.max(1.0),
+                "{name} window {b}: max difference {err} (values to {scale})"
+            );
+        }
+    }
+}

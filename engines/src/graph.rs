@@ -94,7 +94,19 @@ pub enum Op {
         start: usize,
         end: usize,
     },
+    /// x [B,T,D], first [B] -> [B,rows,D]: rows first[b] .. first[b]+rows of each x[b]. The
+    /// first rows are data, so one fixed-shape graph serves windows whose wanted rows move
+    /// (whisper's last layer computes only the rows a hop reads). A first row is rounded to a
+    /// whole number and clamped into [0, T - rows], as a GPU kernel must (it cannot fail):
+    /// callers pass rows in range. T is at most `GATHER_ROWS_MAX_T`, since GPU inputs are fp16.
+    GatherRows {
+        rows: usize,
+    },
 }
+
+/// Longest axis `Op::GatherRows` indexes: fp16 holds every whole number up to 2048 exactly, and
+/// the GPU executor's inputs are fp16.
+pub const GATHER_ROWS_MAX_T: usize = 2048;
 
 impl Op {
     /// Short name for errors and op sweeps.
@@ -123,6 +135,7 @@ impl Op {
             Op::Reshape { .. } => "reshape",
             Op::Permute { .. } => "permute",
             Op::Slice { .. } => "slice",
+            Op::GatherRows { .. } => "gather_rows",
         }
     }
 }
@@ -504,6 +517,23 @@ pub fn infer(op: &Op, shapes: &[&[usize]]) -> std::result::Result<Vec<usize>, St
             let mut out = x.to_vec();
             out[*axis] = end - start;
             Ok(out)
+        }
+        Op::GatherRows { rows } => {
+            arity(shapes, 2, 2)?;
+            let (x, first) = (shapes[0], shapes[1]);
+            want(x.len() == 3 && first == [x[0]], || {
+                format!("x {x:?} must be [B,T,D] and first rows {first:?} [B]")
+            })?;
+            want(
+                *rows > 0 && *rows <= x[1] && x[1] <= GATHER_ROWS_MAX_T,
+                || {
+                    format!(
+                        "{rows} rows of {} (at most {GATHER_ROWS_MAX_T} rows to gather from)",
+                        x[1]
+                    )
+                },
+            )?;
+            Ok(vec![x[0], *rows, x[2]])
         }
     }
 }

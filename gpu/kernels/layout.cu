@@ -46,6 +46,24 @@ extern "C" __global__ void copy_rows_f16(const __half* __restrict__ x, __half* _
   y[r * ys + c] = x[r * xs + c];
 }
 
+// y[b, r, c] = x[(b * t + f + r) * xs + c] for r < rows, c < cols, with f = first[b] (an fp16
+// whole number, exact to 2048) rounded and clamped into [0, t - rows]: the rows whisper's last
+// layer computes, chosen per window at replay. n = batch * rows * cols.
+extern "C" __global__ void gather_rows_f16(const __half* __restrict__ x,
+                                           const __half* __restrict__ first,
+                                           __half* __restrict__ y, int t, int rows, int cols,
+                                           long xs, int n) {
+  LS_PDL_ENTER();
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n) return;
+  const int c = idx % cols, br = idx / cols;
+  const int r = br % rows, b = br / rows;
+  const float fv = __half2float(first[b]);
+  int f = fv > 0.f ? __float2int_rn(fv) : 0;  // NaN and negatives start at row 0
+  f = min(f, t - rows);
+  y[idx] = x[((long)b * t + f + r) * xs + c];
+}
+
 // Rows of up to four inputs side by side (a concatenation on the innermost storage axis, or one
 // strided copy): y[r * ys + at_i + c] = x_i[r * xs_i + c] for c < at_{i+1} - at_i, 8 halves
 // (16 bytes) a thread, every width, start and stride counted in such vectors. One launch for a

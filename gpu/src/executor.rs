@@ -2306,6 +2306,22 @@ impl Executor {
                     },
                     _,
                 ) => unsafe { k.layout.copy_rows(s, p(*x), p(*y), *rows, *cols, *xs, *ys) }?,
+                (
+                    Step::GatherRows {
+                        x,
+                        first,
+                        y,
+                        batch,
+                        t,
+                        rows,
+                        cols,
+                        xs,
+                    },
+                    _,
+                ) => unsafe {
+                    k.layout
+                        .gather_rows(s, p(*x), p(*first), p(*y), *batch, *t, *rows, *cols, *xs)
+                }?,
                 (Step::Concat { parts, y, rows, ys }, _) => {
                     let parts: Vec<RowsPart> = parts
                         .iter()

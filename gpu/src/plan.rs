@@ -202,6 +202,19 @@ pub enum Step {
         xs: usize,
         ys: usize,
     },
+    /// y [batch, rows, cols] = rows first[b] .. first[b] + rows of each x[b] ([batch, t, cols],
+    /// rows `xs` apart); `first` is a graph input ([batch] fp16 whole numbers), read by the
+    /// kernel at replay (`Op::GatherRows`).
+    GatherRows {
+        x: Loc,
+        first: Loc,
+        y: Loc,
+        batch: usize,
+        t: usize,
+        rows: usize,
+        cols: usize,
+        xs: usize,
+    },
     /// A concatenation on the innermost storage axis: the parts' rows side by side in y, rows
     /// `ys` apart, in one launch (`Layout::concat_rows`).
     Concat {
@@ -269,6 +282,7 @@ impl Step {
                 stats.map_or(Loc::None, |s| s.0),
             ],
             Step::Concat { parts, y, .. } => parts.iter().map(|p| p.x).chain([*y]).collect(),
+            Step::GatherRows { x, first, y, .. } => vec![*x, *first, *y],
             Step::Softmax { x, .. } => vec![*x],
             Step::Attention {
                 q, k, v, o, part, ..
@@ -365,6 +379,7 @@ impl Step {
             Step::Permute { .. } => "permute",
             Step::CopyRows { .. } => "copy",
             Step::Concat { .. } => "concat",
+            Step::GatherRows { .. } => "gather_rows",
         }
     }
 }
@@ -1527,6 +1542,28 @@ impl<'g> Lower<'g> {
                     ys: len * inner,
                 });
                 self.set(i, y, xv.layout);
+            }
+            Op::GatherRows { rows } => {
+                let xs = g.shape(ins[0]).to_vec();
+                let x = self.operand(ins[0], Layout::Plain)?;
+                let first = self.operand(ins[1], Layout::Plain)?;
+                let y = self.act(&out);
+                self.push(Step::GatherRows {
+                    x,
+                    first,
+                    y,
+                    batch: xs[0],
+                    t: xs[1],
+                    rows: *rows,
+                    cols: xs[2],
+                    // A packed projection's column slice keeps its GEMM's row stride.
+                    xs: self
+                        .row_stride
+                        .get(&(ins[0].0 as usize))
+                        .copied()
+                        .unwrap_or(xs[2]),
+                });
+                self.set(i, y, Layout::Plain);
             }
             Op::UpsampleNearest2x if self.absorbed.contains(&i) => {}
             Op::UpsampleNearest2x => {

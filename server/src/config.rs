@@ -251,8 +251,12 @@ impl ServeArgs {
         if self.models.is_some() && !self.engine.is_empty() {
             anyhow::bail!("give a models folder or an engine file, not both");
         }
-        if self.audio_hop_frames == 0 {
-            anyhow::bail!("audio_hop_frames must be at least 1");
+        let most = lipstream_engines::audio::stream::MAX_HOP_FRAMES;
+        if !(1..=most).contains(&self.audio_hop_frames) {
+            anyhow::bail!(
+                "audio_hop_frames is {}: it must be 1 to {most} (one whisper window a second)",
+                self.audio_hop_frames
+            );
         }
         let source = match (&self.models, self.engine.is_empty()) {
             (Some(dir), _) => Some(crate::lipsync::ModelSource::Models(dir.clone())),

@@ -28,6 +28,11 @@ const LOOKAHEAD_SAMPLES: usize = 3 * FRAME_SAMPLES;
 /// Feature frames of zero padding before the first (MuseTalk's left pad of 2 video frames).
 const PAD_BEFORE: usize = 4;
 
+/// Longest hop a stream takes: one whisper window a second. A hop of h frames reads 2h + 8
+/// window rows, which must fit in what the served encoder returns.
+pub const MAX_HOP_FRAMES: usize = 25;
+const _: () = assert!(2 * (MAX_HOP_FRAMES - 1) + WINDOW <= crate::models::whisper::SERVED_ROWS);
+
 /// Features of one encoded window.
 struct Window {
     /// The window row of `features`' first row.
@@ -70,10 +75,11 @@ pub struct FeatureStream {
 }
 
 impl FeatureStream {
-    /// `hop_frames`: video frames served per encoded window (25 = one encode per second).
+    /// `hop_frames`: video frames served per encoded window (1 ..= `MAX_HOP_FRAMES`; 25 = one
+    /// encode per second).
     pub fn new(hop_frames: usize) -> Self {
         FeatureStream {
-            hop_frames: hop_frames.max(1),
+            hop_frames: hop_frames.clamp(1, MAX_HOP_FRAMES),
             mel: LogMel::new(),
             mel_cache: MelCache::default(),
             audio: Vec::new(),

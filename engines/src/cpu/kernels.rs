@@ -93,8 +93,33 @@ pub fn eval(op: &Op, x: &[&Tensor], out_shape: &[usize]) -> Tensor {
             }
             out
         }
+        Op::GatherRows { rows } => gather_rows(x[0], x[1], *rows),
     };
     Tensor::new(out_shape.to_vec(), data)
+}
+
+/// Rows first[b] .. first[b] + rows of each x[b] ([B,T,D]); a first row rounds to a whole
+/// number and clamps into [0, T - rows] (`Op::GatherRows`).
+fn gather_rows(x: &Tensor, first: &Tensor, rows: usize) -> Vec<f32> {
+    let (t, d) = (x.shape[1], x.shape[2]);
+    let mut out = Vec::with_capacity(x.shape[0] * rows * d);
+    for (b, f) in first.data.iter().enumerate() {
+        let f = gather_start(*f, t, rows);
+        let at = (b * t + f) * d;
+        out.extend_from_slice(&x.data[at..at + rows * d]);
+    }
+    out
+}
+
+/// `Op::GatherRows`' first row from its value: rounded, then clamped into [0, t - rows] (NaN
+/// reads as 0).
+pub fn gather_start(f: f32, t: usize, rows: usize) -> usize {
+    let f = f.round();
+    if f.is_nan() || f <= 0.0 {
+        0
+    } else {
+        (f as usize).min(t - rows)
+    }
 }
 
 pub fn gelu(v: f32) -> f32 {
@@ -730,6 +755,23 @@ mod tests {
         let sm = eval(&Op::Softmax { axis: 1 }, &[&x], &x.shape);
         let col: f32 = (0..3).map(|b| sm.data[(3 + b) * 4 + 2]).sum();
         assert!((col - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gathered_rows_start_where_each_batch_item_says_and_stay_in_range() {
+        // [3 items, 5 rows, 2 columns]; item b row r holds 10b + r.
+        let data = (0..3)
+            .flat_map(|b| (0..5).flat_map(move |r| [(10 * b + r) as f32; 2]))
+            .collect();
+        let x = Tensor::new(vec![3, 5, 2], data);
+        // 1.4 rounds to 1; 9 clamps to the last start (5 - 2 = 3); a negative start to 0.
+        let first = Tensor::new(vec![3], vec![1.4, 9.0, -2.0]);
+        let got = eval(&Op::GatherRows { rows: 2 }, &[&x, &first], &[3, 2, 2]);
+        assert_eq!(
+            got.data,
+            vec![1., 1., 2., 2., 13., 13., 14., 14., 20., 20., 21., 21.]
+        );
+        assert_eq!(gather_start(f32::NAN, 5, 2), 0);
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub struct Layout {
     permute: CudaFunction,
     permute8: CudaFunction,
     copy_rows: CudaFunction,
+    gather_rows: CudaFunction,
     concat_rows: CudaFunction,
     pad_nhwc: CudaFunction,
     pad_nhwc_x8: CudaFunction,
@@ -59,6 +60,7 @@ impl Layout {
             permute: m.load_function("permute_f16")?,
             permute8: m.load_function("permute_f16x8")?,
             copy_rows: m.load_function("copy_rows_f16")?,
+            gather_rows: m.load_function("gather_rows_f16")?,
             concat_rows: m.load_function("concat_rows_f16x8")?,
             pad_nhwc: m.load_function("pad_nhwc_f16")?,
             pad_nhwc_x8: m.load_function("pad_nhwc_f16x8")?,
@@ -131,6 +133,49 @@ impl Layout {
         ];
         // SAFETY: matches copy_rows_f16 (const half*, half*, 4 long).
         unsafe { launch(stream, &self.copy_rows, elems(rows * cols), &args) }
+    }
+
+    /// y [batch, rows, cols] = rows f .. f + rows of each x[b] ([batch, t, cols], rows `xs`
+    /// apart), f = first[b] (fp16) rounded and clamped into [0, t - rows]: the first rows are
+    /// read on the device, so a captured graph takes new ones with its inputs.
+    ///
+    /// # Safety
+    /// x must hold batch * t rows at stride xs, first `batch` halves, y batch * rows * cols.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gather_rows(
+        &self,
+        stream: &CudaStream,
+        x: Ptr,
+        first: Ptr,
+        y: Ptr,
+        batch: usize,
+        t: usize,
+        rows: usize,
+        cols: usize,
+        xs: usize,
+    ) -> Result<(), GpuError> {
+        let n = batch * rows * cols;
+        let shape = |reason: String| GpuError::Shape {
+            kernel: "gather_rows",
+            reason,
+        };
+        let int = |v: usize| i32::try_from(v).map_err(|_| shape(format!("{v} is too large")));
+        if rows == 0 || rows > t {
+            return Err(shape(format!("{rows} rows of {t}")));
+        }
+        let args = [
+            Arg::P(x),
+            Arg::P(first),
+            Arg::P(y),
+            Arg::I(int(t)?),
+            Arg::I(int(rows)?),
+            Arg::I(int(cols)?),
+            Arg::L(xs as i64),
+            Arg::I(int(n)?),
+        ];
+        // SAFETY: matches gather_rows_f16 (const half*, const half*, half*, 3 int, long, int);
+        // every row read lies in x (its start is clamped to t - rows), sizes per the contract.
+        unsafe { launch(stream, &self.gather_rows, elems(n), &args) }
     }
 
     /// The parts' rows side by side: y[r * ys + at + c] = part.x[r * part.xs + c] for c <

@@ -170,7 +170,7 @@ pub fn build(
         bar.inc(1);
     }
     bar.set_message("whisper 30 s window");
-    let g = src.graph(Stage::Whisper, 1)?;
+    let g = src.graph(Stage::WhisperRows, 1)?;
     Executor::new(&mut rt, &g, "", Options::TUNED)?;
     let images = rt.device.all_kernel_images()?;
     bar.inc(1);
@@ -701,7 +701,7 @@ mod tests {
     /// Writes what `build` writes, for a tiny model, without a GPU.
     fn write_engine(path: &Path, src: &Sources, h: &Header) {
         src.graph(Stage::Avatar, 1).unwrap();
-        src.graph(Stage::Whisper, 1).unwrap();
+        src.graph(Stage::WhisperRows, 1).unwrap();
         let mut tensors = BTreeMap::new();
         for (prefix, w) in PREFIXES.iter().zip(src.weights()) {
             for (k, t) in w.used_tensors().unwrap() {

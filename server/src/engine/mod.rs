@@ -35,8 +35,12 @@ pub enum Stage {
     VaeDecode,
     /// Both crops of each frame: 2x the batch.
     VaeEncode,
-    /// whisper-tiny over one 30 s window (batch = windows).
+    /// whisper-tiny over one 30 s window (batch = windows): every hidden state of every row.
     Whisper,
+    /// What the server runs: whisper-tiny over one 30 s window, returning only the rows a hop's
+    /// prompts read (`whisper::SERVED_ROWS` from each window's `first_row` input), its last
+    /// layer computed for those rows alone.
+    WhisperRows,
 }
 
 impl Stage {
@@ -60,7 +64,13 @@ impl Stage {
             Stage::VaeDecode => "vae_dec",
             Stage::VaeEncode => "vae_enc_2x",
             Stage::Whisper => "whisper_30s",
+            Stage::WhisperRows => "whisper_rows",
         }
+    }
+
+    /// Whether the stage is a whisper window (batched by window, not by frame).
+    pub fn is_whisper(self) -> bool {
+        matches!(self, Stage::Whisper | Stage::WhisperRows)
     }
 }
 
@@ -132,6 +142,12 @@ impl Sources {
             Stage::Whisper => {
                 whisper::build(&self.whisper.root(WHISPER_ROOT), &self.set.whisper, batch)?
             }
+            Stage::WhisperRows => whisper::build_rows(
+                &self.whisper.root(WHISPER_ROOT),
+                &self.set.whisper,
+                batch,
+                whisper::SERVED_ROWS,
+            )?,
         };
         Ok(g)
     }
@@ -152,12 +168,30 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
     Tensor::new(shape.to_vec(), data)
 }
 
-/// Random inputs in range for every input of `g`.
+/// Random inputs in range for every input of `g`: values in [-1, 1], and whisper's first rows
+/// spread over the window (its first, its last and rows between).
 fn inputs_for(g: &Graph, seed: u64) -> Vec<(String, Tensor)> {
     g.inputs
         .iter()
         .enumerate()
-        .map(|(i, (name, v))| (name.clone(), random(g.shape(*v), seed + i as u64)))
+        .map(|(i, (name, v))| {
+            let shape = g.shape(*v);
+            let t = if name == whisper::FIRST_ROW {
+                let last = (whisper::MEL_FRAMES / 2 - whisper::SERVED_ROWS) as f32;
+                let n = shape.iter().product::<usize>();
+                let data = (0..n)
+                    .map(|j| match j % 3 {
+                        0 => last,
+                        1 => 0.0,
+                        _ => ((j as u64 * 997 + seed) % 1436) as f32,
+                    })
+                    .collect();
+                Tensor::new(shape.to_vec(), data)
+            } else {
+                random(shape, seed + i as u64)
+            };
+            (name.clone(), t)
+        })
         .collect()
 }
 
@@ -196,7 +230,7 @@ pub fn executors(
             .with_context(|| format!("building {} B={b}", stage.name()))?;
         profiles.push((b, ex));
     }
-    let g = src.graph(Stage::Whisper, 1)?;
+    let g = src.graph(Stage::WhisperRows, 1)?;
     let mut whisper = Executor::new(&mut rt, &g, "", opts).context("building whisper")?;
     rt.finish_building()?;
     if graphs {
@@ -331,7 +365,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
     let mut built: Vec<(Stage, usize, Executor, f64)> = Vec::new();
     let mut order: Vec<(Stage, usize)> = Vec::new();
     for &stage in &opts.stages {
-        if stage == Stage::Whisper {
+        if stage.is_whisper() {
             // One window alone, and the batches the server runs windows of sessions that wait
             // together in.
             order.push((stage, 1));
@@ -400,8 +434,8 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
     let mut results = serde_json::Map::new();
     for (stage, batch, ex, secs) in &built {
         let ms = ex.time_ms(&rt, opts.runs)?;
-        let key = if *stage == Stage::Whisper && *batch == 1 {
-            "whisper_30s".to_string()
+        let key = if stage.is_whisper() && *batch == 1 {
+            stage.name().to_string()
         } else {
             format!("B{batch}")
         };
@@ -413,9 +447,9 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
                 json!(ms / *batch as f64),
             );
         }
-        if *stage == Stage::Whisper && *batch > 1 {
+        if stage.is_whisper() && *batch > 1 {
             entry.insert(
-                "whisper_30s_per_window_ms".into(),
+                format!("{}_per_window_ms", stage.name()),
                 json!(ms / *batch as f64),
             );
         }
@@ -645,6 +679,7 @@ pub fn check(src: &Sources, batch: usize, dump: Option<&Path>) -> anyhow::Result
         Stage::VaeEncode,
         Stage::VaeDecode,
         Stage::Whisper,
+        Stage::WhisperRows,
     ] {
         let g = src.graph(stage, batch)?;
         let inputs = inputs_for(&g, 11);

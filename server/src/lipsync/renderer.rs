@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use half::{f16, slice::HalfFloatSliceExt};
 use lipstream_engines::audio::prompt::STATES;
+use lipstream_engines::models::whisper;
 use lipstream_engines::{cpu, Graph, Tensor};
 
 use crate::engine::{Executors, Sources, Stage};
@@ -224,8 +225,29 @@ struct CpuBackend {
 }
 
 fn whisper_cpu(graph: &Graph, mel: &Tensor, rows: Range<usize>) -> anyhow::Result<Tensor> {
-    let states = cpu::run(graph, &[("input_features", mel)])?;
-    stacked(states, rows.start, rows.len())
+    let (first, at) = served_rows(&rows)?;
+    let first = Tensor::new(vec![1], vec![first as f32]);
+    let states = cpu::run(
+        graph,
+        &[("input_features", mel), (whisper::FIRST_ROW, &first)],
+    )?;
+    stacked(states, at, rows.len())
+}
+
+/// Where window rows `rows` lie in the served encoder's output (`Stage::WhisperRows`: its
+/// `SERVED_ROWS` rows from a `first_row` input): that input, and the offset of `rows.start`
+/// among the rows it returns. The first row moves back from the window's end so that all the
+/// returned rows are the window's.
+fn served_rows(rows: &Range<usize>) -> anyhow::Result<(usize, usize)> {
+    let total = whisper::MEL_FRAMES / 2;
+    if rows.len() > whisper::SERVED_ROWS || rows.end > total {
+        bail!(
+            "whisper rows {rows:?}: the served encoder returns {} consecutive rows of {total}",
+            whisper::SERVED_ROWS
+        );
+    }
+    let first = rows.start.min(total - whisper::SERVED_ROWS);
+    Ok((first, rows.start - first))
 }
 
 /// `n` rows from row `first` of each of the encoder's hidden states ([1, T, d] each; `first`
@@ -586,15 +608,25 @@ fn whisper_batch(
         staging.extend(mel.data.iter().map(|&v| f16::from_f32(v)));
     }
     ex.write_input(rt, "input_features", staging)?;
+    let mut placed = Vec::with_capacity(jobs.len());
+    for (_, rows) in jobs {
+        placed.push(served_rows(rows)?);
+    }
+    // Whole numbers below 2048: exact in fp16.
+    let first: Vec<f16> = placed
+        .iter()
+        .map(|(f, _)| f16::from_f32(*f as f32))
+        .collect();
+    ex.write_input(rt, whisper::FIRST_ROW, &first)?;
     ex.launch(rt)?;
     let mut out = Vec::with_capacity(jobs.len());
-    for (i, (_, rows)) in jobs.iter().enumerate() {
+    for (i, ((_, rows), (_, from))) in jobs.iter().zip(&placed).enumerate() {
         let mut states = Vec::new();
         for b in ex.outputs() {
-            // [B, T, d]: window i's rows.
+            // [B, SERVED_ROWS, d]: window i's rows, from its offset among them.
             let (t, d) = (b.shape[1], b.shape[2]);
-            let at = |r: usize| (i * t + r) * d;
-            let part = ex.read_output_range(rt, &b.name, at(rows.start)..at(rows.end))?;
+            let at = |r: usize| (i * t + from + r) * d;
+            let part = ex.read_output_range(rt, &b.name, at(0)..at(rows.len()))?;
             let data = part.iter().map(|v| v.to_f32()).collect();
             states.push((b.name.clone(), Tensor::new(vec![1, rows.len(), d], data)));
         }
@@ -662,7 +694,7 @@ fn start_whisper_thread(
                     crate::engine::executors(
                         device,
                         &src,
-                        Stage::Whisper,
+                        Stage::WhisperRows,
                         &WHISPER_BATCHES,
                         &tuned,
                         true,
@@ -770,7 +802,7 @@ impl Renderer {
             for &b in &config.profiles {
                 graphs.insert(b, src.graph(config.mode, b)?);
             }
-            let whisper = Arc::new(src.graph(Stage::Whisper, 1)?);
+            let whisper = Arc::new(src.graph(Stage::WhisperRows, 1)?);
             cpu_whisper = Some(whisper.clone());
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let pool = rayon::ThreadPoolBuilder::new()
