@@ -66,4 +66,18 @@ enc.load_state_dict({k[len("model.encoder."):]: v for k, v in w.items() if k.sta
 report["whisper_30s"] = stage("whisper_30s", enc,
                               lambda m, i: list(m(i["input_features"], output_hidden_states=True).hidden_states),
                               [f"hidden_state_{j}" for j in range(wcfg.encoder_layers + 1)])
+
+
+def served_rows(m, i):
+    """The full encoder's hidden states cut to each window's rows, as the served encoder's."""
+    rows = t["whisper_rows.cuda.hidden_state_0"].shape[1]
+    states = m(i["input_features"], output_hidden_states=True).hidden_states
+    n = states[0].shape[1]
+    first = [min(max(int(round(f)), 0), n - rows) for f in i["first_row"].float().tolist()]
+    return [torch.stack([s[b, f:f + rows] for b, f in enumerate(first)]) for s in states]
+
+
+if "whisper_rows.cuda.hidden_state_0" in t:
+    report["whisper_rows"] = stage("whisper_rows", enc, served_rows,
+                                   [f"hidden_state_{j}" for j in range(wcfg.encoder_layers + 1)])
 json.dump(report, open(f"{dump}/torch_check.json", "w"), indent=1)
