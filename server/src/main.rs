@@ -175,7 +175,7 @@ enum BenchCmd {
             long,
             value_enum,
             value_delimiter = ',',
-            default_value = "avatar,camera,unet,vae-decode,vae-encode,whisper"
+            default_value = "avatar,camera,unet,vae-decode,vae-encode,whisper,whisper-rows"
         )]
         stages: Vec<lipstream::engine::Stage>,
         /// Timed replays per figure (the median is reported).

@@ -37,9 +37,9 @@ pub enum Stage {
     VaeEncode,
     /// whisper-tiny over one 30 s window (batch = windows): every hidden state of every row.
     Whisper,
-    /// What the server runs: whisper-tiny over one 30 s window, returning only the rows a hop's
-    /// prompts read (`whisper::SERVED_ROWS` from each window's `first_row` input), its last
-    /// layer computed for those rows alone.
+    /// What the server runs: whisper-tiny over one 30 s window, returning only the 64 rows
+    /// from each window's first row that a hop's prompts read, its last layer computed for
+    /// those rows alone.
     WhisperRows,
 }
 
