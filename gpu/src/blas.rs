@@ -126,8 +126,16 @@ impl Blas {
         Ok(stream.alloc_zeros::<u8>(WORKSPACE_BYTES)?)
     }
 
-    /// Plans `g` (+ bias [n], fixed now) (+ a residual given at run time).
-    pub fn plan(&self, g: Gemm, bias: Option<Ptr>, residual: bool) -> Result<GemmPlan, GpuError> {
+    /// Plans `g` (+ bias [n], fixed now) (+ a residual given at run time), then with `gelu`
+    /// cuBLASLt's GELU of the whole sum (its tanh form, within 3e-4 of the exact one; what
+    /// `Experiment::GemmGelu` fuses).
+    pub fn plan(
+        &self,
+        g: Gemm,
+        bias: Option<Ptr>,
+        residual: bool,
+        gelu: bool,
+    ) -> Result<GemmPlan, GpuError> {
         let f16 = sys::cudaDataType_t::CUDA_R_16F;
         let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
         // cuBLASLt is column-major: the row-major c [m, n] is a column-major [n, m] = op(b)ᵀ · aᵀ.
@@ -191,13 +199,20 @@ impl Blas {
             &trans as *const _ as *const c_void,
             std::mem::size_of_val(&trans),
         )?;
-        if let Some(ptr) = bias {
-            let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        let epilogue = match (bias.is_some(), gelu) {
+            (true, true) => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS),
+            (true, false) => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS),
+            (false, true) => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU),
+            (false, false) => None,
+        };
+        if let Some(epilogue) = epilogue {
             set(
                 sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
                 &epilogue as *const _ as *const c_void,
                 std::mem::size_of_val(&epilogue),
             )?;
+        }
+        if let Some(ptr) = bias {
             set(
                 sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                 &ptr as *const _ as *const c_void,

@@ -768,11 +768,11 @@ impl Executor {
                     b,
                     bias,
                     residual,
+                    gelu,
                     c,
                 } => {
-                    let mut plan =
-                        rt.blas
-                            .plan(*gemm, bias.map(|b| ex.ptr(rt, b)), residual.is_some())?;
+                    let bias = bias.map(|b| ex.ptr(rt, b));
+                    let mut plan = rt.blas.plan(*gemm, bias, residual.is_some(), *gelu)?;
                     if opts.tune {
                         // SAFETY: a, b, residual and c are this step's operands, placed and
                         // sized by the plan; c is scratch until the step runs.
@@ -1241,7 +1241,8 @@ impl Executor {
         let b = bias
             .filter(|_| key.channel_bias)
             .map(|(l, _)| self.ptr(rt, l));
-        rt.blas.plan(g, b, key.channel_bias && residual.is_some())
+        rt.blas
+            .plan(g, b, key.channel_bias && residual.is_some(), false)
     }
 
     /// Times convolution `step` on cuDNN as prepared (its epilogue included) against im2col +

@@ -105,13 +105,15 @@ pub enum Step {
         nhwc: [usize; 4],
         stats: Option<(Loc, usize)>,
     },
-    /// c = alpha * a · op(b) (+ bias) (+ residual): linear layers and attention's products.
+    /// c = alpha * a · op(b) (+ bias) (+ residual), then GELU with `gelu`: linear layers and
+    /// attention's products.
     Gemm {
         gemm: Gemm,
         a: Loc,
         b: Loc,
         bias: Option<Loc>,
         residual: Option<Loc>,
+        gelu: bool,
         c: Loc,
     },
     GroupNorm {
@@ -311,14 +313,15 @@ impl Step {
                 "conv {}x{}x{}x{} -> {} k{}x{} s{} g{}",
                 s.n, s.c, s.h, s.w, s.o, s.kh, s.kw, s.stride[1], s.groups
             ),
-            Step::Gemm { gemm: g, .. } => format!(
-                "gemm {}x[{}x{}]·[{}x{}]{}",
+            Step::Gemm { gemm: g, gelu, .. } => format!(
+                "gemm {}x[{}x{}]·[{}x{}]{}{}",
                 g.batch,
                 g.m,
                 g.k,
                 g.k,
                 g.n,
-                if g.b_trans { "ᵀ" } else { "" }
+                if g.b_trans { "ᵀ" } else { "" },
+                if *gelu { " gelu" } else { "" }
             ),
             Step::GroupNorm { shape: s, .. } => {
                 format!("group_norm {}x{}x{} g{}", s.n, s.hw, s.c, s.groups)
@@ -822,6 +825,7 @@ impl<'g> Lower<'g> {
             b: wl,
             bias,
             residual: None,
+            gelu: false,
             c: y,
         });
         let mut col = 0;
@@ -903,6 +907,29 @@ impl<'g> Lower<'g> {
     }
 
     /// Tries to run `Add(p, other)` inside p's producing conv/linear step.
+    /// GELU node `node` of value `p` in the epilogue of the GEMM that made `p`, when nothing
+    /// else reads `p`: cuBLASLt applies it after the bias and any residual, so a fused residual
+    /// add stays inside it (`gelu(x·wᵀ + b + r)`). Nothing fuses into that GEMM afterwards.
+    fn fuse_gelu(&mut self, node: usize, p: ValueId) -> Result<bool, GpuError> {
+        let pi = p.0 as usize;
+        let Some(&s) = self.producer.get(&pi) else {
+            return Ok(false);
+        };
+        if self.uses[pi] != 1 || self.row_stride.contains_key(&pi) {
+            return Ok(false);
+        }
+        let pv = self.val(p)?;
+        match &mut self.steps[s] {
+            Step::Gemm { gemm, gelu, .. } if gemm.batch == 1 && !*gelu => *gelu = true,
+            _ => return Ok(false),
+        }
+        self.vals[node] = Some(Val {
+            ready: self.steps.len(),
+            ..pv
+        });
+        Ok(true)
+    }
+
     fn fuse_add(&mut self, node: usize, p: ValueId, other: ValueId) -> Result<bool, GpuError> {
         let pi = p.0 as usize;
         let Some(&s) = self.producer.get(&pi) else {
@@ -966,7 +993,12 @@ impl<'g> Lower<'g> {
             return Ok(false);
         }
         let fused = match &mut self.steps[s] {
-            Step::Conv { residual, .. } | Step::Gemm { residual, .. } if residual.is_none() => {
+            Step::Conv { residual, .. } if residual.is_none() => {
+                *residual = Some(ov.loc);
+                true
+            }
+            // A residual joins before the epilogue's GELU, not after it.
+            Step::Gemm { residual, gelu, .. } if residual.is_none() && !*gelu => {
                 *residual = Some(ov.loc);
                 true
             }
@@ -1055,6 +1087,7 @@ impl<'g> Lower<'g> {
                         b: w,
                         bias,
                         residual: None,
+                        gelu: false,
                         c: y,
                     });
                     self.producer.insert(i, s);
@@ -1168,6 +1201,7 @@ impl<'g> Lower<'g> {
                     b: w,
                     bias,
                     residual: None,
+                    gelu: false,
                     c: y,
                 });
                 self.producer.insert(i, s);
@@ -1347,6 +1381,7 @@ impl<'g> Lower<'g> {
                     b: kh,
                     bias: None,
                     residual: None,
+                    gelu: false,
                     c: scores,
                 });
                 self.push(Step::Softmax {
@@ -1379,6 +1414,7 @@ impl<'g> Lower<'g> {
                     b: vh,
                     bias: None,
                     residual: None,
+                    gelu: false,
                     c: oh,
                 });
                 if !strided {
@@ -1391,6 +1427,8 @@ impl<'g> Lower<'g> {
                 }
                 self.set(i, o, Layout::Plain);
             }
+            Op::Gelu
+                if crate::kernels::Experiment::GemmGelu.on() && self.fuse_gelu(i, ins[0])? => {}
             Op::Gelu | Op::Silu | Op::Affine { .. } | Op::Clamp { .. } => {
                 let op = match &node.op {
                     Op::Gelu => Unary::Gelu,
