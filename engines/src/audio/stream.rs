@@ -28,8 +28,9 @@ const LOOKAHEAD_SAMPLES: usize = 3 * FRAME_SAMPLES;
 /// Feature frames of zero padding before the first (MuseTalk's left pad of 2 video frames).
 const PAD_BEFORE: usize = 4;
 
-/// Longest hop a stream takes: one whisper window a second. A hop of h frames reads 2h + 8
-/// window rows, which must fit in what the served encoder returns.
+/// Longest hop the server's encoder serves: one whisper window a second. A hop of h frames
+/// reads 2h + 8 window rows, which must fit in what that encoder returns (an offline stream,
+/// one hop for a whole clip, encodes every row).
 pub const MAX_HOP_FRAMES: usize = 25;
 const _: () = assert!(2 * (MAX_HOP_FRAMES - 1) + WINDOW <= crate::models::whisper::SERVED_ROWS);
 
@@ -75,11 +76,11 @@ pub struct FeatureStream {
 }
 
 impl FeatureStream {
-    /// `hop_frames`: video frames served per encoded window (1 ..= `MAX_HOP_FRAMES`; 25 = one
-    /// encode per second).
+    /// `hop_frames`: video frames served per encoded window (25 = one encode per second; a
+    /// server's encoder returns the rows of hops up to `MAX_HOP_FRAMES`).
     pub fn new(hop_frames: usize) -> Self {
         FeatureStream {
-            hop_frames: hop_frames.clamp(1, MAX_HOP_FRAMES),
+            hop_frames: hop_frames.max(1),
             mel: LogMel::new(),
             mel_cache: MelCache::default(),
             audio: Vec::new(),
