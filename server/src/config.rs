@@ -460,6 +460,17 @@ mod tests {
     }
 
     #[test]
+    fn whisper_hops_are_one_to_twenty_five_frames() {
+        let hop = |h: &str| resolve(&["x", "--models", "/m", "--audio-hop-frames", h]);
+        let lipsync = hop("25").unwrap().lipsync.expect("lip-sync configured");
+        assert_eq!(lipsync.audio_hop_frames, 25);
+        for bad in ["0", "26"] {
+            let err = hop(bad).unwrap_err().to_string();
+            assert!(err.contains("must be 1 to 25"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn defaults_include_loopback() {
         let c = resolve(&["x"]).unwrap();
         assert!(c.ice_addrs.contains(&IpAddr::from([127, 0, 0, 1])));
