@@ -590,6 +590,22 @@ fn bench_cpu(models: &std::path::Path, batch: usize, runs: usize) -> anyhow::Res
         lipstream_engines::models::whisper::MEL_FRAMES,
     ]);
     let whisper_ms = time("whisper_encoder_30s", &wg, &[("input_features", &mel)])?;
+    // What a server runs: the last layer on the rows one hop reads.
+    let rg = lipstream_engines::models::whisper::build_rows(
+        &w.root("model.encoder"),
+        &wcfg,
+        1,
+        lipstream_engines::models::whisper::SERVED_ROWS,
+    )?;
+    let first = Tensor::new(vec![1], vec![0.0]);
+    let whisper_rows_ms = time(
+        "whisper_encoder_30s_served_rows",
+        &rg,
+        &[
+            ("input_features", &mel),
+            (lipstream_engines::models::whisper::FIRST_ROW, &first),
+        ],
+    )?;
     let report = serde_json::json!({
         "executor": "cpu",
         "threads": rayon_threads(),
@@ -597,6 +613,7 @@ fn bench_cpu(models: &std::path::Path, batch: usize, runs: usize) -> anyhow::Res
         "unet_ms": unet_ms,
         "vae_decode_ms": vae_ms,
         "whisper_encoder_30s_ms": whisper_ms,
+        "whisper_encoder_30s_served_rows_ms": whisper_rows_ms,
         "models": models.display().to_string(),
     });
     println!("{report}");
