@@ -1534,6 +1534,44 @@ fn whisper_stem_lowers_channels_last_with_one_permute() {
     );
 }
 
+/// A GELU on a linear layer's output runs in that GEMM's epilogue (whisper's fc1); a linear
+/// output read by anything else keeps its own GELU pass.
+#[test]
+fn a_linear_layers_gelu_rides_on_its_gemm() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[1, 30, 384]);
+    let w = konst(&mut g, "w", &[1536, 384], 1, 0.05);
+    let b = konst(&mut g, "b", &[1536], 2, 0.1);
+    let h = g.push("fc1", Op::Linear, &[x, w, b]).unwrap();
+    let h = g.push("fc1.gelu", Op::Gelu, &[h]).unwrap();
+    g.output("y", h);
+    let w2 = konst(&mut g, "w2", &[384, 384], 3, 0.05);
+    let k = g.push("k", Op::Linear, &[x, w2]).unwrap();
+    let kg = g.push("k.gelu", Op::Gelu, &[k]).unwrap();
+    g.output("k", k);
+    g.output("kg", kg);
+    let p = plan::lower(&g, "").unwrap();
+    let gelus: Vec<bool> = p
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Gemm { gelu, .. } => Some(*gelu),
+            _ => None,
+        })
+        .collect();
+    let unary = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Unary { .. }))
+        .count();
+    assert_eq!(
+        (gelus, unary),
+        (vec![true, false], 1),
+        "{:#?}",
+        p.steps.iter().map(|s| s.describe()).collect::<Vec<_>>()
+    );
+}
+
 /// A transformer block's two attentions at MuseTalk's widths, then a wider block's
 /// cross-attention over the same context: the self-attention's q, k and v come from one GEMM,
 /// both cross-attentions' k and v from another (the fused kernel reads them at the packed row

@@ -127,8 +127,7 @@ impl Blas {
     }
 
     /// Plans `g` (+ bias [n], fixed now) (+ a residual given at run time), then with `gelu`
-    /// cuBLASLt's GELU of the whole sum (its tanh form, within 3e-4 of the exact one; what
-    /// `Experiment::GemmGelu` fuses).
+    /// cuBLASLt's GELU of the whole sum (its tanh form, within 3e-4 of the exact one).
     pub fn plan(
         &self,
         g: Gemm,

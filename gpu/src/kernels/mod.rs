@@ -205,17 +205,13 @@ pub enum Experiment {
     NormCols,
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
-    /// A GELU whose input is a linear layer's output alone runs in cuBLASLt's epilogue (its tanh
-    /// form) instead of a pass of its own (`plan`).
-    GemmGelu,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 4] = [
+    pub const ALL: [Experiment; 3] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
-        Experiment::GemmGelu,
     ];
 
     /// Its environment variable.
@@ -224,7 +220,6 @@ impl Experiment {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
-            Experiment::GemmGelu => "LIPSTREAM_GEMM_GELU",
         }
     }
 
@@ -237,9 +232,6 @@ impl Experiment {
             }
             Experiment::FlashRows32 => {
                 "fused attention warps own 32 queries (head dims 40, 64, 80): K and V read half as often"
-            }
-            Experiment::GemmGelu => {
-                "a linear layer's GELU (whisper's fc1) in cuBLASLt's epilogue, its tanh form"
             }
         }
     }
