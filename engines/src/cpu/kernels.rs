@@ -113,7 +113,7 @@ fn gather_rows(x: &Tensor, first: &Tensor, rows: usize) -> Vec<f32> {
 
 /// `Op::GatherRows`' first row from its value: rounded, then clamped into [0, t - rows] (NaN
 /// reads as 0).
-pub fn gather_start(f: f32, t: usize, rows: usize) -> usize {
+fn gather_start(f: f32, t: usize, rows: usize) -> usize {
     let f = f.round();
     if f.is_nan() || f <= 0.0 {
         0

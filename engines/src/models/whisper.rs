@@ -13,6 +13,9 @@ use crate::weights::Vb;
 /// Mel frames in Whisper's 30 s window.
 pub const MEL_FRAMES: usize = 3000;
 
+/// Positions (rows of every hidden state) of a window: the stride-2 stem halves the mel frames.
+pub const POSITIONS: usize = MEL_FRAMES / 2;
+
 /// Graph input of `build_rows`: each window's first wanted row, [B].
 pub const FIRST_ROW: &str = "first_row";
 

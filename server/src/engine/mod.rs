@@ -177,13 +177,13 @@ fn inputs_for(g: &Graph, seed: u64) -> Vec<(String, Tensor)> {
         .map(|(i, (name, v))| {
             let shape = g.shape(*v);
             let t = if name == whisper::FIRST_ROW {
-                let last = (whisper::MEL_FRAMES / 2 - whisper::SERVED_ROWS) as f32;
+                let last = (whisper::POSITIONS - whisper::SERVED_ROWS) as u64;
                 let n = shape.iter().product::<usize>();
                 let data = (0..n)
                     .map(|j| match j % 3 {
-                        0 => last,
+                        0 => last as f32,
                         1 => 0.0,
-                        _ => ((j as u64 * 997 + seed) % 1436) as f32,
+                        _ => ((j as u64 * 997 + seed) % last) as f32,
                     })
                     .collect();
                 Tensor::new(shape.to_vec(), data)

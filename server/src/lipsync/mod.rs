@@ -54,9 +54,7 @@ impl AudioFeed {
     /// Audio a frame waits for past its own time: MuseTalk's 120 ms window end, plus the rest
     /// of its hop (one whisper encode serves `hop_frames` frames).
     pub fn lookahead_ms(hop_frames: usize) -> f64 {
-        3.0 * FRAME_MS
-            + (hop_frames.clamp(1, lipstream_engines::audio::stream::MAX_HOP_FRAMES) - 1) as f64
-                * FRAME_MS
+        3.0 * FRAME_MS + (hop_frames.max(1) - 1) as f64 * FRAME_MS
     }
 
     pub fn push(&mut self, at_ms: f64, pcm: &[i16]) {

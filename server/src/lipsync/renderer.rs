@@ -239,7 +239,7 @@ fn whisper_cpu(graph: &Graph, mel: &Tensor, rows: Range<usize>) -> anyhow::Resul
 /// among the rows it returns. The first row moves back from the window's end so that all the
 /// returned rows are the window's.
 fn served_rows(rows: &Range<usize>) -> anyhow::Result<(usize, usize)> {
-    let total = whisper::MEL_FRAMES / 2;
+    let total = whisper::POSITIONS;
     if rows.len() > whisper::SERVED_ROWS || rows.end > total {
         bail!(
             "whisper rows {rows:?}: the served encoder returns {} consecutive rows of {total}",
@@ -608,10 +608,10 @@ fn whisper_batch(
         staging.extend(mel.data.iter().map(|&v| f16::from_f32(v)));
     }
     ex.write_input(rt, "input_features", staging)?;
-    let mut placed = Vec::with_capacity(jobs.len());
-    for (_, rows) in jobs {
-        placed.push(served_rows(rows)?);
-    }
+    let placed = jobs
+        .iter()
+        .map(|(_, rows)| served_rows(rows))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     // Whole numbers below 2048: exact in fp16.
     let first: Vec<f16> = placed
         .iter()
