@@ -50,7 +50,7 @@ bench=$!
 # Placement while the sessions run.
 sleep $(( ${DURATION:-20} / 2 + 3 ))
 metrics > "$out/metrics_two_gpus_mid.txt" 2>/dev/null
-grep -E "^lipstream_gpu_(sessions|busy_ratio|late_ratio)" "$out/metrics_two_gpus_mid.txt"
+grep -E "^lipstream_gpu_(sessions|load_ratio|busy_ratio|late_ratio)" "$out/metrics_two_gpus_mid.txt"
 wait $bench
 grep -v -e "^wrote" -e OpenH264 "$out/two_gpus.txt"
 metrics > "$out/metrics_two_gpus.txt" 2>/dev/null

@@ -36,7 +36,7 @@ for round in $(seq 1 "${ROUNDS:-1}"); do
       metrics > "$out/metrics_$tag.txt" 2>/dev/null
       echo "== $name (${v#*:}), $n sessions, round $round"
       grep -v -e "^wrote" -e OpenH264 "$out/$tag.txt"
-      grep -E "^lipstream_(whisper_(windows_(sum|count)|seconds_total)|batch_frames_(sum|count)|frames_late_total|frames_rendered_total|stage_seconds_sum\{stage=\"render_batch\")" \
+      grep -E "^lipstream_(gpu_load_ratio|whisper_(windows_(sum|count)|seconds_total)|batch_frames_(sum|count)|frames_late_total|frames_rendered_total|stage_seconds_sum\{stage=\"render_batch\")" \
         "$out/metrics_$tag.txt" | tr '\n' ' '; echo
     done
     stop

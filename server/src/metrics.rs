@@ -68,6 +68,7 @@ pub struct Metrics {
     /// Per renderer device, over its last second of batches: share of time spent on batches,
     /// share of frames given up, sessions placed on it, frames rendered.
     pub gpu_busy: Family<GpuLabel, Gauge<f64, AtomicU64>>,
+    pub gpu_load: Family<GpuLabel, Gauge<f64, AtomicU64>>,
     pub gpu_late: Family<GpuLabel, Gauge<f64, AtomicU64>>,
     pub gpu_sessions: Family<GpuLabel, Gauge>,
     pub gpu_frames_rendered: Family<GpuLabel, Counter>,
@@ -104,6 +105,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(50e-6, 2.0, 16))
             }),
             gpu_busy: Family::default(),
+            gpu_load: Family::default(),
             gpu_late: Family::default(),
             gpu_sessions: Family::default(),
             gpu_frames_rendered: Family::default(),
@@ -113,6 +115,12 @@ impl Metrics {
             "gpu_busy_ratio",
             "Share of the last second each renderer's device spent on frame batches",
             m.gpu_busy.clone(),
+        );
+        registry.register(
+            "gpu_load_ratio",
+            "Share of each renderer's device its last second of frames would take in its cheapest \
+             batches: the capacity the sessions use (above 1 it cannot keep up)",
+            m.gpu_load.clone(),
         );
         registry.register(
             "gpu_late_ratio",

@@ -15,8 +15,10 @@ const SAME_OCCUPANCY: f64 = 0.05;
 /// One GPU's load as its renderer measured it.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct GpuLoad {
-    /// Share of wall time the GPU spent on frame batches (0..=1).
-    pub busy: f64,
+    /// Share of the GPU its frames need in its cheapest batches (above 1: more than it has).
+    /// Not the share of time it is busy: below full load the renderer fills the GPU with small
+    /// batches.
+    pub load: f64,
     /// Share of frames given up or not back in time.
     pub late: f64,
     /// Sessions placed on it now.
@@ -31,9 +33,9 @@ impl GpuLoad {
     /// Occupancy once one more session of this GPU's average cost is added.
     fn projected(&self) -> f64 {
         if self.sessions == 0 {
-            self.busy
+            self.load
         } else {
-            self.busy * (self.sessions + 1) as f64 / self.sessions as f64
+            self.load * (self.sessions + 1) as f64 / self.sessions as f64
         }
     }
 
@@ -69,9 +71,9 @@ pub fn choose(loads: &[GpuLoad]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn load(busy: f64, late: f64, sessions: usize) -> GpuLoad {
+    fn load(load: f64, late: f64, sessions: usize) -> GpuLoad {
         GpuLoad {
-            busy,
+            load,
             late,
             sessions,
         }
@@ -88,11 +90,7 @@ mod tests {
                 .map(|(&s, &c)| {
                     let demand = s as f64 * c;
                     // Past full occupancy the GPU gives up what it cannot render.
-                    load(
-                        demand.min(1.0),
-                        ((demand - 1.0) / demand.max(1e-9)).max(0.0),
-                        s,
-                    )
+                    load(demand, ((demand - 1.0) / demand.max(1e-9)).max(0.0), s)
                 })
                 .collect();
             let g = choose(&loads).unwrap();

@@ -151,8 +151,9 @@ pub struct Renderer {
 /// How loaded a renderer's GPU is, published by its thread once per window of batches.
 struct Gauge {
     born: Instant,
-    /// f64 bits: share of the window spent on batches, share of frames given up.
-    busy: AtomicU64,
+    /// f64 bits: share of the GPU the window's frames need (`Publish::load`), share of frames
+    /// given up.
+    load: AtomicU64,
     late: AtomicU64,
     /// When the window was published (ns since `born`).
     published_ns: AtomicU64,
@@ -166,15 +167,15 @@ impl Gauge {
     fn new() -> Self {
         Gauge {
             born: Instant::now(),
-            busy: AtomicU64::new(0),
+            load: AtomicU64::new(0),
             late: AtomicU64::new(0),
             published_ns: AtomicU64::new(0),
             sessions: AtomicUsize::new(0),
         }
     }
 
-    fn publish(&self, busy: f64, late: f64) {
-        self.busy.store(busy.to_bits(), Ordering::Relaxed);
+    fn publish(&self, load: f64, late: f64) {
+        self.load.store(load.to_bits(), Ordering::Relaxed);
         self.late.store(late.to_bits(), Ordering::Relaxed);
         let ns = self.born.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
         self.published_ns.store(ns, Ordering::Relaxed);
@@ -928,8 +929,8 @@ impl Renderer {
         (placed, slots)
     }
 
-    /// This GPU's load for placement: occupancy and late frames over the last window of
-    /// batches (none for two windows: idle), and the sessions on it.
+    /// This GPU's load for placement: the share of it its frames need and late frames over the
+    /// last window of batches (none for two windows: idle), and the sessions on it.
     pub fn load(&self) -> crate::placement::GpuLoad {
         let g = &self.gauge;
         let published = Duration::from_nanos(g.published_ns.load(Ordering::Relaxed));
@@ -942,7 +943,7 @@ impl Renderer {
             }
         };
         crate::placement::GpuLoad {
-            busy: read(&g.busy),
+            load: read(&g.load),
             late: read(&g.late),
             sessions: g.sessions.load(Ordering::Relaxed),
         }
@@ -1127,6 +1128,12 @@ fn audio_dim(backend: &mut dyn Backend) -> anyhow::Result<usize> {
     Ok(states.shape[2])
 }
 
+/// `a - b` in milliseconds, negative when `a` is earlier.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    a.saturating_duration_since(b).as_secs_f64() * 1e3
+        - b.saturating_duration_since(a).as_secs_f64() * 1e3
+}
+
 /// A batch started on the backend and not finished yet.
 struct Flight {
     replies: Vec<Reply>,
@@ -1174,10 +1181,22 @@ impl Loop {
         if self.batcher.is_empty() {
             return None;
         }
+        let (waiting, earliest) = (self.batcher.len(), self.batcher.earliest());
         let tick = {
             let took = &self.took;
             self.batcher.tick(begins, |b| took.safe(b))
         };
+        // One line per decision, for reading the policy's choices under real load.
+        let now = Instant::now();
+        tracing::trace!(
+            waiting,
+            slack_ms = earliest.map_or(f64::NAN, |e| signed_ms(e, begins)),
+            begins_ms = signed_ms(begins, now),
+            profile = tick.profile,
+            late = tick.late.len(),
+            left = self.batcher.len(),
+            "batch decided"
+        );
         if !tick.late.is_empty() {
             tracing::debug!(
                 frames = tick.late.len(),
@@ -1240,6 +1259,12 @@ impl Loop {
             _ => seen,
         };
         self.last_done = done;
+        tracing::trace!(
+            profile = f.profile,
+            ms = elapsed.as_secs_f64() * 1e3,
+            off_ms = signed_ms(ended, f.ends),
+            "batch done"
+        );
         self.took.observe(f.profile, elapsed);
         self.metrics.observe_stage("render_batch", elapsed);
         self.metrics.batch_frames.observe(f.profile as f64);
@@ -1253,9 +1278,17 @@ impl Loop {
                 (w.busy.as_secs_f64() / wall.as_secs_f64()).min(1.0),
                 w.late as f64 / frames,
             );
-            self.gauge.publish(busy, late);
+            // Busy time is no measure of what is left: below full load the renderer keeps the
+            // GPU busy with small batches (16 avatar sessions on an H100: 98 % busy in batches
+            // of 2.5 frames, where 24 fit in batches of 24). What the window's frames, given up
+            // ones included, would take in the cheapest batches is.
+            let load = self.took.frame_cost().map_or(busy, |c| {
+                (w.rendered + w.late) as f64 * c.as_secs_f64() / wall.as_secs_f64()
+            });
+            self.gauge.publish(load, late);
             let m = &self.metrics;
             m.gpu_busy.get_or_create(&self.device).set(busy);
+            m.gpu_load.get_or_create(&self.device).set(load);
             m.gpu_late.get_or_create(&self.device).set(late);
             let sessions = self.gauge.sessions.load(Ordering::Relaxed);
             m.gpu_sessions
