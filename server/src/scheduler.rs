@@ -147,6 +147,8 @@ pub const DELIVERY: Duration = Duration::from_millis(1);
 pub struct BatchTimes {
     /// (expected, mean absolute deviation) per profile.
     times: std::collections::BTreeMap<usize, (Duration, Duration)>,
+    /// Each profile's first measured time.
+    first: std::collections::BTreeMap<usize, Duration>,
 }
 
 impl BatchTimes {
@@ -157,6 +159,7 @@ impl BatchTimes {
                 .iter()
                 .map(|(&b, &t)| (b, (t, Duration::ZERO)))
                 .collect(),
+            first: first.clone(),
         }
     }
 
@@ -176,13 +179,22 @@ impl BatchTimes {
             .map_or(Duration::from_millis(40), |t| t.0)
     }
 
-    /// GPU time a frame takes in the batches that render frames cheapest (each profile's
-    /// expected time over its frames, the least of them): what a frame costs once the load is
-    /// high enough to fill those batches. None before any profile was timed.
+    /// The time profile `b` took when first measured (the renderer's warm-up, on an idle GPU),
+    /// else its expected time.
+    pub fn first(&self, b: usize) -> Duration {
+        self.first
+            .get(&b)
+            .copied()
+            .unwrap_or_else(|| self.expected(b))
+    }
+
+    /// GPU time a frame took, when first measured, in the batches that render frames cheapest
+    /// (each profile's time over its frames, the least of them): what a frame costs once the
+    /// load is high enough to fill those batches. None before any profile was timed.
     pub fn frame_cost(&self) -> Option<Duration> {
-        self.times
+        self.first
             .iter()
-            .map(|(&b, t)| t.0 / u32::try_from(b.max(1)).unwrap_or(u32::MAX))
+            .map(|(&b, &t)| t / u32::try_from(b.max(1)).unwrap_or(u32::MAX))
             .min()
     }
 
@@ -213,6 +225,29 @@ pub fn batch_end(expected: Instant, asked: Instant, seen: Instant, done_before: 
 /// end after their deadline.
 pub fn queued_end(ended: Instant, launched: Instant, expected: Duration) -> Instant {
     ended.max(launched) + expected
+}
+
+/// The share of the GPU a window of batches needed, had its frames run in the cheapest batches:
+/// `frames` (rendered and given up) at `cost` each (`BatchTimes::frame_cost`), over the window's
+/// `wall` time, scaled by how much longer its batches ran (`busy`) than they took when first
+/// measured (`planned`, the sum of `BatchTimes::first` over them): a GPU slowed by its power
+/// limit or by whisper beside the frames has less to give. Above 1 the GPU cannot keep up.
+///
+/// Busy time alone measures no such thing: below full load the renderer keeps the GPU busy with
+/// small batches, whose frames cost up to 2.5 times as much (16 avatar sessions on an H100:
+/// 97 % busy in batches of 2.5 frames, where 24 sessions fit in batches of 24).
+pub fn gpu_load(
+    frames: u64,
+    cost: Duration,
+    busy: Duration,
+    planned: Duration,
+    wall: Duration,
+) -> f64 {
+    if wall.is_zero() || planned.is_zero() {
+        return 0.0;
+    }
+    let slowdown = busy.as_secs_f64() / planned.as_secs_f64();
+    frames as f64 * cost.as_secs_f64() * slowdown / wall.as_secs_f64()
 }
 
 #[cfg(test)]
@@ -489,7 +524,7 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_costs_what_the_cheapest_batches_take_a_frame() {
+    fn a_frame_costs_what_the_cheapest_batches_took_a_frame_when_first_measured() {
         assert_eq!(BatchTimes::default().frame_cost(), None);
         // 5 ms alone, 20 ms for 8, 40 ms for 16: 2.5 ms a frame at 8.
         let first = [(1usize, ms(5)), (8, ms(20)), (16, ms(40))]
@@ -497,12 +532,31 @@ mod tests {
             .collect();
         let mut t = BatchTimes::new(&first);
         assert_eq!(t.frame_cost(), Some(Duration::from_micros(2500)));
-        // Batches of 16 turn out faster than first measured: they become the cheapest.
+        // Later runs move the expectations, not the first measurements.
         for _ in 0..100 {
             t.observe(16, ms(32));
         }
-        let cost = t.frame_cost().unwrap().as_secs_f64() * 1e3;
-        assert!((cost - 2.0).abs() < 0.01, "{cost}");
+        assert_eq!(t.frame_cost(), Some(Duration::from_micros(2500)));
+        assert_eq!((t.first(16), t.first(4)), (ms(40), ms(40)));
+    }
+
+    #[test]
+    fn the_gpu_load_counts_frames_at_the_cheapest_batches_cost_on_the_gpu_as_it_runs_now() {
+        // An H100's first measurements: 4.1 ms alone, 5.5 for 2, 39.6 for 24 (1.65 ms a frame).
+        let cost = Duration::from_secs_f64(39.6e-3 / 24.0);
+        let wall = ms(1000);
+        // 16 sessions' 400 frames in 176 batches of 1 to 4 (5.5 ms on average), as fast as
+        // first measured: 97 % busy, two thirds loaded.
+        let busy = Duration::from_micros(5500) * 176;
+        let load = gpu_load(400, cost, busy, busy, wall);
+        assert!((load - 0.66).abs() < 0.005, "{load}");
+        // 24 sessions in batches of 24 that run 3.5 % slower than first measured (the power
+        // limit, whisper beside them), 14 frames a second given up: past full.
+        let (batches, planned) = (24u32, Duration::from_secs_f64(39.6e-3));
+        let busy = Duration::from_secs_f64(41.0e-3) * batches;
+        let load = gpu_load(24 * 24 + 14, cost, busy, planned * batches, wall);
+        assert!((1.0..1.02).contains(&load), "{load}");
+        assert_eq!(gpu_load(10, cost, ms(0), ms(0), wall), 0.0);
     }
 
     #[test]

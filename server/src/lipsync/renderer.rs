@@ -27,7 +27,7 @@ use lipstream_engines::{cpu, Graph, Tensor};
 use crate::engine::{Executors, Sources, Stage};
 use crate::lipsync::slots::{self, Layout, Returns, SessionSlots, Slot};
 use crate::metrics::Metrics;
-use crate::scheduler::{batch_end, queued_end, BatchTimes, Batcher};
+use crate::scheduler::{batch_end, gpu_load, queued_end, BatchTimes, Batcher};
 use lipstream_engines::image::{FaceBox, LowerFace, Planes, Region};
 use lipstream_gpu::device::StreamTimer;
 use lipstream_gpu::kernels::image::{FaceFrame, Faces, Image};
@@ -1269,6 +1269,7 @@ impl Loop {
         self.metrics.observe_stage("render_batch", elapsed);
         self.metrics.batch_frames.observe(f.profile as f64);
         self.window.busy += elapsed;
+        self.window.planned += self.took.first(f.profile);
         self.window.rendered += f.profile as u64;
         let wall = done.saturating_duration_since(self.window.from);
         if wall >= GAUGE_WINDOW {
@@ -1278,12 +1279,8 @@ impl Loop {
                 (w.busy.as_secs_f64() / wall.as_secs_f64()).min(1.0),
                 w.late as f64 / frames,
             );
-            // Busy time is no measure of what is left: below full load the renderer keeps the
-            // GPU busy with small batches (16 avatar sessions on an H100: 98 % busy in batches
-            // of 2.5 frames, where 24 fit in batches of 24). What the window's frames, given up
-            // ones included, would take in the cheapest batches is.
             let load = self.took.frame_cost().map_or(busy, |c| {
-                (w.rendered + w.late) as f64 * c.as_secs_f64() / wall.as_secs_f64()
+                gpu_load(w.rendered + w.late, c, w.busy, w.planned, wall)
             });
             self.gauge.publish(load, late);
             let m = &self.metrics;
@@ -1416,6 +1413,8 @@ fn render_loop(
 struct Window {
     from: Instant,
     busy: Duration,
+    /// What its batches took when first measured (`BatchTimes::first`).
+    planned: Duration,
     rendered: u64,
     late: u64,
 }
@@ -1425,6 +1424,7 @@ impl Window {
         Window {
             from,
             busy: Duration::ZERO,
+            planned: Duration::ZERO,
             rendered: 0,
             late: 0,
         }
