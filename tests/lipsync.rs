@@ -65,8 +65,18 @@ fn astronaut_frame() -> VideoFrame {
 /// (on two cores a 30 s window takes ~0.2 s), the given batch sizes and frame budget; `mode`
 /// is `--mtcnn DIR` (camera) or `--avatar FILE`.
 fn cpu_server(mode: [&str; 2], batches: &str, budget_ms: &str) -> common::Server {
+    cpu_server_with(mode, batches, budget_ms, &[])
+}
+
+/// `cpu_server` with more flags.
+fn cpu_server_with(
+    mode: [&str; 2],
+    batches: &str,
+    budget_ms: &str,
+    extra: &[&str],
+) -> common::Server {
     let models = fixtures().join("tiny");
-    common::Server::start(&[
+    let mut args = vec![
         "--models",
         models.to_str().unwrap(),
         mode[0],
@@ -79,7 +89,9 @@ fn cpu_server(mode: [&str; 2], batches: &str, budget_ms: &str) -> common::Server
         "25",
         "--frame-budget-ms",
         budget_ms,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    common::Server::start(&args)
 }
 
 /// `lipstream avatar prepare` on the CPU with the tiny model and the real MTCNN; `input` is
@@ -112,12 +124,17 @@ fn scratch_dir(tag: &str) -> PathBuf {
 /// An avatar bundle of the astronaut photo in a fresh folder (named after `tag`), served on the
 /// CPU with a 3 s frame budget: the folder and the server.
 fn astronaut_avatar_server(tag: &str) -> (PathBuf, common::Server) {
+    astronaut_avatar_server_with(tag, &[])
+}
+
+/// `astronaut_avatar_server` with more flags.
+fn astronaut_avatar_server_with(tag: &str, extra: &[&str]) -> (PathBuf, common::Server) {
     let dir = scratch_dir(&format!("avatar-{tag}"));
     let bundle = dir.join("astronaut.safetensors");
     let photo = fixtures().join("mtcnn/astronaut.png");
     let prepared = prepare(&["--image", photo.to_str().unwrap()], &bundle);
     assert!(prepared.status.success(), "{prepared:?}");
-    let server = cpu_server(["--avatar", bundle.to_str().unwrap()], "1", "3000");
+    let server = cpu_server_with(["--avatar", bundle.to_str().unwrap()], "1", "3000", extra);
     (dir, server)
 }
 
@@ -354,6 +371,105 @@ fn avatar_mode_makes_the_prepared_face_speak_the_published_audio() {
     }
     eprintln!("{changed} avatar frames with the mouth re-rendered");
     assert!(changed >= 1, "rendered mouths reach the viewer");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With `--max-gpu-load`, a publisher is refused (503, Retry-After, the reason) while the
+/// renderer is past its capacity — the CPU executor always is, far from 25 fps — and the
+/// session it already serves keeps being served; once that one is gone, publishers are taken
+/// again.
+#[test]
+fn a_new_publisher_waits_while_the_renderer_is_past_its_load_limit() {
+    let _turn = one_at_a_time();
+    let (dir, server) = astronaut_avatar_server_with("limit", &["--max-gpu-load", "0.95"]);
+    let options = PublishOptions {
+        base_url: server.base_url.clone(),
+        width: 64,
+        height: 48,
+        fps: 5,
+        duration: Duration::from_secs(6),
+        linger: Duration::from_millis(3500),
+        audio: AudioSignal::Speech {
+            pcm: Arc::new(tone_pcm(220.0, AUDIO_RATE)),
+            click_period_ms: None,
+        },
+        ..Default::default()
+    };
+    let first = std::thread::spawn(move || publish(&options));
+    // The renderer's load, once a second of its batches has been measured.
+    let load = |s: &common::Server| {
+        let (_, text) = s.get("/metrics");
+        text.lines()
+            .filter(|l| l.starts_with("lipstream_gpu_load_ratio{"))
+            .find_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        server.wait_until(Duration::from_secs(30), |s| load(s) > 0.95),
+        "the CPU renderer's load passes 0.95 (it reads {})",
+        load(&server)
+    );
+    let offer = |s: &common::Server| {
+        let mut rtc = str0m::RtcConfig::new().build(std::time::Instant::now());
+        let mut change = rtc.sdp_api();
+        change.add_media(
+            str0m::media::MediaKind::Audio,
+            str0m::media::Direction::SendRecv,
+            None,
+            None,
+            None,
+        );
+        let (offer, _) = change.apply().expect("an offer");
+        let mut resp = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent()
+            .post(format!("{}/whip", s.base_url))
+            .header("Content-Type", "application/sdp")
+            .send(offer.to_sdp_string())
+            .expect("POST /whip");
+        let retry = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp.body_mut().read_to_string().unwrap_or_default();
+        (resp.status().as_u16(), retry, location, body)
+    };
+    let (status, retry, _, body) = offer(&server);
+    assert_eq!(status, 503, "{body}");
+    assert!(retry.is_some(), "a refusal for load says when to retry");
+    assert!(
+        body.contains("no GPU has room for another lip-sync session (the CPU executor "),
+        "{body}"
+    );
+    assert_eq!(server.metric("lipstream_sessions_rejected_total"), 1.0);
+    let report = first.join().expect("publisher thread").expect("publish");
+    let received = &report.received;
+    assert!(
+        received.audio_packets > 100 && received.frames_unstamped > 25,
+        "the session already there was served throughout: {} audio packets, {} frames",
+        received.audio_packets,
+        received.frames_unstamped
+    );
+    // Its frames done, the renderer idles and its load reads nothing: a publisher is taken.
+    let mut taken = None;
+    server.wait_until(Duration::from_secs(40), |s| {
+        let (status, _, location, _) = offer(s);
+        if status == 201 {
+            taken = location;
+        }
+        status == 201
+    });
+    let location = taken.expect("a publisher is taken once the renderer has room");
+    let url = format!("{}{location}", server.base_url);
+    let deleted = ureq::delete(&url).call().map(|r| r.status().as_u16());
+    assert_eq!(deleted.ok(), Some(200));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

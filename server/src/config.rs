@@ -87,6 +87,13 @@ pub struct ServeArgs {
     /// 0.20); the wait comes out of the frame budget. 0 runs each window as it comes.
     #[arg(long, env = "LIPSTREAM_WHISPER_WAIT_MS", default_value_t = 6)]
     pub whisper_wait_ms: u64,
+    /// Refuse a new publisher (503 with Retry-After) unless some GPU is giving up no frames
+    /// and would stay within this share of its capacity with one more session
+    /// (`lipstream_gpu_load_ratio`: its frames' GPU time in its cheapest batches, over the last
+    /// second). E.g. 0.95. Unset: every publisher is taken (up to --max-sessions), and a GPU past
+    /// its capacity gives up frames of all its sessions.
+    #[arg(long, env = "LIPSTREAM_MAX_GPU_LOAD")]
+    pub max_gpu_load: Option<f64>,
     /// Smallest face (pixels) the camera mode looks for; smaller is slower to detect.
     #[arg(long, env = "LIPSTREAM_MIN_FACE_PX", default_value_t = 64.0)]
     pub min_face_px: f64,
@@ -134,6 +141,8 @@ pub struct LipsyncConfig {
     pub audio_hop_frames: usize,
     /// How long a whisper window may wait to be batched with others (CUDA).
     pub whisper_wait: Duration,
+    /// The load past which no GPU takes a new session (none: no such limit).
+    pub max_gpu_load: Option<f64>,
     pub min_face_px: f64,
     /// Avatar mode's prepared avatar (else camera mode).
     pub avatar: Option<PathBuf>,
@@ -179,6 +188,7 @@ struct FileConfig {
     gpus: Option<Vec<usize>>,
     audio_hop_frames: Option<usize>,
     whisper_wait_ms: Option<u64>,
+    max_gpu_load: Option<f64>,
     min_face_px: Option<f64>,
 }
 
@@ -235,6 +245,7 @@ impl ServeArgs {
                 gpus,
                 audio_hop_frames,
                 whisper_wait_ms,
+                max_gpu_load,
                 min_face_px,
                 engine
             );
@@ -258,6 +269,15 @@ impl ServeArgs {
                 self.audio_hop_frames
             );
         }
+        if let Some(max) = self.max_gpu_load {
+            // Also false for NaN.
+            if !(max > 0.0 && max <= 4.0) {
+                anyhow::bail!(
+                    "max_gpu_load is {max}: it must be above 0 and at most 4 (a share of a GPU's \
+                     capacity, e.g. 0.95)"
+                );
+            }
+        }
         let source = match (&self.models, self.engine.is_empty()) {
             (Some(dir), _) => Some(crate::lipsync::ModelSource::Models(dir.clone())),
             (None, false) => Some(crate::lipsync::ModelSource::Engine(self.engine.clone())),
@@ -266,6 +286,9 @@ impl ServeArgs {
         let lipsync = match source {
             None if self.avatar.is_some() => anyhow::bail!(
                 "--avatar needs the model: give --models DIR or an avatar --engine FILE"
+            ),
+            None if self.max_gpu_load.is_some() => anyhow::bail!(
+                "--max-gpu-load limits lip-sync sessions: give --models DIR or --engine FILE"
             ),
             None => None,
             Some(source) => {
@@ -294,6 +317,7 @@ impl ServeArgs {
                     },
                     audio_hop_frames: self.audio_hop_frames,
                     whisper_wait: Duration::from_millis(self.whisper_wait_ms),
+                    max_gpu_load: self.max_gpu_load,
                     min_face_px: self.min_face_px,
                     avatar: self.avatar.clone(),
                 })
@@ -415,6 +439,32 @@ mod tests {
         let flag = [&models[..], &["--whisper-wait-ms", "2"]].concat();
         assert_eq!(wait(&flag), Duration::from_millis(2));
         assert_eq!(wait(&["x", "--models", "/m"]), Duration::from_millis(6));
+    }
+
+    #[test]
+    fn a_gpu_load_limit_comes_from_the_flag_or_the_file_and_must_make_sense() {
+        let dir = std::env::temp_dir().join(format!("lipstream-cfg-l-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serve.toml");
+        std::fs::write(&path, "max_gpu_load = 0.9\n").unwrap();
+        let p = path.to_str().unwrap();
+        let limit = |args: &[&str]| resolve(args).unwrap().lipsync.unwrap().max_gpu_load;
+        assert_eq!(limit(&["x", "--models", "/m"]), None);
+        let file = ["x", "--models", "/m", "--config", p];
+        assert_eq!(limit(&file), Some(0.9));
+        let flag = [&file[..], &["--max-gpu-load", "0.95"]].concat();
+        assert_eq!(limit(&flag), Some(0.95));
+        for bad in ["0", "-1", "5", "NaN"] {
+            let flag = format!("--max-gpu-load={bad}");
+            let err = resolve(&["x", "--models", "/m", &flag])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("max_gpu_load is"), "{bad}: {err}");
+        }
+        let err = resolve(&["x", "--max-gpu-load", "0.9"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--models DIR or --engine FILE"), "{err}");
     }
 
     #[test]

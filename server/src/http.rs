@@ -40,7 +40,12 @@ pub struct AppState {
     pub config: Arc<ServeConfig>,
     /// The UDP sockets' addresses: the host candidates of every answer.
     pub local_addrs: Arc<Vec<SocketAddr>>,
+    /// The check a new publisher must pass (`--max-gpu-load`); none: no such check.
+    pub admission: Option<Admission>,
 }
+
+/// Whether the GPUs have room for one more session; else why not, for the refusal.
+pub type Admission = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// The routes.
 pub fn router(state: AppState) -> Router {
@@ -222,16 +227,20 @@ impl AppState {
                 } else {
                     "viewers of this session"
                 };
-                let mut r = self.refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("the server is at its limit of {max} {what}; retry later"),
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
-                r
+                self.unavailable(format!(
+                    "the server is at its limit of {max} {what}; retry later"
+                ))
             }
             Refusal::NoSuchSession => self.refuse(StatusCode::NOT_FOUND, "no such session"),
         }
+    }
+
+    /// 503 with Retry-After: a limit, not a fault; the same request may pass later.
+    fn unavailable(&self, reason: String) -> Response {
+        let mut r = self.refuse(StatusCode::SERVICE_UNAVAILABLE, reason);
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+        r
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -284,6 +293,12 @@ async fn whip_post(State(st): State<AppState>, headers: HeaderMap, body: Bytes) 
     };
     if let Err(p) = OfferSummary::parse(&sdp).check_publish() {
         return st.offer_problem(p);
+    }
+    // Every session on a GPU past its capacity would lose frames: the new one waits instead.
+    if let Some(Err(why)) = st.admission.as_ref().map(|admit| admit()) {
+        return st.unavailable(format!(
+            "no GPU has room for another lip-sync session ({why}); retry later"
+        ));
     }
     let session = match st.registry().open_session() {
         Ok(id) => id,

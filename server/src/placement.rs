@@ -39,6 +39,31 @@ impl GpuLoad {
         }
     }
 
+    /// Whether this GPU has room for one more session within `max` of its capacity: it gives
+    /// up no frames (beyond `FULL_LATE`) and its load with one more session stays within
+    /// `max`. Else why not, in words.
+    ///
+    /// Sessions placed since the last window was measured count at the average cost of the
+    /// measured ones, and before any window all count as free: a burst of joins into an idle
+    /// server is only judged once its frames have run for a second.
+    pub fn room(&self, max: f64) -> Result<(), String> {
+        if self.full() {
+            return Err(format!(
+                "gives up {:.1} % of its frames with {} sessions",
+                self.late * 100.0,
+                self.sessions
+            ));
+        }
+        let next = self.projected();
+        if next > max {
+            return Err(format!(
+                "at {:.2} of its capacity with {} sessions, {next:.2} with one more (limit {max:.2})",
+                self.load, self.sessions
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether a new session is better placed here than on `other`.
     fn better_than(&self, other: &GpuLoad) -> bool {
         if self.full() != other.full() {
@@ -97,6 +122,22 @@ mod tests {
             sessions[g] += 1;
         }
         sessions
+    }
+
+    #[test]
+    fn room_for_a_session_means_within_the_limit_with_it_and_no_frames_given_up() {
+        // 23 sessions at 0.90: 0.94 with one more.
+        assert_eq!(load(0.90, 0.0, 23).room(0.95), Ok(()));
+        let why = load(0.90, 0.0, 23).room(0.92).unwrap_err();
+        assert_eq!(
+            why,
+            "at 0.90 of its capacity with 23 sessions, 0.94 with one more (limit 0.92)"
+        );
+        // Giving up frames: full, whatever its load reads.
+        let why = load(0.5, 0.02, 10).room(0.95).unwrap_err();
+        assert_eq!(why, "gives up 2.0 % of its frames with 10 sessions");
+        // An idle GPU has room.
+        assert_eq!(load(0.0, 0.0, 0).room(0.5), Ok(()));
     }
 
     #[test]

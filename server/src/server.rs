@@ -7,7 +7,7 @@ use anyhow::Context;
 use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::{LipsyncConfig, ServeConfig};
-use crate::http::{router, AppState};
+use crate::http::{router, Admission, AppState};
 use crate::lipsync::{
     AvatarAssets, AvatarStage, CameraStage, CameraStageConfig, ModelSource, Renderer,
     RendererConfig,
@@ -42,13 +42,17 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         config.max_sessions,
         config.max_viewers,
     )));
+    let mut admission: Option<Admission> = None;
     let stage: StageFactory = match (
         config.debug_stage_delay_ms,
         config.debug_stage_lookahead_ms,
         &config.lipsync,
     ) {
         (None, None, Some(lipsync)) => {
-            lipsync_stage(lipsync.clone(), config.frame_budget, metrics.clone()).await?
+            let (stage, admit) =
+                lipsync_stage(lipsync.clone(), config.frame_budget, metrics.clone()).await?;
+            admission = admit;
+            stage
         }
         (Some(ms), _, _) => {
             tracing::warn!(ms, "testing: every frame is held by a delay stage");
@@ -92,6 +96,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         metrics,
         config: Arc::new(config),
         local_addrs: Arc::new(local_addrs),
+        admission,
     };
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown_signal())
@@ -104,12 +109,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 }
 
 /// Starts the renderer (loading, maybe building, the model) and makes the sessions' camera or
-/// avatar stages for it.
+/// avatar stages for it, and, with a load limit, the check a new publisher must pass.
 async fn lipsync_stage(
     config: LipsyncConfig,
     frame_budget: std::time::Duration,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<StageFactory> {
+) -> anyhow::Result<(StageFactory, Option<Admission>)> {
     let compile = matches!(config.source, ModelSource::Models(_));
     let cuda = config.executor.cuda(compile)?;
     let mode = if config.avatar.is_some() {
@@ -151,6 +156,17 @@ async fn lipsync_stage(
     } else {
         vec![0]
     };
+    // How refusals name each renderer.
+    let names: Vec<String> = gpus
+        .iter()
+        .map(|g| {
+            if cuda || matches!(config.source, ModelSource::Engine(_)) {
+                format!("GPU {g}")
+            } else {
+                "the CPU executor".into()
+            }
+        })
+        .collect();
     let mut renderers = Vec::with_capacity(gpus.len());
     for gpu in gpus {
         let renderer_config = RendererConfig {
@@ -188,8 +204,21 @@ async fn lipsync_stage(
         crate::lipsync::AudioFeed::lookahead_ms(config.audio_hop_frames),
         frame_budget.as_millis()
     );
+    let admission = config.max_gpu_load.map(|max| -> Admission {
+        let renderers = renderers.clone();
+        Arc::new(move || {
+            let mut why = Vec::with_capacity(renderers.len());
+            for (r, name) in renderers.iter().zip(&names) {
+                match r.load().room(max) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => why.push(format!("{name} {e}")),
+                }
+            }
+            Err(why.join("; "))
+        })
+    });
     let hop = config.audio_hop_frames;
-    Ok(Arc::new(move || -> Box<dyn crate::media::stage::Stage> {
+    let stage: StageFactory = Arc::new(move || -> Box<dyn crate::media::stage::Stage> {
         // The GPU with the most headroom takes the new session.
         let loads: Vec<_> = renderers.iter().map(|r| r.load()).collect();
         let pick = crate::placement::choose(&loads).unwrap_or(0);
@@ -216,7 +245,8 @@ async fn lipsync_stage(
                 Box::new(Identity)
             }
         }
-    }))
+    });
+    Ok((stage, admission))
 }
 
 /// One UDP socket per host address, all on one port where possible.
