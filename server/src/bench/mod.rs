@@ -105,6 +105,27 @@ pub struct ServerFigures {
     pub stage_ms: BTreeMap<String, f64>,
     /// (seconds since start, frames out per second, late frames per second).
     pub timeline: Vec<(f64, f64, f64)>,
+    /// (seconds since start, the highest renderer load, `lipstream_gpu_load_ratio`): the share
+    /// of its GPU the sessions' frames take in its cheapest batches (above 1: more than it has).
+    #[serde(default)]
+    pub gpu_load: Vec<(f64, f64)>,
+}
+
+impl ServerFigures {
+    /// The median and highest of the run's GPU load samples (idle seconds left out).
+    pub fn load_median_max(&self) -> Option<(f64, f64)> {
+        let mut v: Vec<f64> = self
+            .gpu_load
+            .iter()
+            .map(|&(_, l)| l)
+            .filter(|l| *l > 0.0)
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some((v[v.len() / 2], v[v.len() - 1]))
+    }
 }
 
 /// One run's results: what `--out` writes as JSON and `--compare` reads back.
@@ -135,6 +156,8 @@ struct Counters {
     batch_count: f64,
     stage_sum: [f64; 4],
     stage_count: [f64; 4],
+    /// The highest of the renderers' load gauges.
+    gpu_load: Option<f64>,
 }
 
 const STAGES: [&str; 4] = ["decode", "process", "encode", "render_batch"];
@@ -166,6 +189,9 @@ fn scrape(url: &str) -> Option<Counters> {
             "lipstream_frames_no_face_total" => c.frames_no_face = v,
             "lipstream_batch_frames_sum" => c.batch_sum = v,
             "lipstream_batch_frames_count" => c.batch_count = v,
+            _ if name.starts_with("lipstream_gpu_load_ratio{") => {
+                c.gpu_load = Some(c.gpu_load.map_or(v, |l| l.max(v)));
+            }
             _ => {
                 for (i, s) in STAGES.iter().enumerate() {
                     if name == format!("lipstream_stage_seconds_sum{{stage=\"{s}\"}}") {
@@ -189,7 +215,7 @@ fn run_step(
     let before = scrape(&o.url).unwrap_or_default();
     let start = Instant::now();
     let done = Arc::new(AtomicBool::new(false));
-    let timeline = Arc::new(Mutex::new(Vec::new()));
+    let timeline = Arc::new(Mutex::new((Vec::new(), Vec::new())));
     let sampler = {
         let (done, timeline, url) = (done.clone(), timeline.clone(), o.url.clone());
         std::thread::spawn(move || {
@@ -199,11 +225,14 @@ fn run_step(
                 if let Some(c) = scrape(&url) {
                     let t = start.elapsed().as_secs_f64();
                     if let Ok(mut tl) = timeline.lock() {
-                        tl.push((
+                        tl.0.push((
                             t,
                             c.frames_out - last.frames_out,
                             c.frames_late - last.frames_late,
                         ));
+                        if let Some(load) = c.gpu_load {
+                            tl.1.push((t, load));
+                        }
                     }
                     last = c;
                 }
@@ -308,8 +337,16 @@ fn run_step(
         batch_count: after.batch_count - before.batch_count,
         ..Counters::default()
     };
-    let timeline = timeline.lock().map(|t| t.clone()).unwrap_or_default();
-    (results, ServerFigures { stage_ms, timeline }, delta)
+    let (timeline, gpu_load) = timeline.lock().map(|t| t.clone()).unwrap_or_default();
+    (
+        results,
+        ServerFigures {
+            stage_ms,
+            timeline,
+            gpu_load,
+        },
+        delta,
+    )
 }
 
 fn overall(
@@ -633,6 +670,11 @@ pub fn summary(r: &BenchReport) -> String {
                 .get("render_batch")
                 .map_or("-".into(), |v| format!("{v:.1}")),
         ));
+        if let Some((median, max)) = r.server.load_median_max() {
+            s.push_str(&format!(
+                "; GPU load {median:.2} (median second; highest {max:.2})"
+            ));
+        }
     }
     if o.failed_sessions > 0 {
         s.push_str(&format!(
@@ -706,6 +748,20 @@ mod tests {
         assert!(!latency_within(Mode::Camera, None, 200.0));
         assert!(!latency_within(Mode::Avatar, Some(250.0), 200.0));
         assert!(latency_within(Mode::Camera, Some(150.0), 200.0));
+    }
+
+    #[test]
+    fn the_gpu_load_summary_leaves_idle_seconds_out() {
+        let mut f = ServerFigures::default();
+        assert_eq!(f.load_median_max(), None);
+        f.gpu_load = vec![
+            (1.0, 0.0),
+            (2.0, 0.98),
+            (3.0, 1.04),
+            (4.0, 1.01),
+            (5.0, 0.0),
+        ];
+        assert_eq!(f.load_median_max(), Some((1.01, 1.04)));
     }
 
     #[test]
