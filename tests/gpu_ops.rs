@@ -1148,11 +1148,20 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
             )
         })
         .count();
-    let per_image_bias = p
+    // Convolutions whose bias took a time embedding in, and those of them with one bias per
+    // image: none, the embedding being every image's.
+    let folded: Vec<usize> = p
         .steps
         .iter()
-        .filter(|s| matches!(s, Step::Conv { bias: Some((_, st)), .. } if *st > 0))
-        .count();
+        .filter_map(|s| match s {
+            Step::Conv {
+                bias: Some((plan::Loc::Weight(w, _), stride)),
+                ..
+            } if p.weights[*w].key.contains(":folded-bias:") => Some(*stride),
+            _ => None,
+        })
+        .collect();
+    let per_image_bias = folded.iter().filter(|&&st| st > 0).count();
     let residual_linears = p
         .steps
         .iter()
@@ -1187,14 +1196,17 @@ fn lowering_fuses_epilogues_and_packs_the_arena() {
         .filter(|n| n.name.ends_with("attn1.attention"))
         .count();
     println!(
-        "tiny unet: {} steps, {convs} convs ({residual_convs} with residual, {per_image_bias} with the time embedding), {residual_linears} linears with residual, {adds} adds, {permutes} permutes",
-        p.steps.len()
+        "tiny unet: {} steps, {convs} convs ({residual_convs} with residual, {} with the time embedding, {per_image_bias} of them one per image), {residual_linears} linears with residual, {adds} adds, {permutes} permutes",
+        p.steps.len(),
+        folded.len()
     );
     assert!(resnets > 0 && transformers > 0);
     assert_eq!(
-        per_image_bias, resnets,
+        folded.len(),
+        resnets,
         "every time-embedding add folds into conv1's bias"
     );
+    assert_eq!(per_image_bias, 0, "one bias serves every image");
     // Each resnet's residual rides on its conv2's epilogue (a 1x1 shortcut runs first, so its
     // output is there for it), each transformer's four residuals (attn1, attn2, feed-forward,
     // proj_out) on cuBLASLt.

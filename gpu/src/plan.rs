@@ -8,7 +8,8 @@
 //!
 //! Fusions: a convolution's bias, and a residual add whose other operand is ready before the
 //! convolution, run in its epilogue; the UNet's constant time-embedding add folds into the
-//! convolution's bias (one per image); a linear layer's bias and residual run inside cuBLASLt.
+//! convolution's bias (one per image only where the images' differ); a linear layer's bias and
+//! residual run inside cuBLASLt.
 //!
 //! Memory: every activation is a buffer whose lifetime is the span of steps that touch it;
 //! `arena::place` packs them into one allocation.
@@ -946,7 +947,10 @@ impl<'g> Lower<'g> {
         if pv.shape != out_shape {
             return Ok(false);
         }
-        // The UNet's time embedding: a constant [N|1, O, 1, 1] folded into a conv's bias.
+        // The UNet's time embedding: a constant [N|1, O, 1, 1] folded into a conv's bias, one
+        // per image only when the images' embeddings differ: a bias shared by all images is
+        // what cuDNN's fused call, its graph engines and the GEMM epilogue take (at timestep
+        // 0 every image's is the same).
         if let (Some(t), Step::Conv { bias, shape, .. }) =
             (self.const_tensor(other).cloned(), self.steps[s].clone())
         {
@@ -964,24 +968,25 @@ impl<'g> Lower<'g> {
                     None => vec![0.0; o],
                     _ => return Ok(false),
                 };
-                let mut data = Vec::with_capacity(n * o);
-                for img in 0..n {
-                    let row = if t.shape[0] == 1 { 0 } else { img };
-                    data.extend((0..o).map(|c| base[c] + t.data[row * o + c]));
+                let images = if t.shape[0] == 1 { 1 } else { n };
+                let mut data = Vec::with_capacity(images * o);
+                for img in 0..images {
+                    data.extend((0..o).map(|c| base[c] + t.data[img * o + c]));
                 }
                 self.weights.push(WeightUse {
                     key: format!(
                         "{}{}:folded-bias:{}",
                         self.prefix,
                         self.g.nodes[node].name,
-                        n * o
+                        images * o
                     ),
-                    tensor: Arc::new(Tensor::new(vec![n * o], data)),
+                    tensor: Arc::new(Tensor::new(vec![images * o], data)),
                     form: WeightForm::Plain,
                 });
                 let w = Loc::Weight(self.weights.len() - 1, 0);
+                let stride = if images == 1 { 0 } else { o };
                 if let Step::Conv { bias, .. } = &mut self.steps[s] {
-                    *bias = Some((w, o));
+                    *bias = Some((w, stride));
                 }
                 self.vals[node] = Some(Val {
                     ready: self.steps.len(),
