@@ -151,7 +151,7 @@ pub struct Renderer {
 /// How loaded a renderer's GPU is, published by its thread once per window of batches.
 struct Gauge {
     born: Instant,
-    /// f64 bits: share of the GPU the window's frames need (`Publish::load`), share of frames
+    /// f64 bits: share of the GPU the window's frames need (`scheduler::gpu_load`), share of frames
     /// given up.
     load: AtomicU64,
     late: AtomicU64,
