@@ -151,8 +151,8 @@ pub struct Renderer {
 /// How loaded a renderer's GPU is, published by its thread once per window of batches.
 struct Gauge {
     born: Instant,
-    /// f64 bits: share of the GPU the window's frames need (`scheduler::gpu_load`), share of frames
-    /// given up.
+    /// f64 bits: share of the GPU the window's frames need (`scheduler::gpu_load`), share of
+    /// frames given up.
     load: AtomicU64,
     late: AtomicU64,
     /// When the window was published (ns since `born`).
