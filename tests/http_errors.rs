@@ -135,6 +135,14 @@ fn signalling_errors_are_precise() {
     let r = post(&server, "/whip", &av);
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.retry_after.as_deref(), Some("5"));
+    let health = |server: &common::Server| {
+        let (status, body) = server.get("/healthz");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON")
+    };
+    let h = health(&server);
+    assert_eq!(h["accepting"], false, "{h}");
+    assert_eq!(h["full"], "at its session limit (1)", "{h}");
 
     // A WHEP viewer of the open session is accepted, and DELETE frees the slot.
     let id = location.trim_start_matches("/whip/");
@@ -160,10 +168,15 @@ fn signalling_errors_are_precise() {
         None,
     );
     assert_eq!(r.status, 404, "a second DELETE finds nothing");
+    let h = health(&server);
+    assert_eq!(
+        (h["accepting"].clone(), h.get("full")),
+        (true.into(), None),
+        "{h}"
+    );
     let again = post(&server, "/whip", &av);
     assert_eq!(again.status, 201, "the slot is free again: {}", again.body);
 
-    assert_eq!(server.get("/healthz").0, 200);
     assert!(server.metric("lipstream_sessions_rejected_total") >= 7.0);
 }
 

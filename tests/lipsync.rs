@@ -449,6 +449,15 @@ fn a_new_publisher_waits_while_the_renderer_is_past_its_load_limit() {
         "{body}"
     );
     assert_eq!(server.metric("lipstream_sessions_rejected_total"), 1.0);
+    let (_, health) = server.get("/healthz");
+    let health: serde_json::Value = serde_json::from_str(&health).expect("JSON");
+    assert_eq!(health["accepting"], false, "{health}");
+    assert!(
+        health["full"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("the CPU executor ")),
+        "{health}"
+    );
     let report = first.join().expect("publisher thread").expect("publish");
     let received = &report.received;
     assert!(

@@ -119,12 +119,28 @@ fn text(status: StatusCode, reason: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// Health, and whether a new publisher would be taken now (`accepting`, else `full`: why not),
+/// for a load balancer in front of several servers.
 async fn healthz(State(st): State<AppState>) -> Response {
     let (sessions, viewers) = match st.registry.lock() {
         Ok(r) => (r.session_count(), r.viewer_count()),
         Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned"),
     };
-    let body = serde_json::json!({ "status": "ok", "sessions": sessions, "viewers": viewers });
+    let max = st.config.max_sessions;
+    let full = if sessions >= max {
+        Some(format!("at its session limit ({max})"))
+    } else {
+        st.admission.as_ref().and_then(|admit| admit().err())
+    };
+    let mut body = serde_json::json!({
+        "status": "ok",
+        "sessions": sessions,
+        "viewers": viewers,
+        "accepting": full.is_none(),
+    });
+    if let Some(why) = full {
+        body["full"] = why.into();
+    }
     axum::Json(body).into_response()
 }
 
