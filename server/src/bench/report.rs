@@ -145,6 +145,28 @@ pub fn html(r: &BenchReport) -> Result<String, String> {
         true,
     )?;
 
+    // The renderers' load (lip-sync only): what share of the GPU the frames take at full
+    // batching, against the line where it runs out.
+    let load_svg = if r.server.gpu_load.is_empty() {
+        String::new()
+    } else {
+        let (first, last) = (
+            r.server.gpu_load.first().map_or(0.0, |p| p.0),
+            r.server.gpu_load.last().map_or(0.0, |p| p.0),
+        );
+        let svg = chart(
+            "GPU load: the share of the GPU the frames take in its cheapest batches",
+            "time (s)",
+            "load",
+            &vec![
+                ("highest renderer".into(), r.server.gpu_load.clone()),
+                ("capacity".into(), vec![(first, 1.0), (last, 1.0)]),
+            ],
+            true,
+        )?;
+        format!("<h2>GPU load</h2>{svg}")
+    };
+
     let av: Series = r
         .per_session
         .iter()
@@ -205,6 +227,7 @@ pre{{background:#f4f4f4;padding:.6rem;overflow:auto;white-space:pre-wrap}}table{
 {ramp}
 <h2>Latency</h2>{cdf_svg}
 <h2>Throughput</h2>{fps_svg}
+{load_svg}
 <h2>A/V offset</h2>{av_svg}
 <h2>Overall figures</h2><pre id="figures">{}</pre>
 </body></html>
@@ -220,4 +243,42 @@ pre{{background:#f4f4f4;padding:.6rem;overflow:auto;white-space:pre-wrap}}table{
         esc(&crate::bench::summary(r)),
         esc(&json),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{Mode, Overall, ServerFigures};
+
+    fn report(gpu_load: Vec<(f64, f64)>) -> BenchReport {
+        BenchReport {
+            tool: "test".into(),
+            date: "2026-12-07T00:00:00Z".into(),
+            url: "http://127.0.0.1:8080".into(),
+            mode: Mode::Avatar,
+            duration_s: 3.0,
+            video: "avatar".into(),
+            overall: Overall {
+                sessions: 1,
+                ..Overall::default()
+            },
+            server: ServerFigures {
+                timeline: vec![(1.0, 25.0, 0.0), (2.0, 25.0, 1.0)],
+                gpu_load,
+                ..ServerFigures::default()
+            },
+            per_session: Vec::new(),
+            ramp: Vec::new(),
+            sustainable_sessions: None,
+        }
+    }
+
+    #[test]
+    fn the_gpu_load_is_charted_when_the_run_measured_one() {
+        let with = html(&report(vec![(1.0, 0.98), (2.0, 1.03)])).unwrap();
+        assert!(with.contains("<h2>GPU load</h2>"));
+        assert!(with.contains("capacity"));
+        let without = html(&report(Vec::new())).unwrap();
+        assert!(!without.contains("<h2>GPU load</h2>"));
+    }
 }
