@@ -1,11 +1,13 @@
 //! Where a new session goes when the host has several GPUs: the one with the most headroom.
 //!
 //! Pure and sans-IO: each GPU's renderer reports its load (`GpuLoad`, measured over its last
-//! window of batches), and `choose` ranks them. A GPU already giving up frames is full; among
-//! the others the one whose occupancy after one more session would be lowest wins, judged by
-//! its own measured cost per session (GPUs of different speed fill in proportion); occupancies
-//! within a few percent count as equal and the fewer sessions win, which also spreads a burst of
-//! joins that arrives before any batch has been measured.
+//! window of batches: the share of the GPU its frames take in its cheapest batches), and
+//! `choose` ranks them. A GPU already giving up frames is full; among the others the one whose
+//! load after one more session would be lowest wins, judged by its own measured cost per
+//! session (GPUs of different speed fill in proportion); loads within a few percent count as
+//! equal and the fewer sessions win, which also spreads a burst of joins that arrives before any
+//! batch has been measured. `GpuLoad::room` says whether a GPU can take one more session at
+//! all (`serve --max-gpu-load`).
 
 /// Late frames above this share mark a GPU as full.
 pub const FULL_LATE: f64 = 0.01;
