@@ -122,15 +122,13 @@ fn text(status: StatusCode, reason: impl Into<String>) -> Response {
 /// Health, and whether a new publisher would be taken now (`accepting`, else `full`: why not),
 /// for a load balancer in front of several servers.
 async fn healthz(State(st): State<AppState>) -> Response {
-    let (sessions, viewers) = match st.registry.lock() {
-        Ok(r) => (r.session_count(), r.viewer_count()),
+    let (sessions, viewers, room) = match st.registry.lock() {
+        Ok(r) => (r.session_count(), r.viewer_count(), r.session_room()),
         Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned"),
     };
-    let max = st.config.max_sessions;
-    let full = if sessions >= max {
-        Some(format!("at its session limit ({max})"))
-    } else {
-        st.admission.as_ref().and_then(|admit| admit().err())
+    let full = match room {
+        Err(Refusal::SessionLimit { max }) => Some(format!("at its session limit ({max})")),
+        _ => st.admission.as_ref().and_then(|admit| admit().err()),
     };
     let mut body = serde_json::json!({
         "status": "ok",

@@ -91,13 +91,19 @@ impl Registry {
             .collect()
     }
 
-    /// Reserves a new session id, or refuses at the limit.
-    pub fn open_session(&mut self) -> Result<SessionId, Refusal> {
+    /// Whether one more session may open (else the limit it would pass).
+    pub fn session_room(&self) -> Result<(), Refusal> {
         if self.sessions.len() >= self.max_sessions {
             return Err(Refusal::SessionLimit {
                 max: self.max_sessions,
             });
         }
+        Ok(())
+    }
+
+    /// Reserves a new session id, or refuses at the limit.
+    pub fn open_session(&mut self) -> Result<SessionId, Refusal> {
+        self.session_room()?;
         let id = SessionId(random_id());
         self.sessions.insert(
             id.clone(),

@@ -150,23 +150,15 @@ async fn lipsync_stage(
         tracker: Default::default(),
         min_face_px: config.min_face_px,
     };
-    // One renderer per GPU (the CPU executor: one for the machine).
-    let gpus = if cuda || matches!(config.source, ModelSource::Engine(_)) {
-        config.gpus.clone()
+    // One renderer per GPU (the CPU executor: one for the machine), and how refusals name it.
+    let on_gpus = cuda || matches!(config.source, ModelSource::Engine(_));
+    let (gpus, names): (Vec<usize>, Vec<String>) = if on_gpus {
+        let gpus = config.gpus.clone();
+        let names = gpus.iter().map(|g| format!("GPU {g}")).collect();
+        (gpus, names)
     } else {
-        vec![0]
+        (vec![0], vec!["the CPU executor".into()])
     };
-    // How refusals name each renderer.
-    let names: Vec<String> = gpus
-        .iter()
-        .map(|g| {
-            if cuda || matches!(config.source, ModelSource::Engine(_)) {
-                format!("GPU {g}")
-            } else {
-                "the CPU executor".into()
-            }
-        })
-        .collect();
     let mut renderers = Vec::with_capacity(gpus.len());
     for gpu in gpus {
         let renderer_config = RendererConfig {

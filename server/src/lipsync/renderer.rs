@@ -1181,22 +1181,25 @@ impl Loop {
         if self.batcher.is_empty() {
             return None;
         }
-        let (waiting, earliest) = (self.batcher.len(), self.batcher.earliest());
+        // One line per decision, for reading the policy's choices under real load; what it
+        // says of the frames before the tick is only gathered when it is written.
+        let before = tracing::enabled!(tracing::Level::TRACE)
+            .then(|| (self.batcher.len(), self.batcher.earliest()));
         let tick = {
             let took = &self.took;
             self.batcher.tick(begins, |b| took.safe(b))
         };
-        // One line per decision, for reading the policy's choices under real load.
-        let now = Instant::now();
-        tracing::trace!(
-            waiting,
-            slack_ms = earliest.map_or(f64::NAN, |e| signed_ms(e, begins)),
-            begins_ms = signed_ms(begins, now),
-            profile = tick.profile,
-            late = tick.late.len(),
-            left = self.batcher.len(),
-            "batch decided"
-        );
+        if let Some((waiting, earliest)) = before {
+            tracing::trace!(
+                waiting,
+                slack_ms = earliest.map_or(f64::NAN, |e| signed_ms(e, begins)),
+                begins_ms = signed_ms(begins, Instant::now()),
+                profile = tick.profile,
+                late = tick.late.len(),
+                left = self.batcher.len(),
+                "batch decided"
+            );
+        }
         if !tick.late.is_empty() {
             tracing::debug!(
                 frames = tick.late.len(),
