@@ -3,21 +3,8 @@
 
 mod common;
 
-use std::time::Instant;
-
-use str0m::media::{Direction, MediaKind};
-use str0m::RtcConfig;
-
-/// A real offer from str0m with the given m-sections.
-fn offer(kinds: &[MediaKind]) -> String {
-    let mut rtc = RtcConfig::new().build(Instant::now());
-    let mut change = rtc.sdp_api();
-    for kind in kinds {
-        change.add_media(*kind, Direction::SendRecv, None, None, None);
-    }
-    let (offer, _) = change.apply().expect("an offer");
-    offer.to_sdp_string()
-}
+use common::offer;
+use str0m::media::MediaKind;
 
 struct Reply {
     status: u16,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use lipstream::bench::stats::SessionFigures;
 use lipstream::client::publisher::AUDIO_RATE;
 use lipstream::client::synth::tone_pcm;
-use lipstream::client::{publish, AudioSignal, PublishOptions};
+use lipstream::client::{publish, signal, AudioSignal, ClientError, PublishOptions};
 use lipstream::media::frame::VideoFrame;
 use lipstream_engines::image::lower_face_mask;
 
@@ -409,41 +409,23 @@ fn a_new_publisher_waits_while_the_renderer_is_past_its_load_limit() {
         "the CPU renderer's load passes 0.95 (it reads {})",
         load(&server)
     );
-    let offer = |s: &common::Server| {
-        let mut rtc = str0m::RtcConfig::new().build(std::time::Instant::now());
-        let mut change = rtc.sdp_api();
-        change.add_media(
-            str0m::media::MediaKind::Audio,
-            str0m::media::Direction::SendRecv,
-            None,
-            None,
-            None,
-        );
-        let (offer, _) = change.apply().expect("an offer");
-        let mut resp = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .new_agent()
-            .post(format!("{}/whip", s.base_url))
-            .header("Content-Type", "application/sdp")
-            .send(offer.to_sdp_string())
-            .expect("POST /whip");
-        let retry = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let location = resp
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = resp.body_mut().read_to_string().unwrap_or_default();
-        (resp.status().as_u16(), retry, location, body)
+    let whip = format!("{}/whip", server.base_url);
+    let audio = common::offer(&[str0m::media::MediaKind::Audio]);
+    let refused = signal::post_offer(&whip, &audio, None).err();
+    let Some(ClientError::Http {
+        status,
+        body,
+        retry_after,
+        ..
+    }) = refused
+    else {
+        panic!("an HTTP refusal, not {refused:?}");
     };
-    let (status, retry, _, body) = offer(&server);
     assert_eq!(status, 503, "{body}");
-    assert!(retry.is_some(), "a refusal for load says when to retry");
+    assert!(
+        retry_after.is_some(),
+        "a refusal for load says when to retry"
+    );
     assert!(
         body.contains("no GPU has room for another lip-sync session (the CPU executor "),
         "{body}"
@@ -468,17 +450,12 @@ fn a_new_publisher_waits_while_the_renderer_is_past_its_load_limit() {
     );
     // Its frames done, the renderer idles and its load reads nothing: a publisher is taken.
     let mut taken = None;
-    server.wait_until(Duration::from_secs(40), |s| {
-        let (status, _, location, _) = offer(s);
-        if status == 201 {
-            taken = location;
-        }
-        status == 201
+    server.wait_until(Duration::from_secs(40), |_| {
+        taken = signal::post_offer(&whip, &audio, None).ok();
+        taken.is_some()
     });
-    let location = taken.expect("a publisher is taken once the renderer has room");
-    let url = format!("{}{location}", server.base_url);
-    let deleted = ureq::delete(&url).call().map(|r| r.status().as_u16());
-    assert_eq!(deleted.ok(), Some(200));
+    let answer = taken.expect("a publisher is taken once the renderer has room");
+    signal::delete(&answer.resource_url, None).expect("DELETE");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -402,16 +402,21 @@ mod tests {
         cli.serve.resolve(&matches)
     }
 
-    #[test]
-    fn flags_beat_the_file_and_the_file_beats_defaults() {
-        let dir = std::env::temp_dir().join(format!("lipstream-cfg-{}", std::process::id()));
+    /// `serve.toml` holding `text` in this process's folder named after `tag`.
+    fn config_file(tag: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lipstream-cfg-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("serve.toml");
-        std::fs::write(
-            &path,
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let path = config_file(
+            "flags",
             "max_sessions = 5\nudp_port = 40000\nice_addrs = [\"127.0.0.1\"]\n",
-        )
-        .unwrap();
+        );
         let p = path.to_str().unwrap();
         let c = resolve(&["x", "--config", p, "--udp-port", "41000"]).unwrap();
         assert_eq!((c.max_sessions, c.udp_port), (5, 41000));
@@ -428,10 +433,7 @@ mod tests {
 
     #[test]
     fn whisper_wait_comes_from_the_flag_or_the_file() {
-        let dir = std::env::temp_dir().join(format!("lipstream-cfg-w-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("serve.toml");
-        std::fs::write(&path, "whisper_wait_ms = 6\n").unwrap();
+        let path = config_file("wait", "whisper_wait_ms = 6\n");
         let p = path.to_str().unwrap();
         let wait = |args: &[&str]| resolve(args).unwrap().lipsync.unwrap().whisper_wait;
         let models = ["x", "--models", "/m", "--config", p];
@@ -443,10 +445,7 @@ mod tests {
 
     #[test]
     fn a_gpu_load_limit_comes_from_the_flag_or_the_file_and_must_make_sense() {
-        let dir = std::env::temp_dir().join(format!("lipstream-cfg-l-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("serve.toml");
-        std::fs::write(&path, "max_gpu_load = 0.9\n").unwrap();
+        let path = config_file("load", "max_gpu_load = 0.9\n");
         let p = path.to_str().unwrap();
         let limit = |args: &[&str]| resolve(args).unwrap().lipsync.unwrap().max_gpu_load;
         assert_eq!(limit(&["x", "--models", "/m"]), None);
@@ -486,9 +485,7 @@ mod tests {
             engines(&c),
             vec![PathBuf::from("h100.engine"), PathBuf::from("a100.engine")]
         );
-        let dir = std::env::temp_dir().join(format!("lipstream-cfg-e-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("serve.toml");
+        let path = config_file("engines", "");
         let p = path.to_str().unwrap();
         for (toml, want) in [
             ("engine = \"one.engine\"\n", vec!["one.engine"]),
@@ -506,7 +503,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("models") || err.contains("engine"), "{err}");
-        std::fs::remove_dir_all(&dir).ok();
+        if let Some(dir) = path.parent() {
+            std::fs::remove_dir_all(dir).ok();
+        }
     }
 
     #[test]

@@ -122,3 +122,14 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// A real offer from str0m with the given m-sections.
+pub fn offer(kinds: &[str0m::media::MediaKind]) -> String {
+    let mut rtc = str0m::RtcConfig::new().build(Instant::now());
+    let mut change = rtc.sdp_api();
+    for kind in kinds {
+        change.add_media(*kind, str0m::media::Direction::SendRecv, None, None, None);
+    }
+    let (offer, _) = change.apply().expect("an offer");
+    offer.to_sdp_string()
+}

@@ -25,6 +25,8 @@ pub enum ClientError {
         url: String,
         status: u16,
         body: String,
+        /// The server's Retry-After, when it gave one: a limit was reached, not a fault.
+        retry_after: Option<String>,
     },
     #[error("{method} {url}: {reason}")]
     Request {

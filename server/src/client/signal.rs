@@ -32,11 +32,13 @@ pub fn post_offer(url: &str, offer_sdp: &str, token: Option<&str>) -> Result<Ans
     };
     let mut resp = req.send(offer_sdp).map_err(|e| fail(e.to_string()))?;
     let status = resp.status().as_u16();
-    let location = resp
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (location, retry_after) = (header("location"), header("retry-after"));
     let body = resp
         .body_mut()
         .read_to_string()
@@ -47,6 +49,7 @@ pub fn post_offer(url: &str, offer_sdp: &str, token: Option<&str>) -> Result<Ans
             url: url.to_string(),
             status,
             body,
+            retry_after,
         });
     }
     let location = location.ok_or_else(|| fail("201 without a Location header".into()))?;
@@ -74,6 +77,7 @@ pub fn delete(resource_url: &str, token: Option<&str>) -> Result<(), ClientError
             url: resource_url.to_string(),
             status,
             body: String::new(),
+            retry_after: None,
         }),
     }
 }
