@@ -1125,6 +1125,31 @@ fn attention_lowers_to_the_fused_kernel_for_model_head_dims() {
     }
 }
 
+/// Runs everywhere: a plan's steps count the FLOPs of the graph's multiply-adds, so profiles
+/// report true TFLOP/s: a 3x3 and a strided convolution, a linear layer and fused attention.
+#[test]
+fn plan_steps_count_the_graphs_multiply_adds() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 16, 12, 12]);
+    let y = conv(&mut g, x, 16, 24, 3, 1, [1; 4], 1);
+    let y = conv(&mut g, y, 24, 32, 3, 2, [1; 4], 3);
+    g.output("y", y);
+    let t = g.input("t", &[2, 64, 80]);
+    let w = konst(&mut g, "wl", &[80, 80], 5, 0.1);
+    let q = g.push("q", Op::Linear, &[t, w]).unwrap();
+    let o = g
+        .push("attn", Op::Attention { heads: 2 }, &[q, t, t])
+        .unwrap();
+    g.output("o", o);
+    let p = plan::lower(&g, "").unwrap();
+    let flops: f64 = p.steps.iter().map(|s| s.flops()).sum();
+    assert!(
+        p.steps.iter().any(|s| matches!(s, Step::Attention { .. })),
+        "attention lowers to the fused kernel here"
+    );
+    assert_eq!(flops, 2.0 * g.macs() as f64);
+}
+
 /// Runs everywhere: the lowering of the tiny UNet fuses what it should and packs its arena.
 #[test]
 fn lowering_fuses_epilogues_and_packs_the_arena() {

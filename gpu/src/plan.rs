@@ -307,6 +307,32 @@ impl Step {
         v
     }
 
+    /// Floating-point operations of the step's multiply-adds (two per multiply-add), for the
+    /// profile's TFLOP/s: the convolutions, GEMMs and attention that tensor cores run. Every
+    /// other step moves memory and counts none.
+    pub fn flops(&self) -> f64 {
+        match self {
+            Step::Conv { shape: s, .. } => {
+                let (ho, wo) = s.out_hw();
+                let per_output = (s.c / s.groups.max(1)) * s.kh * s.kw;
+                2.0 * (s.n * ho * wo * s.o) as f64 * per_output as f64
+            }
+            Step::Gemm { gemm: g, .. } => 2.0 * (g.batch * g.m * g.n) as f64 * g.k as f64,
+            Step::Attention {
+                batch,
+                lq,
+                lk,
+                heads,
+                d,
+                ..
+            } => {
+                // q·kᵀ and p·v, each lq x lk x d per head (the values' width equals d here).
+                4.0 * (batch * heads * lq * lk) as f64 * *d as f64
+            }
+            _ => 0.0,
+        }
+    }
+
     /// The step with its shape, for profiles.
     pub fn describe(&self) -> String {
         match self {

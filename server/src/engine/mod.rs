@@ -568,7 +568,8 @@ fn two_streams(
     Ok(())
 }
 
-/// Per-kind and slowest-step GPU times of one replay (events captured between the steps).
+/// Per-kind and slowest-step GPU times of one replay (events captured between the steps), with
+/// the tensor work's rate: a step far below the card's TFLOP/s is where the next gain is.
 fn step_profile(rt: &Runtime, ex: &Executor, stage: Stage, batch: usize) -> anyhow::Result<Value> {
     let times = ex.profile(rt)?;
     let mut by_kind: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
@@ -577,8 +578,9 @@ fn step_profile(rt: &Runtime, ex: &Executor, stage: Stage, batch: usize) -> anyh
         e.0 += *ms as f64;
         e.1 += 1;
     }
-    // Steps with their total (a convolution with its epilogue).
-    let mut steps: Vec<(f64, String)> = Vec::new();
+    // Steps with their total (a convolution with its epilogue) and their FLOPs.
+    let mut steps: Vec<(f64, f64, String)> = Vec::new();
+    let mut flops_by_kind: std::collections::BTreeMap<&str, f64> = Default::default();
     let mut t = times.iter();
     for (step, choice) in ex.steps().iter().zip(ex.choices()) {
         let mut ms = t.next().map_or(0.0, |x| x.1 as f64);
@@ -587,29 +589,47 @@ fn step_profile(rt: &Runtime, ex: &Executor, stage: Stage, batch: usize) -> anyh
             ms += t.next().map_or(0.0, |x| x.1 as f64);
             d = format!("{d} {choice}");
         }
-        steps.push((ms, d));
+        *flops_by_kind.entry(step.name()).or_default() += step.flops();
+        steps.push((ms, step.flops(), d));
     }
     steps.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let rate = |flops: f64, ms: f64| if ms > 0.0 { flops / ms / 1e9 } else { 0.0 };
     eprintln!(
         "{} B={batch} profile (GPU time per step inside a CUDA graph):",
         stage.name()
     );
     for (k, (ms, n)) in &by_kind {
-        eprintln!("  {k:<16} {n:4} steps {ms:8.3} ms");
+        match flops_by_kind.get(k).copied().filter(|f| *f > 0.0) {
+            Some(f) => eprintln!(
+                "  {k:<16} {n:4} steps {ms:8.3} ms {:6.0} TFLOP/s",
+                rate(f, *ms)
+            ),
+            None => eprintln!("  {k:<16} {n:4} steps {ms:8.3} ms"),
+        }
     }
     eprintln!("  slowest steps:");
-    for (ms, d) in steps.iter().take(12) {
-        eprintln!("    {ms:7.3} ms  {d}");
+    for (ms, f, d) in steps.iter().take(12) {
+        if *f > 0.0 {
+            eprintln!("    {ms:7.3} ms {:6.0} TFLOP/s  {d}", rate(*f, *ms));
+        } else {
+            eprintln!("    {ms:7.3} ms                {d}");
+        }
     }
     Ok(json!({
         "stage": stage.name(),
         "batch": batch,
         "ms_by_kind": by_kind
             .iter()
-            .map(|(k, (ms, n))| (k.to_string(), json!({"ms": ms, "steps": n})))
+            .map(|(k, (ms, n))| {
+                let f = flops_by_kind.get(k).copied().unwrap_or(0.0);
+                (k.to_string(), json!({"ms": ms, "steps": n, "gflop": f / 1e9}))
+            })
             .collect::<serde_json::Map<_, _>>(),
         // Every step, slowest first: where a profile's time goes, for the next optimisation.
-        "slowest_steps": steps.iter().map(|(ms, d)| json!({"ms": ms, "step": d})).collect::<Vec<_>>(),
+        "slowest_steps": steps
+            .iter()
+            .map(|(ms, f, d)| json!({"ms": ms, "gflop": f / 1e9, "step": d}))
+            .collect::<Vec<_>>(),
     }))
 }
 
