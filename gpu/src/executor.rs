@@ -154,6 +154,51 @@ pub struct GemmConv {
     pub cudnn_ms: f32,
 }
 
+/// What decides a GEMM step's algorithm (a linear layer's or attention's product): its shape,
+/// strides and epilogue, which fix the list cuBLASLt's heuristic proposes.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct LinearKey {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub b_trans: bool,
+    /// Leading dimensions and batch strides of a, b and c.
+    pub lds: [usize; 3],
+    pub strides: [usize; 3],
+    pub bias: bool,
+    pub residual: bool,
+    pub gelu: bool,
+}
+
+impl LinearKey {
+    pub fn of(g: &Gemm, bias: bool, residual: bool, gelu: bool) -> Self {
+        LinearKey {
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            batch: g.batch,
+            b_trans: g.b_trans,
+            lds: [g.lda, g.ldb, g.ldc],
+            strides: [g.stride_a, g.stride_b, g.stride_c],
+            bias,
+            residual,
+            gelu,
+        }
+    }
+}
+
+/// A timed GEMM: the fastest of cuBLASLt's proposals (its index in the heuristic's list, which
+/// the same GPU and cuBLASLt reproduce) and its time. The heuristic's first proposal is not
+/// always the fastest, and a served engine would otherwise run the first.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LinearChoice {
+    pub algo: usize,
+    pub ms: f32,
+}
+
 /// Whether a channels-last convolution runs on an engine of cuDNN's graph API, with the knob
 /// settings (tile size, split-K, ...) that timed fastest. The legacy call picks the kernel of an
 /// algorithm itself, and at one image it picks poorly: on an H100 the VAE's 256x256 and the
@@ -294,6 +339,7 @@ pub struct Tuning {
     pub gemm_convs: Vec<(GemmKey, GemmConv)>,
     pub graph_convs: Vec<(GraphConvKey, GraphConv)>,
     pub mma_convs: Vec<(MmaKey, MmaConv)>,
+    pub linears: Vec<(LinearKey, LinearChoice)>,
 }
 
 impl Tuning {
@@ -303,6 +349,7 @@ impl Tuning {
             && self.gemm_convs.is_empty()
             && self.graph_convs.is_empty()
             && self.mma_convs.is_empty()
+            && self.linears.is_empty()
     }
 
     /// What `rt` has timed so far.
@@ -317,6 +364,7 @@ impl Tuning {
                 .map(|(k, v)| (*k, v.clone()))
                 .collect(),
             mma_convs: rt.mma_convs.iter().map(|(k, v)| (*k, *v)).collect(),
+            linears: rt.linears.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 
@@ -327,6 +375,7 @@ impl Tuning {
         rt.gemm_convs.extend(self.gemm_convs.iter().copied());
         rt.graph_convs.extend(self.graph_convs.iter().cloned());
         rt.mma_convs.extend(self.mma_convs.iter().copied());
+        rt.linears.extend(self.linears.iter().copied());
     }
 }
 
@@ -349,6 +398,8 @@ pub struct Runtime {
     pub graph_convs: HashMap<GraphConvKey, GraphConv>,
     /// Whether each thin convolution kind runs on our tensor-core kernel for it.
     pub mma_convs: HashMap<MmaKey, MmaConv>,
+    /// Which of cuBLASLt's proposals each GEMM kind runs.
+    pub linears: HashMap<LinearKey, LinearChoice>,
     workspace: Option<CudaSlice<u8>>,
     workspace_bytes: usize,
     /// The most workspace any prepared convolution needs.
@@ -377,6 +428,7 @@ impl Runtime {
             gemm_convs: HashMap::new(),
             graph_convs: HashMap::new(),
             mma_convs: HashMap::new(),
+            linears: HashMap::new(),
             workspace: None,
             workspace_bytes: 0,
             workspace_need: 0,
@@ -771,20 +823,32 @@ impl Executor {
                     gelu,
                     c,
                 } => {
+                    let key = LinearKey::of(gemm, bias.is_some(), residual.is_some(), *gelu);
                     let bias = bias.map(|b| ex.ptr(rt, b));
                     let mut plan = rt.blas.plan(*gemm, bias, residual.is_some(), *gelu)?;
-                    if opts.tune {
-                        // SAFETY: a, b, residual and c are this step's operands, placed and
-                        // sized by the plan; c is scratch until the step runs.
-                        unsafe {
-                            rt.blas.tune(
-                                &mut plan,
-                                ex.ptr(rt, *a),
-                                ex.ptr(rt, *b),
-                                residual.map_or(0, |r| ex.ptr(rt, r)),
-                                ex.ptr(rt, *c),
-                            )
-                        }?;
+                    match rt.linears.get(&key).copied() {
+                        // Another cuBLASLt may propose a shorter list (engine files refuse
+                        // other versions, so this is a fallback, not a path): the first then.
+                        Some(c) => {
+                            plan.pick(c.algo);
+                        }
+                        None if opts.tune => {
+                            // SAFETY: a, b, residual and c are this step's operands, placed
+                            // and sized by the plan; c is scratch until the step runs.
+                            let timed = unsafe {
+                                rt.blas.tune(
+                                    &mut plan,
+                                    ex.ptr(rt, *a),
+                                    ex.ptr(rt, *b),
+                                    residual.map_or(0, |r| ex.ptr(rt, r)),
+                                    ex.ptr(rt, *c),
+                                )
+                            }?;
+                            if let Some((algo, ms)) = timed {
+                                rt.linears.insert(key, LinearChoice { algo, ms });
+                            }
+                        }
+                        None => {}
                     }
                     Prepared::Gemm(plan)
                 }

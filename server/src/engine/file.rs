@@ -20,7 +20,8 @@ use lipstream_engines::weights::{safetensors, Checkpoint, DType, Weights};
 use lipstream_gpu::conv::ConvShape;
 use lipstream_gpu::device::Device;
 use lipstream_gpu::executor::{
-    FuseKey, Fusion, GemmConv, GemmKey, GraphConv, GraphConvKey, MmaConv, MmaKey, Tuned, Tuning,
+    FuseKey, Fusion, GemmConv, GemmKey, GraphConv, GraphConvKey, LinearChoice, LinearKey, MmaConv,
+    MmaKey, Tuned, Tuning,
 };
 use lipstream_gpu::{Executor, Options, Runtime};
 use serde::{Deserialize, Serialize};
@@ -112,6 +113,10 @@ pub struct Header {
     /// on the library path.
     #[serde(default)]
     pub mma_convs: Vec<(MmaKey, MmaConv)>,
+    /// Files built before GEMM choices were kept have none: every GEMM runs cuBLASLt's first
+    /// proposal.
+    #[serde(default)]
+    pub linears: Vec<(LinearKey, LinearChoice)>,
     pub profiles: Vec<Profile>,
     pub kernels: Vec<KernelImage>,
     pub build_s: f64,
@@ -169,9 +174,15 @@ pub fn build(
         });
         bar.inc(1);
     }
-    bar.set_message("whisper 30 s window");
-    let g = src.graph(Stage::WhisperRows, 1)?;
-    Executor::new(&mut rt, &g, "", Options::TUNED)?;
+    // The renderer runs whisper windows alone and in launches of WHISPER_BATCHES: their
+    // convolutions and GEMMs are timed here too, or a server would run them on the libraries'
+    // first guesses.
+    bar.set_message("whisper windows");
+    for b in std::iter::once(1).chain(crate::lipsync::renderer::WHISPER_BATCHES) {
+        let g = src.graph(Stage::WhisperRows, b)?;
+        Executor::new(&mut rt, &g, "", Options::TUNED)
+            .with_context(|| format!("building whisper, {b} windows"))?;
+    }
     let images = rt.device.all_kernel_images()?;
     bar.inc(1);
     bar.set_message("writing weights");
@@ -243,6 +254,9 @@ pub fn build(
         let s = k.shape;
         (s.n, s.c, s.h, s.w, k.bias)
     });
+    let mut linears: Vec<(LinearKey, LinearChoice)> =
+        rt.linears.iter().map(|(k, c)| (*k, *c)).collect();
+    linears.sort_by_key(|(k, _)| *k);
     let header = Header {
         format: FORMAT.into(),
         stage: stage.name().into(),
@@ -262,6 +276,7 @@ pub fn build(
         gemm_convs,
         graph_convs,
         mma_convs,
+        linears,
         profiles,
         kernels: kernel_list(&images)?,
         build_s: started.elapsed().as_secs_f64(),
@@ -504,6 +519,7 @@ pub fn tuned(header: &Header) -> anyhow::Result<Tuning> {
         gemm_convs: header.gemm_convs.clone(),
         graph_convs: header.graph_convs.clone(),
         mma_convs: header.mma_convs.clone(),
+        linears: header.linears.clone(),
     })
 }
 
@@ -616,6 +632,12 @@ pub fn describe(path: &Path) -> anyhow::Result<String> {
             .join(", ")
     );
     let weights = || c.keys().filter(|k| !k.starts_with(KERNELS));
+    let timed_first = h.linears.iter().filter(|(_, c)| c.algo == 0).count();
+    s += &format!(
+        "  {} timed GEMM kinds ({} on a later proposal of cuBLASLt's than its first)\n",
+        h.linears.len(),
+        h.linears.len() - timed_first
+    );
     s += &format!(
         "  {} tuned convolutions ({} of {} bias kinds on cuDNN's fused call, {} of {} kinds as im2col + cuBLASLt GEMM, {} of {} on graph-API engines, {} of {} thin kinds on our tensor-core kernels); {} weight tensors, {:.1} MiB fp16 ({:.1} MiB file)\n  models: UNet {:?} channels, VAE {:?}, whisper d={} ({} layers); config sha256 {}\n  weights from {}\n",
         h.convs.len(),
@@ -691,6 +713,7 @@ mod tests {
             gemm_convs: vec![],
             graph_convs: vec![],
             mma_convs: vec![],
+            linears: vec![],
             profiles: vec![],
             kernels: kernel_list(&images()).unwrap(),
             build_s: 0.0,
@@ -775,6 +798,33 @@ mod tests {
         assert_ne!(older, text);
         let back: Header = serde_json::from_str(&older).unwrap();
         assert_eq!(back.gemm_convs[0].1.gemm_ms, Some(0.25));
+    }
+
+    /// The GEMM choices an engine build timed come back from the header as the runtime's
+    /// Tuning (a served engine runs them, not cuBLASLt's first proposal); files written before
+    /// they were kept read as having none.
+    #[test]
+    fn gemm_choices_survive_the_header_and_older_files_have_none() {
+        let set = Preset::Tiny.configs();
+        let mut h = header(&set);
+        let gemm = lipstream_gpu::blas::Gemm::linear(24576, 320, 320);
+        let key = LinearKey::of(&gemm, true, true, false);
+        h.linears = vec![(key, LinearChoice { algo: 3, ms: 0.031 })];
+        let text = serde_json::to_string(&h).unwrap();
+        let back: Header = serde_json::from_str(&text).unwrap();
+        let tuning = tuned(&back).unwrap();
+        assert_eq!(tuning.linears.len(), 1);
+        assert_eq!(tuning.linears[0].0, key);
+        assert_eq!(tuning.linears[0].1.algo, 3);
+        assert_ne!(key, LinearKey::of(&gemm, true, false, false));
+        let mut older: serde_json::Value = serde_json::from_str(&text).unwrap();
+        older
+            .as_object_mut()
+            .and_then(|o| o.remove("linears"))
+            .expect("the header writes its GEMM choices");
+        let back: Header = serde_json::from_value(older).unwrap();
+        assert!(back.linears.is_empty());
+        assert!(tuned(&back).unwrap().linears.is_empty());
     }
 
     /// A graph-API convolution that pads its input itself (the VAE encoder's downsamplers: 0

@@ -316,6 +316,24 @@ fn gemm_report(rt: &Runtime) -> Vec<Value> {
         .collect()
 }
 
+/// Each timed GEMM kind: its shape, which of cuBLASLt's proposals won and its time.
+fn linear_report(rt: &Runtime) -> Vec<Value> {
+    let mut v: Vec<_> = rt.linears.iter().collect();
+    v.sort_by_key(|(k, _)| **k);
+    v.into_iter()
+        .map(|(k, c)| {
+            json!({
+                "gemm": format!("{}x[{}x{}]·[{}x{}]", k.batch, k.m, k.k, k.k, k.n),
+                "bias": k.bias,
+                "residual": k.residual,
+                "gelu": k.gelu,
+                "algo": c.algo,
+                "ms": c.ms,
+            })
+        })
+        .collect()
+}
+
 fn mma_report(rt: &Runtime) -> Vec<Value> {
     let mut v: Vec<_> = rt.mma_convs.iter().collect();
     v.sort_by_key(|(k, _)| (k.shape.n, k.shape.c, k.shape.h, k.shape.w, k.bias));
@@ -503,6 +521,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         "conv_graphs": graph_report(&rt),
         "conv_gemms": gemm_report(&rt),
         "conv_mma": mma_report(&rt),
+        "linears": linear_report(&rt),
         "build_s": build_s,
         "results": results,
         "profile": profile,
