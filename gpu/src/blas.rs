@@ -16,9 +16,10 @@ use crate::kernels::Ptr;
 
 /// cuBLASLt's workspace: 32 MiB covers every algorithm it proposes for our shapes on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
-/// Algorithms asked of the heuristic and timed at engine build. (32 were no faster on an H100,
-/// 2026-12-06: the frame times moved +0.4..+1.4 % in the same call.)
-const CANDIDATES: usize = 8;
+/// Algorithms asked of the heuristic and timed at engine build. (A 2026-12-06 run found 32 no
+/// faster than 8, but then engine files kept no linear layer's choice, so only the im2col
+/// lowerings could have gained.)
+const CANDIDATES: usize = 16;
 
 fn blas_err(e: cudarc::cublaslt::result::CublasError) -> GpuError {
     GpuError::Blas(format!("{e:?}"))
