@@ -102,6 +102,15 @@ __device__ __forceinline__ void ldmatrix_x2_trans(unsigned& b0, unsigned& b1, co
                : "r"(a));
 }
 
+// 2^x in one SFU instruction. exp2f without fast math also handles denormal results, which
+// costs a few more instructions per score; every exponent here is <= 0 and a result below 2^-126
+// weighs nothing against the row's largest term, which is 1.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&h);
@@ -237,19 +246,21 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
     }
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      // Online softmax in log2 units: rows g (values 0, 1) and g + 8 (values 2, 3).
-      float m0 = mx[m][0], m1 = mx[m][1];
+      // Online softmax in log2 units: rows g (values 0, 1) and g + 8 (values 2, 3). The scale
+      // is positive, so the tile's raw maximum is scaled once instead of every score.
+      float r0 = -1e30f, r1 = -1e30f;
 #pragma unroll
       for (int n = 0; n < FA_KEYS / 8; ++n) {
-        m0 = fmaxf(m0, fmaxf(s[m][n][0], s[m][n][1]) * scale_log2);
-        m1 = fmaxf(m1, fmaxf(s[m][n][2], s[m][n][3]) * scale_log2);
+        r0 = fmaxf(r0, fmaxf(s[m][n][0], s[m][n][1]));
+        r1 = fmaxf(r1, fmaxf(s[m][n][2], s[m][n][3]));
       }
 #pragma unroll
       for (int off = 1; off < 4; off <<= 1) {
-        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffff, m0, off));
-        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffff, m1, off));
+        r0 = fmaxf(r0, __shfl_xor_sync(0xffffffff, r0, off));
+        r1 = fmaxf(r1, __shfl_xor_sync(0xffffffff, r1, off));
       }
-      const float c0 = exp2f(mx[m][0] - m0), c1 = exp2f(mx[m][1] - m1);
+      const float m0 = fmaxf(mx[m][0], r0 * scale_log2), m1 = fmaxf(mx[m][1], r1 * scale_log2);
+      const float c0 = ex2(mx[m][0] - m0), c1 = ex2(mx[m][1] - m1);
       mx[m][0] = m0;
       mx[m][1] = m1;
       l[m][0] *= c0;
@@ -263,10 +274,10 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
       }
 #pragma unroll
       for (int n = 0; n < FA_KEYS / 8; ++n) {
-        s[m][n][0] = exp2f(fmaf(s[m][n][0], scale_log2, -m0));
-        s[m][n][1] = exp2f(fmaf(s[m][n][1], scale_log2, -m0));
-        s[m][n][2] = exp2f(fmaf(s[m][n][2], scale_log2, -m1));
-        s[m][n][3] = exp2f(fmaf(s[m][n][3], scale_log2, -m1));
+        s[m][n][0] = ex2(fmaf(s[m][n][0], scale_log2, -m0));
+        s[m][n][1] = ex2(fmaf(s[m][n][1], scale_log2, -m0));
+        s[m][n][2] = ex2(fmaf(s[m][n][2], scale_log2, -m1));
+        s[m][n][3] = ex2(fmaf(s[m][n][3], scale_log2, -m1));
         l[m][0] += s[m][n][0] + s[m][n][1];
         l[m][1] += s[m][n][2] + s[m][n][3];
       }
