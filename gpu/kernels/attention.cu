@@ -111,28 +111,12 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-__device__ __forceinline__ unsigned pack_half2_rn(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-
-// 2^x of two fp16 values in one SFU instruction (sm_75+).
-__device__ __forceinline__ unsigned ex2_half2(float lo, float hi) {
-  const unsigned x = pack_half2_rn(lo, hi);
-  unsigned y;
-  asm("ex2.approx.f16x2 %0, %1;" : "=r"(y) : "r"(x));
-  return y;
-}
-
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&h);
 }
 
-// HEXP: the probabilities are exponentiated as fp16 pairs (half the SFU instructions, no
-// conversion before the second product, which takes fp16 anyway) and each row's sum comes from
-// that product with a column of ones, so the sum is of exactly the values that weight V.
-template <int D, int MT, bool HEXP>
+template <int D, int MT>
 __device__ void flash_attention(const __half* __restrict__ q, const __half* __restrict__ k,
                                 const __half* __restrict__ v, __half* __restrict__ o, int lq,
                                 int lk, int heads, int ldq, int ldkv, float scale_log2,
@@ -191,20 +175,15 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   }
 
   float acc[MT][D / 8][4];
-  // Per tile m: the running max of rows g and g + 8 (in log2 units, scale applied) and sums:
-  // this lane's part of them, or (HEXP) the whole sums as an MMA accumulator (rows g: 0, 1;
-  // g + 8: 2, 3; the columns all alike).
-  float mx[MT][2], l[MT][2], ls[MT][4];
+  // Per tile m: the running max of rows g and g + 8 (in log2 units, scale applied) and sums.
+  float mx[MT][2], l[MT][2];
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
     mx[m][0] = mx[m][1] = -1e30f;
     l[m][0] = l[m][1] = 0.f;
-    ls[m][0] = ls[m][1] = ls[m][2] = ls[m][3] = 0.f;
   }
-  // Two fp16 ones: the B fragment of a column of ones.
-  constexpr unsigned ONES = 0x3C003C00u;
 
   // Tile `tile` of this split's keys into stage `st`: 16-byte copies, keys past the split's end
   // zero-filled (their scores are masked; zero V rows keep 0 x garbage out of the sums).
@@ -239,8 +218,6 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
 
     // Scores for 16 MT queries x 64 keys: 8 tiles of 8 keys, each K fragment read once.
     float s[MT][FA_KEYS / 8][4];
-    // HEXP: the probabilities as fp16 pairs, rows g ([0]) and g + 8 ([1]).
-    unsigned ph[MT][FA_KEYS / 8][2];
 #pragma unroll
     for (int n = 0; n < FA_KEYS / 8; ++n) {
 #pragma unroll
@@ -288,10 +265,6 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
       mx[m][1] = m1;
       l[m][0] *= c0;
       l[m][1] *= c1;
-      ls[m][0] *= c0;
-      ls[m][1] *= c0;
-      ls[m][2] *= c1;
-      ls[m][3] *= c1;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
         acc[m][j][0] *= c0;
@@ -300,12 +273,7 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
         acc[m][j][3] *= c1;
       }
 #pragma unroll
-      for (int n = 0; n < FA_KEYS / 8 && HEXP; ++n) {
-        ph[m][n][0] = ex2_half2(fmaf(s[m][n][0], scale_log2, -m0), fmaf(s[m][n][1], scale_log2, -m0));
-        ph[m][n][1] = ex2_half2(fmaf(s[m][n][2], scale_log2, -m1), fmaf(s[m][n][3], scale_log2, -m1));
-      }
-#pragma unroll
-      for (int n = 0; n < FA_KEYS / 8 && !HEXP; ++n) {
+      for (int n = 0; n < FA_KEYS / 8; ++n) {
         s[m][n][0] = ex2(fmaf(s[m][n][0], scale_log2, -m0));
         s[m][n][1] = ex2(fmaf(s[m][n][1], scale_log2, -m0));
         s[m][n][2] = ex2(fmaf(s[m][n][2], scale_log2, -m1));
@@ -321,18 +289,10 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
       unsigned pa[MT][4];
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
-        if (HEXP) {
-          pa[m][0] = ph[m][2 * c][0];
-          pa[m][1] = ph[m][2 * c][1];
-          pa[m][2] = ph[m][2 * c + 1][0];
-          pa[m][3] = ph[m][2 * c + 1][1];
-          mma16816(ls[m], pa[m], ONES, ONES);
-        } else {
-          pa[m][0] = pack_half2(s[m][2 * c][0], s[m][2 * c][1]);
-          pa[m][1] = pack_half2(s[m][2 * c][2], s[m][2 * c][3]);
-          pa[m][2] = pack_half2(s[m][2 * c + 1][0], s[m][2 * c + 1][1]);
-          pa[m][3] = pack_half2(s[m][2 * c + 1][2], s[m][2 * c + 1][3]);
-        }
+        pa[m][0] = pack_half2(s[m][2 * c][0], s[m][2 * c][1]);
+        pa[m][1] = pack_half2(s[m][2 * c][2], s[m][2 * c][3]);
+        pa[m][2] = pack_half2(s[m][2 * c + 1][0], s[m][2 * c + 1][1]);
+        pa[m][3] = pack_half2(s[m][2 * c + 1][2], s[m][2 * c + 1][3]);
       }
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
@@ -348,9 +308,9 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
 
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
-    float l0 = HEXP ? ls[m][0] : l[m][0], l1 = HEXP ? ls[m][2] : l[m][1];
+    float l0 = l[m][0], l1 = l[m][1];
 #pragma unroll
-    for (int off = 1; off < 4 && !HEXP; off <<= 1) {
+    for (int off = 1; off < 4; off <<= 1) {
       l0 += __shfl_xor_sync(0xffffffff, l0, off);
       l1 += __shfl_xor_sync(0xffffffff, l1, off);
     }
@@ -388,24 +348,20 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   }
 }
 
-#define FLASH(D, MT, HEXP, WARPS, NAME)                                                            \
-  extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                     \
-      const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk,                \
-      int heads, int ldq, int ldkv, float scale_log2, int splits, float* part) {                   \
-    LS_PDL_ENTER();                                                                                \
-    flash_attention<D, MT, HEXP>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);  \
+#define FLASH(D, MT, WARPS, NAME)                                                            \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                               \
+      const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk,          \
+      int heads, int ldq, int ldkv, float scale_log2, int splits, float* part) {             \
+    LS_PDL_ENTER();                                                                          \
+    flash_attention<D, MT>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);  \
   }
-FLASH(40, 1, false, FA_MAX_WARPS, flash_attention_40)
-FLASH(64, 1, false, FA_MAX_WARPS, flash_attention_64)
-FLASH(80, 1, false, FA_MAX_WARPS, flash_attention_80)
-FLASH(160, 1, false, FA_MAX_WARPS, flash_attention_160)
-FLASH(40, 2, false, FA_MAX_WARPS, flash_attention_40_x2)
-FLASH(64, 2, false, FA_MAX_WARPS, flash_attention_64_x2)
-FLASH(80, 2, false, FA_MAX_WARPS, flash_attention_80_x2)
-FLASH(40, 1, true, FA_MAX_WARPS, flash_attention_40_hexp)
-FLASH(64, 1, true, FA_MAX_WARPS, flash_attention_64_hexp)
-FLASH(80, 1, true, FA_MAX_WARPS, flash_attention_80_hexp)
-FLASH(160, 1, true, FA_MAX_WARPS, flash_attention_160_hexp)
+FLASH(40, 1, FA_MAX_WARPS, flash_attention_40)
+FLASH(64, 1, FA_MAX_WARPS, flash_attention_64)
+FLASH(80, 1, FA_MAX_WARPS, flash_attention_80)
+FLASH(160, 1, FA_MAX_WARPS, flash_attention_160)
+FLASH(40, 2, FA_MAX_WARPS, flash_attention_40_x2)
+FLASH(64, 2, FA_MAX_WARPS, flash_attention_64_x2)
+FLASH(80, 2, FA_MAX_WARPS, flash_attention_80_x2)
 
 // Joins the key splits of flash_attention: o = sum_s 2^((m_s - M) c) acc_s / sum_s 2^((m_s - M) c)
 // l_s with M the largest m_s and c = scale_log2. One thread per pair of output columns; `part`

@@ -90,8 +90,8 @@ pub struct Attention {
     any: CudaFunction,
     upto1024: CudaFunction,
     upto1536: CudaFunction,
-    /// (head dim, query tiles per warp, fp16 exponentials, kernel).
-    flash: Vec<(usize, usize, bool, CudaFunction)>,
+    /// (head dim, query tiles per warp, kernel).
+    flash: Vec<(usize, usize, CudaFunction)>,
     join: CudaFunction,
 }
 
@@ -100,16 +100,12 @@ impl Attention {
         let module = super::compile(device, "attention", SRC)?;
         let mut flash = Vec::new();
         for d in FLASH_HEAD_DIMS {
-            let plain = module.load_function(&format!("flash_attention_{d}"))?;
-            flash.push((d, 1, false, plain));
-            let hexp = module.load_function(&format!("flash_attention_{d}_hexp"))?;
-            flash.push((d, 1, true, hexp));
+            flash.push((d, 1, module.load_function(&format!("flash_attention_{d}"))?));
         }
         for d in FLASH_X2_HEAD_DIMS {
             flash.push((
                 d,
                 2,
-                false,
                 module.load_function(&format!("flash_attention_{d}_x2"))?,
             ));
         }
@@ -143,12 +139,10 @@ impl Attention {
         (splits, part): (usize, Ptr),
     ) -> Result<(), GpuError> {
         let tiles = flash_tiles(d);
-        // The fp16 exponentials exist for one tile of queries a warp.
-        let hexp = tiles == 1 && super::Experiment::FlashHalfExp.on();
-        let Some((.., func)) = self
+        let Some((_, _, func)) = self
             .flash
             .iter()
-            .find(|(hd, mt, h, _)| *hd == d && *mt == tiles && *h == hexp)
+            .find(|(hd, mt, _)| *hd == d && *mt == tiles)
         else {
             return Err(super::shape_err(
                 "flash_attention",

@@ -205,16 +205,13 @@ pub enum Experiment {
     NormCols,
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
-    /// Fused attention exponentiates fp16 pairs and sums rows on the tensor cores (`attention`).
-    FlashHalfExp,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 4] = [
+    pub const ALL: [Experiment; 3] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
-        Experiment::FlashHalfExp,
     ];
 
     /// Its environment variable.
@@ -223,7 +220,6 @@ impl Experiment {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
-            Experiment::FlashHalfExp => "LIPSTREAM_FLASH_HALF_EXP",
         }
     }
 
@@ -236,9 +232,6 @@ impl Experiment {
             }
             Experiment::FlashRows32 => {
                 "fused attention warps own 32 queries (head dims 40, 64, 80): K and V read half as often"
-            }
-            Experiment::FlashHalfExp => {
-                "fused attention exponentiates fp16 pairs and sums each row with a tensor-core product"
             }
         }
     }
