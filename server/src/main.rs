@@ -299,16 +299,16 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Engine(EngineCmd::Info { file }) => {
-            print!("{}", lipstream::engine::file::describe(&file)?);
+            let mut text = lipstream::engine::file::describe(&file)?;
             let header = lipstream::engine::file::read_header(&file)?;
-            match lipstream_gpu::Device::open(0) {
+            text += &match lipstream_gpu::Device::open(0) {
                 Ok(device) => match lipstream::engine::file::incompatibility(&header, &device)? {
-                    None => println!("  runs on this machine's GPU 0 ({})", device.name),
-                    Some(why) => println!("  does not run here: {why}"),
+                    None => format!("  runs on this machine's GPU 0 ({})\n", device.name),
+                    Some(why) => format!("  does not run here: {why}\n"),
                 },
-                Err(e) => println!("  no GPU here to run it on ({e})"),
-            }
-            Ok(())
+                Err(e) => format!("  no GPU here to run it on ({e})\n"),
+            };
+            print_out(&text)
         }
         Cmd::Engine(EngineCmd::Check {
             models,
@@ -799,5 +799,16 @@ fn doctor() {
     for e in lipstream_gpu::kernels::Experiment::ALL {
         let state = if e.on() { "on" } else { "off" };
         println!("experiment {}: {state} ({})", e.var(), e.about());
+    }
+}
+
+/// Writes a report to stdout; a reader that stopped early (`lipstream engine info FILE | head`)
+/// is not an error, where `print!` would panic.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }
