@@ -205,13 +205,17 @@ pub enum Experiment {
     NormCols,
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
+    /// Group norms of large batches take the split form even where their groups are small
+    /// (`group_norm`).
+    GnSplitBatch,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 3] = [
+    pub const ALL: [Experiment; 4] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
+        Experiment::GnSplitBatch,
     ];
 
     /// Its environment variable.
@@ -220,6 +224,7 @@ impl Experiment {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
+            Experiment::GnSplitBatch => "LIPSTREAM_GN_SPLIT_BATCH",
         }
     }
 
@@ -232,6 +237,9 @@ impl Experiment {
             }
             Experiment::FlashRows32 => {
                 "fused attention warps own 32 queries (head dims 40, 64, 80): K and V read half as often"
+            }
+            Experiment::GnSplitBatch => {
+                "group norms over more than 2M elements take the split form (coalesced sums, the producer's epilogue summing)"
             }
         }
     }
