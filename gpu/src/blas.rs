@@ -312,7 +312,7 @@ impl Blas {
             }
         }
         if let Some((i, _)) = best {
-            p.algo = p.candidates[i];
+            p.pick(i);
         }
         Ok(best)
     }

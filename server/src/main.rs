@@ -295,8 +295,7 @@ fn main() -> anyhow::Result<()> {
                 batches
             };
             lipstream::engine::file::build(&src, stage, &batches, gpu, &out)?;
-            print!("{}", lipstream::engine::file::describe(&out)?);
-            Ok(())
+            print_out(&lipstream::engine::file::describe(&out)?)
         }
         Cmd::Engine(EngineCmd::Info { file }) => {
             let mut text = lipstream::engine::file::describe(&file)?;

@@ -608,8 +608,9 @@ fn step_profile(rt: &Runtime, ex: &Executor, stage: Stage, batch: usize) -> anyh
             ms += t.next().map_or(0.0, |x| x.1 as f64);
             d = format!("{d} {choice}");
         }
-        *flops_by_kind.entry(step.name()).or_default() += step.flops();
-        steps.push((ms, step.flops(), d));
+        let flops = step.flops();
+        *flops_by_kind.entry(step.name()).or_default() += flops;
+        steps.push((ms, flops, d));
     }
     steps.sort_by(|a, b| b.0.total_cmp(&a.0));
     let rate = |flops: f64, ms: f64| if ms > 0.0 { flops / ms / 1e9 } else { 0.0 };
