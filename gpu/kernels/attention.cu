@@ -93,6 +93,24 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// B fragments (k16 x n8, column-major) of two n8 tiles of a row-major [n][k] tile, in one
+// instruction: lanes 0-15 address the first tile's rows (k 0-7, then 8-15), lanes 16-31 the
+// second's.
+__device__ __forceinline__ void ldmatrix_x4(unsigned& b0, unsigned& b1, unsigned& b2, unsigned& b3,
+                                            const __half* row) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+               : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned& b0, unsigned& b1, unsigned& b2,
+                                                  unsigned& b3, const __half* row) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+               : "r"(a));
+}
+
 // The B fragment (k16 x n8, column-major) of a row-major [k][n] tile: two 8x8 matrices read
 // transposed. `row` is this lane's row address: rows k0 + (lane & 15) of the 8 columns.
 __device__ __forceinline__ void ldmatrix_x2_trans(unsigned& b0, unsigned& b1, const __half* row) {
@@ -116,7 +134,9 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
   return *reinterpret_cast<unsigned*>(&h);
 }
 
-template <int D, int MT>
+// LM: K and V fragments through four-matrix ldmatrix (one instruction per two n8 tiles,
+// against two 32-bit loads per tile for K and one two-matrix ldmatrix per tile for V).
+template <int D, int MT, bool LM>
 __device__ void flash_attention(const __half* __restrict__ q, const __half* __restrict__ k,
                                 const __half* __restrict__ v, __half* __restrict__ o, int lq,
                                 int lk, int heads, int ldq, int ldkv, float scale_log2,
@@ -222,13 +242,37 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
     for (int n = 0; n < FA_KEYS / 8; ++n) {
 #pragma unroll
       for (int m = 0; m < MT; ++m) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
+    }
+    if (LM) {
+      // Per pair of n8 key tiles, every k16 chunk's fragments first, then their products: the
+      // loads' latencies overlap instead of each stalling the product that needs it.
 #pragma unroll
-      for (int c = 0; c < DP / 16; ++c) {
-        const __half* kr = kt + (n * 8 + g) * KS + c * 16 + 2 * t;
-        const unsigned b0 = *reinterpret_cast<const unsigned*>(kr);
-        const unsigned b1 = *reinterpret_cast<const unsigned*>(kr + 8);
+      for (int n = 0; n < FA_KEYS / 8; n += 2) {
+        unsigned kf[DP / 16][4];
 #pragma unroll
-        for (int m = 0; m < MT; ++m) mma16816(s[m][n], qa[m][c], b0, b1);
+        for (int c = 0; c < DP / 16; ++c)
+          ldmatrix_x4(kf[c][0], kf[c][1], kf[c][2], kf[c][3],
+                      kt + ((n + (lane >> 4)) * 8 + (lane & 7)) * KS + c * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int c = 0; c < DP / 16; ++c) {
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            mma16816(s[m][n], qa[m][c], kf[c][0], kf[c][1]);
+            mma16816(s[m][n + 1], qa[m][c], kf[c][2], kf[c][3]);
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < FA_KEYS / 8; ++n) {
+#pragma unroll
+        for (int c = 0; c < DP / 16; ++c) {
+          const __half* kr = kt + (n * 8 + g) * KS + c * 16 + 2 * t;
+          const unsigned b0 = *reinterpret_cast<const unsigned*>(kr);
+          const unsigned b1 = *reinterpret_cast<const unsigned*>(kr + 8);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) mma16816(s[m][n], qa[m][c], b0, b1);
+        }
       }
     }
     // Only the split's last tile can reach past its keys.
@@ -294,8 +338,35 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
         pa[m][2] = pack_half2(s[m][2 * c + 1][0], s[m][2 * c + 1][1]);
         pa[m][3] = pack_half2(s[m][2 * c + 1][2], s[m][2 * c + 1][3]);
       }
+      // With LM, groups of four n8 column tiles: their fragments first (two tiles an
+      // instruction), then their products.
+      if (LM) {
+        constexpr int NJ = D / 8, JG = 4;
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
+        for (int j0 = 0; j0 < NJ; j0 += JG) {
+          unsigned vf[JG][2];
+#pragma unroll
+          for (int jj = 0; jj < JG; jj += 2) {
+            const int j = j0 + jj;
+            const __half* vr = vt + (c * 16 + (lane & 15)) * KS;
+            if (j + 1 < NJ)
+              ldmatrix_x4_trans(vf[jj][0], vf[jj][1], vf[jj + 1][0], vf[jj + 1][1],
+                                vr + (j + (lane >> 4)) * 8);
+            else if (j < NJ)
+              ldmatrix_x2_trans(vf[jj][0], vf[jj][1], vr + j * 8);
+          }
+#pragma unroll
+          for (int jj = 0; jj < JG; ++jj) {
+            if (j0 + jj < NJ) {
+#pragma unroll
+              for (int m = 0; m < MT; ++m) mma16816(acc[m][j0 + jj], pa[m], vf[jj][0], vf[jj][1]);
+            }
+          }
+        }
+      }
+      constexpr int JP = LM ? D / 8 : 0;
+#pragma unroll
+      for (int j = JP; j < D / 8; ++j) {
         unsigned b0, b1;
         ldmatrix_x2_trans(b0, b1, vt + (c * 16 + (lane & 15)) * KS + j * 8);
 #pragma unroll
@@ -348,20 +419,39 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
   }
 }
 
-#define FLASH(D, MT, WARPS, NAME)                                                            \
-  extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                               \
-      const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk,          \
-      int heads, int ldq, int ldkv, float scale_log2, int splits, float* part) {             \
-    LS_PDL_ENTER();                                                                          \
-    flash_attention<D, MT>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);  \
+#define FLASH_BODY(D, MT, LM, NAME)                                                              \
+  NAME(const __half* q, const __half* k, const __half* v, __half* o, int lq, int lk, int heads,  \
+       int ldq, int ldkv, float scale_log2, int splits, float* part) {                           \
+    LS_PDL_ENTER();                                                                              \
+    flash_attention<D, MT, LM>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);  \
   }
-FLASH(40, 1, FA_MAX_WARPS, flash_attention_40)
-FLASH(64, 1, FA_MAX_WARPS, flash_attention_64)
-FLASH(80, 1, FA_MAX_WARPS, flash_attention_80)
-FLASH(160, 1, FA_MAX_WARPS, flash_attention_160)
-FLASH(40, 2, FA_MAX_WARPS, flash_attention_40_x2)
-FLASH(64, 2, FA_MAX_WARPS, flash_attention_64_x2)
-FLASH(80, 2, FA_MAX_WARPS, flash_attention_80_x2)
+#define FLASH(D, MT, LM, NAME) \
+  extern "C" __global__ void __launch_bounds__(FA_MAX_WARPS * 32) FLASH_BODY(D, MT, LM, NAME)
+#define FLASH_MIN_BLOCKS(D, MT, LM, MIN_BLOCKS, NAME)                            \
+  extern "C" __global__ void __launch_bounds__(FA_MAX_WARPS * 32, MIN_BLOCKS) \
+      FLASH_BODY(D, MT, LM, NAME)
+FLASH(40, 1, false, flash_attention_40)
+FLASH(64, 1, false, flash_attention_64)
+FLASH(80, 1, false, flash_attention_80)
+FLASH(160, 1, false, flash_attention_160)
+FLASH(40, 2, false, flash_attention_40_x2)
+FLASH(64, 2, false, flash_attention_64_x2)
+FLASH(80, 2, false, flash_attention_80_x2)
+FLASH(40, 1, true, flash_attention_40_lm)
+FLASH(64, 1, true, flash_attention_64_lm)
+FLASH(80, 1, true, flash_attention_80_lm)
+FLASH(160, 1, true, flash_attention_160_lm)
+FLASH(40, 2, true, flash_attention_40_x2_lm)
+FLASH(64, 2, true, flash_attention_64_x2_lm)
+FLASH(80, 2, true, flash_attention_80_x2_lm)
+// The same with registers capped to keep the plain kernels' blocks per SM.
+FLASH_MIN_BLOCKS(40, 1, true, 6, flash_attention_40_lmb)
+FLASH_MIN_BLOCKS(64, 1, true, 5, flash_attention_64_lmb)
+FLASH_MIN_BLOCKS(80, 1, true, 3, flash_attention_80_lmb)
+FLASH_MIN_BLOCKS(160, 1, true, 3, flash_attention_160_lmb)
+FLASH_MIN_BLOCKS(40, 2, true, 2, flash_attention_40_x2_lmb)
+FLASH_MIN_BLOCKS(64, 2, true, 2, flash_attention_64_x2_lmb)
+FLASH_MIN_BLOCKS(80, 2, true, 2, flash_attention_80_x2_lmb)
 
 // Joins the key splits of flash_attention: o = sum_s 2^((m_s - M) c) acc_s / sum_s 2^((m_s - M) c)
 // l_s with M the largest m_s and c = scale_log2. One thread per pair of output columns; `part`

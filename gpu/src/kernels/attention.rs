@@ -98,15 +98,29 @@ pub struct Attention {
 impl Attention {
     pub fn load(device: &Device) -> Result<Self, GpuError> {
         let module = super::compile(device, "attention", SRC)?;
+        // The experiment's kernels read K and V through four-matrix ldmatrix (`_lmb`: with
+        // registers capped to the plain kernels' blocks per SM).
+        let lm = match (
+            super::Experiment::FlashLdmatrix.on(),
+            super::Experiment::FlashLdmatrixBound.on(),
+        ) {
+            (_, true) => "_lmb",
+            (true, false) => "_lm",
+            (false, false) => "",
+        };
         let mut flash = Vec::new();
         for d in FLASH_HEAD_DIMS {
-            flash.push((d, 1, module.load_function(&format!("flash_attention_{d}"))?));
+            flash.push((
+                d,
+                1,
+                module.load_function(&format!("flash_attention_{d}{lm}"))?,
+            ));
         }
         for d in FLASH_X2_HEAD_DIMS {
             flash.push((
                 d,
                 2,
-                module.load_function(&format!("flash_attention_{d}_x2"))?,
+                module.load_function(&format!("flash_attention_{d}_x2{lm}"))?,
             ));
         }
         Ok(Attention {

@@ -205,17 +205,19 @@ pub enum Experiment {
     NormCols,
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
-    /// Group norms of large batches take the split form even where their groups are small
-    /// (`group_norm`).
-    GnSplitBatch,
+    /// Fused attention reads K and V fragments with four-matrix ldmatrix (`attention`).
+    FlashLdmatrix,
+    /// `FlashLdmatrix` with registers capped to the plain kernels' blocks per SM.
+    FlashLdmatrixBound,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 4] = [
+    pub const ALL: [Experiment; 5] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
-        Experiment::GnSplitBatch,
+        Experiment::FlashLdmatrix,
+        Experiment::FlashLdmatrixBound,
     ];
 
     /// Its environment variable.
@@ -224,7 +226,8 @@ impl Experiment {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
-            Experiment::GnSplitBatch => "LIPSTREAM_GN_SPLIT_BATCH",
+            Experiment::FlashLdmatrix => "LIPSTREAM_FLASH_LDMATRIX",
+            Experiment::FlashLdmatrixBound => "LIPSTREAM_FLASH_LDMATRIX_BOUND",
         }
     }
 
@@ -238,8 +241,11 @@ impl Experiment {
             Experiment::FlashRows32 => {
                 "fused attention warps own 32 queries (head dims 40, 64, 80): K and V read half as often"
             }
-            Experiment::GnSplitBatch => {
-                "group norms over more than 2M elements take the split form (coalesced sums, the producer's epilogue summing)"
+            Experiment::FlashLdmatrix => {
+                "fused attention reads K and V fragments two n8 tiles an instruction (ldmatrix x4)"
+            }
+            Experiment::FlashLdmatrixBound => {
+                "the ldmatrix attention kernels with registers capped to the plain ones' blocks per SM"
             }
         }
     }
