@@ -425,6 +425,8 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
     LS_PDL_ENTER();                                                                              \
     flash_attention<D, MT, LM>(q, k, v, o, lq, lk, heads, ldq, ldkv, scale_log2, splits, part);  \
   }
+// The one-argument __launch_bounds__ on purpose: with an explicit minimum of 1 block, ptxas let
+// flash_attention_64 grow from 96 to 134 registers (scripts/kernel_sass.sh), a block per SM fewer.
 #define FLASH(D, MT, LM, NAME) \
   extern "C" __global__ void __launch_bounds__(FA_MAX_WARPS * 32) FLASH_BODY(D, MT, LM, NAME)
 #define FLASH_MIN_BLOCKS(D, MT, LM, MIN_BLOCKS, NAME)                            \
