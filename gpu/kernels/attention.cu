@@ -363,14 +363,14 @@ __device__ void flash_attention(const __half* __restrict__ q, const __half* __re
             }
           }
         }
-      }
-      constexpr int JP = LM ? D / 8 : 0;
+      } else {
 #pragma unroll
-      for (int j = JP; j < D / 8; ++j) {
-        unsigned b0, b1;
-        ldmatrix_x2_trans(b0, b1, vt + (c * 16 + (lane & 15)) * KS + j * 8);
+        for (int j = 0; j < D / 8; ++j) {
+          unsigned b0, b1;
+          ldmatrix_x2_trans(b0, b1, vt + (c * 16 + (lane & 15)) * KS + j * 8);
 #pragma unroll
-        for (int m = 0; m < MT; ++m) mma16816(acc[m][j], pa[m], b0, b1);
+          for (int m = 0; m < MT; ++m) mma16816(acc[m][j], pa[m], b0, b1);
+        }
       }
     }
     // Every warp is done with stage st before a later load overwrites it.
