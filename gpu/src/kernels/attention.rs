@@ -27,7 +27,9 @@ const FLASH_X2_HEAD_DIMS: [usize; 3] = [40, 64, 80];
 
 /// Tiles of 16 queries each warp of the fused kernel owns at head dim `d`: two (every K and V
 /// fragment read from shared memory then feeds two products) with the experiment
-/// `LIPSTREAM_FLASH_ROWS32` where that kernel exists, else one.
+/// `LIPSTREAM_FLASH_ROWS32` where that kernel exists, else one. Timed on an H100 (2026-12-07),
+/// two tiles were slower: avatar batches of 16 and 24 +0.5 / +0.6 % and -0.3 / +1.1 %, whisper's
+/// one window +8.7 / +4.4 %; 16 windows -3.6 / -0.9 %.
 fn flash_tiles(d: usize) -> usize {
     if super::Experiment::FlashRows32.on() && FLASH_X2_HEAD_DIMS.contains(&d) {
         2
@@ -98,29 +100,15 @@ pub struct Attention {
 impl Attention {
     pub fn load(device: &Device) -> Result<Self, GpuError> {
         let module = super::compile(device, "attention", SRC)?;
-        // The experiment's kernels read K and V through four-matrix ldmatrix (`_lmb`: with
-        // registers capped to the plain kernels' blocks per SM).
-        let lm = match (
-            super::Experiment::FlashLdmatrix.on(),
-            super::Experiment::FlashLdmatrixBound.on(),
-        ) {
-            (_, true) => "_lmb",
-            (true, false) => "_lm",
-            (false, false) => "",
-        };
         let mut flash = Vec::new();
         for d in FLASH_HEAD_DIMS {
-            flash.push((
-                d,
-                1,
-                module.load_function(&format!("flash_attention_{d}{lm}"))?,
-            ));
+            flash.push((d, 1, module.load_function(&format!("flash_attention_{d}"))?));
         }
         for d in FLASH_X2_HEAD_DIMS {
             flash.push((
                 d,
                 2,
-                module.load_function(&format!("flash_attention_{d}_x2{lm}"))?,
+                module.load_function(&format!("flash_attention_{d}_x2"))?,
             ));
         }
         Ok(Attention {

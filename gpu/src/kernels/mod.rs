@@ -205,19 +205,13 @@ pub enum Experiment {
     NormCols,
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
-    /// Fused attention reads K and V fragments with four-matrix ldmatrix (`attention`).
-    FlashLdmatrix,
-    /// `FlashLdmatrix` with registers capped to the plain kernels' blocks per SM.
-    FlashLdmatrixBound,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 5] = [
+    pub const ALL: [Experiment; 3] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
-        Experiment::FlashLdmatrix,
-        Experiment::FlashLdmatrixBound,
     ];
 
     /// Its environment variable.
@@ -226,8 +220,6 @@ impl Experiment {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
-            Experiment::FlashLdmatrix => "LIPSTREAM_FLASH_LDMATRIX",
-            Experiment::FlashLdmatrixBound => "LIPSTREAM_FLASH_LDMATRIX_BOUND",
         }
     }
 
@@ -240,12 +232,6 @@ impl Experiment {
             }
             Experiment::FlashRows32 => {
                 "fused attention warps own 32 queries (head dims 40, 64, 80): K and V read half as often"
-            }
-            Experiment::FlashLdmatrix => {
-                "fused attention reads K and V fragments two n8 tiles an instruction (ldmatrix x4)"
-            }
-            Experiment::FlashLdmatrixBound => {
-                "the ldmatrix attention kernels with registers capped to the plain ones' blocks per SM"
             }
         }
     }
