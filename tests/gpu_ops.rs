@@ -386,6 +386,96 @@ fn norms_writing_convolution_patches_match() {
     }
 }
 
+/// Group norm (+ SiLU) into a convolution to 3 or 4 outputs, as the VAE decoder's norm_out ->
+/// conv_out and the UNet's: where the norm takes its two-pass form and nothing else reads it,
+/// the plan keeps its input and statistics alive through the convolution (`NormInput`, checked
+/// everywhere), and with LIPSTREAM_NORM_CONV_OUT=1 (an experiment, scripts/device/test.sh
+/// EXPERIMENTS=1) the convolution normalises the norm's input itself, which must match the CPU
+/// executor.
+#[test]
+fn convolutions_normalising_their_input_match() {
+    // (input, outputs, SiLU, a convolution before the norm (which then takes its sums from
+    // that convolution's epilogue), norm also an output, normalised by the convolution).
+    let cases: [(&[usize], usize, bool, bool, bool, bool); 7] = [
+        (&[2, 128, 128, 128], 3, true, false, false, true),
+        (&[2, 128, 128, 128], 3, true, true, false, true),
+        (&[1, 128, 100, 70], 3, true, false, false, true),
+        (&[2, 128, 128, 128], 3, false, false, false, true),
+        (&[8, 320, 32, 32], 4, true, false, false, true),
+        // A norm the graph returns is written; a one-launch norm has no statistics to share.
+        (&[2, 128, 128, 128], 3, true, false, true, false),
+        (&[1, 128, 64, 64], 3, true, false, false, false),
+    ];
+    let mut graphs = Vec::new();
+    for (i, (shape, o, silu, pre, norm_out, want)) in cases.iter().enumerate() {
+        let c = shape[1];
+        let i = i as u32;
+        let mut g = Graph::new();
+        let mut x = g.input("x", shape);
+        if *pre {
+            x = conv(&mut g, x, c, c, 3, 1, [1; 4], 800 + 10 * i);
+        }
+        let gm = konst(&mut g, "gamma", &[c], 860 + i, 1.0);
+        let bt = konst(&mut g, "beta", &[c], 870 + i, 0.5);
+        let h = g
+            .push(
+                "norm",
+                Op::GroupNorm {
+                    groups: 32,
+                    eps: 1e-6,
+                    silu: *silu,
+                },
+                &[x, gm, bt],
+            )
+            .unwrap();
+        let y = conv(&mut g, h, c, *o, 3, 1, [1; 4], 880 + 10 * i);
+        g.output("y", y);
+        if *norm_out {
+            g.output("h", h);
+        }
+        let p = plan::lower(&g, "normed").unwrap();
+        let found: Vec<(usize, plan::NormInput)> = (0..p.steps.len())
+            .filter_map(|s| plan::NormInput::of(&p.steps, &p.outputs, s).map(|n| (s, n)))
+            .collect();
+        assert_eq!(found.len(), usize::from(*want), "{shape:?} -> {o}");
+        for (s, n) in &found {
+            // The norm's input and scratch outlive the convolution's step.
+            for l in [n.x, n.scratch] {
+                if let plan::Loc::Arena(b, _) = l {
+                    assert!(
+                        p.lifetimes[b].last >= *s,
+                        "{shape:?}: buffer {b} dies early"
+                    );
+                }
+            }
+            assert_eq!(
+                n.shape.fused_chunks > 0,
+                *pre,
+                "{shape:?}: sums from the epilogue"
+            );
+        }
+        graphs.push(g);
+    }
+    let Some(mut rt) = runtime() else { return };
+    let on = lipstream_gpu::kernels::Experiment::NormConvOut.on();
+    for (i, ((shape, o, silu, pre, norm_out, want), g)) in cases.iter().zip(&graphs).enumerate() {
+        let ex = Executor::new(&mut rt, g, "normed", Options::HEURISTIC).unwrap();
+        assert_eq!(
+            ex.normed_convs(),
+            usize::from(on && *want),
+            "{shape:?} -> {o}"
+        );
+        let xt = random(shape, 890 + i as u32, 1.0);
+        compare(
+            &mut rt,
+            &format!("norm -> conv {shape:?}->{o} silu={silu} pre={pre} out={norm_out}"),
+            g,
+            &[("x", &xt)],
+            5e-3,
+        );
+    }
+}
+
 #[test]
 fn fused_epilogues_and_layouts_match() {
     let Some(mut rt) = runtime() else { return };

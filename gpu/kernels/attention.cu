@@ -93,16 +93,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// B fragments (k16 x n8, column-major) of two n8 tiles of a row-major [n][k] tile, in one
-// instruction: lanes 0-15 address the first tile's rows (k 0-7, then 8-15), lanes 16-31 the
-// second's.
-__device__ __forceinline__ void ldmatrix_x4(unsigned& b0, unsigned& b1, unsigned& b2, unsigned& b3,
-                                            const __half* row) {
-  const unsigned a = (unsigned)__cvta_generic_to_shared(row);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
-               : "r"(a));
-}
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned& b0, unsigned& b1, unsigned& b2,
                                                   unsigned& b3, const __half* row) {
   const unsigned a = (unsigned)__cvta_generic_to_shared(row);

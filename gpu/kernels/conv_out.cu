@@ -81,3 +81,143 @@ extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_nhwc_f16(const __
     if (xb < wd) out[xb * 4 + t] = __floats2half2_rn(acc[j][2] + b0, acc[j][3] + b1);
   }
 }
+
+// The same convolution of a group norm's output (+ SiLU), computed from the norm's input: the
+// norm's statistics come from its two-pass form, and this kernel normalises each input element
+// once, on its way into shared memory, so the normalised image is never written and read back
+// (at the VAE's 256x256 x 128 channels that pass moved 2 x 400 MB at 24 images). The padding
+// stays zero: it pads the convolution's input, the normalised image.
+//
+// One block of 4 warps per NO_ROWS output rows x NO_PIX pixels of one image; each warp owns 16
+// pixels of every one of those rows. The input rows and pixels around the tile are staged
+// NO_CH channels at a time; every staged A fragment (16 pixels x 16 channels, one ldmatrix)
+// feeds the products of each output row it lies under.
+#define NO_ROWS 6
+#define NO_PIX 64
+#define NO_CH 32
+// Halves a staged pixel takes: its NO_CH channels and 8 of padding, so that the 8 pixels one
+// ldmatrix matrix reads (80 bytes apart) fall in 8 distinct groups of 4 banks.
+#define NO_PS 40
+#define NO_MAXC 512
+#define NO_ROWS_IN (NO_ROWS + 2)
+#define NO_PIX_IN (NO_PIX + 2)
+
+// SiLU as v sigmoid(v) = h + h tanh(h), h = v / 2: one MUFU instruction (tanh.approx, relative
+// error about 2^-11, below the fp16 rounding of the result) instead of an exponential and a
+// division.
+__device__ __forceinline__ float silu_tanh(float v) {
+  const float h = 0.5f * v;
+  float th;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(th) : "f"(h));
+  return fmaf(h, th, h);
+}
+
+// x [n, h, wd, c] the norm's input (c a multiple of 32, at most NO_MAXC), stats [n, groups]
+// (mean, 1/std) as group_norm_nhwc_finalize leaves them, gamma and beta [c], w [8][3][3][c],
+// bias [8] or null, y [n, h, wd, 8]. Grid (ceil(wd / NO_PIX), ceil(h / NO_ROWS), n).
+extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_normed_nhwc_f16(
+    const __half* __restrict__ x, const float2* __restrict__ stats, const __half* __restrict__ gamma,
+    const __half* __restrict__ beta, const __half* __restrict__ w, const __half* __restrict__ bias,
+    __half* __restrict__ y, int h, int wd, int c, int groups, int silu) {
+  LS_PDL_ENTER();
+  __shared__ __align__(16) __half tile[NO_ROWS_IN * NO_PIX_IN * NO_PS];
+  __shared__ float scale[NO_MAXC], shift[NO_MAXC];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int image = blockIdx.z, py0 = blockIdx.y * NO_ROWS, px0 = blockIdx.x * NO_PIX;
+  const int cg = c / groups;
+  // The norm as one multiply-add per channel of this image.
+  for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
+    const float2 s = stats[(long)image * groups + ch / cg];
+    const float a = s.y * __half2float(gamma[ch]);
+    scale[ch] = a;
+    shift[ch] = __half2float(beta[ch]) - s.x * a;
+  }
+  float acc[NO_ROWS][4];
+#pragma unroll
+  for (int r = 0; r < NO_ROWS; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
+  const __half* xi = x + (long)image * h * wd * c;
+  constexpr int VECS = NO_ROWS_IN * NO_PIX_IN * (NO_CH / 8);  // 16-byte vectors a stage
+  constexpr int BATCH = 4;                                    // loads in flight a thread
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int c0 = 0; c0 < c; c0 += NO_CH) {
+    // The scale and shift are written (first stage) and every warp is done with the last
+    // stage's products.
+    __syncthreads();
+    for (int v0 = threadIdx.x; v0 < VECS; v0 += BATCH * 128) {
+      uint4 raw[BATCH];
+      bool in[BATCH];
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) {
+        const int v = v0 + u * 128;
+        const int q = v % (NO_CH / 8), p = (v / (NO_CH / 8)) % NO_PIX_IN, r = v / (NO_CH / 8 * NO_PIX_IN);
+        const int yy = py0 + r - 1, xx = px0 + p - 1;
+        in[u] = v < VECS && yy >= 0 && yy < h && xx >= 0 && xx < wd;
+        raw[u] = in[u] ? *reinterpret_cast<const uint4*>(xi + ((long)yy * wd + xx) * c + c0 + q * 8) : zero;
+      }
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) {
+        const int v = v0 + u * 128;
+        if (v >= VECS) break;
+        const int q = v % (NO_CH / 8), pix = v / (NO_CH / 8);  // pix: r * NO_PIX_IN + p
+        if (in[u]) {
+          __half2* hv = reinterpret_cast<__half2*>(&raw[u]);
+          const int ch = c0 + q * 8;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            float2 f = __half22float2(hv[j]);
+            f.x = fmaf(f.x, scale[ch + 2 * j], shift[ch + 2 * j]);
+            f.y = fmaf(f.y, scale[ch + 2 * j + 1], shift[ch + 2 * j + 1]);
+            if (silu) {
+              f.x = silu_tanh(f.x);
+              f.y = silu_tanh(f.y);
+            }
+            hv[j] = __floats2half2_rn(f.x, f.y);
+          }
+        }
+        *reinterpret_cast<uint4*>(tile + pix * NO_PS + q * 8) = raw[u];
+      }
+    }
+    // B fragments of this stage's channels: output g's filter, taps (dy, dx), two k16 steps.
+    unsigned b[9][2][2];
+    const __half* wg = w + (long)g * 9 * c + c0 + 2 * t;
+#pragma unroll
+    for (int tap = 0; tap < 9; ++tap) {
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+        b[tap][ks][0] = *reinterpret_cast<const unsigned*>(wg + (long)tap * c + ks * 16);
+        b[tap][ks][1] = *reinterpret_cast<const unsigned*>(wg + (long)tap * c + ks * 16 + 8);
+      }
+    }
+    __syncthreads();
+    // Input row i (tile row i - 1) lies under output rows i - 2 .. i through filter row
+    // dy = i - r.
+#pragma unroll
+    for (int i = 0; i < NO_ROWS_IN; ++i) {
+#pragma unroll
+      for (int dx = 0; dx < 3; ++dx) {
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+          unsigned a0, a1, a2, a3;
+          ldmatrix_x4(a0, a1, a2, a3,
+                      tile + (i * NO_PIX_IN + warp * 16 + dx + (lane & 15)) * NO_PS + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+          for (int r = 0; r < NO_ROWS; ++r) {
+            const int dy = i - r;
+            if (dy >= 0 && dy <= 2) mma16816(acc[r], a0, a1, a2, a3, b[dy * 3 + dx][ks][0], b[dy * 3 + dx][ks][1]);
+          }
+        }
+      }
+    }
+  }
+  // C rows g and g + 8 (pixels), columns 2t, 2t + 1 (outputs).
+  const float b0 = bias ? __half2float(bias[2 * t]) : 0.f;
+  const float b1 = bias ? __half2float(bias[2 * t + 1]) : 0.f;
+  const int xa = px0 + warp * 16 + g, xb = xa + 8;
+#pragma unroll
+  for (int r = 0; r < NO_ROWS; ++r) {
+    if (py0 + r >= h) break;
+    __half2* out = reinterpret_cast<__half2*>(y + (((long)image * h + py0 + r) * wd) * 8);
+    if (xa < wd) out[xa * 4 + t] = __floats2half2_rn(acc[r][0] + b0, acc[r][1] + b1);
+    if (xb < wd) out[xb * 4 + t] = __floats2half2_rn(acc[r][2] + b0, acc[r][3] + b1);
+  }
+}

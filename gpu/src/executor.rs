@@ -31,7 +31,7 @@ use crate::kernels::image::{Faces, Image};
 use crate::kernels::layout::{Layout, RowsPart};
 use crate::kernels::{conv_in, conv_out};
 use crate::kernels::{Experiment, Kernels, Ptr};
-use crate::plan::{self, Binding, Loc, PadInput, Plan, Step, WeightForm, WeightUse};
+use crate::plan::{self, Binding, Loc, NormInput, PadInput, Plan, Step, WeightForm, WeightUse};
 
 /// Arena offsets are multiples of this (cuDNN and vector loads like aligned operands).
 const ALIGN: usize = 256;
@@ -681,6 +681,13 @@ enum Prepared {
     },
     /// A pad step its convolution does itself: nothing runs.
     Absorbed,
+    /// A two-pass group norm whose output nobody reads: its statistics alone, for the
+    /// convolution after it (`NormedOut`).
+    NormStats,
+    /// A convolution to 8 outputs of the norm before it, on `conv_out`'s normed kernel: it
+    /// reads the norm's input and statistics instead of its output (experiment
+    /// `LIPSTREAM_NORM_CONV_OUT=1`).
+    NormedOut(NormInput),
 }
 
 /// Our tensor-core kernels for thin convolutions (`ThinConvs`).
@@ -865,6 +872,9 @@ impl Executor {
         if Experiment::NormCols.on() {
             ex.norms_into_cols(&mut prepared);
         }
+        if Experiment::NormConvOut.on() {
+            ex.norms_into_convs(&mut prepared);
+        }
         ex.prepared = prepared;
         Ok(ex)
     }
@@ -1021,6 +1031,27 @@ impl Executor {
                 k: shape.kh,
             };
         }
+    }
+
+    /// Lets each convolution to 8 outputs of a two-pass group norm that nothing else reads
+    /// (`NormInput`: the VAE decoder's norm_out + SiLU -> conv_out) normalise the norm's input
+    /// itself, whatever the convolution was prepared on: the norm then computes its
+    /// statistics only.
+    fn norms_into_convs(&self, prepared: &mut [Prepared]) {
+        for s in 1..self.plan.steps.len() {
+            if let Some(norm) = NormInput::of(&self.plan.steps, &self.plan.outputs, s) {
+                prepared[s - 1] = Prepared::NormStats;
+                prepared[s] = Prepared::NormedOut(norm);
+            }
+        }
+    }
+
+    /// How many convolutions normalise their input themselves (`Prepared::NormedOut`).
+    pub fn normed_convs(&self) -> usize {
+        self.prepared
+            .iter()
+            .filter(|p| matches!(p, Prepared::NormedOut(_)))
+            .count()
     }
 
     /// How many group norms write a convolution's patches (`Prepared::NormToCols`).
@@ -1826,6 +1857,10 @@ impl Executor {
                     }
                 ),
                 Prepared::Absorbed => "done by the convolution".into(),
+                Prepared::NormStats => "statistics only, normalised by the convolution".into(),
+                Prepared::NormedOut(_) => {
+                    "tensor-core kernel to 8 outputs, normalising its input".into()
+                }
                 _ => String::new(),
             })
             .collect()
@@ -1869,6 +1904,7 @@ impl Executor {
                     | Prepared::ConvGemm { .. }
                     | Prepared::Thin { .. }
                     | Prepared::PaddingConv { .. }
+                    | Prepared::NormedOut(_)
             )
         });
         convs.fold((0, 0), |(f, n), p| (f + pick(p) as usize, n + 1))
@@ -2221,6 +2257,37 @@ impl Executor {
                     unsafe { self.run_graph_call(rt, step, *x, call, ws, &mut lap) }?
                 }
                 (Step::Pad { .. }, Prepared::Absorbed) => {}
+                (
+                    Step::GroupNorm {
+                        shape, x, scratch, ..
+                    },
+                    Prepared::NormStats,
+                ) => {
+                    // The convolution after it normalises (`norms_into_convs`).
+                    unsafe { k.group_norm.launch_stats(s, p(*x), p(*scratch), shape) }?;
+                }
+                (
+                    Step::Conv {
+                        shape, w, y, bias, ..
+                    },
+                    Prepared::NormedOut(norm),
+                ) => {
+                    let input = conv_out::NormIn {
+                        x: p(norm.x),
+                        stats: p(norm.scratch) + norm.shape.stats_offset() as u64,
+                        gamma: p(norm.gamma),
+                        beta: p(norm.beta),
+                        groups: norm.shape.groups,
+                        silu: norm.shape.silu,
+                    };
+                    let b = bias.map_or(0, |(l, _)| p(l));
+                    // The plan keeps the norm's input and scratch alive through this step
+                    // (`NormInput`).
+                    unsafe { k.conv_out.forward_normed(s, shape, &input, p(*w), b, p(*y)) }?;
+                    lap("conv")?;
+                    // The kernel adds the bias; group-norm sums, if any, are left.
+                    unsafe { self.conv_epilogue(rt, step, true) }?
+                }
                 (Step::Conv { .. }, Prepared::Thin { kernel, rows }) => {
                     unsafe { self.run_thin(rt, s, step, *kernel, *rows) }?;
                     lap("conv")?;

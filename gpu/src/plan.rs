@@ -510,6 +510,70 @@ impl PadInput {
     }
 }
 
+/// A two-pass group norm whose only reader is the next step, a convolution to 8 (padded)
+/// outputs that `conv_out`'s normed kernel takes: that kernel can read the norm's input and
+/// statistics instead of its output, so the norm's input and scratch live through the
+/// convolution's step too.
+#[derive(Clone, Copy, Debug)]
+pub struct NormInput {
+    pub x: Loc,
+    pub gamma: Loc,
+    pub beta: Loc,
+    pub scratch: Loc,
+    pub shape: GroupNormShape,
+}
+
+impl NormInput {
+    /// The norm feeding convolution step `s`, if the step before it is one that nothing else
+    /// reads (no other step, no graph output).
+    pub fn of(steps: &[Step], outputs: &[Binding], s: usize) -> Option<NormInput> {
+        let (
+            Some(Step::GroupNorm {
+                shape: norm,
+                x,
+                gamma,
+                beta,
+                y,
+                scratch,
+            }),
+            Some(Step::Conv {
+                shape,
+                x: cx,
+                bias,
+                residual: None,
+                ..
+            }),
+        ) = (s.checked_sub(1).and_then(|p| steps.get(p)), steps.get(s))
+        else {
+            return None;
+        };
+        let Loc::Arena(buffer, 0) = *y else {
+            return None;
+        };
+        let fits = cx == y
+            && !norm.one_launch()
+            && shape.nhwc
+            && (shape.n, shape.h * shape.w, shape.c) == (norm.n, norm.hw, norm.c)
+            && bias.is_none_or(|(_, stride)| stride == 0 || shape.n == 1)
+            && crate::kernels::conv_out::fits_normed(shape, norm.groups);
+        let in_y = |l: &Loc| matches!(*l, Loc::Arena(b, _) if b == buffer);
+        let read_elsewhere = || {
+            steps
+                .iter()
+                .enumerate()
+                .any(|(i, st)| i + 1 != s && i != s && st.locs().iter().any(in_y))
+                || outputs.iter().any(|o| in_y(&o.loc))
+        };
+        (fits && !read_elsewhere()).then_some(NormInput {
+            x: *x,
+            gamma: *gamma,
+            beta: *beta,
+            scratch: *scratch,
+            shape: *norm,
+        })
+    }
+}
+
 /// The linear layers feeding fused attentions that can run as one GEMM: q, k and v of a
 /// self-attention (one input), or k and v of every cross-attention over one context. Each member is used by the
 /// attention alone, reads the same input with the same width, and its output width keeps
@@ -1763,9 +1827,16 @@ pub fn lower(graph: &Graph, prefix: &str) -> Result<Plan, GpuError> {
         })
         .collect();
     for (s, step) in l.steps.iter().enumerate() {
-        // A convolution may read its pad step's input instead (`PadInput`).
+        // A convolution may read its pad step's input instead (`PadInput`), or its norm's
+        // input and statistics (`NormInput`).
         let unpadded = PadInput::of(&l.steps, s).map(|p| p.x);
-        for loc in step.locs().into_iter().chain(unpadded) {
+        let normed = NormInput::of(&l.steps, &outputs, s).map(|n| [n.x, n.scratch]);
+        for loc in step
+            .locs()
+            .into_iter()
+            .chain(unpadded)
+            .chain(normed.into_iter().flatten())
+        {
             if let Loc::Arena(b, _) = loc {
                 lifetimes[b].first = lifetimes[b].first.min(s);
                 lifetimes[b].last = lifetimes[b].last.max(s);

@@ -38,9 +38,39 @@ fn tiles(s: &ConvShape, rows: usize) -> usize {
     s.n * s.h.div_ceil(rows) * s.w.div_ceil(TILE_PIXELS)
 }
 
-/// The compiled kernel.
+/// Output rows and pixels of a row a block of the normed kernel takes, and the most input
+/// channels it holds the norm's scale and shift for (`NO_ROWS`, `NO_PIX`, `NO_MAXC`).
+const NORMED_ROWS: usize = 6;
+const NORMED_PIXELS: usize = 64;
+const NORMED_MAX_C: usize = 512;
+
+/// Whether the normed kernel computes convolution `s` of a `groups`-group norm's output: as
+/// `fits`, with at most NORMED_MAX_C input channels in whole groups.
+pub fn fits_normed(s: &ConvShape, groups: usize) -> bool {
+    fits(s)
+        && s.c <= NORMED_MAX_C
+        && groups > 0
+        && s.c.is_multiple_of(groups)
+        && s.n <= u16::MAX as usize
+        && s.h.div_ceil(NORMED_ROWS) <= u16::MAX as usize
+}
+
+/// What the normed kernel needs of the group norm whose output it convolves: the norm's input,
+/// its statistics (`GroupNorm::launch_stats`), gamma and beta, groups and whether SiLU follows.
+#[derive(Clone, Copy, Debug)]
+pub struct NormIn {
+    pub x: Ptr,
+    pub stats: Ptr,
+    pub gamma: Ptr,
+    pub beta: Ptr,
+    pub groups: usize,
+    pub silu: bool,
+}
+
+/// The compiled kernels.
 pub struct ConvOut {
     func: CudaFunction,
+    normed: CudaFunction,
 }
 
 impl ConvOut {
@@ -48,6 +78,7 @@ impl ConvOut {
         let m = super::compile(device, "conv_out", SRC)?;
         Ok(ConvOut {
             func: m.load_function("conv3x3_out8_nhwc_f16")?,
+            normed: m.load_function("conv3x3_out8_normed_nhwc_f16")?,
         })
     }
 
@@ -99,6 +130,70 @@ impl ConvOut {
         // the caller vouches for the sizes.
         unsafe { launch(stream, &self.func, cfg, &args) }
     }
+
+    /// y [n, h, w, 8] = conv3x3(silu?(groupnorm(norm.x)) [n, h, w, c], w [8, 3, 3, c]) + bias
+    /// (`bias` may be 0): the convolution of a group norm's output read from the norm's input,
+    /// which is normalised on its way into shared memory (the norm's output is never written).
+    ///
+    /// # Safety
+    /// norm.x, w, bias and y must hold those shapes; norm.stats n * groups (mean, 1/std) float2s
+    /// as `GroupNorm::launch_stats` leaves them, gamma and beta c halves.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_normed(
+        &self,
+        stream: &CudaStream,
+        s: &ConvShape,
+        norm: &NormIn,
+        w: Ptr,
+        bias: Ptr,
+        y: Ptr,
+    ) -> Result<(), GpuError> {
+        if !fits_normed(s, norm.groups)
+            || !aligned16(&[norm.x])
+            || !norm.stats.is_multiple_of(8)
+            || ![w, y, norm.gamma, norm.beta]
+                .iter()
+                .all(|p| p.is_multiple_of(4))
+        {
+            return Err(shape_err(
+                "conv3x3_out8_normed",
+                format!(
+                    "{s:?} of a {}-group norm (x {:#x} 16-byte aligned, stats {:#x} 8-byte, w {w:#x}, y {y:#x}, gamma and beta 4-byte)",
+                    norm.groups, norm.x, norm.stats
+                ),
+            ));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                s.w.div_ceil(NORMED_PIXELS) as u32,
+                s.h.div_ceil(NORMED_ROWS) as u32,
+                s.n as u32,
+            ),
+            block_dim: (32 * WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [
+            Arg::P(norm.x),
+            Arg::P(norm.stats),
+            Arg::P(norm.gamma),
+            Arg::P(norm.beta),
+            Arg::P(w),
+            Arg::P(bias),
+            Arg::P(y),
+            Arg::I(s.h as i32),
+            Arg::I(s.w as i32),
+            Arg::I(s.c as i32),
+            Arg::I(norm.groups as i32),
+            Arg::I(i32::from(norm.silu)),
+        ];
+        // SAFETY: matches conv3x3_out8_normed_nhwc_f16 (const half*, const float2*, 4 const
+        // half*, half*, 5 int); one block per NORMED_ROWS x NORMED_PIXELS outputs of one image,
+        // reads and writes past the image's rows and pixels skipped; c is a multiple of 32 (one
+        // staged chunk of 32 channels a step) and at most the kernel's scale table, in whole
+        // groups (`fits_normed`, checked); x read as aligned 16-byte vectors, stats as float2,
+        // w, gamma, beta and y as 4-byte pairs (checked); the caller vouches for the sizes.
+        unsafe { launch(stream, &self.normed, cfg, &args) }
+    }
 }
 
 #[cfg(test)]
@@ -124,6 +219,13 @@ mod tests {
         let mut nchw = shape(1, 128, 64, 8);
         nchw.nhwc = false;
         assert!(!fits(&nchw));
+        // The normed kernel: the VAE's and the UNet's, not more channels than its scale table
+        // holds, nor groups that split channels unevenly.
+        assert!(fits_normed(&shape(24, 128, 256, 8), 32));
+        assert!(fits_normed(&shape(24, 320, 32, 8), 32));
+        assert!(!fits_normed(&shape(1, 640, 32, 8), 32));
+        assert!(!fits_normed(&shape(1, 128, 32, 8), 48));
+        assert!(!fits_normed(&shape(1, 128, 32, 16), 32));
         // 16 pixels of one or two rows a warp: a 33 x 33 image is 33 rows, or 17 row pairs (the
         // last one row), of three tiles.
         assert_eq!(tiles(&shape(2, 128, 33, 8), 1), 2 * 33 * 3);

@@ -85,6 +85,12 @@ impl GroupNormShape {
             .max(1)
     }
 
+    /// Where the two-pass form's (mean, 1/std) start in its scratch, in bytes: after the
+    /// partial sums.
+    pub fn stats_offset(&self) -> usize {
+        8 * self.n * self.groups * self.chunks()
+    }
+
     /// Bytes of scratch: partial (sum, sum of squares) per chunk and group, then (mean, 1/std);
     /// none for the one-launch form, which keeps its sums in the block.
     pub fn scratch_bytes(&self) -> usize {
@@ -161,56 +167,9 @@ impl GroupNorm {
             // SAFETY: per the caller's contract.
             return unsafe { self.launch_small(stream, x, gamma, beta, y, s, None) };
         }
-        let chunks = s.chunks();
-        let chunk = s.hw.div_ceil(chunks);
-        let partial = scratch;
-        let vec8 = (s.c / s.groups).is_multiple_of(8) && super::elementwise::aligned16(&[x]);
-        let stats = scratch + (8 * s.n * s.groups * chunks) as u64;
-        let cfg = LaunchConfig {
-            grid_dim: (chunks as u32, s.n as u32, 1),
-            block_dim: (STATS_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        // SAFETY: per the caller's contract.
+        let stats = unsafe { self.launch_stats(stream, x, scratch, s) }?;
         let i = |v: usize| Arg::I(v as i32);
-        if s.fused_chunks == 0 {
-            // SAFETY: matches group_norm_nhwc_stats_f16 (const half*, float2*, 5 int); partial holds
-            // n*chunks*groups float2s; blockDim is a multiple of groups (checked).
-            unsafe {
-                launch(
-                    stream,
-                    &self.stats,
-                    cfg,
-                    &[
-                        Arg::P(x),
-                        Arg::P(partial),
-                        i(s.hw),
-                        i(s.c),
-                        i(s.groups),
-                        i(chunk),
-                        i(usize::from(vec8)),
-                    ],
-                )
-            }?;
-        }
-        let count = (s.hw * (s.c / s.groups)) as f32;
-        // SAFETY: matches group_norm_nhwc_finalize (const float2*, float2*, 3 int, 2 float); one
-        // warp per (image, group), surplus warps return.
-        unsafe {
-            launch(
-                stream,
-                &self.finalize,
-                grid(s.n * s.groups * 32, 256),
-                &[
-                    Arg::P(partial),
-                    Arg::P(stats),
-                    i(s.n),
-                    i(s.groups),
-                    i(chunks),
-                    Arg::F(count),
-                    Arg::F(s.eps),
-                ],
-            )
-        }?;
         if s.c.is_multiple_of(8) && super::elementwise::aligned16(&[x, gamma, beta, y]) {
             let image8 = s.hw * s.c / 8;
             let (threads, per_block, blocks) = super::vector_grid(image8, s.c / 8, s.n);
@@ -264,6 +223,80 @@ impl GroupNorm {
                 ],
             )
         }
+    }
+
+    /// The two-pass form's statistics alone (its sums, unless the producing convolution left
+    /// them, then the per-(image, group) mean and 1/std), for a kernel that normalises x on
+    /// its own way in (`conv_out`'s normed convolution). Returns where they are: n * groups
+    /// (mean, 1/std) float2s in the scratch.
+    ///
+    /// # Safety
+    /// x must hold n*hw*c elements, scratch `s.scratch_bytes()` bytes (8-byte aligned).
+    pub unsafe fn launch_stats(
+        &self,
+        stream: &CudaStream,
+        x: Ptr,
+        scratch: Ptr,
+        s: &GroupNormShape,
+    ) -> Result<Ptr, GpuError> {
+        s.check()?;
+        if s.one_launch() || !scratch.is_multiple_of(8) {
+            return Err(shape_err(
+                "group_norm statistics",
+                format!("{s:?} (the two-pass form only; scratch {scratch:#x} 8-byte aligned)"),
+            ));
+        }
+        let i = |v: usize| Arg::I(v as i32);
+        let chunks = s.chunks();
+        let chunk = s.hw.div_ceil(chunks);
+        let partial = scratch;
+        let vec8 = (s.c / s.groups).is_multiple_of(8) && super::elementwise::aligned16(&[x]);
+        let stats = scratch + s.stats_offset() as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (chunks as u32, s.n as u32, 1),
+            block_dim: (STATS_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if s.fused_chunks == 0 {
+            // SAFETY: matches group_norm_nhwc_stats_f16 (const half*, float2*, 5 int); partial holds
+            // n*chunks*groups float2s; blockDim is a multiple of groups (checked).
+            unsafe {
+                launch(
+                    stream,
+                    &self.stats,
+                    cfg,
+                    &[
+                        Arg::P(x),
+                        Arg::P(partial),
+                        i(s.hw),
+                        i(s.c),
+                        i(s.groups),
+                        i(chunk),
+                        i(usize::from(vec8)),
+                    ],
+                )
+            }?;
+        }
+        let count = (s.hw * (s.c / s.groups)) as f32;
+        // SAFETY: matches group_norm_nhwc_finalize (const float2*, float2*, 3 int, 2 float); one
+        // warp per (image, group), surplus warps return.
+        unsafe {
+            launch(
+                stream,
+                &self.finalize,
+                grid(s.n * s.groups * 32, 256),
+                &[
+                    Arg::P(partial),
+                    Arg::P(stats),
+                    i(s.n),
+                    i(s.groups),
+                    i(chunks),
+                    Arg::F(count),
+                    Arg::F(s.eps),
+                ],
+            )
+        }?;
+        Ok(stats)
     }
 
     /// The norm (one-launch form) written straight into the patch matrix of the k x k,
