@@ -95,86 +95,92 @@ extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_nhwc_f16(const __
 #define NO_ROWS 6
 #define NO_PIX 64
 #define NO_CH 32
+#define NO_THREADS 128
 // Halves a staged pixel takes: its NO_CH channels and 8 of padding, so that the 8 pixels one
 // ldmatrix matrix reads (80 bytes apart) fall in 8 distinct groups of 4 banks.
 #define NO_PS 40
-#define NO_MAXC 512
 #define NO_ROWS_IN (NO_ROWS + 2)
 #define NO_PIX_IN (NO_PIX + 2)
 
-// SiLU as v sigmoid(v) = h + h tanh(h), h = v / 2: one MUFU instruction (tanh.approx, relative
-// error about 2^-11, below the fp16 rounding of the result) instead of an exponential and a
-// division.
-__device__ __forceinline__ float silu_tanh(float v) {
-  const float h = 0.5f * v;
-  float th;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(th) : "f"(h));
-  return fmaf(h, th, h);
+// SiLU as v sigmoid(v) = h + h tanh(h), h = v / 2, two channels at a time: one MUFU
+// instruction for both (tanh.approx.f16x2) instead of an exponential and a division each.
+// The result is fp16 either way; the approximation's error is of the order of its rounding.
+__device__ __forceinline__ __half2 silu_tanh2(float a, float b) {
+  const __half2 h = __floats2half2_rn(0.5f * a, 0.5f * b);
+  unsigned th;
+  asm("tanh.approx.f16x2 %0, %1;" : "=r"(th) : "r"(*reinterpret_cast<const unsigned*>(&h)));
+  return __hfma2(h, *reinterpret_cast<const __half2*>(&th), h);
 }
 
-// x [n, h, wd, c] the norm's input (c a multiple of 32, at most NO_MAXC), stats [n, groups]
-// (mean, 1/std) as group_norm_nhwc_finalize leaves them, gamma and beta [c], w [8][3][3][c],
-// bias [8] or null, y [n, h, wd, 8]. Grid (ceil(wd / NO_PIX), ceil(h / NO_ROWS), n).
-extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_normed_nhwc_f16(
+// x [n, h, wd, c] the norm's input (c a multiple of 32), stats [n, groups] (mean, 1/std) as
+// group_norm_nhwc_finalize leaves them, gamma and beta [c], w [8][3][3][c], bias [8] or null,
+// y [n, h, wd, 8]. Grid (ceil(wd / NO_PIX), ceil(h / NO_ROWS), n).
+extern "C" __global__ void __launch_bounds__(NO_THREADS) conv3x3_out8_normed_nhwc_f16(
     const __half* __restrict__ x, const float2* __restrict__ stats, const __half* __restrict__ gamma,
     const __half* __restrict__ beta, const __half* __restrict__ w, const __half* __restrict__ bias,
     __half* __restrict__ y, int h, int wd, int c, int groups, int silu) {
   LS_PDL_ENTER();
   __shared__ __align__(16) __half tile[NO_ROWS_IN * NO_PIX_IN * NO_PS];
-  __shared__ float scale[NO_MAXC], shift[NO_MAXC];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int image = blockIdx.z, py0 = blockIdx.y * NO_ROWS, px0 = blockIdx.x * NO_PIX;
   const int cg = c / groups;
-  // The norm as one multiply-add per channel of this image.
-  for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
-    const float2 s = stats[(long)image * groups + ch / cg];
-    const float a = s.y * __half2float(gamma[ch]);
-    scale[ch] = a;
-    shift[ch] = __half2float(beta[ch]) - s.x * a;
-  }
   float acc[NO_ROWS][4];
 #pragma unroll
   for (int r = 0; r < NO_ROWS; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
   const __half* xi = x + (long)image * h * wd * c;
-  constexpr int VECS = NO_ROWS_IN * NO_PIX_IN * (NO_CH / 8);  // 16-byte vectors a stage
-  constexpr int BATCH = 4;                                    // loads in flight a thread
+  const float2* st = stats + (long)image * groups;
+  // Staged 16-byte vectors: (row, pixel, channel octet q), q fastest. The thread stride is a
+  // multiple of the octets a pixel holds, so a thread always stages the same 8 channels of a
+  // chunk: their scale and shift sit in registers.
+  constexpr int OCTETS = NO_CH / 8, VECS = NO_ROWS_IN * NO_PIX_IN * OCTETS, BATCH = 4;
+  static_assert(NO_THREADS % OCTETS == 0, "a thread keeps its channel octet");
+  const int q = threadIdx.x % OCTETS;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   for (int c0 = 0; c0 < c; c0 += NO_CH) {
-    // The scale and shift are written (first stage) and every warp is done with the last
-    // stage's products.
+    // The norm as one multiply-add per channel: this thread's 8.
+    float scale[8], shift[8];
+    {
+      const int ch0 = c0 + q * 8;
+      const uint4 gv = *reinterpret_cast<const uint4*>(gamma + ch0);
+      const uint4 bv = *reinterpret_cast<const uint4*>(beta + ch0);
+      const __half* gh = reinterpret_cast<const __half*>(&gv);
+      const __half* bh = reinterpret_cast<const __half*>(&bv);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float2 s = st[(ch0 + j) / cg];
+        scale[j] = s.y * __half2float(gh[j]);
+        shift[j] = __half2float(bh[j]) - s.x * scale[j];
+      }
+    }
+    // Every warp is done with the last stage's products.
     __syncthreads();
-    for (int v0 = threadIdx.x; v0 < VECS; v0 += BATCH * 128) {
+    for (int v0 = threadIdx.x; v0 < VECS; v0 += BATCH * NO_THREADS) {
       uint4 raw[BATCH];
       bool in[BATCH];
 #pragma unroll
       for (int u = 0; u < BATCH; ++u) {
-        const int v = v0 + u * 128;
-        const int q = v % (NO_CH / 8), p = (v / (NO_CH / 8)) % NO_PIX_IN, r = v / (NO_CH / 8 * NO_PIX_IN);
+        const int v = v0 + u * NO_THREADS;
+        const int p = (v / OCTETS) % NO_PIX_IN, r = v / (OCTETS * NO_PIX_IN);
         const int yy = py0 + r - 1, xx = px0 + p - 1;
         in[u] = v < VECS && yy >= 0 && yy < h && xx >= 0 && xx < wd;
         raw[u] = in[u] ? *reinterpret_cast<const uint4*>(xi + ((long)yy * wd + xx) * c + c0 + q * 8) : zero;
       }
 #pragma unroll
       for (int u = 0; u < BATCH; ++u) {
-        const int v = v0 + u * 128;
+        const int v = v0 + u * NO_THREADS;
         if (v >= VECS) break;
-        const int q = v % (NO_CH / 8), pix = v / (NO_CH / 8);  // pix: r * NO_PIX_IN + p
         if (in[u]) {
           __half2* hv = reinterpret_cast<__half2*>(&raw[u]);
-          const int ch = c0 + q * 8;
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            float2 f = __half22float2(hv[j]);
-            f.x = fmaf(f.x, scale[ch + 2 * j], shift[ch + 2 * j]);
-            f.y = fmaf(f.y, scale[ch + 2 * j + 1], shift[ch + 2 * j + 1]);
-            if (silu) {
-              f.x = silu_tanh(f.x);
-              f.y = silu_tanh(f.y);
-            }
-            hv[j] = __floats2half2_rn(f.x, f.y);
+            const float2 f = __half22float2(hv[j]);
+            const float a = fmaf(f.x, scale[2 * j], shift[2 * j]);
+            const float b = fmaf(f.y, scale[2 * j + 1], shift[2 * j + 1]);
+            hv[j] = silu ? silu_tanh2(a, b) : __floats2half2_rn(a, b);
           }
         }
-        *reinterpret_cast<uint4*>(tile + pix * NO_PS + q * 8) = raw[u];
+        // v / OCTETS is the staged pixel, row-major over (row, pixel).
+        *reinterpret_cast<uint4*>(tile + (v / OCTETS) * NO_PS + q * 8) = raw[u];
       }
     }
     // B fragments of this stage's channels: output g's filter, taps (dy, dx), two k16 steps.
@@ -189,8 +195,8 @@ extern "C" __global__ void __launch_bounds__(128) conv3x3_out8_normed_nhwc_f16(
       }
     }
     __syncthreads();
-    // Input row i (tile row i - 1) lies under output rows i - 2 .. i through filter row
-    // dy = i - r.
+    // Staged row i (input row py0 + i - 1) lies under output rows i - 2 .. i, through filter
+    // row dy = i - r.
 #pragma unroll
     for (int i = 0; i < NO_ROWS_IN; ++i) {
 #pragma unroll

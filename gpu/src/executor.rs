@@ -873,7 +873,7 @@ impl Executor {
             ex.norms_into_cols(&mut prepared);
         }
         if Experiment::NormConvOut.on() {
-            ex.norms_into_convs(&mut prepared);
+            ex.norms_into_convs(rt, &mut prepared);
         }
         ex.prepared = prepared;
         Ok(ex)
@@ -1037,9 +1037,15 @@ impl Executor {
     /// (`NormInput`: the VAE decoder's norm_out + SiLU -> conv_out) normalise the norm's input
     /// itself, whatever the convolution was prepared on: the norm then computes its
     /// statistics only.
-    fn norms_into_convs(&self, prepared: &mut [Prepared]) {
+    fn norms_into_convs(&self, rt: &Runtime, prepared: &mut [Prepared]) {
         for s in 1..self.plan.steps.len() {
-            if let Some(norm) = NormInput::of(&self.plan.steps, &self.plan.outputs, s) {
+            let Some(norm) = NormInput::of(&self.plan.steps, &self.plan.outputs, s) else {
+                continue;
+            };
+            // The kernel reads x, gamma and beta as 16-byte vectors (the arena's base is
+            // aligned more, so its offsets decide for good).
+            let p = |l: Loc| self.ptr(rt, l);
+            if crate::kernels::elementwise::aligned16(&[p(norm.x), p(norm.gamma), p(norm.beta)]) {
                 prepared[s - 1] = Prepared::NormStats;
                 prepared[s] = Prepared::NormedOut(norm);
             }
