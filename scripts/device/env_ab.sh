@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool, carry [".device/pack.tar.xz"]): what experiments (the
 # engine's environment switches, gpu/src/kernels `EXPERIMENTS`) change, on one engine file.
-# Builds the full-size random-weight camera engine once (its timed choices then hold for every
-# side), then times STAGES with every experiment off and with one of VARS set to 1, alternately,
+# Builds the full-size random-weight engine once (camera mode, which holds the avatar stages
+# too; MODE=avatar builds only those, faster; its timed choices then hold for every side), then times STAGES with every experiment off and with one of VARS set to 1, alternately,
 # ROUNDS times each, so drift of the card's clocks lands on both sides alike.
 #   VARS=LIPSTREAM_PDL,LIPSTREAM_NORM_COLS ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
 # An experiment the build decides by timing must be on during the build too, so that the engine
@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 for v in $(experiment_vars); do unset "$v"; done
 t0=$(date +%s)
 env $(echo "${BUILD_VARS:-}" | tr , '\n' | sed '/^$/d; s/$/=1/') \
-  $bin engine build --mode camera --batches "${BATCHES:-1,16}" --out "$engine" > "$out/engine_build.log" 2>&1 \
+  $bin engine build --mode "${MODE:-camera}" --batches "${BATCHES:-1,16}" --out "$engine" > "$out/engine_build.log" 2>&1 \
   || { tail -20 "$out/engine_build.log"; exit 1; }
 echo "engine build: $(( $(date +%s) - t0 )) s"
 status=0
