@@ -2,8 +2,9 @@
 # Runs on the GPU machine (device tool, carry [".device/pack.tar.xz"]): what experiments (the
 # engine's environment switches, gpu/src/kernels `EXPERIMENTS`) change, on one engine file.
 # Builds the full-size random-weight engine once (camera mode, which holds the avatar stages
-# too; MODE=avatar builds only those, faster; its timed choices then hold for every side), then times STAGES with every experiment off and with one of VARS set to 1, alternately,
-# ROUNDS times each, so drift of the card's clocks lands on both sides alike.
+# too; MODE=avatar builds only those, faster), so its timed choices hold for every side; then
+# times STAGES with every experiment off and with one of VARS set to 1, alternately, ROUNDS
+# times each, so drift of the card's clocks lands on both sides alike.
 #   VARS=LIPSTREAM_PDL,LIPSTREAM_NORM_COLS ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
 # An experiment the build decides by timing must be on during the build too, so that the engine
 # file holds its decision: BUILD_VARS=LIPSTREAM_X,LIPSTREAM_Y. The off side then ignores those
