@@ -15,7 +15,9 @@ use lipstream_engines::weights::{Checkpoint, Weights};
 use lipstream_engines::{cpu, Graph, Op, Tensor, ValueId};
 use lipstream_gpu::device::{libraries, Device};
 use lipstream_gpu::plan::{self, Step};
-use lipstream_gpu::{ConvAsGemm, ConvGraphs, Executor, FuseConv, Options, Runtime, ThinConvs};
+use lipstream_gpu::{
+    ConvAsGemm, ConvGraphs, Executor, FuseConv, NormedConvs, Options, Runtime, ThinConvs,
+};
 
 fn runtime() -> Option<Runtime> {
     let libs = libraries();
@@ -45,7 +47,8 @@ fn random(shape: &[usize], seed: u32, scale: f32) -> Tensor {
 /// Runs `g` on both executors (CUDA eagerly, then from a captured graph) and compares, with
 /// convolution epilogues on our kernel, then on cuDNN's fused call wherever it runs, then with
 /// every convolution the lowering takes as im2col + cuBLASLt GEMM, then on cuDNN's graph-API
-/// engines wherever one runs; returns how many
+/// engines wherever one runs, then on our thin-convolution kernels, then with every convolution
+/// to 8 outputs of a group norm normalising the norm's input itself; returns how many
 /// convolutions the second build fused.
 fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], tol: f64) -> usize {
     let want = cpu::run(g, inputs).unwrap();
@@ -65,6 +68,10 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         mma: ThinConvs::Always { rows },
         ..Options::HEURISTIC
     };
+    let normed_opts = Options {
+        normed: NormedConvs::Always,
+        ..Options::HEURISTIC
+    };
     let mut fused = 0;
     let builds = [
         (Options::HEURISTIC, "plain"),
@@ -73,6 +80,7 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         (graph_opts, "graph"),
         (mma_opts(1), "mma1"),
         (mma_opts(2), "mma2"),
+        (normed_opts, "normed"),
     ];
     for (opts, how) in builds {
         let mut ex =
@@ -90,6 +98,9 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
             continue;
         }
         if how.starts_with("mma") && ex.mma_convs().0 == 0 {
+            continue;
+        }
+        if how == "normed" && ex.normed_convs() == 0 {
             continue;
         }
         for captured in [false, true] {
@@ -389,9 +400,9 @@ fn norms_writing_convolution_patches_match() {
 /// Group norm (+ SiLU) into a convolution to 3 or 4 outputs, as the VAE decoder's norm_out ->
 /// conv_out and the UNet's: where the norm takes its two-pass form and nothing else reads it,
 /// the plan keeps its input and statistics alive through the convolution (`NormInput`, checked
-/// everywhere), and with LIPSTREAM_NORM_CONV_OUT=1 (an experiment, scripts/device/test.sh
-/// EXPERIMENTS=1) the convolution normalises the norm's input itself, which must match the CPU
-/// executor.
+/// everywhere), and the convolution may normalise the norm's input itself (`NormedConvs`:
+/// wherever it fits, and by default where the grid is large), which must match the CPU
+/// executor (`compare`'s "normed" build).
 #[test]
 fn convolutions_normalising_their_input_match() {
     // (input, outputs, SiLU, a convolution before the norm (which then takes its sums from
@@ -459,14 +470,16 @@ fn convolutions_normalising_their_input_match() {
         graphs.push(g);
     }
     let Some(mut rt) = runtime() else { return };
-    let on = lipstream_gpu::kernels::Experiment::NormConvOut.on();
     for (i, ((shape, o, silu, pre, norm_out, want), g)) in cases.iter().zip(&graphs).enumerate() {
+        let always = Options {
+            normed: NormedConvs::Always,
+            ..Options::HEURISTIC
+        };
+        let ex = Executor::new(&mut rt, g, "normed", always).unwrap();
+        assert_eq!(ex.normed_convs(), usize::from(*want), "{shape:?} -> {o}");
+        // These grids are too small to pay by default.
         let ex = Executor::new(&mut rt, g, "normed", Options::HEURISTIC).unwrap();
-        assert_eq!(
-            ex.normed_convs(),
-            usize::from(on && *want),
-            "{shape:?} -> {o}"
-        );
+        assert_eq!(ex.normed_convs(), 0, "{shape:?} -> {o} (by default)");
         let xt = random(shape, 890 + i as u32, 1.0);
         compare(
             &mut rt,

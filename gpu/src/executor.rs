@@ -51,6 +51,8 @@ pub struct Options {
     pub graphs: ConvGraphs,
     /// Whether a thin convolution (to 8 outputs, from at most 3 inputs) runs on our kernel for it.
     pub mma: ThinConvs,
+    /// Whether a convolution to 8 outputs of a group norm normalises the norm's input itself.
+    pub normed: NormedConvs,
 }
 
 impl Options {
@@ -61,6 +63,7 @@ impl Options {
         gemm: ConvAsGemm::Timed,
         graphs: ConvGraphs::Timed,
         mma: ThinConvs::Timed,
+        normed: NormedConvs::Large,
     };
     /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
     pub const HEURISTIC: Options = Options {
@@ -69,7 +72,21 @@ impl Options {
         gemm: ConvAsGemm::Never,
         graphs: ConvGraphs::Never,
         mma: ThinConvs::Never,
+        normed: NormedConvs::Large,
     };
+}
+
+/// Whether a convolution to 8 outputs of a two-pass group norm that nothing else reads (the
+/// VAE decoder's norm_out + SiLU -> conv_out) runs on `conv_out`'s normed kernel, which reads
+/// the norm's input and normalises it on the way in, so the norm computes its statistics only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormedConvs {
+    /// Never: the norm's own pass, then the convolution as prepared.
+    Never,
+    /// Where the kernel's grid fills the GPU (`conv_out::normed_pays`).
+    Large,
+    /// Wherever the kernel fits (tests).
+    Always,
 }
 
 /// Whether a thin 3x3 convolution runs on our tensor-core kernel for its kind instead of the
@@ -685,8 +702,7 @@ enum Prepared {
     /// convolution after it (`NormedOut`).
     NormStats,
     /// A convolution to 8 outputs of the norm before it, on `conv_out`'s normed kernel: it
-    /// reads the norm's input and statistics instead of its output (experiment
-    /// `LIPSTREAM_NORM_CONV_OUT=1`).
+    /// reads the norm's input and statistics instead of its output (`NormedConvs`).
     NormedOut(NormInput),
 }
 
@@ -872,8 +888,8 @@ impl Executor {
         if Experiment::NormCols.on() {
             ex.norms_into_cols(&mut prepared);
         }
-        if Experiment::NormConvOut.on() {
-            ex.norms_into_convs(rt, &mut prepared);
+        if opts.normed != NormedConvs::Never {
+            ex.norms_into_convs(rt, &mut prepared, opts.normed);
         }
         ex.prepared = prepared;
         Ok(ex)
@@ -1034,14 +1050,19 @@ impl Executor {
     }
 
     /// Lets each convolution to 8 outputs of a two-pass group norm that nothing else reads
-    /// (`NormInput`: the VAE decoder's norm_out + SiLU -> conv_out) normalise the norm's input
-    /// itself, whatever the convolution was prepared on: the norm then computes its
-    /// statistics only.
-    fn norms_into_convs(&self, rt: &Runtime, prepared: &mut [Prepared]) {
+    /// (`NormInput`) normalise the norm's input itself, whatever the convolution was prepared
+    /// on, where `normed` allows: the norm then computes its statistics only.
+    fn norms_into_convs(&self, rt: &Runtime, prepared: &mut [Prepared], normed: NormedConvs) {
         for s in 1..self.plan.steps.len() {
             let Some(norm) = NormInput::of(&self.plan.steps, &self.plan.outputs, s) else {
                 continue;
             };
+            let Step::Conv { shape, .. } = &self.plan.steps[s] else {
+                continue;
+            };
+            if normed == NormedConvs::Large && !conv_out::normed_pays(shape) {
+                continue;
+            }
             // The kernel reads x, gamma and beta as 16-byte vectors (the arena's base is
             // aligned more, so its offsets decide for good).
             let p = |l: Loc| self.ptr(rt, l);

@@ -21,6 +21,6 @@ pub mod plan;
 pub use device::Device;
 pub use error::GpuError;
 pub use executor::{
-    ConvAsGemm, ConvGraphs, Executor, FuseConv, MmaConv, MmaKey, Options, Runtime, Scratch,
-    Staging, ThinConvs, Tuning,
+    ConvAsGemm, ConvGraphs, Executor, FuseConv, MmaConv, MmaKey, NormedConvs, Options, Runtime,
+    Scratch, Staging, ThinConvs, Tuning,
 };

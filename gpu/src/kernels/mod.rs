@@ -205,17 +205,13 @@ pub enum Experiment {
     NormCols,
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
-    /// A convolution to 8 outputs of a two-pass group norm normalises the norm's input itself
-    /// (`conv_out`).
-    NormConvOut,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 4] = [
+    pub const ALL: [Experiment; 3] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
-        Experiment::NormConvOut,
     ];
 
     /// Its environment variable.
@@ -224,7 +220,6 @@ impl Experiment {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
-            Experiment::NormConvOut => "LIPSTREAM_NORM_CONV_OUT",
         }
     }
 
@@ -237,9 +232,6 @@ impl Experiment {
             }
             Experiment::FlashRows32 => {
                 "fused attention warps own 32 queries (head dims 40, 64, 80): K and V read half as often"
-            }
-            Experiment::NormConvOut => {
-                "convolutions to 8 outputs of a two-pass group norm normalise its input themselves"
             }
         }
     }

@@ -18,7 +18,7 @@ use lipstream_engines::weights::Weights;
 use lipstream_engines::{cpu, Graph, Tensor};
 use lipstream_gpu::device::Device;
 use lipstream_gpu::{
-    ConvAsGemm, ConvGraphs, Executor, FuseConv, Options, Runtime, ThinConvs, Tuning,
+    ConvAsGemm, ConvGraphs, Executor, FuseConv, NormedConvs, Options, Runtime, ThinConvs, Tuning,
 };
 use serde_json::{json, Value};
 
@@ -222,6 +222,7 @@ pub fn executors(
         gemm: ConvAsGemm::Timed,
         graphs: ConvGraphs::Timed,
         mma: ThinConvs::Timed,
+        normed: NormedConvs::Large,
     };
     let mut profiles = Vec::new();
     for &b in batches {
@@ -418,6 +419,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
                     ConvGraphs::Never
                 },
                 mma: ThinConvs::Timed,
+                normed: NormedConvs::Large,
             },
         )
         .with_context(|| format!("building {} B={batch}", stage.name()))?;
@@ -429,8 +431,9 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         let (fused, convs) = ex.fused_convs();
         let (gemms, _) = ex.gemm_convs();
         let (mma, _) = ex.mma_convs();
+        let normed = ex.normed_convs();
         eprintln!(
-            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM, {mma} thin ones on our tensor-core kernels), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
+            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM, {mma} thin ones on our tensor-core kernels, {normed} normalising their input), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
             stage.name(),
             ex.steps().len(),
             ex.arena_bytes as f64 / (1 << 20) as f64,
