@@ -162,11 +162,9 @@ impl ConvOut {
         y: Ptr,
     ) -> Result<(), GpuError> {
         if !fits_normed(s, norm.groups)
-            || !aligned16(&[norm.x])
+            || !aligned16(&[norm.x, norm.gamma, norm.beta])
             || !norm.stats.is_multiple_of(8)
-            || ![w, y, norm.gamma, norm.beta]
-                .iter()
-                .all(|p| p.is_multiple_of(4))
+            || ![w, y].iter().all(|p| p.is_multiple_of(4))
         {
             return Err(shape_err(
                 "conv3x3_out8_normed",
