@@ -254,6 +254,29 @@ fn a_padded_convolution_knows_its_unpadded_input() {
 /// UNet's conv_out, and from 1 to 3 channels, as the VAE encoder's conv_in on RGB, at row widths
 /// that end in a partial 16-pixel tile and an odd image height; from RGB also with a group norm
 /// after it, whose sums the convolution step leaves.
+/// A 32-group norm of `x` ([n, c, h, w]) named "norm", gamma and beta random from `seeds`.
+fn group_norm(
+    g: &mut Graph,
+    x: ValueId,
+    c: usize,
+    seeds: (u32, u32),
+    eps: f32,
+    silu: bool,
+) -> ValueId {
+    let gm = konst(g, "gamma", &[c], seeds.0, 1.0);
+    let bt = konst(g, "beta", &[c], seeds.1, 0.5);
+    g.push(
+        "norm",
+        Op::GroupNorm {
+            groups: 32,
+            eps,
+            silu,
+        },
+        &[x, gm, bt],
+    )
+    .unwrap()
+}
+
 #[test]
 fn thin_convolutions_match() {
     let cases: [(&[usize], usize); 8] = [
@@ -307,19 +330,7 @@ fn thin_graph(i: u32, shape: &[usize], o: usize) -> Graph {
     let y = conv(&mut g, x, shape[1], o, 3, 1, [1; 4], 90 + 2 * i);
     g.output("y", y);
     if shape[1] <= 3 && o.is_multiple_of(32) {
-        let gm = konst(&mut g, "gamma", &[o], 60 + i, 1.0);
-        let bt = konst(&mut g, "beta", &[o], 70 + i, 0.5);
-        let h = g
-            .push(
-                "norm",
-                Op::GroupNorm {
-                    groups: 32,
-                    eps: 1e-6,
-                    silu: true,
-                },
-                &[y, gm, bt],
-            )
-            .unwrap();
+        let h = group_norm(&mut g, y, o, (60 + i, 70 + i), 1e-6, true);
         g.output("h", h);
         let p = plan::lower(&g, "thin").unwrap();
         let sums = p
@@ -362,19 +373,8 @@ fn norms_writing_convolution_patches_match() {
         let c = shape[1];
         let mut g = Graph::new();
         let x = g.input("x", shape);
-        let gm = konst(&mut g, "gamma", &[c], 700 + i as u32, 1.0);
-        let bt = konst(&mut g, "beta", &[c], 710 + i as u32, 0.5);
-        let h = g
-            .push(
-                "norm",
-                Op::GroupNorm {
-                    groups: 32,
-                    eps: 1e-5,
-                    silu: true,
-                },
-                &[x, gm, bt],
-            )
-            .unwrap();
+        let seeds = (700 + i as u32, 710 + i as u32);
+        let h = group_norm(&mut g, x, c, seeds, 1e-5, true);
         let pad = [k / 2; 4];
         let y = conv(&mut g, h, c, *o, *k, 1, pad, 720 + 10 * i as u32);
         g.output("y", y);
@@ -428,19 +428,7 @@ fn convolutions_normalising_their_input_match() {
         if *pre {
             x = conv(&mut g, x, c, c, 3, 1, [1; 4], 800 + 10 * i);
         }
-        let gm = konst(&mut g, "gamma", &[c], 860 + i, 1.0);
-        let bt = konst(&mut g, "beta", &[c], 870 + i, 0.5);
-        let h = g
-            .push(
-                "norm",
-                Op::GroupNorm {
-                    groups: 32,
-                    eps: 1e-6,
-                    silu: *silu,
-                },
-                &[x, gm, bt],
-            )
-            .unwrap();
+        let h = group_norm(&mut g, x, c, (860 + i, 870 + i), 1e-6, *silu);
         let y = conv(&mut g, h, c, *o, 3, 1, [1; 4], 880 + 10 * i);
         g.output("y", y);
         if *norm_out {
