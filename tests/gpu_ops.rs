@@ -48,7 +48,8 @@ fn random(shape: &[usize], seed: u32, scale: f32) -> Tensor {
 /// convolution epilogues on our kernel, then on cuDNN's fused call wherever it runs, then with
 /// every convolution the lowering takes as im2col + cuBLASLt GEMM, then on cuDNN's graph-API
 /// engines wherever one runs, then on our thin-convolution kernels, then with every convolution
-/// to 8 outputs of a group norm normalising the norm's input itself; returns how many
+/// to 8 outputs of a group norm normalising the norm's input itself, then with every large
+/// group norm in its streamed form; returns how many
 /// convolutions the second build fused.
 fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], tol: f64) -> usize {
     let want = cpu::run(g, inputs).unwrap();
@@ -72,6 +73,10 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         normed: NormedConvs::Always,
         ..Options::HEURISTIC
     };
+    let streamed_opts = Options {
+        stream_norms: true,
+        ..Options::HEURISTIC
+    };
     let mut fused = 0;
     let builds = [
         (Options::HEURISTIC, "plain"),
@@ -81,6 +86,7 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         (mma_opts(1), "mma1"),
         (mma_opts(2), "mma2"),
         (normed_opts, "normed"),
+        (streamed_opts, "streamed"),
     ];
     for (opts, how) in builds {
         let mut ex =
@@ -101,6 +107,9 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
             continue;
         }
         if how == "normed" && ex.normed_convs() == 0 {
+            continue;
+        }
+        if how == "streamed" && ex.streamed_norms() == 0 {
             continue;
         }
         for captured in [false, true] {
@@ -473,6 +482,73 @@ fn convolutions_normalising_their_input_match() {
             &mut rt,
             &format!("norm -> conv {shape:?}->{o} silu={silu} pre={pre} out={norm_out}"),
             g,
+            &[("x", &xt)],
+            5e-3,
+        );
+    }
+}
+
+/// Large group norms (+ SiLU) in their streamed form (`Options::stream_norms`): one launch that
+/// sums each unit (an image, or a slice of its channels holding whole groups) and normalises it
+/// once the unit's last block has its statistics. Where a convolution produced the norm's input,
+/// its epilogue then sums nothing. Cases: one unit an image; two channel slices an image (256
+/// channels at 256x256); images small enough that eight units are read at once; a last tile
+/// part full (100x70); 40 vectors a pixel (240 threads a block, groups of 10 channels). The
+/// result must match the CPU executor (`compare`'s "streamed" build, eager and replayed) and
+/// not depend on the order the blocks ran in (two runs, bit for bit).
+#[test]
+fn streamed_group_norms_match() {
+    // (images, channels, height, width, a convolution from 8 channels before the norm, SiLU).
+    let cases: [(usize, usize, usize, usize, bool, bool); 6] = [
+        (2, 128, 256, 256, true, true),
+        (1, 256, 256, 256, false, true),
+        (3, 256, 128, 128, true, false),
+        (2, 512, 64, 64, true, true),
+        (1, 128, 100, 70, false, true),
+        (2, 320, 64, 96, true, true),
+    ];
+    let Some(mut rt) = runtime() else { return };
+    for (i, &(n, c, h, w, pre, silu)) in cases.iter().enumerate() {
+        let i = i as u32;
+        let mut g = Graph::new();
+        let shape = [n, if pre { 8 } else { c }, h, w];
+        let mut x = g.input("x", &shape);
+        if pre {
+            x = conv(&mut g, x, 8, c, 3, 1, [1; 4], 900 + 10 * i);
+        }
+        let y = group_norm(&mut g, x, c, (960 + i, 970 + i), 1e-6, silu);
+        g.output("y", y);
+        let opts = Options {
+            stream_norms: true,
+            ..Options::HEURISTIC
+        };
+        let ex = Executor::new(&mut rt, &g, "streamed", opts).unwrap();
+        assert_eq!(ex.streamed_norms(), 1, "{shape:?}");
+        let sums_left = ex
+            .steps()
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s,
+                    Step::Conv { stats: Some(_), .. } | Step::Subpixel { stats: Some(_), .. }
+                )
+            })
+            .count();
+        assert_eq!(
+            sums_left, 0,
+            "{shape:?}: a producer still sums for the norm"
+        );
+        let xt = random(&shape, 990 + i, 1.0);
+        let first = ex.run_f32(&mut rt, &[("x", &xt)]).unwrap();
+        let again = ex.run_f32(&mut rt, &[("x", &xt)]).unwrap();
+        assert!(
+            first[0].1.data == again[0].1.data,
+            "{shape:?}: two runs differ"
+        );
+        compare(
+            &mut rt,
+            &format!("streamed norm [{n}, {c}, {h}, {w}] pre={pre} silu={silu}"),
+            &g,
             &[("x", &xt)],
             5e-3,
         );

@@ -324,3 +324,205 @@ extern "C" __global__ void group_norm_nhwc_small_f16x2(const __half* __restrict_
   LS_PDL_ENTER();
   group_norm_small<2>(x, gamma, beta, y, hw, c, groups, eps, silu, parts, cols, wd, kk);
 }
+
+// ---- The streamed form: one launch, x read from memory once ----
+//
+// For norms too large for a block a group (the VAE's 64x64 .. 256x256 images), in place of the
+// split form's three passes (sums, often in the producing convolution's epilogue; statistics;
+// apply), each of which reads x from memory. The batch is cut into units: an image, or a slice
+// of its channels holding whole groups, small enough for L2. A unit is cut into `tiles` tiles of
+// `tile_px` pixels, and each tile is two items: its sums (S), and its normalisation (N), which
+// reads the tile again, from L2 where S left it a few microseconds before. A block runs one item,
+// the next in the order blocks start (a ticket, not its index):
+//   S(0), S(1), N(0), S(2), N(1), ..., S(U - 1), N(U - 2), N(U - 1)   (each a unit's tiles)
+// The unit's last S block to finish turns its partial sums into (mean, 1/std), in a fixed order
+// (the result does not depend on timing). An N block waits for that; an S block of unit u first
+// waits until unit u - 2 is written, so at most two units are between their two reads.
+//
+// No deadlock on any occupancy, beside any other kernel (another instance of this one
+// included): a block waits only for blocks with earlier tickets, which have started, and S
+// blocks wait only on earlier N blocks, which wait only on earlier S blocks.
+//
+// Scratch: u32 counters (zeroed before each launch): ticket, then arrived[units], ready[units],
+// written[units]; `sums`: float2 partial[units][tiles][gs], then stats[units][gs] (gs groups a
+// slice). blockDim = (256 / cs8) * cs8 for cs8 = channels a slice / 8: a thread keeps the same
+// eight channels of every pixel it touches; tile_px is a multiple of blockDim / cs8.
+#define GN_STREAM_THREADS 256
+#define GN_STREAM_UNROLL 8
+
+__device__ __forceinline__ unsigned gn_ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void gn_st_release(unsigned* p, unsigned v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void gn_wait_at_least(const unsigned* p, unsigned n) {
+  while (gn_ld_acquire(p) < n) __nanosleep(64);
+}
+
+extern "C" __global__ void __launch_bounds__(GN_STREAM_THREADS)
+    group_norm_nhwc_streamed_f16x8(const uint4* __restrict__ x, const __half* __restrict__ gamma,
+                                   const __half* __restrict__ beta, uint4* __restrict__ y,
+                                   unsigned* __restrict__ counters, float2* __restrict__ sums, int hw,
+                                   int c, int groups, int slices, int tile_px, int tiles, int units,
+                                   int silu, float eps) {
+  LS_PDL_ENTER();
+  __shared__ unsigned s_ticket, s_last;
+  __shared__ float s_sum[GN_STREAM_THREADS][4], s_sq[GN_STREAM_THREADS][4];
+  __shared__ float2 s_red[GN_STREAM_THREADS];
+  const int tid = threadIdx.x;
+  if (tid == 0) s_ticket = atomicAdd(counters, 1u);
+  __syncthreads();
+  // Ticket -> item: S(0); then pairs [S(j), N(j - 1)] for j = 1 .. U - 1; then N(U - 1).
+  int u, tile;
+  bool normalise;
+  {
+    const long t = s_ticket;
+    if (t < tiles) {
+      u = 0, tile = (int)t, normalise = false;
+    } else {
+      const long r = t - tiles;
+      const int j = (int)(r / (2L * tiles)) + 1, k = (int)(r % (2L * tiles));
+      if (j < units) {
+        normalise = k >= tiles;
+        u = normalise ? j - 1 : j;
+        tile = normalise ? k - tiles : k;
+      } else {
+        u = units - 1, tile = k, normalise = true;
+      }
+    }
+  }
+  unsigned* arrived = counters + 1;
+  unsigned* ready = arrived + units;
+  unsigned* written = ready + units;
+  float2* stats = sums + (long)units * tiles * (groups / slices);
+  const int cs = c / slices, cs8 = cs / 8, gs = groups / slices, cg = c / groups;
+  const int img = u / slices, slice = u - img * slices;
+  const int rows = blockDim.x / cs8, chv = tid % cs8;
+  const int p0 = tile * tile_px, p1 = min(hw, p0 + tile_px);
+  const long c8 = c / 8;
+  const long base = (long)img * hw * c8 + slice * cs8 + chv;
+
+  if (!normalise) {
+    if (tid == 0 && u >= 2) gn_wait_at_least(written + (u - 2), (unsigned)tiles);
+    __syncthreads();
+    // Sums of the tile, per channel pair of this thread's eight channels.
+    float sum[4] = {0.f, 0.f, 0.f, 0.f}, sq[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int p = p0 + tid / cs8; p < p1; p += rows * GN_STREAM_UNROLL) {
+      uint4 v[GN_STREAM_UNROLL];
+#pragma unroll
+      for (int k = 0; k < GN_STREAM_UNROLL; ++k) {
+        const int q = p + k * rows;
+        v[k] = q < p1 ? x[base + (long)q * c8] : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int k = 0; k < GN_STREAM_UNROLL; ++k) {
+        const __half2* h = reinterpret_cast<const __half2*>(&v[k]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = __half22float2(h[j]);
+          sum[j] += f.x + f.y;
+          sq[j] += f.x * f.x + f.y * f.y;
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      s_sum[tid][j] = sum[j];
+      s_sq[tid][j] = sq[j];
+    }
+    __syncthreads();
+    // Group g of the slice holds channel pairs [g * cg / 2, (g + 1) * cg / 2); pair q is slot
+    // q % 4 of the threads whose vector is q / 4. Summed in a fixed order.
+    if (tid < gs) {
+      float a = 0.f, b = 0.f;
+      for (int q = tid * cg / 2; q < (tid + 1) * cg / 2; ++q) {
+        for (int r = 0; r < rows; ++r) {
+          a += s_sum[q / 4 + r * cs8][q % 4];
+          b += s_sq[q / 4 + r * cs8][q % 4];
+        }
+      }
+      sums[((long)u * tiles + tile) * gs + tid] = make_float2(a, b);
+      __threadfence();
+    }
+    __syncthreads();
+    if (tid == 0) s_last = atomicAdd(arrived + u, 1u) == (unsigned)tiles - 1;
+    __syncthreads();
+    if (!s_last) return;
+    // Every tile's sums are in: (mean, 1/std) for the unit, reader r of group g taking tiles
+    // r, r + R, ... in order, then the R readers in order.
+    __threadfence();
+    const int readers = blockDim.x / gs, g = tid % gs, r = tid / gs;
+    float2 acc = make_float2(0.f, 0.f);
+    if (r < readers) {
+      for (int k = r; k < tiles; k += readers) {
+        const float2 s = __ldcg(&sums[((long)u * tiles + k) * gs + g]);
+        acc.x += s.x;
+        acc.y += s.y;
+      }
+    }
+    s_red[tid] = acc;
+    __syncthreads();
+    if (tid < gs) {
+      float a = 0.f, b = 0.f;
+      for (int k = 0; k < readers; ++k) {
+        a += s_red[k * gs + tid].x;
+        b += s_red[k * gs + tid].y;
+      }
+      const float count = (float)hw * cg, mean = a / count;
+      stats[(long)u * gs + tid] = make_float2(mean, rsqrtf(fmaxf(b / count - mean * mean, 0.f) + eps));
+      __threadfence();
+    }
+    __syncthreads();
+    if (tid == 0) gn_st_release(ready + u, 1u);
+    return;
+  }
+
+  // N: normalise the tile, read again (from L2), once the unit's statistics are out.
+  if (tid == 0) gn_wait_at_least(ready + u, 1u);
+  __syncthreads();
+  float scale[8], shift[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const int ch = chv * 8 + k;
+    const float2 s = __ldcg(&stats[(long)u * gs + ch / cg]);
+    const int gc = slice * cs + ch;
+    scale[k] = s.y * __half2float(gamma[gc]);
+    shift[k] = __half2float(beta[gc]) - s.x * scale[k];
+  }
+  for (int p = p0 + tid / cs8; p < p1; p += rows * GN_STREAM_UNROLL) {
+    uint4 v[GN_STREAM_UNROLL];
+#pragma unroll
+    for (int k = 0; k < GN_STREAM_UNROLL; ++k) {
+      const int q = p + k * rows;
+      if (q < p1) v[k] = __ldcs(&x[base + (long)q * c8]);
+    }
+#pragma unroll
+    for (int k = 0; k < GN_STREAM_UNROLL; ++k) {
+      const int q = p + k * rows;
+      if (q >= p1) continue;
+      __half2* h = reinterpret_cast<__half2*>(&v[k]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float2 f = __half22float2(h[j]);
+        f.x = fmaf(f.x, scale[2 * j], shift[2 * j]);
+        f.y = fmaf(f.y, scale[2 * j + 1], shift[2 * j + 1]);
+        if (silu) {
+          f.x = __fdividef(f.x, 1.f + __expf(-f.x));
+          f.y = __fdividef(f.y, 1.f + __expf(-f.y));
+        }
+        h[j] = __floats2half2_rn(f.x, f.y);
+      }
+      y[base + (long)q * c8] = v[k];
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(written + u, 1u);
+  }
+}

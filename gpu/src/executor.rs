@@ -53,6 +53,9 @@ pub struct Options {
     pub mma: ThinConvs,
     /// Whether a convolution to 8 outputs of a group norm normalises the norm's input itself.
     pub normed: NormedConvs,
+    /// Whether large group norms take the streamed form (`GroupNormShape::can_stream`); on
+    /// also wherever `LIPSTREAM_GN_STREAM=1`.
+    pub stream_norms: bool,
 }
 
 impl Options {
@@ -64,6 +67,7 @@ impl Options {
         graphs: ConvGraphs::Timed,
         mma: ThinConvs::Timed,
         normed: NormedConvs::Large,
+        stream_norms: false,
     };
     /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
     pub const HEURISTIC: Options = Options {
@@ -73,6 +77,7 @@ impl Options {
         graphs: ConvGraphs::Never,
         mma: ThinConvs::Never,
         normed: NormedConvs::Large,
+        stream_norms: false,
     };
 }
 
@@ -891,6 +896,9 @@ impl Executor {
         if opts.normed != NormedConvs::Never {
             ex.norms_into_convs(rt, &mut prepared, opts.normed);
         }
+        if opts.stream_norms || Experiment::GnStream.on() {
+            ex.stream_norms(rt, &prepared);
+        }
         ex.prepared = prepared;
         Ok(ex)
     }
@@ -1071,6 +1079,51 @@ impl Executor {
                 prepared[s] = Prepared::NormedOut(norm);
             }
         }
+    }
+
+    /// Lets each group norm that runs on its own (`Prepared::None`) and can (`can_stream`, x, y
+    /// and scratch 16-byte aligned) take the streamed form, which sums its input itself in the same
+    /// launch: the producing convolution's epilogue then sums nothing, which saves a whole read
+    /// of the norm's input.
+    fn stream_norms(&mut self, rt: &Runtime, prepared: &[Prepared]) {
+        for (s, how) in prepared.iter().enumerate() {
+            let Step::GroupNorm {
+                shape,
+                x,
+                y,
+                scratch,
+                ..
+            } = &self.plan.steps[s]
+            else {
+                continue;
+            };
+            let p = |l: Loc| self.ptr(rt, l);
+            let aligned = crate::kernels::elementwise::aligned16(&[p(*x), p(*y), p(*scratch)]);
+            if !matches!(how, Prepared::None) || !shape.can_stream() || !aligned {
+                continue;
+            }
+            let scratch = *scratch;
+            for step in &mut self.plan.steps[..s] {
+                if let Step::Conv { stats, .. } | Step::Subpixel { stats, .. } = step {
+                    if stats.is_some_and(|(l, _)| l == scratch) {
+                        *stats = None;
+                    }
+                }
+            }
+            if let Step::GroupNorm { shape, .. } = &mut self.plan.steps[s] {
+                shape.streamed = true;
+                shape.fused_chunks = 0;
+            }
+        }
+    }
+
+    /// How many group norms take the streamed form.
+    pub fn streamed_norms(&self) -> usize {
+        self.plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::GroupNorm { shape, .. } if shape.streamed))
+            .count()
     }
 
     /// How many convolutions normalise their input themselves (`Prepared::NormedOut`).

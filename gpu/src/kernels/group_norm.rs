@@ -1,7 +1,7 @@
 //! GroupNorm (+ fused SiLU) on fp16 NHWC activations: partial sums over pixel chunks, per-group
 //! statistics, then the elementwise apply.
 
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
+use cudarc::driver::{sys, CudaFunction, CudaStream, LaunchConfig};
 
 use super::{elems, grid, launch, launch_clustered, shape_err, Arg, Ptr};
 use crate::device::Device;
@@ -29,6 +29,13 @@ const SMALL_GROUP_ELEMS: usize = 16384;
 /// producing epilogue sum the groups (50 of that batch's 91 norms instead of 19). Avatar
 /// batches of 16 and 24 frames, H200, 2026-12-07: -1.3 % / -1.4 % and -0.3 % / -2.1 %.
 const SPLIT_BATCH_ELEMS: usize = 1 << 21;
+/// The streamed form's unit (an image, or a slice of its channels) at most: one 256x256 image
+/// of 128 channels. At most two units lie between their two reads, in L2 (50 MB on an H100).
+const STREAM_UNIT_BYTES: usize = 1 << 24;
+/// Threads of a streamed block at most (the kernel's GN_STREAM_THREADS).
+const STREAM_THREADS: usize = 256;
+/// Vectors a streamed block's thread reads per tile: 64 KiB tiles at 256 threads.
+const STREAM_PER_THREAD: usize = 16;
 /// Threads of a one-launch block: enough loads in flight to hide L2 latency for a whole group.
 const SMALL_THREADS: usize = 512;
 /// Blocks the one-launch form aims for when it may split groups over clusters: one a group at
@@ -49,13 +56,27 @@ pub struct GroupNormShape {
     /// Partial sums per image already written by the producing convolution's epilogue (0: the
     /// norm sums its input itself).
     pub fused_chunks: usize,
+    /// The streamed form (`can_stream`): one launch that reads x from memory once.
+    pub streamed: bool,
+}
+
+/// How the streamed form cuts a norm: `units` (an image, or a slice of `slices` of its
+/// channels), each of `tiles` tiles of `tile_px` pixels, `threads` a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Streamed {
+    slices: usize,
+    threads: usize,
+    tile_px: usize,
+    tiles: usize,
+    units: usize,
 }
 
 impl GroupNormShape {
     /// Whether the norm runs as one launch of one block per (group, image); such a norm sums its
     /// input itself, so its producer need not.
     pub fn one_launch(&self) -> bool {
-        self.fused_chunks == 0
+        !self.streamed
+            && self.fused_chunks == 0
             && self.hw * (self.c / self.groups.max(1)) <= SMALL_GROUP_ELEMS
             && self.n * self.hw * self.c <= SPLIT_BATCH_ELEMS
     }
@@ -92,12 +113,78 @@ impl GroupNormShape {
     }
 
     /// Bytes of scratch: partial (sum, sum of squares) per chunk and group, then (mean, 1/std);
-    /// none for the one-launch form, which keeps its sums in the block.
+    /// none for the one-launch form, which keeps its sums in the block. Where the norm could
+    /// stream (`can_stream`), enough for either form, so the executor may pick after placing.
     pub fn scratch_bytes(&self) -> usize {
         if self.one_launch() {
             return 0;
         }
-        8 * self.n * self.groups * (self.chunks() + 1)
+        let split = if self.streamed {
+            0
+        } else {
+            8 * self.n * self.groups * (self.chunks() + 1)
+        };
+        let streamed = self.streamed_layout().map_or(0, |l| {
+            Self::counter_bytes(&l) + 8 * self.n * self.groups * (l.tiles + 1)
+        });
+        split.max(streamed)
+    }
+
+    /// Whether the norm may take the streamed form: the split form's shape (too large for one
+    /// launch a group), whole 8-channel vectors, and a slice of its channels (whole groups) at
+    /// most `STREAM_UNIT_BYTES` an image.
+    pub fn can_stream(&self) -> bool {
+        let split = GroupNormShape {
+            fused_chunks: 0,
+            streamed: false,
+            ..*self
+        };
+        !split.one_launch() && self.streamed_layout().is_some()
+    }
+
+    /// The streamed form's cut (`Streamed`), where one exists.
+    fn streamed_layout(&self) -> Option<Streamed> {
+        if self.groups == 0
+            || !self.c.is_multiple_of(8)
+            || !self.c.is_multiple_of(self.groups)
+            || !(self.c / self.groups).is_multiple_of(2)
+            || self.hw == 0
+        {
+            return None;
+        }
+        let slices = (1..=self.groups)
+            .filter(|s| self.groups.is_multiple_of(*s))
+            .find(|s| {
+                let cs = self.c / s;
+                cs.is_multiple_of(8)
+                    && cs / 8 <= STREAM_THREADS
+                    && self.hw * cs * 2 <= STREAM_UNIT_BYTES
+            })?;
+        let cs8 = self.c / slices / 8;
+        let threads = STREAM_THREADS / cs8 * cs8;
+        let tile_px = threads / cs8 * STREAM_PER_THREAD;
+        let tiles = self.hw.div_ceil(tile_px);
+        let units = self.n * slices;
+        // Tickets and element offsets in 32 bits where the kernel keeps them so.
+        (2 * units * tiles < i32::MAX as usize && self.n * self.hw * self.c < 1 << 40).then_some(
+            Streamed {
+                slices,
+                threads,
+                tile_px,
+                tiles,
+                units,
+            },
+        )
+    }
+
+    /// The streamed form's counters: the ticket, then three a unit.
+    fn counter_words(l: &Streamed) -> usize {
+        1 + 3 * l.units
+    }
+
+    /// Bytes of the streamed form's counters, rounded to 16 (where its sums start).
+    fn counter_bytes(l: &Streamed) -> usize {
+        (4 * Self::counter_words(l)).next_multiple_of(16)
     }
 
     fn check(&self) -> Result<(), GpuError> {
@@ -127,6 +214,7 @@ pub struct GroupNorm {
     apply8: CudaFunction,
     small2: CudaFunction,
     small8: CudaFunction,
+    streamed: CudaFunction,
 }
 
 impl GroupNorm {
@@ -139,6 +227,7 @@ impl GroupNorm {
             apply8: m.load_function("group_norm_nhwc_apply_f16x8")?,
             small2: m.load_function("group_norm_nhwc_small_f16x2")?,
             small8: m.load_function("group_norm_nhwc_small_f16x8")?,
+            streamed: m.load_function("group_norm_nhwc_streamed_f16x8")?,
         })
     }
 
@@ -166,6 +255,10 @@ impl GroupNorm {
         if s.one_launch() {
             // SAFETY: per the caller's contract.
             return unsafe { self.launch_small(stream, x, gamma, beta, y, s, None) };
+        }
+        if s.streamed {
+            // SAFETY: per the caller's contract.
+            return unsafe { self.launch_streamed(stream, x, gamma, beta, y, scratch, s) };
         }
         // SAFETY: per the caller's contract.
         let stats = unsafe { self.launch_stats(stream, x, scratch, s) }?;
@@ -220,6 +313,75 @@ impl GroupNorm {
                     i(s.c),
                     i(s.groups),
                     i(usize::from(s.silu)),
+                ],
+            )
+        }
+    }
+
+    /// The streamed form (`s.streamed`): the counters zeroed, then one launch of a block per
+    /// tile (group_norm.cu says how the blocks take their turns).
+    ///
+    /// # Safety
+    /// As for `launch`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_streamed(
+        &self,
+        stream: &CudaStream,
+        x: Ptr,
+        gamma: Ptr,
+        beta: Ptr,
+        y: Ptr,
+        scratch: Ptr,
+        s: &GroupNormShape,
+    ) -> Result<(), GpuError> {
+        let Some(l) = s.streamed_layout() else {
+            return Err(shape_err(
+                "group_norm",
+                format!("{s:?} has no streamed form"),
+            ));
+        };
+        if !super::elementwise::aligned16(&[x, y, scratch]) {
+            return Err(shape_err(
+                "group_norm",
+                "the streamed form reads x and writes y and its scratch 16 bytes at a time".into(),
+            ));
+        }
+        let words = GroupNormShape::counter_words(&l);
+        // SAFETY: the scratch holds `scratch_bytes()`, of which the counters are the first
+        // `counter_bytes` (at least 4 * words); the stream is live. A memset is a node of a
+        // capture like a launch.
+        unsafe { sys::cuMemsetD32Async(scratch, 0, words, stream.cu_stream()) }.result()?;
+        let i = |v: usize| Arg::I(v as i32);
+        // SAFETY: matches group_norm_nhwc_streamed_f16x8 (const uint4*, 2 const half*, uint4*,
+        // unsigned*, float2*, 8 int, float); two blocks a tile of every unit, blockDim a multiple
+        // of the slice's vectors a pixel (at most 256, the kernel's shared arrays), tile_px a
+        // multiple of the pixels a block step covers; counters zeroed just before on the same
+        // stream, the sums after them (16-byte aligned), sized by `scratch_bytes`.
+        unsafe {
+            launch(
+                stream,
+                &self.streamed,
+                LaunchConfig {
+                    grid_dim: ((2 * l.units * l.tiles) as u32, 1, 1),
+                    block_dim: (l.threads as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &[
+                    Arg::P(x),
+                    Arg::P(gamma),
+                    Arg::P(beta),
+                    Arg::P(y),
+                    Arg::P(scratch),
+                    Arg::P(scratch + GroupNormShape::counter_bytes(&l) as u64),
+                    i(s.hw),
+                    i(s.c),
+                    i(s.groups),
+                    i(l.slices),
+                    i(l.tile_px),
+                    i(l.tiles),
+                    i(l.units),
+                    i(usize::from(s.silu)),
+                    Arg::F(s.eps),
                 ],
             )
         }
@@ -407,6 +569,70 @@ impl GroupNorm {
                     i(k),
                 ],
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(n: usize, hw: usize, c: usize) -> GroupNormShape {
+        GroupNormShape {
+            n,
+            hw,
+            c,
+            groups: 32,
+            eps: 1e-6,
+            silu: true,
+            fused_chunks: 0,
+            streamed: false,
+        }
+    }
+
+    #[test]
+    fn the_streamed_form_cuts_units_that_fit_l2_into_whole_tiles() {
+        // The VAE's 256x256 images: 128 channels are one unit, 256 two slices of 16 groups.
+        let l = shape(24, 65536, 128).streamed_layout().unwrap();
+        assert_eq!(
+            (l.slices, l.threads, l.tile_px, l.tiles, l.units),
+            (1, 256, 256, 256, 24)
+        );
+        let l = shape(24, 65536, 256).streamed_layout().unwrap();
+        assert_eq!((l.slices, l.threads, l.tile_px, l.units), (2, 256, 256, 48));
+        // 320 channels: 40 vectors a pixel, six pixels a step.
+        let l = shape(2, 64 * 96, 320).streamed_layout().unwrap();
+        assert_eq!((l.slices, l.threads, l.tile_px), (1, 240, 96));
+        assert_eq!(l.tiles, (64 * 96usize).div_ceil(96));
+        // Odd channel vectors or group widths have none; small norms keep their one launch.
+        assert!(shape(1, 4096, 100).streamed_layout().is_none());
+        assert!(!shape(2, 1024, 320).can_stream());
+        assert!(shape(1, 4096, 512).can_stream());
+        // Sums from an epilogue do not stop it: the executor turns them off.
+        let fused = GroupNormShape {
+            fused_chunks: 44,
+            ..shape(24, 65536, 128)
+        };
+        assert!(fused.can_stream());
+    }
+
+    #[test]
+    fn the_scratch_holds_either_form() {
+        for s in [
+            shape(24, 65536, 128),
+            shape(1, 16384, 512),
+            shape(3, 4096, 256),
+        ] {
+            let l = s.streamed_layout().unwrap();
+            let streamed = GroupNormShape::counter_bytes(&l) + 8 * s.n * s.groups * (l.tiles + 1);
+            let split = 8 * s.n * s.groups * (s.chunks() + 1);
+            assert_eq!(s.scratch_bytes(), streamed.max(split), "{s:?}");
+            let on = GroupNormShape {
+                streamed: true,
+                ..s
+            };
+            assert_eq!(on.scratch_bytes(), streamed, "{s:?}");
+            assert!(!on.one_launch());
         }
     }
 }

@@ -205,13 +205,17 @@ pub enum Experiment {
     NormCols,
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
+    /// Large group norms in one launch that reads their input from memory once
+    /// (`group_norm`'s streamed form).
+    GnStream,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 3] = [
+    pub const ALL: [Experiment; 4] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
+        Experiment::GnStream,
     ];
 
     /// Its environment variable.
@@ -220,6 +224,7 @@ impl Experiment {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
+            Experiment::GnStream => "LIPSTREAM_GN_STREAM",
         }
     }
 
@@ -232,6 +237,9 @@ impl Experiment {
             }
             Experiment::FlashRows32 => {
                 "fused attention warps own 32 queries (head dims 40, 64, 80): K and V read half as often"
+            }
+            Experiment::GnStream => {
+                "large group norms in one launch, their input read from memory once (64x64 images and up)"
             }
         }
     }
