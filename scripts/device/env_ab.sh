@@ -6,6 +6,8 @@
 # times STAGES with every experiment off and with one of VARS set to 1, alternately, ROUNDS
 # times each, so drift of the card's clocks lands on both sides alike.
 #   VARS=LIPSTREAM_PDL,LIPSTREAM_NORM_COLS ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
+# ENGINE=/tmp/avatar.engine times an engine file an earlier script of the same call built (all
+# its profiles) instead of building one.
 # An experiment the build decides by timing must be on during the build too, so that the engine
 # file holds its decision: BUILD_VARS=LIPSTREAM_X,LIPSTREAM_Y. The off side then ignores those
 # decisions.
@@ -18,15 +20,19 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRAR
 out=${OUT:-/tmp/env_ab}
 mkdir -p "$out"
 bin=./.device/bin/lipstream
-engine=/tmp/ab.engine
+engine=${ENGINE:-/tmp/ab.engine}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 # Every side starts from all experiments off.
 for v in $(experiment_vars); do unset "$v"; done
 t0=$(date +%s)
-env $(echo "${BUILD_VARS:-}" | tr , '\n' | sed '/^$/d; s/$/=1/') \
-  $bin engine build --mode "${MODE:-camera}" --batches "${BATCHES:-1,16}" --out "$engine" > "$out/engine_build.log" 2>&1 \
-  || { tail -20 "$out/engine_build.log"; exit 1; }
-echo "engine build: $(( $(date +%s) - t0 )) s"
+if [ -n "${ENGINE:-}" ] && [ -f "$ENGINE" ]; then
+  echo "engine: reusing $ENGINE (its own profiles)"
+else
+  env $(echo "${BUILD_VARS:-}" | tr , '\n' | sed '/^$/d; s/$/=1/') \
+    $bin engine build --mode "${MODE:-camera}" --batches "${BATCHES:-1,16}" --out "$engine" > "$out/engine_build.log" 2>&1 \
+    || { tail -20 "$out/engine_build.log"; exit 1; }
+  echo "engine build: $(( $(date +%s) - t0 )) s"
+fi
 status=0
 bench() { # bench NAME [VAR=1]: one timing of the engine file, the report under $out/NAME.json
   env ${2:+"$2"} $bin bench engine --engine "$engine" --stages "${STAGES:-avatar,camera}" \
