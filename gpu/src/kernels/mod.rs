@@ -208,14 +208,17 @@ pub enum Experiment {
     /// Large group norms in one launch that reads their input from memory once
     /// (`group_norm`'s streamed form).
     GnStream,
+    /// The normed conv_out kernel loading a chunk in two rounds instead of five (`conv_out`).
+    NormedLoads9,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 4] = [
+    pub const ALL: [Experiment; 5] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
         Experiment::GnStream,
+        Experiment::NormedLoads9,
     ];
 
     /// Its environment variable.
@@ -225,6 +228,7 @@ impl Experiment {
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
             Experiment::GnStream => "LIPSTREAM_GN_STREAM",
+            Experiment::NormedLoads9 => "LIPSTREAM_NORMED_LOADS9",
         }
     }
 
@@ -240,6 +244,9 @@ impl Experiment {
             }
             Experiment::GnStream => {
                 "large group norms in one launch, their input read from memory once (64x64 images and up)"
+            }
+            Experiment::NormedLoads9 => {
+                "the normed conv_out kernel loads a chunk in two rounds instead of five"
             }
         }
     }

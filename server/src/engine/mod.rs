@@ -434,8 +434,9 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         let (gemms, _) = ex.gemm_convs();
         let (mma, _) = ex.mma_convs();
         let normed = ex.normed_convs();
+        let streamed = ex.streamed_norms();
         eprintln!(
-            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM, {mma} thin ones on our tensor-core kernels, {normed} normalising their input), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
+            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM, {mma} thin ones on our tensor-core kernels, {normed} normalising their input, {streamed} group norms streamed), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
             stage.name(),
             ex.steps().len(),
             ex.arena_bytes as f64 / (1 << 20) as f64,
