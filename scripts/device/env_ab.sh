@@ -6,8 +6,8 @@
 # times STAGES with every experiment off and with one of VARS set to 1, alternately, ROUNDS
 # times each, so drift of the card's clocks lands on both sides alike.
 #   VARS=LIPSTREAM_PDL,LIPSTREAM_NORM_COLS ROUNDS=2 STAGES=avatar,camera BATCHES=1,16 RUNS=50
-# ENGINE=/tmp/avatar.engine times an engine file an earlier script of the same call built (all
-# its profiles) instead of building one.
+# ENGINE=/tmp/avatar.engine times an engine file an earlier script of the same call built
+# instead of building one; BENCH_BATCHES=1,24 times only those of its profiles.
 # An experiment the build decides by timing must be on during the build too, so that the engine
 # file holds its decision: BUILD_VARS=LIPSTREAM_X,LIPSTREAM_Y. The off side then ignores those
 # decisions.
@@ -35,7 +35,7 @@ else
 fi
 status=0
 bench() { # bench NAME [VAR=1]: one timing of the engine file, the report under $out/NAME.json
-  env ${2:+"$2"} $bin bench engine --engine "$engine" --stages "${STAGES:-avatar,camera}" \
+  env ${2:+"$2"} $bin bench engine --engine "$engine" --stages "${STAGES:-avatar,camera}" ${BENCH_BATCHES:+--batches "$BENCH_BATCHES"} \
     --runs "${RUNS:-50}" --profile --out "$out/$1.json" > /dev/null 2> "$out/$1.log" \
     || { status=1; tail -5 "$out/$1.log"; }
 }

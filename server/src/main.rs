@@ -167,9 +167,10 @@ enum BenchCmd {
         /// An engine file (`engine build`): its weights and algorithm choices, its profiles.
         #[arg(long)]
         engine: Option<PathBuf>,
-        /// Batch profiles, comma separated.
-        #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
-        batches: Vec<usize>,
+        /// Batch profiles, comma separated (default 1,2,4,8,16); with --engine, which of the
+        /// file's profiles to time (default all).
+        #[arg(long, value_delimiter = ',')]
+        batches: Option<Vec<usize>>,
         /// Stages to time, comma separated.
         #[arg(
             long,
@@ -342,12 +343,29 @@ fn main() -> anyhow::Result<()> {
                     }
                     drop(device);
                     let src = lipstream::engine::Sources::from_engine(path, &header)?;
-                    (src, file::tuned(&header)?, header.batches.clone())
+                    let chosen: Vec<usize> = match &batches {
+                        Some(want) => header
+                            .batches
+                            .iter()
+                            .copied()
+                            .filter(|b| want.contains(b))
+                            .collect(),
+                        None => header.batches.clone(),
+                    };
+                    if chosen.is_empty() {
+                        anyhow::bail!(
+                            "{} has profiles {:?}, none of {:?}",
+                            path.display(),
+                            header.batches,
+                            batches.unwrap_or_default()
+                        );
+                    }
+                    (src, file::tuned(&header)?, chosen)
                 }
                 None => (
                     sources(models.as_deref())?,
                     lipstream_gpu::Tuning::default(),
-                    batches,
+                    batches.unwrap_or_else(|| vec![1, 2, 4, 8, 16]),
                 ),
             };
             let opts = lipstream::engine::BenchOptions {
