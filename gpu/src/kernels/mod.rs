@@ -206,9 +206,14 @@ pub enum Experiment {
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
     /// Large group norms in one launch that reads their input from memory once
-    /// (`group_norm`'s streamed form).
+    /// (`group_norm`'s streamed form). Correct, but on an H100 an avatar batch of 24 took 46.6 ms
+    /// against 37.6: units go through one after another, so each pays its whole sum -> reduce ->
+    /// normalise chain (24 x 32x32 x 512: 215 µs against 24). Dropping the producers' sums
+    /// saved 2.3 ms of that batch, what a faster form could take
+    /// (bench/results/2026-12-07_h100_gn_stream).
     GnStream,
-    /// The normed conv_out kernel loading a chunk in two rounds instead of five (`conv_out`).
+    /// The normed conv_out kernel loading a chunk in two rounds instead of five (`conv_out`);
+    /// not yet timed.
     NormedLoads9,
 }
 
