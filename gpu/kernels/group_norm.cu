@@ -75,6 +75,23 @@ extern "C" __global__ void group_norm_nhwc_finalize(const float2* __restrict__ p
   }
 }
 
+// Eight channels of one pixel normalised in place: v * scale + shift per channel (the norm and
+// its gamma and beta as one multiply-add), then SiLU.
+__device__ __forceinline__ void gn_apply8(uint4& v, const float* scale, const float* shift, int silu) {
+  __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 f = __half22float2(h[j]);
+    f.x = fmaf(f.x, scale[2 * j], shift[2 * j]);
+    f.y = fmaf(f.y, scale[2 * j + 1], shift[2 * j + 1]);
+    if (silu) {
+      f.x = __fdividef(f.x, 1.f + __expf(-f.x));
+      f.y = __fdividef(f.y, 1.f + __expf(-f.y));
+    }
+    h[j] = __floats2half2_rn(f.x, f.y);
+  }
+}
+
 // y = (x - mean) / std * gamma + beta (then SiLU), eight channels per thread (c % 8 == 0,
 // 16-byte aligned). Grid (blocks per image, n); each block covers per_block vectors of one image.
 // blockDim and per_block are multiples of c / 8, so a thread keeps the same eight channels for
@@ -101,18 +118,7 @@ extern "C" __global__ void group_norm_nhwc_apply_f16x8(const uint4* __restrict__
   const long base = (long)blockIdx.y * image8;
   for (int v = v0; v < v1; v += blockDim.x) {
     uint4 xv = x[base + v];
-    __half2* xh = reinterpret_cast<__half2*>(&xv);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float2 val = __half22float2(xh[j]);
-      val.x = fmaf(val.x, scale[2 * j], shift[2 * j]);
-      val.y = fmaf(val.y, scale[2 * j + 1], shift[2 * j + 1]);
-      if (silu) {
-        val.x = __fdividef(val.x, 1.f + __expf(-val.x));
-        val.y = __fdividef(val.y, 1.f + __expf(-val.y));
-      }
-      xh[j] = __floats2half2_rn(val.x, val.y);
-    }
+    gn_apply8(xv, scale, shift, silu);
     y[base + v] = xv;
   }
 }
@@ -505,18 +511,7 @@ extern "C" __global__ void __launch_bounds__(GN_STREAM_THREADS)
     for (int k = 0; k < GN_STREAM_UNROLL; ++k) {
       const int q = p + k * rows;
       if (q >= p1) continue;
-      __half2* h = reinterpret_cast<__half2*>(&v[k]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float2 f = __half22float2(h[j]);
-        f.x = fmaf(f.x, scale[2 * j], shift[2 * j]);
-        f.y = fmaf(f.y, scale[2 * j + 1], shift[2 * j + 1]);
-        if (silu) {
-          f.x = __fdividef(f.x, 1.f + __expf(-f.x));
-          f.y = __fdividef(f.y, 1.f + __expf(-f.y));
-        }
-        h[j] = __floats2half2_rn(f.x, f.y);
-      }
+      gn_apply8(v[k], scale, shift, silu);
       y[base + (long)q * c8] = v[k];
     }
   }

@@ -318,8 +318,8 @@ impl GroupNorm {
         }
     }
 
-    /// The streamed form (`s.streamed`): the counters zeroed, then one launch of a block per
-    /// tile (group_norm.cu says how the blocks take their turns).
+    /// The streamed form (`s.streamed`): the counters zeroed, then one launch of two blocks per
+    /// tile, one summing it and one normalising it (group_norm.cu says how they take turns).
     ///
     /// # Safety
     /// As for `launch`.
