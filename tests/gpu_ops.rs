@@ -491,8 +491,9 @@ fn convolutions_normalising_their_input_match() {
 /// Large group norms (+ SiLU) in their streamed form (`Options::stream_norms`): one launch that
 /// sums each unit (an image, or a slice of its channels holding whole groups) and normalises it
 /// once the unit's last block has its statistics. Where a convolution produced the norm's input,
-/// its epilogue then sums nothing. Cases: one unit an image; two channel slices an image (256
-/// channels at 256x256); images small enough that eight units are read at once; a last tile
+/// its epilogue then sums nothing. Cases: 4 MiB channel slices, four and eight an image (128 and
+/// 256 channels at 256x256), more units than half an H100's L2 holds, so sums wait for earlier
+/// units to be written; images small enough that all their units are read at once; a last tile
 /// part full (100x70); 40 vectors a pixel (240 threads a block, groups of 10 channels). The
 /// result must match the CPU executor (`compare`'s "streamed" build, eager and replayed) and
 /// not depend on the order the blocks ran in (two runs, bit for bit).

@@ -336,18 +336,21 @@ extern "C" __global__ void group_norm_nhwc_small_f16x2(const __half* __restrict_
 // For norms too large for a block a group (the VAE's 64x64 .. 256x256 images), in place of the
 // split form's three passes (sums, often in the producing convolution's epilogue; statistics;
 // apply), each of which reads x from memory. The batch is cut into units: an image, or a slice
-// of its channels holding whole groups, small enough for L2. A unit is cut into `tiles` tiles of
-// `tile_px` pixels, and each tile is two items: its sums (S), and its normalisation (N), which
-// reads the tile again, from L2 where S left it a few microseconds before. A block runs one item,
-// the next in the order blocks start (a ticket, not its index):
-//   S(0), S(1), N(0), S(2), N(1), ..., S(U - 1), N(U - 2), N(U - 1)   (each a unit's tiles)
+// of its channels holding whole groups, a few MiB. A unit is cut into `tiles` tiles of `tile_px`
+// pixels; tile i of the batch (unit i / tiles) is two items: its sums S(i), and its
+// normalisation N(i), which reads the tile again, from L2 where S left it. A block runs one
+// item, the next in the order blocks start (a ticket, not its index): the first `lead` S
+// items, then S and N by turns, then the last N items:
+//   S(0) .. S(L - 1), S(L), N(0), S(L + 1), N(1), ..., N(M - 1)   (M tiles in all, L = lead)
 // The unit's last S block to finish turns its partial sums into (mean, 1/std), in a fixed order
 // (the result does not depend on timing). An N block waits for that; an S block of unit u first
-// waits until unit u - 2 is written, so at most two units are between their two reads.
+// waits until unit u - gate is written, so at most `gate` units lie between their two reads
+// (the host picks gate from the L2 size), while many small units are in flight at once.
 //
 // No deadlock on any occupancy, beside any other kernel (another instance of this one
-// included): a block waits only for blocks with earlier tickets, which have started, and S
-// blocks wait only on earlier N blocks, which wait only on earlier S blocks.
+// included): a block waits only for blocks with earlier tickets, which have started. With
+// tiles <= lead <= (gate - 1) * tiles, an N block's unit's S items all come before it, and the
+// N items an S block waits for too (group_norm.rs checks this).
 //
 // Scratch: u32 counters (zeroed before each launch): ticket, then arrived[units], ready[units],
 // written[units]; `sums`: float2 partial[units][tiles][gs], then stats[units][gs] (gs groups a
@@ -375,7 +378,7 @@ extern "C" __global__ void __launch_bounds__(GN_STREAM_THREADS)
                                    const __half* __restrict__ beta, uint4* __restrict__ y,
                                    unsigned* __restrict__ counters, float2* __restrict__ sums, int hw,
                                    int c, int groups, int slices, int tile_px, int tiles, int units,
-                                   int silu, float eps) {
+                                   int lead, int gate, int silu, float eps) {
   LS_PDL_ENTER();
   __shared__ unsigned s_ticket, s_last;
   __shared__ float s_sum[GN_STREAM_THREADS][4], s_sq[GN_STREAM_THREADS][4];
@@ -383,24 +386,23 @@ extern "C" __global__ void __launch_bounds__(GN_STREAM_THREADS)
   const int tid = threadIdx.x;
   if (tid == 0) s_ticket = atomicAdd(counters, 1u);
   __syncthreads();
-  // Ticket -> item: S(0); then pairs [S(j), N(j - 1)] for j = 1 .. U - 1; then N(U - 1).
+  // Ticket -> item (the order above).
   int u, tile;
   bool normalise;
   {
-    const long t = s_ticket;
-    if (t < tiles) {
-      u = 0, tile = (int)t, normalise = false;
+    const long t = s_ticket, m = (long)units * tiles;
+    long i;
+    if (t < lead) {
+      i = t, normalise = false;
+    } else if (t - lead < 2 * (m - lead)) {
+      const long r = t - lead;
+      normalise = r & 1;
+      i = normalise ? r / 2 : lead + r / 2;
     } else {
-      const long r = t - tiles;
-      const int j = (int)(r / (2L * tiles)) + 1, k = (int)(r % (2L * tiles));
-      if (j < units) {
-        normalise = k >= tiles;
-        u = normalise ? j - 1 : j;
-        tile = normalise ? k - tiles : k;
-      } else {
-        u = units - 1, tile = k, normalise = true;
-      }
+      i = t - m, normalise = true;
     }
+    u = (int)(i / tiles);
+    tile = (int)(i - (long)u * tiles);
   }
   unsigned* arrived = counters + 1;
   unsigned* ready = arrived + units;
@@ -414,7 +416,7 @@ extern "C" __global__ void __launch_bounds__(GN_STREAM_THREADS)
   const long base = (long)img * hw * c8 + slice * cs8 + chv;
 
   if (!normalise) {
-    if (tid == 0 && u >= 2) gn_wait_at_least(written + (u - 2), (unsigned)tiles);
+    if (tid == 0 && u >= gate) gn_wait_at_least(written + (u - gate), (unsigned)tiles);
     __syncthreads();
     // Sums of the tile, per channel pair of this thread's eight channels.
     float sum[4] = {0.f, 0.f, 0.f, 0.f}, sq[4] = {0.f, 0.f, 0.f, 0.f};
@@ -465,6 +467,8 @@ extern "C" __global__ void __launch_bounds__(GN_STREAM_THREADS)
     const int readers = blockDim.x / gs, g = tid % gs, r = tid / gs;
     float2 acc = make_float2(0.f, 0.f);
     if (r < readers) {
+      // Unrolled so that the loads (L2 hits) are in flight together; the adds keep their order.
+#pragma unroll 8
       for (int k = r; k < tiles; k += readers) {
         const float2 s = __ldcg(&sums[((long)u * tiles + k) * gs + g]);
         acc.x += s.x;

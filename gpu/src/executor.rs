@@ -1086,6 +1086,7 @@ impl Executor {
     /// launch: the producing convolution's epilogue then sums nothing, which saves a whole read
     /// of the norm's input.
     fn stream_norms(&mut self, rt: &Runtime, prepared: &[Prepared]) {
+        let l2 = crate::kernels::l2_bytes(rt.stream());
         for (s, how) in prepared.iter().enumerate() {
             let Step::GroupNorm {
                 shape,
@@ -1099,7 +1100,7 @@ impl Executor {
             };
             let p = |l: Loc| self.ptr(rt, l);
             let aligned = crate::kernels::elementwise::aligned16(&[p(*x), p(*y), p(*scratch)]);
-            if !matches!(how, Prepared::None) || !shape.can_stream() || !aligned {
+            if !matches!(how, Prepared::None) || !shape.can_stream(l2) || !aligned {
                 continue;
             }
             let scratch = *scratch;

@@ -1,6 +1,8 @@
 //! GroupNorm (+ fused SiLU) on fp16 NHWC activations: partial sums over pixel chunks, per-group
 //! statistics, then the elementwise apply.
 
+use std::sync::OnceLock;
+
 use cudarc::driver::{sys, CudaFunction, CudaStream, LaunchConfig};
 
 use super::{elems, grid, launch, launch_clustered, shape_err, Arg, Ptr};
@@ -29,9 +31,15 @@ const SMALL_GROUP_ELEMS: usize = 16384;
 /// producing epilogue sum the groups (50 of that batch's 91 norms instead of 19). Avatar
 /// batches of 16 and 24 frames, H200, 2026-12-07: -1.3 % / -1.4 % and -0.3 % / -2.1 %.
 const SPLIT_BATCH_ELEMS: usize = 1 << 21;
-/// The streamed form's unit (an image, or a slice of its channels) at most: one 256x256 image
-/// of 128 channels. At most two units lie between their two reads, in L2 (50 MB on an H100).
-const STREAM_UNIT_BYTES: usize = 1 << 24;
+/// The streamed form's unit (an image, or a slice of its channels) at most, unless
+/// `LIPSTREAM_GN_STREAM_UNIT_MIB` says otherwise: a quarter of a 256x256 image of 128 channels.
+/// Each unit pays a chain (sums, their reduction, the release of its normalise blocks) that
+/// units of 16 MiB, two at a time, ran one after another at 7-27 µs each (H100, 2026-12-07):
+/// smaller units let several chains overlap in the same L2.
+const STREAM_UNIT_BYTES: usize = 4 << 20;
+/// The share of L2 the streamed form's units between their two reads may take: half, so the
+/// producer's output and the weights of the next step keep some.
+const STREAM_L2_SHARE: usize = 2;
 /// Threads of a streamed block at most (the kernel's GN_STREAM_THREADS).
 const STREAM_THREADS: usize = 256;
 /// Vectors a streamed block's thread reads per tile: 64 KiB tiles at 256 threads.
@@ -60,8 +68,22 @@ pub struct GroupNormShape {
     pub streamed: bool,
 }
 
+/// The streamed form's unit at most, in bytes: `STREAM_UNIT_BYTES`, or
+/// `LIPSTREAM_GN_STREAM_UNIT_MIB` (1 to 64) for experiments on it. Read once a process, so the
+/// plan's scratch and every launch agree.
+fn stream_unit_bytes() -> usize {
+    static UNIT: OnceLock<usize> = OnceLock::new();
+    *UNIT.get_or_init(|| {
+        std::env::var("LIPSTREAM_GN_STREAM_UNIT_MIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|m| (1..=64).contains(m))
+            .map_or(STREAM_UNIT_BYTES, |m| m << 20)
+    })
+}
+
 /// How the streamed form cuts a norm: `units` (an image, or a slice of `slices` of its
-/// channels), each of `tiles` tiles of `tile_px` pixels, `threads` a block.
+/// channels) of `unit_bytes`, each of `tiles` tiles of `tile_px` pixels, `threads` a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Streamed {
     slices: usize,
@@ -69,6 +91,51 @@ struct Streamed {
     tile_px: usize,
     tiles: usize,
     units: usize,
+    unit_bytes: usize,
+}
+
+/// The order the streamed form's blocks take their items in (group_norm.cu): the first `lead`
+/// tiles' sums, then sums and normalisations by turns; a unit's sums wait until unit
+/// `u - gate` is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StreamOrder {
+    lead: usize,
+    gate: usize,
+}
+
+impl Streamed {
+    /// Tiles of the whole batch.
+    fn items(&self) -> usize {
+        self.units * self.tiles
+    }
+
+    /// The order for an L2 of `l2` bytes: as many units in flight as `l2 / STREAM_L2_SHARE`
+    /// holds (two at least), each unit's normalisations as far behind its sums as that allows.
+    fn order(&self, l2: usize) -> StreamOrder {
+        let gate = (l2 / STREAM_L2_SHARE / self.unit_bytes.max(1)).max(2);
+        StreamOrder {
+            lead: ((gate - 1) * self.tiles).min(self.items()),
+            gate,
+        }
+    }
+
+    /// Item of the block with `ticket`: (normalise, tile of the batch), as the kernel maps it.
+    #[cfg(test)]
+    fn item(&self, o: StreamOrder, ticket: usize) -> (bool, usize) {
+        let m = self.items();
+        if ticket < o.lead {
+            (false, ticket)
+        } else if ticket - o.lead < 2 * (m - o.lead) {
+            let r = ticket - o.lead;
+            if r % 2 == 1 {
+                (true, r / 2)
+            } else {
+                (false, o.lead + r / 2)
+            }
+        } else {
+            (true, ticket - m)
+        }
+    }
 }
 
 impl GroupNormShape {
@@ -130,16 +197,20 @@ impl GroupNormShape {
         split.max(streamed)
     }
 
-    /// Whether the norm may take the streamed form: the split form's shape (too large for one
-    /// launch a group), whole 8-channel vectors, and a slice of its channels (whole groups) at
-    /// most `STREAM_UNIT_BYTES` an image.
-    pub fn can_stream(&self) -> bool {
+    /// Whether the norm may take the streamed form on a GPU with `l2` bytes of L2: the split
+    /// form's shape (too large for one launch a group), whole 8-channel vectors, and a slice of
+    /// its channels (whole groups) at most `stream_unit_bytes()` an image, of which two fit the
+    /// form's share of that L2 (below that its second read would come from memory).
+    pub fn can_stream(&self, l2: usize) -> bool {
         let split = GroupNormShape {
             fused_chunks: 0,
             streamed: false,
             ..*self
         };
-        !split.one_launch() && self.streamed_layout().is_some()
+        !split.one_launch()
+            && self
+                .streamed_layout()
+                .is_some_and(|l| 2 * l.unit_bytes <= l2 / STREAM_L2_SHARE)
     }
 
     /// The streamed form's cut (`Streamed`), where one exists.
@@ -158,7 +229,7 @@ impl GroupNormShape {
                 let cs = self.c / s;
                 cs.is_multiple_of(8)
                     && cs / 8 <= STREAM_THREADS
-                    && self.hw * cs * 2 <= STREAM_UNIT_BYTES
+                    && self.hw * cs * 2 <= stream_unit_bytes()
             })?;
         let cs8 = self.c / slices / 8;
         let threads = STREAM_THREADS / cs8 * cs8;
@@ -173,6 +244,7 @@ impl GroupNormShape {
                 tile_px,
                 tiles,
                 units,
+                unit_bytes: self.hw * self.c / slices * 2,
             },
         )
     }
@@ -346,6 +418,7 @@ impl GroupNorm {
                 "the streamed form reads x and writes y and its scratch 16 bytes at a time".into(),
             ));
         }
+        let order = l.order(super::l2_bytes(stream));
         let words = GroupNormShape::counter_words(&l);
         // SAFETY: the scratch holds `scratch_bytes()`, of which the counters are the first
         // `counter_bytes` (at least 4 * words); the stream is live. A memset is a node of a
@@ -353,10 +426,11 @@ impl GroupNorm {
         unsafe { sys::cuMemsetD32Async(scratch, 0, words, stream.cu_stream()) }.result()?;
         let i = |v: usize| Arg::I(v as i32);
         // SAFETY: matches group_norm_nhwc_streamed_f16x8 (const uint4*, 2 const half*, uint4*,
-        // unsigned*, float2*, 8 int, float); two blocks a tile of every unit, blockDim a multiple
-        // of the slice's vectors a pixel (at most 256, the kernel's shared arrays), tile_px a
-        // multiple of the pixels a block step covers; counters zeroed just before on the same
-        // stream, the sums after them (16-byte aligned), sized by `scratch_bytes`.
+        // unsigned*, float2*, 10 int, float); two blocks a tile of every unit, blockDim a
+        // multiple of the slice's vectors a pixel (at most 256, the kernel's shared arrays),
+        // tile_px a multiple of the pixels a block step covers; tiles <= lead <= (gate - 1) *
+        // tiles (`Streamed::order`); counters zeroed just before on the same stream, the sums
+        // after them (16-byte aligned), sized by `scratch_bytes`.
         unsafe {
             launch(
                 stream,
@@ -380,6 +454,8 @@ impl GroupNorm {
                     i(l.tile_px),
                     i(l.tiles),
                     i(l.units),
+                    i(order.lead),
+                    i(order.gate),
                     i(usize::from(s.silu)),
                     Arg::F(s.eps),
                 ],
@@ -590,30 +666,105 @@ mod tests {
         }
     }
 
+    const H100_L2: usize = 50 << 20;
+
     #[test]
-    fn the_streamed_form_cuts_units_that_fit_l2_into_whole_tiles() {
-        // The VAE's 256x256 images: 128 channels are one unit, 256 two slices of 16 groups.
+    fn the_streamed_form_cuts_units_of_a_few_mib_into_whole_tiles() {
+        // The VAE's 256x256 images: 128 channels are four slices of 8 groups (4 MiB each), 64
+        // tiles of 1024 pixels; 256 channels eight.
         let l = shape(24, 65536, 128).streamed_layout().unwrap();
         assert_eq!(
-            (l.slices, l.threads, l.tile_px, l.tiles, l.units),
-            (1, 256, 256, 256, 24)
+            (
+                l.slices,
+                l.threads,
+                l.tile_px,
+                l.tiles,
+                l.units,
+                l.unit_bytes
+            ),
+            (4, 256, 1024, 64, 96, 4 << 20)
         );
         let l = shape(24, 65536, 256).streamed_layout().unwrap();
-        assert_eq!((l.slices, l.threads, l.tile_px, l.units), (2, 256, 256, 48));
+        assert_eq!(
+            (l.slices, l.threads, l.tile_px, l.units),
+            (8, 256, 1024, 192)
+        );
         // 320 channels: 40 vectors a pixel, six pixels a step.
         let l = shape(2, 64 * 96, 320).streamed_layout().unwrap();
         assert_eq!((l.slices, l.threads, l.tile_px), (1, 240, 96));
         assert_eq!(l.tiles, (64 * 96usize).div_ceil(96));
         // Odd channel vectors or group widths have none; small norms keep their one launch.
         assert!(shape(1, 4096, 100).streamed_layout().is_none());
-        assert!(!shape(2, 1024, 320).can_stream());
-        assert!(shape(1, 4096, 512).can_stream());
+        assert!(!shape(2, 1024, 320).can_stream(H100_L2));
+        assert!(shape(1, 4096, 512).can_stream(H100_L2));
+        // Two units must fit the form's share of L2: not on a GPU with 6 MiB.
+        assert!(!shape(1, 4096, 512).can_stream(6 << 20));
         // Sums from an epilogue do not stop it: the executor turns them off.
         let fused = GroupNormShape {
             fused_chunks: 44,
             ..shape(24, 65536, 128)
         };
-        assert!(fused.can_stream());
+        assert!(fused.can_stream(H100_L2));
+    }
+
+    #[test]
+    fn the_streamed_order_keeps_as_many_units_in_flight_as_half_the_l2_holds() {
+        // 4 MiB units on an H100: six units between their two reads, the normalisations five
+        // units behind the sums.
+        let l = shape(24, 65536, 128).streamed_layout().unwrap();
+        assert_eq!(l.order(H100_L2), StreamOrder { lead: 320, gate: 6 });
+        // 1 MiB units: the whole batch fits, so every sum comes before every normalisation.
+        let l = shape(24, 1024, 512).streamed_layout().unwrap();
+        assert_eq!(
+            l.order(H100_L2),
+            StreamOrder {
+                lead: 384,
+                gate: 25
+            }
+        );
+        // Never fewer than two units, whatever the L2.
+        assert_eq!(l.order(0), StreamOrder { lead: 16, gate: 2 });
+    }
+
+    #[test]
+    fn every_streamed_block_waits_only_for_blocks_that_took_their_tickets_before_it() {
+        for (s, l2) in [
+            (shape(24, 65536, 128), H100_L2),
+            (shape(24, 65536, 128), 0),
+            (shape(24, 1024, 512), H100_L2),
+            (shape(3, 4096, 256), 12 << 20),
+            (shape(2, 64 * 96, 320), 0),
+            (shape(1, 16384, 512), H100_L2),
+        ] {
+            let l = s.streamed_layout().unwrap();
+            let o = l.order(l2);
+            let (m, t) = (l.items(), l.tiles);
+            assert!(t <= o.lead && o.lead <= (o.gate - 1) * t, "{s:?} {o:?}");
+            // Every ticket is one item, every item one ticket.
+            let (mut sum_at, mut norm_at) = (vec![usize::MAX; m], vec![usize::MAX; m]);
+            for ticket in 0..2 * m {
+                let (normalise, i) = l.item(o, ticket);
+                let at = if normalise { &mut norm_at } else { &mut sum_at };
+                assert_eq!(at[i], usize::MAX, "{s:?}: tile {i} twice");
+                at[i] = ticket;
+            }
+            assert!(sum_at.iter().chain(&norm_at).all(|&at| at < 2 * m));
+            for i in 0..m {
+                let u = i / t;
+                // A normalisation waits for its unit's sums...
+                let sums = sum_at[u * t..(u + 1) * t].iter().max().unwrap();
+                assert!(*sums < norm_at[i], "{s:?}: N({i}) before its sums");
+                // ... and a sum for unit u - gate's normalisations.
+                if u >= o.gate {
+                    let w = u - o.gate;
+                    let written = norm_at[w * t..(w + 1) * t].iter().max().unwrap();
+                    assert!(
+                        *written < sum_at[i],
+                        "{s:?}: S({i}) before unit {w} is written"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -206,11 +206,12 @@ pub enum Experiment {
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
     /// Large group norms in one launch that reads their input from memory once
-    /// (`group_norm`'s streamed form). Correct, but on an H100 an avatar batch of 24 took 46.6 ms
-    /// against 37.6: units go through one after another, so each pays its whole sum -> reduce ->
-    /// normalise chain (24 x 32x32 x 512: 215 µs against 24). Dropping the producers' sums
-    /// saved 2.3 ms of that batch, what a faster form could take
-    /// (bench/results/2026-12-07_h100_gn_stream).
+    /// (`group_norm`'s streamed form). Its first form, 16 MiB units two at a time, was correct
+    /// but took an H100's avatar batch of 24 from 37.6 to 46.6 ms: units went through one after
+    /// another, each paying its whole sum -> reduce -> normalise chain (24 x 32x32 x 512: 215 µs
+    /// against 24). Dropping the producers' sums saved 2.3 ms of that batch, what a faster form
+    /// could take (bench/results/2026-12-07_h100_gn_stream). Now 4 MiB units, as many in flight
+    /// as half the L2 holds (`LIPSTREAM_GN_STREAM_UNIT_MIB` to try others); not yet timed.
     GnStream,
     /// The normed conv_out kernel loading a chunk in two rounds instead of five (`conv_out`);
     /// not yet timed.
@@ -289,6 +290,14 @@ pub(crate) unsafe fn launch(
 ) -> Result<(), GpuError> {
     // SAFETY: forwarded to the caller.
     unsafe { launch_clustered(stream, func, cfg, 1, args) }
+}
+
+/// Bytes of the stream's GPU's L2 cache (0 where the driver does not say).
+pub(crate) fn l2_bytes(stream: &CudaStream) -> usize {
+    stream
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .map_or(0, |b| usize::try_from(b).unwrap_or(0))
 }
 
 /// Whether the stream's GPU is sm_90 or later (thread-block clusters, programmatic launches).
