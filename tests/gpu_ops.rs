@@ -16,7 +16,8 @@ use lipstream_engines::{cpu, Graph, Op, Tensor, ValueId};
 use lipstream_gpu::device::{libraries, Device};
 use lipstream_gpu::plan::{self, Step};
 use lipstream_gpu::{
-    ConvAsGemm, ConvGraphs, Executor, FuseConv, NormedConvs, Options, Runtime, ThinConvs,
+    ConvAsGemm, ConvGraphs, Executor, FuseConv, NormedConvs, Options, Runtime, StreamNorms,
+    ThinConvs,
 };
 
 fn runtime() -> Option<Runtime> {
@@ -74,7 +75,7 @@ fn compare(rt: &mut Runtime, name: &str, g: &Graph, inputs: &[(&str, &Tensor)], 
         ..Options::HEURISTIC
     };
     let streamed_opts = Options {
-        stream_norms: true,
+        stream_norms: StreamNorms::All,
         ..Options::HEURISTIC
     };
     let mut fused = 0;
@@ -520,7 +521,7 @@ fn streamed_group_norms_match() {
         let y = group_norm(&mut g, x, c, (960 + i, 970 + i), 1e-6, silu);
         g.output("y", y);
         let opts = Options {
-            stream_norms: true,
+            stream_norms: StreamNorms::All,
             ..Options::HEURISTIC
         };
         let ex = Executor::new(&mut rt, &g, "streamed", opts).unwrap();

@@ -53,9 +53,21 @@ pub struct Options {
     pub mma: ThinConvs,
     /// Whether a convolution to 8 outputs of a group norm normalises the norm's input itself.
     pub normed: NormedConvs,
-    /// Whether large group norms take the streamed form (`GroupNormShape::can_stream`); on
-    /// also wherever `LIPSTREAM_GN_STREAM=1`.
-    pub stream_norms: bool,
+    /// Which group norms take the streamed form (`GroupNormShape::can_stream`); `Larger` also
+    /// wherever `LIPSTREAM_GN_STREAM=1`.
+    pub stream_norms: StreamNorms,
+}
+
+/// Which group norms take the streamed form, one launch that reads x from memory once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamNorms {
+    /// None: the split form's passes.
+    Never,
+    /// Those whose input is larger than L2 (`GroupNormShape::stream_pays`), where the split
+    /// form's second read comes from memory.
+    Larger,
+    /// Every one that can (tests of the form itself).
+    All,
 }
 
 impl Options {
@@ -67,7 +79,7 @@ impl Options {
         graphs: ConvGraphs::Timed,
         mma: ThinConvs::Timed,
         normed: NormedConvs::Large,
-        stream_norms: false,
+        stream_norms: StreamNorms::Never,
     };
     /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
     pub const HEURISTIC: Options = Options {
@@ -77,7 +89,7 @@ impl Options {
         graphs: ConvGraphs::Never,
         mma: ThinConvs::Never,
         normed: NormedConvs::Large,
-        stream_norms: false,
+        stream_norms: StreamNorms::Never,
     };
 }
 
@@ -902,8 +914,13 @@ impl Executor {
         if opts.normed != NormedConvs::Never {
             ex.norms_into_convs(rt, &mut prepared, opts.normed);
         }
-        if opts.stream_norms || Experiment::GnStream.on() {
-            ex.stream_norms(rt, &prepared);
+        let streams = if Experiment::GnStream.on() && opts.stream_norms == StreamNorms::Never {
+            StreamNorms::Larger
+        } else {
+            opts.stream_norms
+        };
+        if streams != StreamNorms::Never {
+            ex.stream_norms(rt, &prepared, streams == StreamNorms::All);
         }
         ex.prepared = prepared;
         Ok(ex)
@@ -1090,8 +1107,9 @@ impl Executor {
     /// Lets each group norm that runs on its own (`Prepared::None`) and can (`can_stream`, x, y
     /// and scratch 16-byte aligned) take the streamed form, which sums its input itself in the same
     /// launch: the producing convolution's epilogue then sums nothing, which saves a whole read
-    /// of the norm's input.
-    fn stream_norms(&mut self, rt: &Runtime, prepared: &[Prepared]) {
+    /// of the norm's input. Unless `all`, only where that read would come from memory
+    /// (`stream_pays`).
+    fn stream_norms(&mut self, rt: &Runtime, prepared: &[Prepared], all: bool) {
         let l2 = crate::kernels::l2_bytes(rt.stream());
         for (s, how) in prepared.iter().enumerate() {
             let Step::GroupNorm {
@@ -1106,7 +1124,8 @@ impl Executor {
             };
             let p = |l: Loc| self.ptr(rt, l);
             let aligned = crate::kernels::elementwise::aligned16(&[p(*x), p(*y), p(*scratch)]);
-            if !matches!(how, Prepared::None) || !shape.can_stream(l2) || !aligned {
+            let pays = all || shape.stream_pays(l2);
+            if !matches!(how, Prepared::None) || !shape.can_stream(l2) || !pays || !aligned {
                 continue;
             }
             let scratch = *scratch;

@@ -37,6 +37,10 @@ const SPLIT_BATCH_ELEMS: usize = 1 << 21;
 /// units of 16 MiB, two at a time, ran one after another at 7-27 µs each (H100, 2026-12-07):
 /// smaller units let several chains overlap in the same L2.
 const STREAM_UNIT_BYTES: usize = 4 << 20;
+/// Channels a streamed unit's slice holds at least: 64 bytes a pixel, two whole 32-byte
+/// sectors. Slices of 8 channels (1 MiB units of a 256x256 image of 128) read 16 bytes of
+/// each 256 and took an avatar batch of 24 from 38.5 to 47.2 ms (H100, 2026-12-07).
+const STREAM_MIN_SLICE: usize = 32;
 /// The share of L2 the streamed form's units between their two reads may take: half, so the
 /// producer's output and the weights of the next step keep some.
 const STREAM_L2_SHARE: usize = 2;
@@ -82,6 +86,18 @@ fn stream_unit_bytes() -> usize {
     })
 }
 
+/// `LIPSTREAM_GN_STREAM_LEAD_UNITS`: how many units the streamed form's sums run ahead of its
+/// normalisations, for experiments (`Streamed::order` keeps it within what is safe).
+fn stream_lead_units() -> Option<usize> {
+    static LEAD: OnceLock<Option<usize>> = OnceLock::new();
+    *LEAD.get_or_init(|| {
+        std::env::var("LIPSTREAM_GN_STREAM_LEAD_UNITS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|u| *u >= 1)
+    })
+}
+
 /// How the streamed form cuts a norm: `units` (an image, or a slice of `slices` of its
 /// channels) of `unit_bytes`, each of `tiles` tiles of `tile_px` pixels, `threads` a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,11 +126,18 @@ impl Streamed {
     }
 
     /// The order for an L2 of `l2` bytes: as many units in flight as `l2 / STREAM_L2_SHARE`
-    /// holds (two at least), each unit's normalisations as far behind its sums as that allows.
+    /// holds (two at least), each unit's normalisations about half that far behind its sums
+    /// (`LIPSTREAM_GN_STREAM_LEAD_UNITS` to try others). At the whole distance a unit's sums
+    /// came right after the normalisations they wait for and spun through them (H100,
+    /// 2026-12-07); half leaves slack on both sides: the sums a normalisation waits for and the
+    /// normalisations a sum waits for both started about a quarter of the window before.
     fn order(&self, l2: usize) -> StreamOrder {
         let gate = (l2 / STREAM_L2_SHARE / self.unit_bytes.max(1)).max(2);
+        let units = stream_lead_units().unwrap_or(gate.div_ceil(2));
         StreamOrder {
-            lead: ((gate - 1) * self.tiles).min(self.items()),
+            lead: (units * self.tiles)
+                .clamp(self.tiles, (gate - 1) * self.tiles)
+                .min(self.items()),
             gate,
         }
     }
@@ -197,10 +220,18 @@ impl GroupNormShape {
         split.max(streamed)
     }
 
+    /// Whether the streamed form saves a read from memory on a GPU with `l2` bytes of L2: x is
+    /// larger than that L2. A smaller x is still there when the split form reads it again (the
+    /// UNet's norms of 24 images took 11-13 µs more each streamed, H100, 2026-12-07).
+    pub fn stream_pays(&self, l2: usize) -> bool {
+        2 * self.n * self.hw * self.c > l2
+    }
+
     /// Whether the norm may take the streamed form on a GPU with `l2` bytes of L2: the split
     /// form's shape (too large for one launch a group), whole 8-channel vectors, and a slice of
-    /// its channels (whole groups) at most `stream_unit_bytes()` an image, of which two fit the
-    /// form's share of that L2 (below that its second read would come from memory).
+    /// its channels (whole groups, `STREAM_MIN_SLICE` channels at least) at most
+    /// `stream_unit_bytes()` an image, of which two fit the form's share of that L2 (below
+    /// that its second read would come from memory).
     pub fn can_stream(&self, l2: usize) -> bool {
         let split = GroupNormShape {
             fused_chunks: 0,
@@ -229,6 +260,7 @@ impl GroupNormShape {
                 let cs = self.c / s;
                 cs.is_multiple_of(8)
                     && cs / 8 <= STREAM_THREADS
+                    && cs >= STREAM_MIN_SLICE.min(self.c)
                     && self.hw * cs * 2 <= stream_unit_bytes()
             })?;
         let cs8 = self.c / slices / 8;
@@ -731,6 +763,10 @@ mod tests {
         assert!(shape(1, 4096, 512).can_stream(H100_L2));
         // Two units must fit the form's share of L2: not on a GPU with 6 MiB.
         assert!(!shape(1, 4096, 512).can_stream(6 << 20));
+        // It pays where x outgrows L2: 24 of the VAE's 64x64 images of 512 (96 MiB), not one.
+        assert!(shape(24, 4096, 512).stream_pays(H100_L2));
+        assert!(!shape(1, 4096, 512).stream_pays(H100_L2));
+        assert!(!shape(24, 1024, 320).stream_pays(H100_L2));
         // Sums from an epilogue do not stop it: the executor turns them off.
         let fused = GroupNormShape {
             fused_chunks: 44,
@@ -741,20 +777,20 @@ mod tests {
 
     #[test]
     fn the_streamed_order_keeps_as_many_units_in_flight_as_half_the_l2_holds() {
-        // 4 MiB units on an H100: six units between their two reads, the normalisations five
+        // 4 MiB units on an H100: six units between their two reads, the normalisations three
         // units behind the sums.
         let l = shape(24, 65536, 128).streamed_layout().unwrap();
-        assert_eq!(l.order(H100_L2), StreamOrder { lead: 320, gate: 6 });
-        // 1 MiB units: the whole batch fits, so every sum comes before every normalisation.
+        assert_eq!(l.order(H100_L2), StreamOrder { lead: 192, gate: 6 });
+        // 1 MiB units: 25 in flight, the normalisations 13 behind.
         let l = shape(24, 1024, 512).streamed_layout().unwrap();
         assert_eq!(
             l.order(H100_L2),
             StreamOrder {
-                lead: 384,
+                lead: 208,
                 gate: 25
             }
         );
-        // Never fewer than two units, whatever the L2.
+        // Never fewer than two units, whatever the L2, nor less than a unit ahead.
         assert_eq!(l.order(0), StreamOrder { lead: 16, gate: 2 });
     }
 

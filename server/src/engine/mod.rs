@@ -18,7 +18,8 @@ use lipstream_engines::weights::Weights;
 use lipstream_engines::{cpu, Graph, Tensor};
 use lipstream_gpu::device::Device;
 use lipstream_gpu::{
-    ConvAsGemm, ConvGraphs, Executor, FuseConv, NormedConvs, Options, Runtime, ThinConvs, Tuning,
+    ConvAsGemm, ConvGraphs, Executor, FuseConv, NormedConvs, Options, Runtime, StreamNorms,
+    ThinConvs, Tuning,
 };
 use serde_json::{json, Value};
 
@@ -223,7 +224,7 @@ pub fn executors(
         graphs: ConvGraphs::Timed,
         mma: ThinConvs::Timed,
         normed: NormedConvs::Large,
-        stream_norms: false,
+        stream_norms: StreamNorms::Never,
     };
     let mut profiles = Vec::new();
     for &b in batches {
@@ -421,7 +422,7 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
                 },
                 mma: ThinConvs::Timed,
                 normed: NormedConvs::Large,
-                stream_norms: false,
+                stream_norms: StreamNorms::Never,
             },
         )
         .with_context(|| format!("building {} B={batch}", stage.name()))?;
