@@ -156,21 +156,20 @@ extern "C" __global__ void bias_residual_f16(__half* __restrict__ y, const __hal
 // y[i] += bias[img * bias_stride + c] (+ res[i]).
 extern "C" __global__ void bias_residual_nhwc_f16x8(uint4* __restrict__ y, const __half* __restrict__ bias,
                                                     const uint4* __restrict__ res, int image8, int c,
-                                                    int bias_stride, int per_block, int mirror) {
+                                                    int bias_stride, int per_block) {
   LS_PDL_ENTER();
-  const int bx = ls_block_x(mirror), by = ls_block_y(mirror);
-  const int v0 = bx * per_block + threadIdx.x;
-  const int v1 = min(image8, (bx + 1) * per_block);
+  const int v0 = blockIdx.x * per_block + threadIdx.x;
+  const int v1 = min(image8, (blockIdx.x + 1) * per_block);
   if (v0 >= v1) return;
   const int c0 = (threadIdx.x % (c / 8)) * 8;
   float2 b[4] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
   if (bias) {
-    const uint4 bv = *reinterpret_cast<const uint4*>(bias + (long)by * bias_stride + c0);
+    const uint4 bv = *reinterpret_cast<const uint4*>(bias + (long)blockIdx.y * bias_stride + c0);
     const __half2* bh = reinterpret_cast<const __half2*>(&bv);
 #pragma unroll
     for (int j = 0; j < 4; ++j) b[j] = __half22float2(bh[j]);
   }
-  const long base = (long)by * image8;
+  const long base = (long)blockIdx.y * image8;
   for (int v = v0; v < v1; v += blockDim.x) {
     uint4 yv = y[base + v];
     __half2* yh = reinterpret_cast<__half2*>(&yv);
@@ -215,9 +214,8 @@ struct GroupSums {
     }
   }
 
-  // Every thread of the block calls it, as block (bx, by) of the grid (`ls_block_x`); `active`:
-  // the thread summed anything.
-  __device__ void store(float2* partial, int groups, bool active, int bx, int by) {
+  // Every thread of the block calls it; `active`: the thread summed anything.
+  __device__ void store(float2* partial, int groups, bool active) {
     if (active) {
       atomicAdd(&s_sum[g0], sum0);
       atomicAdd(&s_sq[g0], sq0);
@@ -228,7 +226,7 @@ struct GroupSums {
     }
     __syncthreads();
     for (int g = threadIdx.x; g < groups; g += blockDim.x)
-      partial[((long)by * gridDim.x + bx) * groups + g] = make_float2(s_sum[g], s_sq[g]);
+      partial[((long)blockIdx.y * gridDim.x + blockIdx.x) * groups + g] = make_float2(s_sum[g], s_sq[g]);
   }
 };
 
@@ -237,22 +235,21 @@ struct GroupSums {
 extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y, const __half* __restrict__ bias,
                                                           const uint4* __restrict__ res, int image8, int c,
                                                           int bias_stride, float2* __restrict__ partial, int groups,
-                                                          int per_block, int mirror) {
+                                                          int per_block) {
   LS_PDL_ENTER();
   __shared__ float s_sum[64], s_sq[64];
-  const int bx = ls_block_x(mirror), by = ls_block_y(mirror);
-  const int v0 = bx * per_block + threadIdx.x;
-  const int v1 = min(image8, (bx + 1) * per_block);
+  const int v0 = blockIdx.x * per_block + threadIdx.x;
+  const int v1 = min(image8, (blockIdx.x + 1) * per_block);
   const int c0 = (threadIdx.x % (c / 8)) * 8;
   GroupSums sums(s_sum, s_sq, groups, c0, c / groups);
   float2 b[4] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
   if (bias) {
-    const uint4 bv = *reinterpret_cast<const uint4*>(bias + (long)by * bias_stride + c0);
+    const uint4 bv = *reinterpret_cast<const uint4*>(bias + (long)blockIdx.y * bias_stride + c0);
     const __half2* bh = reinterpret_cast<const __half2*>(&bv);
 #pragma unroll
     for (int j = 0; j < 4; ++j) b[j] = __half22float2(bh[j]);
   }
-  const long base = (long)by * image8;
+  const long base = (long)blockIdx.y * image8;
   for (int v = v0; v < v1; v += blockDim.x) {
     uint4 yv = y[base + v];
     __half2* yh = reinterpret_cast<__half2*>(&yv);
@@ -268,7 +265,7 @@ extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y,
     // Without bias and residual (cuDNN's fused call added them) only the sums are wanted.
     if (bias || res) y[base + v] = yv;
   }
-  sums.store(partial, groups, v0 < v1, bx, by);
+  sums.store(partial, groups, v0 < v1);
 }
 
 // The second half of an upsample + 3x3 convolution run on the small image (plan.rs,
@@ -278,15 +275,13 @@ extern "C" __global__ void bias_residual_stats_nhwc_f16x8(uint4* __restrict__ y,
 // epilogues' grid, and with `partial` also the group sums (GroupSums).
 extern "C" __global__ void subpixel_nhwc_f16x8(const uint4* __restrict__ t, uint4* __restrict__ y,
                                                const __half* __restrict__ bias, int h, int w, int c,
-                                               float2* __restrict__ partial, int groups, int per_block,
-                                               int mirror) {
+                                               float2* __restrict__ partial, int groups, int per_block) {
   LS_PDL_ENTER();
   __shared__ float s_sum[64], s_sq[64];
-  const int bx = ls_block_x(mirror), by = ls_block_y(mirror);
   const int c8 = c / 8;
   const int image8 = 4 * h * w * c8;
-  const int v0 = bx * per_block + threadIdx.x;
-  const int v1 = min(image8, (bx + 1) * per_block);
+  const int v0 = blockIdx.x * per_block + threadIdx.x;
+  const int v1 = min(image8, (blockIdx.x + 1) * per_block);
   const int ch = threadIdx.x % c8;
   GroupSums sums(s_sum, s_sq, partial ? groups : 0, ch * 8, partial ? c / groups : 8);
   float2 b[4] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
@@ -296,8 +291,8 @@ extern "C" __global__ void subpixel_nhwc_f16x8(const uint4* __restrict__ t, uint
 #pragma unroll
     for (int j = 0; j < 4; ++j) b[j] = __half22float2(bh[j]);
   }
-  const uint4* src = t + (long)by * (h + 1) * (w + 1) * 4 * c8;
-  uint4* dst = y + (long)by * image8;
+  const uint4* src = t + (long)blockIdx.y * (h + 1) * (w + 1) * 4 * c8;
+  uint4* dst = y + (long)blockIdx.y * image8;
   for (int v = v0; v < v1; v += blockDim.x) {
     const int p = v / c8;
     const int ox = p % (2 * w), oy = p / (2 * w);
@@ -313,7 +308,7 @@ extern "C" __global__ void subpixel_nhwc_f16x8(const uint4* __restrict__ t, uint
     if (partial) sums.add(th);
     dst[v] = tv;
   }
-  if (partial) sums.store(partial, groups, v0 < v1, bx, by);
+  if (partial) sums.store(partial, groups, v0 < v1);
 }
 
 // Nearest 2x upsampling of NHWC images, eight channels per thread (c8 = C / 8).

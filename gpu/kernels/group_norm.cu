@@ -7,10 +7,10 @@
 // group u % groups of pixel u / groups; blockDim is a multiple of groups, so each thread keeps one
 // group for the whole loop and a warp reads whole pixel rows.
 extern "C" __global__ void group_norm_nhwc_stats_f16(const __half* __restrict__ x, float2* __restrict__ partial,
-                                                     int hw, int c, int groups, int chunk, int vec8, int mirror) {
+                                                     int hw, int c, int groups, int chunk, int vec8) {
   LS_PDL_ENTER();
   __shared__ float s_sum[1024], s_sq[1024];
-  const int n = ls_block_y(mirror), s = ls_block_x(mirror);
+  const int n = blockIdx.y, s = blockIdx.x;
   const int p0 = s * chunk, p1 = min(hw, p0 + chunk);
   const int cg = c / groups;
   const __half* base = x + (long)n * hw * c;
@@ -100,15 +100,14 @@ __device__ __forceinline__ void gn_apply8(uint4& v, const float* scale, const fl
 extern "C" __global__ void group_norm_nhwc_apply_f16x8(const uint4* __restrict__ x, const float2* __restrict__ stats,
                                                        const __half* __restrict__ gamma, const __half* __restrict__ beta,
                                                        uint4* __restrict__ y, int image8, int c, int groups, int silu,
-                                                       int per_block, int mirror) {
+                                                       int per_block) {
   LS_PDL_ENTER();
-  const int bx = ls_block_x(mirror), by = ls_block_y(mirror);
-  const int v0 = bx * per_block + threadIdx.x;
-  const int v1 = min(image8, (bx + 1) * per_block);
+  const int v0 = blockIdx.x * per_block + threadIdx.x;
+  const int v1 = min(image8, (blockIdx.x + 1) * per_block);
   if (v0 >= v1) return;
   const int c0 = (v0 % (c / 8)) * 8;
   const int cg = c / groups;
-  const float2* st = stats + (long)by * groups;
+  const float2* st = stats + (long)blockIdx.y * groups;
   float scale[8], shift[8];
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
@@ -116,7 +115,7 @@ extern "C" __global__ void group_norm_nhwc_apply_f16x8(const uint4* __restrict__
     scale[k] = s.y * __half2float(gamma[c0 + k]);
     shift[k] = __half2float(beta[c0 + k]) - s.x * scale[k];
   }
-  const long base = (long)by * image8;
+  const long base = (long)blockIdx.y * image8;
   for (int v = v0; v < v1; v += blockDim.x) {
     uint4 xv = x[base + v];
     gn_apply8(xv, scale, shift, silu);

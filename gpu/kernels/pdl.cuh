@@ -16,11 +16,3 @@
   do {                 \
   } while (0)
 #endif
-
-// Block order. A pass bound by memory that walks a buffer the step before it walked front to
-// back finds the back of it still in L2 (50 MB on an H100) if it starts there; with `mirror`
-// set (the executor decides, experiment LIPSTREAM_MIRROR_PASSES) a kernel's block (x, y) does
-// the work of block (gx - 1 - x, gy - 1 - y), so the blocks that start first take the end.
-// Every block's work, and so every result bit, stays the same.
-__device__ __forceinline__ int ls_block_x(int mirror) { return mirror ? gridDim.x - 1 - blockIdx.x : blockIdx.x; }
-__device__ __forceinline__ int ls_block_y(int mirror) { return mirror ? gridDim.y - 1 - blockIdx.y : blockIdx.y; }

@@ -10,7 +10,7 @@
 //! grow the arena or the workspace and leave earlier captures pointing at freed memory.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cudarc::cudnn::sys::{cudnnConvolutionFwdAlgo_t, cudnnMathType_t};
 use cudarc::driver::{
@@ -26,7 +26,7 @@ use crate::conv::{Conv, ConvPlan, ConvShape};
 use crate::conv_graph::{ConvGraph, EngineChoice, GraphArgs, GraphCall, GraphKey, GraphPlan};
 use crate::device::Device;
 use crate::error::GpuError;
-use crate::kernels::group_norm::{GroupNorm, GroupNormShape, Mirror};
+use crate::kernels::group_norm::GroupNorm;
 use crate::kernels::image::{Faces, Image};
 use crate::kernels::layout::{Layout, RowsPart};
 use crate::kernels::{conv_in, conv_out};
@@ -742,11 +742,6 @@ pub struct Executor {
     /// Bytes of arena this graph needs, and the least any placement could use.
     pub arena_bytes: usize,
     pub peak_bytes: usize,
-    /// Which way the last pass over each buffer walked it (true: its last block first), for
-    /// `Experiment::MirrorPasses`: a pass bound by memory walks its input the other way, so it
-    /// starts on what L2 still holds. Filled as `run_steps` launches, so a capture records the
-    /// choices; convolutions and other steps walk front to back.
-    walks: Mutex<HashMap<Ptr, bool>>,
 }
 
 impl Executor {
@@ -775,7 +770,6 @@ impl Executor {
             graph: None,
             arena_bytes,
             peak_bytes,
-            walks: Mutex::new(HashMap::new()),
         };
         let mut prepared = Vec::with_capacity(ex.plan.steps.len());
         let mut need_ws = 0;
@@ -1168,26 +1162,6 @@ impl Executor {
             .count()
     }
 
-    /// Whether the last pass over `p` walked it last block first (`walks`).
-    fn walked(&self, p: Ptr) -> bool {
-        self.walks
-            .lock()
-            .is_ok_and(|w| w.get(&p).copied().unwrap_or(false))
-    }
-
-    /// Records that a pass walked `p` (`mirrored`: last block first).
-    fn walk(&self, p: Ptr, mirrored: bool) {
-        if let Ok(mut w) = self.walks.lock() {
-            w.insert(p, mirrored);
-        }
-    }
-
-    /// Whether a pass bound by memory that reads `p` should take its blocks last first: the
-    /// other way from the last pass over it, with `Experiment::MirrorPasses` on.
-    fn mirror_from(&self, p: Ptr) -> bool {
-        Experiment::MirrorPasses.on() && !self.walked(p)
-    }
-
     /// A convolution step's epilogue kernel: bias, residual and group-norm sums, or — after
     /// the fused call (`fused`) — the sums alone, read without writing y back. Nothing to do
     /// launches nothing.
@@ -1219,7 +1193,6 @@ impl Executor {
         let n = shape.n * shape.o * ho * wo;
         let (b, stride) = bias.map_or((0, 0), |(l, st)| (p(l), st));
         let inner = if shape.nhwc { 1 } else { ho * wo };
-        let mirror = self.mirror_from(p(*y));
         // SAFETY: per the caller's contract, the plan sized y, bias, residual and the sums'
         // scratch for this shape.
         unsafe {
@@ -1234,11 +1207,8 @@ impl Executor {
                 inner,
                 shape.o,
                 stats.map(|(l, g)| (p(l), g)),
-                mirror,
             )
-        }?;
-        self.walk(p(*y), mirror);
-        Ok(())
+        }
     }
 
     /// Which of our thin-convolution kernels can run convolution `step`: its shape fits, no
@@ -2344,16 +2314,8 @@ impl Executor {
             }
             Ok(())
         };
-        if let Ok(mut w) = self.walks.lock() {
-            w.clear();
-        }
         for (i, step) in self.plan.steps.iter().enumerate() {
             let p = |l: Loc| self.ptr(rt, l);
-            if let Step::Conv { x, y, .. } = step {
-                // The convolution itself walks both front to back; its epilogue may turn.
-                self.walk(p(*x), false);
-                self.walk(p(*y), false);
-            }
             // SAFETY (every launch below): the plan sized each operand for exactly the shapes
             // passed with it, the arena holds every buffer at its placed offset for the step's
             // lifetime, and weights stay uploaded for the runtime's life.
@@ -2402,12 +2364,7 @@ impl Executor {
                     Prepared::NormStats,
                 ) => {
                     // The convolution after it normalises (`norms_into_convs`).
-                    let mirror = shape.fused_chunks == 0 && self.mirror_from(p(*x));
-                    unsafe {
-                        k.group_norm
-                            .launch_stats(s, p(*x), p(*scratch), shape, mirror)
-                    }?;
-                    self.walk(p(*x), mirror);
+                    unsafe { k.group_norm.launch_stats(s, p(*x), p(*scratch), shape) }?;
                 }
                 (
                     Step::Conv {
@@ -2490,23 +2447,10 @@ impl Executor {
                         scratch,
                     },
                     _,
-                ) => {
-                    let mirror = self.norm_walks(p(*x), shape);
-                    unsafe {
-                        k.group_norm.launch(
-                            s,
-                            p(*x),
-                            p(*gamma),
-                            p(*beta),
-                            p(*y),
-                            p(*scratch),
-                            shape,
-                            mirror,
-                        )
-                    }?;
-                    self.walk(p(*x), mirror.apply);
-                    self.walk(p(*y), mirror.apply);
-                }
+                ) => unsafe {
+                    k.group_norm
+                        .launch(s, p(*x), p(*gamma), p(*beta), p(*y), p(*scratch), shape)
+                }?,
                 (
                     Step::LayerNorm {
                         x,
@@ -2564,22 +2508,16 @@ impl Executor {
                         stats,
                     },
                     _,
-                ) => {
-                    let mirror = self.mirror_from(p(*x));
-                    unsafe {
-                        k.elementwise.subpixel(
-                            s,
-                            p(*x),
-                            p(*y),
-                            bias.map_or(0, p),
-                            *nhwc,
-                            stats.map(|(l, g)| (p(l), g)),
-                            mirror,
-                        )
-                    }?;
-                    self.walk(p(*x), mirror);
-                    self.walk(p(*y), mirror);
-                }
+                ) => unsafe {
+                    k.elementwise.subpixel(
+                        s,
+                        p(*x),
+                        p(*y),
+                        bias.map_or(0, p),
+                        *nhwc,
+                        stats.map(|(l, g)| (p(l), g)),
+                    )
+                }?,
                 (
                     Step::Permute {
                         x,
@@ -2634,30 +2572,12 @@ impl Executor {
                     )))
                 }
             }
-            if !matches!(
-                step,
-                Step::Conv { .. } | Step::Subpixel { .. } | Step::GroupNorm { .. }
-            ) {
-                for l in step.locs() {
-                    self.walk(p(l), false);
-                }
-            }
             lap(match step {
                 Step::Conv { .. } => "conv_epilogue",
                 _ => step.name(),
             })?;
         }
         Ok(())
-    }
-
-    /// Which passes of group norm `shape` reading `x` take their blocks last first, with
-    /// `Experiment::MirrorPasses` on (`Mirror::for_norm`).
-    fn norm_walks(&self, x: Ptr, shape: &GroupNormShape) -> Mirror {
-        if Experiment::MirrorPasses.on() {
-            Mirror::for_norm(shape, self.walked(x))
-        } else {
-            Mirror::default()
-        }
     }
 
     /// Median milliseconds of `runs` launches after 5 warm-ups, each timed with CUDA events.

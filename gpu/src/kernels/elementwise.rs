@@ -235,8 +235,7 @@ impl Elementwise {
     /// The convolution epilogue: y[i] += bias[(i / image) * bias_stride + (i / inner) % period]
     /// (+ res[i]); `bias` or `res` may be 0. With `stats` = (partial, groups) (NHWC only), it
     /// also writes per-block sums for the group norm that reads y next: `epilogue_blocks(image, c, n)`
-    /// (sum, sum of squares) float pairs per image and group. `mirror`: the 8-wide NHWC kernels
-    /// take their blocks last first (`pdl.cuh`'s block order); the same result either way.
+    /// (sum, sum of squares) float pairs per image and group.
     ///
     /// # Safety
     /// y and res must hold n elements, bias every index the formula reaches, partial its sums.
@@ -252,7 +251,6 @@ impl Elementwise {
         inner: usize,
         period: usize,
         stats: Option<(Ptr, usize)>,
-        mirror: bool,
     ) -> Result<(), GpuError> {
         if image == 0 || inner == 0 || period == 0 {
             return Err(shape_err("bias_residual", "zero extent".into()));
@@ -296,16 +294,14 @@ impl Elementwise {
                 args.push(Arg::P(partial));
                 args.push(Arg::I(groups as i32));
                 args.push(Arg::I(per_block as i32));
-                args.push(Arg::I(i32::from(mirror)));
                 // SAFETY: matches bias_residual_stats_nhwc_f16x8 (uint4*, const half*, const
-                // uint4*, 3 int, float2*, 3 int); as below, plus partial holding
+                // uint4*, 3 int, float2*, 2 int); as below, plus partial holding
                 // epilogue_blocks(image, period, images) * groups float2s per image (the
                 // caller's contract) and groups within the kernel's shared arrays (checked).
                 return unsafe { launch(stream, &self.bias_residual_stats8, cfg, &args) };
             }
             args.push(Arg::I(per_block as i32));
-            args.push(Arg::I(i32::from(mirror)));
-            // SAFETY: matches bias_residual_nhwc_f16x8 (uint4*, const half*, const uint4*, 5
+            // SAFETY: matches bias_residual_nhwc_f16x8 (uint4*, const half*, const uint4*, 4
             // int); channels are whole 8-wide vectors, every operand 16-byte aligned (checked),
             // grid y covers the n / image images; threads and per_block are multiples of
             // period / 8 (vector_grid).
@@ -379,7 +375,6 @@ impl Elementwise {
         bias: Ptr,
         nhwc: [usize; 4],
         stats: Option<(Ptr, usize)>,
-        mirror: bool,
     ) -> Result<(), GpuError> {
         let [n, h, w, c] = nhwc;
         let image8 = 4 * h * w * c / 8;
@@ -415,10 +410,9 @@ impl Elementwise {
             Arg::P(partial),
             Arg::I(groups as i32),
             Arg::I(per_block as i32),
-            Arg::I(i32::from(mirror)),
         ];
         // SAFETY: matches subpixel_nhwc_f16x8 (const uint4*, uint4*, const half*, 3 int,
-        // float2*, 3 int); whole aligned 8-wide vectors (checked), extents within int (checked),
+        // float2*, 2 int); whole aligned 8-wide vectors (checked), extents within int (checked),
         // grid y covers the n images; threads and per_block are multiples of c / 8
         // (vector_grid); partial, when given, holds blocks * groups float2s per image (the
         // caller's contract) and groups fit the kernel's shared arrays (checked).

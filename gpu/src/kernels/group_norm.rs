@@ -310,33 +310,6 @@ impl GroupNormShape {
     }
 }
 
-/// Which passes of the split form take their blocks last first (`pdl.cuh`'s block order): its
-/// sums (when the norm sums x itself) and its apply. The result is the same either way.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Mirror {
-    pub sums: bool,
-    pub apply: bool,
-}
-
-impl Mirror {
-    /// The passes of norm `s` that turn, when the last pass over its input walked it last block
-    /// first (`x_mirrored`) or not: its own sums (if it sums x) the other way from that pass,
-    /// its apply the other way from whichever pass read x last, so each starts on what L2 still
-    /// holds. Only the split form has passes to turn.
-    pub fn for_norm(s: &GroupNormShape, x_mirrored: bool) -> Mirror {
-        if s.one_launch() || s.streamed {
-            return Mirror::default();
-        }
-        let sums = s.fused_chunks == 0 && !x_mirrored;
-        let last = if s.fused_chunks == 0 {
-            sums
-        } else {
-            x_mirrored
-        };
-        Mirror { sums, apply: !last }
-    }
-}
-
 /// The compiled kernels.
 pub struct GroupNorm {
     stats: CudaFunction,
@@ -367,8 +340,7 @@ impl GroupNorm {
         s.check()
     }
 
-    /// y = groupnorm(x) * gamma + beta (then SiLU); x, y [n, hw, c]. `mirror` applies to the
-    /// split form.
+    /// y = groupnorm(x) * gamma + beta (then SiLU); x, y [n, hw, c].
     ///
     /// # Safety
     /// x and y must hold n*hw*c elements, gamma and beta c, scratch `s.scratch_bytes()` bytes
@@ -382,7 +354,6 @@ impl GroupNorm {
         y: Ptr,
         scratch: Ptr,
         s: &GroupNormShape,
-        mirror: Mirror,
     ) -> Result<(), GpuError> {
         s.check()?;
         if s.one_launch() {
@@ -394,13 +365,13 @@ impl GroupNorm {
             return unsafe { self.launch_streamed(stream, x, gamma, beta, y, scratch, s) };
         }
         // SAFETY: per the caller's contract.
-        let stats = unsafe { self.launch_stats(stream, x, scratch, s, mirror.sums) }?;
+        let stats = unsafe { self.launch_stats(stream, x, scratch, s) }?;
         let i = |v: usize| Arg::I(v as i32);
         if s.c.is_multiple_of(8) && super::elementwise::aligned16(&[x, gamma, beta, y]) {
             let image8 = s.hw * s.c / 8;
             let (threads, per_block, blocks) = super::vector_grid(image8, s.c / 8, s.n);
             // SAFETY: matches group_norm_nhwc_apply_f16x8 (const uint4*, const float2*, 2 const
-            // half*, uint4*, 6 int); whole 8-wide channel vectors, aligned (checked); grid y
+            // half*, uint4*, 5 int); whole 8-wide channel vectors, aligned (checked); grid y
             // covers the n images, stats hold n*groups entries; threads and per_block are
             // multiples of c / 8 (vector_grid).
             return unsafe {
@@ -423,7 +394,6 @@ impl GroupNorm {
                         i(s.groups),
                         i(usize::from(s.silu)),
                         i(per_block),
-                        i(usize::from(mirror.apply)),
                     ],
                 )
             };
@@ -538,7 +508,6 @@ impl GroupNorm {
         x: Ptr,
         scratch: Ptr,
         s: &GroupNormShape,
-        mirror: bool,
     ) -> Result<Ptr, GpuError> {
         s.check()?;
         if s.one_launch() || !scratch.is_multiple_of(8) {
@@ -559,7 +528,7 @@ impl GroupNorm {
             shared_mem_bytes: 0,
         };
         if s.fused_chunks == 0 {
-            // SAFETY: matches group_norm_nhwc_stats_f16 (const half*, float2*, 6 int); partial holds
+            // SAFETY: matches group_norm_nhwc_stats_f16 (const half*, float2*, 5 int); partial holds
             // n*chunks*groups float2s; blockDim is a multiple of groups (checked).
             unsafe {
                 launch(
@@ -574,7 +543,6 @@ impl GroupNorm {
                         i(s.groups),
                         i(chunk),
                         i(usize::from(vec8)),
-                        i(usize::from(mirror)),
                     ],
                 )
             }?;
@@ -833,51 +801,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn each_pass_of_a_split_norm_walks_its_input_the_other_way_from_the_pass_before() {
-        let big = shape(24, 65536, 128);
-        // Summing x itself after a convolution (front to back): the sums start at the back,
-        // the apply at the front, where the sums ended.
-        assert_eq!(
-            Mirror::for_norm(&big, false),
-            Mirror {
-                sums: true,
-                apply: false
-            }
-        );
-        // After an epilogue that walked x last first: the sums the other way, the apply back.
-        assert_eq!(
-            Mirror::for_norm(&big, true),
-            Mirror {
-                sums: false,
-                apply: true
-            }
-        );
-        // Summed by that epilogue: no sums of its own; the apply turns from the epilogue's walk.
-        let summed = GroupNormShape {
-            fused_chunks: 44,
-            ..big
-        };
-        assert_eq!(
-            Mirror::for_norm(&summed, true),
-            Mirror {
-                sums: false,
-                apply: false
-            }
-        );
-        assert!(Mirror::for_norm(&summed, false).apply);
-        // The one-launch and streamed forms have no passes to turn.
-        assert_eq!(
-            Mirror::for_norm(&shape(2, 1024, 320), false),
-            Mirror::default()
-        );
-        let streamed = GroupNormShape {
-            streamed: true,
-            ..big
-        };
-        assert_eq!(Mirror::for_norm(&streamed, false), Mirror::default());
     }
 
     #[test]

@@ -216,21 +216,15 @@ pub enum Experiment {
     /// The normed conv_out kernel loading a chunk in two rounds instead of five (`conv_out`);
     /// not yet timed.
     NormedLoads9,
-    /// Passes bound by memory (convolution epilogues, the subpixel interleave, the split group
-    /// norm's sums and apply) walk a buffer the other way from the pass before them, so they
-    /// start on what L2 still holds of it (`pdl.cuh`'s block order, the executor's `walks`).
-    /// The same bits either way; not yet timed.
-    MirrorPasses,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 6] = [
+    pub const ALL: [Experiment; 5] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
         Experiment::GnStream,
         Experiment::NormedLoads9,
-        Experiment::MirrorPasses,
     ];
 
     /// Its environment variable.
@@ -241,7 +235,6 @@ impl Experiment {
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
             Experiment::GnStream => "LIPSTREAM_GN_STREAM",
             Experiment::NormedLoads9 => "LIPSTREAM_NORMED_LOADS9",
-            Experiment::MirrorPasses => "LIPSTREAM_MIRROR_PASSES",
         }
     }
 
@@ -260,9 +253,6 @@ impl Experiment {
             }
             Experiment::NormedLoads9 => {
                 "the normed conv_out kernel loads a chunk in two rounds instead of five"
-            }
-            Experiment::MirrorPasses => {
-                "memory-bound passes walk a buffer the other way from the pass before, starting on what L2 holds"
             }
         }
     }
