@@ -115,12 +115,11 @@ __device__ __forceinline__ __half2 silu_tanh2(float a, float b) {
 // x [n, h, wd, c] the norm's input (c a multiple of 32), stats [n, groups] (mean, 1/std) as
 // group_norm_nhwc_finalize leaves them, gamma and beta [c], w [8][3][3][c], bias [8] or null,
 // y [n, h, wd, 8]. Grid (ceil(wd / NO_PIX), ceil(h / NO_ROWS), n).
-// BATCH: vectors a thread loads before it stages any, per round (a chunk is 16.5 a thread).
-template <int BATCH>
-__device__ __forceinline__ void conv3x3_out8_normed(
+extern "C" __global__ void __launch_bounds__(NO_THREADS) conv3x3_out8_normed_nhwc_f16(
     const __half* __restrict__ x, const float2* __restrict__ stats, const __half* __restrict__ gamma,
     const __half* __restrict__ beta, const __half* __restrict__ w, const __half* __restrict__ bias,
     __half* __restrict__ y, int h, int wd, int c, int groups, int silu) {
+  LS_PDL_ENTER();
   __shared__ __align__(16) __half tile[NO_ROWS_IN * NO_PIX_IN * NO_PS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int image = blockIdx.z, py0 = blockIdx.y * NO_ROWS, px0 = blockIdx.x * NO_PIX;
@@ -133,7 +132,7 @@ __device__ __forceinline__ void conv3x3_out8_normed(
   // Staged 16-byte vectors: (row, pixel, channel octet q), q fastest. The thread stride is a
   // multiple of the octets a pixel holds, so a thread always stages the same 8 channels of a
   // chunk: their scale and shift sit in registers.
-  constexpr int OCTETS = NO_CH / 8, VECS = NO_ROWS_IN * NO_PIX_IN * OCTETS;
+  constexpr int OCTETS = NO_CH / 8, VECS = NO_ROWS_IN * NO_PIX_IN * OCTETS, BATCH = 4;
   static_assert(NO_THREADS % OCTETS == 0, "a thread keeps its channel octet");
   const int q = threadIdx.x % OCTETS;
   const uint4 zero = make_uint4(0, 0, 0, 0);
@@ -227,22 +226,4 @@ __device__ __forceinline__ void conv3x3_out8_normed(
     if (xa < wd) out[xa * 4 + t] = __floats2half2_rn(acc[r][0] + b0, acc[r][1] + b1);
     if (xb < wd) out[xb * 4 + t] = __floats2half2_rn(acc[r][2] + b0, acc[r][3] + b1);
   }
-}
-
-extern "C" __global__ void __launch_bounds__(NO_THREADS) conv3x3_out8_normed_nhwc_f16(
-    const __half* __restrict__ x, const float2* __restrict__ stats, const __half* __restrict__ gamma,
-    const __half* __restrict__ beta, const __half* __restrict__ w, const __half* __restrict__ bias,
-    __half* __restrict__ y, int h, int wd, int c, int groups, int silu) {
-  LS_PDL_ENTER();
-  conv3x3_out8_normed<4>(x, stats, gamma, beta, w, bias, y, h, wd, c, groups, silu);
-}
-
-// The same, a chunk's vectors loaded in two rounds instead of five: more loads in flight a
-// warp, for a kernel that waits on memory latency (experiment LIPSTREAM_NORMED_LOADS9).
-extern "C" __global__ void __launch_bounds__(NO_THREADS) conv3x3_out8_normed9_nhwc_f16(
-    const __half* __restrict__ x, const float2* __restrict__ stats, const __half* __restrict__ gamma,
-    const __half* __restrict__ beta, const __half* __restrict__ w, const __half* __restrict__ bias,
-    __half* __restrict__ y, int h, int wd, int c, int groups, int silu) {
-  LS_PDL_ENTER();
-  conv3x3_out8_normed<9>(x, stats, gamma, beta, w, bias, y, h, wd, c, groups, silu);
 }

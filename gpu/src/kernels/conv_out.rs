@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
 use super::elementwise::aligned16;
-use super::{launch, shape_err, Arg, Experiment, Ptr};
+use super::{launch, shape_err, Arg, Ptr};
 use crate::conv::ConvShape;
 use crate::device::Device;
 use crate::error::GpuError;
@@ -84,7 +84,6 @@ pub struct NormIn {
 pub struct ConvOut {
     func: CudaFunction,
     normed: CudaFunction,
-    normed9: CudaFunction,
 }
 
 impl ConvOut {
@@ -93,7 +92,6 @@ impl ConvOut {
         Ok(ConvOut {
             func: m.load_function("conv3x3_out8_nhwc_f16")?,
             normed: m.load_function("conv3x3_out8_normed_nhwc_f16")?,
-            normed9: m.load_function("conv3x3_out8_normed9_nhwc_f16")?,
         })
     }
 
@@ -199,18 +197,13 @@ impl ConvOut {
             Arg::I(norm.groups as i32),
             Arg::I(i32::from(norm.silu)),
         ];
-        let f = if Experiment::NormedLoads9.on() {
-            &self.normed9
-        } else {
-            &self.normed
-        };
-        // SAFETY: matches conv3x3_out8_normed{,9}_nhwc_f16 (const half*, const float2*, 4 const
+        // SAFETY: matches conv3x3_out8_normed_nhwc_f16 (const half*, const float2*, 4 const
         // half*, half*, 5 int); one block per NORMED_ROWS x NORMED_PIXELS outputs of one image,
         // reads and writes past the image's rows and pixels skipped; c is a multiple of 32 (one
         // staged chunk of 32 channels a step) in whole groups (`fits_normed`, checked); x,
         // gamma and beta read as aligned 16-byte vectors, stats as float2, w and y as 4-byte
         // pairs (checked); the caller vouches for the sizes.
-        unsafe { launch(stream, f, cfg, &args) }
+        unsafe { launch(stream, &self.normed, cfg, &args) }
     }
 }
 

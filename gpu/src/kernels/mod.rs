@@ -210,21 +210,20 @@ pub enum Experiment {
     /// but took an H100's avatar batch of 24 from 37.6 to 46.6 ms: units went through one after
     /// another, each paying its whole sum -> reduce -> normalise chain (24 x 32x32 x 512: 215 µs
     /// against 24). Dropping the producers' sums saved 2.3 ms of that batch, what a faster form
-    /// could take (bench/results/2026-12-07_h100_gn_stream). Now 4 MiB units, as many in flight
-    /// as half the L2 holds (`LIPSTREAM_GN_STREAM_UNIT_MIB` to try others); not yet timed.
+    /// could take (bench/results/2026-12-07_h100_gn_stream). Then 4 MiB units, as many in flight
+    /// as half the L2 holds: +2.5 % (38.65 -> 39.63 ms; its norms +2.8 ms, the epilogues it
+    /// spared -1.2 ms; bench/results/2026-12-07_h100_stream2_mirror). Now only norms larger than
+    /// L2, the normalisations half the window behind (`LIPSTREAM_GN_STREAM_UNIT_MIB`,
+    /// `LIPSTREAM_GN_STREAM_LEAD_UNITS` to try others).
     GnStream,
-    /// The normed conv_out kernel loading a chunk in two rounds instead of five (`conv_out`);
-    /// not yet timed.
-    NormedLoads9,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 5] = [
+    pub const ALL: [Experiment; 4] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
         Experiment::GnStream,
-        Experiment::NormedLoads9,
     ];
 
     /// Its environment variable.
@@ -234,7 +233,6 @@ impl Experiment {
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
             Experiment::GnStream => "LIPSTREAM_GN_STREAM",
-            Experiment::NormedLoads9 => "LIPSTREAM_NORMED_LOADS9",
         }
     }
 
@@ -250,9 +248,6 @@ impl Experiment {
             }
             Experiment::GnStream => {
                 "large group norms in one launch, their input read from memory once (64x64 images and up)"
-            }
-            Experiment::NormedLoads9 => {
-                "the normed conv_out kernel loads a chunk in two rounds instead of five"
             }
         }
     }
