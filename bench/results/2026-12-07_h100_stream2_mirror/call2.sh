@@ -26,7 +26,7 @@ OUT=$out/ab ENGINE=/tmp/avatar.engine BENCH_BATCHES=24 STAGES=avatar RUNS=20 ROU
 echo "== the whole window ahead (LIPSTREAM_GN_STREAM_LEAD_UNITS=5)"
 LIPSTREAM_GN_STREAM_LEAD_UNITS=5 OUT=$out/lead5 ENGINE=/tmp/avatar.engine BENCH_BATCHES=24 STAGES=avatar \
   RUNS=20 ROUNDS=1 VARS=LIPSTREAM_GN_STREAM ./scripts/device/env_ab.sh
-left=$(( 560 - ($(date +%s) - t0) ))
+left=$(( 470 - ($(date +%s) - t0) ))
 if [ "$left" -ge 95 ]; then
   echo "serving ($left s left)"
   OUT=$out/serve MODE=avatar SESSIONS=24 DURATION=12 REUSE_ENGINE=1 VARIANTS="base:;stream:LIPSTREAM_GN_STREAM=1" \

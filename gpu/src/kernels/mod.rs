@@ -212,9 +212,13 @@ pub enum Experiment {
     /// against 24). Dropping the producers' sums saved 2.3 ms of that batch, what a faster form
     /// could take (bench/results/2026-12-07_h100_gn_stream). Then 4 MiB units, as many in flight
     /// as half the L2 holds: +2.5 % (38.65 -> 39.63 ms; its norms +2.8 ms, the epilogues it
-    /// spared -1.2 ms; bench/results/2026-12-07_h100_stream2_mirror). Now only norms larger than
-    /// L2, the normalisations half the window behind (`LIPSTREAM_GN_STREAM_UNIT_MIB`,
-    /// `LIPSTREAM_GN_STREAM_LEAD_UNITS` to try others).
+    /// spared -1.2 ms). Now only norms larger than L2, the normalisations half the window
+    /// behind: +3.7 % / +5.7 % (37.80 -> 39.20, 37.15 -> 39.28 ms), the whole window +3.6 %
+    /// (bench/results/2026-12-07_h100_stream2_mirror). The epilogues still spare 1.2 ms, but a
+    /// 24 x 256x256 x 128 norm takes 0.54 ms against the split apply's 0.29: about 2 TB/s, as if
+    /// the second read missed L2 with 24 MiB of units and as much of written tiles in flight.
+    /// Next: a window of 8-12 MiB (`STREAM_L2_SHARE`; `LIPSTREAM_GN_STREAM_UNIT_MIB`,
+    /// `LIPSTREAM_GN_STREAM_LEAD_UNITS` try units and leads).
     GnStream,
 }
 
