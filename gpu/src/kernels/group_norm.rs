@@ -98,6 +98,18 @@ fn stream_lead_units() -> Option<usize> {
     })
 }
 
+/// `LIPSTREAM_GN_STREAM_WINDOW_MIB`: the bytes of units the streamed form keeps between their
+/// two reads, in place of `l2 / STREAM_L2_SHARE`, for experiments (two units at least).
+fn stream_window_mib() -> Option<usize> {
+    static WINDOW: OnceLock<Option<usize>> = OnceLock::new();
+    *WINDOW.get_or_init(|| {
+        std::env::var("LIPSTREAM_GN_STREAM_WINDOW_MIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|m| (1..=1024).contains(m))
+    })
+}
+
 /// How the streamed form cuts a norm: `units` (an image, or a slice of `slices` of its
 /// channels) of `unit_bytes`, each of `tiles` tiles of `tile_px` pixels, `threads` a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +144,8 @@ impl Streamed {
     /// 2026-12-07); half leaves slack on both sides: the sums a normalisation waits for and the
     /// normalisations a sum waits for both started about a quarter of the window before.
     fn order(&self, l2: usize) -> StreamOrder {
-        let gate = (l2 / STREAM_L2_SHARE / self.unit_bytes.max(1)).max(2);
+        let window = stream_window_mib().map_or(l2 / STREAM_L2_SHARE, |m| m << 20);
+        let gate = (window / self.unit_bytes.max(1)).max(2);
         let units = stream_lead_units().unwrap_or(gate.div_ceil(2));
         StreamOrder {
             lead: (units * self.tiles)

@@ -217,8 +217,8 @@ pub enum Experiment {
     /// (bench/results/2026-12-07_h100_stream2_mirror). The epilogues still spare 1.2 ms, but a
     /// 24 x 256x256 x 128 norm takes 0.54 ms against the split apply's 0.29: about 2 TB/s, as if
     /// the second read missed L2 with 24 MiB of units and as much of written tiles in flight.
-    /// Next: a window of 8-12 MiB (`STREAM_L2_SHARE`; `LIPSTREAM_GN_STREAM_UNIT_MIB`,
-    /// `LIPSTREAM_GN_STREAM_LEAD_UNITS` try units and leads).
+    /// Next: a window of 8-12 MiB (`LIPSTREAM_GN_STREAM_WINDOW_MIB`; `_UNIT_MIB` and
+    /// `_LEAD_UNITS` try units and leads).
     GnStream,
 }
 
