@@ -72,17 +72,22 @@ pub struct GroupNormShape {
     pub streamed: bool,
 }
 
+/// Environment variable `var` as a whole number within `range`: the streamed form's knobs for
+/// experiments. Anything else leaves the default.
+fn env_count(var: &str, range: std::ops::RangeInclusive<usize>) -> Option<usize> {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| range.contains(n))
+}
+
 /// The streamed form's unit at most, in bytes: `STREAM_UNIT_BYTES`, or
 /// `LIPSTREAM_GN_STREAM_UNIT_MIB` (1 to 64) for experiments on it. Read once a process, so the
 /// plan's scratch and every launch agree.
 fn stream_unit_bytes() -> usize {
     static UNIT: OnceLock<usize> = OnceLock::new();
     *UNIT.get_or_init(|| {
-        std::env::var("LIPSTREAM_GN_STREAM_UNIT_MIB")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|m| (1..=64).contains(m))
-            .map_or(STREAM_UNIT_BYTES, |m| m << 20)
+        env_count("LIPSTREAM_GN_STREAM_UNIT_MIB", 1..=64).map_or(STREAM_UNIT_BYTES, |m| m << 20)
     })
 }
 
@@ -90,24 +95,14 @@ fn stream_unit_bytes() -> usize {
 /// normalisations, for experiments (`Streamed::order` keeps it within what is safe).
 fn stream_lead_units() -> Option<usize> {
     static LEAD: OnceLock<Option<usize>> = OnceLock::new();
-    *LEAD.get_or_init(|| {
-        std::env::var("LIPSTREAM_GN_STREAM_LEAD_UNITS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|u| *u >= 1)
-    })
+    *LEAD.get_or_init(|| env_count("LIPSTREAM_GN_STREAM_LEAD_UNITS", 1..=usize::MAX))
 }
 
 /// `LIPSTREAM_GN_STREAM_WINDOW_MIB`: the bytes of units the streamed form keeps between their
 /// two reads, in place of `l2 / STREAM_L2_SHARE`, for experiments (two units at least).
 fn stream_window_mib() -> Option<usize> {
     static WINDOW: OnceLock<Option<usize>> = OnceLock::new();
-    *WINDOW.get_or_init(|| {
-        std::env::var("LIPSTREAM_GN_STREAM_WINDOW_MIB")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|m| (1..=1024).contains(m))
-    })
+    *WINDOW.get_or_init(|| env_count("LIPSTREAM_GN_STREAM_WINDOW_MIB", 1..=1024))
 }
 
 /// How the streamed form cuts a norm: `units` (an image, or a slice of `slices` of its
