@@ -84,6 +84,7 @@ fn compare(mode: Stage) {
                 gpu: 0,
                 frame_budget: Duration::from_millis(200),
                 whisper_wait: Duration::ZERO,
+                hold_batches: false,
             },
             Arc::new(Metrics::new()),
         )

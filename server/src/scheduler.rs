@@ -8,7 +8,11 @@
 //! session passed over now has the earliest deadline next tick, so nobody starves), at the
 //! captured batch profile that renders the most frames in time per unit of GPU time.
 //! While a batch runs, frames of other sessions gather, so batches grow with the load by
-//! themselves.
+//! themselves; but only to where the GPU just keeps up: a batch's fixed cost (a few ms of a
+//! frame's work) then sets the batch size, and the time the largest batches would save is spent
+//! on smaller ones. Holding (`Batcher::holding`) lets frames wait for a fuller batch as long as
+//! the earliest of them would still be out in time in the largest: the output leaves on the
+//! media clock, not when its batch ends, so the wait costs no latency.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +28,10 @@ pub struct Tick<J> {
     pub profile: usize,
     /// Frames given up: replace them and count them late.
     pub late: Vec<J>,
+    /// Holding (`Batcher::holding`): nothing runs now, the waiting frames wait for more until
+    /// this instant (or another frame), the latest start of the largest batch that still gets
+    /// the earliest of them out in time.
+    pub hold_until: Option<Instant>,
 }
 
 struct Waiting<J> {
@@ -38,6 +46,7 @@ pub struct Batcher<J> {
     profiles: Vec<usize>,
     waiting: Vec<Waiting<J>>,
     seq: u64,
+    hold: bool,
 }
 
 impl<J> Batcher<J> {
@@ -53,7 +62,15 @@ impl<J> Batcher<J> {
             profiles,
             waiting: Vec::new(),
             seq: 0,
+            hold: false,
         }
+    }
+
+    /// With `on`, fewer frames than the largest profile wait for more while the earliest of
+    /// them could still be out in time in the largest batch (`Tick::hold_until`).
+    pub fn holding(mut self, on: bool) -> Self {
+        self.hold = on;
+        self
     }
 
     pub fn profiles(&self) -> &[usize] {
@@ -98,8 +115,35 @@ impl<J> Batcher<J> {
                 batch: Vec::new(),
                 profile: 0,
                 late,
+                hold_until: None,
             };
         };
+        // The smallest batch within 5 % of the cheapest cost a frame: larger ones save little
+        // and take longer, so frames would wait longer for them.
+        let cost = |b: usize| took(b).as_secs_f64() / b as f64;
+        let cheapest = self
+            .profiles
+            .iter()
+            .map(|&b| cost(b))
+            .fold(f64::MAX, f64::min);
+        let full = self
+            .profiles
+            .iter()
+            .copied()
+            .find(|&b| cost(b) <= cheapest * 1.05)
+            .unwrap_or(1);
+        if self.hold && self.waiting.len() < full {
+            // The earliest deadline binds: the others are later, and a smaller batch is quicker.
+            let latest = self.waiting[0].deadline.checked_sub(took(full));
+            if let Some(latest) = latest.filter(|&l| now < l) {
+                return Tick {
+                    batch: Vec::new(),
+                    profile: 0,
+                    late,
+                    hold_until: Some(latest),
+                };
+            }
+        }
         // Each profile renders the earliest frames that would still be out in time after it;
         // take the one that renders the most frames per unit of GPU time. Light load: the lone
         // or small batch that fits. Overload: the largest batch, even when the earliest frames
@@ -130,6 +174,7 @@ impl<J> Batcher<J> {
             batch,
             profile,
             late,
+            hold_until: None,
         }
     }
 }
@@ -383,11 +428,16 @@ mod tests {
     /// after each one's start. The GPU runs each batch for its time, back to back. Returns
     /// (frames given up, frames rendered, share of the 12 s the GPU was busy).
     fn avatar_load(profiles: Vec<usize>, slow: f64) -> (usize, usize, f64) {
-        sessions_load(24, profiles, slow)
+        sessions_load(24, profiles, slow, false)
     }
 
-    /// `avatar_load` with `sessions` sessions.
-    fn sessions_load(sessions: usize, profiles: Vec<usize>, slow: f64) -> (usize, usize, f64) {
+    /// `avatar_load` with `sessions` sessions, the batcher holding for fuller batches or not.
+    fn sessions_load(
+        sessions: usize,
+        profiles: Vec<usize>,
+        slow: f64,
+        hold: bool,
+    ) -> (usize, usize, f64) {
         const H100: [(usize, f64); 6] = [
             (1, 4.2),
             (2, 5.5),
@@ -419,7 +469,7 @@ mod tests {
         }
         frames.sort_by(|a, b| a.0.total_cmp(&b.0));
         let t0 = Instant::now();
-        let mut b = Batcher::new(profiles);
+        let mut b = Batcher::new(profiles).holding(hold);
         let (mut now, mut next, mut busy) = (0.0f64, 0usize, 0.0f64);
         let (mut late, mut rendered) = (0usize, 0usize);
         while next < frames.len() || !b.is_empty() {
@@ -430,7 +480,17 @@ mod tests {
             let t = b.tick(t0 + at(now), planned);
             late += t.late.len();
             if t.profile == 0 {
-                now = frames.get(next).map_or(now + 1.0, |f| f.0);
+                // Idle until the next frame comes or the hold ends (just past it: the clock
+                // here is in float ms).
+                let until = t
+                    .hold_until
+                    .map(|h| h.duration_since(t0).as_secs_f64() * 1e3 + 1e-3);
+                now = match (frames.get(next).map(|f| f.0), until) {
+                    (Some(a), Some(h)) => a.min(h),
+                    (Some(a), None) => a,
+                    (None, Some(h)) => h,
+                    (None, None) => now + 1.0,
+                };
                 continue;
             }
             now += run(t.profile);
@@ -472,15 +532,67 @@ mod tests {
     fn below_full_load_the_gpu_is_kept_busy_with_small_batches() {
         // 16 sessions need two thirds of what the H100's batches of 24 can render (its
         // cheapest: 39.8 ms for 24), yet the renderer, never letting the GPU idle while a
-        // frame waits, runs it most of the time in small batches (here 3/4 of it; on the H100
+        // frame waits (without `holding`), runs it most of the time in small batches (here 3/4 of it; on the H100
         // itself, whose frames come less evenly paired, 98 % in batches of 2.5 frames). Its
         // busy share overstates what the sessions use; frames times the cheapest batches'
         // cost per frame does not (`BatchTimes::frame_cost`, the renderer's published load).
-        let (late, rendered, busy) = sessions_load(16, vec![1, 2, 4, 8, 16, 24], 1.0);
+        let (late, rendered, busy) = sessions_load(16, vec![1, 2, 4, 8, 16, 24], 1.0, false);
         assert_eq!(late, 0);
         let load = rendered as f64 * 39.8 / 24.0 / 12_000.0;
         assert!((0.64..0.68).contains(&load), "load {load}");
         assert!(busy > load + 0.1, "busy {busy}, load {load}");
+    }
+
+    #[test]
+    fn holding_frames_wait_for_a_fuller_batch_while_the_earliest_can() {
+        let t0 = Instant::now();
+        // 5 ms + 1 ms a frame: only 16 comes within 5 % of the cheapest cost a frame.
+        let mut b = Batcher::new(profiles()).holding(true);
+        for k in 0..3u32 {
+            b.push(k, t0 + ms(100));
+        }
+        // A batch of 16 takes 21 ms: the three may wait until 79.
+        let t = b.tick(t0, took);
+        assert_eq!((t.profile, t.late.len()), (0, 0));
+        assert_eq!(t.hold_until, Some(t0 + ms(79)));
+        assert_eq!(b.len(), 3);
+        // Then they run, as the best batch of those waiting.
+        let t = b.tick(t0 + ms(79), took);
+        assert_eq!((t.profile, t.batch, t.hold_until), (2, vec![0, 1], None));
+        assert_eq!(b.tick(t0 + ms(79), took).batch, vec![2]);
+        // Sixteen waiting run at once.
+        for k in 0..16u32 {
+            b.push(k, t0 + ms(200));
+        }
+        assert_eq!(b.tick(t0 + ms(80), took).profile, 16);
+        // Without holding, three run as soon as asked.
+        let mut b = Batcher::new(profiles());
+        for k in 0..3u32 {
+            b.push(k, t0 + ms(100));
+        }
+        let t = b.tick(t0, took);
+        assert_eq!((t.profile, t.hold_until), (2, None));
+    }
+
+    #[test]
+    fn holding_spends_less_gpu_time_below_full_load_and_keeps_up_at_it() {
+        let all = vec![1, 2, 4, 8, 16, 24];
+        // 16 sessions: every frame in time either way, the GPU busy 78 % greedy, 65 % holding
+        // (its batches of 1-8 frames cost a frame 5-150 % more than those of 16).
+        let (late, _, greedy) = sessions_load(16, all.clone(), 1.0, false);
+        let (held_late, rendered, held) = sessions_load(16, all.clone(), 1.0, true);
+        assert_eq!((late, held_late, rendered), (0, 0, 4800));
+        assert!(held < greedy - 0.1, "busy {held} holding, {greedy} not");
+        // 24 sessions, at the H100's burst clock and 6 % under it: no more frames given up
+        // than without holding, give or take a few.
+        for slow in [1.0, 1.06] {
+            let (late, _, _) = sessions_load(24, all.clone(), slow, false);
+            let (held_late, _, _) = sessions_load(24, all.clone(), slow, true);
+            assert!(
+                held_late <= late + 20,
+                "x{slow}: {held_late} given up holding, {late} not"
+            );
+        }
     }
 
     #[test]

@@ -169,6 +169,7 @@ async fn lipsync_stage(
             gpu,
             frame_budget,
             whisper_wait: config.whisper_wait,
+            hold_batches: config.hold_batches,
         };
         let renderer_metrics = metrics.clone();
         let renderer =

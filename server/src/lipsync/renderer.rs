@@ -60,6 +60,8 @@ pub struct RendererConfig {
     pub frame_budget: Duration,
     /// How long a whisper window may wait for others to run with it (the CUDA whisper thread).
     pub whisper_wait: Duration,
+    /// Frames wait for a fuller batch while their deadlines allow (`Batcher::holding`).
+    pub hold_batches: bool,
 }
 
 /// Why a frame came back without a face.
@@ -837,6 +839,7 @@ impl Renderer {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let mode = config.mode;
         let frame_budget = config.frame_budget;
+        let hold = config.hold_batches;
         std::thread::Builder::new()
             .name("renderer".into())
             .spawn(move || {
@@ -863,8 +866,9 @@ impl Renderer {
                         let (profiles, took) = (ready.profiles.clone(), ready.took.clone());
                         let layout = layout(mode, ready.audio_dim, ready.faces_on_gpu);
                         let _ = ready_tx.send(Ok(ready));
+                        let batcher = Batcher::new(profiles).holding(hold);
                         render_loop(
-                            backend, rx, profiles, took, metrics, loop_gauge, device, layout,
+                            backend, rx, batcher, took, metrics, loop_gauge, device, layout,
                         );
                     }
                     Err(e) => {
@@ -1162,6 +1166,8 @@ struct Loop {
     layout: Layout,
     /// Each session's ring, to give used slots back.
     returns: Returns,
+    /// Until when the waiting frames wait for a fuller batch (`Tick::hold_until`).
+    hold: Option<Instant>,
 }
 
 impl Loop {
@@ -1178,6 +1184,7 @@ impl Loop {
 
     /// Decides the batch that runs once the GPU is free at `begins` and starts it.
     fn start_next(&mut self, begins: Instant) -> Option<Flight> {
+        self.hold = None;
         if self.batcher.is_empty() {
             return None;
         }
@@ -1213,6 +1220,7 @@ impl Loop {
             (job.reply)(Err(Missed::Late));
         }
         if tick.profile == 0 {
+            self.hold = tick.hold_until;
             return None;
         }
         let frames: Vec<&Slot> = tick.batch.iter().map(|j| &j.slot).collect();
@@ -1333,6 +1341,8 @@ impl Loop {
         let mut flight: Option<Flight> = None;
         let mut open = true;
         while open || flight.is_some() {
+            // Set when a hold ran out: the batch decided next starts at its end.
+            let mut held_out: Option<Instant> = None;
             // Gather: with nothing running, wait for work; with a batch running, until shortly
             // before it should end, while frames of other sessions arrive.
             match &flight {
@@ -1341,7 +1351,22 @@ impl Loop {
                     // Every handle is gone: the server is stopping.
                     Err(_) => open = false,
                 },
-                None => {}
+                None => {
+                    // Frames held for a fuller batch: until the hold ends (less the launch
+                    // lead), or until another request comes, then decide again.
+                    let wake = self.hold.map(|h| h.checked_sub(self.lead).unwrap_or(h));
+                    let left = wake
+                        .and_then(|w| w.checked_duration_since(Instant::now()))
+                        .filter(|d| !d.is_zero());
+                    match left {
+                        Some(left) => match rx.recv_timeout(left) {
+                            Ok(r) => self.take(r),
+                            Err(RecvTimeoutError::Timeout) => held_out = self.hold,
+                            Err(RecvTimeoutError::Disconnected) => open = false,
+                        },
+                        None => held_out = self.hold,
+                    }
+                }
                 Some(f) => {
                     let decide_at = f.ends.checked_sub(self.lead).unwrap_or(f.ends);
                     while let Some(left) = decide_at
@@ -1364,8 +1389,12 @@ impl Loop {
             }
             // The next batch is queued behind the running one (the GPU goes straight on),
             // then the running one is finished.
+            // The next batch starts on the GPU when the running one ends, else now, or, at
+            // the end of a hold, when the hold ends (its inputs are filled by then).
             let now = Instant::now();
-            let begins = flight.as_ref().map_or(now, |f| f.ends.max(now));
+            let begins = flight
+                .as_ref()
+                .map_or(held_out.map_or(now, |h| h.max(now)), |f| f.ends.max(now));
             let mut next = self.start_next(begins);
             if let Some(f) = flight.take() {
                 let ended = self.finish(f);
@@ -1388,7 +1417,7 @@ impl Loop {
 fn render_loop(
     backend: Box<dyn Backend>,
     rx: Receiver<Request>,
-    profiles: Vec<usize>,
+    batcher: Batcher<Job>,
     took: BTreeMap<usize, Duration>,
     metrics: Arc<Metrics>,
     gauge: Arc<Gauge>,
@@ -1397,7 +1426,7 @@ fn render_loop(
 ) {
     Loop {
         backend,
-        batcher: Batcher::new(profiles),
+        batcher,
         took: BatchTimes::new(&took),
         metrics,
         failures: 0,
@@ -1408,6 +1437,7 @@ fn render_loop(
         device: crate::metrics::GpuLabel { gpu: device },
         layout,
         returns: Returns::default(),
+        hold: None,
     }
     .run(rx)
 }
@@ -1457,6 +1487,7 @@ mod tests {
                 gpu: 0,
                 frame_budget: Duration::from_millis(200),
                 whisper_wait: Duration::ZERO,
+                hold_batches: false,
             },
             Arc::new(Metrics::new()),
         )
