@@ -1388,9 +1388,8 @@ impl Loop {
                 self.take(r);
             }
             // The next batch is queued behind the running one (the GPU goes straight on),
-            // then the running one is finished.
-            // The next batch starts on the GPU when the running one ends, else now, or, at
-            // the end of a hold, when the hold ends (its inputs are filled by then).
+            // then the running one is finished. With none running it starts now, or, at the
+            // end of a hold, when the hold ends (its inputs are filled by then).
             let now = Instant::now();
             let begins = flight
                 .as_ref()
