@@ -37,10 +37,11 @@ const SPLIT_BATCH_ELEMS: usize = 1 << 21;
 /// units of 16 MiB, two at a time, ran one after another at 7-27 µs each (H100, 2026-12-07):
 /// smaller units let several chains overlap in the same L2.
 const STREAM_UNIT_BYTES: usize = 4 << 20;
-/// Channels a streamed unit's slice holds at least: 64 bytes a pixel, two whole 32-byte
-/// sectors. Slices of 8 channels (1 MiB units of a 256x256 image of 128) read 16 bytes of
-/// each 256 and took an avatar batch of 24 from 38.5 to 47.2 ms (H100, 2026-12-07).
-const STREAM_MIN_SLICE: usize = 32;
+/// Channels a streamed unit's slice holds at least: 32 bytes a pixel, a whole sector. Slices
+/// of 8 channels (1 MiB units of a 256x256 image of 128) read half sectors and took an avatar
+/// batch of 24 from 38.5 to 47.2 ms (H100, 2026-12-07); with the default unit (4 MiB) the
+/// VAE's slices hold 32 channels or more anyway.
+const STREAM_MIN_SLICE: usize = 16;
 /// The share of L2 the streamed form's units between their two reads may take: half, so the
 /// producer's output and the weights of the next step keep some.
 const STREAM_L2_SHARE: usize = 2;
@@ -254,6 +255,11 @@ impl GroupNormShape {
 
     /// The streamed form's cut (`Streamed`), where one exists.
     fn streamed_layout(&self) -> Option<Streamed> {
+        self.streamed_layout_within(stream_unit_bytes())
+    }
+
+    /// The streamed form's cut with units of at most `unit_bytes`.
+    fn streamed_layout_within(&self, unit_bytes: usize) -> Option<Streamed> {
         if self.groups == 0
             || !self.c.is_multiple_of(8)
             || !self.c.is_multiple_of(self.groups)
@@ -269,7 +275,7 @@ impl GroupNormShape {
                 cs.is_multiple_of(8)
                     && cs / 8 <= STREAM_THREADS
                     && cs >= STREAM_MIN_SLICE.min(self.c)
-                    && self.hw * cs * 2 <= stream_unit_bytes()
+                    && self.hw * cs * 2 <= unit_bytes
             })?;
         let cs8 = self.c / slices / 8;
         let threads = STREAM_THREADS / cs8 * cs8;
@@ -733,6 +739,15 @@ mod tests {
         let l = shape(2, 64 * 96, 320).streamed_layout().unwrap();
         assert_eq!((l.slices, l.threads, l.tile_px), (1, 240, 96));
         assert_eq!(l.tiles, (64 * 96usize).div_ceil(96));
+        // Smaller units cut thinner slices, down to 16 channels (a 32-byte sector a pixel):
+        // 2 MiB units of that image hold 16, 1 MiB ones would need 8 and there are none.
+        let l = shape(24, 65536, 128)
+            .streamed_layout_within(2 << 20)
+            .unwrap();
+        assert_eq!((l.slices, l.units, l.unit_bytes), (8, 192, 2 << 20));
+        assert!(shape(24, 65536, 128)
+            .streamed_layout_within(1 << 20)
+            .is_none());
         // Odd channel vectors or group widths have none; small norms keep their one launch.
         assert!(shape(1, 4096, 100).streamed_layout().is_none());
         assert!(!shape(2, 1024, 320).can_stream(H100_L2));
