@@ -29,8 +29,8 @@ pub struct Tick<J> {
     /// Frames given up: replace them and count them late.
     pub late: Vec<J>,
     /// Holding (`Batcher::holding`): nothing runs now, the waiting frames wait for more until
-    /// this instant (or another frame), the latest start of the largest batch that still gets
-    /// the earliest of them out in time.
+    /// this instant (or another frame): the earliest of them would still be out in time with
+    /// two full batches after it.
     pub hold_until: Option<Instant>,
 }
 
@@ -66,8 +66,9 @@ impl<J> Batcher<J> {
         }
     }
 
-    /// With `on`, fewer frames than the largest profile wait for more while the earliest of
-    /// them could still be out in time in the largest batch (`Tick::hold_until`).
+    /// With `on`, fewer frames than a full batch (the smallest profile within 5 % of the
+    /// cheapest cost a frame) wait for more while the earliest of them could still be out in
+    /// time after two such batches (`Tick::hold_until`).
     pub fn holding(mut self, on: bool) -> Self {
         self.hold = on;
         self
@@ -134,7 +135,10 @@ impl<J> Batcher<J> {
             .unwrap_or(1);
         if self.hold && self.waiting.len() < full {
             // The earliest deadline binds: the others are later, and a smaller batch is quicker.
-            let latest = self.waiting[0].deadline.checked_sub(took(full));
+            // Room for two such batches, not one: near full load the frames that come during
+            // a hold need the batch after it (holding to the last moment gave up 1-2 % of the
+            // frames of 20-22 simulated sessions that the greedy way renders in time).
+            let latest = self.waiting[0].deadline.checked_sub(took(full) * 2);
             if let Some(latest) = latest.filter(|&l| now < l) {
                 return Tick {
                     batch: Vec::new(),
@@ -551,15 +555,16 @@ mod tests {
         for k in 0..3u32 {
             b.push(k, t0 + ms(100));
         }
-        // A batch of 16 takes 21 ms: the three may wait until 79.
+        // A batch of 16 takes 21 ms: the three may wait until two of them would still end
+        // by 100, at 58.
         let t = b.tick(t0, took);
         assert_eq!((t.profile, t.late.len()), (0, 0));
-        assert_eq!(t.hold_until, Some(t0 + ms(79)));
+        assert_eq!(t.hold_until, Some(t0 + ms(58)));
         assert_eq!(b.len(), 3);
         // Then they run, as the best batch of those waiting.
-        let t = b.tick(t0 + ms(79), took);
+        let t = b.tick(t0 + ms(58), took);
         assert_eq!((t.profile, t.batch, t.hold_until), (2, vec![0, 1], None));
-        assert_eq!(b.tick(t0 + ms(79), took).batch, vec![2]);
+        assert_eq!(b.tick(t0 + ms(58), took).batch, vec![2]);
         // Sixteen waiting run at once.
         for k in 0..16u32 {
             b.push(k, t0 + ms(200));
@@ -577,20 +582,20 @@ mod tests {
     #[test]
     fn holding_spends_less_gpu_time_below_full_load_and_keeps_up_at_it() {
         let all = vec![1, 2, 4, 8, 16, 24];
-        // 16 sessions: every frame in time either way, the GPU busy 78 % greedy, 65 % holding
+        // 16 sessions: every frame in time either way, the GPU busy 78 % greedy, 67 % holding
         // (its batches of 1-8 frames cost a frame 5-150 % more than those of 16).
         let (late, _, greedy) = sessions_load(16, all.clone(), 1.0, false);
         let (held_late, rendered, held) = sessions_load(16, all.clone(), 1.0, true);
         assert_eq!((late, held_late, rendered), (0, 0, 4800));
         assert!(held < greedy - 0.1, "busy {held} holding, {greedy} not");
-        // 24 sessions, at the H100's burst clock and 6 % under it: no more frames given up
-        // than without holding, give or take a few.
-        for slow in [1.0, 1.06] {
-            let (late, _, _) = sessions_load(24, all.clone(), slow, false);
-            let (held_late, _, _) = sessions_load(24, all.clone(), slow, true);
+        // Near and at full load, at the H100's burst clock and up to 12 % under it: no more
+        // frames given up than without holding, give or take a few.
+        for (sessions, slow) in [(20, 1.12), (21, 1.12), (22, 1.08), (24, 1.0), (24, 1.06)] {
+            let (late, _, _) = sessions_load(sessions, all.clone(), slow, false);
+            let (held_late, _, _) = sessions_load(sessions, all.clone(), slow, true);
             assert!(
-                held_late <= late + 20,
-                "x{slow}: {held_late} given up holding, {late} not"
+                held_late <= late + 10,
+                "{sessions} x{slow}: {held_late} given up holding, {late} not"
             );
         }
     }
