@@ -914,7 +914,7 @@ impl Executor {
             opts.stream_norms
         };
         if streams != StreamNorms::Never {
-            ex.stream_norms(rt, &prepared, streams == StreamNorms::All);
+            ex.stream_norms(rt, &prepared, streams);
         }
         ex.prepared = prepared;
         Ok(ex)
@@ -1101,9 +1101,9 @@ impl Executor {
     /// Lets each group norm that runs on its own (`Prepared::None`) and can (`can_stream`, x, y
     /// and scratch 16-byte aligned) take the streamed form, which sums its input itself in the same
     /// launch: the producing convolution's epilogue then sums nothing, which saves a whole read
-    /// of the norm's input. Unless `all`, only where that read would come from memory
-    /// (`stream_pays`).
-    fn stream_norms(&mut self, rt: &Runtime, prepared: &[Prepared], all: bool) {
+    /// of the norm's input. `StreamNorms::Larger`: only where that read would come from
+    /// memory (`stream_pays`).
+    fn stream_norms(&mut self, rt: &Runtime, prepared: &[Prepared], which: StreamNorms) {
         let l2 = crate::kernels::l2_bytes(rt.stream());
         for (s, how) in prepared.iter().enumerate() {
             let Step::GroupNorm {
@@ -1118,7 +1118,7 @@ impl Executor {
             };
             let p = |l: Loc| self.ptr(rt, l);
             let aligned = crate::kernels::elementwise::aligned16(&[p(*x), p(*y), p(*scratch)]);
-            let pays = all || shape.stream_pays(l2);
+            let pays = which == StreamNorms::All || shape.stream_pays(l2);
             if !matches!(how, Prepared::None) || !shape.can_stream(l2) || !pays || !aligned {
                 continue;
             }

@@ -34,6 +34,18 @@ pub struct Tick<J> {
     pub hold_until: Option<Instant>,
 }
 
+impl<J> Tick<J> {
+    /// Nothing runs: only frames given up, and a hold if any.
+    fn idle(late: Vec<J>, hold_until: Option<Instant>) -> Self {
+        Tick {
+            batch: Vec::new(),
+            profile: 0,
+            late,
+            hold_until,
+        }
+    }
+}
+
 struct Waiting<J> {
     deadline: Instant,
     /// Submission order breaks deadline ties.
@@ -101,26 +113,10 @@ impl<J> Batcher<J> {
         self.waiting.iter().map(|w| w.deadline).min()
     }
 
-    /// Decides the next batch at `now`, given how long a batch of each profile takes
-    /// (`took(profile)`, measured by the worker).
-    pub fn tick(&mut self, now: Instant, took: impl Fn(usize) -> Duration) -> Tick<J> {
-        let alone = took(1);
-        let (keep, late): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|w| now + alone <= w.deadline);
-        self.waiting = keep;
-        self.waiting.sort_by_key(|w| (w.deadline, w.seq));
-        let late = late.into_iter().map(|w| w.job).collect();
-        if self.waiting.is_empty() {
-            return Tick {
-                batch: Vec::new(),
-                profile: 0,
-                late,
-                hold_until: None,
-            };
-        };
-        // The smallest batch within 5 % of the cheapest cost a frame: larger ones save little
-        // and take longer, so frames would wait longer for them.
+    /// Until when the waiting frames (sorted, not empty) may wait for a full batch — the
+    /// smallest profile within 5 % of the cheapest cost a frame, as larger ones save little and
+    /// take longer — if there are fewer of them and `now` is before then; else None.
+    fn hold_until(&self, now: Instant, took: &impl Fn(usize) -> Duration) -> Option<Instant> {
         let cost = |b: usize| took(b).as_secs_f64() / b as f64;
         let cheapest = self
             .profiles
@@ -133,19 +129,33 @@ impl<J> Batcher<J> {
             .copied()
             .find(|&b| cost(b) <= cheapest * 1.05)
             .unwrap_or(1);
-        if self.hold && self.waiting.len() < full {
-            // The earliest deadline binds: the others are later, and a smaller batch is quicker.
-            // Room for two such batches, not one: near full load the frames that come during
-            // a hold need the batch after it (holding to the last moment gave up 1-2 % of the
-            // frames of 20-22 simulated sessions that the greedy way renders in time).
-            let latest = self.waiting[0].deadline.checked_sub(took(full) * 2);
-            if let Some(latest) = latest.filter(|&l| now < l) {
-                return Tick {
-                    batch: Vec::new(),
-                    profile: 0,
-                    late,
-                    hold_until: Some(latest),
-                };
+        if self.waiting.len() >= full {
+            return None;
+        }
+        // The earliest deadline binds: the others are later, and a smaller batch is quicker.
+        // Room for two such batches, not one: near full load the frames that come during a hold
+        // need the batch after it (holding to the last moment gave up 1-2 % of the frames of
+        // 20-22 simulated sessions that the greedy way renders in time).
+        let latest = self.waiting.first()?.deadline.checked_sub(took(full) * 2)?;
+        (now < latest).then_some(latest)
+    }
+
+    /// Decides the next batch at `now`, given how long a batch of each profile takes
+    /// (`took(profile)`, measured by the worker).
+    pub fn tick(&mut self, now: Instant, took: impl Fn(usize) -> Duration) -> Tick<J> {
+        let alone = took(1);
+        let (keep, late): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| now + alone <= w.deadline);
+        self.waiting = keep;
+        self.waiting.sort_by_key(|w| (w.deadline, w.seq));
+        let late = late.into_iter().map(|w| w.job).collect();
+        if self.waiting.is_empty() {
+            return Tick::idle(late, None);
+        };
+        if self.hold {
+            if let Some(until) = self.hold_until(now, &took) {
+                return Tick::idle(late, Some(until));
             }
         }
         // Each profile renders the earliest frames that would still be out in time after it;
