@@ -89,9 +89,9 @@ pub struct ServeArgs {
     pub whisper_wait_ms: u64,
     /// Let frames wait for a fuller batch while the earliest of them would still be out in time
     /// (their output leaves on the media clock either way): below full load the GPU spends a
-    /// tenth to a fifth less time on the same frames (the batcher's simulation of an H100:
-    /// 8 sessions 48 % -> 37 % busy, 16 sessions 78 % -> 67 %), at full load it changes
-    /// little. Off: every waiting frame runs as soon as the GPU is free.
+    /// tenth to a fifth less time on the same frames (the batcher's simulation with the batch
+    /// times an H100 server measures: 8 sessions 47 % -> 34 % busy, 16 sessions 77 % -> 67 %,
+    /// 23 sessions 99 % -> 94 %). Off: every waiting frame runs as soon as the GPU is free.
     #[arg(long, env = "LIPSTREAM_HOLD_BATCHES")]
     pub hold_batches: bool,
     /// Refuse a new publisher (503 with Retry-After) unless some GPU is giving up no frames
