@@ -86,6 +86,15 @@ impl<J> Batcher<J> {
         self
     }
 
+    /// Turns holding on or off from now on (the renderer turns it off near full load).
+    pub fn set_holding(&mut self, on: bool) {
+        self.hold = on;
+    }
+
+    pub fn is_holding(&self) -> bool {
+        self.hold
+    }
+
     pub fn profiles(&self) -> &[usize] {
         &self.profiles
     }
