@@ -82,7 +82,7 @@ impl<J> Batcher<J> {
     /// fill now wait for more, while the earliest of them could still be out in time after two
     /// such batches (`Batcher::hold_until`, `Tick::hold_until`).
     pub fn holding(mut self, on: bool) -> Self {
-        self.hold = on;
+        self.set_holding(on);
         self
     }
 
