@@ -220,14 +220,21 @@ pub enum Experiment {
     /// Next: a window of 8-12 MiB (`LIPSTREAM_GN_STREAM_WINDOW_MIB`; `_UNIT_MIB` and
     /// `_LEAD_UNITS` try units and leads).
     GnStream,
+    /// The engine build times each choice with the weights it reads out of L2 and its input in
+    /// it, as in a frame, where every layer's weights are read once (`executor::time_gpu`).
+    /// Back-to-back runs of one step keep its weights in the 50 MB L2 of an H100, so a UNet
+    /// layer at one image (16-1024 rows against 3-59 MB of weights) was timed on L2 bandwidth
+    /// and its choice made for a memory it never reads from in a frame.
+    ColdTune,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 4] = [
+    pub const ALL: [Experiment; 5] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
         Experiment::GnStream,
+        Experiment::ColdTune,
     ];
 
     /// Its environment variable.
@@ -237,6 +244,7 @@ impl Experiment {
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
             Experiment::GnStream => "LIPSTREAM_GN_STREAM",
+            Experiment::ColdTune => "LIPSTREAM_COLD_TUNE",
         }
     }
 
@@ -252,6 +260,9 @@ impl Experiment {
             }
             Experiment::GnStream => {
                 "large group norms in one launch, their input read from memory once (64x64 images and up)"
+            }
+            Experiment::ColdTune => {
+                "the engine build times its choices with the weights out of L2, as a frame reads them"
             }
         }
     }
