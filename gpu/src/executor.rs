@@ -53,21 +53,6 @@ pub struct Options {
     pub mma: ThinConvs,
     /// Whether a convolution to 8 outputs of a group norm normalises the norm's input itself.
     pub normed: NormedConvs,
-    /// Which group norms take the streamed form (`GroupNormShape::can_stream`); `Larger` also
-    /// wherever `LIPSTREAM_GN_STREAM=1`.
-    pub stream_norms: StreamNorms,
-}
-
-/// Which group norms take the streamed form, one launch that reads x from memory once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StreamNorms {
-    /// None: the split form's passes.
-    Never,
-    /// Those whose input is larger than L2 (`GroupNormShape::stream_pays`), where the split
-    /// form's second read comes from memory.
-    Larger,
-    /// Every one that can (tests of the form itself).
-    All,
 }
 
 impl Options {
@@ -79,7 +64,6 @@ impl Options {
         graphs: ConvGraphs::Timed,
         mma: ThinConvs::Timed,
         normed: NormedConvs::Large,
-        stream_norms: StreamNorms::Never,
     };
     /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
     pub const HEURISTIC: Options = Options {
@@ -89,7 +73,6 @@ impl Options {
         graphs: ConvGraphs::Never,
         mma: ThinConvs::Never,
         normed: NormedConvs::Large,
-        stream_norms: StreamNorms::Never,
     };
 }
 
@@ -968,14 +951,6 @@ impl Executor {
         if opts.normed != NormedConvs::Never {
             ex.norms_into_convs(rt, &mut prepared, opts.normed);
         }
-        let streams = if Experiment::GnStream.on() && opts.stream_norms == StreamNorms::Never {
-            StreamNorms::Larger
-        } else {
-            opts.stream_norms
-        };
-        if streams != StreamNorms::Never {
-            ex.stream_norms(rt, &prepared, streams);
-        }
         ex.prepared = prepared;
         Ok(ex)
     }
@@ -1156,54 +1131,6 @@ impl Executor {
                 prepared[s] = Prepared::NormedOut(norm);
             }
         }
-    }
-
-    /// Lets each group norm that runs on its own (`Prepared::None`) and can (`can_stream`, x, y
-    /// and scratch 16-byte aligned) take the streamed form, which sums its input itself in the same
-    /// launch: the producing convolution's epilogue then sums nothing, which saves a whole read
-    /// of the norm's input. `StreamNorms::Larger`: only where that read would come from
-    /// memory (`stream_pays`).
-    fn stream_norms(&mut self, rt: &Runtime, prepared: &[Prepared], which: StreamNorms) {
-        let l2 = crate::kernels::l2_bytes(rt.stream());
-        for (s, how) in prepared.iter().enumerate() {
-            let Step::GroupNorm {
-                shape,
-                x,
-                y,
-                scratch,
-                ..
-            } = &self.plan.steps[s]
-            else {
-                continue;
-            };
-            let p = |l: Loc| self.ptr(rt, l);
-            let aligned = crate::kernels::elementwise::aligned16(&[p(*x), p(*y), p(*scratch)]);
-            let pays = which == StreamNorms::All || shape.stream_pays(l2);
-            if !matches!(how, Prepared::None) || !shape.can_stream(l2) || !pays || !aligned {
-                continue;
-            }
-            let scratch = *scratch;
-            for step in &mut self.plan.steps[..s] {
-                if let Step::Conv { stats, .. } | Step::Subpixel { stats, .. } = step {
-                    if stats.is_some_and(|(l, _)| l == scratch) {
-                        *stats = None;
-                    }
-                }
-            }
-            if let Step::GroupNorm { shape, .. } = &mut self.plan.steps[s] {
-                shape.streamed = true;
-                shape.fused_chunks = 0;
-            }
-        }
-    }
-
-    /// How many group norms take the streamed form.
-    pub fn streamed_norms(&self) -> usize {
-        self.plan
-            .steps
-            .iter()
-            .filter(|s| matches!(s, Step::GroupNorm { shape, .. } if shape.streamed))
-            .count()
     }
 
     /// How many convolutions normalise their input themselves (`Prepared::NormedOut`).

@@ -22,5 +22,5 @@ pub use device::Device;
 pub use error::GpuError;
 pub use executor::{
     ConvAsGemm, ConvGraphs, Executor, FuseConv, MmaConv, MmaKey, NormedConvs, Options, Runtime,
-    Scratch, Staging, StreamNorms, ThinConvs, Tuning,
+    Scratch, Staging, ThinConvs, Tuning,
 };

@@ -350,14 +350,9 @@ impl Step {
                 if g.b_trans { "ᵀ" } else { "" },
                 if *gelu { " gelu" } else { "" }
             ),
-            Step::GroupNorm { shape: s, .. } => format!(
-                "group_norm {}x{}x{} g{}{}",
-                s.n,
-                s.hw,
-                s.c,
-                s.groups,
-                if s.streamed { " streamed" } else { "" }
-            ),
+            Step::GroupNorm { shape: s, .. } => {
+                format!("group_norm {}x{}x{} g{}", s.n, s.hw, s.c, s.groups)
+            }
             Step::Softmax { rows, cols, .. } => format!("softmax {rows}x{cols}"),
             Step::Attention {
                 batch,
@@ -1322,7 +1317,6 @@ impl<'g> Lower<'g> {
                     eps: *eps,
                     silu: *silu,
                     fused_chunks: 0,
-                    streamed: false,
                 };
                 GroupNorm::supports(&shape)
                     .map_err(|e| unsupported(name, "group_norm", e.to_string()))?;

@@ -205,21 +205,6 @@ pub enum Experiment {
     NormCols,
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
-    /// Large group norms in one launch that reads their input from memory once
-    /// (`group_norm`'s streamed form). Its first form, 16 MiB units two at a time, was correct
-    /// but took an H100's avatar batch of 24 from 37.6 to 46.6 ms: units went through one after
-    /// another, each paying its whole sum -> reduce -> normalise chain (24 x 32x32 x 512: 215 µs
-    /// against 24). Dropping the producers' sums saved 2.3 ms of that batch, what a faster form
-    /// could take (bench/results/2026-12-07_h100_gn_stream). Then 4 MiB units, as many in flight
-    /// as half the L2 holds: +2.5 % (38.65 -> 39.63 ms; its norms +2.8 ms, the epilogues it
-    /// spared -1.2 ms). Now only norms larger than L2, the normalisations half the window
-    /// behind: +3.7 % / +5.7 % (37.80 -> 39.20, 37.15 -> 39.28 ms), the whole window +3.6 %
-    /// (bench/results/2026-12-07_h100_stream2_mirror). The epilogues still spare 1.2 ms, but a
-    /// 24 x 256x256 x 128 norm takes 0.54 ms against the split apply's 0.29: about 2 TB/s, as if
-    /// the second read missed L2 with 24 MiB of units and as much of written tiles in flight.
-    /// Next: a window of 8-12 MiB (`LIPSTREAM_GN_STREAM_WINDOW_MIB`; `_UNIT_MIB` and
-    /// `_LEAD_UNITS` try units and leads).
-    GnStream,
     /// The engine build times each choice with the weights it reads out of L2 and its input in
     /// it, as in a frame, where every layer's weights are read once (`executor::time_gpu`).
     /// Back-to-back runs of one step keep its weights in the 50 MB L2 of an H100, so a UNet
@@ -229,11 +214,10 @@ pub enum Experiment {
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 5] = [
+    pub const ALL: [Experiment; 4] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
-        Experiment::GnStream,
         Experiment::ColdTune,
     ];
 
@@ -243,7 +227,6 @@ impl Experiment {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
-            Experiment::GnStream => "LIPSTREAM_GN_STREAM",
             Experiment::ColdTune => "LIPSTREAM_COLD_TUNE",
         }
     }
@@ -257,9 +240,6 @@ impl Experiment {
             }
             Experiment::FlashRows32 => {
                 "fused attention warps own 32 queries (head dims 40, 64, 80): K and V read half as often"
-            }
-            Experiment::GnStream => {
-                "large group norms in one launch, their input read from memory once (64x64 images and up)"
             }
             Experiment::ColdTune => {
                 "the engine build times its choices with the weights out of L2, as a frame reads them"

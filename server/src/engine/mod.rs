@@ -18,8 +18,7 @@ use lipstream_engines::weights::Weights;
 use lipstream_engines::{cpu, Graph, Tensor};
 use lipstream_gpu::device::Device;
 use lipstream_gpu::{
-    ConvAsGemm, ConvGraphs, Executor, FuseConv, NormedConvs, Options, Runtime, StreamNorms,
-    ThinConvs, Tuning,
+    ConvAsGemm, ConvGraphs, Executor, FuseConv, NormedConvs, Options, Runtime, ThinConvs, Tuning,
 };
 use serde_json::{json, Value};
 
@@ -224,7 +223,6 @@ pub fn executors(
         graphs: ConvGraphs::Timed,
         mma: ThinConvs::Timed,
         normed: NormedConvs::Large,
-        stream_norms: StreamNorms::Never,
     };
     let mut profiles = Vec::new();
     for &b in batches {
@@ -422,7 +420,6 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
                 },
                 mma: ThinConvs::Timed,
                 normed: NormedConvs::Large,
-                stream_norms: StreamNorms::Never,
             },
         )
         .with_context(|| format!("building {} B={batch}", stage.name()))?;
@@ -435,9 +432,8 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
         let (gemms, _) = ex.gemm_convs();
         let (mma, _) = ex.mma_convs();
         let normed = ex.normed_convs();
-        let streamed = ex.streamed_norms();
         eprintln!(
-            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM, {mma} thin ones on our tensor-core kernels, {normed} normalising their input, {streamed} group norms streamed), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
+            "built {} B={batch}: {} steps ({fused} of {convs} convolutions fused, {gemms} as im2col + GEMM, {mma} thin ones on our tensor-core kernels, {normed} normalising their input), arena {:.1} MiB (peak live {:.1} MiB), {secs:.1} s",
             stage.name(),
             ex.steps().len(),
             ex.arena_bytes as f64 / (1 << 20) as f64,
