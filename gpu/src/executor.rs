@@ -53,6 +53,9 @@ pub struct Options {
     pub mma: ThinConvs,
     /// Whether a convolution to 8 outputs of a group norm normalises the norm's input itself.
     pub normed: NormedConvs,
+    /// Whether tuning times each choice with the weights out of L2, as a frame reads them
+    /// (`time_gpu`); also wherever `LIPSTREAM_COLD_TUNE=1`.
+    pub cold: bool,
 }
 
 impl Options {
@@ -64,6 +67,7 @@ impl Options {
         graphs: ConvGraphs::Timed,
         mma: ThinConvs::Timed,
         normed: NormedConvs::Large,
+        cold: false,
     };
     /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
     pub const HEURISTIC: Options = Options {
@@ -73,6 +77,7 @@ impl Options {
         graphs: ConvGraphs::Never,
         mma: ThinConvs::Never,
         normed: NormedConvs::Large,
+        cold: false,
     };
 }
 
@@ -654,11 +659,17 @@ fn time_gpu(
             return Ok(());
         };
         let e = &rt.kernels.elementwise;
-        // SAFETY: the cold buffer holds `bytes`; `hot` is the caller's input, at most its
-        // length read; both sinks are in the cold buffer.
+        // The input may be a view that starts off a 16-byte boundary: its aligned part.
+        let start = hot.0.next_multiple_of(16);
+        let len = hot
+            .1
+            .saturating_sub((start - hot.0) as usize)
+            .min(bytes / 4);
+        // SAFETY: the cold buffer holds `bytes`; `hot` is the caller's input, of which an
+        // aligned part of at most its length is read; both sinks are in the cold buffer.
         unsafe {
             e.read_through(stream, buf, bytes, buf)?;
-            e.read_through(stream, hot.0, hot.1.min(bytes / 4), buf)
+            e.read_through(stream, start, len, buf)
         }
     };
     let capture = |what: &mut dyn FnMut() -> Result<(), GpuError>| -> Result<CudaGraph, GpuError> {
@@ -812,7 +823,7 @@ impl Executor {
             arena_bytes,
             peak_bytes,
         };
-        if opts.tune && Experiment::ColdTune.on() {
+        if opts.tune && (opts.cold || Experiment::ColdTune.on()) {
             rt.reserve_cold()?;
         }
         let mut prepared = Vec::with_capacity(ex.plan.steps.len());
