@@ -717,6 +717,30 @@ fn time_gpu(
     Ok((ms / (RUNS * REPLAYS) as f32).max(0.0))
 }
 
+/// The fastest of `plan`'s cuBLASLt proposals as `run` runs them, timed by `time_gpu` after one
+/// eager run that loads what loads lazily (a proposal that fails either is out): its index and
+/// ms. `plan` is left on its last proposal.
+fn fastest_proposal(
+    rt: &Runtime,
+    hot: (Ptr, usize),
+    plan: &mut GemmPlan,
+    run: impl Fn(&GemmPlan) -> Result<(), GpuError>,
+) -> Option<(usize, f32)> {
+    let mut best: Option<(usize, f32)> = None;
+    for i in 0..plan.candidates() {
+        plan.pick(i);
+        let p = &*plan;
+        let ms = match run(p) {
+            Ok(()) => time_gpu(rt, hot, || run(p)).unwrap_or(f32::INFINITY),
+            Err(_) => f32::INFINITY,
+        };
+        if ms.is_finite() && best.is_none_or(|(_, b)| ms < b) {
+            best = Some((i, ms));
+        }
+    }
+    best
+}
+
 /// Whether a convolution's bias (when it has one) is one per output channel, as the libraries'
 /// epilogues take it: a bias per image (the UNet's time embedding at B > 1) is not.
 fn channel_bias(shape: &ConvShape, bias: &Option<(Loc, usize)>) -> bool {
@@ -931,7 +955,7 @@ impl Executor {
                             let (pa, pb, pc) = (ex.ptr(rt, *a), ex.ptr(rt, *b), ex.ptr(rt, *c));
                             let pr = residual.map_or(0, |r| ex.ptr(rt, r));
                             let timed = if rt.cold.is_some() {
-                                ex.time_linear(rt, step, &mut plan, [pa, pb, pr, pc])?
+                                ex.time_linear(rt, step, &mut plan, [pa, pb, pr, pc])
                             } else {
                                 // SAFETY: a, b, residual and c are this step's operands,
                                 // placed and sized by the plan; c is scratch until the step
@@ -1320,30 +1344,20 @@ impl Executor {
         step: &Step,
         plan: &mut GemmPlan,
         [a, b, residual, c]: [Ptr; 4],
-    ) -> Result<Option<(usize, f32)>, GpuError> {
+    ) -> Option<(usize, f32)> {
         if plan.candidates() < 2 {
-            return Ok(None);
+            return None;
         }
         let hot = self.step_input(rt, step);
-        let mut best: Option<(usize, f32)> = None;
-        for i in 0..plan.candidates() {
-            plan.pick(i);
-            let p = &*plan;
-            // SAFETY: the step's own operands, placed and sized by the plan; every candidate
-            // fits the plan's workspace. Each runs eagerly once before its capture.
-            let run = || unsafe { rt.blas.gemm(p, a, b, residual, c) };
-            let ms = match run() {
-                Ok(()) => time_gpu(rt, hot, run).unwrap_or(f32::INFINITY),
-                Err(_) => f32::INFINITY,
-            };
-            if ms.is_finite() && best.is_none_or(|(_, b)| ms < b) {
-                best = Some((i, ms));
-            }
-        }
+        // SAFETY: the step's own operands, placed and sized by the plan; every proposal fits
+        // the plan's workspace.
+        let best = fastest_proposal(rt, hot, plan, |p| unsafe {
+            rt.blas.gemm(p, a, b, residual, c)
+        });
         if let Some((i, _)) = best {
             plan.pick(i);
         }
-        Ok(best)
+        best
     }
 
     /// A step's first input and its bytes: what the step before it has just written, so what a
@@ -1512,29 +1526,10 @@ impl Executor {
         cudnn()?;
         let cudnn_ms = time_gpu(rt, hot, cudnn)?;
         let mut plan = self.conv_gemm_plan(rt, step, key)?;
-        let mut best: Option<(usize, f32)> = None;
-        for i in 0..plan.candidates() {
-            plan.pick(i);
-            // SAFETY: as above.
-            let run = || unsafe {
-                self.run_conv_gemm(
-                    rt,
-                    step,
-                    &plan,
-                    key.channel_bias,
-                    false,
-                    ws,
-                    &mut |_| Ok(()),
-                )
-            };
-            let ms = match run() {
-                Ok(()) => time_gpu(rt, hot, run).unwrap_or(f32::INFINITY),
-                Err(_) => f32::INFINITY,
-            };
-            if ms.is_finite() && best.is_none_or(|(_, b)| ms < b) {
-                best = Some((i, ms));
-            }
-        }
+        // SAFETY: as above.
+        let best = fastest_proposal(rt, hot, &mut plan, |p| unsafe {
+            self.run_conv_gemm(rt, step, p, key.channel_bias, false, ws, &mut |_| Ok(()))
+        });
         let gemm_ms = best.map(|(_, ms)| ms);
         // The GEMM must win clearly: the timings carry a few percent of noise.
         let keep = match mode {
