@@ -1083,39 +1083,29 @@ fn tiny_unet() -> Graph {
     unet::build(&weights.root(""), &cfg, 2, 32).unwrap()
 }
 
-/// The tiny UNet built with `opts` (tuning on `rt`), replayed from its graph, against diffusers.
-fn tuned_unet_matches(
-    rt: &mut Runtime,
-    g: &Graph,
-    opts: Options,
-    how: &str,
-    inputs: &[(&str, &Tensor)],
-) {
-    let mut ex = Executor::new(rt, g, "unet", opts).unwrap();
-    ex.capture(rt).unwrap();
-    let got = ex.run_f32(rt, inputs).unwrap();
-    let err = got[0].1.rel_l2(&golden("unet.out"));
-    println!("tiny unet vs diffusers ({how}, graph): rel L2 {err:.2e}");
-    assert!(err <= 1e-2);
-}
-
 #[test]
 fn tiny_models_match_the_cpu_executor_and_pytorch() {
     let Some(mut rt) = runtime() else { return };
     let (sample, ctx) = (golden("unet.sample"), golden("unet.encoder_hidden_states"));
     let g = tiny_unet();
-    let inputs = [("sample", &sample), ("encoder_hidden_states", &ctx)];
-    compare(&mut rt, "tiny unet", &g, &inputs, 1e-2);
-    tuned_unet_matches(&mut rt, &g, Options::TUNED, "tuned algorithms", &inputs);
-    // Tuned on timings with the weights out of L2 (`Options::cold`), on a runtime of its own so
-    // that every choice is timed again.
-    if let Some(mut cold_rt) = runtime() {
-        let cold = Options {
-            cold: true,
-            ..Options::TUNED
-        };
-        tuned_unet_matches(&mut cold_rt, &g, cold, "tuned cold", &inputs);
-    }
+    compare(
+        &mut rt,
+        "tiny unet",
+        &g,
+        &[("sample", &sample), ("encoder_hidden_states", &ctx)],
+        1e-2,
+    );
+    let mut ex = Executor::new(&mut rt, &g, "unet", Options::TUNED).unwrap();
+    ex.capture(&rt).unwrap();
+    let got = ex
+        .run_f32(
+            &mut rt,
+            &[("sample", &sample), ("encoder_hidden_states", &ctx)],
+        )
+        .unwrap();
+    let err = got[0].1.rel_l2(&golden("unet.out"));
+    println!("tiny unet vs diffusers (tuned algorithms, graph): rel L2 {err:.2e}");
+    assert!(err <= 1e-2);
 
     let dir = fixtures().join("sd-vae");
     let cfg: VaeConfig = config::read(&dir.join("config.json")).unwrap();

@@ -53,9 +53,6 @@ pub struct Options {
     pub mma: ThinConvs,
     /// Whether a convolution to 8 outputs of a group norm normalises the norm's input itself.
     pub normed: NormedConvs,
-    /// Whether tuning times each choice with the weights out of L2, as a frame reads them
-    /// (`time_gpu`); also wherever `LIPSTREAM_COLD_TUNE=1`.
-    pub cold: bool,
 }
 
 impl Options {
@@ -67,7 +64,6 @@ impl Options {
         graphs: ConvGraphs::Timed,
         mma: ThinConvs::Timed,
         normed: NormedConvs::Large,
-        cold: false,
     };
     /// cuDNN's heuristics, our own epilogues (quick to build: tests, debugging).
     pub const HEURISTIC: Options = Options {
@@ -77,7 +73,6 @@ impl Options {
         graphs: ConvGraphs::Never,
         mma: ThinConvs::Never,
         normed: NormedConvs::Large,
-        cold: false,
     };
 }
 
@@ -430,9 +425,6 @@ pub struct Runtime {
     /// they share activation memory (the largest profile's size).
     arena: Option<CudaSlice<f16>>,
     arena_bytes: usize,
-    /// What the build's timings read to empty L2 before each run (`time_gpu`), twice its size;
-    /// only while building with `LIPSTREAM_COLD_TUNE`.
-    cold: Option<CudaSlice<u8>>,
 }
 
 impl Runtime {
@@ -459,18 +451,7 @@ impl Runtime {
             workspace_need: 0,
             arena: None,
             arena_bytes: 0,
-            cold: None,
         })
-    }
-
-    /// Allocates the buffer the build's timings read to empty L2 (`time_gpu`).
-    fn reserve_cold(&mut self) -> Result<(), GpuError> {
-        if self.cold.is_none() {
-            let l2 = crate::kernels::l2_bytes(self.stream());
-            let bytes = if l2 == 0 { 128 << 20 } else { 2 * l2 };
-            self.cold = Some(self.stream().alloc_zeros::<u8>(bytes)?);
-        }
-        Ok(())
     }
 
     fn stream(&self) -> &Arc<CudaStream> {
@@ -639,106 +620,32 @@ fn record_external(ev: &CudaEvent, stream: &CudaStream) -> Result<(), GpuError> 
 /// Milliseconds per `run`, as a CUDA graph replays it: ten runs captured into one graph, the
 /// graph replayed three times after a warm-up, timed with CUDA events. (Timed eagerly, a small
 /// convolution measures the CPU's launch cost, which a graph does not pay.)
-///
-/// With `rt`'s cold buffer (`LIPSTREAM_COLD_TUNE` builds) each run follows a read of twice the
-/// L2's bytes, which leaves none of the run's weights there, and a read of `hot` (the run's
-/// input, at most half the L2), which the step before it in a frame has just written: the run
-/// then reads what a frame's does from where a frame's does. A graph of the reads alone,
-/// replayed in turn with the other, is taken off.
 fn time_gpu(
-    rt: &Runtime,
-    hot: (Ptr, usize),
+    stream: &Arc<CudaStream>,
     mut run: impl FnMut() -> Result<(), GpuError>,
 ) -> Result<f32, GpuError> {
     const RUNS: usize = 10;
     const REPLAYS: usize = 3;
-    let stream = rt.stream();
-    let cold = rt.cold.as_ref().map(|c| (c.device_ptr(stream).0, c.len()));
-    let reads = || -> Result<(), GpuError> {
-        let Some((buf, bytes)) = cold else {
-            return Ok(());
-        };
-        let e = &rt.kernels.elementwise;
-        // The input may be a view that starts off a 16-byte boundary: its aligned part.
-        let start = hot.0.next_multiple_of(16);
-        let len = hot
-            .1
-            .saturating_sub((start - hot.0) as usize)
-            .min(bytes / 4);
-        // SAFETY: the cold buffer holds `bytes`; `hot` is the caller's input, of which an
-        // aligned part of at most its length is read; both sinks are in the cold buffer.
-        unsafe {
-            e.read_through(stream, buf, bytes, buf)?;
-            e.read_through(stream, start, len, buf)
-        }
-    };
-    let capture = |what: &mut dyn FnMut() -> Result<(), GpuError>| -> Result<CudaGraph, GpuError> {
-        stream.synchronize()?;
-        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-        let ran = (0..RUNS).try_for_each(|_| what());
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        ran?;
-        graph?.ok_or_else(|| GpuError::Capture("the timing capture recorded nothing".into()))
-    };
-    let timed = capture(&mut || {
-        reads()?;
-        run()
-    })?;
-    let alone = match cold {
-        Some(_) => Some(capture(&mut || reads())?),
-        None => None,
-    };
+    stream.synchronize()?;
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+    let ran = (0..RUNS).try_for_each(|_| run());
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    ran?;
+    let graph =
+        graph?.ok_or_else(|| GpuError::Capture("the timing capture recorded nothing".into()))?;
     let f = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
     let (a, b) = (
         stream.context().new_event(f)?,
         stream.context().new_event(f)?,
     );
-    timed.launch()?;
-    let Some(alone) = alone else {
-        a.record(stream)?;
-        for _ in 0..REPLAYS {
-            timed.launch()?;
-        }
-        b.record(stream)?;
-        b.synchronize()?;
-        return Ok(a.elapsed_ms(&b)? / (RUNS * REPLAYS) as f32);
-    };
-    let replay = |g: &CudaGraph| -> Result<f32, GpuError> {
-        a.record(stream)?;
-        g.launch()?;
-        b.record(stream)?;
-        b.synchronize()?;
-        Ok(a.elapsed_ms(&b)?)
-    };
-    let mut ms = 0.0;
+    graph.launch()?;
+    a.record(stream)?;
     for _ in 0..REPLAYS {
-        ms += replay(&timed)? - replay(&alone)?;
+        graph.launch()?;
     }
-    Ok((ms / (RUNS * REPLAYS) as f32).max(0.0))
-}
-
-/// The fastest of `plan`'s cuBLASLt proposals as `run` runs them, timed by `time_gpu` after one
-/// eager run that loads what loads lazily (a proposal that fails either is out): its index and
-/// ms. `plan` is left on its last proposal.
-fn fastest_proposal(
-    rt: &Runtime,
-    hot: (Ptr, usize),
-    plan: &mut GemmPlan,
-    run: impl Fn(&GemmPlan) -> Result<(), GpuError>,
-) -> Option<(usize, f32)> {
-    let mut best: Option<(usize, f32)> = None;
-    for i in 0..plan.candidates() {
-        plan.pick(i);
-        let p = &*plan;
-        let ms = match run(p) {
-            Ok(()) => time_gpu(rt, hot, || run(p)).unwrap_or(f32::INFINITY),
-            Err(_) => f32::INFINITY,
-        };
-        if ms.is_finite() && best.is_none_or(|(_, b)| ms < b) {
-            best = Some((i, ms));
-        }
-    }
-    best
+    b.record(stream)?;
+    b.synchronize()?;
+    Ok(a.elapsed_ms(&b)? / (RUNS * REPLAYS) as f32)
 }
 
 /// Whether a convolution's bias (when it has one) is one per output channel, as the libraries'
@@ -847,9 +754,6 @@ impl Executor {
             arena_bytes,
             peak_bytes,
         };
-        if opts.tune && (opts.cold || Experiment::ColdTune.on()) {
-            rt.reserve_cold()?;
-        }
         let mut prepared = Vec::with_capacity(ex.plan.steps.len());
         let mut need_ws = 0;
         for step in &ex.plan.steps {
@@ -952,16 +856,17 @@ impl Executor {
                             plan.pick(c.algo);
                         }
                         None if opts.tune => {
-                            let (pa, pb, pc) = (ex.ptr(rt, *a), ex.ptr(rt, *b), ex.ptr(rt, *c));
-                            let pr = residual.map_or(0, |r| ex.ptr(rt, r));
-                            let timed = if rt.cold.is_some() {
-                                ex.time_linear(rt, step, &mut plan, [pa, pb, pr, pc])
-                            } else {
-                                // SAFETY: a, b, residual and c are this step's operands,
-                                // placed and sized by the plan; c is scratch until the step
-                                // runs.
-                                unsafe { rt.blas.tune(&mut plan, pa, pb, pr, pc) }?
-                            };
+                            // SAFETY: a, b, residual and c are this step's operands, placed
+                            // and sized by the plan; c is scratch until the step runs.
+                            let timed = unsafe {
+                                rt.blas.tune(
+                                    &mut plan,
+                                    ex.ptr(rt, *a),
+                                    ex.ptr(rt, *b),
+                                    residual.map_or(0, |r| ex.ptr(rt, r)),
+                                    ex.ptr(rt, *c),
+                                )
+                            }?;
                             if let Some((algo, ms)) = timed {
                                 rt.linears.insert(key, LinearChoice { algo, ms });
                             }
@@ -1335,47 +1240,6 @@ impl Executor {
         })
     }
 
-    /// Times each of cuBLASLt's proposals for linear `step` as a frame runs it (`time_gpu`) on
-    /// its operands `[a, b, residual, c]` and keeps the fastest: its index and time, as
-    /// `Blas::tune` gives them. c is scratch until the step runs.
-    fn time_linear(
-        &self,
-        rt: &Runtime,
-        step: &Step,
-        plan: &mut GemmPlan,
-        [a, b, residual, c]: [Ptr; 4],
-    ) -> Option<(usize, f32)> {
-        if plan.candidates() < 2 {
-            return None;
-        }
-        let hot = self.step_input(rt, step);
-        // SAFETY: the step's own operands, placed and sized by the plan; every proposal fits
-        // the plan's workspace.
-        let best = fastest_proposal(rt, hot, plan, |p| unsafe {
-            rt.blas.gemm(p, a, b, residual, c)
-        });
-        if let Some((i, _)) = best {
-            plan.pick(i);
-        }
-        best
-    }
-
-    /// A step's first input and its bytes: what the step before it has just written, so what a
-    /// timing finds in L2 (`time_gpu`).
-    fn step_input(&self, rt: &Runtime, step: &Step) -> (Ptr, usize) {
-        match step {
-            Step::Conv { shape, x, .. } => (
-                self.ptr(rt, *x),
-                shape.n * shape.c * shape.h * shape.w * std::mem::size_of::<f16>(),
-            ),
-            Step::Gemm { gemm, a, .. } => (
-                self.ptr(rt, *a),
-                gemm.batch * gemm.m * gemm.k * std::mem::size_of::<f16>(),
-            ),
-            _ => (0, 0),
-        }
-    }
-
     /// Times convolution `step` as `library` prepared it (its epilogue included) against our
     /// tensor-core kernel `kernel` (the conv_out one with one and with two rows a warp), on its
     /// real buffers. y is scratch until the step runs.
@@ -1388,7 +1252,6 @@ impl Executor {
     ) -> Result<MmaConv, GpuError> {
         rt.reserve_workspace(TUNE_WORKSPACE_BYTES.max(IM2COL_MAX_BYTES))?;
         let ws = rt.workspace_ptr();
-        let hot = self.step_input(rt, step);
         let stream = rt.stream().clone();
         let rt = &*rt;
         // SAFETY: the step's own operands, placed and sized by the plan; the workspace holds
@@ -1396,7 +1259,7 @@ impl Executor {
         // that what it loads lazily is loaded.
         let lib = || unsafe { self.run_conv_prepared(rt, step, library, ws) };
         lib()?;
-        let library_ms = time_gpu(rt, hot, lib)?;
+        let library_ms = time_gpu(&stream, lib)?;
         let rows: &[usize] = match kernel {
             Thin::Out => &conv_out::TILE_ROWS,
             Thin::In => &[1],
@@ -1409,7 +1272,7 @@ impl Executor {
                 self.conv_epilogue(rt, step, true)
             };
             run()?;
-            let ms = time_gpu(rt, hot, run)?;
+            let ms = time_gpu(&stream, run)?;
             if ms < best.1 {
                 best = (r, ms);
             }
@@ -1517,19 +1380,38 @@ impl Executor {
     ) -> Result<GemmConv, GpuError> {
         rt.reserve_workspace(TUNE_WORKSPACE_BYTES.max(IM2COL_MAX_BYTES))?;
         let ws = rt.workspace_ptr();
-        let hot = self.step_input(rt, step);
+        let stream = rt.stream().clone();
         let rt = &*rt;
         // SAFETY: the step's own operands, placed and sized by the plan; the workspace holds
         // more than the patches and the cuDNN algorithm ask. Each way runs eagerly once before
         // its capture, so that what it loads lazily is loaded.
         let cudnn = || unsafe { self.run_conv(rt, step, conv, ws, &mut |_| Ok(())) };
         cudnn()?;
-        let cudnn_ms = time_gpu(rt, hot, cudnn)?;
+        let cudnn_ms = time_gpu(&stream, cudnn)?;
         let mut plan = self.conv_gemm_plan(rt, step, key)?;
-        // SAFETY: as above.
-        let best = fastest_proposal(rt, hot, &mut plan, |p| unsafe {
-            self.run_conv_gemm(rt, step, p, key.channel_bias, false, ws, &mut |_| Ok(()))
-        });
+        let mut best: Option<(usize, f32)> = None;
+        for i in 0..plan.candidates() {
+            plan.pick(i);
+            // SAFETY: as above.
+            let run = || unsafe {
+                self.run_conv_gemm(
+                    rt,
+                    step,
+                    &plan,
+                    key.channel_bias,
+                    false,
+                    ws,
+                    &mut |_| Ok(()),
+                )
+            };
+            let ms = match run() {
+                Ok(()) => time_gpu(&stream, run).unwrap_or(f32::INFINITY),
+                Err(_) => f32::INFINITY,
+            };
+            if ms.is_finite() && best.is_none_or(|(_, b)| ms < b) {
+                best = Some((i, ms));
+            }
+        }
         let gemm_ms = best.map(|(_, ms)| ms);
         // The GEMM must win clearly: the timings carry a few percent of noise.
         let keep = match mode {
@@ -1744,13 +1626,13 @@ impl Executor {
         // workspace.
         rt.reserve_workspace(TUNE_WORKSPACE_BYTES.max(IM2COL_MAX_BYTES))?;
         let ws = rt.workspace_ptr();
-        let hot = self.step_input(rt, step);
+        let stream = rt.stream().clone();
         let rt = &*rt;
         // Each way runs once eagerly first, so that what it loads lazily is loaded before its
         // capture.
         let legacy = || baseline(rt, ws);
         legacy()?;
-        let legacy_ms = time_gpu(rt, hot, legacy)?;
+        let legacy_ms = time_gpu(&stream, legacy)?;
         let graph = key.graph(rt)?;
         // A graph cuDNN proposes nothing for is as good as no proposal.
         let choices = graph.choices().unwrap_or_default();
@@ -1771,7 +1653,7 @@ impl Executor {
             };
             let ms = match run() {
                 // A plan cuDNN cannot capture is as good as refused: executors are graphs.
-                Ok(()) => time_gpu(rt, hot, run).unwrap_or(f32::INFINITY),
+                Ok(()) => time_gpu(&stream, run).unwrap_or(f32::INFINITY),
                 Err(_) => f32::INFINITY,
             };
             if ms.is_finite() && best.as_ref().is_none_or(|(_, b)| ms < *b) {
@@ -1872,7 +1754,7 @@ impl Executor {
         let (px, pw, py) = (p(*x), p(*w), p(*y));
         let pb = bias.map_or(0, |(l, _)| p(l));
         let pr = residual.map_or(0, p);
-        let hot = self.step_input(rt, step);
+        let stream = rt.stream().clone();
         // SAFETY: the operands are the step's own (placed, sized by the plan); y and the sums'
         // scratch hold nothing yet; the workspace holds TUNE_WORKSPACE_BYTES. Each way runs once
         // eagerly first, so that what it loads lazily is loaded before its capture.
@@ -1881,7 +1763,7 @@ impl Executor {
             self.conv_epilogue(rt, step, false)
         };
         plain()?;
-        let plain_ms = time_gpu(rt, hot, plain)?;
+        let plain_ms = time_gpu(&stream, plain)?;
         let mut best: Option<(Tuned, f32)> = None;
         let mut candidates = vec![(plan.algo, plan.math)];
         for algo in [
@@ -1908,7 +1790,7 @@ impl Executor {
             // cuDNN refuses an algorithm that cannot fuse with a status, not a fault: try once.
             let ms = match run() {
                 // A call cuDNN cannot capture is as good as refused: executors are graphs.
-                Ok(()) => time_gpu(rt, hot, run).unwrap_or(f32::INFINITY),
+                Ok(()) => time_gpu(&stream, run).unwrap_or(f32::INFINITY),
                 Err(_) => f32::INFINITY,
             };
             if ms.is_finite() && best.is_none_or(|(_, b)| ms < b) {

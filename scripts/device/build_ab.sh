@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool, carry [".device/pack.tar.xz"]): what an experiment the
-# engine BUILD reads (gpu/src/kernels `Experiment`, e.g. LIPSTREAM_COLD_TUNE) changes. Builds the
+# engine BUILD reads (a gpu/src/kernels `Experiment` whose effect the engine file records)
+# changes; switches read at load time go through env_ab.sh instead. Builds the
 # full-size random-weight engine twice, with every experiment off and with VAR=1, then times
 # the two files alternately ROUNDS times with every experiment off, so drift of the card's
 # clocks lands on both sides alike. The difference mixes the experiment with the build's timed
 # choices, which move about 1 % of a B=16 frame from build to build.
-#   VAR=LIPSTREAM_COLD_TUNE MODE=avatar BATCHES=1,24 STAGES=avatar ROUNDS=2 RUNS=30
-# The engine files stay at /tmp/build_ab_{off,on}.engine for later calls on the same machine.
+#   VAR=LIPSTREAM_<SWITCH> MODE=avatar BATCHES=1,24 STAGES=avatar ROUNDS=2 RUNS=30
+# (bench/results/2026-12-08_h100_cold_tune: the build's timings with cold weights, measured and
+# removed.) The engine files stay at /tmp/build_ab_{off,on}.engine for later calls on the same machine.
 # Writes the change tables to $OUT/summary.txt and the reports and logs as $OUT/build_ab.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +17,7 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRAR
 out=${OUT:-/tmp/build_ab}
 mkdir -p "$out"
 bin=./.device/bin/lipstream
-var=${VAR:-LIPSTREAM_COLD_TUNE}
+var=${VAR:?VAR names the build-time switch to compare}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 for v in $(experiment_vars); do unset "$v"; done
 for side in off on; do

@@ -44,7 +44,6 @@ pub struct Elementwise {
     upsample_nhwc: CudaFunction,
     upsample_nhwc8: CudaFunction,
     subpixel8: CudaFunction,
-    read_through: CudaFunction,
 }
 
 /// Whether every address is 16-byte aligned (0, "none", counts as aligned).
@@ -76,7 +75,6 @@ impl Elementwise {
             upsample_nhwc: m.load_function("upsample2x_nhwc_f16")?,
             upsample_nhwc8: m.load_function("upsample2x_nhwc_f16x8")?,
             subpixel8: m.load_function("subpixel_nhwc_f16x8")?,
-            read_through: m.load_function("read_through")?,
         })
     }
 
@@ -107,39 +105,6 @@ impl Elementwise {
         let args = [Arg::P(x), Arg::P(y), Arg::L(rows as i64), Arg::I(d as i32)];
         // SAFETY: matches geglu_f16 (const half*, half*, long, int).
         unsafe { launch(stream, &self.geglu, elems(rows * d), &args) }
-    }
-
-    /// Reads `bytes` (rounded down to 16) at `p`, 16-byte aligned, writing nothing (unless the
-    /// words' XOR is one constant: then 4 bytes at `sink`). Through L2: what it reads stays
-    /// there, clean.
-    ///
-    /// # Safety
-    /// p must hold `bytes`, sink 4 bytes.
-    pub unsafe fn read_through(
-        &self,
-        stream: &CudaStream,
-        p: Ptr,
-        bytes: usize,
-        sink: Ptr,
-    ) -> Result<(), GpuError> {
-        let n16 = bytes / 16;
-        if n16 == 0 {
-            return Ok(());
-        }
-        if !aligned16(&[p]) || !sink.is_multiple_of(4) {
-            return Err(shape_err("read_through", format!("{p:#x} unaligned")));
-        }
-        // A grid-stride loop: a few blocks per SM keep every load in flight.
-        let blocks = n16.div_ceil(256).min(4096) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let args = [Arg::P(p), Arg::L(n16 as i64), Arg::P(sink)];
-        // SAFETY: matches read_through (const uint4*, long, unsigned*); the loop stays below n16
-        // words (aligned, checked).
-        unsafe { launch(stream, &self.read_through, cfg, &args) }
     }
 
     /// y = op(x) over n elements.

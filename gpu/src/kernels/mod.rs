@@ -205,20 +205,13 @@ pub enum Experiment {
     NormCols,
     /// Fused attention warps that own 32 queries instead of 16 (`attention`).
     FlashRows32,
-    /// The engine build times each choice with the weights it reads out of L2 and its input in
-    /// it, as in a frame, where every layer's weights are read once (`executor::time_gpu`).
-    /// Back-to-back runs of one step keep its weights in the 50 MB L2 of an H100, so a UNet
-    /// layer at one image (16-1024 rows against 3-59 MB of weights) was timed on L2 bandwidth
-    /// and its choice made for a memory it never reads from in a frame.
-    ColdTune,
 }
 
 impl Experiment {
-    pub const ALL: [Experiment; 4] = [
+    pub const ALL: [Experiment; 3] = [
         Experiment::Pdl,
         Experiment::NormCols,
         Experiment::FlashRows32,
-        Experiment::ColdTune,
     ];
 
     /// Its environment variable.
@@ -227,7 +220,6 @@ impl Experiment {
             Experiment::Pdl => "LIPSTREAM_PDL",
             Experiment::NormCols => "LIPSTREAM_NORM_COLS",
             Experiment::FlashRows32 => "LIPSTREAM_FLASH_ROWS32",
-            Experiment::ColdTune => "LIPSTREAM_COLD_TUNE",
         }
     }
 
@@ -240,9 +232,6 @@ impl Experiment {
             }
             Experiment::FlashRows32 => {
                 "fused attention warps own 32 queries (head dims 40, 64, 80): K and V read half as often"
-            }
-            Experiment::ColdTune => {
-                "the engine build times its choices with the weights out of L2, as a frame reads them"
             }
         }
     }
@@ -280,14 +269,6 @@ pub(crate) unsafe fn launch(
 ) -> Result<(), GpuError> {
     // SAFETY: forwarded to the caller.
     unsafe { launch_clustered(stream, func, cfg, 1, args) }
-}
-
-/// Bytes of the stream's GPU's L2 cache (0 where the driver does not say).
-pub(crate) fn l2_bytes(stream: &CudaStream) -> usize {
-    stream
-        .context()
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
-        .map_or(0, |b| usize::try_from(b).unwrap_or(0))
 }
 
 /// Whether the stream's GPU is sm_90 or later (thread-block clusters, programmatic launches).

@@ -223,7 +223,6 @@ pub fn executors(
         graphs: ConvGraphs::Timed,
         mma: ThinConvs::Timed,
         normed: NormedConvs::Large,
-        cold: false,
     };
     let mut profiles = Vec::new();
     for &b in batches {
@@ -421,7 +420,6 @@ pub fn bench(src: &Sources, opts: &BenchOptions, preload: &Tuning) -> anyhow::Re
                 },
                 mma: ThinConvs::Timed,
                 normed: NormedConvs::Large,
-                cold: false,
             },
         )
         .with_context(|| format!("building {} B={batch}", stage.name()))?;
