@@ -32,10 +32,6 @@ pub struct Blas {
     workspace: CudaSlice<u8>,
 }
 
-/// Timed runs of each candidate: the UNet's short GEMMs take 10-40 us, where three runs leave
-/// the choice to the timer's noise.
-const TUNE_RUNS: usize = 10;
-
 /// A row-major (batched) GEMM: c[i] (m x n) = alpha * a[i] (m x k) · op(b[i]) (+ bias [n])
 /// (+ residual[i]), where op(b) is bᵀ for a [n, k] b (`b_trans`, like `nn.Linear` weights) and b
 /// for a [k, n] b; matrix i of each operand starts `stride_*` elements after matrix i-1, and
@@ -270,51 +266,6 @@ impl Blas {
             .first()
             .ok_or_else(|| GpuError::Blas(format!("cuBLASLt offers no algorithm for {g:?}")))?;
         Ok(plan)
-    }
-
-    /// Times each candidate algorithm on the real operands (TUNE_RUNS runs each, after one that
-    /// warms it up) and keeps the fastest: its index in the heuristic's list (what an engine file
-    /// records, `pick` takes it back) and its time. None when there was nothing to choose.
-    ///
-    /// # Safety
-    /// As for `gemm`; c is overwritten.
-    pub unsafe fn tune(
-        &self,
-        p: &mut GemmPlan,
-        a: Ptr,
-        b: Ptr,
-        residual: Ptr,
-        c: Ptr,
-    ) -> Result<Option<(usize, f32)>, GpuError> {
-        if p.candidates.len() < 2 {
-            return Ok(None);
-        }
-        let ctx = self.stream.context();
-        let f = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let (start, end) = (ctx.new_event(f)?, ctx.new_event(f)?);
-        let mut best: Option<(usize, f32)> = None;
-        for (i, algo) in p.candidates.clone().into_iter().enumerate() {
-            p.algo = algo;
-            // SAFETY: forwarded from the caller; every candidate fits the plan's workspace.
-            if unsafe { self.gemm(p, a, b, residual, c) }.is_err() {
-                continue;
-            }
-            start.record(&self.stream)?;
-            for _ in 0..TUNE_RUNS {
-                // SAFETY: as above.
-                unsafe { self.gemm(p, a, b, residual, c) }?;
-            }
-            end.record(&self.stream)?;
-            end.synchronize()?;
-            let ms = start.elapsed_ms(&end)? / TUNE_RUNS as f32;
-            if best.is_none_or(|(_, b)| ms < b) {
-                best = Some((i, ms));
-            }
-        }
-        if let Some((i, _)) = best {
-            p.pick(i);
-        }
-        Ok(best)
     }
 
     /// Runs a planned GEMM; `residual` is 0 unless the plan has one.
